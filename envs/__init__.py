@@ -1,0 +1,1 @@
+"""Kiln environments: the agent-environment plugin API and built-in environments."""

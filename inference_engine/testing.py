@@ -1,0 +1,145 @@
+"""Tiny random HF model folders and a locally trained BPE tokenizer, for tests, examples and benchmarks.
+
+Nothing is downloaded: the tokenizer is trained on the spot by `tokenizers` on a small
+generated corpus, and the models are random-initialised transformers models saved as
+ordinary HF folders (config.json, model.safetensors, tokenizer files, chat template).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
+
+_WORDS = (
+    "the a of and to in is it you that he was for on are with as his they be at one have this from "
+    "or had by hot word but what some we can out other were all there when up use your how said an "
+    "each she which do their time if will way about many then them write would like so these her "
+    "long make thing see him two has look more day could go come did number sound no most people my "
+    "over know water than call first who may down side been now find any new work part take get place "
+    "made live where after back little only round man year came show every good me give our under "
+    "name very through just form sentence great think say help low line differ turn cause much mean "
+    "before move right boy old too same tell does set three want air well also play small end put "
+    "doctor patient pain fever cough headache chest nausea days weeks test blood diagnosis symptom "
+    "question answer what is plus minus times equals calculator tool result error"
+).split()
+
+
+def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        kind = rng.random()
+        if kind < 0.35:
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            op = rng.choice(["+", "-", "*"])
+            lines.append(f"What is {a} {op} {b}? The answer is {eval(f'{a}{op}{b}')}.")
+        else:
+            words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+            lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ","]))
+    return lines
+
+
+def make_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
+    """Train a byte-level BPE tokenizer on a generated corpus and save it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed=seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<tool_call>", "</tool_call>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def tiny_config(family: str, vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
+                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
+                tie_word_embeddings: bool | None = None, max_position_embeddings: int = 1024,
+                eos_token_id: int | None = None, pad_token_id: int | None = None):
+    """A transformers config of the given family at a tiny size."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+        torch_dtype="float32",
+    )
+    if family == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=bool(tie_word_embeddings), attention_bias=False)
+    if family == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=bool(tie_word_embeddings), use_sliding_window=False)
+    if family == "qwen3":
+        tie = True if tie_word_embeddings is None else tie_word_embeddings
+        return Qwen3Config(**common, tie_word_embeddings=tie, head_dim=hidden_size // num_heads,
+                           use_sliding_window=False, attention_bias=False)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def make_tiny_model(out_dir: str | Path, family: str = "qwen3", *, seed: int = 0, vocab_size: int = 512,
+                    init_std: float = 0.1, tokenizer_dir: str | Path | None = None, **config_kwargs) -> Path:
+    """Write a random tiny HF model folder (weights, config, tokenizer, chat template) and return its path.
+
+    `init_std` is larger than HF's default so that random models produce varied, non-degenerate
+    distributions (greedy outputs that differ between prompts).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        tok = make_tokenizer(out_dir, vocab_size=vocab_size)
+    else:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tok.save_pretrained(out_dir)
+    cfg = tiny_config(family, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      **config_kwargs)
+    cfg.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():  # norms at 1 +- noise so that every weight matters in the tests
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    gen = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen))
+    return out_dir

@@ -1,0 +1,49 @@
+"""Session fixtures: tiny random HF model folders (Llama, Qwen2, Qwen3) with a locally trained BPE tokenizer."""
+
+import os
+
+import pytest
+import torch
+
+from inference_engine.testing import FAMILIES, make_tiny_model, make_tokenizer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir):
+    """{"llama": path, "qwen2": path, "qwen3": path}; qwen3 has q/k norm and tied embeddings."""
+    out = {}
+    for i, family in enumerate(FAMILIES):
+        out[family] = make_tiny_model(tmp_path_factory.mktemp(family), family, seed=i, tokenizer_dir=tokenizer_dir)
+    return out
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_model(request, tiny_models):
+    """Each family in turn."""
+    return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def qwen3_model(tiny_models):
+    return tiny_models["qwen3"]

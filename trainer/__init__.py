@@ -1,0 +1,1 @@
+"""Kiln trainer: megatron-core policy and reference models, HF bridge, RL losses."""

@@ -1,0 +1,1 @@
+"""Kiln weight sync: move trainer weights into inference engines."""
