@@ -1,0 +1,218 @@
+"""Prompt data: rows from a file, a saved dataset or a list become prompt Samples, epoch by epoch.
+
+Formats: .jsonl and .json (read row by row, so one malformed line is one bad row),
+.parquet and folders written by `datasets.save_to_disk` (through `datasets`), a
+`datasets.Dataset`, or a list of dicts. A bad row (missing key, wrong type, empty
+prompt, prompt over --rollout-max-prompt-len tokens, malformed JSON) is logged with its
+index, counted in `skipped`, and skipped. The position (epoch, cursor) is resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+from rollout.config import DataConfig
+from rollout.sample import Sample
+
+logger = logging.getLogger(__name__)
+
+
+class BadRow(ValueError):
+    """A data row that cannot become a prompt."""
+
+
+class _Malformed:
+    """Placeholder for a line that is not a JSON object (reported when reached)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def load_rows(source: str | Path | Sequence[dict] | Any) -> Sequence[Any]:
+    """The rows of a data source, indexable; see the module docstring for the formats."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"prompt data {str(path)!r} does not exist")
+        if path.is_dir():
+            import datasets
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise ValueError(f"dataset folder {path} has splits {list(ds)}; point at one split's folder")
+                ds = ds["train"]
+            return ds
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return [_parse_line(line) for line in path.read_text().splitlines() if line.strip()]
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+                data = next(iter(data.values()))  # {"data": [...]}
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of objects (or JSON lines in a .jsonl file)")
+            return data
+        if suffix == ".parquet":
+            import datasets
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
+        raise ValueError(f"prompt data {str(path)!r}: unsupported format {suffix!r}; "
+                         f"expected .jsonl, .json, .parquet or a dataset folder")
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        return source
+    raise TypeError(f"prompt data must be a path, a list of dicts or a datasets.Dataset, got {type(source).__name__}")
+
+
+def _parse_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return _Malformed(f"malformed JSON ({e.msg} at column {e.colno})")
+
+
+class PromptDataset:
+    """Turns data rows into prompt Samples (prompt ids in `tokens`), shuffled per epoch, resumable."""
+
+    def __init__(self, config: DataConfig, tokenizer: Any, source: str | Path | Sequence[dict] | Any = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        source = config.prompt_data if source is None else source
+        if source is None:
+            raise ValueError("no prompt data: set --prompt-data")
+        self.rows = load_rows(source)
+        if len(self.rows) == 0:
+            raise ValueError(f"prompt data {source!r} has no rows")
+        self.epoch = 0
+        self.cursor = 0
+        self.skipped: dict[int, str] = {}  # row index -> why it was skipped
+        self._order = self._epoch_order(0)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        if self.config.rollout_shuffle:
+            random.Random(self.config.rollout_seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    @property
+    def exhausted(self) -> bool:
+        """True once every epoch has been served."""
+        return self.epoch >= self.config.num_epoch
+
+    def next_prompts(self, n: int) -> list[Sample]:
+        """Up to `n` prompt Samples in data order (fewer only when the last epoch ends); bad rows are skipped."""
+        out: list[Sample] = []
+        while len(out) < n and not self.exhausted:
+            if self.cursor >= len(self._order):
+                if len(self.skipped) >= len(self.rows):
+                    raise ValueError(f"every one of the {len(self.rows)} rows of the prompt data is bad; "
+                                     f"e.g. row {min(self.skipped)}: {self.skipped[min(self.skipped)]}")
+                self.epoch += 1
+                self.cursor = 0
+                self._order = self._epoch_order(self.epoch)
+                continue
+            index = self._order[self.cursor]
+            self.cursor += 1
+            try:
+                sample = self.make_prompt(index)
+            except BadRow as e:
+                if index not in self.skipped:
+                    logger.warning("skipping prompt data row %d: %s", index, e)
+                    self.skipped[index] = str(e)
+                continue
+            sample.metadata["epoch"] = self.epoch
+            out.append(sample)
+        return out
+
+    def __iter__(self):
+        """One pass over the remaining prompts (all epochs)."""
+        while batch := self.next_prompts(1):
+            yield batch[0]
+
+    def make_prompt(self, index: int) -> Sample:
+        """The prompt Sample of row `index`; raises BadRow with the reason if the row is unusable."""
+        row = self.rows[index]
+        if isinstance(row, _Malformed):
+            raise BadRow(row.error)
+        if not isinstance(row, dict):
+            raise BadRow(f"expected an object, got {type(row).__name__}")
+        key = self.config.input_key
+        if key not in row or row[key] is None:
+            raise BadRow(f"missing input key {key!r} (row keys: {sorted(row)})")
+        prompt = row[key]
+        text = self._render(prompt)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise BadRow("prompt has no tokens")
+        limit = self.config.rollout_max_prompt_len
+        if limit is not None and len(ids) > limit:
+            raise BadRow(f"prompt has {len(ids)} tokens, more than --rollout-max-prompt-len {limit}")
+        label = None
+        if self.config.label_key is not None:
+            if self.config.label_key not in row:
+                raise BadRow(f"missing label key {self.config.label_key!r} (row keys: {sorted(row)})")
+            label = row[self.config.label_key]
+        metadata: dict[str, Any] = {}
+        if self.config.metadata_key is not None:
+            metadata = row.get(self.config.metadata_key) or {}
+            if isinstance(metadata, str):
+                try:
+                    metadata = json.loads(metadata)
+                except json.JSONDecodeError:
+                    raise BadRow(f"metadata {self.config.metadata_key!r} is a string but not JSON") from None
+            if not isinstance(metadata, dict):
+                raise BadRow(f"metadata {self.config.metadata_key!r} must be an object, "
+                             f"got {type(metadata).__name__}")
+            metadata = dict(metadata)
+        metadata["data_index"] = index
+        return Sample(prompt=prompt, tokens=ids, label=label, metadata=metadata)
+
+    def _render(self, prompt: Any) -> str:
+        """Prompt text as the engine sees it (chat template applied if configured)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise BadRow("empty prompt")
+            if not self.config.apply_chat_template:
+                return prompt
+            messages = [{"role": "user", "content": prompt}]
+            if self.config.system_prompt:
+                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+        elif isinstance(prompt, list):
+            if not prompt:
+                raise BadRow("empty message list")
+            if not self.config.apply_chat_template:
+                raise BadRow("prompt is a list of messages; it needs --apply-chat-template")
+            for m in prompt:
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise BadRow(f"chat message {m!r} must be an object with string 'role' and 'content'")
+            messages = prompt
+        else:
+            raise BadRow(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template error is this row's problem
+            raise BadRow(f"chat template failed: {e}") from e
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the data (enough to continue exactly where this left off)."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "num_rows": len(self.rows),
+                "rollout_seed": self.config.rollout_seed, "rollout_shuffle": self.config.rollout_shuffle,
+                "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a position saved by `state_dict`."""
+        if state["num_rows"] != len(self.rows):
+            raise ValueError(f"data state is for {state['num_rows']} rows but the prompt data has {len(self.rows)}")
+        for key in ("rollout_seed", "rollout_shuffle"):
+            if state[key] != getattr(self.config, key):
+                raise ValueError(f"data state was saved with {key}={state[key]!r}, "
+                                 f"but this run has {getattr(self.config, key)!r}")
+        self.epoch = state["epoch"]
+        self.cursor = state["cursor"]
+        self.skipped = {int(k): v for k, v in state.get("skipped", {}).items()}
+        self._order = self._epoch_order(self.epoch)

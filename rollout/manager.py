@@ -1,0 +1,420 @@
+"""RolloutManager: one step of rollouts -- prompts x n samples through the generate function, rewards, filters.
+
+A step launches groups (a prompt sampled n times, sharing a group_index) with at most
+--rollout-concurrency generate calls in flight, scores each finished group, and keeps it
+unless a sample failed or the dynamic sampling filter drops it; dropped groups are
+refilled by further sampling rounds (at most --max-oversampling-rounds). When the batch
+is full or --rollout-deadline passes, the engines abort what is still running; those
+groups go back to a buffer and are served first next step -- with --partial-rollout they
+keep their tokens (the engine continues from prompt + partial response), otherwise they
+restart from the prompt. The driver wraps this class in a Ray actor (its methods are async).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from rollout.client import EngineClient
+from rollout.config import RolloutConfig
+from rollout.data import PromptDataset
+from rollout.filters import scalar_reward
+from rollout.generate import GenerateArgs
+from rollout.plugins import load_function
+from rollout.rewards import RewardScorer
+from rollout.router import Router
+from rollout.sample import Sample, Status
+
+logger = logging.getLogger(__name__)
+
+_DONE = (Status.COMPLETED, Status.TRUNCATED)
+
+
+class DataExhausted(RuntimeError):
+    """Every epoch of the prompt data has been served."""
+
+
+@dataclass
+class RolloutBatch:
+    """One step's trainable samples (complete groups, ordered by group then index), metrics and failures."""
+
+    step: int
+    samples: list[Sample]
+    metrics: dict[str, float]
+    failed: list[Sample] = field(default_factory=list)
+
+    def groups(self) -> list[list[Sample]]:
+        """Samples grouped by group_index, in order."""
+        groups: dict[int, list[Sample]] = {}
+        for s in self.samples:
+            groups.setdefault(s.group_index, []).append(s)
+        return list(groups.values())
+
+    def by_policy(self) -> dict[str, list[Sample]]:
+        """Samples split by the policy that trains on them (multi-agent)."""
+        out: dict[str, list[Sample]] = {}
+        for s in self.samples:
+            out.setdefault(s.policy, []).append(s)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (what --save-debug-rollout-data writes)."""
+        return {"step": self.step, "samples": [s.to_dict() for s in self.samples], "metrics": dict(self.metrics),
+                "failed": [s.to_dict() for s in self.failed]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RolloutBatch":
+        return cls(step=d["step"], samples=[Sample.from_dict(s) for s in d["samples"]], metrics=dict(d["metrics"]),
+                   failed=[Sample.from_dict(s) for s in d.get("failed", [])])
+
+
+@dataclass
+class _Group:
+    prompt: Sample  # the prompt (tokens = prompt ids, no response)
+    samples: list[Sample]  # its trajectories: n, or more when a generate function returns lists
+
+
+def _fresh(prompt: Sample, index: int) -> Sample:
+    sample = copy.deepcopy(prompt)
+    sample.index = index
+    return sample
+
+
+class RolloutManager:
+    """Owns the prompt data and a Router over the engines; `generate(step)` returns a scored RolloutBatch."""
+
+    def __init__(self, config: RolloutConfig, data: PromptDataset | None,
+                 clients: Router | Sequence[EngineClient], tokenizer: Any,
+                 eval_data: PromptDataset | None = None) -> None:
+        self.config = config
+        self.data = data
+        self.eval_data = eval_data
+        self.router = clients if isinstance(clients, Router) else Router(
+            clients, page_size=config.router_page_size, balance_threshold=config.router_balance_threshold)
+        self.args = GenerateArgs(client=self.router, tokenizer=tokenizer, config=config)
+        self.generate_fn = load_function(config.custom_generate_function_path)
+        if not inspect.iscoroutinefunction(self.generate_fn):
+            raise TypeError(f"generate function {config.custom_generate_function_path} must be "
+                            f"`async def fn(args, sample, sampling_params)`")
+        self.scorer = RewardScorer(config, self.args)
+        self.filter_fn = (load_function(config.dynamic_sampling_filter_path)
+                          if config.dynamic_sampling_filter_path else None)
+        self._next_index = 0
+        self._next_group = 0
+        self._buffer: list[_Group] = []  # groups left over from the last step, served first
+        self._stopping = False
+        self._inflight: set[asyncio.Task] = set()
+
+    # ---- one step -------------------------------------------------------------------------------------------
+
+    async def generate(self, step: int) -> RolloutBatch:
+        """Roll out --rollout-batch-size groups of --n-samples-per-prompt scored samples."""
+        cfg = self.config
+        if cfg.load_debug_rollout_data:
+            return self.load_debug(cfg.load_debug_rollout_data.format(step=step))
+        if self.data is None and not self._buffer:
+            raise ValueError("RolloutManager has no prompt data (pass a PromptDataset)")
+        start = time.monotonic()
+        if not all(self.router.healthy):
+            await self.router.check_health()
+        self.router.take_stats()
+        deadline = start + cfg.rollout_deadline if cfg.rollout_deadline else None
+        target = cfg.rollout_batch_size
+        sem = asyncio.Semaphore(cfg.rollout_concurrency)
+        accepted: list[_Group] = []
+        failed: list[Sample] = []
+        counts = {"dropped_filter": 0, "dropped_failed": 0, "returned_to_buffer": 0, "rounds": 0,
+                  "resumed": sum(1 for g in self._buffer if any(s.response_length for s in g.samples))}
+        self._stopping = False
+        pbar = tqdm(total=0, desc=f"rollout {step}", unit="sample", disable=not cfg.progress, leave=False)
+
+        def settle(group: _Group) -> None:
+            samples = group.samples
+            if any(s.status == Status.FAILED for s in samples):
+                counts["dropped_failed"] += 1
+                failed.extend(s for s in samples if s.status == Status.FAILED)
+            elif not all(s.status in _DONE for s in samples) or len(accepted) >= target:
+                self._return_to_buffer(group)
+                counts["returned_to_buffer"] += 1
+            elif not self._has_scalar_rewards(group, failed):
+                counts["dropped_failed"] += 1
+            elif self.filter_fn is not None and not self._keep(group, failed, counts):
+                counts["dropped_filter"] += 1
+            else:
+                accepted.append(group)
+
+        try:
+            while len(accepted) < target and counts["rounds"] <= cfg.max_oversampling_rounds:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                groups = self._take_groups(max(target - len(accepted), cfg.over_sampling_batch_size or 0))
+                if not groups:
+                    break
+                counts["rounds"] += 1
+                pbar.total += sum(len(g.samples) for g in groups)
+                pbar.refresh()
+                pending = {asyncio.ensure_future(self._run_group(g, sem, pbar)) for g in groups}
+                while pending:
+                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        settle(task.result())
+                    if pending and (len(accepted) >= target or (deadline is not None and time.monotonic() >= deadline)):
+                        for group in await self._stop(pending):
+                            settle(group)
+                        pending = set()
+        finally:
+            pbar.close()
+            self._stopping = False
+        if not accepted and not failed and counts["rounds"] == 0:
+            raise DataExhausted(f"the prompt data is exhausted after {self.data.epoch if self.data else 0} epoch(s)")
+        if len(accepted) < target:
+            logger.warning("step %d: only %d of %d groups (dropped %d by the filter, %d for failures, %d rounds)",
+                           step, len(accepted), target, counts["dropped_filter"], counts["dropped_failed"],
+                           counts["rounds"])
+        accepted.sort(key=lambda g: g.prompt.group_index)
+        samples = [s for g in accepted for s in sorted(g.samples, key=lambda s: s.index)]
+        batch = RolloutBatch(step=step, samples=samples, failed=failed,
+                             metrics=self._metrics(samples, failed, counts, time.monotonic() - start))
+        if cfg.save_debug_rollout_data:
+            self.save_debug(batch, cfg.save_debug_rollout_data.format(step=step))
+        return batch
+
+    def _has_scalar_rewards(self, group: _Group, failed: list[Sample]) -> bool:
+        """True if every sample's reward gives a scalar (--reward-key); otherwise the group is failed."""
+        try:
+            for s in group.samples:
+                scalar_reward(s, self.config.reward_key)
+            return True
+        except (KeyError, ValueError, TypeError) as e:
+            message = str(e.args[0]) if e.args else repr(e)
+            for s in group.samples:
+                s.status, s.error = Status.FAILED, message
+            failed.extend(group.samples)
+            return False
+
+    def _keep(self, group: _Group, failed: list[Sample], counts: dict[str, int]) -> bool:
+        """The dynamic sampling filter's verdict; a filter that raises drops the group as failed."""
+        try:
+            return bool(self.filter_fn(self.args, group.samples))
+        except Exception as e:  # noqa: BLE001 - a broken filter fails the group, not the run
+            message = f"filter {self.config.dynamic_sampling_filter_path} raised {type(e).__name__}: {e}"
+            logger.warning("group %d: %s", group.prompt.group_index, message)
+            for s in group.samples:
+                s.status, s.error = Status.FAILED, message
+            failed.extend(group.samples)
+            counts["dropped_failed"] += 1
+            counts["dropped_filter"] -= 1
+            return False
+
+    def _take_groups(self, n: int) -> list[_Group]:
+        """Up to n groups: leftovers of the last step first, then new prompts."""
+        groups, self._buffer = self._buffer[:n], self._buffer[n:]
+        if len(groups) < n and self.data is not None:
+            for prompt in self.data.next_prompts(n - len(groups)):
+                prompt.group_index = self._next_group
+                self._next_group += 1
+                groups.append(_Group(prompt, [_fresh(prompt, self._new_index())
+                                              for _ in range(self.config.n_samples_per_prompt)]))
+        return groups
+
+    def _new_index(self) -> int:
+        self._next_index += 1
+        return self._next_index - 1
+
+    def _return_to_buffer(self, group: _Group) -> None:
+        if not self.config.partial_rollout:
+            group.samples = [_fresh(group.prompt, s.index) for s in group.samples[:self.config.n_samples_per_prompt]]
+        self._buffer.append(group)
+
+    async def _stop(self, pending: set[asyncio.Future]) -> list[_Group]:
+        """Abort the engines' requests, give them --abort-grace to come back, cancel the rest; the groups."""
+        self._stopping = True
+        try:
+            await self.router.abort_all()
+        except Exception as e:  # noqa: BLE001 - aborting is best effort; cancellation follows
+            logger.warning("abort_all failed: %r", e)
+        done, still = await asyncio.wait(pending, timeout=self.config.abort_grace)
+        if still:
+            for task in list(self._inflight):
+                task.cancel()
+            more, _ = await asyncio.wait(still)
+            done |= more
+        return [task.result() for task in done]
+
+    async def _run_group(self, group: _Group, sem: asyncio.Semaphore, pbar: tqdm) -> _Group:
+        results = await asyncio.gather(*(self._run_sample(s, sem, pbar) for s in group.samples))
+        group.samples = [s for result in results for s in result]
+        for s in group.samples:
+            s.group_index = group.prompt.group_index
+        await self.scorer.score(group.samples)
+        return group
+
+    async def _run_sample(self, sample: Sample, sem: asyncio.Semaphore, pbar: tqdm) -> list[Sample]:
+        """Run the generate function on a copy of `sample`; on cancel or abort keep the pre-call state."""
+        if sample.status not in (Status.PENDING, Status.ABORTED):
+            return [sample]
+        async with sem:
+            if self._stopping:
+                return [sample]
+            task = asyncio.ensure_future(self._call_generate(copy.deepcopy(sample)))
+            self._inflight.add(task)
+            try:
+                return await task
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+                sample.status = Status.ABORTED
+                return [sample]
+            finally:
+                self._inflight.discard(task)
+                pbar.update(1)
+
+    async def _call_generate(self, sample: Sample) -> list[Sample]:
+        cfg = self.config
+        params = cfg.sampling_params()
+        if cfg.sampling_seed is not None:
+            params["seed"] = cfg.sampling_seed + sample.index * 100_003 + sample.response_length
+        original_index, group_index = sample.index, sample.group_index
+        try:
+            result = await asyncio.wait_for(self.generate_fn(self.args, sample, params), cfg.sample_timeout)
+            results = result if isinstance(result, list) else [result]
+            if not results or not all(isinstance(s, Sample) for s in results):
+                raise TypeError(f"returned {type(result).__name__}; expected a Sample or a list of Samples")
+            for i, s in enumerate(results):
+                s.validate()
+                if s.status == Status.PENDING:
+                    raise ValueError(f"returned sample {s.index} with status pending; set its status")
+                s.group_index = group_index
+                if i > 0 and s.index == original_index:
+                    s.index = self._new_index()
+            return results
+        except asyncio.TimeoutError:
+            return [self._failed(sample, f"generate timed out after {cfg.sample_timeout}s")]
+        except Exception as e:  # noqa: BLE001 - a failing generate function fails its sample, not the run
+            return [self._failed(sample, f"generate function {cfg.custom_generate_function_path} raised "
+                                         f"{type(e).__name__}: {e}")]
+
+    def _failed(self, sample: Sample, message: str) -> Sample:
+        logger.warning("sample %d: %s", sample.index, message)
+        sample.status, sample.error, sample.reward = Status.FAILED, message, None
+        return sample
+
+    def _metrics(self, samples: list[Sample], failed: list[Sample], counts: dict[str, int],
+                 elapsed: float) -> dict[str, float]:
+        stats = self.router.take_stats()
+        prompt_tokens = sum(s.prompt_tokens for s in stats)
+        completion_tokens = sum(s.completion_tokens for s in stats)
+        rewards = [scalar_reward(s, self.config.reward_key) for s in samples]
+        lengths = [s.response_length for s in samples]
+        n = max(len(samples), 1)
+        mean = sum(rewards) / len(rewards) if rewards else 0.0
+        metrics = {
+            "rollout/num_groups": len({s.group_index for s in samples}),
+            "rollout/num_samples": len(samples),
+            "rollout/reward_mean": mean,
+            "rollout/reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)) if rewards else 0.0,
+            "rollout/response_len_mean": sum(lengths) / n,
+            "rollout/response_len_max": max(lengths, default=0),
+            "rollout/truncated_rate": sum(s.status == Status.TRUNCATED for s in samples) / n,
+            "rollout/failed_samples": len(failed),
+            "rollout/dropped_groups_filter": counts["dropped_filter"],
+            "rollout/dropped_groups_failed": counts["dropped_failed"],
+            "rollout/returned_to_buffer": counts["returned_to_buffer"],
+            "rollout/resumed_groups": counts["resumed"],
+            "rollout/sampling_rounds": counts["rounds"],
+            "rollout/cache_hit_rate": sum(s.cached_tokens for s in stats) / prompt_tokens if prompt_tokens else 0.0,
+            "rollout/prompt_tokens": prompt_tokens,
+            "rollout/completion_tokens": completion_tokens,
+            "rollout/tokens_per_s": completion_tokens / elapsed if elapsed > 0 else 0.0,
+            "rollout/time_s": elapsed,
+        }
+        if self.data is not None:
+            metrics["rollout/data_epoch"] = self.data.epoch
+            metrics["rollout/skipped_rows"] = len(self.data.skipped)
+        return metrics
+
+    # ---- evaluation -----------------------------------------------------------------------------------------
+
+    async def evaluate(self, data: PromptDataset | None = None) -> dict[str, float]:
+        """Reward and length metrics over every prompt of the evaluation data (eval sampling params)."""
+        data = data or self.eval_data
+        if data is None:
+            raise ValueError("no evaluation data: pass eval_data or set --eval-prompt-data")
+        cfg = self.config
+        sem = asyncio.Semaphore(cfg.rollout_concurrency)
+        params = cfg.sampling_params(evaluation=True)
+
+        async def one(prompt: Sample, group: int, index: int) -> list[Sample]:
+            sample = _fresh(prompt, index)
+            sample.group_index = group
+            async with sem:
+                try:
+                    result = await asyncio.wait_for(self.generate_fn(self.args, sample, dict(params)),
+                                                    cfg.sample_timeout)
+                except Exception as e:  # noqa: BLE001 - counted as failed
+                    return [self._failed(sample, f"{type(e).__name__}: {e}")]
+            return result if isinstance(result, list) else [result]
+
+        prompts = []
+        for i in range(len(data)):
+            try:
+                prompts.append(data.make_prompt(i))
+            except ValueError as e:
+                logger.warning("skipping evaluation row %d: %s", i, e)
+        jobs = [one(p, k, k * cfg.n_samples_per_eval_prompt + j)
+                for k, p in enumerate(prompts) for j in range(cfg.n_samples_per_eval_prompt)]
+        samples = [s for result in await asyncio.gather(*jobs) for s in result]
+        await self.scorer.score(samples)
+        scored = [s for s in samples if s.status in _DONE and s.reward is not None]
+        rewards = [scalar_reward(s, cfg.reward_key) for s in scored]
+        n = max(len(scored), 1)
+        return {
+            "eval/reward_mean": sum(rewards) / n,
+            "eval/num_samples": len(samples),
+            "eval/failed_samples": len(samples) - len(scored),
+            "eval/response_len_mean": sum(s.response_length for s in scored) / n,
+            "eval/truncated_rate": sum(s.status == Status.TRUNCATED for s in scored) / n,
+        }
+
+    # ---- state and debug data -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position, index counters and the leftover groups (for exact resumption)."""
+        return {"data": self.data.state_dict() if self.data is not None else None,
+                "next_index": self._next_index, "next_group": self._next_group,
+                "buffer": [{"prompt": g.prompt.to_dict(), "samples": [s.to_dict() for s in g.samples]}
+                           for g in self._buffer]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`."""
+        if state["data"] is not None and self.data is not None:
+            self.data.load_state_dict(state["data"])
+        self._next_index = state["next_index"]
+        self._next_group = state["next_group"]
+        self._buffer = [_Group(Sample.from_dict(g["prompt"]), [Sample.from_dict(s) for s in g["samples"]])
+                        for g in state["buffer"]]
+
+    @staticmethod
+    def save_debug(batch: RolloutBatch, path: str | Path) -> None:
+        """torch.save a batch's samples (as dicts) and metrics."""
+        import torch
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(batch.to_dict(), path)
+
+    @staticmethod
+    def load_debug(path: str | Path) -> RolloutBatch:
+        """A batch written by `save_debug`."""
+        import torch
+        if not Path(path).exists():
+            raise FileNotFoundError(f"debug rollout data {str(path)!r} does not exist")
+        return RolloutBatch.from_dict(torch.load(path, weights_only=False))

@@ -1,0 +1,203 @@
+"""Cache-aware request router over several engine clients.
+
+Routing, in order: a known `session_id` stays on its engine (an episode keeps its
+KV cache); otherwise the engine that most recently served the longest page-aligned
+prefix of the request (its radix cache likely still holds it), unless that engine
+is `balance_threshold` requests busier than the least-loaded one; otherwise the
+engine with the fewest requests in flight. An engine that fails to answer leaves the
+rotation (the request is retried on another) until a health check passes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from rollout.client import EngineClient, EngineUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class NoHealthyEngineError(EngineUnavailableError):
+    """Every engine behind the router is out of rotation."""
+
+
+@dataclass
+class EngineStats:
+    """Counters of one engine since the last `Router.take_stats()`."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    failures: int = 0
+
+
+def page_hashes(input_ids: Sequence[int], page_size: int) -> list[int]:
+    """Chained hashes of the full pages of `input_ids`: entry k identifies the prefix ids[:(k+1)*page_size]."""
+    hashes, h = [], 0
+    for start in range(0, len(input_ids) - page_size + 1, page_size):
+        h = hash((h, tuple(input_ids[start:start + page_size])))
+        hashes.append(h)
+    return hashes
+
+
+class Router:
+    """An EngineClient that spreads requests over several engine clients, cache- and load-aware."""
+
+    def __init__(self, clients: Sequence[EngineClient], *, page_size: int = 16, balance_threshold: int = 16,
+                 max_prefixes_per_engine: int = 65536, max_sessions: int = 65536) -> None:
+        if not clients:
+            raise ValueError("Router needs at least one engine client")
+        if page_size < 1:
+            raise ValueError(f"page_size = {page_size}: expected >= 1")
+        self.clients = list(clients)
+        self.page_size = page_size
+        self.balance_threshold = balance_threshold
+        self.max_prefixes_per_engine = max_prefixes_per_engine
+        self.max_sessions = max_sessions
+        n = len(self.clients)
+        self.healthy = [True] * n
+        self.outstanding = [0] * n
+        self.stats = [EngineStats() for _ in range(n)]
+        self._prefixes: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(n)]  # LRU sets
+        self._sessions: OrderedDict[str, int] = OrderedDict()
+        self._next = 0  # round-robin start among equally loaded engines
+        self._health_task: asyncio.Task | None = None
+
+    def name(self, i: int) -> str:
+        """A printable name of engine i."""
+        return f"engine {i} ({getattr(self.clients[i], 'name', type(self.clients[i]).__name__)})"
+
+    def choose(self, input_ids: Sequence[int], session_id: str | None = None,
+               exclude: frozenset[int] = frozenset()) -> int:
+        """Index of the engine a request should go to (no side effects)."""
+        candidates = [i for i in range(len(self.clients)) if self.healthy[i] and i not in exclude]
+        if not candidates:
+            down = ", ".join(self.name(i) for i in range(len(self.clients)))
+            raise NoHealthyEngineError(f"no healthy engine left to serve the request: {down}")
+        least = min(self.outstanding[i] for i in candidates)
+        if session_id is not None and self._sessions.get(session_id) in candidates:
+            return self._sessions[session_id]
+        hashes = page_hashes(input_ids, self.page_size)
+        best, best_len = None, 0
+        for i in candidates:
+            prefixes = self._prefixes[i]
+            matched = 0
+            for k in range(len(hashes) - 1, best_len - 1, -1):  # longest first; only look for improvements
+                if hashes[k] in prefixes:
+                    matched = k + 1
+                    break
+            if matched > best_len or (matched == best_len and best is not None and matched > 0
+                                      and self.outstanding[i] < self.outstanding[best]):
+                best, best_len = i, matched
+        if best is not None and self.outstanding[best] - least <= self.balance_threshold:
+            return best
+        n = len(self.clients)
+        ordered = sorted(candidates, key=lambda i: (self.outstanding[i], (i - self._next) % n))
+        return ordered[0]
+
+    def _record(self, i: int, input_ids: Sequence[int], session_id: str | None) -> None:
+        self._next = (i + 1) % len(self.clients)
+        prefixes = self._prefixes[i]
+        for h in page_hashes(input_ids, self.page_size):
+            prefixes[h] = None
+            prefixes.move_to_end(h)
+        while len(prefixes) > self.max_prefixes_per_engine:
+            prefixes.popitem(last=False)
+        if session_id is not None:
+            self._sessions[session_id] = i
+            self._sessions.move_to_end(session_id)
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+
+    def mark_unhealthy(self, i: int, reason: str) -> None:
+        """Take engine i out of rotation and forget what it cached."""
+        if self.healthy[i]:
+            logger.warning("%s leaves the rotation: %s", self.name(i), reason)
+        self.healthy[i] = False
+        self._prefixes[i].clear()
+
+    async def generate(self, input_ids: Sequence[int], sampling_params: dict[str, Any],
+                       return_logprob: bool = True, session_id: str | None = None) -> dict[str, Any]:
+        """Route one request; on an unreachable engine, retry on the others."""
+        tried: set[int] = set()
+        while True:
+            i = self.choose(input_ids, session_id, frozenset(tried))
+            tried.add(i)
+            self._record(i, input_ids, session_id)
+            self.outstanding[i] += 1
+            try:
+                response = await self.clients[i].generate(input_ids, sampling_params, return_logprob=return_logprob,
+                                                          session_id=session_id)
+            except EngineUnavailableError as e:
+                self.stats[i].failures += 1
+                self.mark_unhealthy(i, str(e))
+                continue
+            finally:
+                self.outstanding[i] -= 1
+            meta = response.get("meta_info", {})
+            stats = self.stats[i]
+            stats.requests += 1
+            stats.prompt_tokens += int(meta.get("prompt_tokens", len(input_ids)))
+            stats.cached_tokens += int(meta.get("cached_tokens", 0))
+            stats.completion_tokens += int(meta.get("completion_tokens", len(response.get("output_ids", ()))))
+            return response
+
+    async def check_health(self) -> list[bool]:
+        """Ask every engine; failing ones leave the rotation, recovered ones return. Returns the health list."""
+        results = await asyncio.gather(*(c.health() for c in self.clients), return_exceptions=True)
+        for i, ok in enumerate(results):
+            ok = ok is True
+            if ok and not self.healthy[i]:
+                logger.info("%s is back in rotation", self.name(i))
+                self.healthy[i] = True
+            elif not ok:
+                self.mark_unhealthy(i, "health check failed")
+        return list(self.healthy)
+
+    async def health(self) -> bool:
+        """True if at least one engine is healthy."""
+        return any(await self.check_health())
+
+    def start_health_checks(self, interval: float = 10.0) -> None:
+        """Check health every `interval` seconds in the running event loop until `stop_health_checks`."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await self.check_health()
+        self.stop_health_checks()
+        self._health_task = asyncio.get_running_loop().create_task(loop())
+
+    def stop_health_checks(self) -> None:
+        """Stop the periodic health checks."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
+
+    async def abort_all(self) -> None:
+        """Abort every request in flight on every healthy engine."""
+        await self._broadcast("abort_all")
+
+    async def flush_cache(self) -> None:
+        """Flush every healthy engine's cache (after a weight update) and forget routed prefixes."""
+        await self._broadcast("flush_cache")
+        for prefixes in self._prefixes:
+            prefixes.clear()
+
+    async def _broadcast(self, method: str) -> None:
+        live = [i for i in range(len(self.clients)) if self.healthy[i]]
+        results = await asyncio.gather(*(getattr(self.clients[i], method)() for i in live), return_exceptions=True)
+        for i, r in zip(live, results):
+            if isinstance(r, EngineUnavailableError):
+                self.mark_unhealthy(i, str(r))
+            elif isinstance(r, BaseException):
+                logger.warning("%s: %s failed: %r", self.name(i), method, r)
+
+    def take_stats(self) -> list[EngineStats]:
+        """Per-engine counters since the last call, and reset them."""
+        stats, self.stats = self.stats, [EngineStats() for _ in self.clients]
+        return stats
