@@ -1,0 +1,212 @@
+"""The default multi-turn generate function: model turn -> `env.step` -> observation appended, tokens in/out.
+
+The Sample's tokens are exactly what the engine saw and produced. Model tokens are appended as the
+engine returned them (loss_mask 1, the engine's log-probs); only the text that follows them -- the end
+of the assistant turn and the observation turn rendered by the chat template -- is tokenised, and
+appended with loss_mask 0 and log-prob 0.0. Nothing is ever re-tokenised, so nothing drifts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any, Protocol
+
+from envs.base import Env, EnvError, run_reset, run_step
+from rollout.sample import Sample, Status
+
+logger = logging.getLogger(__name__)
+
+_PLACEHOLDER = "KILN_TURN_PLACEHOLDER_7F3A"
+
+
+class GenerateClient(Protocol):
+    """What `run_episode` needs from an engine client (SGLang's request/response format)."""
+
+    async def generate(self, *, input_ids: list[int], sampling_params: dict[str, Any],
+                       return_logprob: bool) -> dict[str, Any]: ...
+
+
+class ChatDelta:
+    """Renders, with the tokenizer's chat template, only the text that a new conversation turn adds."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PLACEHOLDER}]
+        rendered = self.render(self._probe)
+        if _PLACEHOLDER not in rendered:
+            raise ValueError("the chat template does not render assistant content verbatim; cannot find turn ends")
+        self._probe_text = rendered
+        self.turn_end = rendered[rendered.rindex(_PLACEHOLDER) + len(_PLACEHOLDER):]  # e.g. "<|im_end|>\n"
+        self._special_ids = set(tokenizer.all_special_ids)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The template's text for a whole conversation."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the opening conversation, ending with the assistant generation prompt."""
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+    def turn_text(self, role: str, content: str) -> str:
+        """Text of one non-assistant turn plus the next assistant generation prompt."""
+        full = self.render(self._probe + [{"role": role, "content": content}], add_generation_prompt=True)
+        if not full.startswith(self._probe_text):
+            raise ValueError(f"the chat template re-renders earlier turns when a {role!r} turn is added; "
+                             "incremental rendering needs a prefix-stable template")
+        return full[len(self._probe_text):]
+
+    def _closing_token(self, generated_ids: list[int]) -> str:
+        """Text of the last generated token if it is a special token that begins the turn end (the eos)."""
+        if generated_ids and generated_ids[-1] in self._special_ids:
+            stop_text = self.tokenizer.decode([generated_ids[-1]], skip_special_tokens=False)
+            if self.turn_end.startswith(stop_text):
+                return stop_text
+        return ""
+
+    def assistant_text(self, generated_ids: list[int]) -> str:
+        """The model turn's content: its tokens decoded with special tokens (tool-call tags) kept, minus the eos."""
+        ids = generated_ids[:-1] if self._closing_token(generated_ids) else generated_ids
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def observation_ids(self, generated_ids: list[int], role: str, content: str) -> list[int]:
+        """Tokens after a model turn: what closes that turn (unless generated) and the next turn's text."""
+        end = self.turn_end[len(self._closing_token(generated_ids)):]
+        return self.encode(end + self.turn_text(role, content))
+
+
+def _policy_tokens(output: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """Output ids and their log-probs from an engine response, checked against each other."""
+    ids = output.get("output_ids")
+    if not isinstance(ids, list):
+        raise ValueError(f"engine response has no 'output_ids' list (keys: {sorted(output)})")
+    pairs = (output.get("meta_info") or {}).get("output_token_logprobs")
+    if pairs is None:
+        raise ValueError("engine response has no meta_info.output_token_logprobs; call generate with return_logprob")
+    if len(pairs) != len(ids):
+        raise ValueError(f"engine returned {len(ids)} output ids but {len(pairs)} log-probs")
+    logprobs = []
+    for i, (entry, token) in enumerate(zip(pairs, ids)):
+        logprob, token_id = entry[0], entry[1]
+        if token_id != token:
+            raise ValueError(f"log-prob entry {i} is for token {token_id}, but output id {i} is {token}")
+        logprobs.append(float(logprob))
+    return list(ids), logprobs
+
+
+def _opening_messages(sample: Sample, observation: str, system: str | None) -> list[dict[str, str]]:
+    messages = [dict(m) for m in sample.prompt] if isinstance(sample.prompt, list) else []
+    if observation:
+        messages.append({"role": "user", "content": observation})
+    elif isinstance(sample.prompt, str) and sample.prompt:
+        messages.append({"role": "user", "content": sample.prompt})
+    if system:
+        if messages and messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{system}"}
+        else:
+            messages.insert(0, {"role": "system", "content": system})
+    if not messages:
+        raise ValueError(f"sample {sample.index}: empty prompt and the env's reset returned no observation")
+    return messages
+
+
+def _append(sample: Sample, ids: list[int], mask: int, logprobs: list[float] | None = None) -> None:
+    sample.tokens.extend(ids)
+    sample.response_length += len(ids)
+    sample.loss_mask.extend([mask] * len(ids))
+    sample.rollout_logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+
+
+async def _drive(client: GenerateClient, chat: ChatDelta, env: Env, sample: Sample,
+                 sampling_params: dict[str, Any], max_turns: int, max_total_tokens: int,
+                 step_timeout: float | None) -> None:
+    observation = await run_reset(env, sample, timeout=step_timeout)
+    messages = _opening_messages(sample, observation, env.system_prompt())
+    sample.metadata["messages"] = messages
+    sample.tokens = chat.prompt_ids(messages)
+    if len(sample.tokens) >= max_total_tokens:
+        sample.status = Status.TRUNCATED
+        sample.error = f"prompt has {len(sample.tokens)} tokens, max_total_tokens is {max_total_tokens}"
+        return
+    rewards: list[float] = sample.metadata["step_rewards"]
+    for turn in range(1, max_turns + 1):
+        params = dict(sampling_params)
+        budget = max_total_tokens - len(sample.tokens)
+        params["max_new_tokens"] = min(int(params.get("max_new_tokens", budget)), budget)
+        output = await client.generate(input_ids=list(sample.tokens), sampling_params=params, return_logprob=True)
+        ids, logprobs = _policy_tokens(output)
+        meta = output.get("meta_info") or {}
+        _append(sample, ids, 1, logprobs)
+        sample.metadata["turns"] = turn
+        sample.metadata["weight_versions"].append(int(meta.get("weight_version", 0)))
+        text = chat.assistant_text(ids)
+        messages.append({"role": "assistant", "content": text})
+        finish = (meta.get("finish_reason") or {}).get("type")
+        if finish == "abort":
+            sample.status, sample.error = Status.ABORTED, f"engine aborted turn {turn}"
+            return
+        if len(sample.tokens) >= max_total_tokens:
+            sample.status = Status.TRUNCATED
+            return
+        result = await run_step(env, text, timeout=step_timeout, step=turn)
+        rewards.append(result.reward)
+        if result.done:
+            sample.status = Status.COMPLETED
+            return
+        if turn == max_turns:
+            sample.status = Status.TRUNCATED
+            return
+        role = str(result.info.get("role", "user"))
+        delta = chat.observation_ids(ids, role, result.observation)
+        if len(sample.tokens) + len(delta) >= max_total_tokens:
+            sample.status = Status.TRUNCATED
+            return
+        _append(sample, delta, 0)
+        messages.append({"role": role, "content": result.observation})
+
+
+async def run_episode(client: GenerateClient, tokenizer, env: Env, sample: Sample,
+                      sampling_params: dict[str, Any], *, max_turns: int, max_total_tokens: int,
+                      step_timeout: float | None, episode_timeout: float | None = None) -> Sample:
+    """Play one episode of `env` with the engine behind `client`; fill and return `sample`.
+
+    Ends when the env says done (COMPLETED), after `max_turns` model turns or at `max_total_tokens`
+    (TRUNCATED), when the engine aborts or `episode_timeout` passes (ABORTED), or when the env or the
+    engine fails (FAILED, with `sample.error`). The reward is the sum of the step rewards.
+    """
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    if max_total_tokens < 2:
+        raise ValueError(f"max_total_tokens must be >= 2, got {max_total_tokens}")
+    if episode_timeout is not None and not (episode_timeout > 0 and math.isfinite(episode_timeout)):
+        raise ValueError(f"episode_timeout must be a positive number of seconds or None, got {episode_timeout!r}")
+    chat = ChatDelta(tokenizer)
+    sample.tokens, sample.response_length, sample.loss_mask, sample.rollout_logprobs = [], 0, [], []
+    sample.status, sample.error = Status.PENDING, None
+    sample.metadata.update(turns=0, step_rewards=[], weight_versions=[], env=env.display_name)
+    try:
+        await asyncio.wait_for(_drive(client, chat, env, sample, sampling_params, max_turns, max_total_tokens,
+                                      step_timeout), episode_timeout)
+    except asyncio.TimeoutError:
+        sample.status, sample.error = Status.ABORTED, f"episode ran past episode_timeout={episode_timeout:g}s"
+    except EnvError as e:
+        sample.status, sample.error = Status.FAILED, str(e)
+    except Exception as e:  # engine or data errors fail this sample, not the run
+        logger.warning("episode of sample %d failed: %s: %s", sample.index, type(e).__name__, e)
+        sample.status, sample.error = Status.FAILED, f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            await asyncio.wait_for(env.close(), step_timeout)
+        except Exception as e:
+            logger.warning("closing env %s failed: %s: %s", env.display_name, type(e).__name__, e)
+    sample.reward = float(sum(sample.metadata["step_rewards"]))
+    versions = sample.metadata["weight_versions"]
+    sample.weight_version = min(versions) if versions else 0
+    sample.response = tokenizer.decode(sample.response_tokens, skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+    return sample

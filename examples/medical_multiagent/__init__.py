@@ -1,0 +1,1 @@
+"""Doctor and patient agents trained together by RL on diagnostic dialogues: cases, patient, rewards, doctor env."""
