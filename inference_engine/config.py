@@ -1,0 +1,75 @@
+"""EngineConfig: every knob of the engine, validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULE_POLICIES = ("fcfs", "lpm")
+
+
+@dataclass
+class EngineConfig:
+    """Configuration of one Engine (field names follow SGLang's server arguments)."""
+
+    model_path: str
+    tokenizer_path: str | None = None  # None: the tokenizer lives in model_path
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    dtype: str = "float32"
+    page_size: int = 1  # KV slots per page; radix matches are page-aligned
+    max_total_tokens: int | None = None  # KV pool size in tokens; None: sized from free memory (GPU) or 16384 (CPU)
+    mem_fraction_static: float = 0.85  # share of free GPU memory given to the KV pool when max_total_tokens is None
+    context_length: int | None = None  # longest prompt + output; None: the model's max_position_embeddings
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 2048  # prompt tokens computed per scheduler step, over all requests
+    schedule_policy: str = "fcfs"  # "fcfs" or "lpm" (longest cached prefix first)
+    disable_radix_cache: bool = False
+    attention_backend: str = "torch"
+    tp_size: int = 1
+    random_seed: int = 0  # seeds the sampling of requests that set no seed of their own
+    served_model_name: str | None = None  # the name /v1/models reports; None: the folder name
+
+    def __post_init__(self):
+        from inference_engine.attention import available_backends
+
+        if not Path(self.model_path, "config.json").is_file():
+            raise ValueError(f"model_path {self.model_path!r} has no config.json; expected a local HF model folder")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; expected one of {DTYPES}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device {self.device!r} is not supported; expected 'cpu', 'cuda' or 'cuda:N'")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2 * self.page_size:
+            raise ValueError(f"max_total_tokens {self.max_total_tokens} must hold at least two pages "
+                             f"of page_size {self.page_size}")
+        if not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"context_length must be >= 2, got {self.context_length}")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.chunked_prefill_size < 1:
+            raise ValueError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"schedule_policy {self.schedule_policy!r} is unknown; expected one of {SCHEDULE_POLICIES}")
+        if self.attention_backend not in available_backends():
+            raise ValueError(f"attention_backend {self.attention_backend!r} is unknown; "
+                             f"expected one of {available_backends()}")
+        if self.tp_size != 1:
+            raise ValueError(f"tp_size {self.tp_size} is not supported yet; only tp_size=1 "
+                             "(the layers are written for tensor parallelism, the collectives are not)")
+
+    @property
+    def torch_dtype(self):
+        """The torch dtype of weights and KV cache."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of all fields, for CLI generation and keyword validation."""
+        return [f.name for f in dataclasses.fields(cls)]

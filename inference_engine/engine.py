@@ -1,0 +1,411 @@
+"""Engine: SGLang-style offline engine API over a scheduler loop that runs in one background thread.
+
+Public methods are thread-safe: requests and control operations (weight updates, pause, memory
+release, flush) go through an inbox the loop drains between steps, so nothing ever changes
+mid-forward. Results come back through callbacks that wake a waiting thread or an asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import uuid
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterable
+
+import torch
+
+from inference_engine.config import EngineConfig
+from inference_engine.model_runner import ModelRunner
+from inference_engine.models.loader import resolve
+from inference_engine.request import Req
+from inference_engine.sampling_params import SamplingParams
+from inference_engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.5
+
+
+class Engine:
+    """In-process inference engine: `generate`, `async_generate`, abort, flush, and the RL control surface."""
+
+    def __init__(self, model_path: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 config: EngineConfig | None = None, **kwargs):
+        if config is None:
+            unknown = sorted(set(kwargs) - set(EngineConfig.field_names()))
+            if unknown:
+                raise ValueError(f"unknown Engine option(s) {unknown}; valid ones are {EngineConfig.field_names()}")
+            if model_path is None:
+                raise ValueError("Engine needs model_path (a local HF model folder)")
+            config = EngineConfig(model_path=str(model_path), device=device, dtype=dtype, **kwargs)
+        self.config = config
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path or config.model_path)
+        self.runner = ModelRunner(config)
+        self.spec = self.runner.spec
+        self.context_length = self.runner.context_length
+        self.scheduler = Scheduler(config, self.runner, self.tokenizer, self._eos_token_ids())
+        self._inbox: queue.Queue = queue.Queue()
+        self._paused = False
+        self._released: dict[str, bool] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="kiln-engine-scheduler", daemon=True)
+        self._thread.start()
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        gen_cfg = Path(self.config.model_path, "generation_config.json")
+        if gen_cfg.is_file():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return ids
+
+    # ----------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while True:
+            busy = self.scheduler.has_work() and not self._paused and not self._released
+            try:
+                item = self._inbox.get(block=not busy, timeout=None if busy else IDLE_WAIT_S)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                if item[0] == "stop":
+                    self.scheduler.abort(None)
+                    return
+                self._handle(item)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = None
+            if self.scheduler.has_work() and not self._paused and not self._released:
+                self.scheduler.step()
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "add":
+            for req in item[1]:
+                self.scheduler.add(req)
+        elif kind == "abort":
+            self.scheduler.abort(item[1])
+        elif kind == "call":
+            _, fn, future = item
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the scheduler thread between steps and return its result (or raise its error)."""
+        self._check_open()
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        self._inbox.put(("call", fn, future))
+        return future.result()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+
+    # ----------------------------------------------------------------- requests
+    def _build_requests(self, prompt, input_ids, sampling_params, return_logprob, rid, stream,
+                        on_output: Callable[[Req, bool], None]) -> tuple[list[Req], list[Req], bool]:
+        """Validate a (batch) call; returns (requests to queue, requests whose outputs are returned, is_batch)."""
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt (text) or input_ids (token ids)")
+        if prompt is not None:
+            is_batch = isinstance(prompt, list)
+            texts = prompt if is_batch else [prompt]
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError("prompt must be a string or a list of strings")
+            ids_list = [self.tokenizer(t)["input_ids"] for t in texts]
+        else:
+            is_batch = bool(input_ids) and isinstance(input_ids[0], list)
+            ids_list = input_ids if is_batch else [input_ids]
+        count = len(ids_list)
+        if count == 0:
+            raise ValueError("empty batch: no prompts given")
+        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * count
+        logprob_flags = return_logprob if isinstance(return_logprob, list) else [return_logprob] * count
+        if isinstance(rid, list):
+            rids = rid
+        elif rid is None:
+            rids = [uuid.uuid4().hex for _ in range(count)]
+        else:
+            rids = [rid] if not is_batch else [f"{rid}-{i}" for i in range(count)]
+        if len(sps) != count or len(logprob_flags) != count or len(rids) != count:
+            raise ValueError(f"batch of {count} prompts: sampling_params, return_logprob and rid must be single "
+                             f"values or lists of {count}")
+        queued, outputs = [], []
+        for i, (ids, sp_dict, want_lp, group) in enumerate(zip(ids_list, sps, logprob_flags, rids)):
+            sp = sp_dict if isinstance(sp_dict, SamplingParams) else SamplingParams.from_dict(sp_dict)
+            self._validate_ids(ids, i)
+            if sp.top_logprobs_num > self.spec.vocab_size:
+                raise ValueError(f"top_logprobs_num {sp.top_logprobs_num} exceeds the vocabulary ({self.spec.vocab_size})")
+            max_new = min(sp.max_new_tokens, self.context_length - len(ids))
+            samples = []
+            for j in range(sp.n):
+                gen = None
+                if sp.seed is not None:
+                    gen = torch.Generator(device=self.runner.device).manual_seed(sp.seed + j)
+                child_rid = group if sp.n == 1 else f"{group}-{j}"
+                samples.append(Req(child_rid, list(ids), sp, return_logprob=bool(want_lp), max_new_tokens=max_new,
+                                   stream=stream, group=group, on_output=on_output, generator=gen))
+            outputs.extend(samples)
+            if sp.n > 1 and not self.config.disable_radix_cache:  # prefill once, then the samples fork off the cache
+                parent = Req(f"{group}-prefill", list(ids), SamplingParams(max_new_tokens=0), max_new_tokens=0,
+                             group=group)
+                parent.children = samples
+                queued.append(parent)
+            else:
+                queued.extend(samples)
+        return queued, outputs, is_batch or any(r.sampling.n > 1 for r in outputs)
+
+    def _validate_ids(self, ids, index: int) -> None:
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt {index}: input_ids must be a list of ints")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty; give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {index}: token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})")
+        if len(ids) >= self.context_length:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; the context_length is {self.context_length} "
+                             "(prompt plus at least one generated token must fit)")
+
+    def generate(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
+                 sampling_params: dict | list[dict] | None = None, return_logprob: bool | list[bool] = False,
+                 rid: str | list[str] | None = None) -> dict | list[dict]:
+        """Generate for one prompt (returns a dict) or a batch / n > 1 (returns a list, n dicts per prompt)."""
+        self._check_open()
+        done = threading.Event()
+        results: dict[int, dict] = {}
+        lock = threading.Lock()
+
+        def on_output(req: Req, finished: bool) -> None:
+            if finished:
+                with lock:
+                    results[id(req)] = self.make_output(req)
+                    if len(results) == len(outputs):
+                        done.set()
+
+        queued, outputs, many = self._build_requests(prompt, input_ids, sampling_params, return_logprob, rid,
+                                                     False, on_output)
+        self._inbox.put(("add", queued))
+        while not done.wait(IDLE_WAIT_S):
+            if not self._thread.is_alive():
+                raise RuntimeError("engine scheduler thread is not running")
+        ordered = [results[id(r)] for r in outputs]
+        return ordered if many else ordered[0]
+
+    async def async_generate(self, prompt: str | list[str] | None = None,
+                             input_ids: list[int] | list[list[int]] | None = None,
+                             sampling_params: dict | list[dict] | None = None,
+                             return_logprob: bool | list[bool] = False, rid: str | list[str] | None = None,
+                             stream: bool = False) -> dict | list[dict] | AsyncIterator[dict]:
+        """Like generate, awaitable; with stream=True returns an async iterator of cumulative outputs (with "index")."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_output(req: Req, finished: bool) -> None:
+            out = self.make_output(req)
+            loop.call_soon_threadsafe(events.put_nowait, (req, finished, out))
+
+        queued, outputs, many = self._build_requests(prompt, input_ids, sampling_params, return_logprob, rid,
+                                                     stream, on_output)
+        index = {id(r): i for i, r in enumerate(outputs)}
+        self._inbox.put(("add", queued))
+        if stream:
+            return self._stream(events, outputs, index)
+        results: dict[int, dict] = {}
+        try:
+            while len(results) < len(outputs):
+                req, finished, out = await events.get()
+                if finished:
+                    results[id(req)] = out
+        except asyncio.CancelledError:
+            self._abort_unfinished(outputs)
+            raise
+        ordered = [results[id(r)] for r in outputs]
+        return ordered if many else ordered[0]
+
+    async def _stream(self, events: asyncio.Queue, outputs: list[Req], index: dict[int, int]) -> AsyncIterator[dict]:
+        remaining = len(outputs)
+        try:
+            while remaining:
+                req, finished, out = await events.get()
+                out["index"] = index[id(req)]
+                remaining -= finished
+                yield out
+        finally:
+            if remaining:
+                self._abort_unfinished(outputs)
+
+    def _abort_unfinished(self, outputs: list[Req]) -> None:
+        for group in {r.group for r in outputs if not r.finished}:
+            self.abort(group)
+
+    def make_output(self, req: Req) -> dict:
+        """SGLang's output dict of a request as it stands (called on the scheduler thread)."""
+        sp = req.sampling
+        reason = req.finish_reason
+        ids = req.output_ids
+        if reason and isinstance(reason.get("matched"), int) and not sp.no_stop_trim and reason["type"] == "stop":
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens)
+        if reason and isinstance(reason.get("matched"), str) and not sp.no_stop_trim:
+            cut = text.find(reason["matched"])
+            text = text[:cut] if cut >= 0 else text
+        meta: dict[str, Any] = {
+            "id": req.rid,
+            "prompt_tokens": req.prompt_len,
+            "completion_tokens": len(req.output_ids),
+            "cached_tokens": req.cached_tokens or 0,
+            "finish_reason": reason,
+            "weight_version": req.weight_version if req.weight_version is not None else self.weight_version,
+        }
+        if req.return_logprob:
+            meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(req.output_logprobs, req.output_ids)]
+            if sp.top_logprobs_num:
+                meta["output_top_logprobs"] = [[(lp, t, None) for lp, t in row] for row in req.output_top_logprobs]
+            if sp.return_prompt_logprobs:
+                meta["input_token_logprobs"] = [(lp, t, None) for lp, t in zip(req.input_logprobs,
+                                                                               req.origin_input_ids)]
+        if req.error:
+            meta["error"] = req.error
+        return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
+
+    def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
+        """Abort the request (or n-sample group) rid, or every request with abort_all; they finish with "abort"."""
+        if rid is None and not abort_all:
+            raise ValueError("abort needs a rid, or abort_all=True")
+        self._inbox.put(("abort", None if abort_all else rid))
+
+    def flush_cache(self) -> bool:
+        """Empty the radix cache."""
+        return self._call(self.scheduler.flush_cache) or True
+
+    # ----------------------------------------------------------------- RL control surface
+    @property
+    def weight_version(self) -> int:
+        return self.scheduler.weight_version
+
+    def _apply_weights(self, load: Callable[[], Any], weight_version: int | None) -> int:
+        def apply():
+            if self._released.get("weights"):
+                raise RuntimeError("weights are released; call resume_memory() before updating them")
+            load()
+            self.scheduler.flush_cache()
+            self.scheduler.weight_version = self.weight_version + 1 if weight_version is None else weight_version
+            return self.scheduler.weight_version
+        return self._call(apply)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
+        """Load HF-named tensors (any subset) between steps; flushes the cache and bumps weight_version (returned)."""
+        return self._apply_weights(lambda: self.runner.load_weights(named_tensors), weight_version)
+
+    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                   weight_version: int | None = None) -> int:
+        """Update weights from (hf_name, tensor) pairs; unknown names raise ValueError before anything changes."""
+        named_tensors = list(named_tensors)
+        params = dict(self.runner.model.named_parameters())
+        for name, _ in named_tensors:
+            resolve(self.runner.model, params, name)
+        return self.load_weights(named_tensors, weight_version)
+
+    def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> int:
+        """Load every weight of a HF folder with the same architecture."""
+        return self._apply_weights(lambda: self.runner.load_checkpoint(model_path), weight_version)
+
+    def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Engine weights under HF names, unfused (views: clone to keep)."""
+        return self._call(self.runner.named_hf_tensors)
+
+    def pause_generation(self) -> None:
+        """Stop stepping after the current step; in-flight requests keep their state (new ones queue)."""
+        self._call(lambda: setattr(self, "_paused", True))
+
+    def continue_generation(self) -> None:
+        """Resume stepping after pause_generation."""
+        self._call(lambda: setattr(self, "_paused", False))
+
+    def release_memory(self, weights: bool = False) -> None:
+        """Free the KV pool (and with weights=True move weights to CPU); only while no request is queued or running."""
+        def release():
+            if self.scheduler.has_work():
+                raise RuntimeError(f"cannot release memory with {len(self.scheduler.running)} running and "
+                                   f"{len(self.scheduler.waiting)} queued requests; wait or abort them first")
+            self.scheduler.flush_cache()
+            self.runner.kv_pool.clear()
+            self.runner.kv_pool.free_buffers()
+            self._released["kv_cache"] = True
+            if weights:
+                self.runner.move_weights(torch.device("cpu"))
+                self._released["weights"] = True
+            if self.runner.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self._call(release)
+
+    def resume_memory(self) -> None:
+        """Bring weights back (if released) first, then re-allocate the KV pool."""
+        def resume():
+            if self._released.pop("weights", False):
+                self.runner.move_weights(self.runner.device)
+            if self._released.pop("kv_cache", False):
+                self.runner.kv_pool.allocate_buffers()
+        self._call(resume)
+
+    # ----------------------------------------------------------------- info
+    def get_model_info(self) -> dict:
+        """Model path, family and sizes."""
+        return {"model_path": self.config.model_path, "tokenizer_path": self.config.tokenizer_path or
+                self.config.model_path, "family": self.spec.family, "is_generation": True,
+                "context_length": self.context_length, "vocab_size": self.spec.vocab_size,
+                "weight_version": self.weight_version}
+
+    def metrics(self) -> dict:
+        """Load and cache numbers (read without locking: a snapshot, possibly a step old)."""
+        s = self.scheduler
+        pool = self.runner.kv_pool
+        return {
+            "num_running_requests": len(s.running),
+            "num_queued_requests": len(s.waiting),
+            "kv_cache_usage": (pool.capacity - pool.available_size()) / pool.capacity,
+            "radix_cache_tokens": s.tree.evictable_size + s.tree.protected_size,
+            "cache_hit_rate": s.stats.cached_tokens / s.stats.prompt_tokens if s.stats.prompt_tokens else 0.0,
+            "generation_tokens_per_second": s.tokens_per_second(),
+            "prompt_tokens_total": s.stats.prompt_tokens,
+            "cached_tokens_total": s.stats.cached_tokens,
+            "generated_tokens_total": s.stats.generated_tokens,
+            "finished_requests_total": s.stats.finished_requests,
+            "retractions_total": s.stats.num_retractions,
+            "weight_version": s.weight_version,
+            "paused": self._paused,
+        }
+
+    # ----------------------------------------------------------------- lifecycle
+    def shutdown(self) -> None:
+        """Abort everything in flight and stop the scheduler thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(("stop",))
+        self._thread.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        if getattr(self, "_thread", None) is not None and not getattr(self, "_closed", True):
+            self.shutdown()

@@ -1,0 +1,6 @@
+"""Model implementation (Llama / Qwen2 / Qwen3 in one) and the HF weight mapping."""
+
+from inference_engine.models.loader import load_weights, named_hf_tensors, read_spec
+from inference_engine.models.transformer import FAMILIES, CausalLM, ModelSpec
+
+__all__ = ["CausalLM", "FAMILIES", "ModelSpec", "load_weights", "named_hf_tensors", "read_spec"]

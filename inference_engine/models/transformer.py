@@ -1,0 +1,161 @@
+"""One decoder-only transformer for the Llama, Qwen2 and Qwen3 dense families, told apart by flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from inference_engine.forward_batch import ForwardBatch
+from inference_engine.models.layers import (ColumnParallelLinear, Embedding, MergedColumnParallelLinear,
+                                            QKVParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear)
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape and per-family flags of a model, read from its HF config.json."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    qkv_bias: bool  # Qwen2 always, Llama when attention_bias
+    qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelSpec":
+        """Read a config.json dict; unsupported families or features raise ValueError."""
+        family = cfg.get("model_type")
+        if family not in FAMILIES:
+            raise ValueError(f"model_type {family!r} is not supported; expected one of {FAMILIES}")
+        if cfg.get("mlp_bias"):
+            raise ValueError("mlp_bias=True is not supported (no supported family uses it)")
+        if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=True is not supported; only full attention")
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        return cls(
+            family=family,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            qkv_bias=True if family == "qwen2" else bool(cfg.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            eos_token_ids=eos,
+        )
+
+
+class Attention(nn.Module):
+    """Self-attention: fused qkv projection, optional q/k norm, RoPE, then the attention backend (which also writes the KV cache)."""
+
+    def __init__(self, spec: ModelSpec, layer_id: int, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
+                                          spec.qkv_bias, tp_rank, tp_size)
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, False, tp_rank, tp_size)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.scaling = spec.head_dim ** -0.5
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+
+    def forward(self, x: torch.Tensor, fb: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(fb.positions, q, k)
+        out = fb.attn_backend.forward(q, k, v, self, fb)  # [T, H, D]
+        return self.o_proj(out.reshape(-1, q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with a fused gate_up projection."""
+
+    def __init__(self, spec: ModelSpec, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, False,
+                                                       tp_rank, tp_size)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, False, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residual connections."""
+
+    def __init__(self, spec: ModelSpec, layer_id: int, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer_id, tp_rank, tp_size)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec, tp_rank, tp_size)
+
+    def forward(self, h: torch.Tensor, fb: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), fb, rotary)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderBody(nn.Module):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, spec: ModelSpec, tp_rank: int, tp_size: int):
+        super().__init__()
+        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, tp_rank, tp_size) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The full model: token ids of a ForwardBatch in, hidden states out; `logits` projects chosen rows."""
+
+    def __init__(self, spec: ModelSpec, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderBody(spec, tp_rank, tp_size)
+        self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
+        self.lm_head = None if spec.tie_word_embeddings else ColumnParallelLinear(spec.hidden_size, spec.vocab_size,
+                                                                                 False)
+
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """Hidden states after the final norm, [T, hidden], for the batch's T tokens (KV written to the pool)."""
+        h = self.model.embed_tokens(fb.input_ids)  # [T, hidden]
+        for layer in self.model.layers:
+            h = layer(h, fb, self.rotary)
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, vocab] of hidden rows [N, hidden]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return nn.functional.linear(hidden, weight).float()

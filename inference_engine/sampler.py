@@ -1,0 +1,101 @@
+"""Batched sampling on tensors: penalties, temperature, top-k / top-p / min-p, seeded draws, log-probs.
+
+Order per step (one row per request):
+  1. penalties on the raw logits: repetition (HF: divide positive / multiply negative logits of
+     tokens seen in prompt or output), then frequency and presence (OpenAI: subtract per count /
+     once, output tokens only);
+  2. log-probs = log_softmax(logits / T) with T = temperature (T = 1 for greedy rows): the reported
+     log-prob of a token, BEFORE any top-k / top-p / min-p truncation and AFTER penalties, so that a
+     trainer recomputing log_softmax(logits / T) gets the same number;
+  3. greedy rows take the argmax; the others sample from softmax(logits / T) truncated by top-k,
+     then top-p (smallest set of the sorted probabilities reaching top_p), then min-p (drop tokens
+     below min_p * max prob), via an exponential race that uses the request's own torch.Generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors, built once per step."""
+
+    temperatures: torch.Tensor  # [B] float, 1.0 on greedy rows
+    greedy: torch.Tensor  # [B] bool
+    top_k: torch.Tensor  # [B] int64, vocab size when off
+    top_p: torch.Tensor  # [B] float
+    min_p: torch.Tensor  # [B] float
+    repetition_penalty: torch.Tensor | None  # [B] float; None when no row uses it
+    frequency_penalty: torch.Tensor | None  # [B]
+    presence_penalty: torch.Tensor | None  # [B]
+    seen_mask: torch.Tensor | None  # [B, V] bool: token in prompt or output (repetition penalty)
+    output_counts: torch.Tensor | None  # [B, V] float: occurrences in the output (frequency / presence)
+    generators: list[torch.Generator | None]  # per row; None = the engine's shared generator
+    top_logprobs_num: int  # max over rows; 0 = none
+
+
+@dataclass
+class SampleOutput:
+    """Chosen tokens and their log-probs."""
+
+    tokens: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] float
+    top_logprobs: torch.Tensor | None  # [B, k] float
+    top_ids: torch.Tensor | None  # [B, k] int64
+
+
+def apply_penalties(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """Penalised copy of logits [B, V]."""
+    logits = logits.clone()
+    if sb.repetition_penalty is not None:
+        p = sb.repetition_penalty[:, None].expand_as(logits)
+        penalised = torch.where(logits > 0, logits / p, logits * p)
+        logits = torch.where(sb.seen_mask, penalised, logits)
+    if sb.frequency_penalty is not None:
+        logits -= sb.frequency_penalty[:, None] * sb.output_counts
+        logits -= sb.presence_penalty[:, None] * (sb.output_counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero the probabilities [B, V] that top-k, then top-p, then min-p remove (not renormalised)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    drop = rank >= top_k[:, None]
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly higher-ranked tokens
+    drop |= mass_before >= top_p[:, None]
+    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+    drop[:, 0] = False  # the most likely token always survives
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def sample(logits: torch.Tensor, sb: SamplingBatch, shared_generator: torch.Generator) -> SampleOutput:
+    """Pick one token per row of float32 logits [B, V]."""
+    logits = apply_penalties(logits, sb)
+    scaled = logits / sb.temperatures[:, None]
+    logprobs_all = torch.log_softmax(scaled, dim=-1)  # [B, V]
+    tokens = logits.argmax(dim=-1)
+    if not bool(sb.greedy.all()):
+        probs = filter_probs(logprobs_all.exp(), sb.top_k, sb.top_p, sb.min_p)
+        noise = _exponential(probs.shape, sb.generators, shared_generator, probs.device)  # [B, V]
+        drawn = (probs / noise).argmax(dim=-1)  # exponential race = a draw from probs (renormalised)
+        tokens = torch.where(sb.greedy, tokens, drawn)
+    logprobs = logprobs_all.gather(-1, tokens[:, None])[:, 0]
+    top_lp = top_ids = None
+    if sb.top_logprobs_num:
+        top_lp, top_ids = logprobs_all.topk(sb.top_logprobs_num, dim=-1)
+    return SampleOutput(tokens, logprobs, top_lp, top_ids)
+
+
+def _exponential(shape, generators: list[torch.Generator | None], shared: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [B, V]: rows with their own generator draw from it, the rest from the shared one."""
+    noise = torch.empty(shape, device=device).exponential_(generator=shared)
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)

@@ -1,0 +1,370 @@
+"""Scheduler: continuous batching with chunked prefill, radix-cache reuse, retraction, sampling and finishing.
+
+Every step, each scheduled request extends its context by some tokens: one for a decode, a chunk
+of its prompt for a prefill; both kinds share one forward pass. Running requests go first (oldest
+first), then waiting ones are admitted while the prefill token budget, the running-request limit
+and the KV pool allow. When the pool runs dry the radix cache is evicted (LRU) and, if that is not
+enough, the newest running requests are retracted: their computed KV is handed to the radix cache
+and they re-enter the queue with prompt + generated tokens, keeping their sampling state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from inference_engine.config import EngineConfig
+from inference_engine.forward_batch import ForwardBatch
+from inference_engine.model_runner import ModelRunner
+from inference_engine.radix_cache import RadixCache
+from inference_engine.request import Req
+from inference_engine.sampler import SamplingBatch, sample
+
+log = logging.getLogger(__name__)
+LPM_MAX_QUEUE = 128  # longer queues fall back to fcfs (matching every waiting prompt costs too much)
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for /metrics and tests."""
+
+    num_steps: int = 0
+    num_retractions: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    finished_requests: int = 0
+    failed_batches: int = 0
+
+
+class Scheduler:
+    """Owns the request queues, the radix cache and the sampling of one engine; driven by Engine's thread."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer, eos_token_ids: set[int]):
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.kv_pool = runner.kv_pool
+        self.req_to_token = runner.req_to_token
+        self.device = runner.device
+        self.tree = RadixCache(config.page_size, self.kv_pool.free_slots, disabled=config.disable_radix_cache)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.stats = SchedulerStats()
+        self.weight_version = 0
+        self.shared_generator = torch.Generator(device=self.device).manual_seed(config.random_seed)
+        self._admissions = 0
+        self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
+
+    # ----------------------------------------------------------------- queue management
+    def add(self, req: Req) -> None:
+        """Queue a request (already validated)."""
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, rid: str | None) -> int:
+        """Finish the requests of group rid (all when None) with finish_reason abort; returns how many."""
+        hit = [r for r in [*self.waiting, *self.running] if rid is None or r.group == rid]
+        for req in hit:
+            self._finish(req, "abort", message="aborted by request")
+        return len(hit)
+
+    def flush_cache(self) -> None:
+        """Empty the radix cache (locked prefixes of running requests are freed when those finish)."""
+        self.tree.reset()
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the recent steps."""
+        if len(self._token_times) < 2:
+            return 0.0
+        (t0, _), (t1, _) = self._token_times[0], self._token_times[-1]
+        count = sum(n for _, n in list(self._token_times)[1:])
+        return count / (t1 - t0) if t1 > t0 else 0.0
+
+    # ----------------------------------------------------------------- one step
+    def step(self) -> None:
+        """Schedule, run one forward pass, sample and finish what is done."""
+        batch = self._schedule()
+        if not batch:
+            return
+        self.stats.num_steps += 1
+        try:
+            self._run(batch)
+        except Exception as exc:  # a bad batch must not kill the loop: its requests end with the error
+            log.exception("forward step failed; aborting its %d request(s)", len(batch))
+            self.stats.failed_batches += 1
+            for req, _ in batch:
+                if not req.finished:
+                    self._finish(req, "abort", message=f"engine error: {type(exc).__name__}: {exc}", cache=False)
+
+    def _schedule(self) -> list[tuple[Req, int]]:
+        """(request, new tokens) for this step, KV slots allocated and recorded in req_to_token."""
+        budget = self.config.chunked_prefill_size
+        batch: list[tuple[Req, int]] = []
+        retracted = False
+        for req in sorted(self.running, key=lambda r: r.admitted):
+            if req not in self.running:  # retracted while making room for an older one
+                continue
+            remaining = req.fill_len - req.kv_len
+            n = 1 if remaining == 1 else min(remaining, budget)
+            if n == 0:
+                continue
+            while not self._extend(req, n):
+                retracted = True
+                victim = max(self.running, key=lambda r: r.admitted)
+                self._retract(victim)
+                if victim is req:
+                    break
+            else:
+                batch.append((req, n))
+                if remaining > 1:
+                    budget -= n
+        if not retracted:
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: list[tuple[Req, int]], budget: int) -> None:
+        if self.config.schedule_policy == "lpm" and len(self.waiting) <= LPM_MAX_QUEUE:
+            lengths = {id(r): len(self.tree.match_prefix(self._match_key(r))[0]) for r in self.waiting}
+            self.waiting = deque(sorted(self.waiting, key=lambda r: -lengths[id(r)]))
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            req = self.waiting[0]
+            row = self.req_to_token.alloc()
+            if row is None:
+                break
+            prefix, node = self.tree.match_prefix(self._match_key(req))
+            self.tree.inc_lock(node)
+            n = min(req.fill_len - len(prefix), budget)
+            reserve = self.config.page_size * (len(self.running) + 1)  # next step's decodes
+            if self.kv_pool.available_size() + self.tree.evictable_size < n + reserve:
+                self.tree.dec_lock(node)
+                self.req_to_token.free(row)
+                break
+            req.row, req.kv_len, req.prefix_len, req.last_node = row, len(prefix), len(prefix), node
+            req.last_slot = int(prefix[-1]) if len(prefix) else -1
+            if len(prefix):
+                self.req_to_token.req_to_token[row, :len(prefix)] = prefix.to(self.device)
+            if not self._extend(req, n):
+                self._release(req, cache=False)
+                break
+            self.waiting.popleft()
+            if req.cached_tokens is None:
+                req.cached_tokens = len(prefix)
+                self.stats.prompt_tokens += req.prompt_len
+                self.stats.cached_tokens += len(prefix)
+            self._admissions += 1
+            req.admitted = self._admissions
+            self.running.append(req)
+            batch.append((req, n))
+            budget -= n
+
+    def _match_key(self, req: Req) -> list[int]:
+        """Tokens a cached prefix may cover: all but the last (whose logits are needed), none if prompt log-probs are pending."""
+        if req.wants_prompt_logprobs:
+            return []
+        return req.tokens(0, req.fill_len - 1)
+
+    def _extend(self, req: Req, n: int) -> bool:
+        """Allocate KV slots for req's next n tokens (evicting cache if needed); False if the pool is full."""
+        slots = self.kv_pool.alloc_extend(req.kv_len, n, req.last_slot)
+        if slots is None:
+            self.tree.evict(n + self.config.page_size)
+            slots = self.kv_pool.alloc_extend(req.kv_len, n, req.last_slot)
+        if slots is None:
+            return False
+        req.new_slots = slots
+        self.req_to_token.req_to_token[req.row, req.kv_len:req.kv_len + n] = slots.to(self.device)
+        req.last_slot = int(slots[-1])
+        return True
+
+    def _retract(self, req: Req) -> None:
+        """Give a running request's KV to the cache and put it back at the front of the queue."""
+        log.info("KV pool full: retracting request %s (%d tokens)", req.rid, req.fill_len)
+        self.stats.num_retractions += 1
+        self._release(req, cache=True)
+        self.waiting.appendleft(req)
+
+    def _release(self, req: Req, cache: bool) -> None:
+        """Free req's row and KV: computed full pages go to the radix cache (if cache), the rest back to the pool."""
+        if req.row is None:
+            return
+        if self.running and req in self.running:
+            self.running.remove(req)
+        slots = self.req_to_token.req_to_token[req.row, :req.kv_len].cpu()
+        node = req.last_node
+        if cache and not self.tree.disabled and not node.stale:
+            aligned = req.kv_len // self.config.page_size * self.config.page_size
+            already = self.tree.insert(req.tokens(0, req.kv_len), slots)
+            self.kv_pool.free_slots(slots[req.prefix_len:max(already, req.prefix_len)])
+            self.kv_pool.free_slots(slots[aligned:])
+        else:
+            self.kv_pool.free_slots(slots[req.prefix_len:])
+        self.tree.dec_lock(node)
+        self.req_to_token.free(req.row)
+        req.row, req.kv_len, req.prefix_len, req.last_node, req.last_slot = None, 0, 0, None, -1
+
+    # ----------------------------------------------------------------- forward and sampling
+    def _run(self, batch: list[tuple[Req, int]]) -> None:
+        fb = self._forward_batch(batch)
+        for req, n in batch:
+            req.kv_len += n
+        hidden = self.runner.forward(fb)  # [T, hidden]
+        ends = fb.qo_indptr[1:].tolist()
+        sampling = [(req, end - 1) for (req, _), end in zip(batch, ends)
+                    if req.kv_len == req.fill_len and req.max_new_tokens > len(req.output_ids)]
+        prefill_only = [req for req, _ in batch if req.kv_len == req.fill_len and req.max_new_tokens == 0]
+        self._prompt_logprobs(batch, fb, hidden)
+        if sampling:
+            rows = torch.tensor([row for _, row in sampling], device=self.device)
+            out = sample(self.runner.logits(hidden[rows]), self._sampling_batch([r for r, _ in sampling]),
+                         self.shared_generator)
+            self._append_tokens([r for r, _ in sampling], out)
+        for req in prefill_only:
+            self._finish(req, "length")
+
+    def _forward_batch(self, batch: list[tuple[Req, int]]) -> ForwardBatch:
+        ids: list[int] = []
+        positions, locs = [], []
+        for req, n in batch:
+            ids.extend(req.tokens(req.kv_len, req.kv_len + n))
+            positions.append(torch.arange(req.kv_len, req.kv_len + n))
+            locs.append(req.new_slots)
+        extend_lens = [n for _, n in batch]
+        seq_lens = torch.tensor([req.kv_len + n for req, n in batch], dtype=torch.int64)
+        rows = torch.tensor([req.row for req, _ in batch], dtype=torch.int64)
+        zero = torch.zeros(1, dtype=torch.int64)
+        qo_indptr = torch.cat([zero, torch.tensor(extend_lens, dtype=torch.int64).cumsum(0)])
+        kv_indptr = torch.cat([zero, seq_lens.cumsum(0)])
+        dev = self.device
+        table = self.req_to_token.req_to_token[rows.to(dev), :int(seq_lens.max())]  # [B, max_len]
+        mask = torch.arange(table.shape[1], device=dev)[None, :] < seq_lens.to(dev)[:, None]
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.cat(positions).to(dev),
+            out_cache_loc=torch.cat(locs).to(dev),
+            qo_indptr=qo_indptr.to(dev),
+            kv_indptr=kv_indptr.to(dev),
+            kv_indices=table[mask],
+            seq_lens=seq_lens.to(dev),
+            extend_lens=extend_lens,
+            kv_pool=self.kv_pool,
+            attn_backend=self.runner.attn_backend,
+        )
+
+    def _prompt_logprobs(self, batch: list[tuple[Req, int]], fb: ForwardBatch, hidden: torch.Tensor) -> None:
+        """Log-probs of prompt tokens (of the temperature-scaled distribution) for requests that asked."""
+        starts = fb.qo_indptr[:-1].tolist()
+        for (req, n), start in zip(batch, starts):
+            if not req.sampling.return_prompt_logprobs or len(req.input_logprobs) >= req.prompt_len:
+                continue
+            first = req.kv_len - n  # position of the chunk's first token
+            if not req.input_logprobs:
+                req.input_logprobs.append(None)
+            lo = max(first, len(req.input_logprobs) - 1)  # hidden position p predicts prompt token p + 1
+            hi = min(req.kv_len, req.prompt_len - 1)
+            if hi <= lo:
+                continue
+            logits = self.runner.logits(hidden[start + lo - first:start + hi - first])
+            temperature = req.sampling.temperature if not req.sampling.greedy else 1.0
+            targets = torch.tensor(req.origin_input_ids[lo + 1:hi + 1], device=self.device)
+            lp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, targets[:, None])[:, 0]
+            req.input_logprobs.extend(lp.tolist())
+
+    def _sampling_batch(self, reqs: list[Req]) -> SamplingBatch:
+        dev, vocab = self.device, self.runner.spec.vocab_size
+        sps = [r.sampling for r in reqs]
+
+        def col(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        rep = freq = pres = seen = counts = None
+        if any(sp.repetition_penalty != 1.0 for sp in sps):
+            rep = col([sp.repetition_penalty for sp in sps])
+            seen = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=dev)
+            for i, r in enumerate(reqs):
+                seen[i, col(r.tokens(0, r.fill_len), torch.int64)] = True
+        if any(sp.frequency_penalty or sp.presence_penalty for sp in sps):
+            freq = col([sp.frequency_penalty for sp in sps])
+            pres = col([sp.presence_penalty for sp in sps])
+            counts = torch.zeros(len(reqs), vocab, device=dev)
+            for i, r in enumerate(reqs):
+                if r.output_ids:
+                    counts[i].index_add_(0, col(r.output_ids, torch.int64), torch.ones(len(r.output_ids), device=dev))
+        return SamplingBatch(
+            temperatures=col([1.0 if sp.greedy else sp.temperature for sp in sps]),
+            greedy=col([sp.greedy for sp in sps], torch.bool),
+            top_k=col([vocab if sp.top_k == -1 else sp.top_k for sp in sps], torch.int64),
+            top_p=col([sp.top_p for sp in sps]),
+            min_p=col([sp.min_p for sp in sps]),
+            repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
+            seen_mask=seen, output_counts=counts,
+            generators=[r.generator for r in reqs],
+            top_logprobs_num=max(r.sampling.top_logprobs_num if r.return_logprob else 0 for r in reqs),
+        )
+
+    def _append_tokens(self, reqs: list[Req], out) -> None:
+        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        self.stats.generated_tokens += len(tokens)
+        self._token_times.append((time.monotonic(), len(tokens)))
+        for i, req in enumerate(reqs):
+            try:
+                tok = tokens[i]
+                req.output_ids.append(tok)
+                if req.return_logprob:
+                    req.output_logprobs.append(logprobs[i])
+                    if req.sampling.top_logprobs_num:
+                        k = req.sampling.top_logprobs_num
+                        req.output_top_logprobs.append(list(zip(top_lp[i][:k], top_ids[i][:k])))
+                self._check_finished(req, tok)
+                if not req.finished and req.stream and req.on_output is not None:
+                    req.on_output(req, False)
+            except Exception as exc:  # one request's failure (e.g. in a stop check) ends only that request
+                log.exception("request %s failed", req.rid)
+                self._finish(req, "abort", message=f"engine error: {type(exc).__name__}: {exc}", cache=False)
+
+    def _check_finished(self, req: Req, tok: int) -> None:
+        sp = req.sampling
+        if not sp.ignore_eos and tok in self.eos_token_ids:
+            self._finish(req, "stop", matched=tok)
+        elif tok in sp.stop_token_ids:
+            self._finish(req, "stop", matched=tok)
+        elif sp.stop and (matched := self._match_stop_string(req)) is not None:
+            self._finish(req, "stop", matched=matched)
+        elif len(req.output_ids) >= req.max_new_tokens:
+            self._finish(req, "length")
+
+    def _match_stop_string(self, req: Req) -> str | None:
+        """The stop string that the newest token completed, if any."""
+        window = max(len(s.encode()) for s in req.sampling.stop) + 1  # every token adds at least one byte
+        tail = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=req.sampling.skip_special_tokens)
+        found = [(tail.rfind(s) + len(s), s) for s in req.sampling.stop if s in tail]
+        return min(found)[1] if found else None
+
+    def _finish(self, req: Req, kind: str, matched=None, message: str | None = None, cache: bool = True) -> None:
+        """End a request: record the reason, free (or cache) its KV, release n>1 children, report it."""
+        req.finish(kind, matched, message)
+        req.weight_version = self.weight_version
+        self._release(req, cache=cache)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.stats.finished_requests += 1
+        for child in req.children:
+            if kind == "abort":
+                child.finish("abort", message=message)
+                child.weight_version = self.weight_version
+                if child.on_output is not None:
+                    child.on_output(child, True)
+        if kind != "abort":
+            self.waiting.extendleft(reversed(req.children))
+        req.children = []
+        if req.on_output is not None:
+            req.on_output(req, True)

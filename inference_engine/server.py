@@ -1,0 +1,270 @@
+"""HTTP API (FastAPI): SGLang's /generate and RL endpoints, OpenAI's completions / chat completions, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from inference_engine.engine import Engine
+
+GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "stream", "rid"}
+# OpenAI request field -> SGLang sampling parameter
+OPENAI_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "n": "n",
+                   "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
+                   "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
+                   "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
+                   "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim"}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": status}},
+                        status_code=status)
+
+
+def _sse(items: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        async for item in items:
+            yield f"data: {json.dumps(item)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    return body
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """The FastAPI app serving one engine (tests drive it through httpx.ASGITransport or TestClient)."""
+    app = FastAPI(title="Kiln inference engine")
+    model_name = engine.config.served_model_name or engine.config.model_path.rstrip("/").split("/")[-1]
+
+    @app.exception_handler(ValueError)
+    async def bad_request(_, exc: ValueError):
+        return _error(400, str(exc))
+
+    @app.exception_handler(RuntimeError)
+    async def conflict(_, exc: RuntimeError):
+        return _error(409, str(exc))
+
+    # ------------------------------------------------------------- SGLang native
+    @app.post("/generate")
+    async def generate(request: Request):
+        body = await _json(request)
+        unknown = sorted(set(body) - GENERATE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; /generate accepts {sorted(GENERATE_FIELDS)}")
+        kwargs = dict(prompt=body.get("text"), input_ids=body.get("input_ids"),
+                      sampling_params=body.get("sampling_params"), return_logprob=body.get("return_logprob", False),
+                      rid=body.get("rid"))
+        if body.get("stream"):
+            return _sse(await engine.async_generate(**kwargs, stream=True))
+        return await engine.async_generate(**kwargs)
+
+    @app.api_route("/health", methods=["GET", "POST"])
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/get_model_info")
+    async def model_info():
+        return engine.get_model_info()
+
+    @app.get("/get_weight_version")
+    async def weight_version():
+        return {"weight_version": engine.weight_version}
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        await asyncio.to_thread(engine.flush_cache)
+        return {"success": True, "message": "radix cache flushed"}
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        body = await _json(request)
+        engine.abort(body.get("rid"), abort_all=bool(body.get("abort_all", False)))
+        return {"success": True}
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request):
+        body = await _json(request)
+        if "model_path" not in body:
+            raise ValueError("update_weights_from_disk needs model_path")
+        version = await asyncio.to_thread(engine.update_weights_from_disk, body["model_path"],
+                                          body.get("weight_version"))
+        return {"success": True, "message": f"loaded {body['model_path']}", "weight_version": version}
+
+    @app.post("/pause_generation")
+    async def pause_generation():
+        await asyncio.to_thread(engine.pause_generation)
+        return {"success": True}
+
+    @app.post("/continue_generation")
+    async def continue_generation():
+        await asyncio.to_thread(engine.continue_generation)
+        return {"success": True}
+
+    @app.post("/release_memory_occupation")
+    async def release_memory(request: Request):
+        body = await _json(request) if await request.body() else {}
+        tags = body.get("tags") or ["kv_cache"]
+        await asyncio.to_thread(engine.release_memory, weights="weights" in tags)
+        return {"success": True}
+
+    @app.post("/resume_memory_occupation")
+    async def resume_memory():
+        await asyncio.to_thread(engine.resume_memory)
+        return {"success": True}
+
+    @app.get("/metrics")
+    async def metrics():
+        lines = []
+        for name, value in engine.metrics().items():
+            lines += [f"# TYPE kiln_{name} gauge", f"kiln_{name} {float(value)}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    # ------------------------------------------------------------- OpenAI compatible
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "kiln", "max_model_len": engine.context_length}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _json(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (int, list)):
+            prompts = {"input_ids": prompt}
+        elif isinstance(prompt, (str, list)):
+            prompts = {"prompt": prompt}
+        else:
+            raise ValueError("prompt must be a string, a list of strings, or token ids")
+        top = body.get("logprobs")
+        sp = _openai_sampling(body, default_max=16, top_logprobs=top or 0)
+        return await _openai_response(engine, model_name, prompts, sp, top is not None, body.get("stream", False),
+                                      chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _json(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str}")
+        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        want_lp = bool(body.get("logprobs", False))
+        sp = _openai_sampling(body, default_max=None, top_logprobs=body.get("top_logprobs") or 0 if want_lp else 0)
+        return await _openai_response(engine, model_name, {"input_ids": ids}, sp, want_lp, body.get("stream", False),
+                                      chat=True)
+
+    return app
+
+
+def _openai_sampling(body: dict, default_max: int | None, top_logprobs: int) -> dict:
+    """SGLang sampling params from an OpenAI request body."""
+    sp = {ours: body[theirs] for theirs, ours in OPENAI_SAMPLING.items() if body.get(theirs) is not None}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
+    if max_tokens is not None:
+        sp["max_new_tokens"] = max_tokens
+    if top_logprobs:
+        sp["top_logprobs_num"] = top_logprobs
+    return sp
+
+
+def _finish(reason: dict | None) -> str | None:
+    return None if reason is None else reason["type"]
+
+
+async def _openai_response(engine: Engine, model: str, prompts: dict, sp: dict, want_lp: bool, stream: bool,
+                           chat: bool):
+    """Run the request and shape the OpenAI (chat) completion response or SSE stream."""
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    n = sp.get("n", 1)
+    sp["n"] = n
+    kind = "chat.completion" if chat else "text_completion"
+    if stream:
+        chunks = await engine.async_generate(**prompts, sampling_params=sp, return_logprob=want_lp, rid=rid,
+                                             stream=True)
+        return _sse(_openai_stream(engine, chunks, rid, created, model, chat, want_lp, sp.get("stop") or []))
+    outs = await engine.async_generate(**prompts, sampling_params=sp, return_logprob=want_lp, rid=rid)
+    outs = outs if isinstance(outs, list) else [outs]
+    choices = []
+    for i, out in enumerate(outs):
+        choice: dict[str, Any] = {"index": i, "finish_reason": _finish(out["meta_info"]["finish_reason"])}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": out["text"]}
+        else:
+            choice["text"] = out["text"]
+        choice["logprobs"] = _logprobs(engine, out["meta_info"], chat) if want_lp else None
+        choices.append(choice)
+    prompt_tokens = sum(o["meta_info"]["prompt_tokens"] for o in outs[::n])
+    completion_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": sum(o["meta_info"]["cached_tokens"] for o in outs)}},
+            "weight_version": outs[0]["meta_info"]["weight_version"]}
+
+
+def _logprobs(engine: Engine, meta: dict, chat: bool, start: int = 0) -> dict:
+    """OpenAI log-prob objects for output tokens [start:]."""
+    decode = engine.tokenizer.decode
+    entries = meta["output_token_logprobs"][start:]
+    tops = meta.get("output_top_logprobs", [[]] * len(meta["output_token_logprobs"]))[start:]
+    if chat:
+        return {"content": [{"token": decode([t]), "logprob": lp, "bytes": list(decode([t]).encode()),
+                             "top_logprobs": [{"token": decode([tt]), "logprob": tlp, "bytes": list(decode([tt]).encode())}
+                                              for tlp, tt, _ in top]}
+                            for (lp, t, _), top in zip(entries, tops)]}
+    return {"tokens": [decode([t]) for _, t, _ in entries], "token_logprobs": [lp for lp, _, _ in entries],
+            "top_logprobs": [{decode([tt]): tlp for tlp, tt, _ in top} for top in tops]}
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of text that may be the start of a stop string (not streamed until resolved)."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+async def _openai_stream(engine: Engine, chunks: AsyncIterator[dict], rid: str, created: int, model: str, chat: bool,
+                         want_lp: bool, stops: list[str]) -> AsyncIterator[dict]:
+    """Turn cumulative engine outputs into OpenAI delta chunks.
+
+    Text is held back while it ends mid-character or with what may become a stop string, so the
+    concatenated deltas equal the final (stop-trimmed) text.
+    """
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    async for out in chunks:
+        i = out["index"]
+        reason = _finish(out["meta_info"]["finish_reason"])
+        text = out["text"]
+        if reason is None:
+            text = text[:len(text) - _held_back(text, [stops] if isinstance(stops, str) else stops)]
+            if text.endswith("\ufffd"):
+                continue
+        delta_text = text[sent_text.get(i, 0):]
+        choice: dict[str, Any] = {"index": i, "finish_reason": reason}
+        if chat:
+            choice["delta"] = {"content": delta_text}
+            if i not in sent_text:
+                choice["delta"]["role"] = "assistant"
+        else:
+            choice["text"] = delta_text
+        if want_lp:
+            choice["logprobs"] = _logprobs(engine, out["meta_info"], chat, start=sent_tokens.get(i, 0))
+        sent_text[i], sent_tokens[i] = len(text), len(out["output_ids"])
+        yield {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
