@@ -1,0 +1,383 @@
+"""TrainerActor: one megatron-core policy trainer rank (plain class; the driver wraps it in ray.remote)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rollout.sample import Sample, Status
+from trainer import bridge, megatron_compat
+from trainer.advantages import compute_advantages
+from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches
+from trainer.config import TrainerConfig
+from trainer.logprobs import vocab_parallel_logprobs
+from trainer.losses import compute_policy_loss, kl_estimate
+from trainer.optimizer import PolicyOptimizer
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("actor", "ref")
+
+
+class TrainerActor:
+    """One rank of the policy trainer: megatron GPTModel (TP/DP), AdamW, RL train step, checkpoints."""
+
+    def __init__(self, config: TrainerConfig, rank: int, world_size: int, master_addr: str, master_port: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        mp = config.tensor_parallel_size * config.pipeline_parallel_size
+        if world_size % mp:
+            raise ValueError(f"world_size {world_size} is not a multiple of TP*PP = {mp}")
+        self.cfg = config
+        self.rank, self.world_size = rank, world_size
+        self.master_addr, self.master_port = master_addr, int(master_port)
+        self.model = self.ref_model = self.optimizer = None
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------
+
+    def init(self) -> None:
+        """Join the process group, set up megatron parallel state, build and load the model(s) and optimizer."""
+        from megatron.core import parallel_state
+
+        cfg = self.cfg
+        on_gpu = torch.cuda.is_available()
+        if on_gpu:
+            torch.cuda.set_device(self.rank % torch.cuda.device_count())
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        self._owns_process_group = not dist.is_initialized()
+        if self._owns_process_group:
+            dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://{self.master_addr}:"
+                                    f"{self.master_port}", rank=self.rank, world_size=self.world_size)
+        megatron_compat.apply()
+        parallel_state.initialize_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+        megatron_compat.model_parallel_manual_seed(cfg.seed)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.autocast = on_gpu
+        self.spec = bridge.load_spec(cfg.hf_checkpoint)
+        self.model = self._build(cfg.hf_checkpoint, trainable=True)
+        if cfg.use_reference:
+            ref_dir = cfg.ref_checkpoint or cfg.hf_checkpoint
+            if bridge.load_spec(ref_dir) != self.spec:
+                raise ValueError(f"ref_checkpoint {ref_dir} has a different architecture than {cfg.hf_checkpoint}")
+            self.ref_model = self._build(ref_dir, trainable=False)
+        self.optimizer = PolicyOptimizer(self.model, cfg, dp_group=self.dp_group, tp_group=self.tp_group,
+                                         tp_rank=self.tp_rank)
+        self.vocab_start = self.tp_rank * (self.model.vocab_size // cfg.tensor_parallel_size)
+
+    def _build(self, hf_dir: str, *, trainable: bool):
+        """A GPTModel for this rank with weights loaded from `hf_dir`."""
+        tconfig = bridge.build_transformer_config(self.spec, tp_size=self.cfg.tensor_parallel_size,
+                                                  pp_size=self.cfg.pipeline_parallel_size)
+        model = bridge.build_gpt_model(self.spec, tconfig, vocab_pad_multiple=self.cfg.vocab_pad_multiple)
+        bridge.load_hf_checkpoint(model, self.spec, hf_dir)
+        if not trainable:
+            model.eval()
+            model.requires_grad_(False)
+        return model
+
+    def shutdown(self) -> None:
+        """Tear down megatron parallel state, and the process group if `init` created it."""
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------------------------------
+    # samples
+    # ------------------------------------------------------------------------------------------
+
+    def _screen(self, samples: list[Sample], *, need_reward: bool) -> list[int]:
+        """Indices of usable samples; the others are marked FAILED with the reason in `error`."""
+        good = []
+        for i, s in enumerate(samples):
+            try:
+                self._check_sample(s, need_reward=need_reward)
+            except ValueError as e:
+                s.status, s.error = Status.FAILED, f"trainer: {e}"
+                logger.warning("sample %s marked failed: %s", s.index, e)
+                continue
+            good.append(i)
+        return good
+
+    def _check_sample(self, s: Sample, *, need_reward: bool) -> None:
+        s.validate()
+        if s.status in (Status.FAILED, Status.ABORTED):
+            raise ValueError(f"sample {s.index} has status {s.status.value}")
+        if s.response_length < 1 or s.prompt_length < 1:
+            raise ValueError(f"sample {s.index}: needs >= 1 prompt and >= 1 response token, got prompt "
+                             f"{s.prompt_length}, response {s.response_length}")
+        bad = [t for t in s.tokens if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"sample {s.index}: token ids {bad[:5]} outside [0, {self.spec.vocab_size})")
+        limit = min(self.cfg.max_tokens_per_gpu, self.spec.max_position_embeddings)
+        if len(s.tokens) > limit:
+            raise ValueError(f"sample {s.index}: {len(s.tokens)} tokens exceed the limit {limit} "
+                             "(max_tokens_per_gpu / max_position_embeddings)")
+        if need_reward:
+            self._reward(s)
+            if not self.cfg.recompute_old_logprobs and len(s.rollout_logprobs) != s.response_length:
+                raise ValueError(f"sample {s.index}: recompute_old_logprobs=False needs rollout_logprobs")
+            if self.cfg.loss.use_tis and len(s.rollout_logprobs) != s.response_length:
+                raise ValueError(f"sample {s.index}: loss.use_tis needs rollout_logprobs")
+
+    def _reward(self, s: Sample) -> float:
+        reward = s.reward
+        if isinstance(reward, dict):
+            if self.cfg.reward_key is None or self.cfg.reward_key not in reward:
+                raise ValueError(f"sample {s.index}: reward is a dict with keys {sorted(reward)}; set reward_key "
+                                 f"to one of them (now {self.cfg.reward_key!r})")
+            reward = reward[self.cfg.reward_key]
+        if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
+            raise ValueError(f"sample {s.index}: reward {reward!r} is not a finite number")
+        return float(reward)
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+
+    def _forward(self, model, mb: MicroBatch, *, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropy) of the micro-batch's response tokens, flat [T]."""
+        tokens = mb.tokens.to(self.device)  # [rows, max_len]
+        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with amp:
+            logits = model(tokens, positions, None)  # [rows, max_len, V_local]
+        rows = logits.reshape(-1, logits.shape[-1])[mb.response_positions().to(self.device)]  # [T, V_local]
+        return vocab_parallel_logprobs(rows, mb.response_targets().to(self.device), vocab_start=self.vocab_start,
+                                       vocab_size=self.spec.vocab_size, temperature=self.cfg.temperature,
+                                       group=self.tp_group, with_entropy=with_entropy)
+
+    @torch.no_grad()
+    def _log_probs_all(self, model, samples: list[Sample]) -> list[torch.Tensor]:
+        """Per-sample response log-probs of `samples` (all valid), computed in DP shares and shared."""
+        lengths = [s.response_length for s in samples]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)  # [all response tokens]
+        share = data_parallel_shares([len(s.tokens) for s in samples], self.dp_size)[self.dp_rank]
+        for mb in pack_micro_batches(share, [s.tokens for s in samples], lengths, self.cfg.max_tokens_per_gpu):
+            logp, _ = self._forward(model, mb, with_entropy=False)
+            pieces = logp.split(mb.response_lengths)
+            for i, piece in zip(mb.indices, pieces):
+                flat[offsets[i]:offsets[i + 1]] = piece
+        if self.dp_size > 1:  # shares are disjoint: a sum gathers them
+            dist.all_reduce(flat, group=self.dp_group)
+        return [t.cpu() for t in flat.split(lengths)]
+
+    def compute_log_probs(self, samples: list[Sample], model: str = "actor") -> list[torch.Tensor]:
+        """Response-token log-probs (of logits / temperature) per sample; empty for samples marked failed."""
+        if model not in MODELS:
+            raise ValueError(f"model={model!r}; valid: {MODELS}")
+        net = self.model if model == "actor" else self.ref_model
+        if net is None:
+            raise ValueError("model='ref' needs a reference model; it is built when loss.kl_coef > 0")
+        good = self._screen(samples, need_reward=False)
+        values = self._log_probs_all(net, [samples[i] for i in good])
+        out = [torch.zeros(0) for _ in samples]
+        for i, v in zip(good, values):
+            out[i] = v
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        """One RL update on a rollout (one optimizer step per global batch); returns step metrics."""
+        cfg = self.cfg
+        good_idx = self._screen(samples, need_reward=True)
+        batch = [samples[i] for i in good_idx]
+        metrics: dict[str, float] = {"num_samples": float(len(batch)), "num_failed": float(len(samples) - len(batch))}
+        if not batch:
+            logger.warning("train_step: no usable samples out of %d; no update", len(samples))
+            return metrics
+        lengths = [s.response_length for s in batch]
+        masks = [torch.tensor(s.loss_mask, dtype=torch.float32) for s in batch]
+        has_rollout = all(len(s.rollout_logprobs) == s.response_length for s in batch)
+        rollout = [torch.tensor(s.rollout_logprobs, dtype=torch.float32) for s in batch] if has_rollout else None
+
+        self.model.eval()
+        old = self._log_probs_all(self.model, batch) if cfg.recompute_old_logprobs else rollout
+        ref = self._log_probs_all(self.ref_model, batch) if self.ref_model is not None else None
+        kl = [kl_estimate(o, r, cfg.loss.kl_loss_type) for o, r in zip(old, ref)] if cfg.kl_in_reward else None
+        advantages = compute_advantages(
+            cfg.advantage_estimator, torch.tensor([self._reward(s) for s in batch], dtype=torch.float32),
+            torch.tensor([s.group_index for s in batch]), lengths, normalize_std=cfg.normalize_advantages_std,
+            gamma=cfg.gamma, kl=kl, kl_coef=cfg.loss.kl_coef if cfg.kl_in_reward else 0.0, loss_masks=masks)
+        per_sample = {"old": old, "adv": advantages, "mask": masks, "ref": ref, "rollout": rollout}
+
+        self.model.train()
+        step_metrics = [self._train_global_batch(batch, list(r), per_sample)
+                        for r in split_global_batches(len(batch), cfg.global_batch_size)]
+        for key in step_metrics[0]:
+            values = [m[key] for m in step_metrics]
+            metrics[key] = values[-1] if key == "lr" else sum(values) / len(values)
+        metrics["optimizer_steps"] = float(len(step_metrics))
+        metrics["tokens"] = float(sum(len(s.tokens) for s in batch))
+        self.step += 1
+        if self.rank == 0:
+            logger.info("step %d: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    def _train_global_batch(self, batch: list[Sample], chunk: list[int], per_sample: dict) -> dict[str, float]:
+        """Accumulate gradients over this rank's micro-batches of `chunk`, then one optimizer step."""
+        cfg = self.cfg
+        num_tokens = max(1, int(sum(per_sample["mask"][i].sum() for i in chunk)))
+        num_seqs = len(chunk)
+        share = data_parallel_shares([len(batch[i].tokens) for i in chunk], self.dp_size)[self.dp_rank]
+        share = [chunk[j] for j in share]
+        sums: dict[str, torch.Tensor] = {}
+        padded = 0
+        self.optimizer.zero_grad()
+        for mb in pack_micro_batches(share, [s.tokens for s in batch], [s.response_length for s in batch],
+                                     cfg.max_tokens_per_gpu):
+            logp, entropy = self._forward(self.model, mb, with_entropy=True)
+
+            def flat(key: str) -> torch.Tensor | None:
+                values = per_sample[key]
+                return None if values is None else torch.cat([values[i] for i in mb.indices]).to(self.device)
+
+            loss, parts = compute_policy_loss(
+                logp, flat("old"), flat("adv"), flat("mask"), torch.tensor(mb.response_lengths, device=self.device),
+                cfg.loss, ref_logp=flat("ref"), rollout_logp=flat("rollout"),
+                entropy=entropy if cfg.loss.entropy_coef > 0 else entropy.detach(),
+                global_num_tokens=num_tokens, global_num_seqs=num_seqs)
+            loss.backward()
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+            padded += mb.padded_tokens
+        keys = ["loss", "pg_loss", "pg_clipfrac", "ppo_kl", "entropy"] + sorted(
+            k for k in ("kl_loss", "train_rollout_logp_absdiff", "tis_clipfrac", "pg_clipfrac_lower")
+            if k in sums or self._expects_metric(k, per_sample))
+        reduced = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=self.device)
+                               for k in keys] + [torch.tensor(float(padded), device=self.device)])
+        if self.dp_size > 1:
+            dist.all_reduce(reduced, group=self.dp_group)
+        grad_norm, lr = self.optimizer.step()
+        out = dict(zip(keys, reduced[:-1].tolist()))
+        real = sum(len(batch[i].tokens) for i in chunk)
+        out.update(grad_norm=grad_norm, lr=lr, padding_fraction=1.0 - real / max(1.0, reduced[-1].item()))
+        return out
+
+    def _expects_metric(self, key: str, per_sample: dict) -> bool:
+        """Whether compute_policy_loss reports `key` under this config (so every DP rank has the same keys)."""
+        loss = self.cfg.loss
+        return {"kl_loss": per_sample["ref"] is not None,
+                "train_rollout_logp_absdiff": per_sample["rollout"] is not None,
+                "tis_clipfrac": loss.use_tis,
+                "pg_clipfrac_lower": loss.dual_clip_c is not None and loss.policy_loss != "reinforce"}[key]
+
+    # ------------------------------------------------------------------------------------------
+    # offload, checkpoints, export, weight sync
+    # ------------------------------------------------------------------------------------------
+
+    def _move_all(self, device: torch.device) -> int:
+        """Move params, grads and optimizer state to `device` (pinned CPU memory when leaving a GPU)."""
+        moved = 0
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            nonlocal moved
+            if t.device == device:
+                return t
+            moved += t.numel() * t.element_size()
+            if device.type == "cpu" and torch.cuda.is_available():
+                out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                return out.copy_(t, non_blocking=True)
+            return t.to(device, non_blocking=True)
+
+        seen = set()
+        for model in (self.model, self.ref_model):
+            if model is None:
+                continue
+            for p in model.parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                p.data = move(p.data)
+                if p.grad is not None:
+                    p.grad = move(p.grad)
+        for state in self.optimizer.optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    state[key] = move(value)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            if device.type == "cpu":
+                torch.cuda.empty_cache()
+        return moved
+
+    def offload(self) -> int:
+        """Move params, grads and optimizer state to CPU (colocated rollout phase); returns bytes moved."""
+        return self._move_all(torch.device("cpu"))
+
+    def onload(self) -> int:
+        """Bring everything back to the training device; returns bytes moved."""
+        return self._move_all(self.device)
+
+    def save_checkpoint(self, ckpt_dir: str | os.PathLike) -> Path:
+        """Save model shards, optimizer, LR-schedule step, RNG states and the step counter (one file per rank)."""
+        path = Path(ckpt_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "layout": self._layout(),
+            "step": self.step,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items() if torch.is_tensor(v)},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                    "tracker": megatron_compat.get_rng_tracker_states()},
+        }
+        torch.save(state, path / f"rank_{self.rank:05d}.pt")
+        dist.barrier()
+        return path
+
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike) -> None:
+        """Restore what `save_checkpoint` wrote, on the same parallel layout."""
+        file = Path(ckpt_dir) / f"rank_{self.rank:05d}.pt"
+        if not file.exists():
+            raise FileNotFoundError(f"no trainer checkpoint for rank {self.rank} at {file}")
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        if state["layout"] != self._layout():
+            raise ValueError(f"checkpoint layout {state['layout']} differs from this run's {self._layout()}")
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {file} does not match the model: missing {missing}, unexpected {unexpected}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        megatron_compat.set_rng_tracker_states(rng["tracker"])
+
+    def _layout(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "tp": self.cfg.tensor_parallel_size,
+                "pp": self.cfg.pipeline_parallel_size, "rank": self.rank}
+
+    def export_hf(self, out_dir: str | os.PathLike) -> None:
+        """Write the current policy as an HF folder (config, safetensors, tokenizer); collective."""
+        bridge.export_hf_checkpoint(self.model, self.spec, out_dir, source_dir=self.cfg.hf_checkpoint)
+        dist.barrier()
+
+    def iter_hf_weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Buckets of (hf_name, full tensor) for weight sync; every rank iterates, rank 0's are filled."""
+        return bridge.iter_hf_tensors(self.model, self.spec, bucket_bytes)

@@ -1,0 +1,536 @@
+"""HF <-> megatron-core bridge: model construction from an HF config and ONE name/layout table per family.
+
+The table (`weight_mappings`) says, for every megatron parameter, which HF tensors it is made
+of and how they are laid out across tensor-parallel ranks. The same table drives loading HF
+safetensors into a (TP/PP-sharded) GPTModel, exporting back to HF names, and the bucketed
+iteration used for weight sync (`iter_hf_tensors`).
+
+Megatron layouts handled here:
+- qkv: one fused `linear_qkv` whose rows are, per query group, [q heads of the group, k, v];
+  TP ranks take contiguous blocks of whole query groups.
+- gate_up: one fused `linear_fc1`; each TP rank holds [its slice of gate; its slice of up].
+- vocab: embedding / output layer rows padded to a multiple of `vocab_pad_multiple * tp`,
+  split in contiguous row blocks (padding rows are zero and dropped on export).
+- column / row: plain split of dim 0 / dim 1; replicated: same on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+LAYOUTS = ("replicated", "column", "row", "qkv", "gate_up", "vocab")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture facts of a supported HF decoder, read once from its config."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_eps: float
+    tie_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    max_position_embeddings: int
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model family {self.family!r} is not supported; expected one of {FAMILIES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    def padded_vocab_size(self, vocab_pad_multiple: int, tp_size: int) -> int:
+        """Vocabulary rounded up to a multiple of vocab_pad_multiple * tp_size."""
+        step = vocab_pad_multiple * tp_size
+        return -(-self.vocab_size // step) * step
+
+
+def spec_from_hf_config(hf_config) -> ModelSpec:
+    """Read a ModelSpec from a transformers config (Llama, Qwen2, Qwen3)."""
+    family = hf_config.model_type
+    if family not in FAMILIES:
+        raise ValueError(f"HF model_type {family!r} is not supported; expected one of {FAMILIES}")
+    rope = getattr(hf_config, "rope_parameters", None) or {}  # transformers >= 5 keeps rope settings here
+    scaling = getattr(hf_config, "rope_scaling", None) or rope
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ValueError(f"rope_scaling {scaling!r} is not supported; only plain RoPE (None)")
+    rope_theta = getattr(hf_config, "rope_theta", None) or rope.get("rope_theta", 10000.0)
+    if family == "llama" and (getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)):
+        raise ValueError("llama with attention_bias / mlp_bias is not supported; expected both False")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError("use_sliding_window=True is not supported; expected False")
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return ModelSpec(
+        family=family,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+        head_dim=head_dim,
+        rope_theta=float(rope_theta),
+        rms_eps=float(hf_config.rms_norm_eps),
+        tie_embeddings=bool(hf_config.tie_word_embeddings),
+        qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        max_position_embeddings=hf_config.max_position_embeddings,
+    )
+
+
+def load_spec(hf_dir: str | os.PathLike) -> ModelSpec:
+    """ModelSpec of the HF model folder `hf_dir`."""
+    from transformers import AutoConfig
+
+    return spec_from_hf_config(AutoConfig.from_pretrained(hf_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model construction
+# ----------------------------------------------------------------------------------------------
+
+def build_transformer_config(spec: ModelSpec, *, tp_size: int = 1, pp_size: int = 1,
+                             params_dtype: torch.dtype = torch.float32):
+    """megatron TransformerConfig for `spec` (RMSNorm, SwiGLU, RoPE, GQA; fusions off on CPU)."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        rotary_interleaved=False,
+    )
+
+
+def build_gpt_model(spec: ModelSpec, config, *, vocab_pad_multiple: int = 128, pre_process: bool = True,
+                    post_process: bool = True):
+    """GPTModel for `spec` on this rank's pipeline stage (Transformer Engine spec when installed)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from trainer import megatron_compat
+
+    megatron_compat.apply()
+    if megatron_compat.has_transformer_engine():
+        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    else:
+        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    model = GPTModel(
+        config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=spec.padded_vocab_size(vocab_pad_multiple, tp_size),
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=spec.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(spec.rope_theta),
+        rotary_percent=1.0,
+    )
+    _mark_tensor_parallel(model, spec)
+    return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model
+
+
+def _mark_tensor_parallel(model, spec: ModelSpec) -> None:
+    """Set megatron's tensor-parallel attributes from the table (megatron skips them without random init)."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    params = dict(model.named_parameters())
+    for m in stage_mappings(model, spec):
+        param = _param(params, m.megatron)
+        if m.layout != "replicated" and not getattr(param, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(param, True, 1 if m.layout == "row" else 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The mapping table (one per family)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightMapping:
+    """One megatron parameter, the HF tensors it is made of, and its tensor-parallel layout."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    layout: str
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} not in {LAYOUTS}")
+
+    def at_layer(self, local: int, global_: int) -> "WeightMapping":
+        """This mapping with `{layer}` filled: local index on the megatron side, global on the HF side."""
+        return WeightMapping(self.megatron.format(layer=local), tuple(h.format(layer=global_) for h in self.hf),
+                             self.layout)
+
+
+_L = "decoder.layers.{layer}."
+_H = "model.layers.{layer}."
+_LAYER_COMMON = (
+    WeightMapping(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), "replicated"),
+    WeightMapping(_L + "self_attention.linear_qkv.weight",
+                  (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"),
+                  "qkv"),
+    WeightMapping(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), "row"),
+    WeightMapping(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), "replicated"),
+    WeightMapping(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), "gate_up"),
+    WeightMapping(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), "row"),
+)
+_LAYER_FAMILY = {
+    "llama": (),
+    "qwen2": (WeightMapping(_L + "self_attention.linear_qkv.bias",
+                            (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
+                            "qkv"),),
+    "qwen3": (WeightMapping(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), "replicated"),
+              WeightMapping(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), "replicated")),
+}
+EMBEDDING = WeightMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")
+FINAL_NORM = WeightMapping("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated")
+OUTPUT_LAYER = WeightMapping("output_layer.weight", ("lm_head.weight",), "vocab")
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
+_TE_ALIASES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+               "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def layer_mappings(family: str) -> tuple[WeightMapping, ...]:
+    """The per-layer rows of `family`'s table ({layer} not yet filled)."""
+    return _LAYER_COMMON + _LAYER_FAMILY[family]
+
+
+def weight_mappings(spec: ModelSpec, *, layers: range | None = None, pre_process: bool = True,
+                    post_process: bool = True) -> list[WeightMapping]:
+    """The table for one pipeline stage: its layers (global indices `layers`), embedding, head."""
+    layers = range(spec.num_layers) if layers is None else layers
+    rows = [EMBEDDING] if pre_process else []
+    for local, global_ in enumerate(layers):
+        rows += [m.at_layer(local, global_) for m in layer_mappings(spec.family)]
+    if post_process:
+        rows.append(FINAL_NORM)
+        if not spec.tie_embeddings:
+            rows.append(OUTPUT_LAYER)
+    return rows
+
+
+def hf_shapes(spec: ModelSpec, m: WeightMapping) -> list[tuple[int, ...]]:
+    """Shapes of the HF tensors of mapping `m`."""
+    h, d, f = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    shapes = []
+    for name in m.hf:
+        leaf = name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]
+        shapes.append({
+            "embed_tokens.weight": (spec.vocab_size, h), "lm_head.weight": (spec.vocab_size, h),
+            "norm.weight": (h,), "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+            "q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h),
+            "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,),
+            "o_proj.weight": (h, q), "q_norm.weight": (d,), "k_norm.weight": (d,),
+            "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
+        }[leaf])
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts: full HF tensors <-> this rank's megatron shard
+# ----------------------------------------------------------------------------------------------
+
+def to_shard(m: WeightMapping, hf: list[torch.Tensor], spec: ModelSpec, *, tp_rank: int, tp_size: int,
+             padded_vocab: int) -> torch.Tensor:
+    """This TP rank's megatron shard of mapping `m`, built from its full HF tensors."""
+    if m.layout == "replicated":
+        return hf[0]
+    if m.layout == "column":
+        return hf[0].chunk(tp_size, dim=0)[tp_rank]
+    if m.layout == "row":
+        return hf[0].chunk(tp_size, dim=1)[tp_rank]
+    if m.layout == "vocab":
+        full = hf[0].new_zeros((padded_vocab,) + tuple(hf[0].shape[1:]))
+        full[: hf[0].shape[0]] = hf[0]
+        return full.chunk(tp_size, dim=0)[tp_rank]
+    if m.layout == "gate_up":
+        gate, up = hf
+        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+    q, k, v = hf  # qkv: [groups, (heads_per_group + 2) * head_dim, ...] then whole groups per rank
+    groups, d = spec.num_kv_heads, spec.head_dim
+    rest = tuple(q.shape[1:])
+    fused = torch.cat([q.reshape((groups, -1) + rest), k.reshape((groups, d) + rest),
+                       v.reshape((groups, d) + rest)], dim=1)
+    return fused.chunk(tp_size, dim=0)[tp_rank].reshape((-1,) + rest)
+
+
+def from_shards(m: WeightMapping, shards: list[torch.Tensor], spec: ModelSpec) -> list[torch.Tensor]:
+    """The full HF tensors of mapping `m` from all TP ranks' shards (rank order)."""
+    if m.layout == "replicated":
+        return [shards[0]]
+    if m.layout == "column":
+        return [torch.cat(shards, dim=0)]
+    if m.layout == "row":
+        return [torch.cat(shards, dim=1)]
+    if m.layout == "vocab":
+        return [torch.cat(shards, dim=0)[: spec.vocab_size]]
+    if m.layout == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+    groups, d = spec.num_kv_heads, spec.head_dim
+    rest = tuple(shards[0].shape[1:])
+    fused = torch.cat(shards, dim=0).reshape((groups, -1) + rest)  # [groups, (hpg + 2) * d, ...]
+    q_rows = fused.shape[1] - 2 * d
+    q, k, v = fused.split([q_rows, d, d], dim=1)
+    return [q.reshape((-1,) + rest), k.reshape((-1,) + rest), v.reshape((-1,) + rest)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model <-> HF tensors
+# ----------------------------------------------------------------------------------------------
+
+def _stage_layers(model) -> range:
+    """Global indices of the transformer layers this pipeline stage holds."""
+    numbers = [layer.layer_number - 1 for layer in model.decoder.layers]
+    return range(numbers[0], numbers[-1] + 1) if numbers else range(0)
+
+
+def stage_mappings(model, spec: ModelSpec) -> list[WeightMapping]:
+    """The table rows held by this rank's pipeline stage of `model`."""
+    return weight_mappings(spec, layers=_stage_layers(model), pre_process=model.pre_process,
+                           post_process=model.post_process)
+
+
+def _param(params: dict[str, torch.nn.Parameter], name: str) -> torch.nn.Parameter:
+    """The parameter called `name`, or its Transformer Engine alias."""
+    if name in params:
+        return params[name]
+    for local, te in _TE_ALIASES.items():
+        if name.endswith(local) and name.replace(local, te) in params:
+            return params[name.replace(local, te)]
+    raise KeyError(f"megatron model has no parameter {name!r}")
+
+
+def _unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def load_hf_tensors(model, spec: ModelSpec, get_hf: Callable[[str], torch.Tensor]) -> None:
+    """Copy HF tensors (fetched by name through `get_hf`) into this rank's shards of `model`."""
+    from megatron.core import parallel_state
+
+    model = _unwrap(model)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    padded = model.vocab_size
+    params = dict(model.named_parameters())
+    rows = stage_mappings(model, spec)
+    if spec.tie_embeddings and model.post_process and not model.pre_process:
+        rows.append(WeightMapping(OUTPUT_LAYER.megatron, EMBEDDING.hf, "vocab"))  # last stage's tied copy
+    for m in rows:
+        param = _param(params, m.megatron)
+        shard = to_shard(m, [get_hf(n) for n in m.hf], spec, tp_rank=tp_rank, tp_size=tp_size, padded_vocab=padded)
+        if shard.shape != param.shape:
+            raise ValueError(f"{m.megatron}: HF tensors {m.hf} give shard {tuple(shard.shape)}, "
+                             f"parameter is {tuple(param.shape)}")
+        param.copy_(shard)
+
+
+def load_hf_checkpoint(model, spec: ModelSpec, hf_dir: str | os.PathLike) -> None:
+    """Load the safetensors of HF folder `hf_dir` into `model` (each rank reads only what it holds)."""
+    from safetensors import safe_open
+
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        single = hf_dir / "model.safetensors"
+        if not single.exists():
+            raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json")
+        with safe_open(single, framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    handles = {}
+
+    def get_hf(name: str) -> torch.Tensor:
+        if name not in weight_map:
+            raise KeyError(f"{hf_dir} has no tensor {name!r}")
+        fname = weight_map[name]
+        if fname not in handles:
+            handles[fname] = safe_open(hf_dir / fname, framework="pt")
+        return handles[fname].get_tensor(name)
+
+    load_hf_tensors(model, spec, get_hf)
+
+
+def _bucket_plan(spec: ModelSpec, bucket_bytes: int, element_size: int) -> list[list[WeightMapping]]:
+    """Whole-model mappings grouped into buckets of about `bucket_bytes` (same on every rank)."""
+    buckets, current, size = [], [], 0
+    for m in weight_mappings(spec):
+        nbytes = sum(int(torch.Size(s).numel()) for s in hf_shapes(spec, m)) * element_size
+        if current and size + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(m)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def _global_mapping_names(model, spec: ModelSpec) -> dict[str, WeightMapping]:
+    """This stage's mappings keyed by their HF names (which are global across stages)."""
+    return {m.hf[0]: m for m in stage_mappings(model, spec)}
+
+
+@torch.no_grad()
+def iter_hf_tensors(model, spec: ModelSpec, bucket_bytes: int = 512 << 20
+                    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield buckets of (hf_name, full tensor); collective: every rank iterates, rank 0's buckets are full.
+
+    Each parameter is gathered over its TP group (and sent from its pipeline stage to rank 0) only
+    when its bucket is built, so at most one bucket of full tensors exists at a time. Ranks of data-
+    parallel index > 0 take part in nothing and yield as many empty buckets.
+    """
+    from megatron.core import parallel_state
+
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    model = _unwrap(model)
+    params = dict(model.named_parameters())
+    dtype = next(iter(params.values())).dtype
+    element_size = torch.empty((), dtype=dtype).element_size()
+    plan = _bucket_plan(spec, bucket_bytes, element_size)
+    if parallel_state.get_data_parallel_rank() != 0:
+        for _ in plan:
+            yield []
+        return
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    held = _global_mapping_names(model, spec)
+    owner_of = _stage_owners(spec, pp_size) if pp_size > 1 else None
+    is_rank0 = dist.get_rank() == 0
+    for bucket in plan:
+        out = []
+        for m in bucket:
+            mine = held.get(m.hf[0])
+            full = None
+            if mine is not None:
+                local = _param(params, mine.megatron).detach()
+                if tp_size > 1:
+                    shards = [torch.empty_like(local) for _ in range(tp_size)]
+                    dist.all_gather(shards, local.contiguous(), group=tp_group)
+                else:
+                    shards = [local]
+                full = from_shards(m, shards, spec) if tp_rank == 0 else None
+            if pp_size > 1 and tp_rank == 0:
+                owner = owner_of[m.hf[0]]
+                if owner != 0:
+                    if pp_rank == owner:
+                        for t in full:
+                            dist.send(t.contiguous(), dst=pp_ranks[0])
+                    elif pp_rank == 0:
+                        full = [torch.empty(s, dtype=dtype, device=local_device(params)) for s in hf_shapes(spec, m)]
+                        for t in full:
+                            dist.recv(t, src=pp_ranks[owner])
+            if is_rank0:
+                out.extend(zip(m.hf, full))
+        yield out
+
+
+def local_device(params: dict[str, torch.nn.Parameter]) -> torch.device:
+    """Device of the model's parameters."""
+    return next(iter(params.values())).device
+
+
+def _stage_owners(spec: ModelSpec, pp_size: int) -> dict[str, int]:
+    """Pipeline stage holding each mapping (keyed by first HF name), as megatron splits layers evenly."""
+    per_stage = spec.num_layers // pp_size
+    owners = {EMBEDDING.hf[0]: 0, FINAL_NORM.hf[0]: pp_size - 1, OUTPUT_LAYER.hf[0]: pp_size - 1}
+    for layer in range(spec.num_layers):
+        for m in layer_mappings(spec.family):
+            owners[m.hf[0].format(layer=layer)] = layer // per_stage
+    return owners
+
+
+def export_hf_checkpoint(model, spec: ModelSpec, out_dir: str | os.PathLike, *, source_dir: str | os.PathLike,
+                         shard_bytes: int = 2 << 30) -> None:
+    """Write `model` as an HF folder (config and tokenizer copied from `source_dir`); collective, rank 0 writes."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if is_rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    files = []
+    for i, bucket in enumerate(iter_hf_tensors(model, spec, shard_bytes)):
+        if not is_rank0:
+            continue
+        fname = f"model-{i + 1:05d}.safetensors"
+        save_file({n: t.detach().cpu().contiguous() for n, t in bucket}, out_dir / fname, metadata={"format": "pt"})
+        files.append(fname)
+        weight_map.update({n: fname for n, _ in bucket})
+    if not is_rank0:
+        return
+    total = len(files)
+    renamed = {}
+    for i, fname in enumerate(files):
+        final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        os.replace(out_dir / fname, out_dir / final)
+        renamed[fname] = final
+    if total > 1:
+        index = {"metadata": {}, "weight_map": {n: renamed[f] for n, f in sorted(weight_map.items())}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    source_dir = Path(source_dir)
+    for path in source_dir.iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and path.name != "model.safetensors.index.json":
+            shutil.copy2(path, out_dir / path.name)

@@ -1,0 +1,95 @@
+"""TrainerConfig: everything the policy trainer needs, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.advantages import ESTIMATORS
+from trainer.losses import LossConfig
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+_KL_IN_REWARD_ESTIMATORS = ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
+
+
+@dataclass
+class TrainerConfig:
+    """Model, parallelism, optimisation and RL-loss settings of one policy's trainers."""
+
+    hf_checkpoint: str
+    ref_checkpoint: str | None = None  # reference model for KL; defaults to hf_checkpoint
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    seed: int = 1234
+    # optimisation
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int | None = None  # None: no decay after warm-up
+    lr_decay_style: str = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
+    # batching
+    global_batch_size: int = 8  # samples per optimizer step
+    max_tokens_per_gpu: int = 4096  # padded tokens per micro-batch
+    vocab_pad_multiple: int = 128
+    # RL
+    temperature: float = 1.0  # rollout sampling temperature (log-probs are of logits / temperature)
+    advantage_estimator: str = "grpo"
+    normalize_advantages_std: bool = True
+    gamma: float = 1.0
+    reward_key: str | None = None  # which entry of a dict reward to train on
+    recompute_old_logprobs: bool = True  # False: the engine's rollout log-probs serve as the old policy
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        if isinstance(self.loss, dict):
+            self.loss = LossConfig(**self.loss)
+        if not (Path(self.hf_checkpoint) / "config.json").exists():
+            raise ValueError(f"hf_checkpoint {self.hf_checkpoint!r} is not an HF model folder (no config.json)")
+        if self.ref_checkpoint is not None and not (Path(self.ref_checkpoint) / "config.json").exists():
+            raise ValueError(f"ref_checkpoint {self.ref_checkpoint!r} is not an HF model folder (no config.json)")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "global_batch_size", "max_tokens_per_gpu",
+                     "vocab_pad_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size}; the trainer's step supports 1 "
+                             "(the bridge already loads and exports pipeline stages)")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"lr={self.lr}, min_lr={self.min_lr}; need lr > 0 and 0 <= min_lr <= lr")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps}; must be >= 0")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"lr_decay_style={self.lr_decay_style!r}; valid: {', '.join(LR_DECAY_STYLES)}")
+        if self.lr_decay_style != "constant" and (self.lr_decay_steps is None or self.lr_decay_steps < 1):
+            raise ValueError(f"lr_decay_style={self.lr_decay_style!r} needs lr_decay_steps >= 1, "
+                             f"got {self.lr_decay_steps}")
+        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1 or not self.adam_eps > 0:
+            raise ValueError(f"adam betas ({self.adam_beta1}, {self.adam_beta2}) must be in [0, 1) and "
+                             f"adam_eps={self.adam_eps} > 0")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError(f"weight_decay={self.weight_decay}, clip_grad={self.clip_grad}; both must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature}; must be > 0")
+        if self.advantage_estimator not in ESTIMATORS:
+            raise ValueError(f"advantage_estimator={self.advantage_estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        if self.kl_in_reward and self.advantage_estimator not in _KL_IN_REWARD_ESTIMATORS:
+            raise ValueError(f"loss.kl_coef={self.loss.kl_coef} with use_kl_loss=False puts KL in the reward, which "
+                             f"advantage_estimator={self.advantage_estimator!r} does not support; set "
+                             f"loss.use_kl_loss=True or use one of {_KL_IN_REWARD_ESTIMATORS}")
+        if not self.recompute_old_logprobs and self.loss.use_tis:
+            raise ValueError("loss.use_tis needs recompute_old_logprobs=True (TIS reweights old vs rollout log-probs)")
+
+    @property
+    def use_reference(self) -> bool:
+        """Whether a frozen reference model is built (KL in the loss or in the reward)."""
+        return self.loss.kl_coef > 0
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """KL penalty enters the reward (advantages) instead of the loss."""
+        return self.loss.kl_coef > 0 and not self.loss.use_kl_loss
