@@ -1,0 +1,70 @@
+"""push_weights: the one call the driver makes after each training step to move weights into the engines."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from weight_sync.buckets import NamedTensors, tensor_bytes
+from weight_sync.checksum import TensorChecksum, compare_checksums
+from weight_sync.errors import WeightSyncError
+from weight_sync.sender import WeightSender
+
+
+@dataclass(frozen=True)
+class PushStats:
+    """What one push moved and how long it took (pause to continue)."""
+
+    weight_version: int
+    buckets: int
+    tensors: int
+    bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+def push_weights(trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any], transport: WeightSender | None,
+                 weight_version: int | None = None) -> PushStats:
+    """Pause (or drain) engines -> stream buckets -> engines load, flush, set version -> verify -> continue.
+
+    Every trainer rank calls this together (the bucket iterator is collective); ranks other than the
+    sending one pass no engines and no transport and only take part in the iteration. The new version
+    defaults to one past the highest engine version. Engines resume even when the update fails; the
+    error is raised after they do.
+    """
+    start = time.perf_counter()
+    if not engines:
+        if any(bucket for bucket in trainer_buckets):
+            raise WeightSyncError("push_weights got non-empty trainer buckets but no engines to send them to")
+        return PushStats(weight_version or 0, 0, 0, 0, time.perf_counter() - start)
+    if transport is None:
+        raise WeightSyncError("push_weights got engines but no transport (a WeightSender)")
+    version = weight_version if weight_version is not None else 1 + max(int(e.weight_version) for e in engines)
+    config = transport.config
+    transport.begin_update()
+    n_buckets = n_tensors = n_bytes = 0
+    for engine in engines:
+        engine.pause_generation(mode=config.pause_mode)
+    try:
+        for bucket in trainer_buckets:
+            if not bucket:
+                continue
+            transport.send_bucket(bucket, engines, version)
+            n_buckets += 1
+            n_tensors += len(bucket)
+            n_bytes += sum(tensor_bytes(t) for _, t in bucket)
+        if n_buckets == 0:
+            raise WeightSyncError("the trainer yielded no weights; nothing was pushed (is this the sending rank?)")
+        if config.check_weight_update:
+            for i, engine in enumerate(engines):
+                reported = {k: TensorChecksum.from_dict(v) for k, v in engine.weight_checksums().items()}
+                compare_checksums(transport.sent_checksums, reported, where=f"engine {i}")
+    finally:
+        for engine in engines:
+            engine.continue_generation()
+    return PushStats(version, n_buckets, n_tensors, n_bytes, time.perf_counter() - start)

@@ -1,0 +1,115 @@
+"""Trainer side: send buckets of full HF-named tensors to every engine over the configured transport."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import torch
+
+from weight_sync.buckets import FlatLayout, NamedTensors
+from weight_sync.checksum import TensorChecksum, checksums
+from weight_sync.config import WeightSyncConfig
+from weight_sync.errors import WeightSyncError
+from weight_sync.group import WeightUpdateGroup, free_port
+from weight_sync.ipc import share_bucket
+
+
+class WeightSender:
+    """Trainer rank 0's end of weight sync; engines are objects with the `WeightReceiver` methods (in-process or proxies)."""
+
+    def __init__(self, config: WeightSyncConfig):
+        self.config = config
+        self.group: WeightUpdateGroup | None = None
+        self.sent_checksums: dict[str, TensorChecksum] = {}   # filled per update when check_weight_update is on
+        self._pool: ThreadPoolExecutor | None = None
+
+    def connect(self, engines: Sequence[Any], ranks_per_engine: Sequence[int] | None = None) -> None:
+        """Create the distributed group: this process is rank 0, engine i joins at rank 1 + sum of earlier engines' ranks."""
+        if self.config.transport != "distributed":
+            return
+        if self.group is not None:
+            raise WeightSyncError(f"weight-update group {self.config.group_name!r} is already connected")
+        ranks = list(ranks_per_engine) if ranks_per_engine is not None else [1] * len(engines)
+        if len(ranks) != len(engines) or any(r < 1 for r in ranks):
+            raise ValueError(f"ranks_per_engine={ranks} must give >= 1 rank for each of the {len(engines)} engines")
+        cfg = self.config
+        port = cfg.master_port or free_port(cfg.master_address)
+        world_size = 1 + sum(ranks)
+        offsets = [1 + sum(ranks[:i]) for i in range(len(engines))]
+        futures = [self._submit(e.init_weights_update_group, cfg.master_address, port, offset, world_size,
+                                cfg.group_name, cfg.backend, cfg.timeout_s) for e, offset in zip(engines, offsets)]
+        group, error = None, None
+        try:
+            group = WeightUpdateGroup(cfg.master_address, port, 0, world_size, cfg.group_name, cfg.backend, cfg.timeout_s)
+        except WeightSyncError as e:
+            error = e
+        _raise_engine_errors(futures, "init_weights_update_group", error)
+        self.group = group
+
+    def begin_update(self) -> None:
+        """Start a new update: forget the previous update's checksums."""
+        self.sent_checksums = {}
+
+    def send_bucket(self, bucket: NamedTensors, engines: Sequence[Any], weight_version: int) -> None:
+        """Deliver one bucket to every engine; returns once every engine has loaded it."""
+        if self.config.check_weight_update:
+            self.sent_checksums.update(checksums(bucket))
+        if self.config.transport == "distributed":
+            self._send_distributed(bucket, engines, weight_version)
+        else:
+            self._send_colocated(bucket, engines, weight_version)
+
+    def close(self, engines: Sequence[Any] = ()) -> None:
+        """Tear down the group (on the engines too) and the worker threads."""
+        if self.group is not None:
+            futures = [self._submit(e.destroy_weights_update_group, self.config.group_name) for e in engines]
+            self.group.close()
+            self.group = None
+            _raise_engine_errors(futures, "destroy_weights_update_group", None)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _send_distributed(self, bucket: NamedTensors, engines: Sequence[Any], weight_version: int) -> None:
+        if self.group is None:
+            raise WeightSyncError("distributed transport is not connected; call WeightSender.connect(engines) first")
+        layout = FlatLayout.of(bucket)
+        meta = layout.metadata()
+        futures = [self._submit(e.update_weights_from_distributed, meta["names"], meta["dtypes"], meta["shapes"],
+                                self.config.group_name, weight_version) for e in engines]
+        error = None
+        try:
+            for buf in layout.flatten(bucket, device=self.group.device):   # [numel] per dtype
+                self.group.broadcast(buf, src=0)
+        except WeightSyncError as e:
+            error = e
+        _raise_engine_errors(futures, "update_weights_from_distributed", error)
+
+    def _send_colocated(self, bucket: NamedTensors, engines: Sequence[Any], weight_version: int) -> None:
+        shared = share_bucket(bucket)   # holds the flat buffers until every engine has loaded them
+        futures = [self._submit(e.update_weights_from_tensor, shared, weight_version) for e in engines]
+        _raise_engine_errors(futures, "update_weights_from_tensor", None)
+        del shared
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()
+
+    def _submit(self, fn, *args) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="weight-sync")
+        return self._pool.submit(fn, *args)
+
+
+def _raise_engine_errors(futures: list[Future], what: str, own_error: BaseException | None) -> None:
+    """Wait for every engine call, then raise one error naming each engine that failed (and the sender's own error)."""
+    wait(futures)
+    failed = [(i, f.exception()) for i, f in enumerate(futures) if f.exception() is not None]
+    if not failed and own_error is None:
+        return
+    lines = [f"{what} failed"]
+    if own_error is not None:
+        lines.append(f"  trainer: {own_error}")
+    lines += [f"  engine {i}: {type(e).__name__}: {e}" for i, e in failed]
+    cause = own_error if own_error is not None else failed[0][1]
+    raise WeightSyncError("\n".join(lines)) from cause
