@@ -67,7 +67,8 @@ def _check_timeout(timeout: float | None) -> None:
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
 
 
-async def _guarded(env: Env, step: int, coro, timeout: float | None):
+async def call_guarded(env: Any, step: int, coro, timeout: float | None):
+    """Await an env call with a timeout; a hang or any exception becomes an `EnvError` naming env and step."""
     try:
         return await asyncio.wait_for(coro, timeout)
     except asyncio.TimeoutError:
@@ -82,7 +83,7 @@ async def run_reset(env: Env, sample: Sample, *, timeout: float | None) -> str:
     """`env.reset(sample)` with a timeout; a hang, an exception or a non-str result raise `EnvError`."""
     _check_timeout(timeout)
     _steps[env] = 0
-    obs = await _guarded(env, 0, env.reset(sample), timeout)
+    obs = await call_guarded(env, 0, env.reset(sample), timeout)
     if not isinstance(obs, str):
         raise EnvError(env.display_name, 0, f"reset returned {type(obs).__name__}, expected str")
     return obs
@@ -96,7 +97,7 @@ async def run_step(env: Env, action: str, *, timeout: float | None, step: int | 
     _check_timeout(timeout)
     step = _steps.get(env, 0) + 1 if step is None else step
     _steps[env] = step
-    result = await _guarded(env, step, env.step(action), timeout)
+    result = await call_guarded(env, step, env.step(action), timeout)
     if not isinstance(result, StepResult):
         raise EnvError(env.display_name, step, f"step returned {type(result).__name__}, expected StepResult")
     if not isinstance(result.observation, str):

@@ -22,10 +22,21 @@ _PLACEHOLDER = "KILN_TURN_PLACEHOLDER_7F3A"
 
 
 class GenerateClient(Protocol):
-    """What `run_episode` needs from an engine client (SGLang's request/response format)."""
+    """What `run_episode` needs from an engine client (SGLang's request/response format).
+
+    `session_id` is passed only when the episode has one (the router keeps a session on one engine).
+    """
 
     async def generate(self, *, input_ids: list[int], sampling_params: dict[str, Any],
-                       return_logprob: bool) -> dict[str, Any]: ...
+                       return_logprob: bool, session_id: str | None = None) -> dict[str, Any]: ...
+
+
+def record_cache_stats(metadata: dict[str, Any], meta_info: dict[str, Any]) -> None:
+    """Add one engine response's prompt and cached token counts to `metadata` and update its cache_hit_rate."""
+    metadata["prompt_tokens"] = metadata.get("prompt_tokens", 0) + int(meta_info.get("prompt_tokens", 0))
+    metadata["cached_tokens"] = metadata.get("cached_tokens", 0) + int(meta_info.get("cached_tokens", 0))
+    prompt = metadata["prompt_tokens"]
+    metadata["cache_hit_rate"] = metadata["cached_tokens"] / prompt if prompt else 0.0
 
 
 class ChatDelta:
@@ -55,9 +66,14 @@ class ChatDelta:
 
     def turn_text(self, role: str, content: str) -> str:
         """Text of one non-assistant turn plus the next assistant generation prompt."""
-        full = self.render(self._probe + [{"role": role, "content": content}], add_generation_prompt=True)
+        return self.turns_text([{"role": role, "content": content}])
+
+    def turns_text(self, messages: list[dict[str, str]]) -> str:
+        """Text of non-assistant turns (possibly none) plus the next assistant generation prompt."""
+        full = self.render(self._probe + list(messages), add_generation_prompt=True)
         if not full.startswith(self._probe_text):
-            raise ValueError(f"the chat template re-renders earlier turns when a {role!r} turn is added; "
+            roles = [m["role"] for m in messages]
+            raise ValueError(f"the chat template re-renders earlier turns when {roles} turns are added; "
                              "incremental rendering needs a prefix-stable template")
         return full[len(self._probe_text):]
 
@@ -76,11 +92,15 @@ class ChatDelta:
 
     def observation_ids(self, generated_ids: list[int], role: str, content: str) -> list[int]:
         """Tokens after a model turn: what closes that turn (unless generated) and the next turn's text."""
+        return self.continuation_ids(generated_ids, [{"role": role, "content": content}])
+
+    def continuation_ids(self, generated_ids: list[int], messages: list[dict[str, str]]) -> list[int]:
+        """Tokens after a model turn: what closes that turn (unless generated), the new turns, the generation prompt."""
         end = self.turn_end[len(self._closing_token(generated_ids)):]
-        return self.encode(end + self.turn_text(role, content))
+        return self.encode(end + self.turns_text(messages))
 
 
-def _policy_tokens(output: dict[str, Any]) -> tuple[list[int], list[float]]:
+def policy_tokens(output: dict[str, Any]) -> tuple[list[int], list[float]]:
     """Output ids and their log-probs from an engine response, checked against each other."""
     ids = output.get("output_ids")
     if not isinstance(ids, list):
@@ -124,7 +144,7 @@ def _append(sample: Sample, ids: list[int], mask: int, logprobs: list[float] | N
 
 async def _drive(client: GenerateClient, chat: ChatDelta, env: Env, sample: Sample,
                  sampling_params: dict[str, Any], max_turns: int, max_total_tokens: int,
-                 step_timeout: float | None) -> None:
+                 step_timeout: float | None, session_id: str | None) -> None:
     observation = await run_reset(env, sample, timeout=step_timeout)
     messages = _opening_messages(sample, observation, env.system_prompt())
     sample.metadata["messages"] = messages
@@ -138,9 +158,12 @@ async def _drive(client: GenerateClient, chat: ChatDelta, env: Env, sample: Samp
         params = dict(sampling_params)
         budget = max_total_tokens - len(sample.tokens)
         params["max_new_tokens"] = min(int(params.get("max_new_tokens", budget)), budget)
-        output = await client.generate(input_ids=list(sample.tokens), sampling_params=params, return_logprob=True)
-        ids, logprobs = _policy_tokens(output)
+        session = {} if session_id is None else {"session_id": session_id}
+        output = await client.generate(input_ids=list(sample.tokens), sampling_params=params, return_logprob=True,
+                                       **session)
+        ids, logprobs = policy_tokens(output)
         meta = output.get("meta_info") or {}
+        record_cache_stats(sample.metadata, meta)
         _append(sample, ids, 1, logprobs)
         sample.metadata["turns"] = turn
         sample.metadata["weight_versions"].append(int(meta.get("weight_version", 0)))
@@ -172,8 +195,12 @@ async def _drive(client: GenerateClient, chat: ChatDelta, env: Env, sample: Samp
 
 async def run_episode(client: GenerateClient, tokenizer, env: Env, sample: Sample,
                       sampling_params: dict[str, Any], *, max_turns: int, max_total_tokens: int,
-                      step_timeout: float | None, episode_timeout: float | None = None) -> Sample:
+                      step_timeout: float | None, episode_timeout: float | None = None,
+                      session_id: str | None = None) -> Sample:
     """Play one episode of `env` with the engine behind `client`; fill and return `sample`.
+
+    Every turn is requested under `session_id` (if given), so a router keeps the episode on one engine;
+    `sample.metadata` gets the episode's prompt_tokens, cached_tokens and cache_hit_rate over its turns.
 
     Ends when the env says done (COMPLETED), after `max_turns` model turns or at `max_total_tokens`
     (TRUNCATED), when the engine aborts or `episode_timeout` passes (ABORTED), or when the env or the
@@ -188,10 +215,11 @@ async def run_episode(client: GenerateClient, tokenizer, env: Env, sample: Sampl
     chat = ChatDelta(tokenizer)
     sample.tokens, sample.response_length, sample.loss_mask, sample.rollout_logprobs = [], 0, [], []
     sample.status, sample.error = Status.PENDING, None
-    sample.metadata.update(turns=0, step_rewards=[], weight_versions=[], env=env.display_name)
+    sample.metadata.update(turns=0, step_rewards=[], weight_versions=[], env=env.display_name,
+                           prompt_tokens=0, cached_tokens=0, cache_hit_rate=0.0)
     try:
         await asyncio.wait_for(_drive(client, chat, env, sample, sampling_params, max_turns, max_total_tokens,
-                                      step_timeout), episode_timeout)
+                                      step_timeout, session_id), episode_timeout)
     except asyncio.TimeoutError:
         sample.status, sample.error = Status.ABORTED, f"episode ran past episode_timeout={episode_timeout:g}s"
     except EnvError as e:

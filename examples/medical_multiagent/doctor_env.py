@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from envs.base import StepResult
 from envs.registry import register
 from envs.tools import Tool, ToolEnv, parse_tool_calls
@@ -32,26 +34,27 @@ def order_test_result(case: Case, test: str) -> str:
     return f"{name}: {case.tests[name]}"
 
 
+def order_test_tool(case_of: Callable[[], Case]) -> Tool:
+    """The `order_test` tool over the case that `case_of()` returns when it is called."""
+    return Tool(
+        "order_test", "Order a test or investigation for the patient and get its result.",
+        {"type": "object", "properties": {"test": {
+            "type": "string", "description": f"the test, e.g. one of: {', '.join(sorted(TESTS)[:12])}, ..."}},
+         "required": ["test"]},
+        lambda test: order_test_result(case_of(), test))
+
+
 @register("medical_doctor")
 class DoctorEnv(ToolEnv):
     """One consultation from the doctor's side; the reward (on 'Diagnosis: ...') is `doctor_reward`."""
 
     def __init__(self, case: Case | None = None, reward_config: DoctorRewardConfig = DoctorRewardConfig()):
-        order_test = Tool(
-            "order_test", "Order a test or investigation for the patient and get its result.",
-            {"type": "object", "properties": {"test": {
-                "type": "string", "description": f"the test, e.g. one of: {', '.join(sorted(TESTS)[:12])}, ..."}},
-             "required": ["test"]},
-            self._order_test)
-        super().__init__([order_test], instructions=DOCTOR_INSTRUCTIONS)
+        super().__init__([order_test_tool(lambda: self.case)], instructions=DOCTOR_INSTRUCTIONS)
         self.fixed_case = case
         self.case: Case | None = None
         self.patient: RuleBasedPatient | None = None
         self.reward_config = reward_config
         self.doctor_turns: list[str] = []
-
-    def _order_test(self, test: str) -> str:
-        return order_test_result(self.case, test)
 
     async def reset(self, sample: Sample) -> str:
         await super().reset(sample)

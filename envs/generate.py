@@ -1,0 +1,149 @@
+"""Rollout-compatible generate functions that play environments: single-agent (`Env`) and multi-agent episodes.
+
+Use them as `--custom-generate-function-path envs.generate:generate_with_env` (or `:generate_multiagent`).
+The environment is the sample's metadata "env" (with optional "env_kwargs"), else `EnvConfig.env` (`--env`).
+Engines are reached through `args.clients` (policy name -> client, several policies) or `args.client` (one
+policy); the episode settings come from `args.env_config` (an `EnvConfig`) when the driver provides one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from envs.multiagent import MultiAgentEnv, new_episode_id, role_metrics, run_dialogue
+from envs.multiturn import run_episode
+from envs.registry import make, resolve
+from rollout.client import EngineClient
+from rollout.sample import Sample
+
+DEFAULT_POLICY = "default"
+
+
+@dataclass
+class EnvConfig:
+    """Which environment the env generate functions play, and the limits of an episode."""
+
+    env: str | None = None
+    """Env played by envs.generate functions: registered name, entry point or 'pkg.mod:Class'; metadata 'env' wins."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the env's constructor (a sample's metadata 'env_kwargs' adds to them)."""
+    env_max_turns: int = 8
+    """Most model turns of an episode (all roles together in multi-agent episodes)."""
+    env_max_total_tokens: int = 4096
+    """Most tokens of an episode's conversation (per role in multi-agent episodes)."""
+    env_step_timeout: float | None = 30.0
+    """Seconds one env call (reset, step, score) may take; None = no limit."""
+    env_episode_timeout: float | None = None
+    """Seconds a whole episode may take before it is aborted; None = no limit."""
+
+    def __post_init__(self) -> None:
+        if self.env is not None and (not isinstance(self.env, str) or not self.env):
+            raise ValueError(f"EnvConfig.env = {self.env!r}: expected an env name, 'pkg.mod:Class' or None")
+        if not isinstance(self.env_kwargs, dict):
+            raise ValueError(f"EnvConfig.env_kwargs = {self.env_kwargs!r}: expected a mapping")
+        if not isinstance(self.env_max_turns, int) or self.env_max_turns < 1:
+            raise ValueError(f"EnvConfig.env_max_turns = {self.env_max_turns!r}: expected an integer >= 1")
+        if not isinstance(self.env_max_total_tokens, int) or self.env_max_total_tokens < 2:
+            raise ValueError(f"EnvConfig.env_max_total_tokens = {self.env_max_total_tokens!r}: expected an integer >= 2")
+        for name in ("env_step_timeout", "env_episode_timeout"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"EnvConfig.{name} = {value!r}: expected a number of seconds > 0 or None")
+
+
+def env_config_of(args: Any) -> EnvConfig:
+    """The `EnvConfig` carried by the generate args (`args.env_config`), or the defaults."""
+    config = getattr(args, "env_config", None)
+    if config is None:
+        return EnvConfig()
+    if not isinstance(config, EnvConfig):
+        raise TypeError(f"args.env_config is a {type(config).__name__}, expected envs.generate.EnvConfig")
+    return config
+
+
+def policy_clients(args: Any) -> dict[str, EngineClient]:
+    """Policy name -> engine client: `args.clients` when the driver runs several policies, else `args.client`."""
+    clients = getattr(args, "clients", None)
+    if clients:
+        return dict(clients)
+    client = getattr(args, "client", None)
+    if client is None:
+        raise ValueError("generate args carry no engine client (neither args.clients nor args.client)")
+    return {DEFAULT_POLICY: client}
+
+
+def resolve_policy(clients: dict[str, EngineClient], wanted: str) -> str:
+    """`wanted` if it has a client, else the only policy there is; ValueError naming the policies otherwise."""
+    if wanted in clients:
+        return wanted
+    if len(clients) == 1:
+        return next(iter(clients))
+    raise ValueError(f"policy {wanted!r} has no engine client; policies: {sorted(clients)}")
+
+
+def _env_spec(config: EnvConfig, sample: Sample) -> tuple[str, dict[str, Any]]:
+    name = sample.metadata.get("env") or config.env
+    if not name:
+        raise ValueError(f"sample {sample.index}: no environment; set --env or put 'env' in the sample's metadata")
+    extra = sample.metadata.get("env_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"sample {sample.index}: metadata 'env_kwargs' must be a mapping, got {extra!r}")
+    return name, {**config.env_kwargs, **extra}
+
+
+async def generate_with_env(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
+    """Play one episode of the sample's env (`run_episode`) under one session id; the sample of `sample.policy`."""
+    config = env_config_of(args)
+    name, kwargs = _env_spec(config, sample)
+    env = make(name, **kwargs)
+    clients = policy_clients(args)
+    sample.policy = resolve_policy(clients, sample.policy)
+    episode_id = new_episode_id(sample)
+    sample.metadata["episode_id"] = episode_id
+    return await run_episode(clients[sample.policy], args.tokenizer, env, sample, sampling_params,
+                             max_turns=config.env_max_turns, max_total_tokens=config.env_max_total_tokens,
+                             step_timeout=config.env_step_timeout, episode_timeout=config.env_episode_timeout,
+                             session_id=episode_id)
+
+
+def make_multiagent(name: str, **kwargs: Any) -> MultiAgentEnv:
+    """Instantiate a multi-agent env by registered name, entry-point name or 'pkg.mod:Class' path."""
+    factory = resolve(name)
+    if not callable(factory):
+        raise ValueError(f"env {name!r} resolved to {factory!r}, which is not callable")
+    env = factory(**kwargs)
+    if not isinstance(env, MultiAgentEnv):
+        raise TypeError(f"env {name!r} built a {type(env).__name__}, expected an envs.multiagent.MultiAgentEnv")
+    if not env.env_name:
+        env.env_name = name
+    return env
+
+
+async def generate_multiagent(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> list[Sample]:
+    """Play one episode of the sample's multi-agent env; one Sample per role, each tagged with its policy."""
+    config = env_config_of(args)
+    name, kwargs = _env_spec(config, sample)
+    return await run_dialogue(make_multiagent(name, **kwargs), sample, tokenizer=args.tokenizer,
+                              clients=policy_clients(args), policies=None, sampling_params=sampling_params,
+                              max_turns=config.env_max_turns, max_total_tokens=config.env_max_total_tokens,
+                              step_timeout=config.env_step_timeout, episode_timeout=config.env_episode_timeout)
+
+
+def env_metrics(samples: Sequence[Sample], prefix: str = "rollout") -> dict[str, float]:
+    """Episode metrics of env samples: turns, cache hit rate (sum cached / sum prompt tokens), and per role."""
+    played = [s for s in samples if "episode_id" in s.metadata]
+    if not played:
+        return {}
+    prompt = sum(s.metadata.get("prompt_tokens", 0) for s in played)
+    cached = sum(s.metadata.get("cached_tokens", 0) for s in played)
+    metrics = {f"{prefix}/env_turns_mean": sum(s.metadata.get("turns", 0) for s in played) / len(played),
+               f"{prefix}/env_cache_hit_rate": cached / prompt if prompt else 0.0,
+               f"{prefix}/env_episodes": float(len({s.metadata["episode_id"] for s in played}))}
+    metrics.update(role_metrics(played, prefix))
+    return metrics
+
+
+__all__ = ["DEFAULT_POLICY", "EnvConfig", "env_config_of", "env_metrics", "generate_multiagent",
+           "generate_with_env", "make_multiagent", "policy_clients", "resolve_policy"]
