@@ -26,7 +26,9 @@ class EngineConfig:
     chunked_prefill_size: int = 2048  # prompt tokens computed per scheduler step, over all requests
     schedule_policy: str = "fcfs"  # "fcfs" or "lpm" (longest cached prefix first)
     disable_radix_cache: bool = False
-    attention_backend: str = "torch"
+    attention_backend: str = "torch"  # "torch" (any device), "triton" (CUDA; torch reference on CPU), "flashinfer" (CUDA)
+    cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
+    disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
     tp_size: int = 1
     random_seed: int = 0  # seeds the sampling of requests that set no seed of their own
     served_model_name: str | None = None  # the name /v1/models reports; None: the folder name
@@ -58,6 +60,12 @@ class EngineConfig:
         if self.attention_backend not in available_backends():
             raise ValueError(f"attention_backend {self.attention_backend!r} is unknown; "
                              f"expected one of {available_backends()}")
+        if self.attention_backend == "flashinfer" and self.device == "cpu":
+            raise ValueError("attention_backend 'flashinfer' needs device 'cuda'; on CPU use 'torch' or 'triton'")
+        if self.attention_backend == "flashinfer" and self.dtype == "float32":
+            raise ValueError("attention_backend 'flashinfer' supports dtype bfloat16 or float16, not float32")
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.tp_size != 1:
             raise ValueError(f"tp_size {self.tp_size} is not supported yet; only tp_size=1 "
                              "(the layers are written for tensor parallelism, the collectives are not)")

@@ -344,23 +344,17 @@ class Engine:
                 raise RuntimeError(f"cannot release memory with {len(self.scheduler.running)} running and "
                                    f"{len(self.scheduler.waiting)} queued requests; wait or abort them first")
             self.scheduler.flush_cache()
-            self.runner.kv_pool.clear()
-            self.runner.kv_pool.free_buffers()
+            self.runner.release_memory(weights)
             self._released["kv_cache"] = True
             if weights:
-                self.runner.move_weights(torch.device("cpu"))
                 self._released["weights"] = True
-            if self.runner.device.type == "cuda":
-                torch.cuda.empty_cache()
         self._call(release)
 
     def resume_memory(self) -> None:
         """Bring weights back (if released) first, then re-allocate the KV pool."""
         def resume():
-            if self._released.pop("weights", False):
-                self.runner.move_weights(self.runner.device)
-            if self._released.pop("kv_cache", False):
-                self.runner.kv_pool.allocate_buffers()
+            if self._released:
+                self.runner.resume_memory(self._released.pop("weights", False), self._released.pop("kv_cache", False))
         self._call(resume)
 
     # ----------------------------------------------------------------- info

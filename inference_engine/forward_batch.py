@@ -28,6 +28,7 @@ class ForwardBatch:
     kv_indptr: torch.Tensor  # [B+1] int64
     kv_indices: torch.Tensor  # [sum of context lengths] int64
     seq_lens: torch.Tensor  # [B] int64 context length after this step
+    seq_lens_cpu: torch.Tensor  # [B] int64 host copy of seq_lens (backends plan from it without a device sync)
     extend_lens: list[int]  # new tokens per request (host copy, for backends that loop)
     kv_pool: "KVPool"
     attn_backend: "AttentionBackend"
@@ -38,6 +39,19 @@ class ForwardBatch:
         return len(self.extend_lens)
 
     @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens)
+
+    @property
     def is_decode(self) -> bool:
         """Whether every request adds exactly one token."""
         return all(n == 1 for n in self.extend_lens)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """host on device; to a GPU through pinned memory without blocking the host (the copy is stream-ordered)."""
+    if device.type != "cuda":
+        return host.to(device)
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)

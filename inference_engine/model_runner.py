@@ -9,6 +9,7 @@ import torch
 
 from inference_engine.attention import get_backend_class
 from inference_engine.config import EngineConfig
+from inference_engine.cuda_graph import CudaGraphRunner
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kv_cache import KVPool, ReqToTokenPool
 from inference_engine.models import CausalLM, load_weights, named_hf_tensors, read_spec
@@ -46,7 +47,10 @@ class ModelRunner:
         self.req_to_token = ReqToTokenPool(config.max_running_requests, self.context_length + config.page_size,
                                            self.device)
         self.attn_backend = get_backend_class(config.attention_backend)(
-            self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim, self.device)
+            self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim, self.device,
+            page_size=config.page_size, dtype=self.dtype)
+        self.graph_runner: CudaGraphRunner | None = None
+        self.capture_cuda_graphs()
         log.info("model %s (%s) on %s %s: KV pool %d tokens (%.1f MiB), page %d, context %d",
                  config.model_path, self.spec.family, self.device, config.dtype, self.kv_pool.capacity,
                  self.kv_pool.bytes / 2**20, config.page_size, self.context_length)
@@ -80,15 +84,38 @@ class ModelRunner:
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Hidden states [T, hidden] of the batch (KV of its tokens written to the pool)."""
+        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+            return self.graph_runner.replay(fb)
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb)
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode graphs (CUDA only, unless disable_cuda_graph); they hold the current weight and KV addresses."""
+        self.graph_runner = None
+        if self.device.type != "cuda" or self.config.disable_cuda_graph:
+            return
+        max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
+        self.graph_runner = CudaGraphRunner(self.model, self.attn_backend, self.kv_pool, max_bs, self.context_length,
+                                            self.device)
+
+    def release_memory(self, weights: bool) -> None:
+        """Free the KV pool and the graphs (and move weights to CPU when weights=True)."""
+        self.graph_runner = None
+        self.kv_pool.clear()
+        self.kv_pool.free_buffers()
+        if weights:
+            self.model.to(torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def resume_memory(self, weights: bool, kv_cache: bool) -> None:
+        """Bring weights back first (if they were released), then the KV pool, then recapture the graphs."""
+        if weights:
+            self.model.to(self.device)
+        if kv_cache:
+            self.kv_pool.allocate_buffers()
+        self.capture_cuda_graphs()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of hidden rows [N, hidden]."""
         return self.model.logits(hidden)
-
-    def move_weights(self, device: torch.device) -> None:
-        """Move parameters (and RoPE tables) to device: release_memory / resume_memory of weights."""
-        self.model.to(device)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()

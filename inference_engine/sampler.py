@@ -35,6 +35,8 @@ class SamplingBatch:
     output_counts: torch.Tensor | None  # [B, V] float: occurrences in the output (frequency / presence)
     generators: list[torch.Generator | None]  # per row; None = the engine's shared generator
     top_logprobs_num: int  # max over rows; 0 = none
+    all_greedy: bool = False  # host flag: every row is greedy, so no draw is made (False: decided per row)
+    truncates: bool = True  # host flag: some row sets top-k / top-p / min-p (False skips the sort)
 
 
 @dataclass
@@ -79,8 +81,10 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, shared_generator: torch.Gene
     scaled = logits / sb.temperatures[:, None]
     logprobs_all = torch.log_softmax(scaled, dim=-1)  # [B, V]
     tokens = logits.argmax(dim=-1)
-    if not bool(sb.greedy.all()):
-        probs = filter_probs(logprobs_all.exp(), sb.top_k, sb.top_p, sb.min_p)
+    if not sb.all_greedy:
+        probs = logprobs_all.exp()
+        if sb.truncates:
+            probs = filter_probs(probs, sb.top_k, sb.top_p, sb.min_p)
         noise = _exponential(probs.shape, sb.generators, shared_generator, probs.device)  # [B, V]
         drawn = (probs / noise).argmax(dim=-1)  # exponential race = a draw from probs (renormalised)
         tokens = torch.where(sb.greedy, tokens, drawn)

@@ -10,6 +10,7 @@ and they re-enter the queue with prompt + generated tokens, keeping their sampli
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from inference_engine.config import EngineConfig
-from inference_engine.forward_batch import ForwardBatch
+from inference_engine.forward_batch import ForwardBatch, to_device
 from inference_engine.model_runner import ModelRunner
 from inference_engine.radix_cache import RadixCache
 from inference_engine.request import Req
@@ -179,8 +180,7 @@ class Scheduler:
             slots = self.kv_pool.alloc_extend(req.kv_len, n, req.last_slot)
         if slots is None:
             return False
-        req.new_slots = slots
-        self.req_to_token.req_to_token[req.row, req.kv_len:req.kv_len + n] = slots.to(self.device)
+        req.new_slots = slots  # recorded in req_to_token by _forward_batch, for the whole batch at once
         req.last_slot = int(slots[-1])
         return True
 
@@ -216,43 +216,54 @@ class Scheduler:
         for req, n in batch:
             req.kv_len += n
         hidden = self.runner.forward(fb)  # [T, hidden]
-        ends = fb.qo_indptr[1:].tolist()
+        ends = list(itertools.accumulate(fb.extend_lens))
         sampling = [(req, end - 1) for (req, _), end in zip(batch, ends)
                     if req.kv_len == req.fill_len and req.max_new_tokens > len(req.output_ids)]
         prefill_only = [req for req, _ in batch if req.kv_len == req.fill_len and req.max_new_tokens == 0]
         self._prompt_logprobs(batch, fb, hidden)
         if sampling:
-            rows = torch.tensor([row for _, row in sampling], device=self.device)
-            out = sample(self.runner.logits(hidden[rows]), self._sampling_batch([r for r, _ in sampling]),
+            if len(sampling) == fb.num_tokens:  # every row samples (a decode step): no gather
+                rows_hidden = hidden
+            else:
+                rows_hidden = hidden[torch.tensor([row for _, row in sampling], device=self.device)]
+            out = sample(self.runner.logits(rows_hidden), self._sampling_batch([r for r, _ in sampling]),
                          self.shared_generator)
-            self._append_tokens([r for r, _ in sampling], out)
+            self._append_tokens([r for r, _ in sampling], out)  # the step's one device -> host read
         for req in prefill_only:
             self._finish(req, "length")
 
     def _forward_batch(self, batch: list[tuple[Req, int]]) -> ForwardBatch:
+        """The batch's tensors, sent to the device in one copy; this step's slots recorded in req_to_token."""
         ids: list[int] = []
-        positions, locs = [], []
+        positions: list[int] = []
         for req, n in batch:
             ids.extend(req.tokens(req.kv_len, req.kv_len + n))
-            positions.append(torch.arange(req.kv_len, req.kv_len + n))
-            locs.append(req.new_slots)
+            positions.extend(range(req.kv_len, req.kv_len + n))
         extend_lens = [n for _, n in batch]
-        seq_lens = torch.tensor([req.kv_len + n for req, n in batch], dtype=torch.int64)
-        rows = torch.tensor([req.row for req, _ in batch], dtype=torch.int64)
-        zero = torch.zeros(1, dtype=torch.int64)
-        qo_indptr = torch.cat([zero, torch.tensor(extend_lens, dtype=torch.int64).cumsum(0)])
-        kv_indptr = torch.cat([zero, seq_lens.cumsum(0)])
+        seq_lens = [req.kv_len + n for req, n in batch]
+        num_tokens, bs = len(ids), len(batch)
+        host = torch.cat([torch.tensor(ids + positions + extend_lens + seq_lens + [req.row for req, _ in batch],
+                                       dtype=torch.int64), *(req.new_slots for req, _ in batch)])
         dev = self.device
-        table = self.req_to_token.req_to_token[rows.to(dev), :int(seq_lens.max())]  # [B, max_len]
-        mask = torch.arange(table.shape[1], device=dev)[None, :] < seq_lens.to(dev)[:, None]
+        input_ids, positions_d, extend_d, seq_lens_d, rows_d, out_cache_loc = to_device(host, dev).split(
+            [num_tokens, num_tokens, bs, bs, bs, num_tokens])
+        zero = torch.zeros(1, dtype=torch.int64, device=dev)
+        qo_indptr = torch.cat([zero, extend_d.cumsum(0)])
+        kv_indptr = torch.cat([zero, seq_lens_d.cumsum(0)])
+        table = self.req_to_token.req_to_token
+        table[rows_d.repeat_interleave(extend_d, output_size=num_tokens), positions_d] = out_cache_loc
+        total = sum(seq_lens)  # every request's context slots, gathered without a host sync
+        ctx_rows = rows_d.repeat_interleave(seq_lens_d, output_size=total)
+        ctx_pos = torch.arange(total, device=dev) - kv_indptr[:-1].repeat_interleave(seq_lens_d, output_size=total)
         return ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.cat(positions).to(dev),
-            out_cache_loc=torch.cat(locs).to(dev),
-            qo_indptr=qo_indptr.to(dev),
-            kv_indptr=kv_indptr.to(dev),
-            kv_indices=table[mask],
-            seq_lens=seq_lens.to(dev),
+            input_ids=input_ids,
+            positions=positions_d,
+            out_cache_loc=out_cache_loc,
+            qo_indptr=qo_indptr,
+            kv_indptr=kv_indptr,
+            kv_indices=table[ctx_rows, ctx_pos],
+            seq_lens=seq_lens_d,
+            seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64),
             extend_lens=extend_lens,
             kv_pool=self.kv_pool,
             attn_backend=self.runner.attn_backend,
@@ -260,7 +271,7 @@ class Scheduler:
 
     def _prompt_logprobs(self, batch: list[tuple[Req, int]], fb: ForwardBatch, hidden: torch.Tensor) -> None:
         """Log-probs of prompt tokens (of the temperature-scaled distribution) for requests that asked."""
-        starts = fb.qo_indptr[:-1].tolist()
+        starts = [0, *itertools.accumulate(fb.extend_lens)][:-1]
         for (req, n), start in zip(batch, starts):
             if not req.sampling.return_prompt_logprobs or len(req.input_logprobs) >= req.prompt_len:
                 continue
@@ -297,16 +308,21 @@ class Scheduler:
             for i, r in enumerate(reqs):
                 if r.output_ids:
                     counts[i].index_add_(0, col(r.output_ids, torch.int64), torch.ones(len(r.output_ids), device=dev))
+        params = to_device(torch.tensor(  # [B, 5] in one copy
+            [[1.0 if sp.greedy else sp.temperature, sp.greedy, vocab if sp.top_k == -1 else sp.top_k, sp.top_p,
+              sp.min_p] for sp in sps], dtype=torch.float64), dev)
         return SamplingBatch(
-            temperatures=col([1.0 if sp.greedy else sp.temperature for sp in sps]),
-            greedy=col([sp.greedy for sp in sps], torch.bool),
-            top_k=col([vocab if sp.top_k == -1 else sp.top_k for sp in sps], torch.int64),
-            top_p=col([sp.top_p for sp in sps]),
-            min_p=col([sp.min_p for sp in sps]),
+            temperatures=params[:, 0].float(),
+            greedy=params[:, 1].bool(),
+            top_k=params[:, 2].long(),
+            top_p=params[:, 3].float(),
+            min_p=params[:, 4].float(),
             repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
             seen_mask=seen, output_counts=counts,
             generators=[r.generator for r in reqs],
             top_logprobs_num=max(r.sampling.top_logprobs_num if r.return_logprob else 0 for r in reqs),
+            all_greedy=all(sp.greedy for sp in sps),
+            truncates=any(sp.top_k not in (-1, vocab) or sp.top_p < 1.0 or sp.min_p > 0.0 for sp in sps),
         )
 
     def _append_tokens(self, reqs: list[Req], out) -> None:

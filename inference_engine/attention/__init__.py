@@ -9,6 +9,8 @@ from inference_engine.attention.base import AttentionBackend
 # name -> "module:Class"; imported only when chosen, so GPU-only backends cost nothing on CPU
 _BACKENDS: dict[str, str] = {
     "torch": "inference_engine.attention.torch_backend:TorchAttentionBackend",
+    "triton": "inference_engine.attention.triton_backend:TritonAttentionBackend",
+    "flashinfer": "inference_engine.attention.flashinfer_backend:FlashInferAttentionBackend",
 }
 
 

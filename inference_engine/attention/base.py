@@ -12,11 +12,18 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(ABC):
-    """Writes each layer's new k/v into the KV pool and computes causal attention over every request's context."""
+    """Writes each layer's new k/v into the KV pool and computes causal attention over every request's context.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device):
+    CUDA graphs (decode only): `init_cuda_graph_state` once, then `init_graph_metadata(fb, capture=True)`
+    for each captured batch size and `init_graph_metadata(fb, capture=False)` before each replay. fb is
+    then the graph runner's static, padded batch; the metadata must live in tensors whose addresses
+    stay fixed between capture and replay, and `forward` must not read device values on the host.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                 page_size: int = 1, dtype: torch.dtype = torch.float32):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.device = device
+        self.device, self.page_size, self.dtype = device, page_size, dtype
 
     @abstractmethod
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
@@ -25,3 +32,10 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: "ForwardBatch") -> torch.Tensor:
         """Store k, v [T, KVH, D] at fb.out_cache_loc of layer.layer_id, return attention output [T, H, D] for q [T, H, D]."""
+
+    def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
+        """Allocate the static buffers decode graphs of up to max_bs requests of up to max_context tokens need."""
+
+    @abstractmethod
+    def init_graph_metadata(self, fb: "ForwardBatch", capture: bool) -> None:
+        """Set fb.attn_metadata for the static decode batch fb of a graph: new buffers at capture, refilled at replay."""

@@ -1,0 +1,191 @@
+"""Engine throughput on a GPU: decode tokens/s vs the memory-bandwidth roofline, offline and GRPO-shaped traffic, HF generate.
+
+Builds a random-weight model of a real architecture's shape (configs below copy the public
+config.json values; nothing is downloaded) as a local HF folder, then prints one table:
+
+    PYTHONPATH=. python benchmarks/engine_throughput.py --shape qwen3-0.6b --backend flashinfer
+
+Decode tokens/s at batch B: two runs of B fresh prompts, with 1 and 1 + K new tokens; the
+difference is K decode steps. The roofline is B / ((weight bytes + KV bytes read per step) / copy
+bandwidth), the bandwidth measured in the same run (a device-to-device copy, read + write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "qwen3-0.6b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=1024,
+                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False, hidden_act="silu"),
+    "qwen3-8b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, hidden_act="silu"),
+    "llama-3.1-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                         hidden_act="silu", rope_scaling={"factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 8192,
+                                                          "rope_type": "llama3"}),
+}
+
+
+def build_model(shape: str, out_dir: Path):
+    """Random bf16 HF model of the named shape saved to out_dir (with a small local tokenizer); returns the HF model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from inference_engine.testing import make_tokenizer
+
+    values = dict(SHAPES[shape])
+    cfg = AutoConfig.for_model(values.pop("model_type"), **values)
+    cfg.initializer_range = 0.02
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    make_tokenizer(out_dir)
+    (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    return model
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth in bytes/s (read + write) over a 2 GiB buffer."""
+    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 10 * 2 * src.numel() * src.element_size() / (time.perf_counter() - start)
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+def timed_generate(engine, ids, max_new_tokens: int, **sampling) -> float:
+    sp = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True, **sampling}
+    start = time.perf_counter()
+    engine.generate(input_ids=ids, sampling_params=sp)
+    return time.perf_counter() - start
+
+
+def hf_generate(model, ids: list[list[int]], new_tokens: int) -> float:
+    """Output tokens/s of HF generate (greedy, exactly new_tokens each, one batch)."""
+    x = torch.tensor(ids, device="cuda")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(x[:, :8], attention_mask=torch.ones_like(x[:, :8]), max_new_tokens=2, do_sample=False,
+                   pad_token_id=0)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(x, attention_mask=torch.ones_like(x), **kw)
+    torch.cuda.synchronize()
+    return len(ids) * new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    ap.add_argument("--backend", choices=["flashinfer", "triton", "torch"], default="flashinfer")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--decode-batches", default="1,8,64,256")
+    ap.add_argument("--decode-steps", type=int, default=128)
+    ap.add_argument("--offline", default="512x1024x512", help="N x input_len x output_len")
+    ap.add_argument("--grpo", default="64x8x512x256", help="prompts x n x input_len x output_len")
+    ap.add_argument("--hf-batches", default="1,64")
+    ap.add_argument("--hf-tokens", type=int, default=64, help="prompt 128 tokens, this many generated")
+    ap.add_argument("--disable-cuda-graph", action="store_true")
+    args = ap.parse_args()
+
+    from inference_engine import Engine
+
+    rows: list[tuple[str, str]] = []
+
+    def report(name: str, value: str) -> None:
+        rows.append((name, value))
+        print(f"{name}: {value}", flush=True)
+
+    props = torch.cuda.get_device_properties(0)
+    report("device", f"{props.name}, torch {torch.__version__}")
+    bw = copy_bandwidth()
+    report("copy bandwidth", f"{bw / 1e12:.2f} TB/s")
+    folder = Path(tempfile.mkdtemp(prefix=f"kiln_{args.shape}_"))
+    start = time.perf_counter()
+    hf = build_model(args.shape, folder)
+    report("model", f"{args.shape} random bf16, {sum(p.numel() for p in hf.parameters()) / 1e9:.2f} B params "
+                    f"(built in {time.perf_counter() - start:.0f} s)")
+    vocab = SHAPES[args.shape]["vocab_size"]
+    hf_rates = {}
+    for bs in [int(b) for b in args.hf_batches.split(",") if b]:
+        hf_rates[bs] = hf_generate(hf, prompts(bs, 128, vocab, seed=bs), args.hf_tokens)
+        report(f"HF generate batch {bs} (128 in, {args.hf_tokens} out)", f"{hf_rates[bs]:.0f} tok/s")
+    del hf
+    torch.cuda.empty_cache()
+
+    start = time.perf_counter()
+    engine = Engine(model_path=str(folder), device="cuda", dtype="bfloat16", attention_backend=args.backend,
+                    page_size=args.page_size, context_length=4096, max_running_requests=256,
+                    chunked_prefill_size=8192, disable_cuda_graph=args.disable_cuda_graph)
+    report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, page {args.page_size}, "
+                           f"KV pool {engine.runner.kv_pool.capacity} tokens, "
+                           f"graphs {'off' if engine.runner.graph_runner is None else 'on'})")
+    spec = engine.spec
+    params = dict(engine.runner.model.named_parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    if not spec.tie_word_embeddings:  # the embedding table is only gathered from, not read whole
+        weight_bytes -= params["model.embed_tokens.weight"].numel() * 2
+    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
+
+    for bs in [int(b) for b in args.hf_batches.split(",") if b]:
+        ids = prompts(bs, 128, vocab, seed=100 + bs)
+        timed_generate(engine, ids, 2)  # warm-up of this shape
+        rate = bs * args.hf_tokens / timed_generate(engine, prompts(bs, 128, vocab, seed=200 + bs), args.hf_tokens)
+        report(f"Kiln batch {bs} (128 in, {args.hf_tokens} out)", f"{rate:.0f} tok/s = {rate / hf_rates[bs]:.1f}x HF")
+
+    k = args.decode_steps
+    for bs in [int(b) for b in args.decode_batches.split(",") if b]:
+        t1 = timed_generate(engine, prompts(bs, 128, vocab, seed=300 + bs), 1)
+        t2 = timed_generate(engine, prompts(bs, 128, vocab, seed=400 + bs), 1 + k)
+        rate = bs * k / (t2 - t1)
+        step_bytes = weight_bytes + bs * (128 + k / 2) * kv_per_token
+        roofline = bs * bw / step_bytes
+        report(f"decode batch {bs}", f"{rate:.0f} tok/s, {1e3 * (t2 - t1) / k:.2f} ms/step, "
+                                     f"{rate / roofline:.0%} of roofline ({roofline:.0f} tok/s)")
+
+    n, n_in, n_out = (int(x) for x in args.offline.split("x"))
+    elapsed = timed_generate(engine, prompts(n, n_in, vocab, seed=500), n_out)
+    report(f"offline {n} x ({n_in} in, {n_out} out)",
+           f"{n * n_out / elapsed:.0f} output tok/s, {n * (n_in + n_out) / elapsed:.0f} total tok/s, {elapsed:.1f} s")
+
+    g, n_samples, g_in, g_out = (int(x) for x in args.grpo.split("x"))
+    before = engine.metrics()
+    elapsed = timed_generate(engine, prompts(g, g_in, vocab, seed=600), g_out, n=n_samples, temperature=1.0)
+    after = engine.metrics()
+    prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
+    cached = after["cached_tokens_total"] - before["cached_tokens_total"]
+    report(f"GRPO {g} prompts x n={n_samples} ({g_in} in, {g_out} out, T=1)",
+           f"{g * n_samples * g_out / elapsed:.0f} output tok/s, radix cache hit rate {cached / max(prompt, 1):.1%}, "
+           f"{elapsed:.1f} s")
+    engine.shutdown()
+
+    print("\n| measure | result |\n| --- | --- |")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

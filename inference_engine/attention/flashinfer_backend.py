@@ -1,0 +1,134 @@
+"""Attention through flashinfer's paged kernels: decode, paged prefill (cached prefixes) and ragged prefill.
+
+The pool's per-layer buffers [num_slots, KVH, D] are viewed as flashinfer's NHD paged layout
+[num_pages, page_size, KVH, D]; this works because page p is exactly slots [p*P, (p+1)*P) and a
+request's position j always sits at offset j % P of its page (KVPool.alloc_extend keeps that).
+Each batch is planned once (from host copies of its lengths) and the plan serves every layer:
+  - decode (one new token per request): BatchDecodeWithPagedKVCacheWrapper;
+  - extend where no request has KV yet (fresh prompts): BatchPrefillWithRaggedKVCacheWrapper over
+    the new k/v directly;
+  - any other extend (cached prefixes, mixed decode + prefill): BatchPrefillWithPagedKVCacheWrapper
+    over each request's whole context, the new tokens' k/v written to the pool first.
+Decode graphs use one use_cuda_graph=True decode wrapper per captured batch size, re-planned
+before each replay into its fixed index buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inference_engine.attention.base import AttentionBackend
+from inference_engine.forward_batch import ForwardBatch
+
+WORKSPACE_BYTES = 128 * 2**20  # flashinfer's recommended float workspace, shared by all wrappers
+PREFILL_BACKEND = "fa2"  # one well-known JIT build on every architecture
+
+
+@dataclass
+class PageTable:
+    """A batch's contexts in flashinfer's paged form."""
+
+    indptr: torch.Tensor  # [B+1] int32, host: page offsets
+    indices: torch.Tensor  # [num_pages] int32, device: page ids in position order
+    last_page_len: torch.Tensor  # [B] int32, host: tokens in each request's last page
+
+
+@dataclass
+class FlashInferMetadata:
+    """The planned wrapper of this batch and how to call it."""
+
+    kind: str  # "decode", "ragged" or "paged"
+    wrapper: object
+
+
+def page_table(fb: ForwardBatch, page_size: int) -> PageTable:
+    """Page ids of each request's context, gathered from fb.kv_indices on the device (no host sync)."""
+    seq_lens = fb.seq_lens_cpu  # [B] host
+    num_pages = (seq_lens + page_size - 1) // page_size
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), num_pages.cumsum(0)])
+    total = int(indptr[-1])
+    dev = fb.kv_indices.device
+    pages_d = num_pages.to(dev, non_blocking=True)
+    first = fb.kv_indptr[:-1].repeat_interleave(pages_d, output_size=total)  # each page's request start
+    page_no = torch.arange(total, device=dev) - indptr[:-1].to(dev, non_blocking=True).repeat_interleave(
+        pages_d, output_size=total)
+    indices = (fb.kv_indices[first + page_no * page_size] // page_size).to(torch.int32)
+    last = ((seq_lens - 1) % page_size + 1).to(torch.int32)
+    return PageTable(indptr.to(torch.int32), indices, last)
+
+
+class FlashInferAttentionBackend(AttentionBackend):
+    """flashinfer decode / prefill wrappers, planned once per batch (CUDA, bfloat16 or float16 only)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                 page_size: int = 1, dtype: torch.dtype = torch.bfloat16):
+        super().__init__(num_heads, num_kv_heads, head_dim, device, page_size, dtype)
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"attention_backend 'flashinfer' needs a CUDA device, got {device!r}; "
+                             "use 'torch' or 'triton'")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"attention_backend 'flashinfer' supports dtype bfloat16 or float16, got {dtype}")
+        try:
+            import flashinfer
+        except ImportError as exc:
+            raise ValueError("attention_backend 'flashinfer' needs the flashinfer-python package "
+                             "(pip install 'kiln[gpu]')") from exc
+        self.fi = flashinfer
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.paged_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                          backend=PREFILL_BACKEND)
+        self.ragged_wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD",
+                                                                            backend=PREFILL_BACKEND)
+        self.graph_wrappers: dict[int, object] = {}
+        self.sm_scale = head_dim ** -0.5
+
+    def _plan_decode(self, wrapper, pages: PageTable) -> None:
+        wrapper.plan(pages.indptr, pages.indices, pages.last_page_len, self.num_heads, self.num_kv_heads,
+                     self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+                     sm_scale=self.sm_scale)
+
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        extend_lens = torch.tensor(fb.extend_lens, dtype=torch.int32)
+        if fb.is_decode:
+            self._plan_decode(self.decode_wrapper, page_table(fb, self.page_size))
+            fb.attn_metadata = FlashInferMetadata("decode", self.decode_wrapper)
+            return
+        qo_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), extend_lens.cumsum(0, dtype=torch.int32)])
+        if torch.equal(fb.seq_lens_cpu, extend_lens.long()):  # no request has earlier KV
+            self.ragged_wrapper.plan(qo_indptr, qo_indptr, self.num_heads, self.num_kv_heads, self.head_dim,
+                                     causal=True, sm_scale=self.sm_scale, q_data_type=self.dtype,
+                                     kv_data_type=self.dtype)
+            fb.attn_metadata = FlashInferMetadata("ragged", self.ragged_wrapper)
+            return
+        pages = page_table(fb, self.page_size)
+        self.paged_wrapper.plan(qo_indptr, pages.indptr, pages.indices, pages.last_page_len, self.num_heads,
+                                self.num_kv_heads, self.head_dim, self.page_size, causal=True,
+                                sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
+        fb.attn_metadata = FlashInferMetadata("paged", self.paged_wrapper)
+
+    def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
+        max_pages = max_bs * -(-max_context // self.page_size)
+        self.graph_indices = torch.zeros(max_pages, dtype=torch.int32, device=self.device)  # shared: one replay at a time
+        self.graph_wrappers = {}
+
+    def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:
+        bs = fb.batch_size
+        if capture:
+            self.graph_wrappers[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True,
+                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=self.device),
+                paged_kv_indices_buffer=self.graph_indices,
+                paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=self.device))
+            fb.attn_metadata = FlashInferMetadata("decode", self.graph_wrappers[bs])
+        self._plan_decode(self.graph_wrappers[bs], page_table(fb, self.page_size))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
+        k_buf, v_buf = fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k, v)
+        md: FlashInferMetadata = fb.attn_metadata
+        if md.kind == "ragged":
+            return md.wrapper.run(q, k.contiguous(), v.contiguous())  # v is a strided view of the qkv output
+        paged_shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)  # [num_pages, P, KVH, D]
+        return md.wrapper.run(q, (k_buf.view(paged_shape), v_buf.view(paged_shape)))

@@ -1,0 +1,50 @@
+"""Attention through Kiln's triton paged kernels (inference_engine.kernels): split-KV decode, and extend for the rest.
+
+On CUDA the triton kernels run; elsewhere the same calls fall back to the kernels' torch reference,
+so this backend also runs (slowly) on CPU. Decode batches use `decode_attention`; a batch with any
+multi-token request uses `extend_attention` for all of its requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inference_engine.attention.base import AttentionBackend
+from inference_engine.forward_batch import ForwardBatch
+from inference_engine.kernels import decode_attention, default_num_kv_splits, extend_attention
+
+
+@dataclass
+class TritonMetadata:
+    """What the kernels need beyond the ForwardBatch: the split count (decode) or the longest extend."""
+
+    decode: bool
+    num_kv_splits: int  # decode only
+    max_q_len: int  # extend only
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention over the pool's [num_slots, KVH, D] buffers, indexed by ForwardBatch.kv_indices."""
+
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        if fb.is_decode:
+            splits = default_num_kv_splits(fb.batch_size, self.num_kv_heads, self.device)
+            fb.attn_metadata = TritonMetadata(True, splits, 1)
+        else:
+            fb.attn_metadata = TritonMetadata(False, 1, max(fb.extend_lens))
+
+    def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:
+        if capture:  # the split count depends on the batch size only, so it is fixed per graph
+            self.init_forward_metadata(fb)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
+        k_buf, v_buf = fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k, v)
+        md: TritonMetadata = fb.attn_metadata
+        out = torch.empty_like(q)  # [T, H, D]
+        if md.decode:
+            return decode_attention(q, k_buf, v_buf, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
+                                    num_kv_splits=md.num_kv_splits)
+        return extend_attention(q, k_buf, v_buf, fb.qo_indptr, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
+                                max_q_len=md.max_q_len)

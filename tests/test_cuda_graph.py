@@ -1,0 +1,73 @@
+"""The decode graph runner: capture sizes, and (on CPU, replayed eagerly on its static padded buffers) equality with eager steps."""
+
+import pytest
+import torch
+
+from inference_engine import Engine
+from inference_engine.cuda_graph import CudaGraphRunner, capture_batch_sizes
+
+PROMPTS = [[5, 17, 42, 99, 3, 7, 250, 11, 64], [8, 8, 300], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+SP = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+
+
+def test_capture_batch_sizes():
+    assert capture_batch_sizes(1) == [1]
+    assert capture_batch_sizes(8) == [1, 2, 4, 8]
+    assert capture_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert capture_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+
+
+def _generate(model_path, backend, graph_max_bs, prompts, sampling_params):
+    """Outputs of prompts, with decode steps through a graph runner (None: eager), and how many steps replayed."""
+    with Engine(model_path=str(model_path), attention_backend=backend, page_size=4, max_total_tokens=1024,
+                context_length=128) as engine:
+        runner = engine.runner
+        replays = []
+        if graph_max_bs is not None:
+            graphs = CudaGraphRunner(runner.model, runner.attn_backend, runner.kv_pool, graph_max_bs,
+                                     runner.context_length, runner.device)
+            replay = graphs.replay
+            graphs.replay = lambda fb: replays.append(fb.batch_size) or replay(fb)
+            runner.graph_runner = graphs
+        outs = engine.generate(input_ids=prompts, sampling_params=sampling_params, return_logprob=True)
+    return outs, replays
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graph_runner_matches_eager(tiny_model, backend):
+    eager, _ = _generate(tiny_model, backend, None, PROMPTS, SP)
+    graphed, replays = _generate(tiny_model, backend, 4, PROMPTS, SP)
+    assert replays and 3 in replays  # three requests decoded together, padded to the size-4 graph
+    for e, g in zip(eager, graphed):
+        assert g["output_ids"] == e["output_ids"]
+        lp_e = [lp for lp, _, _ in e["meta_info"]["output_token_logprobs"]]
+        lp_g = [lp for lp, _, _ in g["meta_info"]["output_token_logprobs"]]
+        assert lp_g == pytest.approx(lp_e, abs=1e-5)
+
+
+def test_graph_runner_falls_back_above_max_bs(qwen3_model):
+    """Decode batches larger than the biggest graph run eagerly, with the same results."""
+    eager, _ = _generate(qwen3_model, "torch", None, PROMPTS, SP)
+    graphed, replays = _generate(qwen3_model, "torch", 2, PROMPTS, SP)
+    assert 3 not in replays
+    assert [g["output_ids"] for g in graphed] == [e["output_ids"] for e in eager]
+
+
+def test_graph_runner_with_sampling_and_seeds(qwen3_model):
+    sp = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "max_new_tokens": 6, "seed": 3, "ignore_eos": True}
+    eager, _ = _generate(qwen3_model, "torch", None, PROMPTS, sp)
+    graphed, _ = _generate(qwen3_model, "torch", 4, PROMPTS, sp)
+    assert [g["output_ids"] for g in graphed] == [e["output_ids"] for e in eager]
+
+
+def test_config_validates_graph_options(qwen3_model):
+    with pytest.raises(ValueError, match="cuda_graph_max_bs"):
+        Engine(model_path=str(qwen3_model), cuda_graph_max_bs=0)
+    with pytest.raises(ValueError, match="flashinfer"):
+        Engine(model_path=str(qwen3_model), attention_backend="flashinfer")
+
+
+def test_no_graphs_on_cpu(qwen3_model):
+    with Engine(model_path=str(qwen3_model), max_total_tokens=1024) as engine:
+        assert engine.runner.graph_runner is None
+        assert torch.device(engine.runner.device).type == "cpu"
