@@ -29,7 +29,8 @@ class EngineConfig:
     attention_backend: str = "torch"  # "torch" (any device), "triton" (CUDA; torch reference on CPU), "flashinfer" (CUDA)
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
     disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
-    tp_size: int = 1
+    tp_size: int = 1  # tensor-parallel ranks: rank 0 in the Engine's process, the others in worker processes
+    base_gpu_id: int = 0  # with device "cuda", tp rank r runs on cuda:(base_gpu_id + r); "cuda:N" starts at N
     random_seed: int = 0  # seeds the sampling of requests that set no seed of their own
     served_model_name: str | None = None  # the name /v1/models reports; None: the folder name
 
@@ -66,9 +67,13 @@ class EngineConfig:
             raise ValueError("attention_backend 'flashinfer' supports dtype bfloat16 or float16, not float32")
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
-        if self.tp_size != 1:
-            raise ValueError(f"tp_size {self.tp_size} is not supported yet; only tp_size=1 "
-                             "(the layers are written for tensor parallelism, the collectives are not)")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.base_gpu_id < 0:
+            raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
+        if self.base_gpu_id and self.device != "cuda":
+            raise ValueError(f"base_gpu_id {self.base_gpu_id} applies to device 'cuda' only, not {self.device!r} "
+                             "(with 'cuda:N' the ranks start at N)")
 
     @property
     def torch_dtype(self):

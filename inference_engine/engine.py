@@ -15,7 +15,7 @@ import threading
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from inference_engine.models.loader import resolve
 from inference_engine.request import Req
 from inference_engine.sampling_params import SamplingParams
 from inference_engine.scheduler import Scheduler
+from weight_sync import SharedBucket, WeightReceiver, open_bucket
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
@@ -49,7 +50,12 @@ class Engine:
         self.runner = ModelRunner(config)
         self.spec = self.runner.spec
         self.context_length = self.runner.context_length
-        self.scheduler = Scheduler(config, self.runner, self.tokenizer, self._eos_token_ids())
+        try:
+            self.scheduler = Scheduler(config, self.runner, self.tokenizer, self._eos_token_ids())
+        except BaseException:
+            self.runner.shutdown()
+            raise
+        self._receiver = WeightReceiver(_EngineWeights(self), tp_rank=0)  # weight-update groups, drain, checksums
         self._inbox: queue.Queue = queue.Queue()
         self._paused = False
         self._released: dict[str, bool] = {}
@@ -298,28 +304,40 @@ class Engine:
     def weight_version(self) -> int:
         return self.scheduler.weight_version
 
+    def _commit_weights(self, load: Callable[[], Any], weight_version: int | None) -> int:
+        """Run load (on the scheduler thread), flush the radix cache and bump or set the weight version."""
+        self._check_weights_resident()
+        load()
+        self.scheduler.flush_cache()
+        self.scheduler.weight_version = self.weight_version + 1 if weight_version is None else int(weight_version)
+        return self.scheduler.weight_version
+
+    def _check_weights_resident(self) -> None:
+        if self._released.get("weights"):
+            raise RuntimeError("weights are released; call resume_memory() before updating them")
+
     def _apply_weights(self, load: Callable[[], Any], weight_version: int | None) -> int:
-        def apply():
-            if self._released.get("weights"):
-                raise RuntimeError("weights are released; call resume_memory() before updating them")
-            load()
-            self.scheduler.flush_cache()
-            self.scheduler.weight_version = self.weight_version + 1 if weight_version is None else weight_version
-            return self.scheduler.weight_version
-        return self._call(apply)
+        return self._call(lambda: self._commit_weights(load, weight_version))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
         """Load HF-named tensors (any subset) between steps; flushes the cache and bumps weight_version (returned)."""
         return self._apply_weights(lambda: self.runner.load_weights(named_tensors), weight_version)
 
-    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+    def update_weights_from_tensor(self, named_tensors: SharedBucket | Iterable[tuple[str, torch.Tensor]],
                                    weight_version: int | None = None) -> int:
-        """Update weights from (hf_name, tensor) pairs; unknown names raise ValueError before anything changes."""
-        named_tensors = list(named_tensors)
+        """Update weights from a colocated SharedBucket or (hf_name, tensor) pairs; bad names raise before anything changes."""
+        named = open_bucket(named_tensors) if isinstance(named_tensors, SharedBucket) else list(named_tensors)
+        bad = [entry for entry in named if not (isinstance(entry, tuple) and len(entry) == 2 and
+                                                isinstance(entry[0], str) and isinstance(entry[1], torch.Tensor))]
+        if bad:
+            raise ValueError(f"update_weights_from_tensor expects (hf_name, tensor) pairs; bad entries: {bad[:3]}")
         params = dict(self.runner.model.named_parameters())
-        for name, _ in named_tensors:
+        for name, _ in named:
             resolve(self.runner.model, params, name)
-        return self.load_weights(named_tensors, weight_version)
+        version = self.load_weights(named, weight_version)
+        if named and named[0][1].is_cuda:  # done reading a colocated sender's memory before it reuses it
+            torch.cuda.current_stream(named[0][1].device).synchronize()
+        return version
 
     def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> int:
         """Load every weight of a HF folder with the same architecture."""
@@ -329,13 +347,47 @@ class Engine:
         """Engine weights under HF names, unfused (views: clone to keep)."""
         return self._call(self.runner.named_hf_tensors)
 
-    def pause_generation(self) -> None:
-        """Stop stepping after the current step; in-flight requests keep their state (new ones queue)."""
-        self._call(lambda: setattr(self, "_paused", True))
+    def pause_generation(self, mode: str = "pause") -> None:
+        """Stop stepping after the current step ("pause": in-flight requests keep their state; "drain": first wait until none is running or queued)."""
+        self._receiver.pause_generation(mode)
 
     def continue_generation(self) -> None:
         """Resume stepping after pause_generation."""
         self._call(lambda: setattr(self, "_paused", False))
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str, backend: str = "auto", timeout_s: float = 300.0) -> None:
+        """Join a trainer's weight-update group: tp rank r as group rank rank_offset + r; blocks until every rank arrived."""
+        def join():
+            self.runner.tell_workers("init_weights_update_group", master_address, master_port, rank_offset,
+                                     world_size, group_name, backend, timeout_s)
+            self._receiver.init_weights_update_group(master_address, master_port, rank_offset, world_size,
+                                                     group_name, backend, timeout_s)
+        self._call(join)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]], group_name: str,
+                                        weight_version: int | None = None) -> int:
+        """Receive one bucket broadcast by the group's rank 0 (each tp rank its own copy, loading its shard); returns the version."""
+        def receive():
+            self._check_weights_resident()
+            version = self.weight_version + 1 if weight_version is None else int(weight_version)
+            self.runner.tell_workers("update_weights_from_distributed", list(names), list(dtypes),
+                                     [list(s) for s in shapes], group_name, version)
+            self._receiver.update_weights_from_distributed(names, dtypes, shapes, group_name, version)
+            return self.weight_version
+        return self._call(receive)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        """Leave the named weight-update group (every tp rank)."""
+        def leave():
+            self._receiver.destroy_weights_update_group(group_name)  # an unknown name raises before the workers hear
+            self.runner.tell_workers("destroy_weights_update_group", group_name)
+        self._call(leave)
+
+    def weight_checksums(self) -> dict[str, dict]:
+        """{hf_name: checksum dict} of the engine's full weights (weight_sync's verification)."""
+        return self._receiver.weight_checksums()
 
     def release_memory(self, weights: bool = False) -> None:
         """Free the KV pool (and with weights=True move weights to CPU); only while no request is queued or running."""
@@ -363,7 +415,7 @@ class Engine:
         return {"model_path": self.config.model_path, "tokenizer_path": self.config.tokenizer_path or
                 self.config.model_path, "family": self.spec.family, "is_generation": True,
                 "context_length": self.context_length, "vocab_size": self.spec.vocab_size,
-                "weight_version": self.weight_version}
+                "tp_size": self.config.tp_size, "weight_version": self.weight_version}
 
     def metrics(self) -> dict:
         """Load and cache numbers (read without locking: a snapshot, possibly a step old)."""
@@ -387,12 +439,14 @@ class Engine:
 
     # ----------------------------------------------------------------- lifecycle
     def shutdown(self) -> None:
-        """Abort everything in flight and stop the scheduler thread."""
+        """Abort everything in flight, stop the scheduler thread, leave weight-update groups and stop the tp workers."""
         if self._closed:
             return
         self._closed = True
         self._inbox.put(("stop",))
         self._thread.join()
+        self._receiver.close()
+        self.runner.shutdown()
 
     def __enter__(self) -> "Engine":
         return self
@@ -403,3 +457,34 @@ class Engine:
     def __del__(self):
         if getattr(self, "_thread", None) is not None and not getattr(self, "_closed", True):
             self.shutdown()
+
+
+class _EngineWeights:
+    """Rank 0's side of the engine as weight_sync's WeightTarget; called on the scheduler thread for updates.
+
+    `load_weights` loads rank 0's shard only: in a distributed update every tp rank receives its own
+    copy of the bucket from the trainer.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
+        return self.engine._commit_weights(lambda: self.engine.runner.load_weights_local(named_tensors),
+                                           weight_version)
+
+    def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return self.engine.named_hf_tensors()
+
+    def pause_generation(self) -> None:
+        self.engine._call(lambda: setattr(self.engine, "_paused", True))
+
+    def continue_generation(self) -> None:
+        self.engine.continue_generation()
+
+    def metrics(self) -> dict:
+        return self.engine.metrics()

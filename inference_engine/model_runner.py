@@ -1,4 +1,9 @@
-"""ModelRunner: owns the model, the KV pool and the attention backend; runs one ForwardBatch."""
+"""ModelRunner: owns the model, the KV pool and the attention backend; runs one ForwardBatch.
+
+With tp_size > 1 the Engine's runner is tp rank 0: it starts the worker processes of ranks
+1..tp-1 (`tp_worker.TPWorkers`) and sends them every model operation before running it itself,
+so each rank computes the same batch on its own shard of the weights and of the KV heads.
+"""
 
 from __future__ import annotations
 
@@ -14,32 +19,61 @@ from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kv_cache import KVPool, ReqToTokenPool
 from inference_engine.models import CausalLM, load_weights, named_hf_tensors, read_spec
 from inference_engine.models.loader import expected_hf_names, iter_safetensors
+from inference_engine.parallel import TPGroup, check_tp_shape, rank_device
+from inference_engine.tp_worker import TPWorkers
 
 log = logging.getLogger(__name__)
 CPU_DEFAULT_KV_TOKENS = 16384
 
 
 class ModelRunner:
-    """Builds the model from a local HF folder and executes batches on the configured device."""
+    """Builds the model (this tp rank's shard) from a local HF folder and executes batches on the rank's device.
 
-    def __init__(self, config: EngineConfig):
+    `tp` is given on worker ranks; on rank 0 (tp=None) a tp_size > 1 starts the workers and the group.
+    """
+
+    def __init__(self, config: EngineConfig, tp: TPGroup | None = None):
         self.config = config
-        self.device = torch.device(config.device)
+        self.spec = read_spec(config.model_path)
+        self.tp_rank = 0 if tp is None else tp.rank
+        self.device = (torch.device(config.device) if config.tp_size == 1
+                       else rank_device(config.device, config.base_gpu_id, self.tp_rank))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} requested but CUDA is not available")
+        if self.device.type == "cuda" and self.device.index is not None and \
+                self.device.index + config.tp_size - self.tp_rank > torch.cuda.device_count():
+            raise ValueError(f"tp_size {config.tp_size} from {self.device} needs GPUs up to "
+                             f"cuda:{self.device.index + config.tp_size - self.tp_rank - 1}; "
+                             f"{torch.cuda.device_count()} are visible")
+        check_tp_shape(self.spec.num_heads, self.spec.num_kv_heads, config.tp_size)
         self.dtype = config.torch_dtype
-        self.spec = read_spec(config.model_path)
         self.context_length = config.context_length or self.spec.max_position_embeddings
         if self.context_length > self.spec.max_position_embeddings:
             raise ValueError(f"context_length {self.context_length} exceeds the model's max_position_embeddings "
                              f"{self.spec.max_position_embeddings}")
+        self.workers: TPWorkers | None = None  # rank 0 of tp_size > 1 only
+        if tp is None and config.tp_size > 1:
+            self.workers = TPWorkers(config)
+            tp = self.workers.group
+        self.tp = tp
+        try:
+            self._build(config)
+        except BaseException:
+            if self.workers is not None:  # they may be blocked in a collective of the failed build: no stop command
+                self.workers.shutdown(graceful=False)
+            raise
+
+    def _build(self, config: EngineConfig) -> None:
         with torch.device(self.device):
-            self.model = CausalLM(self.spec)
+            self.model = CausalLM(self.spec, self.tp)
         for p in self.model.parameters():  # buffers (RoPE tables) stay float32
             p.data = p.data.to(self.dtype)
-        self.load_checkpoint(config.model_path)
-        num_slots = self._kv_slots()
-        self.kv_pool = KVPool(num_slots, config.page_size, self.spec.num_layers, self.spec.num_kv_heads,
+        self._load_checkpoint(config.model_path)
+        attn = self.model.model.layers[0].self_attn  # this rank's heads
+        num_slots = self._kv_slots(attn.num_kv_heads)
+        if self.tp is not None:  # every rank's pool must hold the slots rank 0 hands out
+            num_slots = self.tp.min_int(num_slots)
+        self.kv_pool = KVPool(num_slots, config.page_size, self.spec.num_layers, attn.num_kv_heads,
                               self.spec.head_dim, self.dtype, self.device)
         if self.kv_pool.capacity < -(-self.context_length // config.page_size) * config.page_size:
             raise ValueError(f"KV pool of {self.kv_pool.capacity} tokens cannot hold one request of context_length "
@@ -47,43 +81,62 @@ class ModelRunner:
         self.req_to_token = ReqToTokenPool(config.max_running_requests, self.context_length + config.page_size,
                                            self.device)
         self.attn_backend = get_backend_class(config.attention_backend)(
-            self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim, self.device,
+            attn.num_heads, attn.num_kv_heads, self.spec.head_dim, self.device,
             page_size=config.page_size, dtype=self.dtype)
         self.graph_runner: CudaGraphRunner | None = None
         self.capture_cuda_graphs()
-        log.info("model %s (%s) on %s %s: KV pool %d tokens (%.1f MiB), page %d, context %d",
-                 config.model_path, self.spec.family, self.device, config.dtype, self.kv_pool.capacity,
-                 self.kv_pool.bytes / 2**20, config.page_size, self.context_length)
+        log.info("model %s (%s) on %s %s, tp rank %d of %d: KV pool %d tokens (%.1f MiB), page %d, context %d",
+                 config.model_path, self.spec.family, self.device, config.dtype, self.tp_rank, config.tp_size,
+                 self.kv_pool.capacity, self.kv_pool.bytes / 2**20, config.page_size, self.context_length)
 
-    def _kv_slots(self) -> int:
+    def _kv_slots(self, num_kv_heads: int) -> int:
         if self.config.max_total_tokens is not None:
             return self.config.max_total_tokens + self.config.page_size  # + the padding page
         if self.device.type != "cuda":
             return CPU_DEFAULT_KV_TOKENS
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_token = 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * self.dtype.itemsize
+        per_token = 2 * self.spec.num_layers * num_kv_heads * self.spec.head_dim * self.dtype.itemsize
         return int(free * self.config.mem_fraction_static) // per_token
 
+    def tell_workers(self, name: str, *args) -> None:
+        """Have the tp workers run operation `name` (see tp_worker); nothing with one rank or on a worker."""
+        if self.workers is not None:
+            self.workers.command(name, *args)
+
     def load_checkpoint(self, model_path: str) -> None:
-        """Load every tensor of a HF folder whose config matches this model; a missing weight raises ValueError."""
+        """Load every tensor of a HF folder whose config matches this model (every rank reads its shard); a missing weight raises ValueError."""
         spec = read_spec(model_path)
         if spec != self.spec:
             raise ValueError(f"model at {model_path!r} does not match the running model: {spec} vs {self.spec}")
-        loaded = set(self.load_weights(iter_safetensors(model_path)))
+        self.tell_workers("load_checkpoint", model_path)
+        self._load_checkpoint(model_path)
+
+    def _load_checkpoint(self, model_path: str) -> None:
+        loaded = set(self.load_weights_local(iter_safetensors(model_path)))
         missing = sorted(expected_hf_names(self.model) - loaded)
         if missing:
             raise ValueError(f"checkpoint {model_path!r} lacks {len(missing)} weight(s), e.g. {missing[:3]}")
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Load HF-named tensors through the per-layer weight loaders; returns names loaded."""
+        """Load full HF-named tensors through the per-layer weight loaders (sent to every tp rank); returns names loaded."""
+        if self.workers is not None:
+            named_tensors = list(named_tensors)
+            self.workers.send_weights(named_tensors)
+        return self.load_weights_local(named_tensors)
+
+    def load_weights_local(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Load this rank's shard of full HF-named tensors (each rank got them on its own); returns names loaded."""
         return load_weights(self.model, named_tensors)
 
     def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """Engine weights under HF names, unfused (views)."""
-        return list(named_hf_tensors(self.model))
+        """Engine weights under HF names, unfused (views with one rank; full tensors gathered from every tp rank)."""
+        self.tell_workers("named_hf_tensors")
+        return list(named_hf_tensors(self.model, self.tp))
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Hidden states [T, hidden] of the batch (KV of its tokens written to the pool)."""
+        """Hidden states [T, hidden] of the batch (KV of its tokens written to the pool), on every tp rank."""
+        if self.workers is not None:
+            self.workers.send_batch(fb)
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
         self.attn_backend.init_forward_metadata(fb)
@@ -99,7 +152,8 @@ class ModelRunner:
                                             self.device)
 
     def release_memory(self, weights: bool) -> None:
-        """Free the KV pool and the graphs (and move weights to CPU when weights=True)."""
+        """Free the KV pool and the graphs (and move weights to CPU when weights=True), on every tp rank."""
+        self.tell_workers("release_memory", weights)
         self.graph_runner = None
         self.kv_pool.clear()
         self.kv_pool.free_buffers()
@@ -109,7 +163,8 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def resume_memory(self, weights: bool, kv_cache: bool) -> None:
-        """Bring weights back first (if they were released), then the KV pool, then recapture the graphs."""
+        """Bring weights back first (if they were released), then the KV pool, then recapture the graphs, on every tp rank."""
+        self.tell_workers("resume_memory", weights, kv_cache)
         if weights:
             self.model.to(self.device)
         if kv_cache:
@@ -117,5 +172,13 @@ class ModelRunner:
         self.capture_cuda_graphs()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [N, vocab] of hidden rows [N, hidden]."""
+        """Float32 logits [N, vocab] of hidden rows [N, hidden] (each tp rank computes its vocabulary share)."""
+        if self.workers is not None:
+            self.workers.send_hidden(hidden)
         return self.model.logits(hidden)
+
+    def shutdown(self) -> None:
+        """Stop the tp workers (rank 0 of tp_size > 1; nothing otherwise)."""
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            workers.shutdown()

@@ -42,7 +42,7 @@ class Req:
         self.prefix_len = 0
         self.last_node: TreeNode | None = None
         self.last_slot = -1
-        self.new_slots: torch.Tensor | None = None  # [n] slots allocated for this step's tokens
+        self.new_slots: list[int] = []  # slots allocated for this step's tokens
         self.admitted = -1  # order of (latest) admission, for newest-first retraction
         self.cached_tokens: int | None = None  # prefix reused at first admission
         # outcome

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
+import pickle
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -12,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from inference_engine.engine import Engine
+from weight_sync.ipc import SharedBucket
 
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "stream", "rid"}
 # OpenAI request field -> SGLang sampling parameter
@@ -43,6 +47,36 @@ async def _json(request: Request) -> dict:
     if not isinstance(body, dict):
         raise ValueError("request body must be a JSON object")
     return body
+
+
+def serialize_named_tensors(named_tensors: SharedBucket | list) -> str:
+    """One entry of `serialized_named_tensors` for POST /update_weights_from_tensor: base64 of a torch.multiprocessing pickle.
+
+    A SharedBucket travels as its handles (CUDA IPC / shared memory); plain (hf_name, tensor) pairs as shared-memory
+    tensors on CPU, CUDA IPC handles on GPU, so the server must run on the same machine as the caller.
+    """
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers the tensor reductions with ForkingPickler
+
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump(named_tensors)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _deserialize_named_tensors(entry: str) -> SharedBucket | list:
+    try:
+        return pickle.loads(base64.b64decode(entry))
+    except Exception as exc:
+        raise ValueError(f"serialized_named_tensors[0] could not be decoded ({type(exc).__name__}: {exc}); expected "
+                         "base64 of a torch.multiprocessing pickle of (hf_name, tensor) pairs or a SharedBucket") from exc
+
+
+def _required(body: dict, route: str, *names: str) -> list:
+    missing = [n for n in names if n not in body]
+    if missing:
+        raise ValueError(f"{route} needs field(s) {missing}; got {sorted(body)}")
+    return [body[n] for n in names]
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -105,14 +139,56 @@ def create_app(engine: Engine) -> FastAPI:
         return {"success": True, "message": f"loaded {body['model_path']}", "weight_version": version}
 
     @app.post("/pause_generation")
-    async def pause_generation():
-        await asyncio.to_thread(engine.pause_generation)
+    async def pause_generation(request: Request):
+        body = await _json(request) if await request.body() else {}
+        await asyncio.to_thread(engine.pause_generation, body.get("mode", "pause"))
         return {"success": True}
 
     @app.post("/continue_generation")
     async def continue_generation():
         await asyncio.to_thread(engine.continue_generation)
         return {"success": True}
+
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(request: Request):
+        body = await _json(request)
+        address, port, offset, world = _required(body, "init_weights_update_group", "master_address", "master_port",
+                                                 "rank_offset", "world_size")
+        group_name = body.get("group_name", "weight_update_group")
+        await asyncio.to_thread(engine.init_weights_update_group, address, int(port), int(offset), int(world),
+                                group_name, body.get("backend", "auto"), float(body.get("timeout_s", 300.0)))
+        return {"success": True, "message": f"joined weight-update group {group_name!r}"}
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(request: Request):
+        body = await _json(request)
+        names, dtypes, shapes = _required(body, "update_weights_from_distributed", "names", "dtypes", "shapes")
+        version = await asyncio.to_thread(engine.update_weights_from_distributed, names, dtypes, shapes,
+                                          body.get("group_name", "weight_update_group"), body.get("weight_version"))
+        return {"success": True, "message": f"loaded {len(names)} tensors", "weight_version": version}
+
+    @app.post("/update_weights_from_tensor")
+    async def update_weights_from_tensor(request: Request):
+        body = await _json(request)
+        entries, = _required(body, "update_weights_from_tensor", "serialized_named_tensors")
+        if not isinstance(entries, list) or not entries or not isinstance(entries[0], str):
+            raise ValueError("serialized_named_tensors must be a non-empty list of strings (SGLang sends one per tp "
+                             "rank; Kiln's rank 0 takes the first and shares the full tensors with its tp ranks)")
+        named = _deserialize_named_tensors(entries[0])
+        version = await asyncio.to_thread(engine.update_weights_from_tensor, named, body.get("weight_version"))
+        return {"success": True, "message": "weights updated", "weight_version": version}
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_weights_update_group(request: Request):
+        body = await _json(request)
+        group_name = body.get("group_name", "weight_update_group")
+        await asyncio.to_thread(engine.destroy_weights_update_group, group_name)
+        return {"success": True, "message": f"left weight-update group {group_name!r}"}
+
+    @app.get("/weights_checksum")
+    async def weights_checksum():
+        checksums = await asyncio.to_thread(engine.weight_checksums)
+        return {"weight_version": engine.weight_version, "checksums": checksums}
 
     @app.post("/release_memory_occupation")
     async def release_memory(request: Request):

@@ -92,6 +92,11 @@ class WeightReceiver:
         self._group(group_name).close()
         del self._groups[group_name]
 
+    def close(self) -> None:
+        """Leave every weight-update group this receiver joined."""
+        for group_name in list(self._groups):
+            self.destroy_weights_update_group(group_name)
+
     def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
                                         group_name: str, weight_version: int | None = None) -> None:
         """Receive one bucket broadcast from group rank 0 (one flat buffer per dtype) and load it."""

@@ -2,16 +2,27 @@
 
 Every parameter carries a `weight_loader(param, hf_tensor, shard_id=None)`; the model loader
 only maps HF names to (parameter, shard_id) and calls it, at start-up and for RL weight updates.
-Column-parallel layers shard the output dim over tp ranks, row-parallel layers the input dim.
+Its inverse, `unshard(pieces, shard_id=None)`, rebuilds the full HF tensor from every rank's piece.
+Column-parallel layers shard the output dim over tp ranks, row-parallel layers the input dim (and
+all-reduce their output), vocab-parallel embedding and LM head the vocabulary (all-reduce of the
+masked lookup, all-gather of the logits). `tp` is the engine's TPGroup, None for one rank.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from inference_engine import ops
+
+from inference_engine.parallel import check_tp_shape
+
+if TYPE_CHECKING:
+    from inference_engine.parallel import TPGroup
 
 
 def _check_shape(param_name: str, expected: torch.Size | tuple, got: torch.Size) -> None:
@@ -25,26 +36,40 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=No
     param.data.copy_(loaded)
 
 
+def replicated_unshard(pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
+    """The full tensor of a parameter every rank holds whole: rank 0's copy."""
+    return pieces[0]
+
+
+def _rank_size(tp: TPGroup | None) -> tuple[int, int]:
+    return (0, 1) if tp is None else (tp.rank, tp.size)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split over tp ranks; this rank holds rows [rank*out/tp, (rank+1)*out/tp)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup | None = None):
         super().__init__()
-        if out_features % tp_size:
-            raise ValueError(f"out_features {out_features} is not divisible by tp_size {tp_size}")
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.weight = nn.Parameter(torch.empty(out_features // tp_size, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.tp_rank, self.tp_size = _rank_size(tp)
+        if out_features % self.tp_size:
+            raise ValueError(f"out_features {out_features} is not divisible by tp_size {self.tp_size}")
+        self.weight = nn.Parameter(torch.empty(out_features // self.tp_size, in_features), requires_grad=False)
         self.bias = None
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features // tp_size), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            self.bias = nn.Parameter(torch.empty(out_features // self.tp_size), requires_grad=False)
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader, param.unshard = self.weight_loader, self.unshard
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         """Load this rank's rows of the full HF tensor."""
         rows = param.shape[0]
         _check_shape("column-parallel", (rows * self.tp_size, *param.shape[1:]), loaded.shape)
         param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+
+    def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
+        """The full HF tensor from every rank's rows (of part shard_id), in rank order."""
+        return torch.cat(pieces, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -53,9 +78,9 @@ class ColumnParallelLinear(nn.Module):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input stored as one matrix (gate_up_proj); shard_id = part index."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp_rank: int = 0, tp_size: int = 1):
-        super().__init__(in_features, sum(out_sizes), bias, tp_rank, tp_size)
-        self.out_sizes = [s // tp_size for s in out_sizes]  # per-rank size of each part
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPGroup | None = None):
+        super().__init__(in_features, sum(out_sizes), bias, tp)
+        self.out_sizes = [s // self.tp_size for s in out_sizes]  # per-rank size of each part
 
     def part_slices(self) -> list[tuple[int, int]]:
         """(offset, size) of each part inside this rank's fused rows."""
@@ -72,18 +97,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
-    """q, k and v projections fused; heads split over tp ranks (kv heads replicated when fewer than ranks)."""
+    """q, k and v projections fused; heads split over tp ranks (each kv head replicated on tp / kv ranks when fewer)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 tp_rank: int = 0, tp_size: int = 1):
-        if num_heads % tp_size:
-            raise ValueError(f"num_attention_heads {num_heads} is not divisible by tp_size {tp_size}")
+                 tp: TPGroup | None = None):
+        tp_size = _rank_size(tp)[1]
+        check_tp_shape(num_heads, num_kv_heads, tp_size)
         self.num_heads = num_heads // tp_size
         self.num_kv_heads = max(1, num_kv_heads // tp_size)
-        self.kv_replicas = max(1, tp_size // num_kv_heads)
+        self.kv_replicas = max(1, tp_size // num_kv_heads)  # ranks that hold the same kv head
         self.head_dim = head_dim
         sizes = [self.num_heads * head_dim, self.num_kv_heads * head_dim, self.num_kv_heads * head_dim]
-        super().__init__(hidden_size, [s * tp_size for s in sizes], bias, tp_rank, tp_size)
+        super().__init__(hidden_size, [s * tp_size for s in sizes], bias, tp)
         self.out_sizes = sizes
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
@@ -97,21 +122,26 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         start = (self.tp_rank // ranks_sharing) * size
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
 
+    def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
+        """The full q / k / v tensor; replicated kv heads are taken once (from the first rank holding each)."""
+        return torch.cat(pieces if shard_id == "q" else pieces[::self.kv_replicas], dim=0)
+
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W's input columns split over tp ranks (the partial sums would be all-reduced)."""
+    """y = x W^T + b with W's input columns split over tp ranks; the partial products are all-reduced."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup | None = None):
         super().__init__()
-        if in_features % tp_size:
-            raise ValueError(f"in_features {in_features} is not divisible by tp_size {tp_size}")
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.tp = tp
+        self.tp_rank, self.tp_size = _rank_size(tp)
+        if in_features % self.tp_size:
+            raise ValueError(f"in_features {in_features} is not divisible by tp_size {self.tp_size}")
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // self.tp_size), requires_grad=False)
+        self.weight.weight_loader, self.weight.unshard = self.weight_loader, self.unshard
         self.bias = None
-        if bias:  # added once, by rank 0
+        if bias:  # replicated, added once (by rank 0) before the all-reduce
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = default_weight_loader
+            self.bias.weight_loader, self.bias.unshard = default_weight_loader, replicated_unshard
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         """Load this rank's input columns of the full HF tensor."""
@@ -119,21 +149,64 @@ class RowParallelLinear(nn.Module):
         _check_shape("row-parallel", (param.shape[0], cols * self.tp_size), loaded.shape)
         param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
 
+    def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
+        """The full HF weight from every rank's columns, in rank order."""
+        return torch.cat(pieces, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if self.tp_rank == 0 else None
-        return F.linear(x, self.weight, bias)
+        out = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        return out if self.tp is None or self.tp_size == 1 else self.tp.all_reduce(out)
 
 
-class Embedding(nn.Module):
-    """Token embedding table (replicated over tp ranks)."""
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split over tp ranks (each holds ceil(vocab / tp) rows, the last padded with zeros).
 
-    def __init__(self, vocab_size: int, hidden_size: int):
+    A lookup gives zeros for ids outside this rank's rows; the all-reduce adds the one rank's real row.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-        self.weight.weight_loader = default_weight_loader
+        self.tp = tp
+        self.tp_rank, self.tp_size = _rank_size(tp)
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // self.tp_size)
+        self.start = self.tp_rank * self.rows  # first vocab id of this rank
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+        self.weight.weight_loader, self.weight.unshard = self.weight_loader, self.unshard
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """Load this rank's vocabulary rows of the full [vocab, hidden] HF tensor; padding rows are zero."""
+        _check_shape("vocab-parallel", (self.vocab_size, param.shape[1]), loaded.shape)
+        n = max(0, min(self.rows, self.vocab_size - self.start))
+        param.data[:n].copy_(loaded[self.start:self.start + n])
+        param.data[n:].zero_()
+
+    def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
+        """The full [vocab, hidden] HF tensor from every rank's rows, padding dropped."""
+        return torch.cat(pieces, dim=0)[:self.vocab_size]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        """Embeddings [T, hidden] of token ids [T]."""
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)  # [T]
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[:, None], 0)
+        return self.tp.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, vocab] of hidden rows [N, hidden] against this table (tied LM head), gathered over ranks."""
+        local = F.linear(hidden, self.weight).float()  # [N, rows]
+        if self.tp_size == 1:
+            return local
+        return torch.cat(self.tp.all_gather(local), dim=-1)[:, :self.vocab_size]
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The untied output projection [vocab, hidden], vocabulary split over tp ranks like the embedding."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        raise TypeError("ParallelLMHead computes logits(hidden), it does not embed token ids")
 
 
 class RMSNorm(nn.Module):
@@ -145,12 +218,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with residual, (norm(x + residual), x + residual) in one fused op."""
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half layout), cos/sin cached in float32 for every position."""
+    """Rotary position embedding tables (rotate-half layout): cos / sin [max_position, head_dim / 2] in float32.
+
+    Applied by `inference_engine.ops.qk_norm_rope`, fused with the q/k norm.
+    """
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
         super().__init__()
@@ -159,18 +236,6 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_position, dtype=torch.int64).float()[:, None] * inv_freq[None, :]  # [pos, d/2]
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate q [T, H, D] and k [T, KVH, D] by their positions [T]."""
-        cos = torch.cat([self.cos[positions]] * 2, dim=-1)[:, None, :]  # [T, 1, D]
-        sin = torch.cat([self.sin[positions]] * 2, dim=-1)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
 
 
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:

@@ -8,8 +8,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from inference_engine.models.layers import default_weight_loader
+from inference_engine.models.layers import default_weight_loader, replicated_unshard
 from inference_engine.models.transformer import CausalLM, ModelSpec
+from inference_engine.parallel import TPGroup
 
 # HF projection name -> (fused engine parameter, part of it)
 PACKED = {
@@ -75,19 +76,30 @@ def load_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tenso
     return loaded
 
 
-def named_hf_tensors(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's weights under HF names, fused parameters split back (views; tp_size 1)."""
+def _local_hf_pieces(model: CausalLM) -> Iterator[tuple[str, torch.nn.Parameter, object, torch.Tensor]]:
+    """(hf_name, parameter, shard_id, this rank's piece of that HF tensor as a view), fused parameters split back."""
     for name, param in model.named_parameters():
-        module = model.get_submodule(name.rsplit(".", 1)[0])
         fused = next((f for f in ("qkv_proj", "gate_up_proj") if f".{f}." in name), None)
         if fused is None:
-            yield name, param.data
+            yield name, param, None, param.data
             continue
-        parts = [hf for hf, (f, _) in PACKED.items() if f == fused]
-        for hf_part, (offset, size) in zip(parts, module.part_slices()):
-            yield name.replace(fused, hf_part), param.data.narrow(0, offset, size)
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        parts = [(hf, shard_id) for hf, (f, shard_id) in PACKED.items() if f == fused]
+        for (hf_part, shard_id), (offset, size) in zip(parts, module.part_slices()):
+            yield name.replace(fused, hf_part), param, shard_id, param.data.narrow(0, offset, size)
+
+
+def named_hf_tensors(model: CausalLM, tp: TPGroup | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under HF names, fused parameters split back (views, or with tp ranks the full tensors
+    rebuilt from every rank's piece: a collective that every rank must iterate together)."""
+    for name, param, shard_id, piece in _local_hf_pieces(model):
+        unshard = getattr(param, "unshard", replicated_unshard)
+        if tp is None or tp.size == 1 or unshard is replicated_unshard:
+            yield name, piece
+        else:
+            yield name, unshard(tp.all_gather(piece), shard_id)
 
 
 def expected_hf_names(model: CausalLM) -> set[str]:
     """Every HF name a complete checkpoint of this model must provide."""
-    return {name for name, _ in named_hf_tensors(model)}
+    return {name for name, _, _, _ in _local_hf_pieces(model)}

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from inference_engine import ops
 from inference_engine.forward_batch import ForwardBatch
-from inference_engine.models.layers import (ColumnParallelLinear, Embedding, MergedColumnParallelLinear,
-                                            QKVParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear)
+from inference_engine.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+                                            RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding)
+from inference_engine.parallel import TPGroup
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -71,12 +73,12 @@ class ModelSpec:
 class Attention(nn.Module):
     """Self-attention: fused qkv projection, optional q/k norm, RoPE, then the attention backend (which also writes the KV cache)."""
 
-    def __init__(self, spec: ModelSpec, layer_id: int, tp_rank: int, tp_size: int):
+    def __init__(self, spec: ModelSpec, layer_id: int, tp: TPGroup | None):
         super().__init__()
         self.layer_id = layer_id
         self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
-                                          spec.qkv_bias, tp_rank, tp_size)
-        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, False, tp_rank, tp_size)
+                                          spec.qkv_bias, tp)
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, False, tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = spec.head_dim
         self.scaling = spec.head_dim ** -0.5
@@ -84,78 +86,75 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
 
     def forward(self, x: torch.Tensor, fb: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(fb.positions, q, k)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None)
+        q, k, v = ops.qk_norm_rope(self.qkv_proj(x), fb.positions, rotary.cos, rotary.sin, self.num_heads,
+                                   self.num_kv_heads, self.head_dim, *norms)  # [T, H, D], [T, KVH, D], [T, KVH, D]
         out = fb.attn_backend.forward(q, k, v, self, fb)  # [T, H, D]
-        return self.o_proj(out.reshape(-1, q_size))
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward with a fused gate_up projection."""
 
-    def __init__(self, spec: ModelSpec, tp_rank: int, tp_size: int):
+    def __init__(self, spec: ModelSpec, tp: TPGroup | None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, False,
-                                                       tp_rank, tp_size)
-        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, False, tp_rank, tp_size)
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, False, tp)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention and MLP blocks with residual connections."""
+    """Pre-norm attention and MLP blocks; each residual add is fused into the norm that follows it."""
 
-    def __init__(self, spec: ModelSpec, layer_id: int, tp_rank: int, tp_size: int):
+    def __init__(self, spec: ModelSpec, layer_id: int, tp: TPGroup | None):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer_id, tp_rank, tp_size)
+        self.self_attn = Attention(spec, layer_id, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec, tp_rank, tp_size)
+        self.mlp = MLP(spec, tp)
 
-    def forward(self, h: torch.Tensor, fb: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), fb, rotary)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch,
+                rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream before adding it): the caller's next norm adds the two."""
+        if residual is None:  # first layer: the residual stream is the embedding
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, fb, rotary), residual)
+        return self.mlp(x), residual
 
 
 class DecoderBody(nn.Module):
     """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, spec: ModelSpec, tp_rank: int, tp_size: int):
+    def __init__(self, spec: ModelSpec, tp: TPGroup | None):
         super().__init__()
-        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, tp_rank, tp_size) for i in range(spec.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, tp) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
     """The full model: token ids of a ForwardBatch in, hidden states out; `logits` projects chosen rows."""
 
-    def __init__(self, spec: ModelSpec, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, spec: ModelSpec, tp: TPGroup | None = None):
         super().__init__()
         self.spec = spec
-        self.model = DecoderBody(spec, tp_rank, tp_size)
+        self.model = DecoderBody(spec, tp)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
-        self.lm_head = None if spec.tie_word_embeddings else ColumnParallelLinear(spec.hidden_size, spec.vocab_size,
-                                                                                 False)
+        self.lm_head = None if spec.tie_word_embeddings else ParallelLMHead(spec.vocab_size, spec.hidden_size, tp)
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden], for the batch's T tokens (KV written to the pool)."""
-        h = self.model.embed_tokens(fb.input_ids)  # [T, hidden]
+        h, residual = self.model.embed_tokens(fb.input_ids), None  # [T, hidden]
         for layer in self.model.layers:
-            h = layer(h, fb, self.rotary)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, fb, self.rotary)
+        return self.model.norm(h, residual)[0]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [N, vocab] of hidden rows [N, hidden]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, weight).float()
+        """Float32 logits [N, vocab] of hidden rows [N, hidden] (gathered over tp ranks)."""
+        return (self.model.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)

@@ -1,0 +1,99 @@
+"""The engine's tensor-parallel group: a dedicated gloo / NCCL process group and the collectives the layers use.
+
+The group is built from its own TCP rendezvous (rank 0, the Engine's process, hosts the store), not
+torch.distributed's default group, so an engine can live in a process that also runs a trainer.
+It holds two process groups: `cpu_group` (gloo) carries the pickled per-step commands, and
+`device_group` (gloo on CPU, NCCL on GPU) carries activations, batch tensors and weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TP_TIMEOUT_S = 300.0  # rendezvous and per-collective timeout: a lost peer raises instead of hanging forever
+
+
+def rank_device(device: str, base_gpu_id: int, tp_rank: int) -> torch.device:
+    """The device of tp rank `tp_rank`: the CPU, or GPU (base + rank) where base is N of "cuda:N" or base_gpu_id."""
+    if device == "cpu":
+        return torch.device("cpu")
+    base = int(device.split(":", 1)[1]) if ":" in device else base_gpu_id
+    return torch.device("cuda", base + tp_rank)
+
+
+def check_tp_shape(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
+    """Raise ValueError unless the attention heads split evenly over tp_size ranks (kv heads split or replicated)."""
+    if num_heads % tp_size:
+        raise ValueError(f"tp_size {tp_size} does not divide num_attention_heads {num_heads}; "
+                         f"expected a divisor of {num_heads}")
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(f"tp_size {tp_size} and num_key_value_heads {num_kv_heads}: one must divide the other "
+                         "(kv heads are split over ranks, or each is replicated on tp_size / num_kv_heads ranks)")
+
+
+class TPGroup:
+    """One rank's membership of an engine's tensor-parallel group (rank 0 is the Engine, the rest are workers)."""
+
+    def __init__(self, master_address: str, master_port: int, rank: int, size: int, device: torch.device,
+                 timeout_s: float = TP_TIMEOUT_S):
+        if not 0 <= rank < size:
+            raise ValueError(f"tp rank {rank} not in [0, tp_size={size})")
+        self.rank, self.size, self.device = rank, size, device
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(master_address, master_port, size, is_master=rank == 0, timeout=self.timeout,
+                              wait_for_workers=False)
+        self._store = store  # keeps rank 0's server alive as long as the group
+        self.cpu_group = dist.ProcessGroupGloo(dist.PrefixStore("kiln_tp/cpu/", store), rank, size, self.timeout)
+        if device.type == "cuda":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = self.timeout
+            self.device_group = dist.ProcessGroupNCCL(dist.PrefixStore("kiln_tp/dev/", store), rank, size, options)
+        else:
+            self.device_group = self.cpu_group
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over ranks, in place; returns x."""
+        self.device_group.allreduce([x]).wait()
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's x (same shape on each), in rank order."""
+        x = x.contiguous()
+        out = [torch.empty_like(x) for _ in range(self.size)]
+        self.device_group.allgather([out], [x]).wait()
+        return out
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite x with rank src's x, in place; returns x."""
+        self.device_group.broadcast(x, src).wait()
+        return x
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        """Rank src's picklable obj, on every rank (over the gloo group: length, then bytes)."""
+        if self.rank == src:
+            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            length = torch.tensor([payload.numel()], dtype=torch.int64)
+        else:
+            length = torch.zeros(1, dtype=torch.int64)
+        self.cpu_group.broadcast(length, src).wait()
+        if self.rank != src:
+            payload = torch.empty(int(length), dtype=torch.uint8)
+        self.cpu_group.broadcast(payload, src).wait()
+        return obj if self.rank == src else pickle.loads(payload.numpy().tobytes())
+
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's value."""
+        t = torch.tensor([value], dtype=torch.int64)
+        self.cpu_group.allreduce([t], dist.ReduceOp.MIN).wait()
+        return int(t)
+
+    def close(self) -> None:
+        """Release the group's connections."""
+        if self.device_group is not self.cpu_group:
+            self.device_group.shutdown()
+        self.cpu_group.shutdown()

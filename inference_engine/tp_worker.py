@@ -1,0 +1,168 @@
+"""Tensor-parallel ranks 1..tp-1: worker processes that mirror every model operation of the Engine's rank 0.
+
+Rank 0 (the Engine's ModelRunner) broadcasts each operation as a command (a pickled tuple over the
+gloo group) followed by its tensors over the device group: a step's ForwardBatch as one packed int64
+tensor, the hidden rows whose logits are wanted, weights as one flat buffer per dtype. Every rank
+then runs the same code on its own shard, so the collectives inside the model line up. Commands are
+only ever sent from the scheduler thread, so they reach the workers in the order rank 0 runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import traceback
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from inference_engine.config import EngineConfig
+from inference_engine.forward_batch import ForwardBatch
+from inference_engine.parallel import TP_TIMEOUT_S, TPGroup, rank_device
+from weight_sync import FlatLayout, WeightReceiver
+from weight_sync.group import free_port
+
+if TYPE_CHECKING:
+    from inference_engine.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+JOIN_TIMEOUT_S = 30.0
+RUNNER_COMMANDS = ("load_checkpoint", "named_hf_tensors", "release_memory", "resume_memory")
+RECEIVER_COMMANDS = ("init_weights_update_group", "update_weights_from_distributed", "destroy_weights_update_group")
+
+
+class TPWorkers:
+    """Rank 0's handle on the worker processes of ranks 1..tp-1 and its own membership of the tp group."""
+
+    def __init__(self, config: EngineConfig):
+        self.size = config.tp_size
+        port = free_port()
+        ctx = multiprocessing.get_context("spawn")
+        self.processes = [ctx.Process(target=worker_main, args=(rank, config, port, torch.get_num_threads()),
+                                      name=f"kiln-engine-tp{rank}", daemon=True)
+                          for rank in range(1, self.size)]
+        for p in self.processes:
+            p.start()
+        try:
+            self.group = TPGroup("127.0.0.1", port, 0, self.size, rank_device(config.device, config.base_gpu_id, 0))
+        except Exception:
+            self.kill()
+            raise
+
+    def command(self, name: str, *args: Any) -> None:
+        """Have every worker run operation `name` with picklable args (its tensors follow separately)."""
+        self.group.broadcast_object((name, args))
+
+    def send_batch(self, fb: ForwardBatch) -> None:
+        """Send a step's ForwardBatch: its host lists with the command, its device tensors packed in one broadcast."""
+        self.command("forward", fb.extend_lens, fb.seq_lens_cpu.tolist(), fb.kv_indices.numel())
+        self.group.broadcast(torch.cat([fb.input_ids, fb.positions, fb.out_cache_loc, fb.qo_indptr, fb.kv_indptr,
+                                        fb.kv_indices, fb.seq_lens]))
+
+    def send_hidden(self, hidden: torch.Tensor) -> None:
+        """Send the hidden rows [N, hidden] whose logits rank 0 is about to compute."""
+        self.command("logits", tuple(hidden.shape), hidden.dtype)
+        self.group.broadcast(hidden.contiguous())
+
+    def send_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Send full HF-named tensors (one flat buffer per dtype); each rank loads its shard of them."""
+        layout = FlatLayout.of(named)
+        self.command("load_weights", layout.metadata())
+        for buf in layout.flatten(named, device=self.group.device):
+            self.group.broadcast(buf)
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the workers (graceful: a stop command first; any still alive after it is killed) and leave the group."""
+        if graceful:
+            try:
+                self.command("stop")
+            except Exception as exc:  # a worker already gone: the kill below still cleans up
+                log.warning("tp workers did not take the stop command: %s", exc)
+            for p in self.processes:
+                p.join(JOIN_TIMEOUT_S)
+        self.kill()
+        self.group.close()
+
+    def kill(self) -> None:
+        """Kill workers that are still alive and reap them."""
+        for p in self.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+
+
+def receive_batch(group: TPGroup, runner: "ModelRunner", extend_lens: list[int], seq_lens: list[int],
+                  num_kv: int) -> ForwardBatch:
+    """The ForwardBatch rank 0 sent, on this rank's KV pool and attention backend."""
+    tokens, bs = sum(extend_lens), len(extend_lens)
+    packed = group.broadcast(torch.empty(3 * tokens + 2 * (bs + 1) + num_kv + bs, dtype=torch.int64,
+                                         device=runner.device))
+    input_ids, positions, out_cache_loc, qo_indptr, kv_indptr, kv_indices, seq_lens_d = packed.split(
+        [tokens, tokens, tokens, bs + 1, bs + 1, num_kv, bs])
+    return ForwardBatch(input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc, qo_indptr=qo_indptr,
+                        kv_indptr=kv_indptr, kv_indices=kv_indices, seq_lens=seq_lens_d,
+                        seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64), extend_lens=list(extend_lens),
+                        kv_pool=runner.kv_pool, attn_backend=runner.attn_backend)
+
+
+def receive_weights(group: TPGroup, metadata: dict) -> list[tuple[str, torch.Tensor]]:
+    """The full HF-named tensors rank 0 sent with send_weights."""
+    layout = FlatLayout.from_metadata(**metadata)
+    return layout.unflatten([group.broadcast(buf) for buf in layout.empty_buffers(group.device)])
+
+
+class RankWeights:
+    """A worker rank's weights as weight_sync's WeightTarget: updates load this rank's shard, rank 0 keeps the version."""
+
+    def __init__(self, runner: "ModelRunner"):
+        self.runner = runner
+        self.weight_version = 0
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
+        """Load this rank's shard of the HF-named tensors."""
+        self.runner.load_weights_local(named_tensors)
+        self.weight_version = self.weight_version + 1 if weight_version is None else weight_version
+        return self.weight_version
+
+
+def worker_main(rank: int, config: EngineConfig, port: int, num_threads: int) -> None:
+    """A worker process: join the tp group, build this rank's ModelRunner, then run rank 0's commands until stop."""
+    from inference_engine.model_runner import ModelRunner
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(num_threads)
+    device = rank_device(config.device, config.base_gpu_id, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    group = TPGroup("127.0.0.1", port, rank, config.tp_size, device, TP_TIMEOUT_S)
+    runner = ModelRunner(config, tp=group)
+    receiver = WeightReceiver(RankWeights(runner), tp_rank=rank)
+    try:
+        while True:
+            name, args = group.broadcast_object()
+            if name == "stop":
+                return
+            try:
+                _run_command(group, runner, receiver, name, args)
+            except Exception:  # rank 0 runs the same operation and reports the same error to its caller
+                log.error("tp rank %d: %s failed:\n%s", rank, name, traceback.format_exc())
+    finally:
+        receiver.close()
+        group.close()
+
+
+def _run_command(group: TPGroup, runner: "ModelRunner", receiver: WeightReceiver, name: str, args: tuple) -> None:
+    if name == "forward":
+        runner.forward(receive_batch(group, runner, *args))
+    elif name == "logits":
+        shape, dtype = args
+        runner.logits(group.broadcast(torch.empty(shape, dtype=dtype, device=runner.device)))
+    elif name == "load_weights":
+        runner.load_weights_local(receive_weights(group, *args))
+    elif name in RUNNER_COMMANDS:
+        getattr(runner, name)(*args)
+    elif name in RECEIVER_COMMANDS:
+        getattr(receiver, name)(*args)
+    else:
+        raise ValueError(f"unknown tp command {name!r}")
+
