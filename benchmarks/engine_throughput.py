@@ -3,7 +3,7 @@
 Builds a random-weight model of a real architecture's shape (configs below copy the public
 config.json values; nothing is downloaded) as a local HF folder, then prints one table:
 
-    PYTHONPATH=. python benchmarks/engine_throughput.py --shape qwen3-0.6b --backend flashinfer
+    python -m benchmarks.engine_throughput --shape qwen3-0.6b --backend flashinfer   # from the repo root
 
 Decode tokens/s at batch B: two runs of B fresh prompts, with 1 and 1 + K new tokens; the
 difference is K decode steps. The roofline is B / ((weight bytes + KV bytes read per step) / copy
@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -97,6 +100,106 @@ def hf_generate(model, ids: list[list[int]], new_tokens: int) -> float:
     return len(ids) * new_tokens / (time.perf_counter() - start)
 
 
+def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_dir: Path) -> None:
+    """Where a decode step's time goes: host spans of the scheduler's parts, and device kernels, per batch size.
+
+    B requests decode in the background; once all of them are decoding, `steps` scheduler steps run
+    on the scheduler thread under torch.profiler (CPU + CUDA), with wall-clock timers around the
+    scheduler's parts. Then the graph of that size is replayed alone (device time per replay, CUDA
+    events) and the model forward runs eagerly once under the profiler to name its kernels.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import inference_engine.scheduler as sched_mod
+
+    sched, runner = engine.scheduler, engine.runner
+    spans: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            with record_function(name):
+                out = fn(*a, **kw)
+            spans[name] += time.perf_counter() - start
+            return out
+        return wrapper
+
+    targets = [(sched, "_schedule"), (sched, "_forward_batch"), (sched, "_sampling_batch"), (sched, "_append_tokens"),
+               (runner, "forward"), (runner, "logits"), (runner.attn_backend, "init_graph_metadata"),
+               (runner.attn_backend, "init_forward_metadata"), (sched_mod, "sample")]
+    if runner.graph_runner is not None:
+        targets.append((runner.graph_runner, "replay"))
+    for bs in batch_sizes:
+        worker = threading.Thread(target=timed_generate, args=(engine, prompts(bs, 128, vocab, seed=700 + bs), 3000))
+        worker.start()
+        while not engine._call(lambda: len(sched.running) == bs and all(len(r.output_ids) > 2 for r in sched.running)):
+            time.sleep(0.01)
+
+        def run_profile():
+            originals = [(obj, name, getattr(obj, name)) for obj, name in targets]
+            for obj, name, fn in originals:
+                setattr(obj, name, timed(name, fn))
+            spans.clear()
+            for _ in range(3):  # warm
+                sched.step()
+            spans.clear()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                start = time.perf_counter()
+                for _ in range(steps):
+                    sched.step()
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - start
+            for obj, name, fn in originals:
+                setattr(obj, name, fn)
+            result = {"wall_ms_per_step": 1e3 * wall / steps,
+                      "spans_ms_per_step": {k: 1e3 * v / steps for k, v in sorted(spans.items(), key=lambda x: -x[1])}}
+            gr = runner.graph_runner
+            if gr is not None:
+                size = next(s for s in gr.batch_sizes if s >= bs)
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                gr.graphs[size].replay()
+                ev[0].record()
+                for _ in range(20):
+                    gr.graphs[size].replay()
+                ev[1].record()
+                torch.cuda.synchronize()
+                result["graph_replay_ms"] = ev[0].elapsed_time(ev[1]) / 20
+                hidden = gr.outputs[size][:bs]
+                ev[0].record()
+                for _ in range(20):
+                    runner.logits(hidden)
+                ev[1].record()
+                torch.cuda.synchronize()
+                result["logits_ms"] = ev[0].elapsed_time(ev[1]) / 20
+                sb = sched._sampling_batch(list(sched.running))
+                logits = runner.logits(hidden)
+                ev[0].record()
+                for _ in range(20):
+                    sched_mod.sample(logits, sb, sched.shared_generator)
+                ev[1].record()
+                torch.cuda.synchronize()
+                result["sample_ms"] = ev[0].elapsed_time(ev[1]) / 20
+                with profile(activities=[ProfilerActivity.CUDA]) as eager_prof:
+                    runner.model(gr.batches[size])
+                    torch.cuda.synchronize()
+                result["eager_kernels"] = eager_prof.key_averages().table(sort_by="self_device_time_total",
+                                                                          row_limit=30)
+                result["eager_kernel_count"] = sum(e.count for e in eager_prof.key_averages()
+                                                   if e.device_type.name == "CUDA")
+            result["step_cuda"] = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+            result["step_cpu"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+            return result
+
+        res = engine._call(run_profile)
+        engine.abort(abort_all=True)
+        worker.join()
+        (out_dir / f"profile_bs{bs}.txt").write_text(res.pop("step_cuda") + "\n\n" + res.pop("step_cpu") + "\n\n"
+                                                     + res.get("eager_kernels", ""))
+        print(f"== profile batch {bs}: {res.pop('eager_kernels', '')}")
+        print(json.dumps(res, indent=1), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
@@ -109,6 +212,8 @@ def main() -> None:
     ap.add_argument("--hf-batches", default="1,64")
     ap.add_argument("--hf-tokens", type=int, default=64, help="prompt 128 tokens, this many generated")
     ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--profile", default="", help="batch sizes to profile (e.g. 1,256), then exit")
+    ap.add_argument("--profile-steps", type=int, default=10)
     args = ap.parse_args()
 
     from inference_engine import Engine
@@ -149,6 +254,11 @@ def main() -> None:
     if not spec.tie_word_embeddings:  # the embedding table is only gathered from, not read whole
         weight_bytes -= params["model.embed_tokens.weight"].numel() * 2
     kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
+    if args.profile:
+        out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp(prefix="kiln_profile_")))
+        profile_decode(engine, [int(b) for b in args.profile.split(",")], vocab, args.profile_steps, out_dir)
+        engine.shutdown()
+        return
 
     for bs in [int(b) for b in args.hf_batches.split(",") if b]:
         ids = prompts(bs, 128, vocab, seed=100 + bs)

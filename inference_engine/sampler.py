@@ -50,7 +50,9 @@ class SampleOutput:
 
 
 def apply_penalties(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
-    """Penalised copy of logits [B, V]."""
+    """Penalised copy of logits [B, V] (logits itself when no row is penalised)."""
+    if sb.repetition_penalty is None and sb.frequency_penalty is None:
+        return logits
     logits = logits.clone()
     if sb.repetition_penalty is not None:
         p = sb.repetition_penalty[:, None].expand_as(logits)
@@ -78,6 +80,10 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
 def sample(logits: torch.Tensor, sb: SamplingBatch, shared_generator: torch.Generator) -> SampleOutput:
     """Pick one token per row of float32 logits [B, V]."""
     logits = apply_penalties(logits, sb)
+    if sb.all_greedy and not sb.top_logprobs_num:  # argmax, and log_softmax at it only (T = 1)
+        tokens = logits.argmax(dim=-1)
+        logprobs = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        return SampleOutput(tokens, logprobs, None, None)
     scaled = logits / sb.temperatures[:, None]
     logprobs_all = torch.log_softmax(scaled, dim=-1)  # [B, V]
     tokens = logits.argmax(dim=-1)

@@ -111,7 +111,7 @@ class Scheduler:
         batch: list[tuple[Req, int]] = []
         retracted = False
         for req in sorted(self.running, key=lambda r: r.admitted):
-            if req not in self.running:  # retracted while making room for an older one
+            if req.row is None:  # retracted while making room for an older one
                 continue
             remaining = req.fill_len - req.kv_len
             n = 1 if remaining == 1 else min(remaining, budget)
@@ -174,14 +174,18 @@ class Scheduler:
 
     def _extend(self, req: Req, n: int) -> bool:
         """Allocate KV slots for req's next n tokens (evicting cache if needed); False if the pool is full."""
+        if n == 1 and req.kv_len % self.config.page_size:  # a decode inside its open page: the next slot
+            req.last_slot += 1
+            req.new_slots = [req.last_slot]
+            return True
         slots = self.kv_pool.alloc_extend(req.kv_len, n, req.last_slot)
         if slots is None:
             self.tree.evict(n + self.config.page_size)
             slots = self.kv_pool.alloc_extend(req.kv_len, n, req.last_slot)
         if slots is None:
             return False
-        req.new_slots = slots  # recorded in req_to_token by _forward_batch, for the whole batch at once
-        req.last_slot = int(slots[-1])
+        req.new_slots = slots.tolist()  # recorded in req_to_token by _forward_batch, for the whole batch at once
+        req.last_slot = req.new_slots[-1]
         return True
 
     def _retract(self, req: Req) -> None:
@@ -242,8 +246,9 @@ class Scheduler:
         extend_lens = [n for _, n in batch]
         seq_lens = [req.kv_len + n for req, n in batch]
         num_tokens, bs = len(ids), len(batch)
-        host = torch.cat([torch.tensor(ids + positions + extend_lens + seq_lens + [req.row for req, _ in batch],
-                                       dtype=torch.int64), *(req.new_slots for req, _ in batch)])
+        slots = [slot for req, _ in batch for slot in req.new_slots]
+        host = torch.tensor(ids + positions + extend_lens + seq_lens + [req.row for req, _ in batch] + slots,
+                            dtype=torch.int64)
         dev = self.device
         input_ids, positions_d, extend_d, seq_lens_d, rows_d, out_cache_loc = to_device(host, dev).split(
             [num_tokens, num_tokens, bs, bs, bs, num_tokens])

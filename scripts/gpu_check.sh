@@ -2,7 +2,8 @@
 # One device call: install the carried wheels, run the engine's GPU tests, run the throughput benchmark,
 # keep flashinfer's JIT cache for next time, print a short table last. Logs go to $OUT.
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl", ".fi_cache"])
-# BENCH_ARGS overrides the benchmark's arguments; SKIP_TESTS=1 skips pytest, SKIP_BENCH=1 the benchmark.
+# BENCH_ARGS overrides the benchmark's arguments (BENCH_TIMEOUT its time limit, default 240 s; LOG_TAG names its log
+# bench$LOG_TAG.log, so several shapes can run in one call); SKIP_TESTS=1 skips pytest, SKIP_BENCH=1 the benchmark.
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 OUT=${OUT:-/tmp/kiln_gpu_check}
@@ -16,14 +17,14 @@ python3 -c "import torch, triton, transformers, flashinfer; print('torch', torch
 
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 330 python3 -m pytest -m gpu tests/test_engine_gpu.py tests/test_cuda_graph.py -q -p no:cacheprovider \
+  timeout 330 python3 -m pytest -m gpu tests/test_engine_gpu.py tests/test_cuda_graph.py tests/test_ops.py -q -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest.log"
   tests_rc=${PIPESTATUS[0]}
 fi
 
 bench_rc=skipped
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  timeout 240 python3 benchmarks/engine_throughput.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  timeout "${BENCH_TIMEOUT:-240}" python3 -m benchmarks.engine_throughput ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench${LOG_TAG:-}.log"
   bench_rc=${PIPESTATUS[0]}
 fi
 
@@ -32,4 +33,4 @@ echo
 echo "== summary =="
 echo "pytest -m gpu: rc=$tests_rc $(grep -E '[0-9]+ (passed|failed)' "$OUT/pytest.log" 2>/dev/null | tail -1)"
 echo "benchmark: rc=$bench_rc"
-grep '^|' "$OUT/bench.log" 2>/dev/null
+grep '^|' "$OUT/bench${LOG_TAG:-}.log" 2>/dev/null

@@ -85,3 +85,14 @@ def test_sampling_params_validation():
             assert next(iter(bad)) in str(e)
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+def test_all_greedy_fast_path_matches_float64_log_softmax():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 1000, generator=g) * 4
+    sb = batch(rows=3, vocab=1000, greedy=torch.ones(3, dtype=torch.bool), all_greedy=True)
+    out = sample(logits, sb, torch.Generator().manual_seed(0))
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    assert out.tokens.tolist() == logits.argmax(dim=-1).tolist()
+    assert torch.allclose(out.logprobs.double(), ref.gather(-1, out.tokens[:, None])[:, 0], atol=1e-5)
+    assert out.top_logprobs is None

@@ -1,0 +1,72 @@
+"""Fused elementwise ops of the decoder layer: (residual add +) RMSNorm, q/k norm + RoPE, SiLU-and-mul.
+
+Each function runs one triton kernel where triton can (CUDA tensors, or any tensors when the process
+started with TRITON_INTERPRET=1) and otherwise its torch specification in `reference.py`, which CPU
+engines use. Both paths compute the same function (tests/test_ops.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from inference_engine.ops import reference
+
+__all__ = ["qk_norm_rope", "reference", "rms_norm", "runs_triton", "silu_and_mul"]
+
+
+@functools.cache
+def _triton_ops() -> ModuleType | None:
+    """The triton implementation module, or None when triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from inference_engine.ops import triton_ops
+
+    return triton_ops
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def runs_triton(device: torch.device | str) -> bool:
+    """Whether the ops run their triton kernels (not the torch reference) for tensors on device."""
+    kind = torch.device(device).type
+    if kind == "cpu" and not _interpreting():
+        return False  # decided without importing triton: CPU engines never pay for it
+    return kind in ("cpu", "cuda") and _triton_ops() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """weight * RMSNorm(x) [..., N]; with residual, (weight * RMSNorm(x + residual), x + residual)."""
+    if runs_triton(x.device):
+        return _triton_ops().rms_norm(x, weight, eps, residual)
+    if residual is None:
+        return reference.rms_norm(x, weight, eps)
+    return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                 num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None = None,
+                 k_weight: torch.Tensor | None = None,
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, H, D], k [T, KVH, D] (RMSNorm per head when weights are given, then RoPE at positions [T]) and v of qkv."""
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("qk_norm_rope needs both q_weight and k_weight, or neither")
+    if runs_triton(qkv.device):
+        return _triton_ops().qk_norm_rope(qkv, positions, cos_table, sin_table, num_heads, num_kv_heads, head_dim,
+                                          q_weight, k_weight, eps)
+    return reference.qk_norm_rope(qkv, positions, cos_table, sin_table, num_heads, num_kv_heads, head_dim,
+                                  q_weight, k_weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up [T, 2I] = [gate | up]; returns [T, I]."""
+    if runs_triton(gate_up.device):
+        return _triton_ops().silu_and_mul(gate_up)
+    return reference.silu_and_mul(gate_up)

@@ -1,0 +1,134 @@
+"""Fused ops: the torch reference against float64 math, and the triton kernels against the reference.
+
+On CPU the triton kernels run under the triton interpreter in one subprocess started with
+TRITON_INTERPRET=1 (the variable must be set before triton builds the kernels); this file is also
+that subprocess's script. The `gpu` test runs the compiled kernels on CUDA in bfloat16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from inference_engine import ops
+from inference_engine.models.layers import RotaryEmbedding
+from inference_engine.ops import reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+EPS = 1e-6
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def _inputs(seed: int, dtype: torch.dtype, device: str, tokens: int = 5, heads: int = 4, kv_heads: int = 2,
+            head_dim: int = 32, hidden: int = 96, inter: int = 80):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+    rotary = RotaryEmbedding(head_dim, 64, 10000.0).to(device)
+    return dict(x=randn(tokens, hidden), residual=randn(tokens, hidden), weight=randn(hidden, scale=0.5) + 1,
+                qkv=randn(tokens, (heads + 2 * kv_heads) * head_dim), q_weight=randn(head_dim) + 1,
+                k_weight=randn(head_dim) + 1, gate_up=randn(tokens, 2 * inter, scale=2.0),
+                positions=torch.randint(0, 64, (tokens,), generator=g).to(device), cos=rotary.cos, sin=rotary.sin,
+                heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def _all_ops(a: dict, impl) -> dict[str, torch.Tensor]:
+    """Every op's outputs under impl (the reference module or the triton module), by name."""
+    out = {"norm": impl.rms_norm(a["x"], a["weight"], EPS)}
+    if impl is reference:
+        out["add_norm"], out["add_norm_residual"] = impl.add_rms_norm(a["x"], a["residual"], a["weight"], EPS)
+    else:
+        out["add_norm"], out["add_norm_residual"] = impl.rms_norm(a["x"], a["weight"], EPS, a["residual"])
+    for norm in (True, False):
+        weights = (a["q_weight"], a["k_weight"]) if norm else (None, None)
+        q, k, v = impl.qk_norm_rope(a["qkv"], a["positions"], a["cos"], a["sin"], a["heads"], a["kv_heads"],
+                                    a["head_dim"], *weights, EPS)
+        out.update({f"q_norm{norm}": q, f"k_norm{norm}": k, f"v_norm{norm}": v})
+    out["silu_mul"] = impl.silu_and_mul(a["gate_up"])
+    return out
+
+
+def test_reference_matches_float64_math():
+    a = _inputs(0, torch.float32, "cpu")
+    x, r, w = a["x"].double(), a["residual"].double(), a["weight"].double()
+
+    def norm64(v, weight):
+        return weight * v / (v.pow(2).mean(-1, keepdim=True) + EPS).sqrt()
+
+    assert _rel(reference.rms_norm(a["x"], a["weight"], EPS), norm64(x, w)) < 1e-6
+    normed, residual = reference.add_rms_norm(a["x"], a["residual"], a["weight"], EPS)
+    assert _rel(residual, x + r) < 1e-7 and _rel(normed, norm64(x + r, w)) < 1e-6
+    # RoPE: pair (j, j + D/2) of each head rotated by angle pos * inv_freq[j]
+    heads, kv_heads, d = a["heads"], a["kv_heads"], a["head_dim"]
+    q, k, v = reference.qk_norm_rope(a["qkv"], a["positions"], a["cos"], a["sin"], heads, kv_heads, d,
+                                     a["q_weight"], a["k_weight"], EPS)
+    qkv = a["qkv"].double()
+    q_in = norm64(qkv[:, :heads * d].view(-1, heads, d), a["q_weight"].double())
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = a["positions"].double()[:, None, None] * inv_freq  # [T, 1, D/2]
+    x1, x2 = q_in[..., :d // 2], q_in[..., d // 2:]
+    q_ref = torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], dim=-1)
+    assert _rel(q, q_ref) < 1e-5
+    assert k.shape == (5, kv_heads, d)
+    assert torch.equal(v, a["qkv"][:, (heads + kv_heads) * d:].view(-1, kv_heads, d))
+    gate, up = a["gate_up"].double().chunk(2, dim=-1)
+    assert _rel(reference.silu_and_mul(a["gate_up"]), gate / (1 + (-gate).exp()) * up) < 1e-6
+
+
+def test_dispatch_uses_reference_on_cpu():
+    if os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("this process interprets triton")
+    assert not ops.runs_triton("cpu")
+    a = _inputs(1, torch.float32, "cpu")
+    assert torch.equal(ops.silu_and_mul(a["gate_up"]), reference.silu_and_mul(a["gate_up"]))
+    with pytest.raises(ValueError, match="q_weight and k_weight"):
+        ops.qk_norm_rope(a["qkv"], a["positions"], a["cos"], a["sin"], 4, 2, 32, a["q_weight"], None)
+
+
+def _compare_triton(device: str, dtype: torch.dtype, seeds=(0, 1, 2), tol: float = 1e-2, **shape) -> None:
+    from inference_engine.ops import triton_ops
+
+    tol = 1e-6 if dtype == torch.float32 else tol
+    for seed in seeds:
+        a = _inputs(seed, dtype, device, **shape)
+        ref, got = _all_ops(a, reference), _all_ops(a, triton_ops)
+        for name, expected in ref.items():
+            out = got[name]
+            assert out.shape == expected.shape and out.dtype == expected.dtype, name
+            assert torch.isfinite(out.float()).all(), name
+            assert _rel(out, expected) < tol, (name, seed, dtype, _rel(out, expected))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels_match_reference_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "interpreter checks passed" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernels_match_reference_on_gpu():
+    assert ops.runs_triton("cuda")
+    _compare_triton("cuda", torch.bfloat16, tokens=37, heads=16, kv_heads=8, head_dim=128, hidden=1024, inter=3072)
+    _compare_triton("cuda", torch.float32, seeds=(3,), tokens=3, heads=32, kv_heads=8, head_dim=128, hidden=4096,
+                    inter=12288)
+
+
+if __name__ == "__main__":  # the interpreter subprocess
+    assert ops.runs_triton("cpu")
+    _compare_triton("cpu", torch.float32)
+    _compare_triton("cpu", torch.float32, seeds=(4,), tokens=1, heads=2, kv_heads=1, head_dim=16, hidden=48, inter=20)
+    _compare_triton("cpu", torch.bfloat16, seeds=(5,), tol=4e-2)  # the interpreter's float32 -> bf16 is not RNE
+    print("interpreter checks passed")
