@@ -8,7 +8,7 @@ tokens, one loss-mask entry and one log-prob per response token, and sets the st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.client import EngineClient, EngineError
@@ -20,11 +20,20 @@ FINISH_STATUS = {"stop": Status.COMPLETED, "length": Status.TRUNCATED, "abort": 
 
 @dataclass
 class GenerateArgs:
-    """What generate, reward and filter functions get as `args`: the engine client, tokenizer and config."""
+    """What generate, reward and filter functions get as `args`: engine clients, tokenizer and config.
+
+    `clients` maps each policy to its engines' client (`{"default": client}` with one policy); a
+    multi-agent generate function calls `args.clients[policy]` and tags each Sample with its policy.
+    """
 
     client: EngineClient
     tokenizer: Any
     config: RolloutConfig
+    clients: dict[str, EngineClient] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.clients:
+            self.clients = {"default": self.client}
 
 
 def finish_status(meta_info: dict[str, Any]) -> Status:

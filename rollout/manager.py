@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -90,17 +90,28 @@ def _fresh(prompt: Sample, index: int) -> Sample:
 
 
 class RolloutManager:
-    """Owns the prompt data and a Router over the engines; `generate(step)` returns a scored RolloutBatch."""
+    """Owns the prompt data and a Router over the engines; `generate(step)` returns a scored RolloutBatch.
+
+    `clients` is one policy's engines (a Router or clients), or {policy: Router | clients} for several
+    policies; generate functions get them all as `args.clients` and the first one as `args.client`.
+    """
 
     def __init__(self, config: RolloutConfig, data: PromptDataset | None,
-                 clients: Router | Sequence[EngineClient], tokenizer: Any,
-                 eval_data: PromptDataset | None = None) -> None:
+                 clients: Router | Sequence[EngineClient] | Mapping[str, Router | Sequence[EngineClient]],
+                 tokenizer: Any, eval_data: PromptDataset | None = None) -> None:
         self.config = config
         self.data = data
         self.eval_data = eval_data
-        self.router = clients if isinstance(clients, Router) else Router(
-            clients, page_size=config.router_page_size, balance_threshold=config.router_balance_threshold)
-        self.args = GenerateArgs(client=self.router, tokenizer=tokenizer, config=config)
+        by_policy = clients if isinstance(clients, Mapping) else {"default": clients}
+        if not by_policy:
+            raise ValueError("RolloutManager needs the engines of at least one policy")
+        self.routers = {name: c if isinstance(c, Router) else Router(
+            c, page_size=config.router_page_size, balance_threshold=config.router_balance_threshold)
+            for name, c in by_policy.items()}
+        self._check_policies = isinstance(clients, Mapping)  # named policies: samples must name one of them
+        self.default_policy = next(iter(self.routers))  # what samples train unless the generate function says
+        self.router = self.routers[self.default_policy]
+        self.args = GenerateArgs(client=self.router, tokenizer=tokenizer, config=config, clients=self.routers)
         self.generate_fn = load_function(config.custom_generate_function_path)
         if not inspect.iscoroutinefunction(self.generate_fn):
             raise TypeError(f"generate function {config.custom_generate_function_path} must be "
@@ -124,9 +135,10 @@ class RolloutManager:
         if self.data is None and not self._buffer:
             raise ValueError("RolloutManager has no prompt data (pass a PromptDataset)")
         start = time.monotonic()
-        if not all(self.router.healthy):
-            await self.router.check_health()
-        self.router.take_stats()
+        for router in self.routers.values():
+            if not all(router.healthy):
+                await router.check_health()
+            router.take_stats()
         deadline = start + cfg.rollout_deadline if cfg.rollout_deadline else None
         target = cfg.rollout_batch_size
         sem = asyncio.Semaphore(cfg.rollout_concurrency)
@@ -222,6 +234,7 @@ class RolloutManager:
         if len(groups) < n and self.data is not None:
             for prompt in self.data.next_prompts(n - len(groups)):
                 prompt.group_index = self._next_group
+                prompt.policy = self.default_policy
                 self._next_group += 1
                 groups.append(_Group(prompt, [_fresh(prompt, self._new_index())
                                               for _ in range(self.config.n_samples_per_prompt)]))
@@ -240,7 +253,7 @@ class RolloutManager:
         """Abort the engines' requests, give them --abort-grace to come back, cancel the rest; the groups."""
         self._stopping = True
         try:
-            await self.router.abort_all()
+            await asyncio.gather(*(router.abort_all() for router in self.routers.values()))
         except Exception as e:  # noqa: BLE001 - aborting is best effort; cancellation follows
             logger.warning("abort_all failed: %r", e)
         done, still = await asyncio.wait(pending, timeout=self.config.abort_grace)
@@ -294,6 +307,9 @@ class RolloutManager:
                 s.validate()
                 if s.status == Status.PENDING:
                     raise ValueError(f"returned sample {s.index} with status pending; set its status")
+                if self._check_policies and s.policy not in self.routers:
+                    raise ValueError(f"returned sample {s.index} for policy {s.policy!r}; "
+                                     f"the policies are {sorted(self.routers)}")
                 s.group_index = group_index
                 if i > 0 and s.index == original_index:
                     s.index = self._new_index()
@@ -311,7 +327,7 @@ class RolloutManager:
 
     def _metrics(self, samples: list[Sample], failed: list[Sample], counts: dict[str, int],
                  elapsed: float) -> dict[str, float]:
-        stats = self.router.take_stats()
+        stats = [s for router in self.routers.values() for s in router.take_stats()]
         prompt_tokens = sum(s.prompt_tokens for s in stats)
         completion_tokens = sum(s.completion_tokens for s in stats)
         rewards = [scalar_reward(s, self.config.reward_key) for s in samples]

@@ -1,0 +1,490 @@
+"""The RL driver: configs from flags/YAML, Ray placement, trainer groups, engines, and the step loop.
+
+One step: rollout -> (colocated: engines release memory, trainers onload) -> train each policy on
+its samples -> push each policy's weights into its engines -> (trainers offload, engines resume)
+-> eval every --eval-interval steps -> checkpoint every --save-interval steps -> one log line.
+With --async-rollout the rollout of step k+1 runs while step k trains (staleness 1, TIS on).
+Step k (1-based, as logged) trains on rollout k-1 and leaves the engines at weight_version k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from inference_engine.config import EngineConfig
+from rollout.cli import ConfigError, build_parser, instantiate, load_yaml, to_flag_values
+from rollout.config import DataConfig, RolloutConfig, RunConfig
+from rollout.manager import DataExhausted, RolloutBatch, RolloutManager
+from trainer.config import TrainerConfig
+from weight_sync import WeightSyncConfig
+
+logger = logging.getLogger("kiln.driver")
+
+CONFIG_CLASSES = (RunConfig, RolloutConfig, DataConfig, TrainerConfig, EngineConfig)
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+# flags the driver sets itself, per policy or from another flag
+_DERIVED = {"model-path": "--hf-checkpoint / --policies", "device": "the placement (cuda when Ray has GPUs)"}
+
+
+@dataclass
+class DriverConfig:
+    """Every part's config, resolved against each other; `policies` maps names to HF folders."""
+
+    run: RunConfig
+    rollout: RolloutConfig
+    data: DataConfig
+    trainer: TrainerConfig
+    engine: EngineConfig
+    policies: dict[str, str]
+
+    def flag_values(self) -> dict[str, Any]:
+        """{flag: value} of the whole run (recorded in checkpoints and wandb)."""
+        return to_flag_values([self.run, self.rollout, self.data, self.trainer, self.engine])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> DriverConfig:
+    """Parse train.py's flags (and --config YAML) into a resolved DriverConfig."""
+    parser = build_parser(CONFIG_CLASSES, prog="train.py",
+                          description="Kiln RL training: rollout -> train -> push weights, under Ray.")
+    namespace = parser.parse_args(argv)
+    values = load_yaml(namespace.config, CONFIG_CLASSES) if namespace.config else {}
+    values.update({k.replace("_", "-"): v for k, v in vars(namespace).items() if k != "config"})
+    return resolve(values)
+
+
+def resolve(values: dict[str, Any]) -> DriverConfig:
+    """Build the configs from {flag: value}, deriving what one part takes from another; ConfigError if inconsistent."""
+    values = dict(values)
+    for flag, source in _DERIVED.items():
+        if flag in values:
+            raise ConfigError(f"--{flag} is set by the driver from {source}; do not set it")
+    policies = RunConfig(policies=values.get("policies", []),
+                         hf_checkpoint=values.get("hf-checkpoint", "")).policy_paths()
+    for name, path in policies.items():
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"policy {name!r}: {path!r} is not a local HF model folder (no config.json); "
+                              f"set --hf-checkpoint or --policies NAME=PATH")
+    first = next(iter(policies.values()))
+    values.setdefault("hf-checkpoint", first)
+    values["model-path"] = first
+    # the trainer's log-probs are of logits / the rollout temperature (greedy rollouts: T = 1, as the engine)
+    rollout_temperature = values.get("rollout-temperature", RolloutConfig.rollout_temperature)
+    derived = rollout_temperature if rollout_temperature > 0 else 1.0
+    if "temperature" in values and values["temperature"] != derived:
+        raise ConfigError(f"--temperature {values['temperature']} differs from --rollout-temperature "
+                          f"{rollout_temperature}; the trainer must use the rollout temperature (leave it unset)")
+    values["temperature"] = derived
+    if values.get("sampling-seed") is None:  # every request seeded: rollouts reproducible, resumes bit-exact
+        values["sampling-seed"] = values.get("seed", RunConfig.seed)
+    if values.get("async-rollout"):
+        if values.get("use-tis") is False:
+            raise ConfigError("--async-rollout trains on samples one version stale; it needs TIS (drop --no-use-tis)")
+        values["use-tis"] = True
+    run, rollout, data, trainer, engine = instantiate(CONFIG_CLASSES, values)
+    if len(policies) > 1 and trainer.ref_checkpoint is not None:
+        raise ConfigError("--ref-checkpoint is ambiguous with several --policies; each policy's reference is its "
+                          "own starting checkpoint")
+    if run.debug_train_only and not rollout.load_debug_rollout_data:
+        raise ConfigError("--debug-train-only trains on saved rollouts: set --load-debug-rollout-data PATH")
+    if not run.debug_train_only and not data.prompt_data and not rollout.load_debug_rollout_data:
+        raise ConfigError("set --prompt-data (a .jsonl/.json/.parquet file or a dataset folder)")
+    if run.eval_interval is not None and not data.eval_prompt_data:
+        raise ConfigError(f"--eval-interval {run.eval_interval} needs --eval-prompt-data")
+    return DriverConfig(run, rollout, data, trainer, engine, policies)
+
+
+class MetricsLogger:
+    """One JSON line per step in --metrics-file, and wandb when --use-wandb (offline unless WANDB_MODE says)."""
+
+    def __init__(self, run: RunConfig, config: dict[str, Any]) -> None:
+        self.path = Path(run.metrics_file) if run.metrics_file else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.wandb = None
+        if run.use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                logger.warning("--use-wandb is set but wandb is not installed; logging to %s only", self.path)
+            else:
+                mode = os.environ.get("WANDB_MODE", "offline")
+                self.wandb = wandb.init(project=run.wandb_project, mode=mode, config=config,
+                                        dir=str(self.path.parent) if self.path else None)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append `metrics` of `step`."""
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def failure_summary(batch: RolloutBatch, limit: int = 3) -> str:
+    """The most common reasons samples of a step failed, e.g. '2x reward timed out after 1s; 1x ...'."""
+    reasons = Counter((s.error or s.status.value).splitlines()[0][:160] for s in batch.failed)
+    return "; ".join(f"{n}x {why}" for why, n in reasons.most_common(limit))
+
+
+def _fmt(metrics: dict[str, Any], key: str, spec: str = ".3f") -> str:
+    value = metrics.get(key)
+    return "-" if value is None else format(value, spec)
+
+
+class Driver:
+    """Owns the Ray actors of a run and runs its steps; `run()` returns the per-step metrics."""
+
+    def __init__(self, config: DriverConfig) -> None:
+        self.cfg = config
+        self.trainers: dict[str, Any] = {}
+        self.engines: dict[str, list[Any]] = {}
+        self.manager = None
+        self.pg = None
+        self.start_step = 0
+        self._started_ray = False
+        self.weight_versions = {name: 0 for name in config.policies}
+        self.history: list[dict[str, Any]] = []
+
+    # ---- set-up -----------------------------------------------------------------------------------------------
+
+    def _init_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        run = self.cfg.run
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        if run.ray_address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=run.ray_address, runtime_env={"env_vars": env})
+        else:
+            ray.init(num_cpus=run.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+        self._started_ray = True
+
+    def setup(self) -> None:
+        """Start Ray (or join it), place and start every actor, and resume from --load."""
+        import ray
+
+        from rollout.actors import EngineActor, EngineProxy, RolloutManagerActor
+        from rollout.placement import actor_options, create_placement_group, plan_placement
+        from trainer.group import TrainerGroup
+
+        cfg, run = self.cfg, self.cfg.run
+        self._init_ray()
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        train, rollout = not run.debug_rollout_only, not run.debug_train_only
+        plan = plan_placement(list(cfg.policies), num_trainers=run.actor_num_nodes * run.actor_num_gpus_per_node,
+                              num_engines=run.num_engines, colocate=run.colocate, use_gpu=use_gpu,
+                              cpus_per_device=run.cpus_per_device, train=train, rollout=rollout)
+        self.colocated = run.colocate and train and rollout
+        logger.info("placement: %d bundles of %s for policies %s (%s, %s)", len(plan.bundles), plan.bundles[0],
+                    list(cfg.policies), "colocated" if self.colocated else "disaggregated", "GPU" if use_gpu else "CPU")
+        self.pg = create_placement_group(plan)
+        if train:
+            for name, path in cfg.policies.items():
+                tcfg = dataclasses.replace(cfg.trainer, hf_checkpoint=path)
+                self.trainers[name] = TrainerGroup(name, tcfg, self.pg, plan.policies[name].trainers)
+            ray.get([ref for g in self.trainers.values() for ref in g.remote("init")])
+            checkpoint = self._latest_checkpoint()
+            if checkpoint is not None:
+                ray.get([ref for name, g in self.trainers.items()
+                         for ref in g.remote("load_checkpoint", str(checkpoint / f"policy_{name}"))])
+            if self.colocated:
+                ray.get([ref for g in self.trainers.values() for ref in g.remote("offload")])
+        if rollout:
+            device = "cuda" if use_gpu else "cpu"
+            engine_cls = ray.remote(EngineActor)
+            for name, path in cfg.policies.items():
+                ecfg = dataclasses.replace(cfg.engine, model_path=path, device=device)
+                self.engines[name] = [engine_cls.options(**actor_options(self.pg, slot), max_concurrency=1000).remote(
+                    ecfg, run.rollout_client == "http") for slot in plan.policies[name].engines]
+            if run.rollout_client == "http":
+                targets = {name: ray.get([h.get_url.remote() for h in handles])
+                           for name, handles in self.engines.items()}
+            else:
+                targets = self.engines
+            self.manager = ray.remote(RolloutManagerActor).options(num_cpus=0).remote(
+                cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), run.health_check_interval)
+        if train and rollout:
+            refs = []
+            for name, group in self.trainers.items():
+                sync = WeightSyncConfig(
+                    transport="colocated" if self.colocated and run.actor_num_nodes == 1 else "distributed",
+                    bucket_bytes=run.update_weight_buffer_size, check_weight_update=run.check_weight_update,
+                    timeout_s=run.weight_sync_timeout, master_address=group.master_addr,
+                    group_name=f"kiln_weights_{name}")
+                proxies = [EngineProxy(h, timeout_s=run.weight_sync_timeout) for h in self.engines[name]]
+                refs += group.remote("connect_engines", proxies, sync)
+            ray.get(refs)
+        self._resume()
+
+    def _latest_checkpoint(self) -> Path | None:
+        """The folder of the latest checkpoint under --load, None if there is none yet."""
+        if not self.cfg.run.load:
+            return None
+        latest = Path(self.cfg.run.load) / LATEST_FILE
+        if not latest.is_file():
+            logger.warning("--load %s holds no checkpoint yet (no %s); starting from step 0", self.cfg.run.load,
+                           LATEST_FILE)
+            return None
+        return Path(self.cfg.run.load) / f"iter_{int(latest.read_text().strip()):07d}"
+
+    def _resume(self) -> None:
+        """Restore step, data position and weight versions from --load; push the loaded weights to the engines."""
+        import ray
+
+        checkpoint = self._latest_checkpoint()
+        if checkpoint is None:
+            return
+        state = json.loads((checkpoint / "driver.json").read_text())
+        if sorted(state["policies"]) != sorted(self.cfg.policies):
+            raise ValueError(f"checkpoint {checkpoint} has policies {sorted(state['policies'])}, this run "
+                             f"{sorted(self.cfg.policies)}")
+        self.start_step = state["next_step"]
+        if self.manager is not None:
+            ray.get(self.manager.load_state_dict.remote(torch.load(checkpoint / "rollout_state.pt",
+                                                                   weights_only=False)))
+        if self.trainers and self.engines:
+            self._push_weights(self.start_step)
+        self.weight_versions = {name: self.start_step for name in self.cfg.policies}
+        logger.info("resumed from %s at step %d", checkpoint, self.start_step)
+
+    # ---- phases -----------------------------------------------------------------------------------------------
+
+    def _push_weights(self, version: int) -> dict[str, float]:
+        """Push every policy's weights into its engines as `version`; timing and size metrics."""
+        import ray
+
+        refs = {name: g.remote("push_weights", version) for name, g in self.trainers.items()}
+        results = {name: ray.get(rs)[0] for name, rs in refs.items()}  # rank 0 reports; every rank takes part
+        ray.get([self.manager.flush_cache.remote(name) for name in refs])
+        metrics = {}
+        for name, stats in results.items():
+            self.weight_versions[name] = int(stats["weight_version"])
+            metrics[self._key("push", name, "gb_per_s")] = stats["gb_per_s"]
+            metrics[self._key("push", name, "bytes")] = stats["bytes"]
+        return metrics
+
+    def _key(self, prefix: str, policy: str, name: str) -> str:
+        return f"{prefix}/{name}" if len(self.cfg.policies) == 1 else f"{prefix}/{policy}/{name}"
+
+    def _train(self, batch: RolloutBatch) -> dict[str, float]:
+        """Each policy's train step on its samples (policies in parallel); metrics by policy."""
+        import ray
+
+        by_policy = batch.by_policy()
+        metrics: dict[str, float] = {}
+        work = {}
+        for name, group in self.trainers.items():
+            samples = by_policy.get(name, [])
+            if not samples:
+                logger.warning("step %d: no samples for policy %r; it is not updated", batch.step + 1, name)
+                continue
+            work[name] = group.remote("train_step", ray.put(samples))
+        for name, refs in work.items():
+            for key, value in ray.get(refs)[0].items():
+                metrics[self._key("train", name, key)] = value
+            if len(self.cfg.policies) > 1:
+                rewards = [s.reward for s in by_policy[name] if isinstance(s.reward, (int, float))]
+                metrics[f"rollout/{name}/reward_mean"] = sum(rewards) / max(len(rewards), 1)
+        return metrics
+
+    def _evaluate(self) -> dict[str, float]:
+        import ray
+
+        return ray.get(self.manager.evaluate.remote())
+
+    def _save(self, step: int) -> None:
+        """Checkpoint after `step` (0-based): trainers, rollout state, driver state; then mark it latest."""
+        import ray
+
+        root = Path(self.cfg.run.save)
+        folder = root / f"iter_{step + 1:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        ray.get([ref for name, g in self.trainers.items()
+                 for ref in g.remote("save_checkpoint", str(folder / f"policy_{name}"))])
+        if self.manager is not None:
+            torch.save(ray.get(self.manager.state_dict.remote()), folder / "rollout_state.pt")
+        state = {"next_step": step + 1, "policies": self.cfg.policies, "weight_versions": self.weight_versions,
+                 "seeds": {"seed": self.cfg.run.seed, "rollout_seed": self.cfg.data.rollout_seed,
+                           "sampling_seed": self.cfg.rollout.sampling_seed},
+                 "config": self.cfg.flag_values()}
+        (folder / "driver.json").write_text(json.dumps(state, indent=1, default=str))
+        (root / LATEST_FILE).write_text(str(step + 1))
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run steps --num-rollout steps from the start (or the resumed step); the metrics of each step."""
+        import ray
+
+        cfg, run = self.cfg, self.cfg.run
+        log = MetricsLogger(run, cfg.flag_values())
+        try:
+            if self.manager is not None and run.eval_interval and self.start_step == 0 and self.trainers:
+                start = time.perf_counter()
+                metrics = {**self._evaluate(), "timing/eval_s": time.perf_counter() - start}
+                log.log(0, metrics)
+                logger.info("step 0 | eval reward %s (before training)", _fmt(metrics, "eval/reward_mean"))
+            pending = self._launch_rollout(self.start_step)
+            for step in range(self.start_step, run.num_rollout):
+                t_step = time.perf_counter()
+                timing: dict[str, float] = {}
+                start = time.perf_counter()
+                try:
+                    batch = self._wait_rollout(pending, step)
+                except DataExhausted as e:
+                    logger.info("stopping before step %d: %s", step + 1, e)
+                    break
+                timing["timing/rollout_wait_s"] = time.perf_counter() - start
+                state_before_next = None
+                if run.async_rollout and step + 1 < run.num_rollout:
+                    if self._saves_at(step):  # the data position before the next rollout starts
+                        state_before_next = ray.get(self.manager.state_dict.remote())
+                    pending = self._launch_rollout(step + 1)
+                metrics = dict(batch.metrics)
+                if self.trainers:
+                    metrics.update(self._train_and_push(batch, step, timing))
+                if not run.async_rollout and step + 1 < run.num_rollout:
+                    pending = self._launch_rollout(step + 1)
+                if self.manager is not None and run.eval_interval and (step + 1) % run.eval_interval == 0:
+                    start = time.perf_counter()
+                    metrics.update(self._evaluate())
+                    timing["timing/eval_s"] = time.perf_counter() - start
+                if self._saves_at(step):
+                    start = time.perf_counter()
+                    self._save(step)
+                    if state_before_next is not None:
+                        torch.save(state_before_next, Path(run.save) / f"iter_{step + 1:07d}" / "rollout_state.pt")
+                    timing["timing/save_s"] = time.perf_counter() - start
+                timing["timing/step_s"] = time.perf_counter() - t_step
+                metrics.update(timing)
+                for name, version in self.weight_versions.items():
+                    metrics[self._key("weight_version", name, "engine")] = version
+                self._log_step(step, batch, metrics)
+                log.log(step + 1, metrics)
+                self.history.append({"step": step + 1, **metrics})
+        finally:
+            log.close()
+        return self.history
+
+    def _saves_at(self, step: int) -> bool:
+        run = self.cfg.run
+        if not run.save or not self.trainers:
+            return False
+        return step + 1 == run.num_rollout or (run.save_interval is not None and (step + 1) % run.save_interval == 0)
+
+    def _launch_rollout(self, step: int) -> Any:
+        if self.manager is None:
+            return None
+        return self.manager.generate.remote(step)
+
+    def _wait_rollout(self, pending: Any, step: int) -> RolloutBatch:
+        import ray
+
+        if pending is None:  # --debug-train-only
+            return RolloutManager.load_debug(self.cfg.rollout.load_debug_rollout_data.format(step=step))
+        return ray.get(pending)
+
+    def _train_and_push(self, batch: RolloutBatch, step: int, timing: dict[str, float]) -> dict[str, float]:
+        """Memory hand-over (colocated), train, push weights, hand memory back; train and push metrics."""
+        import ray
+
+        engines = [h for handles in self.engines.values() for h in handles]
+        if self.colocated:
+            start = time.perf_counter()
+            ray.get([h.release_memory.remote() for h in engines])
+            ray.get([ref for g in self.trainers.values() for ref in g.remote("onload")])
+            timing["timing/onload_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = self._train(batch)
+        timing["timing/train_s"] = time.perf_counter() - start
+        if engines:
+            start = time.perf_counter()
+            metrics.update(self._push_weights(step + 1))
+            timing["timing/push_s"] = time.perf_counter() - start
+            versions = [s.weight_version for s in batch.samples]
+            if versions:
+                metrics["rollout/weight_version_lag"] = step - min(versions)
+        if self.colocated:
+            start = time.perf_counter()
+            ray.get([ref for g in self.trainers.values() for ref in g.remote("offload")])
+            ray.get([h.resume_memory.remote() for h in engines])
+            timing["timing/offload_s"] = time.perf_counter() - start
+        return metrics
+
+    def _log_step(self, step: int, batch: RolloutBatch, m: dict[str, Any]) -> None:
+        policies = list(self.cfg.policies)
+        train = " ".join(f"{p}: loss {_fmt(m, self._key('train', p, 'loss'), '.4f')} "
+                         f"kl {_fmt(m, self._key('train', p, 'ppo_kl'), '.2e')} "
+                         f"v{self.weight_versions[p]}" for p in policies) if self.trainers else "rollout only"
+        failed = int(m.get("rollout/failed_samples", 0))
+        line = (f"step {step + 1}/{self.cfg.run.num_rollout} | reward {_fmt(m, 'rollout/reward_mean')} | "
+                f"eval {_fmt(m, 'eval/reward_mean')} | len {_fmt(m, 'rollout/response_len_mean', '.1f')} | "
+                f"{train} | failed {failed} (groups dropped {int(m.get('rollout/dropped_groups_failed', 0))}, "
+                f"bad rows {int(m.get('rollout/skipped_rows', 0))}) | rollout {m.get('timing/rollout_wait_s', 0):.2f}s "
+                f"train {m.get('timing/train_s', 0):.2f}s push {m.get('timing/push_s', 0):.2f}s "
+                f"step {m.get('timing/step_s', 0):.2f}s")
+        logger.info(line)
+        if batch.failed:
+            logger.warning("step %d failures: %s", step + 1, failure_summary(batch))
+
+    # ---- tear-down --------------------------------------------------------------------------------------------
+
+    def export_hf(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write each policy's current weights as an HF folder under out_dir/<policy>."""
+        return {name: g.export_hf(Path(out_dir) / name) for name, g in self.trainers.items()}
+
+    def shutdown(self) -> None:
+        """End every actor, release the placement group, and stop Ray if this driver started it."""
+        import ray
+
+        for group in self.trainers.values():
+            try:
+                group.shutdown()
+            except Exception as e:  # noqa: BLE001 - tear-down goes on
+                logger.warning("trainer group %s did not shut down cleanly: %r", group.name, e)
+        for handles in self.engines.values():
+            for h in handles:
+                try:
+                    ray.get(h.shutdown.remote(), timeout=30)
+                except Exception as e:  # noqa: BLE001
+                    logger.warning("engine did not shut down cleanly: %r", e)
+                ray.kill(h)
+        if self.manager is not None:
+            ray.kill(self.manager)
+        if self.pg is not None:
+            ray.util.remove_placement_group(self.pg)
+        self.trainers, self.engines, self.manager, self.pg = {}, {}, None, None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Parse flags, run the training, export each policy to <--save>/hf/<policy> at the end; the step metrics."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = parse_args(argv)
+    driver = Driver(config)
+    try:
+        driver.setup()
+        history = driver.run()
+        if config.run.save and driver.trainers:
+            for name, path in driver.export_hf(Path(config.run.save) / "hf").items():
+                logger.info("policy %s exported to %s", name, path)
+        return history
+    finally:
+        driver.shutdown()

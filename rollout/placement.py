@@ -1,0 +1,110 @@
+"""Where every trainer and engine actor runs: one placement-group bundle per device, shared or not.
+
+A "device" is a GPU, or on a machine without GPUs a slice of `cpus_per_device` CPUs. Each
+policy gets its own devices. Colocated: a policy's trainers and engines share its devices
+(trainer i and engine i take half of bundle i each, by fractional GPU or CPU). Disaggregated:
+the trainers' devices come first, then one device per engine. The same plan serves CPU and
+GPU; only the bundle's resource name differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+COLOCATED_SHARE = 0.5  # of a device, for each of the trainer and the engine that share it
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One actor's place: a bundle of the placement group and the resources it takes from it."""
+
+    bundle: int
+    num_cpus: float
+    num_gpus: float
+
+
+@dataclass(frozen=True)
+class PolicyPlacement:
+    """The slots of one policy's trainer ranks and engines."""
+
+    trainers: tuple[Slot, ...]
+    engines: tuple[Slot, ...]
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """Bundles of the placement group and each policy's slots in it."""
+
+    bundles: tuple[dict[str, float], ...]
+    policies: dict[str, PolicyPlacement]
+    use_gpu: bool
+
+
+def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: int, colocate: bool,
+                   use_gpu: bool, cpus_per_device: float = 1.0, train: bool = True,
+                   rollout: bool = True) -> PlacementPlan:
+    """Bundles and slots for `policies`, each with `num_trainers` trainer ranks and `num_engines` engines."""
+    if not policies:
+        raise ValueError("plan_placement needs at least one policy")
+    if num_trainers < 1 or num_engines < 1:
+        raise ValueError(f"num_trainers={num_trainers}, num_engines={num_engines}: both must be >= 1")
+    if not cpus_per_device > 0:
+        raise ValueError(f"cpus_per_device={cpus_per_device}: expected a number of CPUs > 0")
+    trainers = num_trainers if train else 0
+    engines = num_engines if rollout else 0
+    shared = colocate and trainers > 0 and engines > 0
+    bundle = {"CPU": float(cpus_per_device), "GPU": 1.0} if use_gpu else {"CPU": float(cpus_per_device)}
+    bundles: list[dict[str, float]] = []
+    placements: dict[str, PolicyPlacement] = {}
+
+    def slot(index: int, share: float) -> Slot:
+        return Slot(index, cpus_per_device * share, share if use_gpu else 0.0)
+
+    for name in policies:
+        base = len(bundles)
+        if shared:
+            devices = max(trainers, engines)
+            share = COLOCATED_SHARE
+            trainer_slots = [slot(base + i, share) for i in range(trainers)]
+            engine_slots = [slot(base + i, share) for i in range(engines)]
+        else:
+            devices = trainers + engines
+            trainer_slots = [slot(base + i, 1.0) for i in range(trainers)]
+            engine_slots = [slot(base + trainers + i, 1.0) for i in range(engines)]
+        bundles.extend(dict(bundle) for _ in range(devices))
+        placements[name] = PolicyPlacement(tuple(trainer_slots), tuple(engine_slots))
+    return PlacementPlan(tuple(bundles), placements, use_gpu)
+
+
+def create_placement_group(plan: PlacementPlan, timeout_s: float = 120.0) -> Any:
+    """Reserve the plan's bundles (PACK: as few nodes as possible); a clear error if the cluster lacks them."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group(list(plan.bundles), strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        need: dict[str, float] = {}
+        for b in plan.bundles:
+            for k, v in b.items():
+                need[k] = need.get(k, 0.0) + v
+        raise RuntimeError(f"the placement group of {len(plan.bundles)} bundles {list(plan.bundles)} (in all {need}) "
+                           f"was not ready after {timeout_s:g}s; the cluster has {ray.cluster_resources()}. "
+                           f"Lower --cpus-per-device, --actor-num-gpus-per-node or --rollout-num-engines, "
+                           f"or add nodes")
+    return pg
+
+
+def actor_options(pg: Any, slot: Slot) -> dict[str, Any]:
+    """`.options(...)` that schedule an actor into its slot of the placement group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=slot.bundle,
+                placement_group_capture_child_tasks=True)}

@@ -1,0 +1,132 @@
+"""The driver's config resolution and placement (no Ray), plus the plugin functions the Ray tests load by import path.
+
+Ray actors import these plugins as `test_driver:<fn>` (tests/ is put on their PYTHONPATH by
+tests/test_train.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from rollout.cli import ConfigError
+from rollout.driver import resolve
+from rollout.generate import generate as default_generate
+from rollout.placement import plan_placement
+from rollout.sample import Sample, Status
+
+# ---- plugins used by tests/test_train.py (loaded inside Ray actors) ---------------------------------------------
+
+
+def token_reward(args, sample: Sample) -> float:
+    """A reward that varies between samples of a group (so GRPO advantages are non-zero): token-id parity share."""
+    tokens = sample.response_tokens
+    return sum(t % 2 for t in tokens) / max(len(tokens), 1)
+
+
+async def flaky_generate(args, sample: Sample, sampling_params: dict) -> Sample:
+    """The default generate function, except that every 5th sample raises."""
+    if sample.index % 5 == 3:
+        raise RuntimeError(f"flaky generate refuses sample {sample.index}")
+    return await default_generate(args, sample, sampling_params)
+
+
+async def slow_reward(args, sample: Sample) -> float:
+    """token_reward, but samples of prompts whose label is '7' take longer than the reward timeout."""
+    if str(sample.label) == "7":
+        await asyncio.sleep(30)
+    return token_reward(args, sample)
+
+
+async def two_policy_generate(args, sample: Sample, sampling_params: dict) -> list[Sample]:
+    """A 'speaker' answers the prompt, a 'listener' continues the speaker's answer: one Sample per policy."""
+    speaker = await default_generate(args.__class__(args.clients["speaker"], args.tokenizer, args.config,
+                                                    args.clients), sample, sampling_params)
+    speaker.policy = "speaker"
+    listener = Sample(index=sample.index, group_index=sample.group_index, prompt=sample.prompt,
+                      tokens=list(speaker.tokens), label=sample.label, metadata=dict(sample.metadata),
+                      policy="listener")
+    response = await args.clients["listener"].generate(listener.tokens, sampling_params,
+                                                       session_id=f"listener-{sample.group_index}")
+    from rollout.generate import append_response
+    append_response(listener, response)
+    if listener.response_length == 0:
+        listener.status = Status.FAILED
+    return [speaker, listener]
+
+
+# ---- config resolution --------------------------------------------------------------------------------------------
+
+
+def _values(model, **extra):
+    return {"hf-checkpoint": str(model), "prompt-data": "x.jsonl", **extra}
+
+
+def test_trainer_temperature_follows_rollout_temperature(qwen3_model):
+    cfg = resolve(_values(qwen3_model, **{"rollout-temperature": 0.7}))
+    assert cfg.trainer.temperature == 0.7 and cfg.rollout.rollout_temperature == 0.7
+    assert resolve(_values(qwen3_model, **{"rollout-temperature": 0.0})).trainer.temperature == 1.0
+    with pytest.raises(ConfigError, match="--temperature 0.5 differs from --rollout-temperature 1.0"):
+        resolve(_values(qwen3_model, temperature=0.5))
+
+
+def test_seeds_policies_and_async(qwen3_model, tiny_models):
+    cfg = resolve(_values(qwen3_model, seed=7))
+    assert cfg.rollout.sampling_seed == 7 and cfg.policies == {"default": str(qwen3_model)}
+    assert cfg.engine.model_path == str(qwen3_model) and cfg.trainer.hf_checkpoint == str(qwen3_model)
+    two = resolve({"prompt-data": "x.jsonl", "policies": [f"a={tiny_models['qwen3']}", f"b={tiny_models['llama']}"]})
+    assert two.policies == {"a": str(tiny_models["qwen3"]), "b": str(tiny_models["llama"])}
+    assert two.trainer.hf_checkpoint == str(tiny_models["qwen3"])
+    cfg = resolve(_values(qwen3_model, **{"async-rollout": True, "colocate": False}))
+    assert cfg.trainer.loss.use_tis and cfg.run.async_rollout
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"policies": ["a=/nowhere"]}, "policy 'a': '/nowhere' is not a local HF model folder"),
+    ({"policies": ["no-path"]}, "expected NAME=PATH"),
+    ({"async-rollout": True}, "--async-rollout needs --no-colocate"),
+    ({"async-rollout": True, "colocate": False, "use-tis": False}, "it needs TIS"),
+    ({"model-path": "/m"}, "--model-path is set by the driver"),
+    ({"eval-interval": 2}, "--eval-interval 2 needs --eval-prompt-data"),
+    ({"debug-train-only": True}, "set --load-debug-rollout-data"),
+    ({"rollout-client": "grpc"}, "rollout_client = 'grpc': expected 'http' or 'ray'"),
+])
+def test_inconsistent_configs_are_rejected(qwen3_model, extra, message):
+    with pytest.raises((ConfigError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(_values(qwen3_model, **extra))
+
+
+def test_yaml_config_sets_driver_flags(qwen3_model, tmp_path):
+    from rollout.driver import parse_args
+
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps({"hf_checkpoint": str(qwen3_model), "prompt_data": "x.jsonl", "num_rollout": 3,
+                                "policies": [f"solo={qwen3_model}"], "rollout_temperature": 0.8}))
+    cfg = parse_args(["--config", str(path), "--num-rollout", "5"])
+    assert cfg.run.num_rollout == 5 and cfg.policies == {"solo": str(qwen3_model)} and cfg.trainer.temperature == 0.8
+
+
+# ---- placement ----------------------------------------------------------------------------------------------------
+
+
+def test_colocated_placement_shares_each_device():
+    plan = plan_placement(["a", "b"], num_trainers=2, num_engines=1, colocate=True, use_gpu=True, cpus_per_device=4)
+    assert plan.bundles == ({"CPU": 4.0, "GPU": 1.0},) * 4
+    a, b = plan.policies["a"], plan.policies["b"]
+    assert [s.bundle for s in a.trainers] == [0, 1] and [s.bundle for s in a.engines] == [0]
+    assert [s.bundle for s in b.trainers] == [2, 3] and [s.bundle for s in b.engines] == [2]
+    assert a.trainers[0].num_gpus + a.engines[0].num_gpus == 1.0 and a.trainers[0].num_cpus == 2.0
+
+
+def test_disaggregated_and_cpu_placement():
+    plan = plan_placement(["p"], num_trainers=2, num_engines=2, colocate=False, use_gpu=False, cpus_per_device=1)
+    assert plan.bundles == ({"CPU": 1.0},) * 4
+    p = plan.policies["p"]
+    assert [s.bundle for s in p.trainers] == [0, 1] and [s.bundle for s in p.engines] == [2, 3]
+    assert all(s.num_cpus == 1.0 and s.num_gpus == 0.0 for s in p.trainers + p.engines)
+    rollout_only = plan_placement(["p"], num_trainers=2, num_engines=1, colocate=True, use_gpu=False, train=False)
+    assert len(rollout_only.bundles) == 1 and rollout_only.policies["p"].trainers == ()
+    with pytest.raises(ValueError, match="num_engines=0"):
+        plan_placement(["p"], num_trainers=1, num_engines=0, colocate=True, use_gpu=False)

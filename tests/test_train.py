@@ -1,0 +1,233 @@
+"""End-to-end runs of the RL driver through a local Ray (CPU, 2 CPUs): weights, resume, failures, policies, jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from examples.quickstart.make_data import write_dataset
+from rollout.driver import Driver, resolve
+
+ray = pytest.importorskip("ray")
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# wall-clock figures, and the engine-vs-trainer log-prob gap (engine batching changes the last float bits)
+UNSTABLE = ("timing/", "rollout/time_s", "rollout/tokens_per_s", "push/gb_per_s", "train/train_rollout_logp_absdiff")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    write_dataset(out)
+    return out
+
+
+def values(model, data_dir, tmp_path, **extra):
+    """Flags of a small colocated run: 2 prompts x 4 samples, 4 new tokens, a reward with variance."""
+    return {"hf-checkpoint": str(model), "prompt-data": str(data_dir / "train.jsonl"), "apply-chat-template": True,
+            "rollout-batch-size": 2, "n-samples-per-prompt": 4, "rollout-max-response-len": 4,
+            "custom-rm-path": "test_driver:token_reward", "num-rollout": 2, "global-batch-size": 8, "lr": 1e-3,
+            "progress": False, "rollout-shuffle": True, "metrics-file": str(tmp_path / "metrics.jsonl"),
+            "health-check-interval": 60.0, **extra}
+
+
+def run(vals) -> tuple[Driver, list[dict]]:
+    """Set up and run a driver; the caller shuts it down."""
+    driver = Driver(resolve(vals))
+    try:
+        driver.setup()
+        return driver, driver.run()
+    except BaseException:
+        driver.shutdown()
+        raise
+
+
+def engine_tensors(driver, policy="default") -> dict[str, torch.Tensor]:
+    return ray.get(driver.engines[policy][0].named_hf_tensors.remote())
+
+
+def trainer_tensors(driver, out_dir, policy="default") -> dict[str, torch.Tensor]:
+    folder = driver.trainers[policy].export_hf(out_dir)
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def assert_same_weights(engine: dict, trainer: dict):
+    assert engine and set(trainer) <= set(engine)
+    for name, t in trainer.items():
+        assert torch.equal(engine[name], t), name
+
+
+def test_colocated_two_steps_push_the_trained_weights(local_ray, qwen3_model, data_dir, tmp_path):
+    driver, history = run(values(qwen3_model, data_dir, tmp_path))
+    try:
+        assert [h["step"] for h in history] == [1, 2]
+        lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [line["step"] for line in lines] == [1, 2]
+        assert all(0 <= line["rollout/reward_mean"] <= 1 and line["rollout/num_samples"] == 8 for line in lines)
+        assert all(line["train/num_samples"] == 8 and line["train/grad_norm"] > 0 for line in lines)
+        assert ray.get(driver.engines["default"][0].get_weight_version.remote()) == 2
+        assert lines[-1]["weight_version/engine"] == 2
+        engine = engine_tensors(driver)
+        initial = load_file(qwen3_model / "model.safetensors")
+        assert any(not torch.equal(engine[n], t) for n, t in initial.items())  # training moved the weights
+        assert_same_weights(engine, trainer_tensors(driver, tmp_path / "export"))
+    finally:
+        driver.shutdown()
+
+
+def test_resume_continues_bit_identically(local_ray, qwen3_model, data_dir, tmp_path):
+    full, history = run(values(qwen3_model, data_dir, tmp_path / "full", **{"num-rollout": 3}))
+    try:
+        expected_weights = trainer_tensors(full, tmp_path / "full_export")
+    finally:
+        full.shutdown()
+    save = tmp_path / "ckpt"
+    first, _ = run(values(qwen3_model, data_dir, tmp_path / "a", save=str(save)))
+    first.shutdown()
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+    resumed, rest = run(values(qwen3_model, data_dir, tmp_path / "b", load=str(save), **{"num-rollout": 3}))
+    try:
+        assert [h["step"] for h in rest] == [3]
+        stable = {k: v for k, v in history[2].items() if not k.startswith(UNSTABLE)}
+        again = {k: v for k, v in rest[0].items() if not k.startswith(UNSTABLE)}
+        assert again == stable
+        assert ray.get(resumed.engines["default"][0].get_weight_version.remote()) == 3
+        got = trainer_tensors(resumed, tmp_path / "resumed_export")
+        assert set(got) == set(expected_weights)
+        assert all(torch.equal(got[n], expected_weights[n]) for n in got)
+    finally:
+        resumed.shutdown()
+
+
+def test_failures_are_counted_and_the_run_finishes(local_ray, qwen3_model, data_dir, tmp_path, caplog):
+    rows = (data_dir / "train.jsonl").read_text().splitlines()
+    bad = tmp_path / "train.jsonl"
+    bad.write_text("\n".join(rows[:3] + ['{"prompt": 5, "label": "x"}', "{not json"] + rows[3:]) + "\n")
+    vals = values(qwen3_model, data_dir, tmp_path, **{
+        "prompt-data": str(bad), "rollout-shuffle": False, "rollout-batch-size": 4,
+        "custom-generate-function-path": "test_driver:flaky_generate", "custom-rm-path": "test_driver:slow_reward",
+        "reward-timeout": 1.0, "max-oversampling-rounds": 1})
+    caplog.set_level("INFO", logger="kiln.driver")
+    driver, history = run(vals)
+    driver.shutdown()
+    assert [h["step"] for h in history] == [1, 2]
+    failed = sum(h["rollout/failed_samples"] for h in history)
+    assert failed > 0 and sum(h["rollout/dropped_groups_failed"] for h in history) > 0
+    assert history[-1]["rollout/skipped_rows"] == 2
+    text = caplog.text
+    assert "flaky generate refuses sample" in text and "bad rows 2" in text
+    assert all(h["train/num_samples"] == h["rollout/num_samples"] for h in history)
+
+
+def test_two_policies_each_get_their_weights(local_ray, tiny_models, data_dir, tmp_path):
+    vals = values(tiny_models["qwen3"], data_dir, tmp_path, **{
+        "policies": [f"speaker={tiny_models['qwen3']}", f"listener={tiny_models['llama']}"],
+        "custom-generate-function-path": "test_driver:two_policy_generate", "rollout-client": "ray"})
+    del vals["hf-checkpoint"]
+    driver, history = run(vals)
+    try:
+        last = history[-1]
+        assert last["weight_version/speaker/engine"] == 2 and last["weight_version/listener/engine"] == 2
+        assert last["train/speaker/num_samples"] == 8 and last["train/listener/num_samples"] == 8
+        for policy in ("speaker", "listener"):
+            assert ray.get(driver.engines[policy][0].get_weight_version.remote()) == 2
+            assert_same_weights(engine_tensors(driver, policy), trainer_tensors(driver, tmp_path / policy, policy))
+    finally:
+        driver.shutdown()
+
+
+def test_async_disaggregated_run_trains_one_step_stale(local_ray, qwen3_model, data_dir, tmp_path):
+    driver, history = run(values(qwen3_model, data_dir, tmp_path, **{
+        "async-rollout": True, "colocate": False, "num-rollout": 3, "check-weight-update": True}))
+    try:
+        assert [h["step"] for h in history] == [1, 2, 3]
+        assert [h["rollout/weight_version_lag"] for h in history] == [0, 1, 1]
+        assert all("train/tis_clipfrac" in h for h in history)
+        assert ray.get(driver.engines["default"][0].get_weight_version.remote()) == 3
+        assert_same_weights(engine_tensors(driver), trainer_tensors(driver, tmp_path / "export"))
+    finally:
+        driver.shutdown()
+
+
+def test_ray_job_submit_runs_a_step(qwen3_model, data_dir, tmp_path):
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    port, dash = _free_port(), _free_port()
+    temp = Path("/tmp") / f"kiln_ray_{os.getpid()}"  # short: Ray's socket paths must stay under 107 chars
+    # --block keeps the head in this process group, so it and only it is ended afterwards (no `ray stop`)
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--num-cpus", "2", f"--port={port}",
+                             "--include-dashboard", "true", f"--dashboard-port={dash}", f"--temp-dir={temp}",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        args = ["--hf-checkpoint", str(qwen3_model), "--prompt-data", str(data_dir / "train.jsonl"),
+                "--apply-chat-template", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
+                "--rollout-max-response-len", "2", "--num-rollout", "1", "--no-progress",
+                "--custom-rm-path", "examples.quickstart.reward:arithmetic_reward",
+                "--metrics-file", str(tmp_path / "metrics.jsonl")]
+        runtime_env = json.dumps({"working_dir": str(REPO), "excludes": [".git", ".venv", ".whl", "runs", "outputs"],
+                                  "env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}})
+        _wait_for_dashboard(address, head)
+        job = subprocess.run([str(ray_bin), "job", "submit", f"--address={address}", "--runtime-env-json",
+                              runtime_env, "--", sys.executable, "train.py", *args],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()  # "Job 'raysubmit_...' succeeded"
+        lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [line["step"] for line in lines] == [1] and lines[0]["weight_version/engine"] == 1
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_dashboard(address: str, head: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Block until the head's job API answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5):
+                return
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head's dashboard at {address} did not come up "
+                                   f"(head exit code {head.poll()})") from None
+            time.sleep(1)
