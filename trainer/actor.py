@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from rollout.sample import Sample, Status
-from trainer import bridge, megatron_compat
+from trainer import attention, bridge, megatron_compat
 from trainer.advantages import compute_advantages
 from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches
 from trainer.config import TrainerConfig
-from trainer.logprobs import vocab_parallel_logprobs
+from trainer.logprobs import chunked_logprobs
 from trainer.losses import compute_policy_loss, kl_estimate
 from trainer.optimizer import PolicyOptimizer
 
@@ -68,7 +68,8 @@ class TrainerActor:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.autocast = on_gpu
+        self.params_dtype = torch.bfloat16 if on_gpu and cfg.bf16 else torch.float32
+        self.autocast = on_gpu and not cfg.bf16  # fp32 parameters computing in bf16
         self.spec = bridge.load_spec(cfg.hf_checkpoint)
         self.model = self._build(cfg.hf_checkpoint, trainable=True)
         if cfg.use_reference:
@@ -83,12 +84,12 @@ class TrainerActor:
     def _build(self, hf_dir: str, *, trainable: bool):
         """A GPTModel for this rank with weights loaded from `hf_dir`."""
         tconfig = bridge.build_transformer_config(self.spec, tp_size=self.cfg.tensor_parallel_size,
-                                                  pp_size=self.cfg.pipeline_parallel_size)
+                                                  pp_size=self.cfg.pipeline_parallel_size,
+                                                  params_dtype=self.params_dtype, recompute=self.cfg.recompute)
         model = bridge.build_gpt_model(self.spec, tconfig, vocab_pad_multiple=self.cfg.vocab_pad_multiple)
         bridge.load_hf_checkpoint(model, self.spec, hf_dir)
-        if not trainable:
-            model.eval()
-            model.requires_grad_(False)
+        if not trainable:  # frozen by use: no optimizer, forward under no_grad only. Its parameters keep
+            model.eval()  # requires_grad so megatron runs the same linear path as the policy's (bit-equal log-probs)
         return model
 
     def shutdown(self) -> None:
@@ -153,16 +154,20 @@ class TrainerActor:
     # ------------------------------------------------------------------------------------------
 
     def _forward(self, model, mb: MicroBatch, *, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropy) of the micro-batch's response tokens, flat [T]."""
-        tokens = mb.tokens.to(self.device)  # [rows, max_len]
-        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        """Log-probs (and entropy) of the micro-batch's response tokens, flat [T]; logits only for those tokens."""
+        tokens = mb.tokens.to(self.device)  # packed [1, total] or padded [rows, max_len]
+        positions = mb.position_ids().to(self.device)
+        packed = attention.packed_seq_params(mb.lengths, self.device) if mb.packed else None
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with amp:
-            logits = model(tokens, positions, None)  # [rows, max_len, V_local]
-        rows = logits.reshape(-1, logits.shape[-1])[mb.response_positions().to(self.device)]  # [T, V_local]
-        return vocab_parallel_logprobs(rows, mb.response_targets().to(self.device), vocab_start=self.vocab_start,
-                                       vocab_size=self.spec.vocab_size, temperature=self.cfg.temperature,
-                                       group=self.tp_group, with_entropy=with_entropy)
+            hidden = bridge.final_hidden_states(model, tokens, positions, packed)  # [width, rows, H]
+        weight = bridge.output_weight(model)  # [V_local, H]
+        hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [rows * width, H]
+        hidden = hidden[mb.response_positions().to(self.device)].to(weight.dtype)  # [T, H]
+        return chunked_logprobs(hidden, weight, mb.response_targets().to(self.device), vocab_start=self.vocab_start,
+                                vocab_size=self.spec.vocab_size, temperature=self.cfg.temperature,
+                                group=self.tp_group, with_entropy=with_entropy,
+                                chunk_tokens=self.cfg.logprob_chunk_tokens)
 
     @torch.no_grad()
     def _log_probs_all(self, model, samples: list[Sample]) -> list[torch.Tensor]:
@@ -171,7 +176,8 @@ class TrainerActor:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
         flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)  # [all response tokens]
         share = data_parallel_shares([len(s.tokens) for s in samples], self.dp_size)[self.dp_rank]
-        for mb in pack_micro_batches(share, [s.tokens for s in samples], lengths, self.cfg.max_tokens_per_gpu):
+        for mb in pack_micro_batches(share, [s.tokens for s in samples], lengths, self.cfg.max_tokens_per_gpu,
+                                     packed=self.cfg.pack_sequences):
             logp, _ = self._forward(model, mb, with_entropy=False)
             pieces = logp.split(mb.response_lengths)
             for i, piece in zip(mb.indices, pieces):
@@ -246,7 +252,7 @@ class TrainerActor:
         padded = 0
         self.optimizer.zero_grad()
         for mb in pack_micro_batches(share, [s.tokens for s in batch], [s.response_length for s in batch],
-                                     cfg.max_tokens_per_gpu):
+                                     cfg.max_tokens_per_gpu, packed=cfg.pack_sequences):
             logp, entropy = self._forward(self.model, mb, with_entropy=True)
 
             def flat(key: str) -> torch.Tensor | None:
@@ -288,7 +294,7 @@ class TrainerActor:
     # ------------------------------------------------------------------------------------------
 
     def _move_all(self, device: torch.device) -> int:
-        """Move params, grads and optimizer state to `device` (pinned CPU memory when leaving a GPU)."""
+        """Move params, grads, master weights and optimizer state to `device` (pinned CPU memory when leaving a GPU)."""
         moved = 0
 
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -312,10 +318,7 @@ class TrainerActor:
                 p.data = move(p.data)
                 if p.grad is not None:
                     p.grad = move(p.grad)
-        for state in self.optimizer.optimizer.state.values():
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    state[key] = move(value)
+        self.optimizer.move(move)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             if device.type == "cpu":

@@ -104,13 +104,25 @@ def load_spec(hf_dir: str | os.PathLike) -> ModelSpec:
 # Model construction
 # ----------------------------------------------------------------------------------------------
 
+def _recompute_settings(recompute: str) -> dict:
+    """TransformerConfig fields for activation recomputation `recompute` (none / selective / full)."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":  # MLPs recomputed in backward (megatron's norm recompute needs Transformer Engine)
+        return dict(recompute_granularity="selective", recompute_modules=["mlp"])
+    if recompute == "full":  # only each layer's input is kept
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    raise ValueError(f"recompute={recompute!r}; valid: none, selective, full")
+
+
 def build_transformer_config(spec: ModelSpec, *, tp_size: int = 1, pp_size: int = 1,
-                             params_dtype: torch.dtype = torch.float32):
+                             params_dtype: torch.dtype = torch.float32, recompute: str = "none"):
     """megatron TransformerConfig for `spec` (RMSNorm, SwiGLU, RoPE, GQA; fusions off on CPU)."""
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
+        **_recompute_settings(recompute),
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.ffn_hidden_size,
@@ -146,19 +158,15 @@ def build_transformer_config(spec: ModelSpec, *, tp_size: int = 1, pp_size: int 
 
 
 def build_gpt_model(spec: ModelSpec, config, *, vocab_pad_multiple: int = 128, pre_process: bool = True,
-                    post_process: bool = True):
-    """GPTModel for `spec` on this rank's pipeline stage (Transformer Engine spec when installed)."""
+                    post_process: bool = True, layer_spec=None):
+    """GPTModel for `spec` on this rank's pipeline stage (layer spec: `attention.gpt_layer_spec` unless given)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt import gpt_layer_specs
 
-    from trainer import megatron_compat
+    from trainer import attention, megatron_compat
 
     megatron_compat.apply()
-    if megatron_compat.has_transformer_engine():
-        layer_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
-    else:
-        layer_spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    layer_spec = attention.gpt_layer_spec(spec.qk_norm) if layer_spec is None else layer_spec
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     model = GPTModel(
         config,
@@ -174,6 +182,26 @@ def build_gpt_model(spec: ModelSpec, config, *, vocab_pad_multiple: int = 128, p
     )
     _mark_tensor_parallel(model, spec)
     return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model
+
+
+def final_hidden_states(model, tokens: torch.Tensor, positions: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
+    """The decoder's output after the final norm, [s, b, H] (the output layer is not run)."""
+    model = _unwrap(model)
+    if not model.post_process:
+        raise ValueError("final_hidden_states needs the last pipeline stage (post_process=True)")
+    model.post_process = False  # GPTModel._postprocess returns the hidden states unprojected
+    try:
+        return model(tokens, positions, None, packed_seq_params=packed_seq_params)
+    finally:
+        model.post_process = True
+
+
+def output_weight(model) -> torch.Tensor:
+    """This rank's output-layer rows [V_local, H] (the embedding when tied)."""
+    model = _unwrap(model)
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
 
 
 def _mark_tensor_parallel(model, spec: ModelSpec) -> None:

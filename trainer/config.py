@@ -9,6 +9,7 @@ from trainer.advantages import ESTIMATORS
 from trainer.losses import LossConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
+RECOMPUTE = ("none", "selective", "full")
 _KL_IN_REWARD_ESTIMATORS = ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
 
 
@@ -34,8 +35,13 @@ class TrainerConfig:
     clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
     # batching
     global_batch_size: int = 8  # samples per optimizer step
-    max_tokens_per_gpu: int = 4096  # padded tokens per micro-batch
+    max_tokens_per_gpu: int = 4096  # tokens per micro-batch (padding included when pack_sequences=False)
     vocab_pad_multiple: int = 128
+    pack_sequences: bool = True  # micro-batch = one packed row (varlen attention, no padding); False: padded rows
+    # GPU memory and speed
+    bf16: bool = True  # GPU: bf16 params, fp32 main grads / master weights / AdamW; False: fp32 params + autocast
+    logprob_chunk_tokens: int = 1024  # tokens per chunk of the fused output-layer + log-softmax
+    recompute: str = "none"  # activation recomputation: none, selective (MLPs), full (each layer)
     # RL
     temperature: float = 1.0  # rollout sampling temperature (log-probs are of logits / temperature)
     advantage_estimator: str = "grpo"
@@ -53,12 +59,14 @@ class TrainerConfig:
         if self.ref_checkpoint is not None and not (Path(self.ref_checkpoint) / "config.json").exists():
             raise ValueError(f"ref_checkpoint {self.ref_checkpoint!r} is not an HF model folder (no config.json)")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "global_batch_size", "max_tokens_per_gpu",
-                     "vocab_pad_multiple"):
+                     "vocab_pad_multiple", "logprob_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
         if self.pipeline_parallel_size != 1:
             raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size}; the trainer's step supports 1 "
                              "(the bridge already loads and exports pipeline stages)")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"lr={self.lr}, min_lr={self.min_lr}; need lr > 0 and 0 <= min_lr <= lr")
         if self.lr_warmup_steps < 0:

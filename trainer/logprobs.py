@@ -1,5 +1,10 @@
 """Token log-probabilities and entropy from vocab-parallel logits, without gathering the vocabulary.
 
+`chunked_logprobs` is what the trainer runs (policy, old-policy and reference passes): it takes
+the final hidden states and this rank's output-layer rows and forms the logits a chunk of tokens
+at a time, in forward and again in backward, so no [tokens, vocab] tensor (bf16 or fp32) exists
+beyond one chunk. `vocab_parallel_logprobs` is the same math on a full logits tensor (reference).
+
 Each tensor-parallel rank holds logits for a contiguous block of the (padded) vocabulary. As in
 megatron's vocab-parallel cross-entropy, the softmax normaliser is assembled from a MAX
 all-reduce (no gradient needed: log-sum-exp does not depend on the shift) and SUM all-reduces
@@ -64,3 +69,112 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, voca
         weighted = _SumAcrossRanks.apply((exp * shifted).sum(dim=-1), group)
         entropy = log_norm - weighted / sum_exp
     return logp, entropy
+
+
+def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / T of one chunk: hidden [c, H] @ weight[n_real, H].T -> [c, n_real]."""
+    return (hidden @ weight.t()).float().div_(temperature)
+
+
+class _ChunkedLogProbs(torch.autograd.Function):
+    """Fused output projection + log_softmax gather (+ entropy), chunk by chunk, recomputed in backward.
+
+    Saves only the inputs and two floats per token (log-normaliser, entropy); no [N, V] tensor
+    outlives one chunk. Forward all-reduces over the TP group (MAX, then one SUM of three values per
+    token); backward all-reduces the hidden-state gradient (each rank sees its vocabulary block).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, n_real: int, vocab_start: int, temperature: float, group,
+                chunk: int, with_entropy: bool):
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        local_ids = targets - vocab_start
+        in_block = (local_ids >= 0) & (local_ids < n_real)
+        safe_ids = local_ids.clamp(0, max(n_real - 1, 0))
+        w = weight[:n_real]
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            if n_real:
+                z = _chunk_logits(hidden[s:e], w, temperature)  # [c, n_real]
+                shift = z.max(dim=-1).values
+            else:
+                z = hidden.new_zeros((e - s, 0), dtype=torch.float32)
+                shift = z.new_full((e - s,), float("-inf"))
+            _all_reduce(shift, dist.ReduceOp.MAX, group)
+            ex = (z - shift[:, None]).exp_()  # [c, n_real]
+            picked = z.gather(-1, safe_ids[s:e, None]).squeeze(-1) if n_real else z.new_zeros(e - s)
+            sums = torch.stack([ex.sum(-1), torch.where(in_block[s:e], picked, 0.0),
+                                (ex * z).sum(-1) if with_entropy else torch.zeros_like(shift)])  # [3, c]
+            _all_reduce(sums, dist.ReduceOp.SUM, group)
+            lse[s:e] = shift + sums[0].log()
+            logp[s:e] = sums[1] - lse[s:e]
+            if with_entropy:  # H = lse - E_p[z]
+                entropy[s:e] = lse[s:e] - sums[2] / sums[0]
+            del z, ex
+        ctx.save_for_backward(hidden, weight, safe_ids, in_block, lse, entropy)
+        ctx.n_real, ctx.temperature, ctx.group, ctx.chunk = n_real, temperature, group, chunk
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, safe_ids, in_block, lse, entropy = ctx.saved_tensors
+        n_real, temperature, chunk = ctx.n_real, ctx.temperature, ctx.chunk
+        grad_hidden = torch.zeros_like(hidden)
+        want_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        w = weight[:n_real]
+        g_logp = grad_logp.float() * in_block  # the target's own term lives on one rank only
+        for s in range(0, hidden.shape[0], chunk):
+            e = min(hidden.shape[0], s + chunk)
+            if not n_real:
+                break
+            z = _chunk_logits(hidden[s:e], w, temperature)  # [c, n_real]
+            log_p = z - lse[s:e, None]
+            p = log_p.exp()
+            # d logp/dz = onehot - p ; dH/dz = -p (log p + H)
+            dz = p.mul_(-(grad_logp[s:e, None].float() + grad_entropy[s:e, None].float()
+                           * (log_p + entropy[s:e, None])))
+            dz.scatter_add_(-1, safe_ids[s:e, None], g_logp[s:e, None])
+            dlogits = dz.div_(temperature).to(hidden.dtype)  # [c, n_real]
+            grad_hidden[s:e] = dlogits @ w
+            if want_weight:
+                grad_weight[:n_real] += (dlogits.t() @ hidden[s:e]).float()
+            del z, log_p, p, dz, dlogits
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
+        grad_weight = grad_weight.to(weight.dtype) if want_weight else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, vocab_start: int,
+                     vocab_size: int, temperature: float = 1.0, group=None, with_entropy: bool = False,
+                     chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log_softmax(hidden @ weight.T / T)[target] (and entropy) per row, without a full [N, V] logits tensor.
+
+    hidden: [N, H] (replicated over `group`); weight: [V_local, H], this rank's vocabulary rows
+    [vocab_start, vocab_start + V_local); targets: [N] global ids. Logits are formed `chunk_tokens`
+    rows at a time (in the inputs' dtype, softmax in fp32) and formed again in backward. Returns
+    float32 ([N], [N] or None), identical on all ranks of `group`; same values as
+    `vocab_parallel_logprobs(hidden @ weight.T, ...)`.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden [N, H], weight [V_local, H], targets [N]; got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    n_real = max(0, min(weight.shape[0], vocab_size - vocab_start))  # rows that are not vocabulary padding
+    logp, entropy = _ChunkedLogProbs.apply(hidden, weight, targets, n_real, vocab_start, temperature, group,
+                                           chunk_tokens, with_entropy)
+    return logp, entropy if with_entropy else None

@@ -1,6 +1,6 @@
 """Make megatron-core 0.16 run on a CPU-only machine (gloo, local layer spec); a no-op when CUDA is present.
 
-megatron-core assumes CUDA in exactly three places that the local (non Transformer Engine) GPT
+megatron-core assumes CUDA in exactly four places that the local (non Transformer Engine) GPT
 path reaches:
 
 1. `torch.cuda.current_device()` is used as the `device=` of freshly allocated tensors (global
@@ -10,6 +10,9 @@ path reaches:
 3. The CUDA RNG tracker (`get_cuda_rng_tracker().fork()`, used around dropout and by
    `model_parallel_cuda_manual_seed`) saves and restores CUDA generator states. `CpuRNGStatesTracker`
    keeps the same named streams as CPU generator states, and `model_parallel_manual_seed` seeds it.
+4. Activation recomputation (`tensor_parallel.checkpoint`, selective recompute) saves the CUDA
+   generator state next to the CPU one and restores both before recomputing. Without CUDA the
+   "CUDA state" is the CPU state again and restoring it is left to the CPU half.
 
 `apply()` is idempotent; with CUDA available it changes nothing and `model_parallel_manual_seed`
 calls megatron's own `model_parallel_cuda_manual_seed`.
@@ -80,7 +83,7 @@ def _make_cpu_tracker_class():
 
 
 def apply() -> None:
-    """Patch megatron-core's three CUDA assumptions when CUDA is absent (idempotent)."""
+    """Patch megatron-core's four CUDA assumptions when CUDA is absent (idempotent)."""
     global _APPLIED
     if _APPLIED or has_cuda():
         return
@@ -94,6 +97,8 @@ def apply() -> None:
         module.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
     mrandom._CUDA_RNG_STATE_TRACKER = _make_cpu_tracker_class()()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     _APPLIED = True
 
 

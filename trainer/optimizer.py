@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,31 +26,58 @@ def lr_at(step: int, cfg: TrainerConfig) -> float:
 
 
 class PolicyOptimizer:
-    """torch AdamW over this rank's parameter shards; grads summed over DP, norm taken over TP."""
+    """AdamW over this rank's parameter shards; grads summed over DP, norm taken over TP.
+
+    With fp32 parameters (CPU, or GPU with bf16=False) AdamW updates them directly. With bf16
+    parameters each one has an fp32 master copy: every micro-batch's bf16 gradient is added into the
+    master's fp32 `.grad` as soon as autograd has it (and the bf16 one dropped), AdamW updates the
+    masters, and the bf16 parameters are refreshed from them.
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, *, dp_group, tp_group, tp_rank: int):
         self.cfg = cfg
         self.dp_group, self.tp_group, self.tp_rank = dp_group, tp_group, tp_rank
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
+        self.model_params = [p for _, p in named]
+        self.mixed = any(p.dtype != torch.float32 for p in self.model_params)
+        # fp32 tensors AdamW steps: the parameters themselves, or their master copies
+        self.params = [p.detach().float().clone() for p in self.model_params] if self.mixed else self.model_params
+        if self.mixed:
+            for p, main in zip(self.model_params, self.params):
+                p.register_post_accumulate_grad_hook(self._accumulate_into(main))
+        self.sharded = [getattr(p, "tensor_model_parallel", False) for p in self.model_params]
         # q/k norms are replicated but each TP rank only sees its own heads: their grads are partial sums.
-        self.tp_partial = [p for n, p in named if "q_layernorm" in n or "k_layernorm" in n]
+        self.tp_partial = [main for (n, _), main in zip(named, self.params) if "q_layernorm" in n or "k_layernorm" in n]
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]  # norms and biases
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr_at(0, cfg), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+            lr=lr_at(0, cfg), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            fused=True if self.params[0].is_cuda else None)
         self.step_count = 0
+
+    @staticmethod
+    def _accumulate_into(main: torch.Tensor):
+        def hook(param: torch.Tensor) -> None:
+            if main.grad is None:
+                main.grad = param.grad.float()
+            else:
+                main.grad.add_(param.grad)
+            param.grad = None
+
+        return hook
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients."""
+        for p in self.model_params:
+            p.grad = None
         self.optimizer.zero_grad(set_to_none=True)
 
     def grad_norm(self) -> float:
         """Global L2 norm of the gradients (TP shards counted once, replicated params once)."""
         sq = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
-        for p in self.params:
-            if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0):
+        for p, sharded in zip(self.params, self.sharded):
+            if p.grad is not None and (sharded or self.tp_rank == 0):
                 sq += p.grad.float().square().sum()
         if dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(sq, group=self.tp_group)
@@ -75,18 +103,42 @@ class PolicyOptimizer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.mixed:
+            with torch.no_grad():
+                for p, main in zip(self.model_params, self.params):
+                    p.copy_(main)
         self.step_count += 1
         return norm, lr
 
-    def state_tensors(self) -> list[torch.Tensor]:
-        """Optimizer state tensors (for offload)."""
-        return [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    def move(self, move: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace master weights, their grads and AdamW state by `move(tensor)` (offload / onload)."""
+        if self.mixed:
+            for main in self.params:
+                main.data = move(main.data)
+                if main.grad is not None:
+                    main.grad = move(main.grad)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    state[key] = move(value)
 
     def state_dict(self) -> dict:
-        """AdamW state and the step counter."""
-        return {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}
+        """AdamW state, the step counter and (bf16 parameters) the fp32 master weights."""
+        state = {"optimizer": self.optimizer.state_dict(), "step_count": self.step_count}
+        if self.mixed:
+            state["master_weights"] = [p.detach().cpu() for p in self.params]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
+        if self.mixed != ("master_weights" in state):
+            raise ValueError(f"checkpoint has{'' if 'master_weights' in state else ' no'} fp32 master weights but "
+                             f"this run's parameters are {'bf16' if self.mixed else 'fp32'}; resume with the same bf16 "
+                             "setting")
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = state["step_count"]
+        if self.mixed:
+            with torch.no_grad():
+                for p, main, saved in zip(self.model_params, self.params, state["master_weights"]):
+                    main.copy_(saved)
+                    p.copy_(saved)

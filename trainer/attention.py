@@ -1,0 +1,172 @@
+"""Kiln's core attention for megatron-core: causal attention over packed (THD) or padded (SBHD) batches.
+
+Packed micro-batches are one row of several sequences back to back; `cu_seqlens` ([seqs + 1],
+int32) marks where each starts. Every sequence attends causally to itself only, with RoPE
+positions restarting at 0 (megatron's rotary embedding already restarts per sequence when it
+gets a THD `PackedSeqParams`). The leaves:
+
+- GPU, bf16/fp16: FlashAttention-2's varlen kernels as shipped inside PyTorch
+  (`aten._flash_attention_forward/backward`), GQA native, no padding, no score matrix;
+- anywhere else (CPU, fp32): the reference, one causal SDPA call per sequence — what the flash
+  path is tested against.
+
+Padded batches (one sequence per row, right-padded) use causal SDPA, which picks the flash or
+cuDNN kernel on GPU. With Transformer Engine installed, megatron's TE spec is used instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "flash", "reference")
+
+
+def cu_seqlens_from_lengths(lengths: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Cumulative sequence starts [len(lengths) + 1], int32 (what varlen kernels take)."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return out.to(device)
+
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """Causal attention of each packed sequence on its own, one SDPA call per sequence; [T, Hq, D].
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq a multiple of Hkv (GQA); cu_seqlens: [seqs + 1].
+    """
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must run from 0 to T={q.shape[0]}, got {bounds[0]}..{bounds[-1]}")
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                             enable_gqa=qs.shape[1] != ks.shape[1])
+        outs.append(out.squeeze(0).transpose(0, 1))  # [L, Hq, D]
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """FlashAttention-2 varlen forward/backward (PyTorch's aten kernels), causal, no dropout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
+            0.0, True, rng_state, unused, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def flash_varlen_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the flash varlen kernel takes these inputs (CUDA sm80+, bf16/fp16, head_dim <= 256, GQA ratio)."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and q.shape[1] % k.shape[1] == 0
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Causal attention per packed sequence; q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
+
+    backend: "flash" (GPU kernel; error if unsupported), "reference" (per-sequence SDPA) or "auto"
+    (flash where supported, else reference).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; valid: {BACKENDS}")
+    if q.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D] with Hkv dividing Hq; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be a 1-d int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    use_flash = backend == "flash" or (backend == "auto" and flash_varlen_supported(q, k))
+    if use_flash:
+        if not flash_varlen_supported(q, k):
+            raise ValueError(f"flash varlen needs CUDA sm80+, bf16/fp16, head_dim % 8 == 0 and <= 256; got "
+                             f"{q.device} {q.dtype} head_dim {q.shape[-1]}")
+        return _FlashVarlen.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)
+    return varlen_attention_reference(q, k, v, cu_seqlens, scale)
+
+
+def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal SDPA over right-padded rows; q [s, b, Hq, D], k/v [s, b, Hkv, D] -> [s, b, Hq * D]."""
+    qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, H, s, D]
+    out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
+                                         enable_gqa=qb.shape[1] != kb.shape[1])  # [b, Hq, s, D]
+    return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
+
+
+@functools.cache
+def _core_attention_class():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.module import MegatronModule
+
+    class KilnCoreAttention(MegatronModule):
+        """Drop-in for megatron's DotProductAttention: causal, THD (varlen) or SBHD (SDPA), no score matrix."""
+
+        def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                     attention_dropout: float | None = None, softmax_scale: float | None = None,
+                     cp_comm_type: str | None = None, pg_collection=None):
+            super().__init__(config=config)
+            dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+            if attn_mask_type != AttnMaskType.causal:
+                raise ValueError(f"KilnCoreAttention supports attn_mask_type=causal only, got {attn_mask_type}")
+            if dropout != 0.0 or config.context_parallel_size != 1 or config.window_size is not None:
+                raise ValueError(f"KilnCoreAttention needs attention_dropout=0, context_parallel_size=1 and no "
+                                 f"window; got {dropout}, {config.context_parallel_size}, {config.window_size}")
+            self.layer_number = max(1, layer_number)
+            self.softmax_scale = 1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            """THD: q [t, np, hn] -> [t, np * hn]; SBHD: q [s, b, np, hn] -> [s, b, np * hn]."""
+            if attention_bias is not None or attention_mask is not None:
+                raise ValueError("KilnCoreAttention is causal by construction: pass attention_mask=None and no "
+                                 "attention_bias")
+            if packed_seq_params is not None:
+                if packed_seq_params.qkv_format != "thd":
+                    raise ValueError(f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}; valid: 'thd'")
+                out = varlen_attention(query, key, value, packed_seq_params.cu_seqlens_q,
+                                       packed_seq_params.max_seqlen_q, self.softmax_scale)  # [t, np, hn]
+                return out.reshape(out.shape[0], -1)
+            return padded_causal_attention(query, key, value, self.softmax_scale)
+
+    return KilnCoreAttention
+
+
+def packed_seq_params(lengths: list[int], device: torch.device | str):
+    """megatron PackedSeqParams (THD) for one packed row of sequences of `lengths`."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens_from_lengths(lengths, device)
+    longest = max(lengths)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+def gpt_layer_spec(qk_norm: bool):
+    """The trainer's layer spec: Transformer Engine's when installed, else megatron's local spec with Kiln attention."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from trainer import megatron_compat
+
+    if megatron_compat.has_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.core_attention = _core_attention_class()
+    return spec
