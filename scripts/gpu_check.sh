@@ -5,13 +5,9 @@
 # BENCH_ARGS overrides the benchmark's arguments (BENCH_TIMEOUT its time limit, default 240 s; LOG_TAG names its log
 # bench$LOG_TAG.log, so several shapes can run in one call); SKIP_TESTS=1 skips pytest, SKIP_BENCH=1 the benchmark.
 set -u
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 OUT=${OUT:-/tmp/kiln_gpu_check}
 mkdir -p "$OUT"
-source .whl/install.sh
-if [ -f .fi_cache/flashinfer_cache.tar.gz ]; then
-  mkdir -p ~/.cache && tar xzf .fi_cache/flashinfer_cache.tar.gz -C ~/.cache
-fi
+source scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'flashinfer', flashinfer.__version__)" | tee -a "$OUT/device.txt"
 

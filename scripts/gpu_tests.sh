@@ -2,13 +2,9 @@
 # The whole GPU test suite in one device call: `pytest -m gpu` over every test file, logs under $OUT.
 #   run(command="bash scripts/gpu_tests.sh", carry=[".whl", ".fi_cache"])
 set -u
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 OUT=${OUT:-/tmp/kiln_gpu_tests}
 mkdir -p "$OUT"
-source .whl/install.sh
-if [ -f .fi_cache/flashinfer_cache.tar.gz ]; then
-  mkdir -p ~/.cache && tar xzf .fi_cache/flashinfer_cache.tar.gz -C ~/.cache
-fi
+source scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -m gpu tests/ -q -p no:cacheprovider -rs --durations=10 "$@" 2>&1 \
   | tee "$OUT/pytest_gpu.log"

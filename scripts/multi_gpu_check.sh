@@ -17,12 +17,8 @@ mkdir -p "$OUT"
 BUDGET=${BUDGET_S:-400}
 SUMMARY="$OUT/summary.md"
 if [ -z "$MODE" ]; then
-  source .whl/install.sh
-  if [ -f .fi_cache/flashinfer_cache.tar.gz ]; then
-    mkdir -p ~/.cache && tar xzf .fi_cache/flashinfer_cache.tar.gz -C ~/.cache
-  fi
+  source scripts/device_env.sh
   PY=python3
-  export OMP_NUM_THREADS=4
   {
     echo "machine: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sort | uniq -c | xargs)"
     python3 -c "import torch, ray; print('torch', torch.__version__, 'nccl', '.'.join(map(str, torch.cuda.nccl.version())), 'ray', ray.__version__)"
