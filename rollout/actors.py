@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import ray
 import torch
 
+from envs.generate import EnvConfig
 from rollout.client import HttpEngineClient, LocalEngineClient
 from rollout.config import DataConfig, RolloutConfig
 from rollout.data import PromptDataset
@@ -126,16 +127,23 @@ class EngineActor:
         """Load a bucket shared by handle (colocated transport) or given as (hf_name, tensor) pairs."""
         return await asyncio.to_thread(self.engine.update_weights_from_tensor, bucket, weight_version)
 
-    async def init_weights_update_group(self, *args: Any) -> None:
-        """Join trainer rank 0's weight-update group (distributed transport); blocks until every rank arrived."""
-        await asyncio.to_thread(self.engine.init_weights_update_group, *args)
+    async def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, group_name: str, backend: str = "auto",
+                                        timeout_s: float = 300.0) -> None:
+        """Join trainer rank 0's weight-update group (tp rank r at rank_offset + r); blocks until every rank arrived."""
+        await asyncio.to_thread(self.engine.init_weights_update_group, master_address, master_port, rank_offset,
+                                world_size, group_name, backend, timeout_s)
 
     async def destroy_weights_update_group(self, group_name: str) -> None:
+        """Leave the weight-update group (every tp rank)."""
         await asyncio.to_thread(self.engine.destroy_weights_update_group, group_name)
 
-    async def update_weights_from_distributed(self, *args: Any) -> int:
-        """Receive one bucket broadcast by the group's rank 0 and load it."""
-        return await asyncio.to_thread(self.engine.update_weights_from_distributed, *args)
+    async def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                              shapes: Sequence[Sequence[int]], group_name: str,
+                                              weight_version: int | None = None) -> int:
+        """Receive one bucket broadcast by the group's rank 0 and load it (every tp rank its shard)."""
+        return await asyncio.to_thread(self.engine.update_weights_from_distributed, names, dtypes, shapes,
+                                       group_name, weight_version)
 
     async def weight_checksums(self) -> dict[str, dict]:
         """{hf_name: checksum dict} of the engine's weights (weight_sync's verification)."""
@@ -176,14 +184,18 @@ class EngineProxy:
     def update_weights_from_tensor(self, bucket: Any, weight_version: int | None = None) -> int:
         return self._call("update_weights_from_tensor", bucket, weight_version)
 
-    def init_weights_update_group(self, *args: Any) -> None:
-        self._call("init_weights_update_group", *args)
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str, backend: str = "auto", timeout_s: float = 300.0) -> None:
+        self._call("init_weights_update_group", master_address, master_port, rank_offset, world_size, group_name,
+                   backend, timeout_s)
 
     def destroy_weights_update_group(self, group_name: str) -> None:
         self._call("destroy_weights_update_group", group_name)
 
-    def update_weights_from_distributed(self, *args: Any) -> int:
-        return self._call("update_weights_from_distributed", *args)
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]], group_name: str,
+                                        weight_version: int | None = None) -> int:
+        return self._call("update_weights_from_distributed", names, dtypes, shapes, group_name, weight_version)
 
     def weight_checksums(self) -> dict[str, dict]:
         return self._call("weight_checksums")
@@ -193,7 +205,8 @@ class RolloutManagerActor:
     """Ray actor around RolloutManager: prompt data, per-policy routers over the engines, health checks."""
 
     def __init__(self, rollout: RolloutConfig, data: DataConfig, engines: dict[str, list[str | Any]],
-                 tokenizer_path: str, health_check_interval: float = 10.0) -> None:
+                 tokenizer_path: str, env_config: EnvConfig | None = None,
+                 health_check_interval: float = 10.0) -> None:
         """`engines` maps each policy to its engines: HTTP base URLs, or EngineActor handles (Ray calls)."""
         from transformers import AutoTokenizer
 
@@ -207,7 +220,8 @@ class RolloutManagerActor:
                                           balance_threshold=rollout.router_balance_threshold)
         dataset = PromptDataset(data, self.tokenizer) if data.prompt_data else None
         eval_data = PromptDataset(data, self.tokenizer, data.eval_prompt_data) if data.eval_prompt_data else None
-        self.manager = RolloutManager(rollout, dataset, self.routers, self.tokenizer, eval_data=eval_data)
+        self.manager = RolloutManager(rollout, dataset, self.routers, self.tokenizer, eval_data=eval_data,
+                                      env_config=env_config)
         self.health_check_interval = health_check_interval
         self._health_started = False
 

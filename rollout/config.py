@@ -219,7 +219,7 @@ class RunConfig:
     actor_num_gpus_per_node: int = 1
     """Trainer ranks per node (one device each; on CPU a device is --cpus-per-device CPUs)."""
     num_engines: int = field(default=1, metadata={"flag": "rollout-num-engines"})
-    """Inference engines serving rollouts, per policy (one device each)."""
+    """Inference engines serving rollouts, per policy (colocated: each shares a trainer device; else --tp-size each)."""
     cpus_per_device: float = 1.0
     """CPUs in each placement-group bundle (without GPUs a bundle of this many CPUs is one device)."""
     rollout_client: Literal["http", "ray"] = "http"

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from envs.generate import EnvConfig, env_metrics
 from inference_engine.config import EngineConfig
 from rollout.cli import ConfigError, build_parser, instantiate, load_yaml, to_flag_values
 from rollout.config import DataConfig, RolloutConfig, RunConfig
@@ -30,7 +31,7 @@ from weight_sync import WeightSyncConfig
 
 logger = logging.getLogger("kiln.driver")
 
-CONFIG_CLASSES = (RunConfig, RolloutConfig, DataConfig, TrainerConfig, EngineConfig)
+CONFIG_CLASSES = (RunConfig, RolloutConfig, DataConfig, TrainerConfig, EngineConfig, EnvConfig)
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 # flags the driver sets itself, per policy or from another flag
 _DERIVED = {"model-path": "--hf-checkpoint / --policies", "device": "the placement (cuda when Ray has GPUs)"}
@@ -45,11 +46,12 @@ class DriverConfig:
     data: DataConfig
     trainer: TrainerConfig
     engine: EngineConfig
+    env: EnvConfig
     policies: dict[str, str]
 
     def flag_values(self) -> dict[str, Any]:
         """{flag: value} of the whole run (recorded in checkpoints and wandb)."""
-        return to_flag_values([self.run, self.rollout, self.data, self.trainer, self.engine])
+        return to_flag_values([self.run, self.rollout, self.data, self.trainer, self.engine, self.env])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> DriverConfig:
@@ -90,7 +92,7 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
         if values.get("use-tis") is False:
             raise ConfigError("--async-rollout trains on samples one version stale; it needs TIS (drop --no-use-tis)")
         values["use-tis"] = True
-    run, rollout, data, trainer, engine = instantiate(CONFIG_CLASSES, values)
+    run, rollout, data, trainer, engine, env = instantiate(CONFIG_CLASSES, values)
     if len(policies) > 1 and trainer.ref_checkpoint is not None:
         raise ConfigError("--ref-checkpoint is ambiguous with several --policies; each policy's reference is its "
                           "own starting checkpoint")
@@ -100,7 +102,7 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
         raise ConfigError("set --prompt-data (a .jsonl/.json/.parquet file or a dataset folder)")
     if run.eval_interval is not None and not data.eval_prompt_data:
         raise ConfigError(f"--eval-interval {run.eval_interval} needs --eval-prompt-data")
-    return DriverConfig(run, rollout, data, trainer, engine, policies)
+    return DriverConfig(run, rollout, data, trainer, engine, env, policies)
 
 
 class MetricsLogger:
@@ -188,7 +190,8 @@ class Driver:
         train, rollout = not run.debug_rollout_only, not run.debug_train_only
         plan = plan_placement(list(cfg.policies), num_trainers=run.actor_num_nodes * run.actor_num_gpus_per_node,
                               num_engines=run.num_engines, colocate=run.colocate, use_gpu=use_gpu,
-                              cpus_per_device=run.cpus_per_device, train=train, rollout=rollout)
+                              cpus_per_device=run.cpus_per_device, train=train, rollout=rollout,
+                              engine_devices=cfg.engine.tp_size)
         self.colocated = run.colocate and train and rollout
         logger.info("placement: %d bundles of %s for policies %s (%s, %s)", len(plan.bundles), plan.bundles[0],
                     list(cfg.policies), "colocated" if self.colocated else "disaggregated", "GPU" if use_gpu else "CPU")
@@ -217,7 +220,7 @@ class Driver:
             else:
                 targets = self.engines
             self.manager = ray.remote(RolloutManagerActor).options(num_cpus=0).remote(
-                cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), run.health_check_interval)
+                cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), cfg.env, run.health_check_interval)
         if train and rollout:
             refs = []
             for name, group in self.trainers.items():
@@ -227,7 +230,7 @@ class Driver:
                     timeout_s=run.weight_sync_timeout, master_address=group.master_addr,
                     group_name=f"kiln_weights_{name}")
                 proxies = [EngineProxy(h, timeout_s=run.weight_sync_timeout) for h in self.engines[name]]
-                refs += group.remote("connect_engines", proxies, sync)
+                refs += group.remote("connect_engines", proxies, sync, [cfg.engine.tp_size] * len(proxies))
             ray.get(refs)
         self._resume()
 
@@ -355,7 +358,7 @@ class Driver:
                     if self._saves_at(step):  # the data position before the next rollout starts
                         state_before_next = ray.get(self.manager.state_dict.remote())
                     pending = self._launch_rollout(step + 1)
-                metrics = dict(batch.metrics)
+                metrics = {**batch.metrics, **env_metrics(batch.samples)}
                 if self.trainers:
                     metrics.update(self._train_and_push(batch, step, timing))
                 if not run.async_rollout and step + 1 < run.num_rollout:

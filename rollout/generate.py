@@ -9,27 +9,32 @@ tokens, one loss-mask entry and one log-prob per response token, and sets the st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rollout.client import EngineClient, EngineError
 from rollout.config import RolloutConfig
 from rollout.sample import Sample, Status
+
+if TYPE_CHECKING:  # envs imports rollout: at run time the field is filled by the caller
+    from envs.generate import EnvConfig
 
 FINISH_STATUS = {"stop": Status.COMPLETED, "length": Status.TRUNCATED, "abort": Status.ABORTED}
 
 
 @dataclass
 class GenerateArgs:
-    """What generate, reward and filter functions get as `args`: engine clients, tokenizer and config.
+    """What generate, reward and filter functions get as `args`: engine clients, tokenizer and configs.
 
     `clients` maps each policy to its engines' client (`{"default": client}` with one policy); a
     multi-agent generate function calls `args.clients[policy]` and tags each Sample with its policy.
+    `env_config` holds the run's `--env*` flags (`envs.generate.EnvConfig`) for env generate functions.
     """
 
     client: EngineClient
     tokenizer: Any
     config: RolloutConfig
     clients: dict[str, EngineClient] = field(default_factory=dict)
+    env_config: EnvConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.clients:

@@ -7,7 +7,8 @@ refilled by further sampling rounds (at most --max-oversampling-rounds). When th
 is full or --rollout-deadline passes, the engines abort what is still running; those
 groups go back to a buffer and are served first next step -- with --partial-rollout they
 keep their tokens (the engine continues from prompt + partial response), otherwise they
-restart from the prompt. The driver wraps this class in a Ray actor (its methods are async).
+restart from the prompt. Multi-agent samples of one prompt leave with a group_index per role
+(group baselines compare a role only with itself). The driver wraps this class in a Ray actor.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -33,6 +34,9 @@ from rollout.plugins import load_function
 from rollout.rewards import RewardScorer
 from rollout.router import Router
 from rollout.sample import Sample, Status
+
+if TYPE_CHECKING:  # envs imports rollout
+    from envs.generate import EnvConfig
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +97,14 @@ class RolloutManager:
     """Owns the prompt data and a Router over the engines; `generate(step)` returns a scored RolloutBatch.
 
     `clients` is one policy's engines (a Router or clients), or {policy: Router | clients} for several
-    policies; generate functions get them all as `args.clients` and the first one as `args.client`.
+    policies; generate functions get them all as `args.clients` and the first one as `args.client`,
+    and `env_config` (an `envs.generate.EnvConfig`) as `args.env_config`.
     """
 
     def __init__(self, config: RolloutConfig, data: PromptDataset | None,
                  clients: Router | Sequence[EngineClient] | Mapping[str, Router | Sequence[EngineClient]],
-                 tokenizer: Any, eval_data: PromptDataset | None = None) -> None:
+                 tokenizer: Any, eval_data: PromptDataset | None = None,
+                 env_config: EnvConfig | None = None) -> None:
         self.config = config
         self.data = data
         self.eval_data = eval_data
@@ -111,7 +117,8 @@ class RolloutManager:
         self._check_policies = isinstance(clients, Mapping)  # named policies: samples must name one of them
         self.default_policy = next(iter(self.routers))  # what samples train unless the generate function says
         self.router = self.routers[self.default_policy]
-        self.args = GenerateArgs(client=self.router, tokenizer=tokenizer, config=config, clients=self.routers)
+        self.args = GenerateArgs(client=self.router, tokenizer=tokenizer, config=config, clients=self.routers,
+                                 env_config=env_config)
         self.generate_fn = load_function(config.custom_generate_function_path)
         if not inspect.iscoroutinefunction(self.generate_fn):
             raise TypeError(f"generate function {config.custom_generate_function_path} must be "
@@ -195,11 +202,32 @@ class RolloutManager:
                            counts["rounds"])
         accepted.sort(key=lambda g: g.prompt.group_index)
         samples = [s for g in accepted for s in sorted(g.samples, key=lambda s: s.index)]
-        batch = RolloutBatch(step=step, samples=samples, failed=failed,
-                             metrics=self._metrics(samples, failed, counts, time.monotonic() - start))
+        metrics = self._metrics(samples, failed, counts, time.monotonic() - start)
+        self._separate_roles(samples)
+        batch = RolloutBatch(step=step, samples=samples, failed=failed, metrics=metrics)
         if cfg.save_debug_rollout_data:
             self.save_debug(batch, cfg.save_debug_rollout_data.format(step=step))
         return batch
+
+    def _separate_roles(self, samples: list[Sample]) -> None:
+        """Give each role of a prompt's group its own group_index, so group baselines (GRPO, RLOO) never mix roles.
+
+        Multi-agent samples name their role in metadata["role"]; the first role of a group keeps the
+        prompt's group_index, every other role gets a new one; metadata["prompt_group"] keeps the prompt's.
+        """
+        first_role: dict[int, str] = {}
+        role_groups: dict[tuple[int, str], int] = {}
+        for s in samples:
+            role = s.metadata.get("role")
+            if role is None:
+                continue
+            s.metadata["prompt_group"] = s.group_index
+            if first_role.setdefault(s.group_index, role) == role:
+                continue
+            if (s.group_index, role) not in role_groups:
+                role_groups[(s.group_index, role)] = self._next_group
+                self._next_group += 1
+            s.group_index = role_groups[(s.group_index, role)]
 
     def _has_scalar_rewards(self, group: _Group, failed: list[Sample]) -> bool:
         """True if every sample's reward gives a scalar (--reward-key); otherwise the group is failed."""

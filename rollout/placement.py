@@ -3,8 +3,8 @@
 A "device" is a GPU, or on a machine without GPUs a slice of `cpus_per_device` CPUs. Each
 policy gets its own devices. Colocated: a policy's trainers and engines share its devices
 (trainer i and engine i take half of bundle i each, by fractional GPU or CPU). Disaggregated:
-the trainers' devices come first, then one device per engine. The same plan serves CPU and
-GPU; only the bundle's resource name differs.
+the trainers' devices come first, then one bundle per engine of `engine_devices` devices (its
+tp_size). The same plan serves CPU and GPU; only the bundle's resource name differs.
 """
 
 from __future__ import annotations
@@ -46,20 +46,32 @@ class PlacementPlan:
 
 def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: int, colocate: bool,
                    use_gpu: bool, cpus_per_device: float = 1.0, train: bool = True,
-                   rollout: bool = True) -> PlacementPlan:
-    """Bundles and slots for `policies`, each with `num_trainers` trainer ranks and `num_engines` engines."""
+                   rollout: bool = True, engine_devices: int = 1) -> PlacementPlan:
+    """Bundles and slots for `policies`, each with `num_trainers` trainer ranks and `num_engines` engines.
+
+    `engine_devices` is each engine's tp_size: its actor takes that many devices of one bundle and its tp
+    workers (processes it spawns) use them.
+    """
     if not policies:
         raise ValueError("plan_placement needs at least one policy")
     if num_trainers < 1 or num_engines < 1:
         raise ValueError(f"num_trainers={num_trainers}, num_engines={num_engines}: both must be >= 1")
     if not cpus_per_device > 0:
         raise ValueError(f"cpus_per_device={cpus_per_device}: expected a number of CPUs > 0")
+    if not isinstance(engine_devices, int) or engine_devices < 1:
+        raise ValueError(f"engine_devices={engine_devices!r}: expected an integer >= 1 (the engines' tp_size)")
     trainers = num_trainers if train else 0
     engines = num_engines if rollout else 0
     shared = colocate and trainers > 0 and engines > 0
-    bundle = {"CPU": float(cpus_per_device), "GPU": 1.0} if use_gpu else {"CPU": float(cpus_per_device)}
+    if shared and engine_devices > 1:
+        raise ValueError(f"colocated engines span one device, but tp_size is {engine_devices}; run engines with "
+                         f"tp_size > 1 disaggregated (--no-colocate)")
     bundles: list[dict[str, float]] = []
     placements: dict[str, PolicyPlacement] = {}
+
+    def device_bundle(devices: int) -> dict[str, float]:
+        cpus = float(cpus_per_device * devices)
+        return {"CPU": cpus, "GPU": float(devices)} if use_gpu else {"CPU": cpus}
 
     def slot(index: int, share: float) -> Slot:
         return Slot(index, cpus_per_device * share, share if use_gpu else 0.0)
@@ -67,15 +79,14 @@ def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: i
     for name in policies:
         base = len(bundles)
         if shared:
-            devices = max(trainers, engines)
-            share = COLOCATED_SHARE
-            trainer_slots = [slot(base + i, share) for i in range(trainers)]
-            engine_slots = [slot(base + i, share) for i in range(engines)]
+            bundles.extend(device_bundle(1) for _ in range(max(trainers, engines)))
+            trainer_slots = [slot(base + i, COLOCATED_SHARE) for i in range(trainers)]
+            engine_slots = [slot(base + i, COLOCATED_SHARE) for i in range(engines)]
         else:
-            devices = trainers + engines
+            bundles.extend(device_bundle(1) for _ in range(trainers))
+            bundles.extend(device_bundle(engine_devices) for _ in range(engines))
             trainer_slots = [slot(base + i, 1.0) for i in range(trainers)]
-            engine_slots = [slot(base + trainers + i, 1.0) for i in range(engines)]
-        bundles.extend(dict(bundle) for _ in range(devices))
+            engine_slots = [slot(base + trainers + i, float(engine_devices)) for i in range(engines)]
         placements[name] = PolicyPlacement(tuple(trainer_slots), tuple(engine_slots))
     return PlacementPlan(tuple(bundles), placements, use_gpu)
 

@@ -11,8 +11,9 @@ import json
 
 import pytest
 
+from envs.generate import EnvConfig
 from rollout.cli import ConfigError
-from rollout.driver import resolve
+from rollout.driver import parse_args, resolve
 from rollout.generate import generate as default_generate
 from rollout.placement import plan_placement
 from rollout.sample import Sample, Status
@@ -108,6 +109,16 @@ def test_yaml_config_sets_driver_flags(qwen3_model, tmp_path):
     assert cfg.run.num_rollout == 5 and cfg.policies == {"solo": str(qwen3_model)} and cfg.trainer.temperature == 0.8
 
 
+def test_env_flags_reach_the_env_config(qwen3_model):
+    cfg = parse_args(["--hf-checkpoint", str(qwen3_model), "--prompt-data", "x.jsonl", "--env", "countdown",
+                      "--env-kwargs", '{"start": 3}', "--env-max-turns", "3", "--env-step-timeout", "none"])
+    assert cfg.env == EnvConfig(env="countdown", env_kwargs={"start": 3}, env_max_turns=3, env_step_timeout=None)
+    assert cfg.flag_values()["env-max-turns"] == 3
+    assert resolve(_values(qwen3_model)).env == EnvConfig()
+    with pytest.raises(ConfigError, match=r"EnvConfig.env_max_turns = 0: expected an integer >= 1"):
+        resolve(_values(qwen3_model, **{"env-max-turns": 0}))
+
+
 # ---- placement ----------------------------------------------------------------------------------------------------
 
 
@@ -130,3 +141,13 @@ def test_disaggregated_and_cpu_placement():
     assert len(rollout_only.bundles) == 1 and rollout_only.policies["p"].trainers == ()
     with pytest.raises(ValueError, match="num_engines=0"):
         plan_placement(["p"], num_trainers=1, num_engines=0, colocate=True, use_gpu=False)
+
+
+def test_tensor_parallel_engines_take_tp_size_devices():
+    plan = plan_placement(["p"], num_trainers=2, num_engines=2, colocate=False, use_gpu=True, cpus_per_device=2,
+                          engine_devices=2)
+    assert plan.bundles == ({"CPU": 2.0, "GPU": 1.0},) * 2 + ({"CPU": 4.0, "GPU": 2.0},) * 2
+    engines = plan.policies["p"].engines
+    assert [s.bundle for s in engines] == [2, 3] and all(s.num_gpus == 2.0 and s.num_cpus == 4.0 for s in engines)
+    with pytest.raises(ValueError, match="colocated engines span one device, but tp_size is 2"):
+        plan_placement(["p"], num_trainers=1, num_engines=1, colocate=True, use_gpu=True, engine_devices=2)

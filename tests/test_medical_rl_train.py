@@ -43,7 +43,7 @@ def test_two_policies_co_train_and_advance(local_ray, tmp_path, tokenizer_dir):
         "metadata-key": "metadata", "rollout-client": "ray", "progress": False, "health-check-interval": 60.0,
         "custom-generate-function-path": "examples.medical_multiagent.generate:generate_dialogue",
         "rollout-batch-size": 2, "n-samples-per-prompt": 2, "rollout-max-response-len": 6, "num-rollout": 2,
-        "global-batch-size": 4, "lr": 1e-3, "metrics-file": str(metrics_file)}))
+        "global-batch-size": 4, "lr": 1e-3, "metrics-file": str(metrics_file), "env-max-turns": 2}))
     try:
         driver.setup()
         history = driver.run()
@@ -53,6 +53,9 @@ def test_two_policies_co_train_and_advance(local_ray, tmp_path, tokenizer_dir):
             for policy in ("doctor", "patient"):
                 assert h[f"train/{policy}/num_samples"] == 4
                 assert math.isfinite(h[f"rollout/{policy}/reward_mean"])
+            # the episode metrics (envs.generate.env_metrics) and --env-max-turns (2 doctor turns, default 8)
+            assert h["rollout/env_episodes"] == 4 and 0 <= h["rollout/env_cache_hit_rate"] <= 1
+            assert 1 <= h["rollout/doctor/turns_mean"] <= 2 and h["rollout/patient/num_samples"] == 4
         assert history[-1]["weight_version/doctor/engine"] == history[-1]["weight_version/patient/engine"] == 2
         for policy in ("doctor", "patient"):
             assert ray.get(driver.engines[policy][0].get_weight_version.remote()) == 2

@@ -1,9 +1,11 @@
 """Multi-turn and multi-agent generate functions with scripted fake engines: token exactness, policies, failures."""
 
 import asyncio
+import math
 import re
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from envs import Env, StepResult
@@ -17,6 +19,7 @@ from rollout.generate import GenerateArgs
 from rollout.manager import RolloutManager
 from rollout.sample import Sample, Status
 from rollout.testing import FakeEngineClient
+from trainer.advantages import compute_advantages
 
 MODULE = "test_multiagent"  # how pytest imports this file (tests/ is on sys.path)
 
@@ -311,8 +314,7 @@ async def test_multiagent_generate_through_the_rollout_manager(tok):
                            custom_generate_function_path="envs.generate:generate_multiagent")
     data = PromptDataset(DataConfig(metadata_key="meta"), tok,
                          [{"prompt": p, "label": None, "meta": {"env": f"{MODULE}:RoundTable"}} for p in "ab"])
-    manager = RolloutManager(config, data, [client], tok)
-    manager.args.env_config = EnvConfig(env_max_turns=12)
+    manager = RolloutManager(config, data, [client], tok, env_config=EnvConfig(env_max_turns=12))
     batch = await manager.generate(0)
     assert len(batch.samples) == 12 and not batch.failed  # 2 prompts x 2 episodes x 3 roles
     assert len({s.index for s in batch.samples}) == 12
@@ -322,6 +324,36 @@ async def test_multiagent_generate_through_the_rollout_manager(tok):
     assert len(by_episode) == 4
     for samples in by_episode.values():
         assert sorted(s.metadata["role"] for s in samples) == ["alice", "bob", "carol"]
-        assert len({s.group_index for s in samples}) == 1
+        assert len({s.metadata["prompt_group"] for s in samples}) == 1  # one prompt ...
+        assert len({s.group_index for s in samples}) == 3  # ... and a group per role
     m = env_metrics(batch.samples)
     assert m["rollout/env_episodes"] == 4.0 and m["rollout/carol/reward_mean"] == 2.0
+
+
+async def test_shared_policy_advantages_are_computed_per_role(tok):
+    # alice never says yes (reward 0), carol always (2), bob's rewards vary: mixing roles would shift every baseline
+    bob = ["yes", "no", "no", "no", "yes", "yes", "no", "yes"]
+    client = scripted(tok, {"alice": ["no"] * 8, "bob": bob, "carol": ["yes"] * 8})
+    config = RolloutConfig(progress=False, rollout_batch_size=2, n_samples_per_prompt=2,
+                           custom_generate_function_path="envs.generate:generate_multiagent")
+    data = PromptDataset(DataConfig(metadata_key="meta"), tok,
+                         [{"prompt": p, "label": None, "meta": {"env": f"{MODULE}:RoundTable"}} for p in "ab"])
+    manager = RolloutManager(config, data, [client], tok, env_config=EnvConfig(env_max_turns=12))
+    samples = (await manager.generate(0)).samples
+    assert len(samples) == 12 and {s.policy for s in samples} == {"default"}
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+    masks = [torch.tensor(s.loss_mask) for s in samples]
+    advantages = compute_advantages("grpo", rewards, torch.tensor([s.group_index for s in samples]),
+                                    [s.response_length for s in samples], loss_masks=masks)
+    for i, s in enumerate(samples):
+        peers = [float(p.reward) for p in samples
+                 if (p.metadata["prompt_group"], p.metadata["role"]) == (s.metadata["prompt_group"], s.metadata["role"])]
+        assert len(peers) == 2  # the prompt's two episodes, this role only
+        mean = sum(peers) / 2
+        std = math.sqrt(sum((r - mean) ** 2 for r in peers))  # unbiased: / (n - 1) = 1
+        expected = (float(s.reward) - mean) / (std + 1e-6)
+        assert advantages[i][masks[i] == 1] == pytest.approx([expected] * int(masks[i].sum()), abs=1e-9)
+    mixed = compute_advantages("grpo", rewards, torch.tensor([s.metadata["prompt_group"] for s in samples]),
+                               [s.response_length for s in samples], loss_masks=masks)
+    carol = [i for i, s in enumerate(samples) if s.metadata["role"] == "carol"]
+    assert all(advantages[i].abs().max() == 0 and mixed[i].max() > 0.5 for i in carol)

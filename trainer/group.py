@@ -35,13 +35,17 @@ class TrainerWorker(TrainerActor):
         self.sender: WeightSender | None = None
         self.engines: list[Any] = []
 
-    def connect_engines(self, engines: Sequence[Any], sync: WeightSyncConfig) -> None:
-        """Remember the policy's engines (EngineProxy objects) and, on rank 0, connect the weight sender."""
+    def connect_engines(self, engines: Sequence[Any], sync: WeightSyncConfig,
+                        ranks_per_engine: Sequence[int] | None = None) -> None:
+        """Remember the policy's engines (EngineProxy objects) and, on rank 0, connect the weight sender.
+
+        `ranks_per_engine[i]` is engine i's tp_size: each of its tp ranks joins the weight-update group.
+        """
         if self.rank != 0:
             return
         self.engines = list(engines)
         self.sender = WeightSender(sync)
-        self.sender.connect(self.engines)
+        self.sender.connect(self.engines, ranks_per_engine=ranks_per_engine)
 
     def push_weights(self, weight_version: int) -> dict[str, float]:
         """Push the current weights into the engines as `weight_version`; PushStats as a dict (rank 0)."""
@@ -122,9 +126,10 @@ class TrainerGroup:
         self._all("export_hf", str(out_dir))
         return Path(out_dir)
 
-    def connect_engines(self, engines: Sequence[Any], sync: WeightSyncConfig) -> None:
-        """Connect rank 0's weight sender to the policy's engines (EngineProxy objects)."""
-        self._all("connect_engines", list(engines), sync)
+    def connect_engines(self, engines: Sequence[Any], sync: WeightSyncConfig,
+                        ranks_per_engine: Sequence[int] | None = None) -> None:
+        """Connect rank 0's weight sender to the policy's engines (EngineProxy objects; tp ranks per engine)."""
+        self._all("connect_engines", list(engines), sync, ranks_per_engine)
 
     def push_weights(self, weight_version: int) -> dict[str, float]:
         """Push the weights into the engines as `weight_version`; rank 0's PushStats as a dict."""
