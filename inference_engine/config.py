@@ -26,6 +26,9 @@ class EngineConfig:
     chunked_prefill_size: int = 2048  # prompt tokens computed per scheduler step, over all requests
     schedule_policy: str = "fcfs"  # "fcfs" or "lpm" (longest cached prefix first)
     disable_radix_cache: bool = False
+    disable_prefix_sharing: bool = False  # off: running prefills are cached only when they finish, no admission dedup
+    prefix_sharing_min_tokens: int = 32  # a waiting request waits for a running prefill that covers all of its
+    # uncached prefix or at least this many tokens of it
     attention_backend: str = "torch"  # "torch" (any device), "triton" (CUDA; torch reference on CPU), "flashinfer" (CUDA)
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
     disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
@@ -56,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.chunked_prefill_size < 1:
             raise ValueError(f"chunked_prefill_size must be >= 1, got {self.chunked_prefill_size}")
+        if self.prefix_sharing_min_tokens < 1:
+            raise ValueError(f"prefix_sharing_min_tokens must be >= 1, got {self.prefix_sharing_min_tokens}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy {self.schedule_policy!r} is unknown; expected one of {SCHEDULE_POLICIES}")
         if self.attention_backend not in available_backends():

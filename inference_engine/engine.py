@@ -430,6 +430,7 @@ class Engine:
             "generation_tokens_per_second": s.tokens_per_second(),
             "prompt_tokens_total": s.stats.prompt_tokens,
             "cached_tokens_total": s.stats.cached_tokens,
+            "prefill_tokens_total": s.stats.prefill_tokens,
             "generated_tokens_total": s.stats.generated_tokens,
             "finished_requests_total": s.stats.finished_requests,
             "retractions_total": s.stats.num_retractions,

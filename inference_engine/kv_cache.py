@@ -55,6 +55,10 @@ class KVPool:
         """Free slots."""
         return (self._free_pages.numel() + sum(t.numel() for t in self._released)) * self.page_size
 
+    def free_page_ids(self) -> torch.Tensor:
+        """Ids [k] of the free pages (for accounting checks: a page listed twice was freed twice)."""
+        return torch.cat([self._free_pages, *self._released])
+
     def alloc_pages(self, n: int) -> torch.Tensor | None:
         """n free page ids [n], or None if there are fewer."""
         if self._free_pages.numel() < n and self._released:

@@ -28,16 +28,21 @@ class TreeNode:
 
 
 class RadixCache:
-    """Prefix cache of finished (or retracted) sequences; `free_slots` gives evicted slots back to the KV pool."""
+    """Prefix cache of finished, retracted and running sequences; `free_slots` gives evicted slots back to the KV pool."""
 
     def __init__(self, page_size: int, free_slots: Callable[[torch.Tensor], None], disabled: bool = False):
         self.page_size = page_size
         self.free_slots = free_slots
         self.disabled = disabled
+        self.epoch = -1
         self.reset()
 
     def reset(self) -> None:
-        """Forget every cached sequence: unlocked nodes are freed now, locked ones when their last user unlocks."""
+        """Forget every cached sequence: unlocked nodes are freed now, locked ones when their last user unlocks.
+
+        `epoch` counts resets: KV computed before the latest one (e.g. with old weights) must not be inserted.
+        """
+        self.epoch += 1
         if hasattr(self, "root"):
             stack = list(self.root.children.values())
             while stack:
@@ -98,9 +103,18 @@ class RadixCache:
         """
         if self.disabled:
             return 0
+        return self.insert_below(self.root, key, value)[0]
+
+    def insert_below(self, node: TreeNode, key: list[int],
+                     value: torch.Tensor) -> tuple[int, TreeNode, torch.Tensor]:
+        """Cache the page-aligned part of key, the tokens that follow node's path, with its slots value [len(key)].
+
+        Returns (how many leading tokens of key were already cached, the node where the aligned key ends,
+        the tree's slots [already] of those tokens). node must be locked (so a flush or eviction cannot detach it).
+        """
         n_aligned = self._aligned(len(key))
         key, value = key[:n_aligned], value[:n_aligned]
-        node, done = self.root, 0
+        done, cached = 0, []
         while done < len(key):
             rest = key[done:]
             child = node.children.get(self._child_key(rest))
@@ -108,13 +122,15 @@ class RadixCache:
                 leaf = TreeNode(rest, value[done:].clone(), node)
                 node.children[self._child_key(rest)] = leaf
                 self.evictable_size += len(rest)
-                return done
+                node = leaf
+                break
             n = self._common_len(child.key, rest)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = next(_clock)
+            cached.append(child.value)
             node, done = child, done + n
-        return done
+        return done, node, torch.cat(cached) if cached else torch.empty(0, dtype=torch.int64)
 
     def inc_lock(self, node: TreeNode) -> None:
         """Protect node and its ancestors from eviction."""

@@ -36,7 +36,8 @@ class Req:
         self.output_top_logprobs: list[list[tuple[float, int]]] = []
         self.input_logprobs: list[float | None] = []  # one per prompt token; the first is None
         # KV bookkeeping: tokens [0, kv_len) have KV in slots req_to_token[row, :kv_len]; the first
-        # prefix_len of them belong to the radix tree (locked through last_node)
+        # prefix_len of them belong to the radix tree (matched at admission or inserted after a prefill chunk;
+        # locked through last_node)
         self.row: int | None = None
         self.kv_len = 0
         self.prefix_len = 0
@@ -44,6 +45,8 @@ class Req:
         self.last_slot = -1
         self.new_slots: list[int] = []  # slots allocated for this step's tokens
         self.admitted = -1  # order of (latest) admission, for newest-first retraction
+        self.cache_epoch = -1  # radix cache epoch at (latest) admission: KV from an older epoch is never cached
+        self.deferrals = 0  # admissions skipped to wait for another request's prefill of a shared prefix
         self.cached_tokens: int | None = None  # prefix reused at first admission
         # outcome
         self.finish_reason: dict[str, Any] | None = None

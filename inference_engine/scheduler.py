@@ -6,6 +6,11 @@ first), then waiting ones are admitted while the prefill token budget, the runni
 and the KV pool allow. When the pool runs dry the radix cache is evicted (LRU) and, if that is not
 enough, the newest running requests are retracted: their computed KV is handed to the radix cache
 and they re-enter the queue with prompt + generated tokens, keeping their sampling state.
+
+Prefix sharing (GRPO sends each prompt n times as separate requests): after every prefill step the
+request's page-aligned prefix goes into the radix tree, locked by it, so requests admitted later match
+it while it still runs; and a waiting request whose uncached prefix a running prefill covers (all of
+it, or at least `prefix_sharing_min_tokens` tokens) waits a step for it instead of computing it again.
 """
 
 from __future__ import annotations
@@ -27,6 +32,20 @@ from inference_engine.sampler import SamplingBatch, sample
 
 log = logging.getLogger(__name__)
 LPM_MAX_QUEUE = 128  # longer queues fall back to fcfs (matching every waiting prompt costs too much)
+MAX_PREFIX_DEFERRALS = 16  # a request waits for other requests' prefills at most this many times (no starvation)
+MAX_DEFERRED_PER_STEP = 128  # admission stops after deferring this many requests in one step (bounded scan)
+
+
+def page_prefix_hashes(tokens: list[int], page_size: int) -> list[int]:
+    """Chained hashes of the full pages of tokens: entry k identifies tokens[:(k + 1) * page_size].
+
+    Used only to decide whether a request waits a step: a collision can delay it, never change its output.
+    """
+    hashes, h = [], 0
+    for start in range(0, len(tokens) - page_size + 1, page_size):
+        h = hash((h, tuple(tokens[start:start + page_size])))
+        hashes.append(h)
+    return hashes
 
 
 @dataclass
@@ -37,6 +56,8 @@ class SchedulerStats:
     num_retractions: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    prefill_tokens: int = 0  # tokens computed by prefill steps (prompts, and re-prefills after retraction)
+    deferred_admissions: int = 0  # times a request waited for another request's prefill of a shared prefix
     generated_tokens: int = 0
     finished_requests: int = 0
     failed_batches: int = 0
@@ -54,6 +75,7 @@ class Scheduler:
         self.req_to_token = runner.req_to_token
         self.device = runner.device
         self.tree = RadixCache(config.page_size, self.kv_pool.free_slots, disabled=config.disable_radix_cache)
+        self.share_prefixes = not (config.disable_radix_cache or config.disable_prefix_sharing)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.stats = SchedulerStats()
@@ -135,12 +157,20 @@ class Scheduler:
         if self.config.schedule_policy == "lpm" and len(self.waiting) <= LPM_MAX_QUEUE:
             lengths = {id(r): len(self.tree.match_prefix(self._match_key(r))[0]) for r in self.waiting}
             self.waiting = deque(sorted(self.waiting, key=lambda r: -lengths[id(r)]))
+        prefills = self._running_prefill_hashes() if self.share_prefixes and self.waiting else None
+        deferred: list[Req] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             req = self.waiting[0]
+            key = self._match_key(req)
+            prefix, node = self.tree.match_prefix(key)
+            if prefills is not None and self._wait_for_prefill(req, key, len(prefix), prefills):
+                deferred.append(self.waiting.popleft())
+                if len(deferred) >= MAX_DEFERRED_PER_STEP:
+                    break
+                continue
             row = self.req_to_token.alloc()
             if row is None:
                 break
-            prefix, node = self.tree.match_prefix(self._match_key(req))
             self.tree.inc_lock(node)
             n = min(req.fill_len - len(prefix), budget)
             reserve = self.config.page_size * (len(self.running) + 1)  # next step's decodes
@@ -150,6 +180,7 @@ class Scheduler:
                 break
             req.row, req.kv_len, req.prefix_len, req.last_node = row, len(prefix), len(prefix), node
             req.last_slot = int(prefix[-1]) if len(prefix) else -1
+            req.cache_epoch = self.tree.epoch
             if len(prefix):
                 self.req_to_token.req_to_token[row, :len(prefix)] = prefix.to(self.device)
             if not self._extend(req, n):
@@ -165,6 +196,31 @@ class Scheduler:
             self.running.append(req)
             batch.append((req, n))
             budget -= n
+            if prefills is not None:
+                prefills.update(page_prefix_hashes(req.tokens(0, req.fill_len), self.config.page_size))
+        self.waiting.extendleft(reversed(deferred))
+
+    def _running_prefill_hashes(self) -> set[int]:
+        """Page-prefix hashes of the sequences running requests are prefilling (their KV lands in the tree)."""
+        hashes: set[int] = set()
+        for req in self.running:
+            if req.fill_len - req.kv_len > 1 and req.cache_epoch == self.tree.epoch:
+                hashes.update(page_prefix_hashes(req.tokens(0, req.fill_len), self.config.page_size))
+        return hashes
+
+    def _wait_for_prefill(self, req: Req, key: list[int], cached: int, prefills: set[int]) -> bool:
+        """Whether req should stay queued this step because a running prefill will extend its cached prefix."""
+        if not prefills or req.deferrals >= MAX_PREFIX_DEFERRALS:
+            return False
+        page = self.config.page_size
+        hashes = page_prefix_hashes(key, page)
+        shared = page * next((k + 1 for k in range(len(hashes) - 1, -1, -1) if hashes[k] in prefills), 0)
+        gain, uncached = shared - cached, len(key) // page * page - cached
+        if gain <= 0 or gain < min(self.config.prefix_sharing_min_tokens, uncached):
+            return False  # worth a step's wait: all of its uncached prefix, or at least min_tokens of it
+        req.deferrals += 1
+        self.stats.deferred_admissions += 1
+        return True
 
     def _match_key(self, req: Req) -> list[int]:
         """Tokens a cached prefix may cover: all but the last (whose logits are needed), none if prompt log-probs are pending."""
@@ -203,7 +259,7 @@ class Scheduler:
             self.running.remove(req)
         slots = self.req_to_token.req_to_token[req.row, :req.kv_len].cpu()
         node = req.last_node
-        if cache and not self.tree.disabled and not node.stale:
+        if cache and not self.tree.disabled and req.cache_epoch == self.tree.epoch:
             aligned = req.kv_len // self.config.page_size * self.config.page_size
             already = self.tree.insert(req.tokens(0, req.kv_len), slots)
             self.kv_pool.free_slots(slots[req.prefix_len:max(already, req.prefix_len)])
@@ -217,6 +273,9 @@ class Scheduler:
     # ----------------------------------------------------------------- forward and sampling
     def _run(self, batch: list[tuple[Req, int]]) -> None:
         fb = self._forward_batch(batch)
+        is_prefill = [n > 1 or req.kv_len < req.prompt_len for req, n in batch]  # anything but a decode
+        prefills = [(req, req.kv_len) for (req, _), p in zip(batch, is_prefill) if p]  # (request, chunk start)
+        self.stats.prefill_tokens += sum(n for (_, n), p in zip(batch, is_prefill) if p)
         for req, n in batch:
             req.kv_len += n
         hidden = self.runner.forward(fb)  # [T, hidden]
@@ -235,6 +294,29 @@ class Scheduler:
             self._append_tokens([r for r, _ in sampling], out)  # the step's one device -> host read
         for req in prefill_only:
             self._finish(req, "length")
+        if self.share_prefixes:
+            for req, first in prefills:
+                if req.row is not None:  # still running (finished requests cached their whole sequence)
+                    self._cache_prefill(req, first)
+
+    def _cache_prefill(self, req: Req, first: int) -> None:
+        """Insert the page-aligned prefix a prefill chunk (starting at position first) completed, locked by req."""
+        page = self.config.page_size
+        start, end = req.prefix_len, req.kv_len // page * page
+        if end <= start or start != first // page * page or req.cache_epoch != self.tree.epoch:
+            return  # no new full page, a decode came in between, or the KV predates a flush
+        open_page = req.new_slots[0] - first % page  # first slot of the page holding position first
+        own = torch.tensor([open_page + i for i in range(first - start)] + req.new_slots[:end - first],
+                           dtype=torch.int64)  # [end - start] this request's slots, known on the host
+        already, node, tree_slots = self.tree.insert_below(req.last_node, req.tokens(start, end), own)
+        if already:  # another request cached these pages first: switch to its slots and free ours
+            self.kv_pool.free_slots(own[:already])
+            self.req_to_token.req_to_token[req.row, start:start + already] = tree_slots.to(self.device)
+            if start + already == req.kv_len:
+                req.last_slot = int(tree_slots[-1])
+        self.tree.inc_lock(node)
+        self.tree.dec_lock(req.last_node)
+        req.last_node, req.prefix_len = node, end
 
     def _forward_batch(self, batch: list[tuple[Req, int]]) -> ForwardBatch:
         """The batch's tensors, sent to the device in one copy; this step's slots recorded in req_to_token."""

@@ -78,3 +78,28 @@ def test_disabled_cache_matches_nothing():
     tree = RadixCache(1, lambda s: None, disabled=True)
     assert tree.insert([1, 2], slots(0, 2)) == 0
     assert tree.match_prefix([1, 2])[0].numel() == 0
+
+
+def test_insert_below_a_locked_node_returns_end_node_and_the_trees_slots():
+    tree, freed = make(page_size=2)
+    assert tree.insert([1, 2, 3, 4], slots(10, 14)) == 0
+    _, first = tree.match_prefix([1, 2])
+    tree.inc_lock(first)
+    # an in-progress sequence [1, 2 | 3, 4, 5, 6, 7] inserts what follows its locked prefix
+    already, end, cached = tree.insert_below(first, [3, 4, 5, 6, 7], slots(20, 25))
+    assert already == 2 and cached.tolist() == [12, 13]  # [3, 4] was there: the caller frees its 20, 21
+    assert end.key == [5, 6] and end.value.tolist() == [22, 23]  # the odd token 7 is not cached
+    tree.inc_lock(end)
+    tree.dec_lock(first)
+    assert tree.protected_size == 6 and tree.evictable_size == 0
+    assert tree.evict(100) == 0 and not freed  # locked by the running sequence
+    assert tree.match_prefix([1, 2, 3, 4, 5, 6, 9])[0].tolist() == [10, 11, 12, 13, 22, 23]
+    tree.dec_lock(end)
+    assert tree.evict(100) == 6 and sorted(freed) == [10, 11, 12, 13, 22, 23]
+
+
+def test_reset_starts_a_new_epoch():
+    tree, _ = make()
+    epoch = tree.epoch
+    tree.reset()
+    assert tree.epoch == epoch + 1
