@@ -34,7 +34,8 @@ os.environ.update(NVLS_ENV)  # before torch / NCCL start, inherited by every chi
 
 import torch  # noqa: E402
 
-from benchmarks.processes import RemoteWeightEndpoint, run_ranks  # noqa: E402
+from benchmarks.processes import RemoteWeightEndpoint, make_tensor_receiver  # noqa: E402
+from trainer.testing import run_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ("prepare", "weight-push", "engine-tp", "trainer-tp", "router", "grpo")
@@ -200,15 +201,6 @@ def make_engine(model: str, engine_kwargs: dict[str, Any]):
     from inference_engine import Engine
 
     return Engine(model_path=model, **engine_kwargs)
-
-
-def make_tensor_receiver(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, device: str):
-    """A weight-sync endpoint that loads into preallocated tensors of these shapes (no model around them)."""
-    from weight_sync import WeightReceiver
-    from weight_sync.testing import TensorDictEngine
-
-    return WeightReceiver(TensorDictEngine({name: torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
-                                            for name, shape in shapes}))
 
 
 def folder_shapes(model: Path) -> list[tuple[str, tuple[int, ...]]]:

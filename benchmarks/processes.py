@@ -1,30 +1,23 @@
-"""Process helpers for multi-GPU benchmarks: N ranks of one function, and an object living in its own (GPU-pinned) process.
+"""Process helpers for benchmarks: an object living in its own (GPU-pinned) process, called over a pipe.
 
-Both use torch multiprocessing with the spawn start method, so a child starts a fresh interpreter
-and CUDA is initialised there, never inherited. A child pinned to GPU g starts with
-CUDA_VISIBLE_DEVICES=g and sees that GPU as cuda:0 (every thread of it, the engine's scheduler
-thread too). Errors in a child come back with their traceback; a child that dies is reported
-instead of waited for.
+(N ranks of one function: `trainer.testing.run_ranks`.) The child is started with torch
+multiprocessing's spawn start method, so it is a fresh interpreter and CUDA is initialised
+there, never inherited. A child pinned to GPU g starts with CUDA_VISIBLE_DEVICES=g and sees that
+GPU as cuda:0 (every thread of it, the engine's scheduler thread too). Errors in the child come
+back with their traceback; a child that dies is reported instead of waited for.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    """A TCP port that is free on localhost right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -42,50 +35,6 @@ def visible_gpu(gpu: int | None) -> Iterator[None]:
             del os.environ["CUDA_VISIBLE_DEVICES"]
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = before
-
-
-def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, queue) -> None:
-    try:
-        queue.put((rank, "ok", fn(rank, world_size, port, *args)))
-    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
-        queue.put((rank, "error", traceback.format_exc()))
-
-
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600.0) -> list[Any]:
-    """Run fn(rank, world_size, port, *args) in `world_size` spawned processes; results by rank.
-
-    `port` is a free localhost port for the ranks' rendezvous; `fn` must be importable (module level)
-    and sets up its own process group. A rank's exception is raised here with its traceback.
-    """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    error = None
-    try:
-        for _ in range(world_size):
-            try:
-                rank, status, value = queue.get(timeout=timeout_s)
-            except Exception:  # queue.Empty: a rank hung or died without reporting
-                codes = [p.exitcode for p in procs]
-                error = f"ranks did not all report within {timeout_s:g}s (exit codes {codes})"
-                break
-            if status == "error":
-                error = f"rank {rank} failed:\n{value}"
-                break
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10 if error else 60)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    if error:
-        raise RuntimeError(error)
-    return [results[r] for r in range(world_size)]
 
 
 def _shutdown(obj: Any) -> None:
@@ -187,3 +136,12 @@ class RemoteWeightEndpoint(RemoteObject):
     @property
     def weight_version(self) -> int:
         return int(self.get("weight_version"))
+
+
+def make_tensor_receiver(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, device: str):
+    """A weight-sync endpoint that loads into preallocated tensors of these shapes (no model around them)."""
+    from weight_sync import WeightReceiver
+    from weight_sync.testing import TensorDictEngine
+
+    return WeightReceiver(TensorDictEngine({name: torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+                                            for name, shape in shapes}))

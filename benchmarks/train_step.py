@@ -175,7 +175,7 @@ def main() -> None:
 
     from trainer import bridge, megatron_compat
     from trainer.config import TrainerConfig
-    from trainer.testing import free_port
+    from weight_sync.group import free_port
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

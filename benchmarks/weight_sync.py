@@ -22,12 +22,10 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])   # run as a script, this file would shadow the weight_sync package
 
 import torch
-import torch.multiprocessing as mp
 
+from benchmarks.processes import RemoteWeightEndpoint, make_tensor_receiver
 from weight_sync import WeightSender, WeightSyncConfig, push_weights
 from weight_sync.buckets import bucket_named_tensors, tensor_bytes
-from weight_sync.receiver import WeightReceiver
-from weight_sync.testing import TensorDictEngine
 
 
 @dataclass(frozen=True)
@@ -75,71 +73,6 @@ def hf_tensor_shapes(s: Qwen3Shape) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _engine_process(conn, shapes, dtype, device):
-    """The engine: its own tensors of every shape; answers (method, args) messages until told to stop."""
-    try:
-        engine = WeightReceiver(TensorDictEngine({name: torch.zeros(shape, dtype=dtype, device=device)
-                                                  for name, shape in shapes}))
-    except Exception as e:  # e.g. out of memory: the trainer raises it instead of waiting
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-        return
-    conn.send(("ready", None))
-    while True:
-        method, args = conn.recv()
-        if method == "stop":
-            return
-        try:
-            result = getattr(engine, method)(*args) if callable(getattr(engine, method)) else getattr(engine, method)
-            conn.send(("ok", result))
-        except Exception as e:  # the error travels back to the trainer, which raises it
-            conn.send(("error", f"{type(e).__name__}: {e}"))
-
-
-class ProcessEngine:
-    """The trainer's handle on an engine process: the weight-update methods as blocking calls over a pipe."""
-
-    def __init__(self, shapes, dtype, device):
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_engine_process, args=(child, shapes, dtype, device), daemon=True)
-        self._proc.start()
-        child.close()   # only the engine holds its end, so its death is seen here as EOF, not a hang
-        self._call_reply()
-
-    def _call_reply(self):
-        try:
-            status, result = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(f"engine process exited (code {self._proc.exitcode}) without answering") from None
-        if status == "error":
-            raise RuntimeError(f"engine process: {result}")
-        return result
-
-    def _call(self, method, *args):
-        self._conn.send((method, args))
-        return self._call_reply()
-
-    @property
-    def weight_version(self) -> int:
-        return self._call("weight_version")
-
-    def pause_generation(self, mode="pause"):
-        return self._call("pause_generation", mode)
-
-    def continue_generation(self):
-        return self._call("continue_generation")
-
-    def update_weights_from_tensor(self, bucket, weight_version=None):
-        return self._call("update_weights_from_tensor", bucket, weight_version)
-
-    def weight_checksums(self):
-        return self._call("weight_checksums")
-
-    def stop(self):
-        self._conn.send(("stop", ()))
-        self._proc.join(timeout=60)
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -165,7 +98,8 @@ def bench_model(shape: Qwen3Shape, device: str, dtype: torch.dtype, bucket_bytes
     shapes = hf_tensor_shapes(shape)
     weights = [(name, torch.randn(s, dtype=dtype, device=device)) for name, s in shapes]   # the trainer's tensors
     total = sum(tensor_bytes(t) for _, t in weights)
-    engine = ProcessEngine(shapes, dtype, device)
+    engine = RemoteWeightEndpoint(make_tensor_receiver, shapes, str(dtype).removeprefix("torch."), device,
+                                  name="engine")
     try:
         checked = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes, check_weight_update=True))
         push_weights(bucket_named_tensors(iter(weights), bucket_bytes), [engine], checked)   # warm-up, verified
@@ -178,7 +112,7 @@ def bench_model(shape: Qwen3Shape, device: str, dtype: torch.dtype, bucket_bytes
         sender.close()
         checked.close()
     finally:
-        engine.stop()
+        engine.close()
     seconds = statistics.median(times)
     return {"model": shape.name, "tensors": len(weights), "gb": total / 1e9, "buckets": stats.buckets,
             "seconds": seconds, "gb_per_s": total / 1e9 / seconds}

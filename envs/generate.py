@@ -14,11 +14,9 @@ from typing import Any
 
 from envs.multiagent import MultiAgentEnv, new_episode_id, role_metrics, run_dialogue
 from envs.multiturn import run_episode
-from envs.registry import make, resolve
+from envs.registry import build, make
 from rollout.client import EngineClient
-from rollout.sample import Sample
-
-DEFAULT_POLICY = "default"
+from rollout.sample import DEFAULT_POLICY, Sample
 
 
 @dataclass
@@ -110,15 +108,7 @@ async def generate_with_env(args: Any, sample: Sample, sampling_params: dict[str
 
 def make_multiagent(name: str, **kwargs: Any) -> MultiAgentEnv:
     """Instantiate a multi-agent env by registered name, entry-point name or 'pkg.mod:Class' path."""
-    factory = resolve(name)
-    if not callable(factory):
-        raise ValueError(f"env {name!r} resolved to {factory!r}, which is not callable")
-    env = factory(**kwargs)
-    if not isinstance(env, MultiAgentEnv):
-        raise TypeError(f"env {name!r} built a {type(env).__name__}, expected an envs.multiagent.MultiAgentEnv")
-    if not env.env_name:
-        env.env_name = name
-    return env
+    return build(name, MultiAgentEnv, kwargs)
 
 
 async def generate_multiagent(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> list[Sample]:

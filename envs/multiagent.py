@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import logging
 import math
 import re
 import uuid
@@ -21,10 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envs.base import EnvError, call_guarded
-from envs.multiturn import ChatDelta, GenerateClient, policy_tokens, record_cache_stats
+from envs.multiturn import ChatDelta, GenerateClient, play_to_end, policy_tokens, record_cache_stats
 from rollout.sample import Sample, Status
-
-logger = logging.getLogger(__name__)
 
 _ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
@@ -312,24 +309,18 @@ async def run_dialogue(env: MultiAgentEnv, sample: Sample, *, tokenizer, clients
         raise ValueError(f"sample {sample.index} is role {sample.metadata['role']!r} of a cut-off episode; "
                          "multi-agent episodes cannot be resumed (run without --partial-rollout)")
     episode = _Episode(env, sample, ChatDelta(tokenizer), episode_id or new_episode_id(sample))
-    try:
+
+    async def play() -> None:
         first = episode.open(await call_guarded(env, 0, env.reset(sample), step_timeout), policies, clients)
         await asyncio.wait_for(episode.run(first, sampling_params, max_turns, max_total_tokens, step_timeout),
                                episode_timeout)
         if episode.status in (Status.COMPLETED, Status.TRUNCATED):
             await episode.score(step_timeout)
-    except asyncio.TimeoutError:
-        episode.status, episode.error = Status.ABORTED, f"episode ran past episode_timeout={episode_timeout:g}s"
-    except EnvError as e:
-        episode.status, episode.error = Status.FAILED, str(e)
-    except Exception as e:  # engine or data errors fail this episode, not the run
-        logger.warning("episode %s failed: %s: %s", episode.episode_id, type(e).__name__, e)
-        episode.status, episode.error = Status.FAILED, f"{type(e).__name__}: {e}"
-    finally:
-        try:
-            await asyncio.wait_for(env.close(), step_timeout)
-        except Exception as e:
-            logger.warning("closing env %s failed: %s: %s", env.display_name, type(e).__name__, e)
+
+    failure = await play_to_end(env, play(), step_timeout=step_timeout, episode_timeout=episode_timeout,
+                                label=f"episode {episode.episode_id}")
+    if failure is not None:
+        episode.status, episode.error = failure
     if not episode.streams:  # failed before the roles were known: one failed sample stands for the episode
         failed = _role_sample(sample, "", sample.policy, episode.episode_id)
         failed.metadata.pop("role")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from envs.base import Env, EnvError, run_reset, run_step
@@ -193,6 +194,31 @@ async def _drive(client: GenerateClient, chat: ChatDelta, env: Env, sample: Samp
         messages.append({"role": role, "content": result.observation})
 
 
+async def play_to_end(env: Any, play: Awaitable[None], *, step_timeout: float | None, episode_timeout: float | None,
+                      label: str) -> tuple[Status, str] | None:
+    """Await an episode's `play`, then close `env` (an Env or a MultiAgentEnv); the (status, error) it failed with.
+
+    None when `play` finished; ABORTED when it ran past `episode_timeout` (its `asyncio.wait_for`), FAILED on
+    an `EnvError` or any other exception (engine or data errors fail the episode, not the run). A failing
+    `env.close()` is logged, never raised.
+    """
+    try:
+        await play
+        return None
+    except asyncio.TimeoutError:
+        return Status.ABORTED, f"episode ran past episode_timeout={episode_timeout:g}s"
+    except EnvError as e:
+        return Status.FAILED, str(e)
+    except Exception as e:
+        logger.warning("%s failed: %s: %s", label, type(e).__name__, e)
+        return Status.FAILED, f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            await asyncio.wait_for(env.close(), step_timeout)
+        except Exception as e:
+            logger.warning("closing env %s failed: %s: %s", env.display_name, type(e).__name__, e)
+
+
 async def run_episode(client: GenerateClient, tokenizer, env: Env, sample: Sample,
                       sampling_params: dict[str, Any], *, max_turns: int, max_total_tokens: int,
                       step_timeout: float | None, episode_timeout: float | None = None,
@@ -217,21 +243,12 @@ async def run_episode(client: GenerateClient, tokenizer, env: Env, sample: Sampl
     sample.status, sample.error = Status.PENDING, None
     sample.metadata.update(turns=0, step_rewards=[], weight_versions=[], env=env.display_name,
                            prompt_tokens=0, cached_tokens=0, cache_hit_rate=0.0)
-    try:
-        await asyncio.wait_for(_drive(client, chat, env, sample, sampling_params, max_turns, max_total_tokens,
-                                      step_timeout, session_id), episode_timeout)
-    except asyncio.TimeoutError:
-        sample.status, sample.error = Status.ABORTED, f"episode ran past episode_timeout={episode_timeout:g}s"
-    except EnvError as e:
-        sample.status, sample.error = Status.FAILED, str(e)
-    except Exception as e:  # engine or data errors fail this sample, not the run
-        logger.warning("episode of sample %d failed: %s: %s", sample.index, type(e).__name__, e)
-        sample.status, sample.error = Status.FAILED, f"{type(e).__name__}: {e}"
-    finally:
-        try:
-            await asyncio.wait_for(env.close(), step_timeout)
-        except Exception as e:
-            logger.warning("closing env %s failed: %s: %s", env.display_name, type(e).__name__, e)
+    play = asyncio.wait_for(_drive(client, chat, env, sample, sampling_params, max_turns, max_total_tokens,
+                                   step_timeout, session_id), episode_timeout)
+    failure = await play_to_end(env, play, step_timeout=step_timeout, episode_timeout=episode_timeout,
+                                label=f"episode of sample {sample.index}")
+    if failure is not None:
+        sample.status, sample.error = failure
     sample.reward = float(sum(sample.metadata["step_rewards"]))
     versions = sample.metadata["weight_versions"]
     sample.weight_version = min(versions) if versions else 0

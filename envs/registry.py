@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from envs.base import Env
+from rollout.plugins import import_object
 
 ENTRY_POINT_GROUP = "kiln.envs"
 
 _REGISTRY: dict[str, Callable[..., Env]] = {}
 
 F = TypeVar("F", bound=Callable[..., Env])
+E = TypeVar("E")
 
 
 def register(name: str) -> Callable[[F], F]:
@@ -33,22 +34,6 @@ def register(name: str) -> Callable[[F], F]:
     return decorator
 
 
-def _import_path(path: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"import path must look like 'pkg.module:Name', got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import module {module_name!r} of env path {path!r}: {e}") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (env path {path!r})")
-        obj = getattr(obj, part)
-    return obj
-
-
 def _entry_points() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
@@ -63,7 +48,10 @@ def resolve(name_or_path: str) -> Callable[..., Env]:
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"env must be a name or 'pkg.module:Name' path, got {name_or_path!r}")
     if ":" in name_or_path:
-        return _import_path(name_or_path)
+        try:
+            return import_object(name_or_path)
+        except ImportError as e:
+            raise ValueError(f"env path {name_or_path!r}: {e}") from e
     if name_or_path in _REGISTRY:
         return _REGISTRY[name_or_path]
     ep = _entry_points().get(name_or_path)
@@ -73,14 +61,20 @@ def resolve(name_or_path: str) -> Callable[..., Env]:
                      f"or give an import path 'pkg.module:Name'")
 
 
-def make(name_or_path: str, **kwargs: Any) -> Env:
-    """Instantiate an env by registered name, entry-point name, or 'pkg.mod:Class' import path."""
+def build(name_or_path: str, kind: type[E], kwargs: dict[str, Any]) -> E:
+    """Instantiate the env `name_or_path` resolves to with `kwargs`; TypeError unless it is a `kind`."""
     factory = resolve(name_or_path)
     if not callable(factory):
         raise ValueError(f"env {name_or_path!r} resolved to {factory!r}, which is not callable")
     env = factory(**kwargs)
-    if not isinstance(env, Env):
-        raise TypeError(f"env {name_or_path!r} built a {type(env).__name__}, expected an envs.Env")
+    if not isinstance(env, kind):
+        raise TypeError(f"env {name_or_path!r} built a {type(env).__name__}, "
+                        f"expected an {kind.__module__}.{kind.__qualname__}")
     if not env.env_name:
         env.env_name = name_or_path
     return env
+
+
+def make(name_or_path: str, **kwargs: Any) -> Env:
+    """Instantiate an env by registered name, entry-point name, or 'pkg.mod:Class' import path."""
+    return build(name_or_path, Env, kwargs)

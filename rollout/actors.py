@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import time
 from typing import Any, Sequence
@@ -25,6 +24,7 @@ from rollout.config import DataConfig, RolloutConfig
 from rollout.data import PromptDataset
 from rollout.manager import RolloutBatch, RolloutManager
 from rollout.router import Router
+from weight_sync.group import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +36,6 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class EngineActor:
@@ -62,7 +56,7 @@ class EngineActor:
 
         from inference_engine.server import create_app
 
-        port = _free_port()
+        port = free_port("")
         config = uvicorn.Config(create_app(self.engine), host="0.0.0.0", port=port, log_level="warning",
                                 lifespan="off")
         self._server = uvicorn.Server(config)
@@ -250,7 +244,3 @@ class RolloutManagerActor:
 
     async def load_state_dict(self, state: dict[str, Any]) -> None:
         self.manager.load_state_dict(state)
-
-    async def data_skipped(self) -> dict[int, str]:
-        """Rows of the prompt data skipped as bad, and why."""
-        return dict(self.manager.data.skipped) if self.manager.data is not None else {}

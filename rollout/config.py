@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rollout.sample import DEFAULT_POLICY
+
 RM_TYPES = ("math", "exact_match", "format", "remote")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
 
@@ -280,7 +282,7 @@ class RunConfig:
     def policy_paths(self) -> dict[str, str]:
         """{policy name: HF folder}, in the order given; {'default': --hf-checkpoint} without --policies."""
         if not self.policies:
-            return {"default": self.hf_checkpoint}
+            return {DEFAULT_POLICY: self.hf_checkpoint}
         out: dict[str, str] = {}
         for item in self.policies:
             name, sep, path = item.partition("=")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rollout.client import EngineClient, EngineError
 from rollout.config import RolloutConfig
-from rollout.sample import Sample, Status
+from rollout.sample import DEFAULT_POLICY, Sample, Status
 
 if TYPE_CHECKING:  # envs imports rollout: at run time the field is filled by the caller
     from envs.generate import EnvConfig
@@ -38,7 +38,7 @@ class GenerateArgs:
 
     def __post_init__(self) -> None:
         if not self.clients:
-            self.clients = {"default": self.client}
+            self.clients = {DEFAULT_POLICY: self.client}
 
 
 def finish_status(meta_info: dict[str, Any]) -> Status:

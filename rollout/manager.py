@@ -33,7 +33,7 @@ from rollout.generate import GenerateArgs
 from rollout.plugins import load_function
 from rollout.rewards import RewardScorer
 from rollout.router import Router
-from rollout.sample import Sample, Status
+from rollout.sample import DEFAULT_POLICY, Sample, Status
 
 if TYPE_CHECKING:  # envs imports rollout
     from envs.generate import EnvConfig
@@ -108,7 +108,7 @@ class RolloutManager:
         self.config = config
         self.data = data
         self.eval_data = eval_data
-        by_policy = clients if isinstance(clients, Mapping) else {"default": clients}
+        by_policy = clients if isinstance(clients, Mapping) else {DEFAULT_POLICY: clients}
         if not by_policy:
             raise ValueError("RolloutManager needs the engines of at least one policy")
         self.routers = {name: c if isinstance(c, Router) else Router(

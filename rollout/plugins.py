@@ -1,4 +1,4 @@
-"""Load user functions (generate, reward, filter) from import paths like 'package.module:function'."""
+"""Load user functions (generate, reward, filter) and env classes from import paths like 'package.module:function'."""
 
 from __future__ import annotations
 
@@ -8,19 +8,20 @@ import inspect
 from typing import Any, Callable
 
 
-def load_function(path: str) -> Callable:
-    """The callable at 'package.module:function' (or 'package.module.function'); clear errors if missing."""
+def import_object(path: str) -> Any:
+    """The object at 'package.module:name' (or 'package.module.name'); ImportError naming what is missing."""
     if not isinstance(path, str) or not path:
-        raise ValueError(f"expected an import path 'package.module:function', got {path!r}")
+        raise ValueError(f"expected an import path 'package.module:name', got {path!r}")
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"import path {path!r} must look like 'package.module:function'")
+        raise ValueError(f"import path {path!r} must look like 'package.module:name'")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ImportError(f"cannot load {path!r}: module {module_name!r} not found ({e})") from e
+    except ImportError as e:
+        raise ImportError(f"cannot import module {module_name!r} of {path!r}: module {module_name!r} not found "
+                          f"or its import failed ({type(e).__name__}: {e})") from e
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -28,6 +29,12 @@ def load_function(path: str) -> Callable:
             raise ImportError(f"cannot load {path!r}: module {module_name!r} has no attribute {attr!r}; "
                               f"its callables are {public}")
         obj = getattr(obj, part)
+    return obj
+
+
+def load_function(path: str) -> Callable:
+    """The callable at 'package.module:function' (or 'package.module.function'); clear errors if missing."""
+    obj = import_object(path)
     if not callable(obj):
         raise TypeError(f"{path!r} is a {type(obj).__name__}, not a function")
     return obj

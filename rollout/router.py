@@ -75,6 +75,10 @@ class Router:
     def choose(self, input_ids: Sequence[int], session_id: str | None = None,
                exclude: frozenset[int] = frozenset()) -> int:
         """Index of the engine a request should go to (no side effects)."""
+        return self._choose(page_hashes(input_ids, self.page_size), session_id, exclude)
+
+    def _choose(self, hashes: list[int], session_id: str | None, exclude: frozenset[int]) -> int:
+        """`choose` for a request whose page hashes are `hashes`."""
         candidates = [i for i in range(len(self.clients)) if self.healthy[i] and i not in exclude]
         if not candidates:
             down = ", ".join(self.name(i) for i in range(len(self.clients)))
@@ -82,7 +86,6 @@ class Router:
         least = min(self.outstanding[i] for i in candidates)
         if session_id is not None and self._sessions.get(session_id) in candidates:
             return self._sessions[session_id]
-        hashes = page_hashes(input_ids, self.page_size)
         best, best_len = None, 0
         for i in candidates:
             prefixes = self._prefixes[i]
@@ -100,10 +103,10 @@ class Router:
         ordered = sorted(candidates, key=lambda i: (self.outstanding[i], (i - self._next) % n))
         return ordered[0]
 
-    def _record(self, i: int, input_ids: Sequence[int], session_id: str | None) -> None:
+    def _record(self, i: int, hashes: list[int], session_id: str | None) -> None:
         self._next = (i + 1) % len(self.clients)
         prefixes = self._prefixes[i]
-        for h in page_hashes(input_ids, self.page_size):
+        for h in hashes:
             prefixes[h] = None
             prefixes.move_to_end(h)
         while len(prefixes) > self.max_prefixes_per_engine:
@@ -124,11 +127,12 @@ class Router:
     async def generate(self, input_ids: Sequence[int], sampling_params: dict[str, Any],
                        return_logprob: bool = True, session_id: str | None = None) -> dict[str, Any]:
         """Route one request; on an unreachable engine, retry on the others."""
+        hashes = page_hashes(input_ids, self.page_size)  # once per request: it hashes the whole prompt
         tried: set[int] = set()
         while True:
-            i = self.choose(input_ids, session_id, frozenset(tried))
+            i = self._choose(hashes, session_id, frozenset(tried))
             tried.add(i)
-            self._record(i, input_ids, session_id)
+            self._record(i, hashes, session_id)
             self.outstanding[i] += 1
             try:
                 response = await self.clients[i].generate(input_ids, sampling_params, return_logprob=return_logprob,

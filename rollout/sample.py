@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+DEFAULT_POLICY = "default"  # the policy of a run without --policies
+
 
 class Status(str, Enum):
     PENDING = "pending"
@@ -37,7 +39,7 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
     status: Status = Status.PENDING
     weight_version: int = 0
-    policy: str = "default"
+    policy: str = DEFAULT_POLICY
     error: str | None = None
 
     @property

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from benchmarks.multi_gpu import (Report, Setup, bench_push, collective_rank, folder_shapes, make_engine,
-                                  make_tensor_receiver, router_item)
-from benchmarks.processes import RemoteWeightEndpoint, run_ranks
+from benchmarks.multi_gpu import Report, Setup, bench_push, collective_rank, folder_shapes, make_engine, router_item
+from benchmarks.processes import RemoteWeightEndpoint, make_tensor_receiver
+from trainer.testing import run_ranks
 
 
 def _weights(shapes, dtype, device, seed=0):

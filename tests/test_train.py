@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from examples.quickstart.make_data import write_dataset
 from rollout.driver import Driver, resolve
+from weight_sync.group import free_port
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +197,7 @@ def test_ray_job_submit_runs_a_step(qwen3_model, data_dir, tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     temp = Path("/tmp") / f"kiln_ray_{os.getpid()}"  # short: Ray's socket paths must stay under 107 chars
     # --block keeps the head in this process group, so it and only it is ended afterwards (no `ray stop`)
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--num-cpus", "2", f"--port={port}",
@@ -227,13 +228,6 @@ def test_ray_job_submit_runs_a_step(qwen3_model, data_dir, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_dashboard(address: str, head: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -6,7 +6,8 @@ import torch.distributed as dist
 
 from trainer.config import TrainerConfig
 from trainer.optimizer import PolicyOptimizer
-from trainer.testing import free_port, hf_response_logprobs, make_samples, run_distributed
+from trainer.testing import hf_response_logprobs, make_samples, run_distributed
+from weight_sync.group import free_port
 
 
 @pytest.fixture

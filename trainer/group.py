@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +20,7 @@ from rollout.sample import Sample
 from trainer.actor import TrainerActor
 from trainer.config import TrainerConfig
 from weight_sync import WeightSender, WeightSyncConfig, push_weights
+from weight_sync.group import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,7 @@ class TrainerWorker(TrainerActor):
 @ray.remote
 def _rendezvous_address() -> tuple[str, int]:
     """The node IP Ray reports and a free port on it, for trainer rank 0's process group."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    return ray.util.get_node_ip_address(), free_port("")
 
 
 class TrainerGroup:

@@ -1,71 +1,89 @@
-"""Test helpers for the trainer: run a function on N gloo ranks, make synthetic RL samples, HF references."""
+"""Test helpers for the trainer: run a function on N spawned (gloo) ranks, make synthetic RL samples, HF references."""
 
 from __future__ import annotations
 
 import os
-import socket
+import queue
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from rollout.sample import Sample
+from weight_sync.group import free_port
 
 
-def free_port() -> int:
-    """A TCP port that is free right now on localhost."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
-    import torch.distributed as dist
-
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, replies, collected,
+               timeout_s: float) -> None:
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        replies.put((rank, "ok", fn(rank, world_size, port, *args)))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        replies.put((rank, "error", traceback.format_exc()))
+    collected.wait(timeout_s)  # tensors in the result are shared from this process: live until the parent has them
 
 
-def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600.0) -> list:
-    """Run fn(rank, world_size, *args) on `world_size` spawned gloo ranks; return results by rank.
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 600.0) -> list[Any]:
+    """Run fn(rank, world_size, port, *args) in `world_size` spawned processes; results by rank.
 
-    `fn` must be importable (module level). A rank's exception is re-raised here with its traceback.
+    `port` is a free localhost port for the ranks' rendezvous; `fn` must be importable (module level)
+    and sets up its own process group. A rank's exception is raised here with its traceback; a rank
+    that hangs or dies without reporting is reported instead of waited for.
     """
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    replies, collected = ctx.Queue(), ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, replies, collected, timeout_s))
+             for r in range(world_size)]
     for p in procs:
         p.start()
-    results: dict[int, object] = {}
-    errors = []
+    results: dict[int, Any] = {}
+    error = None
     try:
         for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
+            try:
+                rank, status, value = replies.get(timeout=timeout_s)
+            except queue.Empty:  # a rank hung or died without reporting
+                codes = [p.exitcode for p in procs]
+                error = f"ranks did not all report within {timeout_s:g}s (exit codes {codes})"
+                break
             if status == "error":
-                errors.append(f"rank {rank}:\n{value}")
+                error = f"rank {rank} failed:\n{value}"
                 break
             results[rank] = value
     finally:
+        collected.set()
         for p in procs:
-            p.join(timeout=5 if errors else timeout)
+            p.join(timeout=10 if error else 60)
             if p.is_alive():
                 p.kill()
                 p.join()
-    if errors:
-        raise RuntimeError("distributed worker failed\n" + "\n".join(errors))
+    if error:
+        raise RuntimeError(error)
     return [results[r] for r in range(world_size)]
+
+
+def _gloo_rank(rank: int, world_size: int, port: int, fn: Callable, *args: Any) -> Any:
+    """One single-threaded rank of `run_distributed`: fn(rank, world_size, *args) inside a gloo process group."""
+    import torch.distributed as dist
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        return fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600.0) -> list[Any]:
+    """Run fn(rank, world_size, *args) on `world_size` spawned gloo ranks; return results by rank.
+
+    `fn` must be importable (module level). A rank's exception is re-raised here with its traceback.
+    """
+    return run_ranks(_gloo_rank, world_size, fn, *args, timeout_s=timeout)
 
 
 def make_samples(num: int, *, vocab_size: int, seed: int = 0, min_len: int = 6, max_len: int = 24,

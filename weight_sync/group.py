@@ -14,7 +14,7 @@ _TIMEOUT_ERRORS = (dist.DistStoreError, dist.DistNetworkError, TimeoutError)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on `host` a moment ago."""
+    """A TCP port that was free on `host` ("" = every interface) a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
