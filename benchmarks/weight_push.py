@@ -6,8 +6,8 @@ end to end (flatten into the bucket, share, engine copies into its parameters, v
 and set against the device copy bandwidth measured in the same run. One push per model runs with
 checksum verification first, so the figures are of a push known to be correct.
 
-    python benchmarks/weight_sync.py                      # GPU: Qwen3-0.6B and Qwen3-8B shapes, bf16
-    python benchmarks/weight_sync.py --device cpu --smoke # CPU: tiny shapes, checks the code path
+    python benchmarks/weight_push.py                      # GPU: Qwen3-0.6B and Qwen3-8B shapes, bf16
+    python benchmarks/weight_push.py --device cpu --smoke # CPU: tiny shapes, checks the code path
 """
 
 from __future__ import annotations
