@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytest.importorskip("fastapi", reason="the HTTP server needs fastapi (the GPU machine has none)")
+
 from inference_engine import Engine
 from inference_engine.server import create_app, serialize_named_tensors
 from inference_engine.testing import make_tiny_model
