@@ -198,12 +198,16 @@ def test_ray_job_submit_runs_a_step(qwen3_model, data_dir, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     port, dash = free_port(), free_port()
+    # every port of its own, so another Ray on this machine (a user's, another test run's) cannot collide with it
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp = Path("/tmp") / f"kiln_ray_{os.getpid()}"  # short: Ray's socket paths must stay under 107 chars
     # --block keeps the head in this process group, so it and only it is ended afterwards (no `ray stop`)
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--num-cpus", "2", f"--port={port}",
                              "--include-dashboard", "true", f"--dashboard-port={dash}", f"--temp-dir={temp}",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                             "--disable-usage-stats", *own_ports], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
         args = ["--hf-checkpoint", str(qwen3_model), "--prompt-data", str(data_dir / "train.jsonl"),
@@ -214,9 +218,14 @@ def test_ray_job_submit_runs_a_step(qwen3_model, data_dir, tmp_path):
         runtime_env = json.dumps({"working_dir": str(REPO), "excludes": [".git", ".venv", ".whl", "runs", "outputs"],
                                   "env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}})
         _wait_for_dashboard(address, head)
-        job = subprocess.run([str(ray_bin), "job", "submit", f"--address={address}", "--runtime-env-json",
-                              runtime_env, "--", sys.executable, "train.py", *args],
-                             env=env, capture_output=True, text=True, timeout=300)
+        submit = [str(ray_bin), "job", "submit", f"--address={address}", "--runtime-env-json", runtime_env,
+                  "--", sys.executable, "train.py", *args]
+        deadline = time.monotonic() + 120
+        while True:  # the job agent registers a little after the dashboard answers; a busy machine widens the gap
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in job.stdout + job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()  # "Job 'raysubmit_...' succeeded"
         lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
