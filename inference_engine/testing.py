@@ -49,13 +49,18 @@ def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
     return lines
 
 
-def make_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
-    """Train a byte-level BPE tokenizer on a generated corpus and save it as a HF fast tokenizer."""
+def make_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, split_digits: bool = False):
+    """Train a byte-level BPE tokenizer on a generated corpus and save it as a HF fast tokenizer.
+
+    With `split_digits` every digit is its own token (numbers are never merged), as in Qwen and Llama 3.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -114,19 +119,24 @@ def tiny_config(family: str, vocab_size: int, *, hidden_size: int = 64, num_laye
 
 
 def make_tiny_model(out_dir: str | Path, family: str = "qwen3", *, seed: int = 0, vocab_size: int = 512,
-                    init_std: float = 0.1, tokenizer_dir: str | Path | None = None, **config_kwargs) -> Path:
+                    init_std: float = 0.1, tokenizer_dir: str | Path | None = None, split_digits: bool = False,
+                    **config_kwargs) -> Path:
     """Write a random tiny HF model folder (weights, config, tokenizer, chat template) and return its path.
 
     `init_std` is larger than HF's default so that random models produce varied, non-degenerate
-    distributions (greedy outputs that differ between prompts).
+    distributions (greedy outputs that differ between prompts). `split_digits` is an option of the
+    tokenizer made here, so it cannot go with `tokenizer_dir`.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if split_digits and tokenizer_dir is not None:
+        raise ValueError(f"split_digits=True with tokenizer_dir={str(tokenizer_dir)!r}: the tokenizer is copied as it "
+                         f"is; pass one or the other")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None:
-        tok = make_tokenizer(out_dir, vocab_size=vocab_size)
+        tok = make_tokenizer(out_dir, vocab_size=vocab_size, split_digits=split_digits)
     else:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         tok.save_pretrained(out_dir)

@@ -30,7 +30,7 @@ def plot_rewards(metrics_file: str | Path, out_png: str | Path) -> dict[str, lis
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Kiln quickstart: GRPO on single-digit addition")
+    ax.set_title("Kiln quickstart: GRPO on a + b (operands 0-19)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
@@ -45,10 +45,15 @@ def main() -> None:
     a = parser.parse_args()
     series = plot_rewards(a.metrics_file, a.out_png)
     rollout = [r for _, r in series["rollout/reward_mean"]]
+    evals = series["eval/reward_mean"]
     if rollout:
         k = min(5, len(rollout))
-        print(f"rollout reward: first {k} steps {sum(rollout[:k]) / k:.3f}, last {k} steps {sum(rollout[-k:]) / k:.3f}"
-              f"; plot: {a.out_png}")
+        print(f"rollout reward: first {k} steps {sum(rollout[:k]) / k:.3f}, last {k} steps {sum(rollout[-k:]) / k:.3f}, "
+              f"peak {max(rollout):.3f}")
+    if evals:
+        print(f"eval reward (held-out, greedy): step {evals[0][0]} {evals[0][1]:.3f} -> step {evals[-1][0]} "
+              f"{evals[-1][1]:.3f}, best {max(r for _, r in evals):.3f}")
+    print(f"plot: {a.out_png}")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline} \
        RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_DEDUP_LOGS=0
 rm -rf "$OUT" && mkdir -p "$OUT"
-"$PY" -m examples.quickstart.make_data "$OUT/data"
-"$PY" -m examples.quickstart.sft --data "$OUT/data/sft.jsonl" --out "$OUT/sft_model" --steps "${SFT_STEPS:-75}"
+"$PY" -m examples.quickstart.make_data "$OUT/data" --max-operand 19
+"$PY" -m examples.quickstart.sft --data "$OUT/data/sft.jsonl" --out "$OUT/sft_model" --steps "${SFT_STEPS:-260}"
 "$PY" train.py --config examples/quickstart/config.yaml \
   --hf-checkpoint "$OUT/sft_model" \
   --prompt-data "$OUT/data/train.jsonl" --eval-prompt-data "$OUT/data/test.jsonl" \
-  --num-rollout "${STEPS:-220}" --lr 1e-3 --rollout-batch-size 32 --global-batch-size 256 --eval-interval 20 --seed 1 \
-  --ray-num-cpus 2 --no-progress \
+  --num-rollout "${STEPS:-240}" \
   --metrics-file "$OUT/metrics.jsonl" --save "$OUT/checkpoints" "$@"
 "$PY" -m examples.quickstart.plot "$OUT/metrics.jsonl" "$OUT/reward_curve.png"
+echo "quickstart: ${SECONDS}s in all"

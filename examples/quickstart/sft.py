@@ -1,6 +1,7 @@
 """Quickstart warm-up: make a tiny random model and teach it the answer format by a short supervised phase.
 
-The model is `inference_engine.testing.make_tiny_model` (Qwen3 family, a local BPE tokenizer);
+The model is `inference_engine.testing.make_tiny_model` (Qwen3 family, a local BPE tokenizer that
+splits numbers into digits, so that an answer is spelled digit by digit);
 the supervised phase is plain torch on sft.jsonl (chat-formatted "What is a + b?" -> "c"), with
 the loss on the answer tokens and the closing <|im_end|> only. It is kept short on purpose: the
 model learns to answer with one number and stop, but is right only some of the time, so that
@@ -70,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="sft.jsonl written by examples.quickstart.make_data")
     parser.add_argument("--out", required=True, help="folder of the HF model to write")
-    parser.add_argument("--steps", type=int, default=150, help="supervised steps")
+    parser.add_argument("--steps", type=int, default=260, help="supervised steps")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
     parser.add_argument("--hidden-size", type=int, default=128, help="model width")
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of model init and example order")
     a = parser.parse_args()
     make_tiny_model(a.out, "qwen3", seed=a.seed, hidden_size=a.hidden_size, num_layers=a.layers,
-                    intermediate_size=4 * a.hidden_size, init_std=0.02)
+                    intermediate_size=4 * a.hidden_size, init_std=0.02, split_digits=True)
     sft(a.out, a.data, steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed)
     print(f"model: {a.out}")
 

@@ -1,0 +1,112 @@
+"""The quickstart's pieces (examples/quickstart): data, digit tokenizer, SFT warm-up, run config, plot -- not the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.quickstart.make_data import make_problems, write_dataset
+from examples.quickstart.sft import encode_examples, sft
+from inference_engine.testing import make_tiny_model, make_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_data_is_deterministic_and_split(tmp_path):
+    first = write_dataset(tmp_path / "a", max_operand=19, seed=0)
+    again = write_dataset(tmp_path / "b", max_operand=19, seed=0)
+    other = write_dataset(tmp_path / "c", max_operand=19, seed=1)
+    for name in ("train", "test", "sft"):
+        assert first[name].read_bytes() == again[name].read_bytes()
+    assert first["test"].read_bytes() != other["test"].read_bytes()
+    train, test = read_jsonl(first["train"]), read_jsonl(first["test"])
+    assert (len(train), len(test)) == (320, 80)
+    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in test)
+    for row in train + test:
+        a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
+        assert op == "+" and 0 <= int(a) <= 19 and 0 <= int(b) <= 19 and int(row["label"]) == int(a) + int(b)
+    sft_rows = read_jsonl(first["sft"])
+    assert [(m["messages"][0]["content"], m["messages"][1]["content"]) for m in sft_rows] == \
+        [(r["prompt"], r["label"]) for r in train]
+    assert len(make_problems(19)) == 400
+
+
+def test_split_digits_tokenizer(tmp_path):
+    split = make_tokenizer(tmp_path / "split", split_digits=True)
+    merged = make_tokenizer(tmp_path / "merged")
+    ids = split("What is 12 + 7? 38", add_special_tokens=False)["input_ids"]
+    digits = [t for t in split.convert_ids_to_tokens(ids) if any(c.isdigit() for c in t)]
+    assert digits == ["1", "2", "7", "3", "8"]
+    assert split.decode(ids) == "What is 12 + 7? 38"
+    # the default tokenizer is unchanged: a number's first digit carries the space before it
+    assert merged.tokenize("What is 12 + 7?") == ["What", "Ġis", "Ġ1", "2", "Ġ+", "Ġ7", "?"]
+    with pytest.raises(ValueError, match="split_digits"):
+        make_tiny_model(tmp_path / "m", tokenizer_dir=tmp_path / "split", split_digits=True)
+
+
+def answer_loss(model, examples) -> float:
+    """Mean cross-entropy of the answer tokens (and EOS) given the prompt, one example at a time, in float64."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, prompt_len in examples:
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()  # [L, V]
+            logp = torch.log_softmax(logits[:-1], -1)  # [L-1, V], position t predicts token t+1
+            targets = torch.tensor(ids[1:])
+            picked = logp[torch.arange(len(targets)), targets][prompt_len - 1:]
+            total -= picked.sum().item()
+            count += len(picked)
+    return total / count
+
+
+def test_sft_lowers_the_answer_loss(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = write_dataset(tmp_path / "data", max_operand=9, seed=0)
+    model_dir = make_tiny_model(tmp_path / "model", "qwen3", hidden_size=64, num_layers=2, intermediate_size=128,
+                                init_std=0.02, split_digits=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    examples = encode_examples(tok, read_jsonl(paths["sft"]))
+    ids, prompt_len = examples[0]
+    assert tok.decode(ids[prompt_len:]) == read_jsonl(paths["train"])[0]["label"] + tok.eos_token
+    assert tok.decode(ids[:prompt_len]).endswith("<|im_start|>assistant\n")
+    load = lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # noqa: E731
+    before = answer_loss(load(), examples)
+    sft(model_dir, paths["sft"], steps=30, lr=3e-3, batch_size=16, seed=0)
+    after = answer_loss(load(), examples)
+    assert after < 0.6 * before, (before, after)
+
+
+def test_config_parses(tmp_path):
+    from rollout.cli import ConfigError
+    from rollout.driver import parse_args
+
+    model = make_tiny_model(tmp_path / "model", "qwen3", split_digits=True)
+    cfg = parse_args(["--config", str(REPO / "examples/quickstart/config.yaml"), "--hf-checkpoint", str(model),
+                      "--num-rollout", "3"])
+    assert cfg.run.num_rollout == 3 and cfg.policies == {"default": str(model)}
+    assert cfg.rollout.custom_rm_path == "examples.quickstart.reward:arithmetic_reward"
+    assert cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt == cfg.trainer.global_batch_size
+    assert cfg.trainer.temperature == cfg.rollout.rollout_temperature  # log-probs of the sampling distribution
+    assert cfg.data.apply_chat_template and cfg.rollout.rollout_max_response_len >= 3  # "38" + <|im_end|>
+    with pytest.raises(ConfigError, match="not a local HF model folder"):
+        parse_args(["--config", str(REPO / "examples/quickstart/config.yaml"), "--hf-checkpoint", str(tmp_path)])
+
+
+def test_plot_reads_the_metrics(tmp_path):
+    from examples.quickstart.plot import plot_rewards
+
+    rows = [{"step": 0, "eval/reward_mean": 0.25}] + \
+           [{"step": s, "rollout/reward_mean": s / 10, "timing/step_s": 1.0} for s in range(1, 6)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    series = plot_rewards(metrics, tmp_path / "curve.png")
+    assert series["rollout/reward_mean"] == [(s, s / 10) for s in range(1, 6)]
+    assert series["eval/reward_mean"] == [(0, 0.25)]
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
