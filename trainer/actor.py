@@ -22,6 +22,7 @@ from trainer.config import TrainerConfig
 from trainer.logprobs import chunked_logprobs
 from trainer.losses import compute_policy_loss, kl_estimate
 from trainer.optimizer import PolicyOptimizer
+from trainer.pipeline import PipelineSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ MODELS = ("actor", "ref")
 
 
 class TrainerActor:
-    """One rank of the policy trainer: megatron GPTModel (TP/DP), AdamW, RL train step, checkpoints."""
+    """One rank of the policy trainer: megatron GPTModel (TP/PP/DP), AdamW, RL train step, checkpoints."""
 
     def __init__(self, config: TrainerConfig, rank: int, world_size: int, master_addr: str, master_port: int):
         if not 0 <= rank < world_size:
@@ -68,8 +69,10 @@ class TrainerActor:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.params_dtype = torch.bfloat16 if on_gpu and cfg.bf16 else torch.float32
         self.autocast = on_gpu and not cfg.bf16  # fp32 parameters computing in bf16
+        self.pipeline = PipelineSchedule(self.pp_group, dtype=self.params_dtype, device=self.device)
         self.spec = bridge.load_spec(cfg.hf_checkpoint)
         self.model = self._build(cfg.hf_checkpoint, trainable=True)
         if cfg.use_reference:
@@ -78,7 +81,8 @@ class TrainerActor:
                 raise ValueError(f"ref_checkpoint {ref_dir} has a different architecture than {cfg.hf_checkpoint}")
             self.ref_model = self._build(ref_dir, trainable=False)
         self.optimizer = PolicyOptimizer(self.model, cfg, dp_group=self.dp_group, tp_group=self.tp_group,
-                                         tp_rank=self.tp_rank)
+                                         tp_rank=self.tp_rank, pp_group=self.pp_group,
+                                         embedding_group=parallel_state.get_embedding_group(check_initialized=False))
         self.vocab_start = self.tp_rank * (self.model.vocab_size // cfg.tensor_parallel_size)
 
     def _build(self, hf_dir: str, *, trainable: bool):
@@ -86,7 +90,8 @@ class TrainerActor:
         tconfig = bridge.build_transformer_config(self.spec, tp_size=self.cfg.tensor_parallel_size,
                                                   pp_size=self.cfg.pipeline_parallel_size,
                                                   params_dtype=self.params_dtype, recompute=self.cfg.recompute)
-        model = bridge.build_gpt_model(self.spec, tconfig, vocab_pad_multiple=self.cfg.vocab_pad_multiple)
+        model = bridge.build_gpt_model(self.spec, tconfig, vocab_pad_multiple=self.cfg.vocab_pad_multiple,
+                                       pre_process=self.pipeline.is_first, post_process=self.pipeline.is_last)
         bridge.load_hf_checkpoint(model, self.spec, hf_dir)
         if not trainable:  # frozen by use: no optimizer, forward under no_grad only. Its parameters keep
             model.eval()  # requires_grad so megatron runs the same linear path as the policy's (bit-equal log-probs)
@@ -153,14 +158,22 @@ class TrainerActor:
     # forward
     # ------------------------------------------------------------------------------------------
 
-    def _forward(self, model, mb: MicroBatch, *, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropy) of the micro-batch's response tokens, flat [T]; logits only for those tokens."""
+    def _stage_output(self, model, mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor:
+        """This stage's output for `mb` [width, rows, H] (final-norm hidden states on the last stage)."""
         tokens = mb.tokens.to(self.device)  # packed [1, total] or padded [rows, max_len]
         positions = mb.position_ids().to(self.device)
         packed = attention.packed_seq_params(mb.lengths, self.device) if mb.packed else None
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with amp:
-            hidden = bridge.final_hidden_states(model, tokens, positions, packed)  # [width, rows, H]
+            return bridge.stage_forward(model, tokens, positions, packed, input_tensor)
+
+    def _activation_shape(self, mb: MicroBatch) -> tuple[int, int, int]:
+        """Shape of the activations passed between pipeline stages for `mb`: [width, rows, H]."""
+        return mb.tokens.shape[1], mb.tokens.shape[0], self.spec.hidden_size
+
+    def _log_probs(self, model, mb: MicroBatch, hidden: torch.Tensor, *, with_entropy: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropy) of the micro-batch's response tokens, flat [T]; logits only for those tokens."""
         weight = bridge.output_weight(model)  # [V_local, H]
         hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [rows * width, H]
         hidden = hidden[mb.response_positions().to(self.device)].to(weight.dtype)  # [T, H]
@@ -171,17 +184,26 @@ class TrainerActor:
 
     @torch.no_grad()
     def _log_probs_all(self, model, samples: list[Sample]) -> list[torch.Tensor]:
-        """Per-sample response log-probs of `samples` (all valid), computed in DP shares and shared."""
+        """Per-sample response log-probs of `samples` (all valid), computed in DP shares and shared with every rank."""
         lengths = [s.response_length for s in samples]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
         flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)  # [all response tokens]
         share = data_parallel_shares([len(s.tokens) for s in samples], self.dp_size)[self.dp_rank]
-        for mb in pack_micro_batches(share, [s.tokens for s in samples], lengths, self.cfg.max_tokens_per_gpu,
-                                     packed=self.cfg.pack_sequences):
-            logp, _ = self._forward(model, mb, with_entropy=False)
-            pieces = logp.split(mb.response_lengths)
-            for i, piece in zip(mb.indices, pieces):
+
+        def forward(mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor | None:
+            hidden = self._stage_output(model, mb, input_tensor)
+            if not self.pipeline.is_last:
+                return hidden
+            logp, _ = self._log_probs(model, mb, hidden, with_entropy=False)
+            for i, piece in zip(mb.indices, logp.split(mb.response_lengths)):
                 flat[offsets[i]:offsets[i + 1]] = piece
+            return None
+
+        self.pipeline.forward_only(pack_micro_batches(share, [s.tokens for s in samples], lengths,
+                                                      self.cfg.max_tokens_per_gpu, packed=self.cfg.pack_sequences),
+                                   forward, self._activation_shape)
+        if self.pipeline.size > 1:  # only the last stage filled it: a sum shares it
+            dist.all_reduce(flat, group=self.pp_group)
         if self.dp_size > 1:  # shares are disjoint: a sum gathers them
             dist.all_reduce(flat, group=self.dp_group)
         return [t.cpu() for t in flat.split(lengths)]
@@ -251,28 +273,38 @@ class TrainerActor:
         sums: dict[str, torch.Tensor] = {}
         padded = 0
         self.optimizer.zero_grad()
-        for mb in pack_micro_batches(share, [s.tokens for s in batch], [s.response_length for s in batch],
-                                     cfg.max_tokens_per_gpu, packed=cfg.pack_sequences):
-            logp, entropy = self._forward(self.model, mb, with_entropy=True)
 
-            def flat(key: str) -> torch.Tensor | None:
-                values = per_sample[key]
-                return None if values is None else torch.cat([values[i] for i in mb.indices]).to(self.device)
+        def flat(mb: MicroBatch, key: str) -> torch.Tensor | None:
+            values = per_sample[key]
+            return None if values is None else torch.cat([values[i] for i in mb.indices]).to(self.device)
 
+        def forward(mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor:
+            nonlocal padded
+            hidden = self._stage_output(self.model, mb, input_tensor)
+            if not self.pipeline.is_last:
+                return hidden
+            logp, entropy = self._log_probs(self.model, mb, hidden, with_entropy=True)
             loss, parts = compute_policy_loss(
-                logp, flat("old"), flat("adv"), flat("mask"), torch.tensor(mb.response_lengths, device=self.device),
-                cfg.loss, ref_logp=flat("ref"), rollout_logp=flat("rollout"),
-                entropy=entropy if cfg.loss.entropy_coef > 0 else entropy.detach(),
+                logp, flat(mb, "old"), flat(mb, "adv"), flat(mb, "mask"),
+                torch.tensor(mb.response_lengths, device=self.device), cfg.loss, ref_logp=flat(mb, "ref"),
+                rollout_logp=flat(mb, "rollout"), entropy=entropy if cfg.loss.entropy_coef > 0 else entropy.detach(),
                 global_num_tokens=num_tokens, global_num_seqs=num_seqs)
-            loss.backward()
             for key, value in {"loss": loss.detach(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             padded += mb.padded_tokens
+            return loss
+
+        self.pipeline.forward_backward(pack_micro_batches(share, [s.tokens for s in batch],
+                                                          [s.response_length for s in batch], cfg.max_tokens_per_gpu,
+                                                          packed=cfg.pack_sequences),
+                                       forward, self._activation_shape)
         keys = ["loss", "pg_loss", "pg_clipfrac", "ppo_kl", "entropy"] + sorted(
             k for k in ("kl_loss", "train_rollout_logp_absdiff", "tis_clipfrac", "pg_clipfrac_lower")
             if k in sums or self._expects_metric(k, per_sample))
         reduced = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=self.device)
                                for k in keys] + [torch.tensor(float(padded), device=self.device)])
+        if self.pipeline.size > 1:  # the loss and its parts live on the last stage: a sum shares them
+            dist.all_reduce(reduced, group=self.pp_group)
         if self.dp_size > 1:
             dist.all_reduce(reduced, group=self.dp_group)
         grad_norm, lr = self.optimizer.step()

@@ -162,12 +162,17 @@ def build_gpt_model(spec: ModelSpec, config, *, vocab_pad_multiple: int = 128, p
     """GPTModel for `spec` on this rank's pipeline stage (layer spec: `attention.gpt_layer_spec` unless given)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
     from trainer import attention, megatron_compat
 
     megatron_compat.apply()
     layer_spec = attention.gpt_layer_spec(spec.qk_norm) if layer_spec is None else layer_spec
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    # No embedding group: megatron would copy the tied embedding to the last stage through `.cuda()`; the
+    # bridge loads that copy from HF instead and PolicyOptimizer all-reduces the two copies' gradients.
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.embd = None
     model = GPTModel(
         config,
         transformer_layer_spec=layer_spec,
@@ -179,6 +184,7 @@ def build_gpt_model(spec: ModelSpec, config, *, vocab_pad_multiple: int = 128, p
         position_embedding_type="rope",
         rotary_base=int(spec.rope_theta),
         rotary_percent=1.0,
+        pg_collection=groups,
     )
     _mark_tensor_parallel(model, spec)
     return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model
@@ -186,14 +192,30 @@ def build_gpt_model(spec: ModelSpec, config, *, vocab_pad_multiple: int = 128, p
 
 def final_hidden_states(model, tokens: torch.Tensor, positions: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
     """The decoder's output after the final norm, [s, b, H] (the output layer is not run)."""
-    model = _unwrap(model)
-    if not model.post_process:
+    if not _unwrap(model).post_process:
         raise ValueError("final_hidden_states needs the last pipeline stage (post_process=True)")
+    return stage_forward(model, tokens, positions, packed_seq_params)
+
+
+def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, packed_seq_params=None,
+                  input_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """This pipeline stage's output [s, b, H]: after the final norm on the last stage (no output layer).
+
+    `input_tensor` is the previous stage's output [s, b, H]; the first stage embeds `tokens` instead.
+    """
+    model = _unwrap(model)
+    if model.pre_process != (input_tensor is None):
+        raise ValueError(f"pipeline stage with pre_process={model.pre_process} got "
+                         f"{'no' if input_tensor is None else 'an'} input tensor; the first stage takes none, "
+                         "the others the previous stage's output")
+    if input_tensor is not None:
+        model.set_input_tensor(input_tensor)
+    post_process = model.post_process
     model.post_process = False  # GPTModel._postprocess returns the hidden states unprojected
     try:
         return model(tokens, positions, None, packed_seq_params=packed_seq_params)
     finally:
-        model.post_process = True
+        model.post_process = post_process
 
 
 def output_weight(model) -> torch.Tensor:

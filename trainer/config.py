@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,9 +63,10 @@ class TrainerConfig:
                      "vocab_pad_multiple", "logprob_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
-        if self.pipeline_parallel_size != 1:
-            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size}; the trainer's step supports 1 "
-                             "(the bridge already loads and exports pipeline stages)")
+        layers = json.loads((Path(self.hf_checkpoint) / "config.json").read_text()).get("num_hidden_layers")
+        if isinstance(layers, int) and layers % self.pipeline_parallel_size:
+            raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size} does not divide the model's "
+                             f"{layers} layers; use a divisor of {layers}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
