@@ -6,7 +6,8 @@ config.json values; nothing is downloaded) as a local HF folder, then prints one
     python -m benchmarks.engine_throughput --shape qwen3-0.6b --backend flashinfer   # from the repo root
 
 Decode tokens/s at batch B: two runs of B fresh prompts, with 1 and 1 + K new tokens; the
-difference is K decode steps. The roofline is B / ((weight bytes + KV bytes read per step) / copy
+difference is K decode steps. `--overlap both` measures the engine's rows with overlap scheduling
+off, then on, on the same engine (the scheduler's switch is flipped between runs). The roofline is B / ((weight bytes + KV bytes read per step) / copy
 bandwidth), the bandwidth measured in the same run (a device-to-device copy, read + write).
 """
 
@@ -100,6 +101,12 @@ def hf_generate(model, ids: list[list[int]], new_tokens: int) -> float:
     return len(ids) * new_tokens / (time.perf_counter() - start)
 
 
+def set_overlap(engine, on: bool) -> None:
+    """Switch the engine's overlap scheduling between runs (on the scheduler thread, nothing in flight); empty the cache."""
+    engine._call(lambda: setattr(engine.scheduler, "overlap", on))
+    engine.flush_cache()  # the next runs reuse prompts of the previous mode: no cache hits from those
+
+
 def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_dir: Path) -> None:
     """Where a decode step's time goes: host spans of the scheduler's parts, and device kernels, per batch size.
 
@@ -124,7 +131,7 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
             return out
         return wrapper
 
-    targets = [(sched, "_schedule"), (sched, "_forward_batch"), (sched, "_sampling_batch"), (sched, "_append_tokens"),
+    targets = [(sched, "_schedule"), (sched, "_forward_batch"), (sched, "_sampling_batch"), (sched, "_resolve"),
                (runner, "forward"), (runner, "logits"), (runner.attn_backend, "init_graph_metadata"),
                (runner.attn_backend, "init_forward_metadata"), (sched_mod, "sample")]
     if runner.graph_runner is not None:
@@ -207,8 +214,12 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--decode-batches", default="1,8,64,256")
     ap.add_argument("--decode-steps", type=int, default=128)
-    ap.add_argument("--offline", default="512x1024x512", help="N x input_len x output_len")
-    ap.add_argument("--grpo", default="64x8x512x256", help="prompts x n x input_len x output_len")
+    ap.add_argument("--offline", default="512x1024x512", help="N x input_len x output_len ('' skips)")
+    ap.add_argument("--grpo", default="64x8x512x256", help="prompts x n x input_len x output_len ('' skips)")
+    ap.add_argument("--overlap", choices=["on", "off", "both"], default="both",
+                    help="overlap scheduling for the Kiln-vs-HF and decode rows (both: off, then on)")
+    ap.add_argument("--offline-overlap", choices=["on", "off", "both"], default="on",
+                    help="overlap scheduling for the offline and GRPO rows")
     ap.add_argument("--hf-batches", default="1,64")
     ap.add_argument("--hf-tokens", type=int, default=64, help="prompt 128 tokens, this many generated")
     ap.add_argument("--disable-cuda-graph", action="store_true")
@@ -260,36 +271,48 @@ def main() -> None:
         engine.shutdown()
         return
 
-    for bs in [int(b) for b in args.hf_batches.split(",") if b]:
-        ids = prompts(bs, 128, vocab, seed=100 + bs)
-        timed_generate(engine, ids, 2)  # warm-up of this shape
-        rate = bs * args.hf_tokens / timed_generate(engine, prompts(bs, 128, vocab, seed=200 + bs), args.hf_tokens)
-        report(f"Kiln batch {bs} (128 in, {args.hf_tokens} out)", f"{rate:.0f} tok/s = {rate / hf_rates[bs]:.1f}x HF")
+    def modes(choice: str) -> list[bool]:
+        return {"on": [True], "off": [False], "both": [False, True]}[choice]
 
-    k = args.decode_steps
-    for bs in [int(b) for b in args.decode_batches.split(",") if b]:
-        t1 = timed_generate(engine, prompts(bs, 128, vocab, seed=300 + bs), 1)
-        t2 = timed_generate(engine, prompts(bs, 128, vocab, seed=400 + bs), 1 + k)
-        rate = bs * k / (t2 - t1)
-        step_bytes = weight_bytes + bs * (128 + k / 2) * kv_per_token
-        roofline = bs * bw / step_bytes
-        report(f"decode batch {bs}", f"{rate:.0f} tok/s, {1e3 * (t2 - t1) / k:.2f} ms/step, "
-                                     f"{rate / roofline:.0%} of roofline ({roofline:.0f} tok/s)")
+    for overlap in modes(args.overlap):
+        set_overlap(engine, overlap)
+        tag = f" [overlap {'on' if overlap else 'off'}]"
+        for bs in [int(b) for b in args.hf_batches.split(",") if b]:
+            timed_generate(engine, prompts(bs, 128, vocab, seed=100 + bs), 2)  # warm-up of this shape
+            rate = bs * args.hf_tokens / timed_generate(engine, prompts(bs, 128, vocab, seed=200 + bs),
+                                                        args.hf_tokens)
+            report(f"Kiln batch {bs} (128 in, {args.hf_tokens} out){tag}",
+                   f"{rate:.0f} tok/s = {rate / hf_rates[bs]:.1f}x HF")
+        k = args.decode_steps
+        for bs in [int(b) for b in args.decode_batches.split(",") if b]:
+            timed_generate(engine, prompts(bs, 128, vocab, seed=250 + bs), 2)  # warm-up (first prefill of a shape)
+            t1 = timed_generate(engine, prompts(bs, 128, vocab, seed=300 + bs), 1)
+            t2 = timed_generate(engine, prompts(bs, 128, vocab, seed=400 + bs), 1 + k)
+            rate = bs * k / (t2 - t1)
+            step_bytes = weight_bytes + bs * (128 + k / 2) * kv_per_token
+            roofline = bs * bw / step_bytes
+            report(f"decode batch {bs}{tag}", f"{rate:.0f} tok/s, {1e3 * (t2 - t1) / k:.2f} ms/step, "
+                                              f"{rate / roofline:.0%} of roofline ({roofline:.0f} tok/s)")
 
-    n, n_in, n_out = (int(x) for x in args.offline.split("x"))
-    elapsed = timed_generate(engine, prompts(n, n_in, vocab, seed=500), n_out)
-    report(f"offline {n} x ({n_in} in, {n_out} out)",
-           f"{n * n_out / elapsed:.0f} output tok/s, {n * (n_in + n_out) / elapsed:.0f} total tok/s, {elapsed:.1f} s")
-
-    g, n_samples, g_in, g_out = (int(x) for x in args.grpo.split("x"))
-    before = engine.metrics()
-    elapsed = timed_generate(engine, prompts(g, g_in, vocab, seed=600), g_out, n=n_samples, temperature=1.0)
-    after = engine.metrics()
-    prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
-    cached = after["cached_tokens_total"] - before["cached_tokens_total"]
-    report(f"GRPO {g} prompts x n={n_samples} ({g_in} in, {g_out} out, T=1)",
-           f"{g * n_samples * g_out / elapsed:.0f} output tok/s, radix cache hit rate {cached / max(prompt, 1):.1%}, "
-           f"{elapsed:.1f} s")
+    for overlap in modes(args.offline_overlap):
+        set_overlap(engine, overlap)
+        tag = f" [overlap {'on' if overlap else 'off'}]"
+        if args.offline:
+            n, n_in, n_out = (int(x) for x in args.offline.split("x"))
+            elapsed = timed_generate(engine, prompts(n, n_in, vocab, seed=500), n_out)
+            report(f"offline {n} x ({n_in} in, {n_out} out){tag}",
+                   f"{n * n_out / elapsed:.0f} output tok/s, {n * (n_in + n_out) / elapsed:.0f} total tok/s, "
+                   f"{elapsed:.1f} s")
+        if args.grpo:
+            g, n_samples, g_in, g_out = (int(x) for x in args.grpo.split("x"))
+            before = engine.metrics()
+            elapsed = timed_generate(engine, prompts(g, g_in, vocab, seed=600), g_out, n=n_samples, temperature=1.0)
+            after = engine.metrics()
+            prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
+            cached = after["cached_tokens_total"] - before["cached_tokens_total"]
+            report(f"GRPO {g} prompts x n={n_samples} ({g_in} in, {g_out} out, T=1){tag}",
+                   f"{g * n_samples * g_out / elapsed:.0f} output tok/s, radix cache hit rate "
+                   f"{cached / max(prompt, 1):.1%}, {elapsed:.1f} s")
     engine.shutdown()
 
     print("\n| measure | result |\n| --- | --- |")

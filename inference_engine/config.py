@@ -32,6 +32,8 @@ class EngineConfig:
     attention_backend: str = "torch"  # "torch" (any device), "triton" (CUDA; torch reference on CPU), "flashinfer" (CUDA)
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
     disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
+    disable_overlap_schedule: bool = False  # read each step's sampled tokens before scheduling the next
+    # (default: the host schedules and launches step k+1 while the device runs step k, and reads k's tokens after)
     tp_size: int = 1  # tensor-parallel ranks: rank 0 in the Engine's process, the others in worker processes
     base_gpu_id: int = 0  # with device "cuda", tp rank r runs on cuda:(base_gpu_id + r); "cuda:N" starts at N
     random_seed: int = 0  # seeds the sampling of requests that set no seed of their own

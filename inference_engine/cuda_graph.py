@@ -104,6 +104,7 @@ class CudaGraphRunner:
         self.kv_indices[total:total + bs - b].zero_()
         static_fb = self.batches[bs]
         static_fb.seq_lens_cpu = torch.cat([fb.seq_lens_cpu, torch.ones(bs - b, dtype=torch.int64)])
+        static_fb.same_pages = fb.same_pages
         self.attn_backend.init_graph_metadata(static_fb, capture=False)
         if bs in self.graphs:
             self.graphs[bs].replay()

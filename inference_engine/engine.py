@@ -21,14 +21,14 @@ import torch
 
 from inference_engine.config import EngineConfig
 from inference_engine.model_runner import ModelRunner
-from inference_engine.models.loader import resolve
 from inference_engine.request import Req
 from inference_engine.sampling_params import SamplingParams
 from inference_engine.scheduler import Scheduler
-from weight_sync import SharedBucket, WeightReceiver, open_bucket
+from weight_sync import ColocatedBucket, SharedBucket, WeightReceiver, open_bucket
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
+STOP_TIMEOUT_S = 60.0  # shutdown waits this long for the scheduler thread to finish its step
 
 
 class Engine:
@@ -75,6 +75,8 @@ class Engine:
 
     # ----------------------------------------------------------------- the loop
     def _loop(self) -> None:
+        if self.runner.device.type == "cuda":  # a new thread starts on cuda:0; triton launches on the current device
+            torch.cuda.set_device(self.runner.device)
         while True:
             busy = self.scheduler.has_work() and not self._paused and not self._released
             try:
@@ -82,6 +84,8 @@ class Engine:
             except queue.Empty:
                 item = None
             while item is not None:
+                if item[0] != "add":  # control operations see every request up to date (overlap: none in flight)
+                    self.scheduler.sync()
                 if item[0] == "stop":
                     self.scheduler.abort(None)
                     return
@@ -208,6 +212,7 @@ class Engine:
         while not done.wait(IDLE_WAIT_S):
             if not self._thread.is_alive():
                 raise RuntimeError("engine scheduler thread is not running")
+            self.runner.check_alive()
         ordered = [results[id(r)] for r in outputs]
         return ordered if many else ordered[0]
 
@@ -320,24 +325,28 @@ class Engine:
         return self._call(lambda: self._commit_weights(load, weight_version))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
-        """Load HF-named tensors (any subset) between steps; flushes the cache and bumps weight_version (returned)."""
-        return self._apply_weights(lambda: self.runner.load_weights(named_tensors), weight_version)
+        """Load HF-named tensors (any subset) between steps; flushes the cache and bumps weight_version (returned).
 
-    def update_weights_from_tensor(self, named_tensors: SharedBucket | Iterable[tuple[str, torch.Tensor]],
+        Returns once the copies are done, so the caller may reuse or free the tensors' memory.
+        """
+        return self._apply_weights(lambda: self._load_and_wait(named_tensors), weight_version)
+
+    def _load_and_wait(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.runner.load_weights(named_tensors)
+        if self.runner.device.type == "cuda":   # the copies read a colocated sender's memory: done before it reuses it
+            torch.cuda.current_stream(self.runner.device).synchronize()
+
+    def update_weights_from_tensor(self, named_tensors: ColocatedBucket | SharedBucket | Iterable[tuple[str, torch.Tensor]],
                                    weight_version: int | None = None) -> int:
-        """Update weights from a colocated SharedBucket or (hf_name, tensor) pairs; bad names raise before anything changes."""
+        """Update weights from a colocated bucket (shared handles) or (hf_name, tensor) pairs; bad names raise before anything changes."""
+        if isinstance(named_tensors, ColocatedBucket):
+            return self._receiver.receive_colocated(named_tensors, lambda named: self.load_weights(named, weight_version))
         named = open_bucket(named_tensors) if isinstance(named_tensors, SharedBucket) else list(named_tensors)
         bad = [entry for entry in named if not (isinstance(entry, tuple) and len(entry) == 2 and
                                                 isinstance(entry[0], str) and isinstance(entry[1], torch.Tensor))]
         if bad:
             raise ValueError(f"update_weights_from_tensor expects (hf_name, tensor) pairs; bad entries: {bad[:3]}")
-        params = dict(self.runner.model.named_parameters())
-        for name, _ in named:
-            resolve(self.runner.model, params, name)
-        version = self.load_weights(named, weight_version)
-        if named and named[0][1].is_cuda:  # done reading a colocated sender's memory before it reuses it
-            torch.cuda.current_stream(named[0][1].device).synchronize()
-        return version
+        return self.load_weights(named, weight_version)
 
     def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> int:
         """Load every weight of a HF folder with the same architecture."""
@@ -435,6 +444,8 @@ class Engine:
             "finished_requests_total": s.stats.finished_requests,
             "retractions_total": s.stats.num_retractions,
             "weight_version": s.weight_version,
+            "weight_sync_storages_open": self._receiver.shared.open_count(),   # colocated senders' storages mapped
+            "weight_sync_handles_opened_total": self._receiver.shared.opened_total,
             "paused": self._paused,
         }
 
@@ -445,7 +456,11 @@ class Engine:
             return
         self._closed = True
         self._inbox.put(("stop",))
-        self._thread.join()
+        self._thread.join(STOP_TIMEOUT_S)
+        if self._thread.is_alive():  # stuck in a step (a collective whose peer is gone): no graceful stop is possible
+            self.runner.shutdown(graceful=False)
+            raise RuntimeError(f"engine scheduler thread did not stop within {STOP_TIMEOUT_S:g} s (blocked in a "
+                               "step); tensor-parallel workers were killed")
         self._receiver.close()
         self.runner.shutdown()
 

@@ -33,6 +33,8 @@ class ForwardBatch:
     kv_pool: "KVPool"
     attn_backend: "AttentionBackend"
     attn_metadata: Any = field(default=None)  # whatever the backend precomputed in init_forward_metadata
+    same_pages: bool = False  # decode of the previous step's requests, in order, none of them starting a page:
+    # the paged layout is unchanged, only every length grew by one (a backend may keep its plan)
 
     @property
     def batch_size(self) -> int:

@@ -43,7 +43,11 @@ class Req:
         self.prefix_len = 0
         self.last_node: TreeNode | None = None
         self.last_slot = -1
+        self.slots: list[int] = []  # host copy of req_to_token[row]: the slot of every allocated position
         self.new_slots: list[int] = []  # slots allocated for this step's tokens
+        # overlap scheduling: tokens sampled on the device whose values the host reads one step late
+        self.pending = 0
+        self.lookahead = False  # this step's input is a pending token (its KV is dropped if that token ends the request)
         self.admitted = -1  # order of (latest) admission, for newest-first retraction
         self.cache_epoch = -1  # radix cache epoch at (latest) admission: KV from an older epoch is never cached
         self.deferrals = 0  # admissions skipped to wait for another request's prefill of a shared prefix

@@ -11,6 +11,16 @@ Prefix sharing (GRPO sends each prompt n times as separate requests): after ever
 request's page-aligned prefix goes into the radix tree, locked by it, so requests admitted later match
 it while it still runs; and a waiting request whose uncached prefix a running prefill covers (all of
 it, or at least `prefix_sharing_min_tokens` tokens) waits a step for it instead of computing it again.
+
+Overlap scheduling (on unless `disable_overlap_schedule`): a step is launched (forward and sampling
+queued on the device, the sampled tokens scattered into a per-row device buffer and copied to pinned
+host memory behind an event) and the host goes on to schedule and launch the next step before it
+reads them. A request whose last token is still on its way decodes it straight from the device
+buffer (`Req.pending`, a placeholder id in the host batch); the host appends the token, checks the
+stop conditions and streams one step late. A request that turns out to have finished had one step
+too many: its sampled token is dropped and the KV position of that step given back (`Req.lookahead`),
+so outputs and the radix cache are exactly those of the step-by-step path, which is the same code
+with each step read right after its launch.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from inference_engine.forward_batch import ForwardBatch, to_device
 from inference_engine.model_runner import ModelRunner
 from inference_engine.radix_cache import RadixCache
 from inference_engine.request import Req
-from inference_engine.sampler import SamplingBatch, sample
+from inference_engine.sampler import SampleOutput, SamplingBatch, sample
 
 log = logging.getLogger(__name__)
 LPM_MAX_QUEUE = 128  # longer queues fall back to fcfs (matching every waiting prompt costs too much)
@@ -46,6 +56,36 @@ def page_prefix_hashes(tokens: list[int], page_size: int) -> list[int]:
         h = hash((h, tuple(tokens[start:start + page_size])))
         hashes.append(h)
     return hashes
+
+
+@dataclass
+class LaunchedStep:
+    """Sampled tokens of a launched step on their way to the host (pinned copies, complete once `done` is)."""
+
+    reqs: list[Req]  # the requests that sampled, one per row
+    tokens: torch.Tensor  # [B] int64, host
+    logprobs: torch.Tensor  # [B] float32, host
+    top_logprobs: torch.Tensor | None  # [B, k] float32, host
+    top_ids: torch.Tensor | None  # [B, k] int64, host
+    done: torch.cuda.Event | None  # recorded after the copies (CUDA); None: the copies were synchronous
+
+    @classmethod
+    def start(cls, reqs: list[Req], out: SampleOutput) -> "LaunchedStep":
+        """Queue the device -> host copies of out without waiting for them."""
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to("cpu", non_blocking=True)  # pinned destination on CUDA
+
+        done = None
+        copies = host(out.tokens), host(out.logprobs), host(out.top_logprobs), host(out.top_ids)
+        if out.tokens.is_cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(out.tokens.device))
+        return cls(reqs, *copies, done)
+
+    def wait(self) -> None:
+        """Block until the copies are complete (the one device -> host wait of a step)."""
+        if self.done is not None:
+            self.done.synchronize()
 
 
 @dataclass
@@ -81,6 +121,11 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.weight_version = 0
         self.shared_generator = torch.Generator(device=self.device).manual_seed(config.random_seed)
+        self.overlap = not config.disable_overlap_schedule
+        self.token_buf = torch.zeros(config.max_running_requests, dtype=torch.int64, device=self.device)  # by row:
+        # the request's latest sampled token, where the next step reads a pending one
+        self._in_flight: LaunchedStep | None = None
+        self._last_decode: list[int] | None = None  # admission ids of the previous step's decode batch
         self._admissions = 0
         self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
 
@@ -90,7 +135,13 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._in_flight)
+
+    def sync(self) -> None:
+        """Read the in-flight step's tokens (overlap), so that every request's state is up to date."""
+        launched, self._in_flight = self._in_flight, None
+        if launched is not None:
+            self._resolve(launched)
 
     def abort(self, rid: str | None) -> int:
         """Finish the requests of group rid (all when None) with finish_reason abort; returns how many."""
@@ -113,19 +164,28 @@ class Scheduler:
 
     # ----------------------------------------------------------------- one step
     def step(self) -> None:
-        """Schedule, run one forward pass, sample and finish what is done."""
+        """Schedule and launch one forward pass with its sampling; read the tokens of the previous one (overlap) or of this one."""
         batch = self._schedule()
-        if not batch:
-            return
-        self.stats.num_steps += 1
-        try:
-            self._run(batch)
-        except Exception as exc:  # a bad batch must not kill the loop: its requests end with the error
-            log.exception("forward step failed; aborting its %d request(s)", len(batch))
-            self.stats.failed_batches += 1
-            for req, _ in batch:
-                if not req.finished:
-                    self._finish(req, "abort", message=f"engine error: {type(exc).__name__}: {exc}", cache=False)
+        launched = None
+        if batch:
+            self.stats.num_steps += 1
+            try:
+                launched = self._launch(batch)
+            except Exception as exc:  # a bad batch must not kill the loop: its requests end with the error
+                self._fail([req for req, _ in batch], exc, "forward step")
+        if self.overlap:
+            launched, self._in_flight = self._in_flight, launched
+        if launched is not None:
+            self._resolve(launched)
+        for req, _ in batch:
+            req.lookahead = False  # its input token is known now: the KV of this step stays
+
+    def _fail(self, reqs: list[Req], exc: Exception, what: str) -> None:
+        log.exception("%s failed; aborting its %d request(s)", what, len(reqs))
+        self.stats.failed_batches += 1
+        for req in reqs:
+            if not req.finished:
+                self._finish(req, "abort", message=f"engine error: {type(exc).__name__}: {exc}", cache=False)
 
     def _schedule(self) -> list[tuple[Req, int]]:
         """(request, new tokens) for this step, KV slots allocated and recorded in req_to_token."""
@@ -135,7 +195,9 @@ class Scheduler:
         for req in sorted(self.running, key=lambda r: r.admitted):
             if req.row is None:  # retracted while making room for an older one
                 continue
-            remaining = req.fill_len - req.kv_len
+            if req.pending and len(req.output_ids) + req.pending >= req.max_new_tokens:
+                continue  # its last token is on the way: nothing more to compute
+            remaining = req.fill_len + req.pending - req.kv_len
             n = 1 if remaining == 1 else min(remaining, budget)
             if n == 0:
                 continue
@@ -180,9 +242,10 @@ class Scheduler:
                 break
             req.row, req.kv_len, req.prefix_len, req.last_node = row, len(prefix), len(prefix), node
             req.last_slot = int(prefix[-1]) if len(prefix) else -1
+            req.slots = prefix.tolist()
             req.cache_epoch = self.tree.epoch
             if len(prefix):
-                self.req_to_token.req_to_token[row, :len(prefix)] = prefix.to(self.device)
+                self.req_to_token.req_to_token[row, :len(prefix)] = to_device(prefix, self.device)
             if not self._extend(req, n):
                 self._release(req, cache=False)
                 break
@@ -233,6 +296,7 @@ class Scheduler:
         if n == 1 and req.kv_len % self.config.page_size:  # a decode inside its open page: the next slot
             req.last_slot += 1
             req.new_slots = [req.last_slot]
+            req.slots.append(req.last_slot)
             return True
         slots = self.kv_pool.alloc_extend(req.kv_len, n, req.last_slot)
         if slots is None:
@@ -241,6 +305,7 @@ class Scheduler:
         if slots is None:
             return False
         req.new_slots = slots.tolist()  # recorded in req_to_token by _forward_batch, for the whole batch at once
+        req.slots.extend(req.new_slots)
         req.last_slot = req.new_slots[-1]
         return True
 
@@ -252,16 +317,18 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _release(self, req: Req, cache: bool) -> None:
-        """Free req's row and KV: computed full pages go to the radix cache (if cache), the rest back to the pool."""
+        """Free req's row and KV: computed full pages go to the radix cache (if cache), the rest back to the pool.
+
+        Slots allocated past kv_len (a step that failed, or a lookahead step given back) are freed too."""
         if req.row is None:
             return
         if self.running and req in self.running:
             self.running.remove(req)
-        slots = self.req_to_token.req_to_token[req.row, :req.kv_len].cpu()
+        slots = torch.tensor(req.slots, dtype=torch.int64)  # host copy: no wait for the device
         node = req.last_node
         if cache and not self.tree.disabled and req.cache_epoch == self.tree.epoch:
             aligned = req.kv_len // self.config.page_size * self.config.page_size
-            already = self.tree.insert(req.tokens(0, req.kv_len), slots)
+            already = self.tree.insert(req.tokens(0, req.kv_len), slots[:req.kv_len])
             self.kv_pool.free_slots(slots[req.prefix_len:max(already, req.prefix_len)])
             self.kv_pool.free_slots(slots[aligned:])
         else:
@@ -269,35 +336,40 @@ class Scheduler:
         self.tree.dec_lock(node)
         self.req_to_token.free(req.row)
         req.row, req.kv_len, req.prefix_len, req.last_node, req.last_slot = None, 0, 0, None, -1
+        req.slots = []
 
     # ----------------------------------------------------------------- forward and sampling
-    def _run(self, batch: list[tuple[Req, int]]) -> None:
-        fb = self._forward_batch(batch)
+    def _launch(self, batch: list[tuple[Req, int]]) -> LaunchedStep | None:
+        """Queue the forward pass and sampling of batch on the device; the sampled tokens come back with the result."""
         is_prefill = [n > 1 or req.kv_len < req.prompt_len for req, n in batch]  # anything but a decode
         prefills = [(req, req.kv_len) for (req, _), p in zip(batch, is_prefill) if p]  # (request, chunk start)
         self.stats.prefill_tokens += sum(n for (_, n), p in zip(batch, is_prefill) if p)
+        ends = itertools.accumulate(n for _, n in batch)
+        sampling = [(req, end - 1) for (req, n), end in zip(batch, ends)  # (request, its last token's row)
+                    if req.kv_len + n == req.fill_len + req.pending
+                    and req.max_new_tokens > len(req.output_ids) + req.pending]
+        fb, sample_rows, sample_reqs_rows = self._forward_batch(batch, sampling)
         for req, n in batch:
             req.kv_len += n
         hidden = self.runner.forward(fb)  # [T, hidden]
-        ends = list(itertools.accumulate(fb.extend_lens))
-        sampling = [(req, end - 1) for (req, _), end in zip(batch, ends)
-                    if req.kv_len == req.fill_len and req.max_new_tokens > len(req.output_ids)]
         prefill_only = [req for req, _ in batch if req.kv_len == req.fill_len and req.max_new_tokens == 0]
         self._prompt_logprobs(batch, fb, hidden)
+        launched = None
         if sampling:
-            if len(sampling) == fb.num_tokens:  # every row samples (a decode step): no gather
-                rows_hidden = hidden
-            else:
-                rows_hidden = hidden[torch.tensor([row for _, row in sampling], device=self.device)]
-            out = sample(self.runner.logits(rows_hidden), self._sampling_batch([r for r, _ in sampling]),
-                         self.shared_generator)
-            self._append_tokens([r for r, _ in sampling], out)  # the step's one device -> host read
+            reqs = [r for r, _ in sampling]
+            rows_hidden = hidden if len(sampling) == fb.num_tokens else hidden[sample_rows]  # decode: no gather
+            out = sample(self.runner.logits(rows_hidden), self._sampling_batch(reqs), self.shared_generator)
+            self.token_buf[sample_reqs_rows] = out.tokens  # where the next step reads them before the host does
+            launched = LaunchedStep.start(reqs, out)
+            for req in reqs:
+                req.pending += 1
         for req in prefill_only:
             self._finish(req, "length")
         if self.share_prefixes:
             for req, first in prefills:
                 if req.row is not None:  # still running (finished requests cached their whole sequence)
                     self._cache_prefill(req, first)
+        return launched
 
     def _cache_prefill(self, req: Req, first: int) -> None:
         """Insert the page-aligned prefix a prefill chunk (starting at position first) completed, locked by req."""
@@ -305,44 +377,60 @@ class Scheduler:
         start, end = req.prefix_len, req.kv_len // page * page
         if end <= start or start != first // page * page or req.cache_epoch != self.tree.epoch:
             return  # no new full page, a decode came in between, or the KV predates a flush
-        open_page = req.new_slots[0] - first % page  # first slot of the page holding position first
-        own = torch.tensor([open_page + i for i in range(first - start)] + req.new_slots[:end - first],
-                           dtype=torch.int64)  # [end - start] this request's slots, known on the host
+        own = torch.tensor(req.slots[start:end], dtype=torch.int64)  # [end - start] this request's slots
         already, node, tree_slots = self.tree.insert_below(req.last_node, req.tokens(start, end), own)
         if already:  # another request cached these pages first: switch to its slots and free ours
             self.kv_pool.free_slots(own[:already])
-            self.req_to_token.req_to_token[req.row, start:start + already] = tree_slots.to(self.device)
+            self.req_to_token.req_to_token[req.row, start:start + already] = to_device(tree_slots, self.device)
+            req.slots[start:start + already] = tree_slots.tolist()
             if start + already == req.kv_len:
                 req.last_slot = int(tree_slots[-1])
         self.tree.inc_lock(node)
         self.tree.dec_lock(req.last_node)
         req.last_node, req.prefix_len = node, end
 
-    def _forward_batch(self, batch: list[tuple[Req, int]]) -> ForwardBatch:
-        """The batch's tensors, sent to the device in one copy; this step's slots recorded in req_to_token."""
+    def _forward_batch(self, batch: list[tuple[Req, int]], sampling: list[tuple[Req, int]]
+                       ) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+        """The batch's tensors, sent to the device in one copy; this step's slots recorded in req_to_token.
+
+        Also returns, on the device, the token rows [S] that sample and their requests' rows [S]. A request
+        whose input token is still pending (overlap) gets it from token_buf on the device."""
         ids: list[int] = []
         positions: list[int] = []
+        lookahead = False
+        decode = [req.admitted for req, n in batch if n == 1]
+        same_pages = (len(decode) == len(batch) and decode == self._last_decode
+                      and all(req.kv_len % self.config.page_size for req, _ in batch))  # no token starts a page
+        self._last_decode = decode if len(decode) == len(batch) else None
         for req, n in batch:
-            ids.extend(req.tokens(req.kv_len, req.kv_len + n))
+            if req.pending:  # a decode of the token sampled last step: known on the device only
+                assert n == 1, f"request {req.rid} has a pending token but extends by {n}"
+                ids.append(-1)
+                req.lookahead = lookahead = True
+            else:
+                ids.extend(req.tokens(req.kv_len, req.kv_len + n))
             positions.extend(range(req.kv_len, req.kv_len + n))
         extend_lens = [n for _, n in batch]
         seq_lens = [req.kv_len + n for req, n in batch]
-        num_tokens, bs = len(ids), len(batch)
+        num_tokens, bs, ns = len(ids), len(batch), len(sampling)
         slots = [slot for req, _ in batch for slot in req.new_slots]
-        host = torch.tensor(ids + positions + extend_lens + seq_lens + [req.row for req, _ in batch] + slots,
-                            dtype=torch.int64)
+        host = torch.tensor(ids + positions + extend_lens + seq_lens + [req.row for req, _ in batch] + slots
+                            + [row for _, row in sampling] + [req.row for req, _ in sampling], dtype=torch.int64)
         dev = self.device
-        input_ids, positions_d, extend_d, seq_lens_d, rows_d, out_cache_loc = to_device(host, dev).split(
-            [num_tokens, num_tokens, bs, bs, bs, num_tokens])
+        input_ids, positions_d, extend_d, seq_lens_d, rows_d, out_cache_loc, sample_rows, sample_req_rows = \
+            to_device(host, dev).split([num_tokens, num_tokens, bs, bs, bs, num_tokens, ns, ns])
         zero = torch.zeros(1, dtype=torch.int64, device=dev)
         qo_indptr = torch.cat([zero, extend_d.cumsum(0)])
         kv_indptr = torch.cat([zero, seq_lens_d.cumsum(0)])
         table = self.req_to_token.req_to_token
-        table[rows_d.repeat_interleave(extend_d, output_size=num_tokens), positions_d] = out_cache_loc
+        token_rows = rows_d.repeat_interleave(extend_d, output_size=num_tokens)  # [T] each token's request row
+        table[token_rows, positions_d] = out_cache_loc
+        if lookahead:
+            input_ids = torch.where(input_ids >= 0, input_ids, self.token_buf[token_rows])
         total = sum(seq_lens)  # every request's context slots, gathered without a host sync
         ctx_rows = rows_d.repeat_interleave(seq_lens_d, output_size=total)
         ctx_pos = torch.arange(total, device=dev) - kv_indptr[:-1].repeat_interleave(seq_lens_d, output_size=total)
-        return ForwardBatch(
+        fb = ForwardBatch(
             input_ids=input_ids,
             positions=positions_d,
             out_cache_loc=out_cache_loc,
@@ -354,7 +442,9 @@ class Scheduler:
             extend_lens=extend_lens,
             kv_pool=self.kv_pool,
             attn_backend=self.runner.attn_backend,
+            same_pages=same_pages,
         )
+        return fb, sample_rows, sample_req_rows
 
     def _prompt_logprobs(self, batch: list[tuple[Req, int]], fb: ForwardBatch, hidden: torch.Tensor) -> None:
         """Log-probs of prompt tokens (of the temperature-scaled distribution) for requests that asked."""
@@ -380,14 +470,21 @@ class Scheduler:
         sps = [r.sampling for r in reqs]
 
         def col(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=dev)
+            return to_device(torch.tensor(values, dtype=dtype), dev)
 
+        # output tokens still on the device (overlap): (batch index, token) pairs for the penalties
+        pending = [i for i, r in enumerate(reqs) if r.pending]
+        if pending and any(sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty for sp in sps):
+            pending_idx = col(pending, torch.int64)
+            pending_tok = self.token_buf[col([reqs[i].row for i in pending], torch.int64)]
         rep = freq = pres = seen = counts = None
         if any(sp.repetition_penalty != 1.0 for sp in sps):
             rep = col([sp.repetition_penalty for sp in sps])
             seen = torch.zeros(len(reqs), vocab, dtype=torch.bool, device=dev)
             for i, r in enumerate(reqs):
                 seen[i, col(r.tokens(0, r.fill_len), torch.int64)] = True
+            if pending:
+                seen[pending_idx, pending_tok] = True
         if any(sp.frequency_penalty or sp.presence_penalty for sp in sps):
             freq = col([sp.frequency_penalty for sp in sps])
             pres = col([sp.presence_penalty for sp in sps])
@@ -395,6 +492,8 @@ class Scheduler:
             for i, r in enumerate(reqs):
                 if r.output_ids:
                     counts[i].index_add_(0, col(r.output_ids, torch.int64), torch.ones(len(r.output_ids), device=dev))
+            if pending:
+                counts.index_put_((pending_idx, pending_tok), torch.ones(len(pending), device=dev), accumulate=True)
         params = to_device(torch.tensor(  # [B, 5] in one copy
             [[1.0 if sp.greedy else sp.temperature, sp.greedy, vocab if sp.top_k == -1 else sp.top_k, sp.top_p,
               sp.min_p] for sp in sps], dtype=torch.float64), dev)
@@ -412,13 +511,24 @@ class Scheduler:
             truncates=any(sp.top_k not in (-1, vocab) or sp.top_p < 1.0 or sp.min_p > 0.0 for sp in sps),
         )
 
-    def _append_tokens(self, reqs: list[Req], out) -> None:
-        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
-        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        self.stats.generated_tokens += len(tokens)
-        self._token_times.append((time.monotonic(), len(tokens)))
-        for i, req in enumerate(reqs):
+    def _resolve(self, launched: LaunchedStep) -> None:
+        """Append a launched step's sampled tokens (waiting for their copy), check stop conditions, stream."""
+        try:
+            launched.wait()
+        except Exception as exc:  # an asynchronous device error surfaces here
+            for req in launched.reqs:
+                req.pending -= 1
+            self._fail(launched.reqs, exc, "sampling step")
+            return
+        tokens, logprobs = launched.tokens.tolist(), launched.logprobs.tolist()
+        top_lp = launched.top_logprobs.tolist() if launched.top_logprobs is not None else None
+        top_ids = launched.top_ids.tolist() if launched.top_ids is not None else None
+        appended = 0
+        for i, req in enumerate(launched.reqs):
+            req.pending -= 1
+            if req.finished:  # ended (stop, abort) while its token was on the way: the token is dropped
+                continue
+            appended += 1
             try:
                 tok = tokens[i]
                 req.output_ids.append(tok)
@@ -433,6 +543,8 @@ class Scheduler:
             except Exception as exc:  # one request's failure (e.g. in a stop check) ends only that request
                 log.exception("request %s failed", req.rid)
                 self._finish(req, "abort", message=f"engine error: {type(exc).__name__}: {exc}", cache=False)
+        self.stats.generated_tokens += appended
+        self._token_times.append((time.monotonic(), appended))
 
     def _check_finished(self, req: Req, tok: int) -> None:
         sp = req.sampling
@@ -454,6 +566,9 @@ class Scheduler:
 
     def _finish(self, req: Req, kind: str, matched=None, message: str | None = None, cache: bool = True) -> None:
         """End a request: record the reason, free (or cache) its KV, release n>1 children, report it."""
+        if req.lookahead:  # the step in flight computes KV for its final token: give that position back
+            req.lookahead = False
+            req.kv_len -= 1
         req.finish(kind, matched, message)
         req.weight_version = self.weight_version
         self._release(req, cache=cache)

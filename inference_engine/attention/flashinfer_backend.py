@@ -10,7 +10,10 @@ Each batch is planned once (from host copies of its lengths) and the plan serves
   - any other extend (cached prefixes, mixed decode + prefill): BatchPrefillWithPagedKVCacheWrapper
     over each request's whole context, the new tokens' k/v written to the pool first.
 Decode graphs use one use_cuda_graph=True decode wrapper per captured batch size, re-planned
-before each replay into its fixed index buffers.
+before each replay into its fixed index buffers, except when the step decodes the same requests as
+the step before and none of them starts a page (`ForwardBatch.same_pages`: 15 of 16 steps at page
+16): the decode plan depends on the page counts only, so the plan and the page table are kept and
+only the last-page lengths are written.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from inference_engine.attention.base import AttentionBackend
-from inference_engine.forward_batch import ForwardBatch
+from inference_engine.forward_batch import ForwardBatch, to_device
 
 WORKSPACE_BYTES = 128 * 2**20  # flashinfer's recommended float workspace, shared by all wrappers
 PREFILL_BACKEND = "fa2"  # one well-known JIT build on every architecture
@@ -83,12 +86,24 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.ragged_wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD",
                                                                             backend=PREFILL_BACKEND)
         self.graph_wrappers: dict[int, object] = {}
+        self.graph_last_page_len: dict[int, torch.Tensor] = {}  # [bs] int32, each wrapper's buffer
+        self.graph_planned_bs: int | None = None  # the graph wrapper whose plan the shared index buffer holds
         self.sm_scale = head_dim ** -0.5
+        self.planned = torch.cuda.Event()  # recorded after each plan's copies (see _plan)
+
+    def _plan(self, wrapper, *args, **kwargs) -> None:
+        """wrapper.plan(...), once the previous plan's copy out of its pinned buffer has run.
+
+        A plan fills a pinned host buffer and queues its copy to the device; with overlap scheduling the
+        host plans step k+1 while step k is queued, so it must not refill that buffer before the copy ran."""
+        self.planned.synchronize()
+        wrapper.plan(*args, **kwargs)
+        self.planned.record(torch.cuda.current_stream(self.device))
 
     def _plan_decode(self, wrapper, pages: PageTable) -> None:
-        wrapper.plan(pages.indptr, pages.indices, pages.last_page_len, self.num_heads, self.num_kv_heads,
-                     self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
-                     sm_scale=self.sm_scale)
+        self._plan(wrapper, pages.indptr, pages.indices, pages.last_page_len, self.num_heads, self.num_kv_heads,
+                   self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+                   sm_scale=self.sm_scale)
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         extend_lens = torch.tensor(fb.extend_lens, dtype=torch.int32)
@@ -98,32 +113,37 @@ class FlashInferAttentionBackend(AttentionBackend):
             return
         qo_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), extend_lens.cumsum(0, dtype=torch.int32)])
         if torch.equal(fb.seq_lens_cpu, extend_lens.long()):  # no request has earlier KV
-            self.ragged_wrapper.plan(qo_indptr, qo_indptr, self.num_heads, self.num_kv_heads, self.head_dim,
-                                     causal=True, sm_scale=self.sm_scale, q_data_type=self.dtype,
-                                     kv_data_type=self.dtype)
+            self._plan(self.ragged_wrapper, qo_indptr, qo_indptr, self.num_heads, self.num_kv_heads, self.head_dim,
+                       causal=True, sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
             fb.attn_metadata = FlashInferMetadata("ragged", self.ragged_wrapper)
             return
         pages = page_table(fb, self.page_size)
-        self.paged_wrapper.plan(qo_indptr, pages.indptr, pages.indices, pages.last_page_len, self.num_heads,
-                                self.num_kv_heads, self.head_dim, self.page_size, causal=True,
-                                sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
+        self._plan(self.paged_wrapper, qo_indptr, pages.indptr, pages.indices, pages.last_page_len, self.num_heads,
+                   self.num_kv_heads, self.head_dim, self.page_size, causal=True, sm_scale=self.sm_scale,
+                   q_data_type=self.dtype, kv_data_type=self.dtype)
         fb.attn_metadata = FlashInferMetadata("paged", self.paged_wrapper)
 
     def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
         max_pages = max_bs * -(-max_context // self.page_size)
         self.graph_indices = torch.zeros(max_pages, dtype=torch.int32, device=self.device)  # shared: one replay at a time
-        self.graph_wrappers = {}
+        self.graph_wrappers, self.graph_last_page_len, self.graph_planned_bs = {}, {}, None
 
     def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:
         bs = fb.batch_size
         if capture:
+            self.graph_last_page_len[bs] = torch.zeros(bs, dtype=torch.int32, device=self.device)
             self.graph_wrappers[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True,
                 paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=self.device),
                 paged_kv_indices_buffer=self.graph_indices,
-                paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=self.device))
+                paged_kv_last_page_len_buffer=self.graph_last_page_len[bs])
             fb.attn_metadata = FlashInferMetadata("decode", self.graph_wrappers[bs])
+        elif fb.same_pages and self.graph_planned_bs == bs:  # same pages, each one token longer: keep the plan
+            last = ((fb.seq_lens_cpu - 1) % self.page_size + 1).to(torch.int32)  # [bs]
+            self.graph_last_page_len[bs].copy_(to_device(last, self.device))
+            return
         self._plan_decode(self.graph_wrappers[bs], page_table(fb, self.page_size))
+        self.graph_planned_bs = None if capture else bs
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
         k_buf, v_buf = fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k, v)
