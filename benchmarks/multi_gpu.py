@@ -4,7 +4,7 @@ and a 3-step disaggregated GRPO run through Ray.
     python -m benchmarks.multi_gpu prepare --work W        # model folders and data (GPU: a Qwen3-0.6B-shaped model)
     python -m benchmarks.multi_gpu weight-push --work W    # NCCL all-reduce/broadcast bandwidth, 0.6B / 8B pushes
     python -m benchmarks.multi_gpu engine-tp --work W      # TP=2 vs TP=1 outputs, decode tokens/s
-    python -m benchmarks.multi_gpu trainer-tp --work W     # TP=2 vs TP=1 log-probs, step time
+    python -m benchmarks.multi_gpu trainer-tp --work W     # TP=2 and PP=2 vs TP=1 log-probs, step time
     python -m benchmarks.multi_gpu router --work W         # GRPO traffic over 2 engines: balance, cache hit rates
     python -m benchmarks.multi_gpu grpo --work W           # train.py's driver under Ray, --no-colocate, 3 steps
 
@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import faulthandler
+import gc
 import math
+import multiprocessing
 import os
 import random
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +120,33 @@ class Report:
             self.failed.append(measure)
 
 
+@contextlib.contextmanager
+def phase(item: str, what: str):
+    """One flushed line as a phase starts and one as it ends, so a run stopped by its time limit shows where it was."""
+    print(f"{item}: {what} ...", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"{item}: {what} done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def arm_stall_dump(seconds: float) -> None:
+    """After `seconds`, print every thread's stack of this process, and have its child processes print theirs.
+
+    The engine's tp workers and the push receivers print on SIGUSR1; this process's dump comes from
+    faulthandler's own thread, so it appears even while a thread holds the GIL in a blocking call.
+    """
+    faulthandler.dump_traceback_later(seconds, exit=False)
+
+    def signal_children() -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGUSR1)
+
+    timer = threading.Timer(seconds, signal_children)
+    timer.daemon = True
+    timer.start()
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -163,6 +196,9 @@ def _param_count(model: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # weight push (disaggregated: trainer side on cuda:0, engine side on cuda:1)
 # ---------------------------------------------------------------------------------------------------------------------
+
+RECEIVER_TIMEOUT_S = 120.0  # a push receiver must start, and answer each call, within this
+
 
 def collective_rank(rank: int, world: int, port: int, nbytes: int, iters: int, cpu: bool) -> dict[str, float]:
     """All-reduce and broadcast bus bandwidth (GB/s) of `nbytes` over `world` ranks, and a correctness check."""
@@ -254,7 +290,8 @@ def bench_push(weights: list[tuple[str, torch.Tensor]], endpoint: Any, setup: Se
 def weight_push(setup: Setup, report: Report) -> None:
     """Bus bandwidth of NCCL collectives, then pushes from this process (GPU 0) into receivers on GPU 1."""
     nbytes, iters = ((64 << 20), 3) if setup.cpu else ((1 << 30), 10)
-    coll = run_ranks(collective_rank, 2, nbytes, iters, setup.cpu, timeout_s=120)[0]
+    with phase("weight-push", "collective bandwidth, 2 ranks"):
+        coll = run_ranks(collective_rank, 2, nbytes, iters, setup.cpu, timeout_s=120)[0]
     backend = "gloo" if setup.cpu else "NCCL"
     report.check(coll["correct"], f"{backend} all-reduce sum, 2 ranks", "1 + 2 = 3 on every element")
     report.row(f"{backend} all-reduce bus bandwidth ({nbytes >> 20} MiB, 2 ranks)", f"{coll['allreduce_busbw']:.1f} GB/s")
@@ -288,20 +325,26 @@ def _push_case(label: str, shapes, factory, args, setup: Setup, report: Report, 
                bucket_bytes: int, repeats: int) -> None:
     """Push random weights of these shapes into a receiver built by factory(*args) on GPU 1; rows and checks."""
     torch.manual_seed(0)
-    weights = [(name, 0.02 * torch.randn(shape, dtype=dtype, device=device)) for name, shape in shapes]
+    with phase("weight-push", f"{label}: random weights on {device}"):
+        weights = [(name, 0.02 * torch.randn(shape, dtype=dtype, device=device)) for name, shape in shapes]
     start = time.perf_counter()
-    endpoint = RemoteWeightEndpoint(factory, *args, gpu=None if setup.cpu else 1, name=f"receiver {label}")
+    with phase("weight-push", f"{label}: receiver start"):
+        endpoint = RemoteWeightEndpoint(factory, *args, gpu=None if setup.cpu else 1, name=f"receiver {label}",
+                                        timeout_s=RECEIVER_TIMEOUT_S)
     start_s = time.perf_counter() - start
     try:
-        r = bench_push(weights, endpoint, setup, bucket_bytes, repeats)
+        with phase("weight-push", f"{label}: connect, 1 checked + {repeats} timed pushes, disconnect"):
+            r = bench_push(weights, endpoint, setup, bucket_bytes, repeats)
         if factory is make_engine:  # the engine generates from the pushed weights
-            out = endpoint.generate(input_ids=[1, 2, 3, 4], sampling_params={"temperature": 0, "max_new_tokens": 4,
-                                                                             "ignore_eos": True})
+            with phase("weight-push", f"{label}: generate"):
+                out = endpoint.generate(input_ids=[1, 2, 3, 4], sampling_params={
+                    "temperature": 0, "max_new_tokens": 4, "ignore_eos": True})
             generated = len(out["output_ids"]) == 4 and out["meta_info"]["weight_version"] == r["final_version"]
             report.check(generated, f"push {label}: engine generates after the pushes",
                          f"4 tokens at weight_version {out['meta_info']['weight_version']}")
     finally:
-        endpoint.close()
+        with phase("weight-push", f"{label}: receiver close"):
+            endpoint.close()
     report.check(r["verified_version"] == 1 and r["final_version"] == 1 + repeats,
                  f"push {label}: checksums verified, versions", f"v1 verified, v{r['final_version']} after "
                  f"{repeats} more (receiver start {start_s:.1f} s, group connect {r['connect_s']:.2f} s)")
@@ -335,35 +378,65 @@ def _decode_rate(engine, batch: int, steps: int, vocab: int, prompt_len: int) ->
 
 
 def _engine_run(setup: Setup, tp: int, prompts: list[list[int]], new_tokens: int, batches: list[int],
-                steps: int) -> dict[str, Any]:
+                steps: int, cuda_graph: bool = True) -> dict[str, Any]:
+    """Greedy outputs, teacher-forced prompt log-probs and decode tokens/s of one engine (no batches: greedy only)."""
     from inference_engine import Engine
 
+    label = f"TP={tp}" + ("" if cuda_graph else " eager")
     vocab = _vocab_size(setup.model)
     start = time.perf_counter()
-    with Engine(model_path=str(setup.model), tp_size=tp, **setup.engine_kwargs()) as engine:
-        start_s = time.perf_counter() - start
-        print(f"engine TP={tp}: started in {start_s:.1f} s", flush=True)
-        greedy = engine.generate(input_ids=prompts, return_logprob=True,
-                                 sampling_params={"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True})
-        scored = engine.generate(input_ids=prompts, return_logprob=True,  # teacher-forced: the same tokens for both
-                                 sampling_params={"temperature": 0, "max_new_tokens": 1, "return_prompt_logprobs": True})
-        rates = {b: _decode_rate(engine, b, steps, vocab, 128 if not setup.cpu else 16) for b in batches}
-    return {"start_s": start_s, "ids": [o["output_ids"] for o in greedy],
-            "out_lp": [[lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] for o in greedy],
-            "prompt_lp": [[lp for lp, _, _ in o["meta_info"]["input_token_logprobs"][1:]] for o in scored],
-            "rates": rates}
+    with phase("engine-tp", f"{label} engine start"):
+        engine = Engine(model_path=str(setup.model), tp_size=tp, disable_cuda_graph=not cuda_graph,
+                        **setup.engine_kwargs())
+    start_s = time.perf_counter() - start
+    try:
+        with phase("engine-tp", f"{label} greedy, {len(prompts)} prompts x {new_tokens} tokens"):
+            greedy = engine.generate(input_ids=prompts, return_logprob=True, sampling_params={
+                "temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True})
+        run = {"start_s": start_s, "ids": [o["output_ids"] for o in greedy],
+               "out_lp": [[lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] for o in greedy]}
+        if not batches:
+            return run
+        with phase("engine-tp", f"{label} teacher-forced prompt log-probs"):
+            scored = engine.generate(input_ids=prompts, return_logprob=True,  # the same tokens for both engines
+                                     sampling_params={"temperature": 0, "max_new_tokens": 1,
+                                                      "return_prompt_logprobs": True})
+        run["prompt_lp"] = [[lp for lp, _, _ in o["meta_info"]["input_token_logprobs"][1:]] for o in scored]
+        run["rates"] = {}
+        for b in batches:
+            with phase("engine-tp", f"{label} decode rate at batch {b}"):
+                run["rates"][b] = _decode_rate(engine, b, steps, vocab, 128 if not setup.cpu else 16)
+        return run
+    finally:
+        with phase("engine-tp", f"{label} shutdown"):
+            engine.shutdown()
+        del engine
+        gc.collect()  # the next engine gets this one's KV pool and graphs back
+        if not setup.cpu:
+            torch.cuda.empty_cache()
+
+
+def _greedy_agreement(one: dict, two: dict) -> tuple[int, int, float]:
+    """(tokens identical before each prompt's first divergence, all tokens, max |log-prob diff| over those)."""
+    same, total, out_diff = 0, 0, 0.0
+    for ids1, ids2, lp1, lp2 in zip(one["ids"], two["ids"], one["out_lp"], two["out_lp"]):
+        agree = next((i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b), len(ids1))
+        same, total = same + agree, total + len(ids1)
+        if agree:  # the log-probs of tokens both generated from the same context
+            out_diff = max(out_diff, max(abs(a - b) for a, b in zip(lp1[:agree], lp2[:agree])))
+    return same, total, out_diff
 
 
 def engine_tp(setup: Setup, report: Report) -> None:
-    """Greedy outputs and teacher-forced log-probs of TP=2 against TP=1; decode tokens/s of both."""
+    """TP=2 without CUDA graphs, TP=1, then TP=2 with graphs: outputs and log-probs against TP=1, decode tokens/s."""
     vocab = _vocab_size(setup.model)
     prompts = _prompts(8, 64 if not setup.cpu else 12, vocab, seed=7)
     new_tokens = 32 if not setup.cpu else 8
     batches, steps = ([1, 64], 64) if not setup.cpu else ([1, 4], 8)
     tol = 1e-4 if setup.cpu else 0.1  # fp32 on CPU; bf16 with another reduction order on GPU
+    eager = _engine_run(setup, 2, prompts, new_tokens, [], steps, cuda_graph=False)  # NCCL path without graphs
     runs = {}
     for tp in (1, 2):
-        print(f"engine TP={tp}: starting", flush=True)
         runs[tp] = run = _engine_run(setup, tp, prompts, new_tokens, batches, steps)
         rates = ", ".join(f"batch {b}: {r:.0f} tok/s" for b, r in run["rates"].items())
         report.row(f"TP={tp} decode ({steps} steps, {setup.dtype})", f"{rates} (engine start {run['start_s']:.1f} s)")
@@ -372,19 +445,15 @@ def engine_tp(setup: Setup, report: Report) -> None:
     n_prompt = sum(len(x) for x in one["prompt_lp"])
     report.check(prompt_diff < tol, f"TP=2 vs TP=1 prompt log-probs ({n_prompt} tokens, teacher-forced)",
                  f"max |diff| {prompt_diff:.2e} (tolerance {tol:g})")
-    same, total, out_diff = 0, 0, 0.0
-    for ids1, ids2, lp1, lp2 in zip(one["ids"], two["ids"], one["out_lp"], two["out_lp"]):
-        agree = next((i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b), len(ids1))
-        same, total = same + agree, total + len(ids1)
-        if agree:  # the log-probs of tokens both generated from the same context
-            out_diff = max(out_diff, max(abs(a - b) for a, b in zip(lp1[:agree], lp2[:agree])))
-    greedy_ok = same == total if setup.cpu else out_diff < tol
-    report.check(greedy_ok, f"TP=2 vs TP=1 greedy tokens ({len(prompts)} prompts x {new_tokens})",
-                 f"{same}/{total} identical before the first divergence, log-prob max |diff| there {out_diff:.2e}")
+    for label, other in (("TP=2", two), ("TP=2 without CUDA graphs", eager)):
+        same, total, out_diff = _greedy_agreement(one, other)
+        greedy_ok = same == total if setup.cpu else out_diff < tol
+        report.check(greedy_ok, f"{label} vs TP=1 greedy tokens ({len(prompts)} prompts x {new_tokens})",
+                     f"{same}/{total} identical before the first divergence, log-prob max |diff| there {out_diff:.2e}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# trainer TP=2 vs TP=1
+# trainer TP=2 and PP=2 vs TP=1
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _rl_samples(n: int, prompt_len: int, response_len: int, vocab: int) -> list:
@@ -397,61 +466,80 @@ def _rl_samples(n: int, prompt_len: int, response_len: int, vocab: int) -> list:
             for i in range(n)]
 
 
-def trainer_rank(rank: int, world: int, port: int, model: str, samples: list, steps: int, cpu: bool) -> dict:
-    """One TrainerActor rank with TP = world: log-probs before training, then timed train steps."""
+def trainer_rank(rank: int, world: int, port: int, model: str, samples: list, steps: int, cpu: bool,
+                 layouts: list[tuple[int, int]], micro_batches: int) -> list[dict]:
+    """One rank of a TrainerActor per (TP, PP) layout, in turn: log-probs before training, then timed train steps."""
+    import torch.distributed as dist
+
     from trainer.actor import TrainerActor
     from trainer.config import TrainerConfig
 
     if cpu:
         torch.set_num_threads(1)
+    else:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("gloo" if cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # one group for every layout (the actors do not own it)
     tokens = sum(len(s.tokens) for s in samples)
-    cfg = TrainerConfig(hf_checkpoint=model, tensor_parallel_size=world, lr=1e-5, global_batch_size=len(samples),
-                        max_tokens_per_gpu=tokens, clip_grad=1.0)
-    actor = TrainerActor(cfg, rank, world, "127.0.0.1", port)
-    actor.init()
+    out = []
     try:
-        logp = [t.tolist() for t in actor.compute_log_probs(samples)]
-        actor.train_step(samples)  # warm-up
-        _sync()
-        if not cpu:
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(steps):
-            metrics = actor.train_step(samples)
-        _sync()
-        step_s = (time.perf_counter() - start) / steps
-        peak = torch.cuda.max_memory_allocated() / 2**30 if not cpu else 0.0
-        return {"logp": logp, "step_s": step_s, "peak_gib": peak, "loss": metrics["loss"],
-                "grad_norm": metrics["grad_norm"]}
+        for tp, pp in layouts:
+            cfg = TrainerConfig(hf_checkpoint=model, tensor_parallel_size=tp, pipeline_parallel_size=pp, lr=1e-5,
+                                global_batch_size=len(samples), max_tokens_per_gpu=tokens // micro_batches,
+                                clip_grad=1.0)
+            actor = TrainerActor(cfg, rank, world, "127.0.0.1", port)
+            actor.init()
+            try:
+                logp = [t.tolist() for t in actor.compute_log_probs(samples)]
+                actor.train_step(samples)  # warm-up
+                _sync()
+                if not cpu:
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    metrics = actor.train_step(samples)
+                _sync()
+                step_s = (time.perf_counter() - start) / steps
+                peak = torch.cuda.max_memory_allocated() / 2**30 if not cpu else 0.0
+                out.append({"logp": logp, "step_s": step_s, "peak_gib": peak, "loss": metrics["loss"],
+                            "grad_norm": metrics["grad_norm"]})
+            finally:
+                actor.shutdown()
+                del actor
+                if not cpu:
+                    torch.cuda.empty_cache()
     finally:
-        actor.shutdown()
+        dist.destroy_process_group()
+    return out
 
 
 def trainer_tp(setup: Setup, report: Report) -> None:
-    """Response log-probs of TP=2 against TP=1 on the same samples (before any update), and step times."""
-    from trainer.config import TrainerConfig
-
+    """Response log-probs of TP=2 and of PP=2 against TP=1 on the same samples (before any update), and step times."""
     vocab = _vocab_size(setup.model)
     n, prompt_len, response_len, steps = (4, 8, 8, 1) if setup.cpu else (16, 256, 256, 3)
+    micro_batches = 4  # equal-sized (samples of one length), so pipeline stages overlap after the first
     samples = _rl_samples(n, prompt_len, response_len, vocab)
-    runs = {tp: run_ranks(trainer_rank, tp, str(setup.model), samples, steps, setup.cpu, timeout_s=300)[0]
-            for tp in (1, 2)}
-    diffs = [abs(a - b) for x, y in zip(runs[1]["logp"], runs[2]["logp"]) for a, b in zip(x, y)]
     tol = 1e-4 if setup.cpu else 0.1
-    report.check(len(diffs) == n * response_len and max(diffs) < tol,
-                 f"TP=2 vs TP=1 response log-probs ({len(diffs)} tokens)",
-                 f"max |diff| {max(diffs):.2e}, mean {statistics.fmean(diffs):.2e} (tolerance {tol:g})")
     tokens = n * (prompt_len + response_len)
-    for tp, r in runs.items():
-        report.row(f"TP={tp} train step ({n} samples x {prompt_len + response_len} tokens, {setup.dtype})",
-                   f"{r['step_s']:.3f} s = {tokens / r['step_s']:.0f} tok/s"
-                   + (f", peak {r['peak_gib']:.1f} GiB on rank 0" if not setup.cpu else "")
-                   + f", loss {r['loss']:.4f}")
-    try:
-        TrainerConfig(hf_checkpoint=str(setup.model), pipeline_parallel_size=2)
-        report.row("PP=2", "accepted by TrainerConfig but not measured here")
-    except ValueError as e:
-        report.row("PP=2", f"not run: {e}")
+    names = {(1, 1): "TP=1", (2, 1): "TP=2", (1, 2): "PP=2"}
+    runs = {}
+    for world, layouts in ((1, [(1, 1)]), (2, [(2, 1), (1, 2)])):  # TP=2 and PP=2 share one spawn of 2 ranks
+        ranks = run_ranks(trainer_rank, world, str(setup.model), samples, steps, setup.cpu, layouts, micro_batches,
+                          timeout_s=300)
+        for i, layout in enumerate(layouts):
+            name = names[layout]
+            runs[name] = r = {**ranks[0][i], "peak_gib": max(x[i]["peak_gib"] for x in ranks)}
+            if name != "TP=1":
+                diffs = [abs(a - b) for x, y in zip(runs["TP=1"]["logp"], r["logp"]) for a, b in zip(x, y)]
+                report.check(len(diffs) == n * response_len and max(diffs) < tol,
+                             f"{name} vs TP=1 response log-probs ({len(diffs)} tokens)",
+                             f"max |diff| {max(diffs):.2e}, mean {statistics.fmean(diffs):.2e} (tolerance {tol:g})")
+            report.row(f"{name} train step ({n} samples x {prompt_len + response_len} tokens, {micro_batches} "
+                       f"micro-batches, {setup.dtype})",
+                       f"{r['step_s']:.3f} s = {tokens / r['step_s']:.0f} tok/s"
+                       + (f" = {runs['TP=1']['step_s'] / r['step_s']:.2f}x TP=1" if name != "TP=1" else "")
+                       + (f", peak {r['peak_gib']:.1f} GiB (max over ranks)" if not setup.cpu else "")
+                       + f", loss {r['loss']:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -629,6 +717,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, type=Path, help="folder for models, data and metrics")
     parser.add_argument("--cpu", action="store_true", help="tiny models on CPU over gloo (checks the code path)")
     args = parser.parse_args(argv)
+    stall_s = os.environ.get("KILN_STALL_DUMP_S")  # set by scripts/multi_gpu_check.sh a little before its time limit
+    if stall_s:
+        arm_stall_dump(float(stall_s))
     setup = Setup(args.work, args.cpu)
     if args.command != "prepare":
         setup.check_ready()

@@ -60,7 +60,10 @@ class Engine:
         self._paused = False
         self._released: dict[str, bool] = {}
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="kiln-engine-scheduler", daemon=True)
+        device = self.runner.device
+        if device.type == "cuda" and device.index is None:  # "cuda": the device current while the runner was built
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._thread = threading.Thread(target=self._loop, args=(device,), name="kiln-engine-scheduler", daemon=True)
         self._thread.start()
 
     def _eos_token_ids(self) -> set[int]:
@@ -74,9 +77,9 @@ class Engine:
         return ids
 
     # ----------------------------------------------------------------- the loop
-    def _loop(self) -> None:
-        if self.runner.device.type == "cuda":  # a new thread starts on cuda:0; triton launches on the current device
-            torch.cuda.set_device(self.runner.device)
+    def _loop(self, device: torch.device) -> None:
+        if device.type == "cuda":  # a new thread starts on cuda:0; triton launches on the current device
+            torch.cuda.set_device(device)
         while True:
             busy = self.scheduler.has_work() and not self._paused and not self._released
             try:

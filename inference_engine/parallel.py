@@ -3,7 +3,9 @@
 The group is built from its own TCP rendezvous (rank 0, the Engine's process, hosts the store), not
 torch.distributed's default group, so an engine can live in a process that also runs a trainer.
 It holds two process groups: `cpu_group` (gloo) carries the pickled per-step commands, and
-`device_group` (gloo on CPU, NCCL on GPU) carries activations, batch tensors and weights.
+`device_group` (gloo on CPU, NCCL on GPU) carries activations, batch tensors and weights. The device
+group connects when the group is built (one all-reduce on the default stream), so no rank creates
+its NCCL communicator later inside a CUDA-graph warm-up or capture, and a broken link fails here.
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ class TPGroup:
             self.device_group = dist.ProcessGroupNCCL(dist.PrefixStore("kiln_tp/dev/", store), rank, size, options)
         else:
             self.device_group = self.cpu_group
+        self._connect()
+
+    def _connect(self) -> None:
+        """Run one all-reduce on the device group now: every rank's communicator exists before any model runs."""
+        probe = torch.ones(1, dtype=torch.float32, device=self.device)
+        self.all_reduce(probe)
+        if int(probe.item()) != self.size:  # .item() waits for the all-reduce
+            raise RuntimeError(f"tp rank {self.rank}: connect all-reduce gave {probe.item()}, expected {self.size}")
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over ranks, in place; returns x."""
@@ -85,6 +95,18 @@ class TPGroup:
             payload = torch.empty(int(length), dtype=torch.uint8)
         self.cpu_group.broadcast(payload, src).wait()
         return obj if self.rank == src else pickle.loads(payload.numpy().tobytes())
+
+    def check_same(self, what: str, value: Any) -> None:
+        """Raise ValueError on every rank unless every rank passes an equal picklable value (e.g. a shape plan).
+
+        Ranks whose batch sizes, KV pools or captured graphs differ would issue different collectives
+        and hang; this turns such a difference into the same error on all of them.
+        """
+        values = [self.broadcast_object(value if r == self.rank else None, src=r) for r in range(self.size)]
+        differ = [r for r in range(1, self.size) if values[r] != values[0]]
+        if differ:
+            raise ValueError(f"tp ranks disagree on {what}: rank 0 has {values[0]!r}, "
+                             + ", ".join(f"rank {r} has {values[r]!r}" for r in differ))
 
     def min_int(self, value: int) -> int:
         """The smallest of every rank's value."""

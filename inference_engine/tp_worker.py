@@ -5,12 +5,20 @@ gloo group) followed by its tensors over the device group: a step's ForwardBatch
 tensor, the hidden rows whose logits are wanted, weights as one flat buffer per dtype. Every rank
 then runs the same code on its own shard, so the collectives inside the model line up. Commands are
 only ever sent from the scheduler thread, so they reach the workers in the order rank 0 runs them.
+
+A worker prints every thread's Python stack on a fatal signal and on SIGUSR1 (`kill -USR1 <pid>`
+shows where a stuck rank waits), and exits when the Engine's process is gone.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing
+import os
+import signal
+import threading
+import time
 import traceback
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -27,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 JOIN_TIMEOUT_S = 30.0
+PARENT_POLL_S = 1.0
 RUNNER_COMMANDS = ("load_checkpoint", "named_hf_tensors", "release_memory", "resume_memory")
 RECEIVER_COMMANDS = ("init_weights_update_group", "update_weights_from_distributed", "destroy_weights_update_group")
 
@@ -48,6 +57,13 @@ class TPWorkers:
         except Exception:
             self.kill()
             raise
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError naming every worker process that has exited (rank 0 would wait on it forever)."""
+        dead = [(rank, p.exitcode) for rank, p in enumerate(self.processes, start=1) if not p.is_alive()]
+        if dead:
+            raise RuntimeError("tensor-parallel worker(s) exited: " + ", ".join(
+                f"rank {rank} (exit code {code})" for rank, code in dead) + "; the engine cannot run steps any more")
 
     def command(self, name: str, *args: Any) -> None:
         """Have every worker run operation `name` with picklable args (its tensors follow separately)."""
@@ -72,7 +88,11 @@ class TPWorkers:
             self.group.broadcast(buf)
 
     def shutdown(self, graceful: bool = True) -> None:
-        """Stop the workers (graceful: a stop command first; any still alive after it is killed) and leave the group."""
+        """Stop the workers and leave the group (graceful: a stop command first; any still alive after it is killed).
+
+        graceful=False kills them at once and leaves the group's connections as they are: a collective
+        may still be pending on this rank, and tearing down its communicator would wait for it.
+        """
         if graceful:
             try:
                 self.command("stop")
@@ -81,7 +101,8 @@ class TPWorkers:
             for p in self.processes:
                 p.join(JOIN_TIMEOUT_S)
         self.kill()
-        self.group.close()
+        if graceful:
+            self.group.close()
 
     def kill(self) -> None:
         """Kill workers that are still alive and reap them."""
@@ -130,6 +151,9 @@ def worker_main(rank: int, config: EngineConfig, port: int, num_threads: int) ->
     from inference_engine.model_runner import ModelRunner
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp{rank} %(levelname)s %(name)s: %(message)s")
+    faulthandler.enable()  # a native crash (segfault, abort) still prints where each thread was
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _exit_with_parent()
     torch.set_num_threads(num_threads)
     device = rank_device(config.device, config.base_gpu_id, rank)
     if device.type == "cuda":
@@ -149,6 +173,18 @@ def worker_main(rank: int, config: EngineConfig, port: int, num_threads: int) ->
     finally:
         receiver.close()
         group.close()
+
+
+def _exit_with_parent() -> None:
+    """Exit this worker once the Engine's process is gone, instead of holding its GPU blocked in a collective."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kiln-tp-parent-watch", daemon=True).start()
 
 
 def _run_command(group: TPGroup, runner: "ModelRunner", receiver: WeightReceiver, name: str, args: tuple) -> None:

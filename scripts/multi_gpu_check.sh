@@ -6,7 +6,8 @@
 #   run(kind="nvidia-h100-x2", timeout_s=420, carry=[".whl", ".fi_cache"], command="bash scripts/multi_gpu_check.sh")
 #   bash scripts/multi_gpu_check.sh --cpu     # the same steps on CPU: tiny models, gloo, .venv's python
 # BUDGET_S (default 400) bounds the whole script: a step's limit is cut to the time left, and a step that would get
-# under 20 s is not started. STEPS (default: all, in this order) picks steps by name.
+# under 20 s is not started. STEPS (default: all, in this order) picks steps by name. Each step prints one line per
+# phase as it goes, and 12 s before its limit every process of it prints its threads' Python stacks into its log.
 set -u
 MODE=""
 if [ "${1:-}" = "--cpu" ]; then MODE="--cpu"; fi
@@ -30,7 +31,7 @@ else
   echo "machine: CPU ($(nproc) cores), --cpu variant" > "$SUMMARY"
 fi
 WORK=$(mktemp -d /tmp/kiln_mg.XXXXXX)
-declare -A LIMIT=([prepare]=60 [weight-push]=90 [engine-tp]=90 [trainer-tp]=90 [router]=75 [grpo]=150)
+declare -A LIMIT=([prepare]=60 [weight-push]=110 [engine-tp]=120 [trainer-tp]=90 [router]=75 [grpo]=150)
 STATUS=()
 
 run_step() {  # run_step NAME: one command of benchmarks/multi_gpu.py under its time limit
@@ -39,14 +40,16 @@ run_step() {  # run_step NAME: one command of benchmarks/multi_gpu.py under its 
   if [ "$left" -lt 20 ]; then STATUS+=("$name: not run (time budget spent)"); return; fi
   if [ "$limit" -gt "$left" ]; then limit=$left; fi
   local t0=$SECONDS
-  timeout -k 10 "$limit" $PY -m benchmarks.multi_gpu "$name" --work "$WORK" $MODE > "$OUT/$name.log" 2>&1
+  # 12 s before the limit every process of the step prints its threads' stacks into the log (KILN_STALL_DUMP_S)
+  KILN_STALL_DUMP_S=$(( limit - 12 )) timeout -k 10 "$limit" $PY -m benchmarks.multi_gpu "$name" --work "$WORK" $MODE \
+    > "$OUT/$name.log" 2>&1
   local rc=$?
   local verdict="ok"
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict="TIMED OUT after ${limit} s"; elif [ $rc -ne 0 ]; then verdict="FAILED (rc $rc)"; fi
   STATUS+=("$name: $verdict in $(( SECONDS - t0 )) s")
   echo "== $name: $verdict in $(( SECONDS - t0 )) s"
   grep '^| ' "$OUT/$name.log"
-  if [ "$verdict" != "ok" ]; then grep -v '^| ' "$OUT/$name.log" | grep -v -i warn | tail -15; fi
+  if [ "$verdict" != "ok" ]; then grep -v '^| ' "$OUT/$name.log" | grep -v -i warn | tail -40; fi
   if [ "$name" = prepare ] && [ "$verdict" != "ok" ]; then NO_MODELS=1; fi
 }
 

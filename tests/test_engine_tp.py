@@ -1,6 +1,9 @@
 """Tensor parallelism: shard math per layer (any tp, no processes) and TP=2 engines on CPU (two gloo processes) against TP=1."""
 
 import multiprocessing
+import os
+import signal
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +14,7 @@ from safetensors.torch import load_file
 from inference_engine import Engine
 from inference_engine.models.layers import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                             VocabParallelEmbedding)
-from inference_engine.parallel import rank_device
+from inference_engine.parallel import TPGroup, rank_device
 from inference_engine.testing import make_tiny_model
 
 PROMPTS = [[5, 17, 99, 230, 41, 7, 8, 9, 10, 11], [300, 2, 2, 64], [77, 401, 12, 9, 150, 151, 152, 153, 154]]
@@ -138,6 +141,56 @@ def test_tp2_generates_what_tp1_generates_and_exits_cleanly(tiny_models, family)
         for name, tensor in exported.items():
             assert torch.equal(tensor, reference[name]), name
     assert not any(p.is_alive() for p in workers) and multiprocessing.active_children() == []
+
+
+def _group_ranks(fn, size: int = 2) -> list:
+    """fn(group) on every rank of a gloo TPGroup, one thread per rank; each rank's return value or exception."""
+    from weight_sync.group import free_port
+
+    port, results = free_port(), [None] * size
+
+    def rank_main(rank: int) -> None:
+        group = TPGroup("127.0.0.1", port, rank, size, torch.device("cpu"), timeout_s=30)
+        try:
+            results[rank] = fn(group)
+        except Exception as exc:  # noqa: BLE001 - returned for the test to inspect
+            results[rank] = exc
+        finally:
+            group.close()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def test_ranks_that_plan_differently_all_raise_instead_of_hanging():
+    # a rank sizing its KV pool from its own free memory would hand out different batches and hang in a collective
+    pools = _group_ranks(lambda g: g.check_same("KV pool tokens", 4096 if g.rank == 0 else 3072))
+    for err in pools:
+        assert isinstance(err, ValueError)
+        assert str(err) == "tp ranks disagree on KV pool tokens: rank 0 has 4096, rank 1 has 3072"
+    assert _group_ranks(lambda g: g.check_same("graph batch sizes", [1, 2, 4])) == [None, None]
+    assert _group_ranks(lambda g: g.min_int(100 + g.rank)) == [100, 100]
+
+
+def test_a_dead_tp_worker_is_reported_and_shutdown_returns(qwen3_model):
+    engine = Engine(model_path=str(qwen3_model), tp_size=2, **ENGINE_ARGS)
+    worker = engine.runner.workers.processes[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(30)
+    with pytest.raises(RuntimeError, match=r"tensor-parallel worker\(s\) exited: rank 1 \(exit code -9\)"):
+        engine.runner.check_alive()
+    try:  # the next step fails on the lost peer, or generate reports the dead worker: either way it returns
+        out = engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)
+        assert out["meta_info"]["finish_reason"]["type"] == "abort" and "engine error" in out["meta_info"]["error"]
+    except RuntimeError as exc:
+        assert "rank 1 (exit code -9)" in str(exc)
+    engine.shutdown()
+    assert multiprocessing.active_children() == []
 
 
 @pytest.fixture(scope="module")

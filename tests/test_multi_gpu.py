@@ -2,12 +2,13 @@
 collective bandwidth ranks, the router item over two engine servers, and the set-up's errors."""
 
 import shutil
+import threading
 
 import pytest
 import torch
 
 from benchmarks.multi_gpu import Report, Setup, bench_push, collective_rank, folder_shapes, make_engine, router_item
-from benchmarks.processes import RemoteWeightEndpoint, make_tensor_receiver
+from benchmarks.processes import RemoteObject, RemoteWeightEndpoint, make_tensor_receiver
 from trainer.testing import run_ranks
 
 
@@ -49,6 +50,22 @@ def test_receiver_errors_come_back_with_the_child_traceback():
         assert endpoint.weight_version == 0  # nothing was loaded
     finally:
         endpoint.close()
+
+
+def test_a_stuck_remote_call_times_out_and_the_process_is_killed():
+    remote = RemoteObject(threading.Event, name="waiter")
+    assert remote.is_set() is False
+    remote.timeout_s = 2  # Event.wait() without a timeout never returns
+    with pytest.raises(RuntimeError, match="waiter process did not answer call 'wait' within 2 s"):
+        remote.wait()
+    assert not remote._proc.is_alive()
+    with pytest.raises(RuntimeError, match="waiter process is not running"):
+        remote.is_set()
+    remote.close()  # nothing left to stop
+    closed = RemoteObject(threading.Event, name="event")
+    closed.set()
+    closed.close()
+    assert closed._proc.exitcode == 0
 
 
 def test_collective_ranks_sum_correctly_over_gloo():
