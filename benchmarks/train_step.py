@@ -3,6 +3,7 @@
     python benchmarks/train_step.py --shape tiny                          # CPU smoke run
     python benchmarks/train_step.py --shape qwen3-0.6b --tokens 16384     # GPU
     python benchmarks/train_step.py --shape qwen3-8b --tokens 16384 --recompute full --no-optimizer --no-local
+    python benchmarks/train_step.py --shape qwen3-0.6b --no-local --profile-steps 1 --out /tmp/prof  # + profile
 
 Both variants train on the same rollout of variable-length sequences (random tokens, 75% of each
 sequence is response). A step is forward + backward over every micro-batch + the optimizer step:
@@ -13,8 +14,11 @@ sequence is response). A step is forward + backward over every micro-batch + the
   sequence, full-vocabulary logits softmaxed in fp32, fp32 parameters under bf16 autocast + AdamW
   (the trainer before this change).
 MFU = counted model FLOPs (`step_flops`: dense matmuls, causal attention, logits of the response
-tokens; recomputation not counted) per second over the bf16 matmul rate measured in the same run. The models are random and built in place (no
-weights are written or read); only their shapes matter.
+tokens; recomputation not counted) per second over the bf16 matmul rate measured in the same run. On GPU
+each run also reports CUDA-event times per phase of one step (forward, log-probs forward, backward,
+optimizer) and, with --profile-steps, a torch.profiler summary (kernel time by class and name, GPU idle
+time, host syncs). The models are random and built in place (no weights are written or read); only
+their shapes matter.
 """
 
 from __future__ import annotations
@@ -79,6 +83,98 @@ def bf16_matmul_rate(device: torch.device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+class PhaseTimer:
+    """CUDA-event spans per named phase of a step, summed over its occurrences."""
+
+    def __init__(self):
+        self.spans: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.spans.setdefault(name, []).append((start, end))
+
+    def milliseconds(self) -> dict[str, float]:
+        """Total milliseconds per phase."""
+        torch.cuda.synchronize()
+        return {name: round(sum(s.elapsed_time(e) for s, e in spans), 1) for name, spans in self.spans.items()}
+
+
+KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins
+    ("attention", ("flash", "fmha")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "wgmma")),
+    ("triton", ("triton",)),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("reduce", ("reduce", "norm")),
+    ("copy/cat/index", ("copy", "cat", "index", "gather", "scatter", "fill")),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def kernel_class(name: str) -> str:
+    """Coarse class of a CUDA kernel by its name."""
+    low = name.lower()
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def profile_steps(step, steps: int, out_dir: Path, tag: str) -> dict:
+    """Run `steps` steps under torch.profiler; kernel time by class and name, GPU idle time and host syncs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    trace_path = out_dir / f"trace_{tag}.json"
+    prof.export_chrome_trace(str(trace_path))
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    trace_path.unlink()
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    busy, end, gaps = 0.0, kernels[0]["ts"], []
+    for e in kernels:  # union of kernel intervals; idle stretches between them
+        if e["ts"] > end:
+            gaps.append(e["ts"] - end)
+        busy += max(0.0, e["ts"] + e["dur"] - max(e["ts"], end))
+        end = max(end, e["ts"] + e["dur"])
+    by_name: dict[str, list[float]] = {}
+    by_class: dict[str, float] = {}
+    for e in kernels:
+        by_name.setdefault(e["name"], [0, 0.0])
+        by_name[e["name"]][0] += 1
+        by_name[e["name"]][1] += e["dur"]
+        by_class[kernel_class(e["name"])] = by_class.get(kernel_class(e["name"]), 0.0) + e["dur"]
+    syncs = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cpu_op") and e["name"] in (
+                "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::item",
+                "aten::_local_scalar_dense", "aten::nonzero", "cudaStreamWaitEvent"):
+            syncs.setdefault(e["name"], [0, 0.0])
+            syncs[e["name"]][0] += 1
+            syncs[e["name"]][1] += e.get("dur", 0.0)
+    lines = [f"# {tag}: {steps} profiled steps, {len(kernels)} kernels, GPU span {span / 1e3 / steps:.1f} ms/step, "
+             f"busy {busy / 1e3 / steps:.1f} ms/step, idle {(span - busy) / 1e3 / steps:.1f} ms/step in "
+             f"{len(gaps)} gaps ({sum(g for g in gaps if g > 100) / 1e3 / steps:.1f} ms/step in gaps > 100 us)",
+             "## kernel time by class (ms/step, share of busy)"]
+    lines += [f"{cls:16s} {t / 1e3 / steps:9.2f} {t / busy:6.1%}" for cls, t in
+              sorted(by_class.items(), key=lambda kv: -kv[1])]
+    lines.append("## host syncs and copies (count/step, ms/step on the host)")
+    lines += [f"{name:28s} {n / steps:7.1f} {t / 1e3 / steps:9.2f}" for name, (n, t) in sorted(syncs.items())]
+    lines.append("## top kernels (ms/step, count/step, class, name)")
+    for name, (n, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]:
+        lines.append(f"{t / 1e3 / steps:9.2f} {n / steps:7.0f}  {kernel_class(name):14s} {name[:150]}")
+    table = "\n".join(lines)
+    (out_dir / f"profile_{tag}.txt").write_text(table + "\n\n" + prof.key_averages().table(
+        sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90))
+    print(table, flush=True)
+    return {"gpu_busy_ms": round(busy / 1e3 / steps, 1), "gpu_idle_ms": round((span - busy) / 1e3 / steps, 1)}
+
+
 def random_init(model, std: float = 0.02) -> None:
     """Fill the model's parameters in place (norms 1, the rest normal(0, std))."""
     with torch.no_grad():
@@ -113,30 +209,37 @@ def run_variant(variant: str, args, spec, cfg, samples, device) -> dict:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and not kiln else contextlib.nullcontext()
     vocab = spec.vocab_size
 
-    def step() -> float:
-        total = 0.0
+    def step(phase=lambda name: contextlib.nullcontext()) -> torch.Tensor:
+        total = torch.zeros((), device=device)
         for mb in batches:
             toks, pos = mb.tokens.to(device), mb.position_ids().to(device)
             where, targets = mb.response_positions().to(device), mb.response_targets().to(device)
             if kiln:
-                packed = attention.packed_seq_params(mb.lengths, device)
-                hidden = bridge.final_hidden_states(model, toks, pos, packed)  # [T, 1, H]
-                hidden = hidden.reshape(-1, hidden.shape[-1])[where]
-                logp, _ = chunked_logprobs(hidden, bridge.output_weight(model), targets, vocab_start=0,
-                                           vocab_size=vocab, with_entropy=True, chunk_tokens=cfg.logprob_chunk_tokens)
+                with phase("forward"):
+                    packed = attention.packed_seq_params(mb.lengths, device)
+                    hidden = bridge.final_hidden_states(model, toks, pos, packed)  # [T, 1, H]
+                    hidden = hidden.reshape(-1, hidden.shape[-1])[where]
+                with phase("logprobs forward"):
+                    logp, _ = chunked_logprobs(hidden, bridge.output_weight(model), targets, vocab_start=0,
+                                               vocab_size=vocab, with_entropy=True,
+                                               chunk_tokens=cfg.logprob_chunk_tokens)
             else:
-                with amp:
+                with phase("forward"), amp:
                     logits = model(toks, pos, None)  # [rows, width, V]
-                rows = logits.reshape(-1, logits.shape[-1])[where]
-                logp, _ = vocab_parallel_logprobs(rows, targets, vocab_start=0, vocab_size=vocab, with_entropy=True)
+                with phase("logprobs forward"):
+                    rows = logits.reshape(-1, logits.shape[-1])[where]
+                    logp, _ = vocab_parallel_logprobs(rows, targets, vocab_start=0, vocab_size=vocab,
+                                                      with_entropy=True)
             loss = -logp.sum() / len(where)
-            loss.backward()
-            total += loss.item()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad()
-        else:
-            model.zero_grad(set_to_none=True)
+            with phase("backward"):
+                loss.backward()
+            total += loss.detach()
+        with phase("optimizer"):
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad()
+            else:
+                model.zero_grad(set_to_none=True)
         return total
 
     step()  # warm-up (kernel selection, allocator)
@@ -150,11 +253,17 @@ def run_variant(variant: str, args, spec, cfg, samples, device) -> dict:
         torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
+    phases = {}
+    if on_gpu:  # one more step with CUDA events around its phases (summed over micro-batches)
+        timer = PhaseTimer()
+        step(timer)
+        phases = {"phase_ms": timer.milliseconds()}
+    profile = profile_steps(step, args.profile_steps, Path(args.out), variant) if args.profile_steps and on_gpu else {}
     del model, optimizer
     if on_gpu:
         torch.cuda.empty_cache()
     return {"variant": variant, "micro_batches": len(batches), "step_s": round(elapsed, 4), "peak_gib": round(peak, 2),
-            "padded_tokens": sum(b.padded_tokens for b in batches)}
+            "padded_tokens": sum(b.padded_tokens for b in batches), **phases, **profile}
 
 
 def main() -> None:
@@ -169,6 +278,8 @@ def main() -> None:
     parser.add_argument("--no-optimizer", action="store_true", help="forward + backward only (model too big)")
     parser.add_argument("--no-local", action="store_true", help="skip megatron's local-spec baseline")
     parser.add_argument("--local-tokens", type=int, default=4096, help="micro-batch budget of the local baseline")
+    parser.add_argument("--profile-steps", type=int, default=0, help="GPU: steps under torch.profiler after timing")
+    parser.add_argument("--out", default=".", help="folder for profiler traces and kernel tables")
     args = parser.parse_args()
 
     from megatron.core import parallel_state

@@ -149,24 +149,51 @@ def _core_attention_class():
     return KilnCoreAttention
 
 
-def packed_seq_params(lengths: list[int], device: torch.device | str):
-    """megatron PackedSeqParams (THD) for one packed row of sequences of `lengths`."""
+@functools.cache
+def _packed_seq_params_class():
+    from dataclasses import dataclass, field
+
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    @dataclass
+    class KilnPackedSeqParams(PackedSeqParams):
+        """megatron's THD PackedSeqParams plus each token's RoPE position (restarting per sequence), made on the host."""
+
+        positions: torch.Tensor | None = None  # [T] int64
+        rope_cache: dict = field(default_factory=dict)  # cos/sin tables of this micro-batch (trainer.fused)
+
+    return KilnPackedSeqParams
+
+
+def packed_seq_params(lengths: list[int], device: torch.device | str):
+    """megatron PackedSeqParams (THD) for one packed row of sequences of `lengths`, with per-token RoPE positions."""
     cu = cu_seqlens_from_lengths(lengths, device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)  # [T]
     longest = max(lengths)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
+    return _packed_seq_params_class()(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                      max_seqlen_kv=longest, positions=positions)
 
 
 def gpt_layer_spec(qk_norm: bool):
-    """The trainer's layer spec: Transformer Engine's when installed, else megatron's local spec with Kiln attention."""
+    """The trainer's layer spec: Transformer Engine's when installed, else megatron's local spec with Kiln's modules.
+
+    Kiln's modules: `KilnCoreAttention` (varlen flash / SDPA), and from `trainer.fused` RMSNorms with
+    weights in the parameter dtype, self-attention with fused q/k norm + RoPE, MLP with fused SwiGLU.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from trainer import megatron_compat
+    from trainer import fused, megatron_compat
 
     if megatron_compat.has_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
     spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm"))
-    spec.submodules.self_attention.submodules.core_attention = _core_attention_class()
+    norm, self_attention, mlp = fused.layer_classes()
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = norm
+    layer.self_attention.module = self_attention
+    attn = layer.self_attention.submodules
+    attn.core_attention = _core_attention_class()
+    if qk_norm:
+        attn.q_layernorm = attn.k_layernorm = norm
+    layer.mlp = mlp  # a class, not a ModuleSpec: megatron passes it config only and it builds its linears
     return spec

@@ -14,6 +14,9 @@ Padding rows of the vocabulary (ids >= `vocab_size`) are excluded.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.distributed as dist
 
@@ -77,17 +80,52 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     return x
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 logits / T of one chunk: hidden [c, H] @ weight[n_real, H].T -> [c, n_real]."""
-    return (hidden @ weight.t()).float().div_(temperature)
+@functools.cache
+def _kernels():
+    """trainer.logprob_kernels, or None without triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from trainer import logprob_kernels
+
+    return logprob_kernels
+
+
+def _runs_kernels(t: torch.Tensor) -> bool:
+    return t.is_cuda and _kernels() is not None
+
+
+def _chunk_stats(logits: torch.Tensor, safe_ids: torch.Tensor, temperature: float, with_entropy: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max z, sum exp(z - max), sum exp(z - max) z, z[target]) per row of z = logits [c, n] / T, this rank only."""
+    if _runs_kernels(logits):
+        return _kernels().softmax_stats(logits, safe_ids, temperature)
+    z = logits.float().div_(temperature)  # [c, n]
+    shift = z.max(dim=-1).values
+    ex = (z - shift[:, None]).exp_()
+    weighted = (ex * z).sum(-1) if with_entropy else torch.zeros_like(shift)
+    return shift, ex.sum(-1), weighted, z.gather(-1, safe_ids[:, None]).squeeze(-1)
+
+
+def _chunk_logit_grads(logits: torch.Tensor, safe_ids: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                       g_logp: torch.Tensor, g_target: torch.Tensor, g_entropy: torch.Tensor,
+                       temperature: float) -> torch.Tensor:
+    """d(sum g_logp logp + g_entropy H) / d logits [c, n], in the logits' dtype (fp32 [c] row inputs)."""
+    if _runs_kernels(logits):
+        return _kernels().logit_grads_(logits, safe_ids, lse, entropy, g_logp, g_target, g_entropy, temperature)
+    log_p = logits.float().div_(temperature) - lse[:, None]
+    # d logp/dz = onehot - p ; dH/dz = -p (log p + H)
+    dz = log_p.exp().mul_(-(g_logp[:, None] + g_entropy[:, None] * (log_p + entropy[:, None])))
+    dz.scatter_add_(-1, safe_ids[:, None], g_target[:, None])
+    return dz.div_(temperature).to(logits.dtype)
 
 
 class _ChunkedLogProbs(torch.autograd.Function):
     """Fused output projection + log_softmax gather (+ entropy), chunk by chunk, recomputed in backward.
 
     Saves only the inputs and two floats per token (log-normaliser, entropy); no [N, V] tensor
-    outlives one chunk. Forward all-reduces over the TP group (MAX, then one SUM of three values per
-    token); backward all-reduces the hidden-state gradient (each rank sees its vocabulary block).
+    outlives one chunk, and on CUDA the chunk's logits stay in the matmul's dtype (triton kernels,
+    `logprob_kernels`). Forward all-reduces over the TP group (MAX, then one SUM of three values
+    per token); backward all-reduces the hidden-state gradient (each rank sees its vocabulary block).
     """
 
     @staticmethod
@@ -104,22 +142,19 @@ class _ChunkedLogProbs(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             if n_real:
-                z = _chunk_logits(hidden[s:e], w, temperature)  # [c, n_real]
-                shift = z.max(dim=-1).values
+                local_max, sum_exp, weighted, picked = _chunk_stats(hidden[s:e] @ w.t(), safe_ids[s:e], temperature,
+                                                                    with_entropy)  # [c] each
             else:
-                z = hidden.new_zeros((e - s, 0), dtype=torch.float32)
-                shift = z.new_full((e - s,), float("-inf"))
-            _all_reduce(shift, dist.ReduceOp.MAX, group)
-            ex = (z - shift[:, None]).exp_()  # [c, n_real]
-            picked = z.gather(-1, safe_ids[s:e, None]).squeeze(-1) if n_real else z.new_zeros(e - s)
-            sums = torch.stack([ex.sum(-1), torch.where(in_block[s:e], picked, 0.0),
-                                (ex * z).sum(-1) if with_entropy else torch.zeros_like(shift)])  # [3, c]
-            _all_reduce(sums, dist.ReduceOp.SUM, group)
+                local_max = torch.full((e - s,), float("-inf"), device=hidden.device)
+                sum_exp = weighted = picked = torch.zeros_like(local_max)
+            shift = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group)
+            rescale = (local_max - shift).exp()  # this rank's sums relative to the global max
+            sums = torch.stack([sum_exp * rescale, torch.where(in_block[s:e], picked, 0.0), weighted * rescale])
+            _all_reduce(sums, dist.ReduceOp.SUM, group)  # [3, c]
             lse[s:e] = shift + sums[0].log()
             logp[s:e] = sums[1] - lse[s:e]
             if with_entropy:  # H = lse - E_p[z]
                 entropy[s:e] = lse[s:e] - sums[2] / sums[0]
-            del z, ex
         ctx.save_for_backward(hidden, weight, safe_ids, in_block, lse, entropy)
         ctx.n_real, ctx.temperature, ctx.group, ctx.chunk = n_real, temperature, group, chunk
         if not with_entropy:
@@ -134,26 +169,29 @@ class _ChunkedLogProbs(torch.autograd.Function):
         want_weight = ctx.needs_input_grad[1]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         w = weight[:n_real]
-        g_logp = grad_logp.float() * in_block  # the target's own term lives on one rank only
+        g_logp = grad_logp.float().contiguous()
+        g_target = g_logp * in_block  # the target's own term lives on one rank only
+        g_entropy = grad_entropy.float().contiguous()
         for s in range(0, hidden.shape[0], chunk):
             e = min(hidden.shape[0], s + chunk)
             if not n_real:
                 break
-            z = _chunk_logits(hidden[s:e], w, temperature)  # [c, n_real]
-            log_p = z - lse[s:e, None]
-            p = log_p.exp()
-            # d logp/dz = onehot - p ; dH/dz = -p (log p + H)
-            dz = p.mul_(-(grad_logp[s:e, None].float() + grad_entropy[s:e, None].float()
-                           * (log_p + entropy[s:e, None])))
-            dz.scatter_add_(-1, safe_ids[s:e, None], g_logp[s:e, None])
-            dlogits = dz.div_(temperature).to(hidden.dtype)  # [c, n_real]
+            dlogits = _chunk_logit_grads(hidden[s:e] @ w.t(), safe_ids[s:e], lse[s:e], entropy[s:e], g_logp[s:e],
+                                         g_target[s:e], g_entropy[s:e], temperature)  # [c, n_real]
             grad_hidden[s:e] = dlogits @ w
             if want_weight:
-                grad_weight[:n_real] += (dlogits.t() @ hidden[s:e]).float()
-            del z, log_p, p, dz, dlogits
+                _accumulate_matmul(grad_weight[:n_real], dlogits.t(), hidden[s:e])
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         grad_weight = grad_weight.to(weight.dtype) if want_weight else None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def _accumulate_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) += a @ b; on CUDA one matmul accumulating in fp32 for low-precision a, b."""
+    if out.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        out += (a @ b).float()
 
 
 def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, vocab_start: int,
