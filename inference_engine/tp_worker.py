@@ -71,7 +71,7 @@ class TPWorkers:
 
     def send_batch(self, fb: ForwardBatch) -> None:
         """Send a step's ForwardBatch: its host lists with the command, its device tensors packed in one broadcast."""
-        self.command("forward", fb.extend_lens, fb.seq_lens_cpu.tolist(), fb.kv_indices.numel())
+        self.command("forward", fb.extend_lens, fb.seq_lens_cpu.tolist(), fb.kv_indices.numel(), fb.same_pages)
         self.group.broadcast(torch.cat([fb.input_ids, fb.positions, fb.out_cache_loc, fb.qo_indptr, fb.kv_indptr,
                                         fb.kv_indices, fb.seq_lens]))
 
@@ -113,7 +113,7 @@ class TPWorkers:
 
 
 def receive_batch(group: TPGroup, runner: "ModelRunner", extend_lens: list[int], seq_lens: list[int],
-                  num_kv: int) -> ForwardBatch:
+                  num_kv: int, same_pages: bool) -> ForwardBatch:
     """The ForwardBatch rank 0 sent, on this rank's KV pool and attention backend."""
     tokens, bs = sum(extend_lens), len(extend_lens)
     packed = group.broadcast(torch.empty(3 * tokens + 2 * (bs + 1) + num_kv + bs, dtype=torch.int64,
@@ -123,7 +123,7 @@ def receive_batch(group: TPGroup, runner: "ModelRunner", extend_lens: list[int],
     return ForwardBatch(input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc, qo_indptr=qo_indptr,
                         kv_indptr=kv_indptr, kv_indices=kv_indices, seq_lens=seq_lens_d,
                         seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64), extend_lens=list(extend_lens),
-                        kv_pool=runner.kv_pool, attn_backend=runner.attn_backend)
+                        same_pages=same_pages, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend)
 
 
 def receive_weights(group: TPGroup, metadata: dict) -> list[tuple[str, torch.Tensor]]:
