@@ -31,7 +31,7 @@ else
   echo "machine: CPU ($(nproc) cores), --cpu variant" > "$SUMMARY"
 fi
 WORK=$(mktemp -d /tmp/kiln_mg.XXXXXX)
-declare -A LIMIT=([prepare]=60 [weight-push]=110 [engine-tp]=120 [trainer-tp]=90 [router]=75 [grpo]=150)
+declare -A LIMIT=([prepare]=60 [weight-push]=110 [engine-tp]=120 [trainer-tp]=150 [router]=75 [grpo]=150)
 STATUS=()
 
 run_step() {  # run_step NAME: one command of benchmarks/multi_gpu.py under its time limit
