@@ -1,20 +1,30 @@
-"""Colocated weight-sync throughput: push Qwen3-shaped weights from a trainer process into an engine process.
+"""Colocated weight-sync throughput into the real inference Engine, running in its own process.
 
-GPU: CUDA IPC handles of each bucket; CPU: shared memory (a smoke run with tiny sizes). The engine
-is a separate process holding its own copy of every tensor (`TensorDictEngine`); the push is timed
-end to end (flatten into the bucket, share, engine copies into its parameters, version and cache),
-and set against the device copy bandwidth measured in the same run. One push per model runs with
-checksum verification first, so the figures are of a push known to be correct.
+The trainer's weights are random bf16 tensors in one flat device buffer (as a contiguous parameter
+buffer holds them), HF-named views of it; the receiver is an `inference_engine.Engine` built from a
+local HF folder of the same shape (config, tokenizer, a zero-filled sparse safetensors file: no hub).
+Three paths are timed side by side, end to end (pause, every bucket loaded into the engine's fused
+parameters, radix-cache flush, version, continue), each after a checksum-verified warm-up push:
+
+  old      every bucket flattened into fresh buffers, fresh handles, opened by the engine per bucket
+  packed   `push_weights`: buckets packed into two persistent staging buffers shared once (two copies)
+  in-place `push_weights(resident=[buffer])`: the engine copies straight out of the trainer's buffer (one copy)
+
+Copy bandwidth: the model's bytes over the time of one `dst.copy_(src)` of a buffer of that size on
+the same device, measured in the same run; a push moves the same bytes, so GB/s over it is the ratio.
 
     python benchmarks/weight_push.py                      # GPU: Qwen3-0.6B and Qwen3-8B shapes, bf16
-    python benchmarks/weight_push.py --device cpu --smoke # CPU: tiny shapes, checks the code path
+    python benchmarks/weight_push.py --device cpu --smoke # CPU: small shapes over shared memory
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +33,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])   # run as a script, this
 
 import torch
 
-from benchmarks.processes import RemoteWeightEndpoint, make_tensor_receiver
-from weight_sync import WeightSender, WeightSyncConfig, push_weights
-from weight_sync.buckets import bucket_named_tensors, tensor_bytes
+from benchmarks.processes import RemoteWeightEndpoint
+from weight_sync import WeightSender, WeightSyncConfig, bucket_named_tensors, push_weights, share_bucket
+from weight_sync.buckets import tensor_bytes
+from weight_sync.testing import make_engine
+
+PATHS = ("old", "packed", "in-place")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ SHAPES = {
     "qwen3-8b": Qwen3Shape("Qwen3-8B", 4096, 36, 32, 8, 128, 12288, 151936, False),
     "tiny": Qwen3Shape("tiny", 64, 2, 4, 2, 16, 128, 512, True),
     "small": Qwen3Shape("small", 256, 4, 8, 4, 32, 768, 8192, False),
+    "medium": Qwen3Shape("medium", 1024, 8, 16, 8, 64, 3072, 32768, False),
 }
 
 
@@ -73,13 +87,39 @@ def hf_tensor_shapes(s: Qwen3Shape) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def write_model_folder(s: Qwen3Shape, out_dir: Path, dtype: torch.dtype) -> Path:
+    """An HF folder of this shape: config.json, a locally trained tokenizer, zero weights in a sparse safetensors file."""
+    from inference_engine.testing import make_tokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(out_dir)
+    config = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": s.vocab,
+              "hidden_size": s.hidden, "intermediate_size": s.intermediate, "num_hidden_layers": s.layers,
+              "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim,
+              "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 4096,
+              "tie_word_embeddings": s.tied, "torch_dtype": str(dtype).removeprefix("torch.")}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in hf_tensor_shapes(s):
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(out_dir / "model.safetensors", "wb") as f:   # the data are a hole: zeros, nothing written
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+    return out_dir
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def copy_bandwidth(device: str, nbytes: int, repeats: int = 5) -> float:
-    """GB/s of one device-to-device copy (bytes copied per second; a copy reads and writes each byte)."""
+    """GB/s of one device-to-device `copy_` of an `nbytes` buffer: nbytes over its median time."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -90,39 +130,98 @@ def copy_bandwidth(device: str, nbytes: int, repeats: int = 5) -> float:
         dst.copy_(src)
         _sync(device)
         times.append(time.perf_counter() - t0)
+    del src, dst
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return nbytes / 1e9 / statistics.median(times)
 
 
-def bench_model(shape: Qwen3Shape, device: str, dtype: torch.dtype, bucket_bytes: int, repeats: int) -> dict:
-    """Median seconds and GB/s of a colocated push of this model shape, after a verified warm-up push."""
+def trainer_weights(shape: Qwen3Shape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, list]:
+    """One flat buffer of random weights and (hf_name, view of it) for every tensor of the shape."""
     shapes = hf_tensor_shapes(shape)
-    weights = [(name, torch.randn(s, dtype=dtype, device=device)) for name, s in shapes]   # the trainer's tensors
-    total = sum(tensor_bytes(t) for _, t in weights)
-    engine = RemoteWeightEndpoint(make_tensor_receiver, shapes, str(dtype).removeprefix("torch."), device,
-                                  name="engine")
+    flat = torch.empty(sum(torch.Size(s).numel() for _, s in shapes), dtype=dtype, device=device)
+    flat.normal_(0, 0.02)
+    named, offset = [], 0
+    for name, s in shapes:
+        n = torch.Size(s).numel()
+        named.append((name, flat[offset:offset + n].view(s)))
+        offset += n
+    return flat, named
+
+
+def push_old(named: list, engine, bucket_bytes: int, version: int) -> int:
+    """Last version's colocated push: each bucket flattened into fresh buffers, shared by fresh handles; buckets sent."""
+    engine.pause_generation("pause")
+    buckets = 0
     try:
-        checked = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes, check_weight_update=True))
-        push_weights(bucket_named_tensors(iter(weights), bucket_bytes), [engine], checked)   # warm-up, verified
-        sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes))
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            stats = push_weights(bucket_named_tensors(iter(weights), bucket_bytes), [engine], sender)
-            times.append(stats.seconds)
-        sender.close()
-        checked.close()
+        for bucket in bucket_named_tensors(iter(named), bucket_bytes):
+            shared = share_bucket(bucket)
+            engine.update_weights_from_tensor(shared, version)
+            del shared
+            if torch.cuda.is_available():
+                torch.cuda.ipc_collect()
+            buckets += 1
+    finally:
+        engine.continue_generation()
+    return buckets
+
+
+def verify(engine, named: list) -> None:
+    """The engine holds exactly `named` (checksums on both sides)."""
+    from weight_sync import compare_checksums
+    from weight_sync.checksum import TensorChecksum, checksums
+
+    reported = {k: TensorChecksum.from_dict(v) for k, v in engine.weight_checksums().items()}
+    compare_checksums(checksums(named), reported)
+
+
+def bench_model(shape: Qwen3Shape, device: str, dtype: torch.dtype, bucket_bytes: int, repeats: int,
+                work_dir: Path) -> list[dict]:
+    """Median seconds of each path's push of this model shape, each after a verified warm-up push."""
+    model_dir = write_model_folder(shape, work_dir / shape.name, dtype)
+    engine = RemoteWeightEndpoint(make_engine, str(model_dir), device, str(dtype).removeprefix("torch."), 4096, 2048,
+                                  name="engine")
+    rows = []
+    try:
+        flat, named = trainer_weights(shape, dtype, device)
+        total = sum(tensor_bytes(t) for _, t in named)
+        version = 0
+        for path in PATHS:
+            sender = None if path == "old" else WeightSender(WeightSyncConfig(transport="colocated",
+                                                                              bucket_bytes=bucket_bytes))
+            resident = [flat] if path == "in-place" else []
+            times = []
+            for i in range(repeats + 1):
+                version += 1
+                flat.add_(1e-3)   # a training step: every weight changes
+                _sync(device)
+                t0 = time.perf_counter()
+                if path == "old":
+                    buckets = push_old(named, engine, bucket_bytes, version)
+                else:
+                    buckets = push_weights(bucket_named_tensors(iter(named), bucket_bytes), [engine], sender, version,
+                                           resident=resident).buckets
+                times.append(time.perf_counter() - t0)
+                if i == 0:
+                    verify(engine, named)
+            if sender is not None:
+                sender.close()
+            seconds = statistics.median(times[1:])
+            rows.append({"model": shape.name, "path": path, "tensors": len(named), "gb": total / 1e9,
+                         "buckets": buckets, "seconds": seconds, "gb_per_s": total / 1e9 / seconds})
+        del flat, named
     finally:
         engine.close()
-    seconds = statistics.median(times)
-    return {"model": shape.name, "tensors": len(weights), "gb": total / 1e9, "buckets": stats.buckets,
-            "seconds": seconds, "gb_per_s": total / 1e9 / seconds}
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="qwen3-0.6b,qwen3-8b", help=f"comma list of {sorted(SHAPES)}")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU code-path check)")
+    parser.add_argument("--smoke", action="store_true", help="tiny and small shapes (CPU code-path check)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
@@ -134,15 +233,19 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     bucket_bytes = args.bucket_mb << 20
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    copy_gbps = copy_bandwidth(args.device, (64 << 20) if args.smoke else (2 << 30))
-    print(f"device {where}, {args.dtype}, bucket {args.bucket_mb} MiB, transport colocated "
-          f"({'CUDA IPC' if args.device.startswith('cuda') else 'shared memory'}); "
-          f"device copy bandwidth {copy_gbps:.1f} GB/s")
-    print(f"{'model':<12} {'tensors':>7} {'GB':>7} {'buckets':>7} {'seconds':>8} {'GB/s':>7} {'of copy bw':>10}")
-    for name in names:
-        r = bench_model(SHAPES[name], args.device, dtype, bucket_bytes, args.repeats)
-        print(f"{r['model']:<12} {r['tensors']:>7} {r['gb']:>7.3f} {r['buckets']:>7} {r['seconds']:>8.3f} "
-              f"{r['gb_per_s']:>7.1f} {r['gb_per_s'] / copy_gbps:>10.0%}")
+    print(f"device {where}, {args.dtype}, bucket {args.bucket_mb} MiB, receiver: Engine in its own process over "
+          f"{'CUDA IPC' if args.device.startswith('cuda') else 'shared memory'}; median of {args.repeats} pushes")
+    print("| model shape | path | tensors | GB | buckets | seconds | GB/s | copy GB/s | of copy bandwidth |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory(prefix="kiln_weight_push_") as tmp:
+        for name in names:
+            shape = SHAPES[name]
+            nbytes = sum(torch.Size(s).numel() for _, s in hf_tensor_shapes(shape)) * dtype.itemsize
+            copy_gbps = copy_bandwidth(args.device, nbytes)
+            for r in bench_model(shape, args.device, dtype, bucket_bytes, args.repeats, Path(tmp)):
+                print(f"| {r['model']} | {r['path']} | {r['tensors']} | {r['gb']:.3f} | {r['buckets']} | "
+                      f"{r['seconds']:.4f} | {r['gb_per_s']:.1f} | {copy_gbps:.0f} | {r['gb_per_s'] / copy_gbps:.0%} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

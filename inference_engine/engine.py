@@ -27,6 +27,7 @@ from inference_engine.scheduler import Scheduler
 from weight_sync import ColocatedBucket, SharedBucket, WeightReceiver, open_bucket
 
 log = logging.getLogger(__name__)
+NamedTensorPairs = Iterable[tuple[str, torch.Tensor]]
 IDLE_WAIT_S = 0.5
 STOP_TIMEOUT_S = 60.0  # shutdown waits this long for the scheduler thread to finish its step
 
@@ -339,7 +340,7 @@ class Engine:
         if self.runner.device.type == "cuda":   # the copies read a colocated sender's memory: done before it reuses it
             torch.cuda.current_stream(self.runner.device).synchronize()
 
-    def update_weights_from_tensor(self, named_tensors: ColocatedBucket | SharedBucket | Iterable[tuple[str, torch.Tensor]],
+    def update_weights_from_tensor(self, named_tensors: ColocatedBucket | SharedBucket | NamedTensorPairs,
                                    weight_version: int | None = None) -> int:
         """Update weights from a colocated bucket (shared handles) or (hf_name, tensor) pairs; bad names raise before anything changes."""
         if isinstance(named_tensors, ColocatedBucket):

@@ -17,8 +17,8 @@ from inference_engine.config import EngineConfig
 from inference_engine.cuda_graph import CudaGraphRunner
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kv_cache import KVPool, ReqToTokenPool
-from inference_engine.models import CausalLM, load_weights, named_hf_tensors, read_spec
-from inference_engine.models.loader import expected_hf_names, iter_safetensors
+from inference_engine.models import CausalLM, named_hf_tensors, read_spec
+from inference_engine.models.loader import WeightPlan, expected_hf_names, iter_safetensors
 from inference_engine.parallel import TPGroup, check_tp_shape, rank_device
 from inference_engine.tp_worker import TPWorkers
 
@@ -68,6 +68,7 @@ class ModelRunner:
             self.model = CausalLM(self.spec, self.tp)
         for p in self.model.parameters():  # buffers (RoPE tables) stay float32
             p.data = p.data.to(self.dtype)
+        self.weight_plan = WeightPlan(self.model)  # name -> parameter slice, resolved once for every later load
         self._load_checkpoint(config.model_path)
         attn = self.model.model.layers[0].self_attn  # this rank's heads
         num_slots = self._kv_slots(attn.num_kv_heads)
@@ -85,6 +86,10 @@ class ModelRunner:
             page_size=config.page_size, dtype=self.dtype)
         self.graph_runner: CudaGraphRunner | None = None
         self.capture_cuda_graphs()
+        if self.tp is not None:  # ranks that differ here would issue different collectives for one batch and hang
+            self.tp.check_same("KV pool tokens, context length and decode graph batch sizes",
+                               (self.kv_pool.capacity, self.context_length,
+                                None if self.graph_runner is None else self.graph_runner.batch_sizes))
         log.info("model %s (%s) on %s %s, tp rank %d of %d: KV pool %d tokens (%.1f MiB), page %d, context %d",
                  config.model_path, self.spec.family, self.device, config.dtype, self.tp_rank, config.tp_size,
                  self.kv_pool.capacity, self.kv_pool.bytes / 2**20, config.page_size, self.context_length)
@@ -118,15 +123,16 @@ class ModelRunner:
             raise ValueError(f"checkpoint {model_path!r} lacks {len(missing)} weight(s), e.g. {missing[:3]}")
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Load full HF-named tensors through the per-layer weight loaders (sent to every tp rank); returns names loaded."""
+        """Load full HF-named tensors into their parameter slices (sent to every tp rank); returns names loaded."""
         if self.workers is not None:
             named_tensors = list(named_tensors)
+            self.weight_plan.check(named_tensors)  # a bad name raises before any rank loads anything
             self.workers.send_weights(named_tensors)
         return self.load_weights_local(named_tensors)
 
     def load_weights_local(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """Load this rank's shard of full HF-named tensors (each rank got them on its own); returns names loaded."""
-        return load_weights(self.model, named_tensors)
+        return self.weight_plan.load(named_tensors)
 
     def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Engine weights under HF names, unfused (views with one rank; full tensors gathered from every tp rank)."""
@@ -159,6 +165,7 @@ class ModelRunner:
         self.kv_pool.free_buffers()
         if weights:
             self.model.to(torch.device("cpu"))
+            self.weight_plan = WeightPlan(self.model)  # the old plan's views point at freed device memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -167,6 +174,7 @@ class ModelRunner:
         self.tell_workers("resume_memory", weights, kv_cache)
         if weights:
             self.model.to(self.device)
+            self.weight_plan = WeightPlan(self.model)
         if kv_cache:
             self.kv_pool.allocate_buffers()
         self.capture_cuda_graphs()
@@ -177,8 +185,13 @@ class ModelRunner:
             self.workers.send_hidden(hidden)
         return self.model.logits(hidden)
 
-    def shutdown(self) -> None:
-        """Stop the tp workers (rank 0 of tp_size > 1; nothing otherwise)."""
+    def check_alive(self) -> None:
+        """Raise RuntimeError if a tp worker process has exited (rank 0 of tp_size > 1; nothing otherwise)."""
+        if self.workers is not None:
+            self.workers.check_alive()
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the tp workers (rank 0 of tp_size > 1; nothing otherwise); graceful=False kills them at once."""
         workers, self.workers = self.workers, None
         if workers is not None:
-            workers.shutdown()
+            workers.shutdown(graceful)

@@ -54,3 +54,36 @@ def test_cuda_ipc_push_into_an_engine_equals_the_sent_weights(qwen3_model, tmp_p
         engine.shutdown()
         sender.join(60)
     assert sender.exitcode == 0
+
+
+def test_persistent_push_into_an_engine_process_in_place_then_packed(qwen3_model):
+    """The trainer's bf16 weights in one device buffer; a real Engine in another process reads them in place
+    (steps 1, 2), then through the persistent staging buffers after a release / resume (step 3); bit-exact each time."""
+    from benchmarks.processes import RemoteWeightEndpoint
+    from weight_sync import WeightSender, WeightSyncConfig, push_weights
+    from weight_sync.testing import make_engine
+
+    engine = RemoteWeightEndpoint(make_engine, str(qwen3_model), "cuda", "bfloat16", name="engine")
+    try:
+        tensors = sorted(load_file(f"{qwen3_model}/model.safetensors").items())
+        flat = torch.cat([t.reshape(-1) for _, t in tensors]).to(torch.bfloat16).cuda()   # [all weights]
+        named, offset = [], 0
+        for name, t in tensors:
+            named.append((name, flat[offset:offset + t.numel()].view(t.shape)))
+            offset += t.numel()
+        sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=64 << 10, check_weight_update=True))
+        open_storages = []
+        for step, resident in ((1, [flat]), (2, [flat]), (3, [])):
+            flat.add_(0.01 * torch.randn_like(flat))
+            if step == 3:
+                engine.release_memory(weights=True)
+                engine.resume_memory()
+            stats = push_weights(bucket_named_tensors(iter(named), 64 << 10), [engine], sender, resident=resident)
+            assert stats.weight_version == step and stats.buckets > 1   # checksums verified bit-exact inside
+            open_storages.append(engine.metrics()["weight_sync_storages_open"])
+        sender.close()
+        assert open_storages == [0, 0, 2]   # in-place storages closed after each push; staging buffers stay open
+        out = engine.generate(input_ids=[5, 17, 42, 9], sampling_params={"max_new_tokens": 8, "temperature": 0})
+        assert out["meta_info"]["weight_version"] == 3
+    finally:
+        engine.close()

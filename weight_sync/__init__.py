@@ -5,13 +5,13 @@ from weight_sync.checksum import TensorChecksum, compare_checksums, tensor_check
 from weight_sync.config import WeightSyncConfig
 from weight_sync.errors import WeightChecksumError, WeightSyncError, WeightSyncTimeoutError
 from weight_sync.group import WeightUpdateGroup
-from weight_sync.ipc import SharedBucket, open_bucket, share_bucket
+from weight_sync.ipc import ColocatedBucket, SharedBucket, SharedStorages, open_bucket, share_bucket
 from weight_sync.push import PushStats, push_weights
 from weight_sync.receiver import WeightReceiver
 from weight_sync.sender import WeightSender
 
 __all__ = [
-    "FlatLayout", "PushStats", "SharedBucket", "TensorChecksum", "WeightChecksumError", "WeightReceiver",
+    "ColocatedBucket", "FlatLayout", "PushStats", "SharedBucket", "SharedStorages", "TensorChecksum", "WeightChecksumError", "WeightReceiver",
     "WeightSender", "WeightSyncConfig", "WeightSyncError", "WeightSyncTimeoutError", "WeightUpdateGroup",
     "bucket_named_tensors", "compare_checksums", "open_bucket", "push_weights", "share_bucket", "tensor_checksum",
 ]

@@ -36,6 +36,15 @@ def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], buck
         yield bucket
 
 
+def copy_tensors(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> None:
+    """dsts[i].copy_(srcs[i]) for every i: one multi-tensor copy on CUDA (few launches), a loop on CPU (faster there)."""
+    if dsts and dsts[0].is_cuda:
+        torch._foreach_copy_(list(dsts), list(srcs))
+    else:
+        for dst, src in zip(dsts, srcs):
+            dst.copy_(src)
+
+
 def dtype_name(dtype: torch.dtype | str) -> str:
     """'bfloat16' for torch.bfloat16 or 'torch.bfloat16' or 'bfloat16'."""
     return str(parse_dtype(dtype)).removeprefix("torch.")

@@ -1,14 +1,22 @@
-"""Colocated transport: a bucket as flat buffers shared by handle (CUDA IPC on GPU, shared memory on CPU)."""
+"""Colocated transport: tensors shared by handle (CUDA IPC on GPU, shared memory on CPU).
+
+Two forms. `SharedBucket` (`share_bucket` / `open_bucket`): one bucket flattened into fresh buffers
+with fresh handles, for one-off callers (the HTTP route). `ColocatedBucket`: what `WeightSender`
+sends, entries pointing into storages that are shared once and opened once (`SharedStorages` on the
+receiving side): the sender's persistent staging buffers, and the trainer's own tensors read in place.
+"""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
-from weight_sync.buckets import FlatLayout, NamedTensors
+from weight_sync.buckets import FlatLayout, NamedTensors, parse_dtype
+from weight_sync.errors import WeightSyncError
 
 
 @dataclass
@@ -47,3 +55,145 @@ def open_bucket(bucket: SharedBucket) -> NamedTensors:
         return layout.unflatten(bucket.buffers)
     buffers = [rebuild(*args) for rebuild, args in bucket.handles]
     return layout.unflatten(buffers)
+
+
+def storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor [nbytes] over the whole storage that `t` views (CPU storages are moved to shared memory first)."""
+    storage = t.untyped_storage()
+    if not t.is_cuda:
+        storage._share_filename_cpu_()   # in place (a no-op once shared): every tensor viewing it sees the shared copy
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),), (1,))
+
+
+def _reduce_storage(whole: torch.Tensor) -> tuple[Any, tuple]:
+    """(rebuild, args) that reopen `whole` in another process under any pickler (Ray's included): a CUDA IPC
+    handle on GPU; on CPU the shared-memory file's name, so the storage is mapped, never copied by value."""
+    if whole.is_cuda:
+        return reduce_tensor(whole)
+    return _open_shared_file, whole.untyped_storage()._share_filename_cpu_()
+
+
+def _open_shared_file(manager: bytes, name: bytes, nbytes: int) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared_filename_cpu(manager, name, nbytes)
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+
+
+@dataclass
+class StorageHandle:
+    """One storage shared by handle: its id at the sender, whether it outlives the push, and its reduced form.
+
+    Persistent storages (the sender's staging buffers) stay open on the receiver until the sender retires
+    them or starts a new generation; the others (the trainer's own tensors, read in place) are closed
+    after the push's last bucket, so the trainer may free or move them.
+    """
+
+    storage_id: int
+    persistent: bool
+    handle: tuple[Any, tuple]
+    local: torch.Tensor | None = None   # the sender's uint8 tensor itself, for a receiver in the same process; never pickled
+
+    def __getstate__(self):
+        return {**self.__dict__, "local": None}
+
+    def open(self) -> torch.Tensor:
+        """The storage as a uint8 tensor [nbytes] in this process (maps CUDA IPC / shared memory)."""
+        if self.local is not None:
+            return self.local
+        rebuild, args = self.handle
+        return rebuild(*args)
+
+
+def share_storage(storage_id: int, whole: torch.Tensor, persistent: bool) -> StorageHandle:
+    """A handle on `whole` (a uint8 tensor over one storage, from `storage_bytes`) for one receiver to open once."""
+    return StorageHandle(storage_id, persistent, _reduce_storage(whole), whole)
+
+
+@dataclass
+class ColocatedBucket:
+    """One bucket of a colocated push, as `WeightSender` sends it: where each tensor lies in storages shared by handle.
+
+    `storages` are the handles this receiver has not opened yet (each storage travels once per
+    generation, or once per push for storages read in place); `retired` are storage ids to close.
+    Tensor i is `dtypes[i]` with `shapes[i]` / `strides[i]` at element offset `offsets[i]` of storage
+    `storage_ids[i]`. The receiver must be done reading the storages when its load call returns.
+    """
+
+    sender: str
+    generation: int
+    storages: list[StorageHandle]
+    retired: list[int]
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[tuple[int, ...]]
+    strides: list[tuple[int, ...]]
+    storage_ids: list[int]
+    offsets: list[int]
+    last: bool   # the push's last bucket: the receiver closes the push's in-place (non-persistent) storages after it
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the bucket's tensors (not of the storages they lie in)."""
+        total = 0
+        for dtype, shape in zip(self.dtypes, self.shapes):
+            numel = 1
+            for s in shape:
+                numel *= s
+            total += numel * parse_dtype(dtype).itemsize
+        return total
+
+
+class SharedStorages:
+    """A receiver's opened storages, per sender: what `ColocatedBucket`s point into. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._senders: dict[str, tuple[int, dict[int, tuple[torch.Tensor, bool]]]] = {}
+        self.opened_total = 0   # handles opened so far: staging buffers once per generation, in-place storages once per push
+
+    def tensors(self, bucket: ColocatedBucket) -> NamedTensors:
+        """The bucket's (hf_name, tensor) as views of the shared storages, opening the handles it brings."""
+        with self._lock:
+            generation, opened = self._senders.get(bucket.sender, (None, {}))
+            if generation != bucket.generation:   # the sender started over: drop every mapping of the old generation
+                opened = {}
+                self._senders[bucket.sender] = (bucket.generation, opened)
+            for storage_id in bucket.retired:
+                opened.pop(storage_id, None)
+            for handle in bucket.storages:
+                opened[handle.storage_id] = (handle.open(), handle.persistent)
+                self.opened_total += 1
+            storages = dict(opened)
+        typed: dict[tuple[int, str], torch.Tensor] = {}
+        out = []
+        for name, dtype, shape, stride, storage_id, offset in zip(bucket.names, bucket.dtypes, bucket.shapes,
+                                                                  bucket.strides, bucket.storage_ids, bucket.offsets):
+            flat = typed.get((storage_id, dtype))
+            if flat is None:
+                if storage_id not in storages:
+                    raise WeightSyncError(f"tensor {name!r} lies in shared storage {storage_id} of sender "
+                                          f"{bucket.sender} (generation {bucket.generation}), which this receiver "
+                                          f"never opened; known: {sorted(storages)} (was the receiver restarted?)")
+                whole, dt = storages[storage_id][0], parse_dtype(dtype)
+                flat = typed[(storage_id, dtype)] = whole[:whole.numel() // dt.itemsize * dt.itemsize].view(dt)
+            out.append((name, flat.as_strided(shape, stride, offset)))
+        return out
+
+    def finish(self, bucket: ColocatedBucket) -> None:
+        """After the bucket is loaded: on the push's last bucket close its in-place storages."""
+        if not bucket.last:
+            return
+        with self._lock:
+            _, opened = self._senders.get(bucket.sender, (None, {}))
+            for storage_id in [i for i, (_, persistent) in opened.items() if not persistent]:
+                del opened[storage_id]
+
+    def open_count(self, persistent: bool | None = None) -> int:
+        """How many storages are open now (of every sender), optionally only persistent / only in-place ones."""
+        with self._lock:
+            return sum(1 for _, opened in self._senders.values() for _, p in opened.values()
+                       if persistent is None or p == persistent)
+
+    def close(self) -> None:
+        """Drop every mapping."""
+        with self._lock:
+            self._senders.clear()

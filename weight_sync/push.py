@@ -7,7 +7,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from weight_sync.buckets import NamedTensors, tensor_bytes
+import torch
+
+from weight_sync.buckets import NamedTensors
 from weight_sync.checksum import TensorChecksum, compare_checksums
 from weight_sync.errors import WeightSyncError
 from weight_sync.sender import WeightSender
@@ -29,13 +31,14 @@ class PushStats:
 
 
 def push_weights(trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any], transport: WeightSender | None,
-                 weight_version: int | None = None) -> PushStats:
+                 weight_version: int | None = None, resident: Iterable[torch.Tensor] = ()) -> PushStats:
     """Pause (or drain) engines -> stream buckets -> engines load, flush, set version -> verify -> continue.
 
     Every trainer rank calls this together (the bucket iterator is collective); ranks other than the
     sending one pass no engines and no transport and only take part in the iteration. The new version
-    defaults to one past the highest engine version. Engines resume even when the update fails; the
-    error is raised after they do.
+    defaults to one past the highest engine version. `resident`: tensors whose storages stay put for
+    the whole push (the trainer's parameters); colocated engines read bucket tensors that view them in
+    place. Engines resume even when the update fails; the error is raised after they do.
     """
     start = time.perf_counter()
     if not engines:
@@ -46,18 +49,10 @@ def push_weights(trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any]
         raise WeightSyncError("push_weights got engines but no transport (a WeightSender)")
     version = weight_version if weight_version is not None else 1 + max(int(e.weight_version) for e in engines)
     config = transport.config
-    transport.begin_update()
-    n_buckets = n_tensors = n_bytes = 0
     for engine in engines:
         engine.pause_generation(mode=config.pause_mode)
     try:
-        for bucket in trainer_buckets:
-            if not bucket:
-                continue
-            transport.send_bucket(bucket, engines, version)
-            n_buckets += 1
-            n_tensors += len(bucket)
-            n_bytes += sum(tensor_bytes(t) for _, t in bucket)
+        n_buckets, n_tensors, n_bytes = transport.send_update(trainer_buckets, engines, version, resident)
         if n_buckets == 0:
             raise WeightSyncError("the trainer yielded no weights; nothing was pushed (is this the sending rank?)")
         if config.check_weight_update:

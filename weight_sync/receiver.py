@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -14,7 +14,9 @@ from weight_sync.checksum import checksums
 from weight_sync.config import PAUSE_MODES
 from weight_sync.errors import WeightSyncError, WeightSyncTimeoutError
 from weight_sync.group import WeightUpdateGroup
-from weight_sync.ipc import SharedBucket, open_bucket
+from weight_sync.ipc import ColocatedBucket, SharedBucket, SharedStorages, open_bucket
+
+T = TypeVar("T")
 
 
 class WeightTarget(Protocol):
@@ -52,6 +54,7 @@ class WeightReceiver:
         self._drain_timeout_s = drain_timeout_s
         self._drain_poll_s = drain_poll_s
         self._groups: dict[str, WeightUpdateGroup] = {}
+        self.shared = SharedStorages()   # colocated senders' storages, opened once
 
     @property
     def weight_version(self) -> int:
@@ -93,9 +96,10 @@ class WeightReceiver:
         del self._groups[group_name]
 
     def close(self) -> None:
-        """Leave every weight-update group this receiver joined."""
+        """Leave every weight-update group this receiver joined and drop the colocated senders' storages."""
         for group_name in list(self._groups):
             self.destroy_weights_update_group(group_name)
+        self.shared.close()
 
     def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
                                         group_name: str, weight_version: int | None = None) -> None:
@@ -107,8 +111,12 @@ class WeightReceiver:
             group.broadcast(buf, src=0)
         self._apply(layout.unflatten(buffers), weight_version)
 
-    def update_weights_from_tensor(self, named_tensors: SharedBucket | NamedTensors, weight_version: int | None = None) -> None:
-        """Load a bucket given as a shared-handle `SharedBucket` (colocated) or as plain (hf_name, tensor) pairs."""
+    def update_weights_from_tensor(self, named_tensors: ColocatedBucket | SharedBucket | NamedTensors,
+                                   weight_version: int | None = None) -> None:
+        """Load a colocated bucket (`ColocatedBucket` / `SharedBucket`, by handle) or plain (hf_name, tensor) pairs."""
+        if isinstance(named_tensors, ColocatedBucket):
+            self.receive_colocated(named_tensors, lambda named: self._apply_synced(named, weight_version))
+            return
         if isinstance(named_tensors, SharedBucket):
             named = open_bucket(named_tensors)
         else:
@@ -116,6 +124,16 @@ class WeightReceiver:
             bad = [n for n, t in named if not isinstance(n, str) or not isinstance(t, torch.Tensor)]
             if bad:
                 raise TypeError(f"update_weights_from_tensor expects (hf_name, tensor) pairs; bad entries: {bad[:5]}")
+        self._apply_synced(named, weight_version)
+
+    def receive_colocated(self, bucket: ColocatedBucket, load: Callable[[NamedTensors], T]) -> T:
+        """Open the bucket's tensors in the shared storages, `load` them (done reading when it returns), close what the push is done with."""
+        try:
+            return load(self.shared.tensors(bucket))
+        finally:
+            self.shared.finish(bucket)
+
+    def _apply_synced(self, named: NamedTensors, weight_version: int | None) -> None:
         self._apply(named, weight_version)
         if named and named[0][1].is_cuda:
             torch.cuda.current_stream(named[0][1].device).synchronize()   # done reading the sender's memory

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from weight_sync.buckets import FlatLayout, NamedTensors
+from weight_sync.buckets import FlatLayout, NamedTensors, tensor_bytes
 from weight_sync.checksum import TensorChecksum, checksums
+from weight_sync.colocated import ColocatedChannel
 from weight_sync.config import WeightSyncConfig
-from weight_sync.errors import WeightSyncError
+from weight_sync.errors import WeightSyncError, raise_engine_errors
 from weight_sync.group import WeightUpdateGroup, free_port
-from weight_sync.ipc import share_bucket
 
 
 class WeightSender:
@@ -24,6 +24,7 @@ class WeightSender:
         self.group: WeightUpdateGroup | None = None
         self.sent_checksums: dict[str, TensorChecksum] = {}   # filled per update when check_weight_update is on
         self._pool: ThreadPoolExecutor | None = None
+        self._colocated: ColocatedChannel | None = None   # staging buffers and open handles, kept between pushes
 
     def connect(self, engines: Sequence[Any], ranks_per_engine: Sequence[int] | None = None) -> None:
         """Create the distributed group: this process is rank 0, engine i joins at rank 1 + sum of earlier engines' ranks."""
@@ -45,29 +46,48 @@ class WeightSender:
             group = WeightUpdateGroup(cfg.master_address, port, 0, world_size, cfg.group_name, cfg.backend, cfg.timeout_s)
         except WeightSyncError as e:
             error = e
-        _raise_engine_errors(futures, "init_weights_update_group", error)
+        raise_engine_errors(futures, "init_weights_update_group", error)
         self.group = group
 
-    def begin_update(self) -> None:
-        """Start a new update: forget the previous update's checksums."""
-        self.sent_checksums = {}
+    def send_update(self, trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any], weight_version: int,
+                    resident: Iterable[torch.Tensor] = ()) -> tuple[int, int, int]:
+        """Deliver every bucket to every engine; returns (buckets, tensors, bytes) once every engine has loaded them.
 
-    def send_bucket(self, bucket: NamedTensors, engines: Sequence[Any], weight_version: int) -> None:
-        """Deliver one bucket to every engine; returns once every engine has loaded it."""
-        if self.config.check_weight_update:
-            self.sent_checksums.update(checksums(bucket))
+        Colocated: tensors that view a storage of `resident` (the trainer's parameters, unchanged during the
+        push) are read by the engines in place; the others go through persistent staging buffers.
+        With `check_weight_update` the checksum of every tensor sent is kept in `sent_checksums`.
+        """
+        self.sent_checksums = {}
+        counts = [0, 0, 0]
+
+        def count(bucket: NamedTensors) -> None:
+            if self.config.check_weight_update:
+                self.sent_checksums.update(checksums(bucket))
+            counts[0] += 1
+            counts[1] += len(bucket)
+            counts[2] += sum(tensor_bytes(t) for _, t in bucket)
+
         if self.config.transport == "distributed":
-            self._send_distributed(bucket, engines, weight_version)
+            for bucket in trainer_buckets:
+                if bucket:
+                    count(bucket)
+                    self._send_distributed(bucket, engines, weight_version)
         else:
-            self._send_colocated(bucket, engines, weight_version)
+            if self._colocated is None:
+                self._colocated = ColocatedChannel(self._submit)
+            self._colocated.push(trainer_buckets, engines, weight_version, resident, count)
+        return counts[0], counts[1], counts[2]
 
     def close(self, engines: Sequence[Any] = ()) -> None:
-        """Tear down the group (on the engines too) and the worker threads."""
+        """Tear down the group (on the engines too), the staging buffers and the worker threads."""
         if self.group is not None:
             futures = [self._submit(e.destroy_weights_update_group, self.config.group_name) for e in engines]
             self.group.close()
             self.group = None
-            _raise_engine_errors(futures, "destroy_weights_update_group", None)
+            raise_engine_errors(futures, "destroy_weights_update_group", None)
+        if self._colocated is not None:
+            self._colocated.close()
+            self._colocated = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -85,31 +105,10 @@ class WeightSender:
                 self.group.broadcast(buf, src=0)
         except WeightSyncError as e:
             error = e
-        _raise_engine_errors(futures, "update_weights_from_distributed", error)
-
-    def _send_colocated(self, bucket: NamedTensors, engines: Sequence[Any], weight_version: int) -> None:
-        shared = share_bucket(bucket)   # holds the flat buffers until every engine has loaded them
-        futures = [self._submit(e.update_weights_from_tensor, shared, weight_version) for e in engines]
-        _raise_engine_errors(futures, "update_weights_from_tensor", None)
-        del shared
-        if torch.cuda.is_available():
-            torch.cuda.ipc_collect()
+        raise_engine_errors(futures, "update_weights_from_distributed", error)
 
     def _submit(self, fn, *args) -> Future:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="weight-sync")
         return self._pool.submit(fn, *args)
 
-
-def _raise_engine_errors(futures: list[Future], what: str, own_error: BaseException | None) -> None:
-    """Wait for every engine call, then raise one error naming each engine that failed (and the sender's own error)."""
-    wait(futures)
-    failed = [(i, f.exception()) for i, f in enumerate(futures) if f.exception() is not None]
-    if not failed and own_error is None:
-        return
-    lines = [f"{what} failed"]
-    if own_error is not None:
-        lines.append(f"  trainer: {own_error}")
-    lines += [f"  engine {i}: {type(e).__name__}: {e}" for i, e in failed]
-    cause = own_error if own_error is not None else failed[0][1]
-    raise WeightSyncError("\n".join(lines)) from cause

@@ -1,7 +1,9 @@
 """Building blocks that own their (fused, tensor-parallel-sharded) parameters and know how to load HF tensors into them.
 
-Every parameter carries a `weight_loader(param, hf_tensor, shard_id=None)`; the model loader
-only maps HF names to (parameter, shard_id) and calls it, at start-up and for RL weight updates.
+Every parameter carries a `weight_target(param, hf_shape, shard_id=None) -> WeightSlice` (which view of
+it takes which slice of the full HF tensor) and `weight_loader(param, hf_tensor, shard_id=None)`, which
+applies it; the model loader maps HF names to (parameter, shard_id) and plans each update from the
+targets once (`loader.WeightPlan`), at start-up and for RL weight updates.
 Its inverse, `unshard(pieces, shard_id=None)`, rebuilds the full HF tensor from every rank's piece.
 Column-parallel layers shard the output dim over tp ranks, row-parallel layers the input dim (and
 all-reduce their output), vocab-parallel embedding and LM head the vocabulary (all-reduce of the
@@ -11,7 +13,7 @@ masked lookup, all-gather of the logits). `tp` is the engine's TPGroup, None for
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +32,38 @@ def _check_shape(param_name: str, expected: torch.Size | tuple, got: torch.Size)
         raise ValueError(f"weight {param_name}: shape {tuple(got)} does not match the engine's {tuple(expected)}")
 
 
+class WeightSlice(NamedTuple):
+    """Where one full HF tensor goes: `dst` (a view of the parameter) takes `loaded.narrow(dim, start, length)`.
+
+    `dim` None takes all of `loaded`; `pad` (padding rows of a vocab shard) is zeroed on every load.
+    """
+
+    dst: torch.Tensor
+    dim: int | None = None
+    start: int = 0
+    length: int = 0
+    pad: torch.Tensor | None = None
+
+    def source(self, loaded: torch.Tensor) -> torch.Tensor:
+        """The part of the full HF tensor `loaded` that this rank's `dst` holds (a view)."""
+        return loaded if self.dim is None else loaded.narrow(self.dim, self.start, self.length)
+
+    def load(self, loaded: torch.Tensor) -> None:
+        """Copy that part into `dst` (and zero `pad`)."""
+        self.dst.copy_(self.source(loaded))
+        if self.pad is not None:
+            self.pad.zero_()
+
+
+def default_weight_target(param: nn.Parameter, shape: torch.Size, shard_id=None) -> WeightSlice:
+    """A full (unsharded) HF tensor of `shape` fills the whole parameter."""
+    _check_shape(getattr(param, "hf_name", "?"), param.shape, shape)
+    return WeightSlice(param.data)
+
+
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
     """Copy a full (unsharded) HF tensor into a parameter of the same shape."""
-    _check_shape(getattr(param, "hf_name", "?"), param.shape, loaded.shape)
-    param.data.copy_(loaded)
+    default_weight_target(param, loaded.shape, shard_id).load(loaded)
 
 
 def replicated_unshard(pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
@@ -59,13 +89,18 @@ class ColumnParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features // self.tp_size), requires_grad=False)
         for param in (self.weight, self.bias):
             if param is not None:
-                param.weight_loader, param.unshard = self.weight_loader, self.unshard
+                param.weight_target, param.weight_loader = self.weight_target, self.weight_loader
+                param.unshard = self.unshard
+
+    def weight_target(self, param: nn.Parameter, shape: torch.Size, shard_id=None) -> WeightSlice:
+        """This rank's rows of the full HF tensor fill the parameter."""
+        rows = param.shape[0]
+        _check_shape("column-parallel", (rows * self.tp_size, *param.shape[1:]), shape)
+        return WeightSlice(param.data, 0, self.tp_rank * rows, rows)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        """Load this rank's rows of the full HF tensor."""
-        rows = param.shape[0]
-        _check_shape("column-parallel", (rows * self.tp_size, *param.shape[1:]), loaded.shape)
-        param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+        """Load this rank's slice of the full HF tensor (see `weight_target`)."""
+        self.weight_target(param, loaded.shape, shard_id).load(loaded)
 
     def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
         """The full HF tensor from every rank's rows (of part shard_id), in rank order."""
@@ -89,11 +124,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             offsets.append(offsets[-1] + s)
         return list(zip(offsets, self.out_sizes))
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        """Load part `shard_id` (its full HF tensor) into its rows of the fused parameter."""
+    def weight_target(self, param: nn.Parameter, shape: torch.Size, shard_id=None) -> WeightSlice:
+        """Part `shard_id` (its full HF tensor) goes into its rows of the fused parameter."""
         offset, size = self.part_slices()[shard_id]
-        _check_shape(f"part {shard_id}", (size * self.tp_size, *param.shape[1:]), loaded.shape)
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+        _check_shape(f"part {shard_id}", (size * self.tp_size, *param.shape[1:]), shape)
+        return WeightSlice(param.data.narrow(0, offset, size), 0, self.tp_rank * size, size)
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -111,16 +146,16 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         super().__init__(hidden_size, [s * tp_size for s in sizes], bias, tp)
         self.out_sizes = sizes
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        """Load the full HF q_proj / k_proj / v_proj tensor (shard_id "q", "k", "v") into this rank's rows."""
+    def weight_target(self, param: nn.Parameter, shape: torch.Size, shard_id=None) -> WeightSlice:
+        """The full HF q_proj / k_proj / v_proj tensor (shard_id "q", "k", "v") goes into this rank's rows."""
         part = "qkv".index(shard_id)
         offset, size = self.part_slices()[part]
         heads = self.num_heads if part == 0 else self.num_kv_heads
         ranks_sharing = 1 if part == 0 else self.kv_replicas
         total_heads = heads * self.tp_size // ranks_sharing
-        _check_shape(f"{shard_id}_proj", (total_heads * self.head_dim, *param.shape[1:]), loaded.shape)
+        _check_shape(f"{shard_id}_proj", (total_heads * self.head_dim, *param.shape[1:]), shape)
         start = (self.tp_rank // ranks_sharing) * size
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+        return WeightSlice(param.data.narrow(0, offset, size), 0, start, size)
 
     def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
         """The full q / k / v tensor; replicated kv heads are taken once (from the first rank holding each)."""
@@ -137,17 +172,22 @@ class RowParallelLinear(nn.Module):
         if in_features % self.tp_size:
             raise ValueError(f"in_features {in_features} is not divisible by tp_size {self.tp_size}")
         self.weight = nn.Parameter(torch.empty(out_features, in_features // self.tp_size), requires_grad=False)
-        self.weight.weight_loader, self.weight.unshard = self.weight_loader, self.unshard
+        self.weight.weight_target, self.weight.weight_loader = self.weight_target, self.weight_loader
+        self.weight.unshard = self.unshard
         self.bias = None
         if bias:  # replicated, added once (by rank 0) before the all-reduce
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader, self.bias.unshard = default_weight_loader, replicated_unshard
 
+    def weight_target(self, param: nn.Parameter, shape: torch.Size, shard_id=None) -> WeightSlice:
+        """This rank's input columns of the full HF tensor fill the parameter."""
+        cols = param.shape[1]
+        _check_shape("row-parallel", (param.shape[0], cols * self.tp_size), shape)
+        return WeightSlice(param.data, 1, self.tp_rank * cols, cols)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         """Load this rank's input columns of the full HF tensor."""
-        cols = param.shape[1]
-        _check_shape("row-parallel", (param.shape[0], cols * self.tp_size), loaded.shape)
-        param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
+        self.weight_target(param, loaded.shape, shard_id).load(loaded)
 
     def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
         """The full HF weight from every rank's columns, in rank order."""
@@ -172,14 +212,18 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = -(-vocab_size // self.tp_size)
         self.start = self.tp_rank * self.rows  # first vocab id of this rank
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
-        self.weight.weight_loader, self.weight.unshard = self.weight_loader, self.unshard
+        self.weight.weight_target, self.weight.weight_loader = self.weight_target, self.weight_loader
+        self.weight.unshard = self.unshard
+
+    def weight_target(self, param: nn.Parameter, shape: torch.Size, shard_id=None) -> WeightSlice:
+        """This rank's vocabulary rows of the full [vocab, hidden] HF tensor; padding rows are zeroed."""
+        _check_shape("vocab-parallel", (self.vocab_size, param.shape[1]), shape)
+        n = max(0, min(self.rows, self.vocab_size - self.start))
+        return WeightSlice(param.data[:n], 0, self.start, n, param.data[n:] if n < self.rows else None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         """Load this rank's vocabulary rows of the full [vocab, hidden] HF tensor; padding rows are zero."""
-        _check_shape("vocab-parallel", (self.vocab_size, param.shape[1]), loaded.shape)
-        n = max(0, min(self.rows, self.vocab_size - self.start))
-        param.data[:n].copy_(loaded[self.start:self.start + n])
-        param.data[n:].zero_()
+        self.weight_target(param, loaded.shape, shard_id).load(loaded)
 
     def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
         """The full [vocab, hidden] HF tensor from every rank's rows, padding dropped."""

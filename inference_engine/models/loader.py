@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from inference_engine.models.layers import default_weight_loader, replicated_unshard
+from inference_engine.models.layers import WeightSlice, default_weight_target, replicated_unshard
 from inference_engine.models.transformer import CausalLM, ModelSpec
 from inference_engine.parallel import TPGroup
+from weight_sync.buckets import copy_tensors
 
 # HF projection name -> (fused engine parameter, part of it)
 PACKED = {
@@ -21,6 +22,7 @@ PACKED = {
     "up_proj": ("gate_up_proj", 1),
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+STREAM_GROUP = 64  # tensors per checked-then-copied group when loading from a stream (a checkpoint)
 
 
 def read_spec(model_path: str | Path) -> ModelSpec:
@@ -60,20 +62,75 @@ def resolve(model: CausalLM, params: dict[str, torch.nn.Parameter], hf_name: str
                      f"({model.spec.num_layers} layers); expected HF names like 'model.layers.0.self_attn.q_proj.weight'")
 
 
+class WeightPlan:
+    """Where each HF-named tensor goes in this model (a parameter view and the slice of the HF tensor it takes),
+    resolved and shape-checked once per (name, shape) and reused by every later load.
+
+    The views point at the parameters' current storage: make a new plan after the weights move
+    (`ModelRunner.release_memory` / `resume_memory` do).
+    """
+
+    def __init__(self, model: CausalLM):
+        self.model = model
+        self._params = dict(model.named_parameters())
+        self._slices: dict[tuple[str, tuple[int, ...]], WeightSlice | None] = {}
+
+    def target(self, hf_name: str, shape: Sequence[int]) -> WeightSlice | None:
+        """The slice an HF tensor of this name and shape loads into (None: skipped, e.g. a tied lm_head); bad ones raise."""
+        key = (hf_name, tuple(shape))
+        if key in self._slices:
+            return self._slices[key]
+        param, shard_id = resolve(self.model, self._params, hf_name)
+        target = None
+        if param is not None:
+            param.hf_name = hf_name
+            target = getattr(param, "weight_target", default_weight_target)(param, torch.Size(shape), shard_id)
+        self._slices[key] = target
+        return target
+
+    def check(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Raise ValueError for the first unknown name or wrong shape, before anything is loaded."""
+        for name, tensor in named_tensors:
+            self.target(name, tensor.shape)
+
+    @torch.no_grad()
+    def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Copy HF-named tensors into their parameter slices; returns the names loaded.
+
+        A list is checked whole before its first copy, and its copies go out as one multi-tensor copy
+        per (dtype, device) pair; any other iterable is streamed in groups of `STREAM_GROUP` tensors.
+        """
+        if isinstance(named_tensors, (list, tuple)):
+            return self._load_group(named_tensors)
+        loaded, group = [], []
+        for entry in named_tensors:
+            group.append(entry)
+            if len(group) == STREAM_GROUP:
+                loaded += self._load_group(group)
+                group = []
+        return loaded + self._load_group(group)
+
+    def _load_group(self, named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
+        targets = [self.target(name, tensor.shape) for name, tensor in named]  # every check before any copy
+        copies: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        loaded = []
+        for (name, tensor), target in zip(named, targets):
+            if target is None:
+                continue
+            dsts, srcs = copies.setdefault((target.dst.dtype, tensor.dtype, tensor.device), ([], []))
+            dsts.append(target.dst)
+            srcs.append(target.source(tensor))
+            if target.pad is not None:
+                target.pad.zero_()
+            loaded.append(name)
+        for dsts, srcs in copies.values():
+            copy_tensors(dsts, srcs)
+        return loaded
+
+
 def load_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Load HF-named tensors into the model through each parameter's weight_loader; returns the names loaded."""
-    loaded = []
-    params = dict(model.named_parameters())
-    for hf_name, tensor in named_tensors:
-        param, shard_id = resolve(model, params, hf_name)
-        if param is None:
-            continue
-        param.hf_name = hf_name
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        with torch.no_grad():
-            loader(param, tensor.to(param.device), shard_id)
-        loaded.append(hf_name)
-    return loaded
+    """Load HF-named tensors into the model through each parameter's weight target; returns the names loaded."""
+    return WeightPlan(model).load(named_tensors)
 
 
 def _local_hf_pieces(model: CausalLM) -> Iterator[tuple[str, torch.nn.Parameter, object, torch.Tensor]]:

@@ -1,0 +1,132 @@
+"""The colocated transport's persistent path into a real Engine in another process (shared memory on CPU, as CUDA IPC on GPU).
+
+The stand-in trainer is an HF model whose parameters live in one flat buffer (a contiguous parameter
+buffer): tensors that view it are read by the engine in place, copies of them go through the sender's
+persistent staging buffers. After every push the engine must hold exactly the trainer's weights and
+generate what HF generates from them, while the staging handles are opened once and the in-place ones
+are closed after each push.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.processes import RemoteWeightEndpoint
+from weight_sync import (WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, bucket_named_tensors,
+                         push_weights)
+from weight_sync.testing import TensorDictEngine, flatten_parameters, make_engine
+
+PROMPT = [5, 17, 99, 230, 41, 7]
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+BUCKET_BYTES = 40_000   # several buckets; the embedding (512 x 64 fp32) travels alone
+
+
+@pytest.fixture(scope="module")
+def engine(qwen3_model):
+    remote = RemoteWeightEndpoint(make_engine, str(qwen3_model), "cpu", "float32", name="engine")
+    yield remote
+    remote.close()
+
+
+def _trainer(path, seed):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    _step(model, seed)
+    return model
+
+
+def _step(model, seed):
+    """A training step: every weight moves, in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _buckets(model, bucket_bytes):
+    """HF-named tensors: views of the parameters, and every third one a copy (as a TP gather yields)."""
+    named = ((n, p.detach().clone() if i % 3 == 2 else p.detach()) for i, (n, p) in enumerate(model.named_parameters()))
+    return bucket_named_tensors(named, bucket_bytes)
+
+
+def _hf_greedy(model, prompt):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=GREEDY["max_new_tokens"], do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _assert_engine_equals(engine, trainer, version):
+    held = dict(engine.named_hf_tensors())
+    params = dict(trainer.named_parameters())
+    assert sorted(held) == sorted(params)
+    for name, p in params.items():
+        assert torch.equal(held[name], p.detach()), name
+    out = engine.generate(input_ids=PROMPT, sampling_params=GREEDY)
+    assert out["output_ids"] == _hf_greedy(trainer, PROMPT)
+    assert out["meta_info"]["weight_version"] == version
+
+
+def test_three_pushes_with_release_resume_and_trainer_offload(engine, qwen3_model):
+    trainer = _trainer(qwen3_model, seed=1)
+    flat = flatten_parameters(trainer)
+    sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=BUCKET_BYTES, check_weight_update=True))
+    opened = []
+    try:
+        for step in (1, 2, 3):
+            if step == 2:
+                _step(trainer, seed=2)
+            if step == 3:   # the trainer offloads and comes back elsewhere; the engine's weights move too
+                old = flat.untyped_storage().data_ptr()
+                flat = flatten_parameters(trainer)
+                assert flat.untyped_storage().data_ptr() != old
+                _step(trainer, seed=3)
+                engine.release_memory(weights=True)
+                engine.resume_memory()
+            stats = push_weights(_buckets(trainer, BUCKET_BYTES), [engine], sender, weight_version=step,
+                                 resident=[flat])
+            assert stats.weight_version == step and stats.buckets > 1
+            _assert_engine_equals(engine, trainer, step)
+            metrics = engine.metrics()
+            assert metrics["weight_sync_storages_open"] == 2   # the two staging buffers stay open; the trainer's is closed
+            opened.append(metrics["weight_sync_handles_opened_total"])
+    finally:
+        sender.close()
+    assert opened[1] - opened[0] == opened[2] - opened[1] == 1   # later pushes open only the trainer's buffer, once
+
+
+def test_bucket_smaller_than_one_tensor_in_bf16(engine, qwen3_model):
+    """bucket_bytes=1: each tensor alone, all packed; staging buffers grow during the first push only."""
+    trainer = _trainer(qwen3_model, seed=4)
+    sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=1))
+    named = lambda: ((n, p.detach().bfloat16()) for n, p in trainer.named_parameters())   # noqa: E731
+    try:
+        first = push_weights(bucket_named_tensors(named(), 1), [engine], sender)
+        opened = engine.metrics()["weight_sync_handles_opened_total"]
+        second = push_weights(bucket_named_tensors(named(), 1), [engine], sender)
+    finally:
+        sender.close()
+    assert first.buckets == first.tensors == len(list(trainer.named_parameters()))
+    assert second.weight_version == first.weight_version + 1
+    assert engine.metrics()["weight_sync_handles_opened_total"] == opened   # nothing re-opened
+    held = dict(engine.named_hf_tensors())
+    for name, p in trainer.named_parameters():
+        assert torch.equal(held[name], p.detach().bfloat16().float()), name
+
+
+def test_receiver_that_lost_its_handles_gets_a_clear_error_then_fresh_ones(qwen3_model):
+    trainer = _trainer(qwen3_model, seed=5)
+    target = TensorDictEngine({n: torch.zeros_like(p) for n, p in trainer.named_parameters()})
+    receiver = WeightReceiver(target)
+    sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=BUCKET_BYTES))
+    try:
+        push_weights(_buckets(trainer, BUCKET_BYTES), [receiver], sender)
+        receiver.shared.close()   # e.g. the engine restarted behind the same endpoint
+        with pytest.raises(WeightSyncError, match="engine 0: .*shared storage \\d+ .*never opened"):
+            push_weights(_buckets(trainer, BUCKET_BYTES), [receiver], sender)
+        assert not target.paused and target.weight_version == 1
+        _step(trainer, seed=6)
+        assert push_weights(_buckets(trainer, BUCKET_BYTES), [receiver], sender).weight_version == 2
+    finally:
+        sender.close()
+    for name, p in trainer.named_parameters():
+        assert torch.equal(target.tensors[name], p.detach()), name

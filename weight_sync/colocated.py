@@ -1,0 +1,184 @@
+"""Trainer side of the colocated transport: tensors read in place, or packed into persistent double-buffered staging."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, wait
+from typing import Any
+
+import torch
+
+from weight_sync.buckets import NamedTensors, copy_tensors, dtype_name, tensor_bytes
+from weight_sync.errors import raise_engine_errors
+from weight_sync.ipc import ColocatedBucket, StorageHandle, share_storage, storage_bytes
+
+SLOTS = 2      # staging buffers: the sender packs bucket k + 1 into one while the engines load bucket k from the other
+ALIGN = 256    # byte alignment of each packed tensor in a staging buffer
+
+
+class ColocatedChannel:
+    """What a colocated `WeightSender` keeps between pushes: staging buffers, and which engine opened which.
+
+    Each tensor of a bucket either lies in a `resident` storage (the trainer's own parameters, stable for
+    the push) and is read by the engines in place, one copy in all, or is packed into one of `SLOTS`
+    persistent staging buffers. Buckets with nothing to pack need no buffer: their entries ride along
+    with the next message (one message for a push that packs nothing), saving a round trip each. A staging buffer is shared once and opened once per engine; it is
+    replaced (the old one retired on the engines) only when a bucket outgrows it, which after the first
+    push no longer happens. In-place storages are shared once per push and closed by the engines after
+    the push's last bucket, so the trainer may offload or free them afterwards.
+    """
+
+    def __init__(self, submit: Callable[..., Future]):
+        self.sender_id = uuid.uuid4().hex[:12]
+        self.generation = 0
+        self._submit = submit
+        self._ids = itertools.count()
+        self._staging: list[tuple[int, torch.Tensor] | None] = [None] * SLOTS   # (storage id, uint8 [nbytes])
+        self._opened: dict[int, set[int]] = {}    # id(engine) -> staging storage ids it has open (this generation)
+        self._retired: dict[int, list[int]] = {}  # id(engine) -> storage ids it should close with its next bucket
+        self._dtype_names: dict[torch.dtype, str] = {}
+
+    def push(self, buckets: Iterable[NamedTensors], engines: Sequence[Any], weight_version: int,
+             resident: Iterable[torch.Tensor], on_bucket: Callable[[NamedTensors], None]) -> None:
+        """Deliver every non-empty bucket to every engine; returns once every engine has loaded every bucket."""
+        resident_storages = {}   # storage data_ptr -> uint8 [nbytes] over it (CPU storages moved to shared memory first)
+        for t in resident:
+            whole = storage_bytes(t)
+            resident_storages[whole.untyped_storage().data_ptr()] = whole
+        in_place: dict[int, int] = {}   # storage data_ptr -> storage id, for the resident storages this push used
+        shown: dict[int, set[int]] = {id(e): set() for e in engines}   # in-place storage ids each engine has open
+        pending: list[list[Future]] = [[] for _ in range(SLOTS + 1)]   # per staging slot; the last: in-place only
+        deferred: tuple[list, dict] = ([], {})   # entries of in-place-only buckets, sent with the next message
+        packed_buckets = 0
+        try:
+            for bucket, last in _with_last(b for b in buckets if b):
+                on_bucket(bucket)
+                packs = any(t.untyped_storage().data_ptr() not in resident_storages for _, t in bucket)
+                slot = packed_buckets % SLOTS if packs else SLOTS
+                packed_buckets += packs
+                raise_engine_errors(pending[slot], "update_weights_from_tensor", None)   # its staging buffer is free
+                entries, used = self._place(bucket, slot, resident_storages, in_place)
+                deferred[0].extend(entries)
+                deferred[1].update(used)
+                if not packs and not last:   # nothing to wait for: one message carries many in-place buckets
+                    continue
+                if last:   # the last message closes the push's in-place storages: every earlier one is loaded first
+                    for futures in pending:
+                        raise_engine_errors(futures, "update_weights_from_tensor", None)
+                futures = []
+                for engine in engines:
+                    message = self._message(engine, deferred[0], deferred[1], shown[id(engine)], last)
+                    futures.append(self._submit(engine.update_weights_from_tensor, message, weight_version))
+                pending[slot] = futures
+                deferred = ([], {})
+            for futures in pending:
+                raise_engine_errors(futures, "update_weights_from_tensor", None)
+        except BaseException:
+            wait([f for futures in pending for f in futures])   # nobody reads the buffers any more
+            self._start_over()
+            raise
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.ipc_collect()   # free sender blocks whose receivers closed their mappings
+
+    def _place(self, bucket: NamedTensors, slot: int, resident: dict[int, torch.Tensor],
+               in_place: dict[int, int]) -> tuple[list[tuple], dict[int, tuple[bool, torch.Tensor]]]:
+        """Pack the bucket's non-resident tensors into staging slot `slot`; each tensor's (name, dtype, shape, stride, storage id, offset)."""
+        used: dict[int, tuple[bool, torch.Tensor]] = {}   # storage id -> (persistent, uint8 [nbytes])
+        packed, offsets, total = [], [], 0
+        for name, t in bucket:
+            if t.untyped_storage().data_ptr() not in resident:
+                total = -(-total // ALIGN) * ALIGN
+                packed.append(t)
+                offsets.append(total)
+                total += tensor_bytes(t)
+        staging_id, staging = self._staging_buffer(slot, total, packed[0].device) if packed else (None, None)
+        if packed:
+            used[staging_id] = (True, staging)
+            copies: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for t, offset in zip(packed, offsets):
+                dsts, srcs = copies.setdefault((t.dtype, t.device), ([], []))
+                dsts.append(staging[offset:offset + tensor_bytes(t)].view(t.dtype).view(t.shape))
+                srcs.append(t)
+            with torch.no_grad():
+                for dsts, srcs in copies.values():
+                    copy_tensors(dsts, srcs)
+        entries, next_packed = [], iter(offsets)
+        for name, t in bucket:
+            ptr = t.untyped_storage().data_ptr()
+            dtype = self._dtype_names.get(t.dtype) or self._dtype_names.setdefault(t.dtype, dtype_name(t.dtype))
+            if ptr in resident:
+                storage_id = in_place.get(ptr)
+                if storage_id is None:
+                    storage_id = in_place[ptr] = next(self._ids)
+                used[storage_id] = (False, resident[ptr])
+                entries.append((name, dtype, tuple(t.shape), tuple(t.stride()), storage_id, t.storage_offset()))
+            else:
+                entries.append((name, dtype, tuple(t.shape), _contiguous_strides(t.shape), staging_id,
+                                next(next_packed) // t.element_size()))
+        devices = {whole.device for _, whole in used.values() if whole.is_cuda}
+        for device in devices:   # the producer's and the packing's kernels are done before an engine reads
+            torch.cuda.current_stream(device).synchronize()
+        return entries, used
+
+    def _staging_buffer(self, slot: int, nbytes: int, device: torch.device) -> tuple[int, torch.Tensor]:
+        """Slot `slot`'s staging buffer, replaced by a larger one (the old one retired) when `nbytes` do not fit."""
+        current = self._staging[slot]
+        if current is not None and current[1].numel() >= nbytes and current[1].device == device:
+            return current
+        if current is not None:
+            for engine_id, opened in self._opened.items():
+                if current[0] in opened:
+                    opened.discard(current[0])
+                    self._retired.setdefault(engine_id, []).append(current[0])
+        buffer = storage_bytes(torch.empty(max(nbytes, ALIGN), dtype=torch.uint8, device=device))
+        self._staging[slot] = (next(self._ids), buffer)
+        return self._staging[slot]
+
+    def _message(self, engine: Any, entries: list[tuple], used: dict[int, tuple[bool, torch.Tensor]],
+                 shown: set[int], last: bool) -> ColocatedBucket:
+        """The bucket as `engine` gets it: handles of the storages it has not opened yet, then the entries."""
+        opened = self._opened.setdefault(id(engine), set())
+        handles: list[StorageHandle] = []
+        for storage_id, (persistent, whole) in used.items():
+            seen = opened if persistent else shown
+            if storage_id not in seen:
+                handles.append(share_storage(storage_id, whole, persistent))
+                seen.add(storage_id)
+        names, dtypes, shapes, strides, storage_ids, offsets = (list(column) for column in zip(*entries))
+        return ColocatedBucket(self.sender_id, self.generation, handles, self._retired.pop(id(engine), []), names,
+                               dtypes, shapes, strides, storage_ids, offsets, last)
+
+    def _start_over(self) -> None:
+        """After a failed push: a new generation, so every engine drops its mappings and gets fresh handles."""
+        self.generation += 1
+        self._opened.clear()
+        self._retired.clear()
+
+    def close(self) -> None:
+        """Free the staging buffers (engines drop their mappings when they see the next generation)."""
+        self._staging = [None] * SLOTS
+        self._start_over()
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _with_last(items: Iterable) -> Iterator[tuple[Any, bool]]:
+    """(item, is_last) for each item, looking one ahead."""
+    it = iter(items)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield current, False
+        current = following
+    yield current, True
