@@ -98,11 +98,17 @@ class TPWorkers:
                 self.command("stop")
             except Exception as exc:  # a worker already gone: the kill below still cleans up
                 log.warning("tp workers did not take the stop command: %s", exc)
+            # Every rank tears its side of the group down at the same time: NCCL's communicator teardown
+            # waits for the peers' (seen on 2 H100s: a worker blocked in it while rank 0 waited in join).
+            closer = threading.Thread(target=self.group.close, name="kiln-tp-close", daemon=True)
+            closer.start()
             for p in self.processes:
                 p.join(JOIN_TIMEOUT_S)
+            closer.join(JOIN_TIMEOUT_S)
+            if closer.is_alive():
+                log.warning("tp group teardown on rank 0 did not finish in %.0f s; left to finish in the background",
+                            JOIN_TIMEOUT_S)
         self.kill()
-        if graceful:
-            self.group.close()
 
     def kill(self) -> None:
         """Kill workers that are still alive and reap them."""
