@@ -5,13 +5,19 @@ buffer): tensors that view it are read by the engine in place, copies of them go
 persistent staging buffers. After every push the engine must hold exactly the trainer's weights and
 generate what HF generates from them, while the staging handles are opened once and the in-place ones
 are closed after each push.
+
+The RL loop's own path comes last: a TP=1 megatron trainer (`trainer.group.TrainerWorker`, two data-
+parallel ranks) pushes after each training step with its parameters resident, so the engine reads
+every tensor but q/k/v (which Megatron interleaves) straight out of the trainer's memory.
 """
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from benchmarks.processes import RemoteWeightEndpoint
+from trainer.testing import make_samples, run_distributed
 from weight_sync import (WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, bucket_named_tensors,
                          push_weights)
 from weight_sync.testing import TensorDictEngine, flatten_parameters, make_engine
@@ -85,6 +91,8 @@ def test_three_pushes_with_release_resume_and_trainer_offload(engine, qwen3_mode
             stats = push_weights(_buckets(trainer, BUCKET_BYTES), [engine], sender, weight_version=step,
                                  resident=[flat])
             assert stats.weight_version == step and stats.buckets > 1
+            copies = sum(1 for i, _ in enumerate(trainer.named_parameters()) if i % 3 == 2)
+            assert stats.in_place_tensors == stats.tensors - copies
             _assert_engine_equals(engine, trainer, step)
             metrics = engine.metrics()
             assert metrics["weight_sync_storages_open"] == 2   # the two staging buffers stay open; the trainer's is closed
@@ -130,3 +138,81 @@ def test_receiver_that_lost_its_handles_gets_a_clear_error_then_fresh_ones(qwen3
         sender.close()
     for name, p in trainer.named_parameters():
         assert torch.equal(target.tensors[name], p.detach()), name
+
+
+def _trainer_push_worker(rank, world, model_path, out_dir):
+    """Two TP=1 trainer ranks, as the RL loop drives them: train, push (rank 0 into an Engine process), export."""
+    from trainer.config import TrainerConfig
+    from trainer.group import TrainerWorker
+
+    cfg = TrainerConfig(hf_checkpoint=str(model_path), lr=1e-2, global_batch_size=8, max_tokens_per_gpu=256,
+                        vocab_pad_multiple=96, clip_grad=10.0)   # padded vocab 576: the exported embedding is a slice
+    worker = TrainerWorker(cfg, rank, world, "127.0.0.1", 0)
+    worker.init()
+    engine = RemoteWeightEndpoint(make_engine, str(model_path), name="engine") if rank == 0 else None
+    sync = WeightSyncConfig(transport="colocated", bucket_bytes=BUCKET_BYTES, check_weight_update=True)
+    samples = make_samples(8, vocab_size=500, seed=5)
+    out = {}
+    try:
+        worker.connect_engines([engine] if engine else [], sync)
+        worker.export_hf(out_dir / "step0")
+        for step in (1, 2):
+            worker.train_step(samples)
+            stats = worker.push_weights(step)
+            worker.export_hf(out_dir / f"step{step}")
+            if engine is not None:
+                out[step] = {"stats": stats, "engine": {n: t.clone() for n, t in engine.named_hf_tensors()},
+                             "greedy": engine.generate(input_ids=PROMPT, sampling_params=GREEDY),
+                             "storages_open": engine.metrics()["weight_sync_storages_open"]}
+        worker.disconnect_engines()
+    finally:
+        if engine is not None:
+            engine.close()
+        worker.shutdown()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trainer_pushes(qwen3_model, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("trainer_push")
+    return run_distributed(_trainer_push_worker, 2, qwen3_model, out_dir, timeout=300)[0], out_dir
+
+
+def test_trainer_export_is_unchanged_by_in_place_views(trainer_pushes, qwen3_model):
+    """Before any step the export is the original checkpoint bit for bit (views are copied before saving)."""
+    _, out_dir = trainer_pushes
+    original = load_file(qwen3_model / "model.safetensors")
+    original.pop("lm_head.weight", None)   # tied to the embedding
+    exported = load_file(out_dir / "step0" / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_trainer_push_reads_all_but_qkv_in_place(trainer_pushes, step):
+    results, out_dir = trainer_pushes
+    stats = results[step]["stats"]
+    exported = load_file(out_dir / f"step{step}" / "model.safetensors")
+    qkv = [t for name, t in exported.items() if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]
+    assert len(qkv) == 6 and stats["tensors"] == len(exported)
+    assert stats["in_place_tensors"] == len(exported) - len(qkv)
+    assert stats["bytes"] - stats["in_place_bytes"] == sum(t.numel() * t.element_size() for t in qkv)
+    assert stats["in_place_bytes"] > 0.6 * stats["bytes"]
+    assert results[step]["storages_open"] <= 2   # staging buffers only: the trainer's parameters were closed
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_engine_after_trainer_push_equals_hf_from_the_export(trainer_pushes, step):
+    results, out_dir = trainer_pushes
+    exported = load_file(out_dir / f"step{step}" / "model.safetensors")
+    before = load_file(out_dir / f"step{step - 1}" / "model.safetensors")
+    assert not torch.equal(exported["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    held = results[step]["engine"]
+    assert sorted(held) == sorted(exported)
+    for name, tensor in exported.items():
+        assert torch.equal(held[name], tensor), name
+    hf = AutoModelForCausalLM.from_pretrained(out_dir / f"step{step}", dtype=torch.float32).eval()
+    out = results[step]["greedy"]
+    assert out["output_ids"] == _hf_greedy(hf, PROMPT)
+    assert out["meta_info"]["weight_version"] == step

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+from inference_engine.models.spec import FAMILIES
 LAYOUTS = ("replicated", "column", "row", "qkv", "gate_up", "vocab")
 
 
@@ -61,35 +61,33 @@ class ModelSpec:
 
 
 def spec_from_hf_config(hf_config) -> ModelSpec:
-    """Read a ModelSpec from a transformers config (Llama, Qwen2, Qwen3)."""
-    family = hf_config.model_type
-    if family not in FAMILIES:
-        raise ValueError(f"HF model_type {family!r} is not supported; expected one of {FAMILIES}")
-    rope = getattr(hf_config, "rope_parameters", None) or {}  # transformers >= 5 keeps rope settings here
-    scaling = getattr(hf_config, "rope_scaling", None) or rope
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ValueError(f"rope_scaling {scaling!r} is not supported; only plain RoPE (None)")
-    rope_theta = getattr(hf_config, "rope_theta", None) or rope.get("rope_theta", 10000.0)
-    if family == "llama" and (getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)):
-        raise ValueError("llama with attention_bias / mlp_bias is not supported; expected both False")
-    if getattr(hf_config, "use_sliding_window", False):
-        raise ValueError("use_sliding_window=True is not supported; expected False")
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    """Read a ModelSpec from a transformers config (Llama, Qwen2, Qwen3) by the engine's rules, plus the trainer's limits.
+
+    The config is parsed once, by `inference_engine.models.spec` (the engine builds its model from the same
+    reading), so the trainer and the engines cannot disagree on RoPE base, eps, head_dim or biases.
+    """
+    from inference_engine.models.spec import ModelSpec as HFSpec
+
+    hf = HFSpec.from_hf_config(hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config))
+    if hf.rope_scaling is not None:
+        raise ValueError(f"rope_scaling {hf.rope_scaling!r} is not supported by the trainer; only plain RoPE (None)")
+    if hf.family == "llama" and hf.qkv_bias:
+        raise ValueError("llama with attention_bias is not supported by the trainer; expected False")
     return ModelSpec(
-        family=family,
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        ffn_hidden_size=hf_config.intermediate_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
-        head_dim=head_dim,
-        rope_theta=float(rope_theta),
-        rms_eps=float(hf_config.rms_norm_eps),
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
-        qkv_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
-        max_position_embeddings=hf_config.max_position_embeddings,
+        family=hf.family,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size,
+        num_layers=hf.num_layers,
+        num_heads=hf.num_heads,
+        num_kv_heads=hf.num_kv_heads,
+        head_dim=hf.head_dim,
+        rope_theta=hf.rope_theta,
+        rms_eps=hf.rms_norm_eps,
+        tie_embeddings=hf.tie_word_embeddings,
+        qkv_bias=hf.qkv_bias,
+        qk_norm=hf.qk_norm,
+        max_position_embeddings=hf.max_position_embeddings,
     )
 
 
@@ -352,25 +350,34 @@ def to_shard(m: WeightMapping, hf: list[torch.Tensor], spec: ModelSpec, *, tp_ra
     return fused.chunk(tp_size, dim=0)[tp_rank].reshape((-1,) + rest)
 
 
+def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """`parts` concatenated along `dim`; the one part itself (no copy) when there is only one."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def from_shards(m: WeightMapping, shards: list[torch.Tensor], spec: ModelSpec) -> list[torch.Tensor]:
-    """The full HF tensors of mapping `m` from all TP ranks' shards (rank order)."""
+    """The full HF tensors of mapping `m` from all TP ranks' shards (rank order).
+
+    With one shard every layout but qkv gives views of it (no copy), so callers that keep, save or
+    change the tensors must copy them. q/k/v interleave per query group: copies (views with one group).
+    """
     if m.layout == "replicated":
         return [shards[0]]
     if m.layout == "column":
-        return [torch.cat(shards, dim=0)]
+        return [_joined(shards, 0)]
     if m.layout == "row":
-        return [torch.cat(shards, dim=1)]
+        return [_joined(shards, 1)]
     if m.layout == "vocab":
-        return [torch.cat(shards, dim=0)[: spec.vocab_size]]
+        return [_joined(shards, 0)[: spec.vocab_size]]
     if m.layout == "gate_up":
         halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+        return [_joined([g for g, _ in halves], 0), _joined([u for _, u in halves], 0)]
     groups, d = spec.num_kv_heads, spec.head_dim
     rest = tuple(shards[0].shape[1:])
-    fused = torch.cat(shards, dim=0).reshape((groups, -1) + rest)  # [groups, (hpg + 2) * d, ...]
+    fused = _joined(shards, 0).reshape((groups, -1) + rest)  # [groups, (hpg + 2) * d, ...]
     q_rows = fused.shape[1] - 2 * d
     q, k, v = fused.split([q_rows, d, d], dim=1)
-    return [q.reshape((-1,) + rest), k.reshape((-1,) + rest), v.reshape((-1,) + rest)]
+    return [q.reshape((-1,) + rest), k.reshape((-1,) + rest), v.reshape((-1,) + rest)]  # copies unless one group
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,7 +489,9 @@ def iter_hf_tensors(model, spec: ModelSpec, bucket_bytes: int = 512 << 20
 
     Each parameter is gathered over its TP group (and sent from its pipeline stage to rank 0) only
     when its bucket is built, so at most one bucket of full tensors exists at a time. Ranks of data-
-    parallel index > 0 take part in nothing and yield as many empty buckets.
+    parallel index > 0 take part in nothing and yield as many empty buckets. Without TP, rank 0's
+    tensors of its own stage (all but q/k/v) are views of its parameters, valid until they change:
+    a caller that keeps or saves them copies them.
     """
     from megatron.core import parallel_state
 
@@ -566,7 +575,10 @@ def export_hf_checkpoint(model, spec: ModelSpec, out_dir: str | os.PathLike, *, 
         if not is_rank0:
             continue
         fname = f"model-{i + 1:05d}.safetensors"
-        save_file({n: t.detach().cpu().contiguous() for n, t in bucket}, out_dir / fname, metadata={"format": "pt"})
+        # own contiguous copies: without TP the tensors view the parameters' storages (gate and up one storage, the
+        # embedding a slice of its padded rows), which safetensors accepts only while views neither overlap nor stride
+        tensors = {n: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for n, t in bucket}
+        save_file(tensors, out_dir / fname, metadata={"format": "pt"})
         files.append(fname)
         weight_map.update({n: fname for n, _ in bucket})
     if not is_rank0:

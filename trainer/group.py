@@ -48,9 +48,13 @@ class TrainerWorker(TrainerActor):
         self.sender.connect(self.engines, ranks_per_engine=ranks_per_engine)
 
     def push_weights(self, weight_version: int) -> dict[str, float]:
-        """Push the current weights into the engines as `weight_version`; PushStats as a dict (rank 0)."""
-        stats = push_weights(self.iter_hf_weight_buckets(self.sender.config.bucket_bytes if self.sender else 1 << 30),
-                             self.engines, self.sender, weight_version)
+        """Push the current weights into the engines as `weight_version`; PushStats as a dict (rank 0).
+
+        The parameters are resident for the push: over the colocated transport the engines copy the
+        tensors that view them (without TP, all of rank 0's stage but q/k/v) straight out of them.
+        """
+        buckets = self.iter_hf_weight_buckets(self.sender.config.bucket_bytes if self.sender else 1 << 30)
+        stats = push_weights(buckets, self.engines, self.sender, weight_version, resident=list(self.model.parameters()))
         return {**asdict(stats), "gb_per_s": stats.gb_per_s}
 
     def disconnect_engines(self) -> None:

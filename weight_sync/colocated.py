@@ -41,8 +41,8 @@ class ColocatedChannel:
         self._dtype_names: dict[torch.dtype, str] = {}
 
     def push(self, buckets: Iterable[NamedTensors], engines: Sequence[Any], weight_version: int,
-             resident: Iterable[torch.Tensor], on_bucket: Callable[[NamedTensors], None]) -> None:
-        """Deliver every non-empty bucket to every engine; returns once every engine has loaded every bucket."""
+             resident: Iterable[torch.Tensor], on_bucket: Callable[[NamedTensors], None]) -> tuple[int, int]:
+        """Deliver every non-empty bucket to every engine and wait until all have loaded them; (tensors, bytes) read in place."""
         resident_storages = {}   # storage data_ptr -> uint8 [nbytes] over it (CPU storages moved to shared memory first)
         for t in resident:
             whole = storage_bytes(t)
@@ -51,11 +51,15 @@ class ColocatedChannel:
         shown: dict[int, set[int]] = {id(e): set() for e in engines}   # in-place storage ids each engine has open
         pending: list[list[Future]] = [[] for _ in range(SLOTS + 1)]   # per staging slot; the last: in-place only
         deferred: tuple[list, dict] = ([], {})   # entries of in-place-only buckets, sent with the next message
-        packed_buckets = 0
+        packed_buckets = in_place_tensors = in_place_bytes = 0
         try:
             for bucket, last in _with_last(b for b in buckets if b):
                 on_bucket(bucket)
-                packs = any(t.untyped_storage().data_ptr() not in resident_storages for _, t in bucket)
+                read_in_place = [tensor_bytes(t) for _, t in bucket
+                                 if t.untyped_storage().data_ptr() in resident_storages]
+                in_place_tensors += len(read_in_place)
+                in_place_bytes += sum(read_in_place)
+                packs = len(read_in_place) < len(bucket)
                 slot = packed_buckets % SLOTS if packs else SLOTS
                 packed_buckets += packs
                 raise_engine_errors(pending[slot], "update_weights_from_tensor", None)   # its staging buffer is free
@@ -75,6 +79,7 @@ class ColocatedChannel:
                 deferred = ([], {})
             for futures in pending:
                 raise_engine_errors(futures, "update_weights_from_tensor", None)
+            return in_place_tensors, in_place_bytes
         except BaseException:
             wait([f for futures in pending for f in futures])   # nobody reads the buffers any more
             self._start_over()

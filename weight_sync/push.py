@@ -17,13 +17,16 @@ from weight_sync.sender import WeightSender
 
 @dataclass(frozen=True)
 class PushStats:
-    """What one push moved and how long it took (pause to continue)."""
+    """What one push moved and how long it took (pause to continue); `in_place_*`: the part colocated engines
+    read straight out of the trainer's memory (the rest was packed into staging buffers or broadcast)."""
 
     weight_version: int
     buckets: int
     tensors: int
     bytes: int
     seconds: float
+    in_place_tensors: int = 0
+    in_place_bytes: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -52,8 +55,8 @@ def push_weights(trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any]
     for engine in engines:
         engine.pause_generation(mode=config.pause_mode)
     try:
-        n_buckets, n_tensors, n_bytes = transport.send_update(trainer_buckets, engines, version, resident)
-        if n_buckets == 0:
+        sent = transport.send_update(trainer_buckets, engines, version, resident)
+        if sent.buckets == 0:
             raise WeightSyncError("the trainer yielded no weights; nothing was pushed (is this the sending rank?)")
         if config.check_weight_update:
             for i, engine in enumerate(engines):
@@ -62,4 +65,5 @@ def push_weights(trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any]
     finally:
         for engine in engines:
             engine.continue_generation()
-    return PushStats(version, n_buckets, n_tensors, n_bytes, time.perf_counter() - start)
+    return PushStats(version, sent.buckets, sent.tensors, sent.bytes, time.perf_counter() - start,
+                     sent.in_place_tensors, sent.in_place_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,17 @@ from weight_sync.colocated import ColocatedChannel
 from weight_sync.config import WeightSyncConfig
 from weight_sync.errors import WeightSyncError, raise_engine_errors
 from weight_sync.group import WeightUpdateGroup, free_port
+
+
+@dataclass
+class SentCounts:
+    """What one update delivered; `in_place_*`: the part colocated engines read straight out of the trainer's memory."""
+
+    buckets: int = 0
+    tensors: int = 0
+    bytes: int = 0
+    in_place_tensors: int = 0
+    in_place_bytes: int = 0
 
 
 class WeightSender:
@@ -50,22 +62,22 @@ class WeightSender:
         self.group = group
 
     def send_update(self, trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any], weight_version: int,
-                    resident: Iterable[torch.Tensor] = ()) -> tuple[int, int, int]:
-        """Deliver every bucket to every engine; returns (buckets, tensors, bytes) once every engine has loaded them.
+                    resident: Iterable[torch.Tensor] = ()) -> SentCounts:
+        """Deliver every bucket to every engine; returns what was sent once every engine has loaded it.
 
         Colocated: tensors that view a storage of `resident` (the trainer's parameters, unchanged during the
         push) are read by the engines in place; the others go through persistent staging buffers.
         With `check_weight_update` the checksum of every tensor sent is kept in `sent_checksums`.
         """
         self.sent_checksums = {}
-        counts = [0, 0, 0]
+        counts = SentCounts()
 
         def count(bucket: NamedTensors) -> None:
             if self.config.check_weight_update:
                 self.sent_checksums.update(checksums(bucket))
-            counts[0] += 1
-            counts[1] += len(bucket)
-            counts[2] += sum(tensor_bytes(t) for _, t in bucket)
+            counts.buckets += 1
+            counts.tensors += len(bucket)
+            counts.bytes += sum(tensor_bytes(t) for _, t in bucket)
 
         if self.config.transport == "distributed":
             for bucket in trainer_buckets:
@@ -75,8 +87,9 @@ class WeightSender:
         else:
             if self._colocated is None:
                 self._colocated = ColocatedChannel(self._submit)
-            self._colocated.push(trainer_buckets, engines, weight_version, resident, count)
-        return counts[0], counts[1], counts[2]
+            counts.in_place_tensors, counts.in_place_bytes = self._colocated.push(trainer_buckets, engines,
+                                                                                   weight_version, resident, count)
+        return counts
 
     def close(self, engines: Sequence[Any] = ()) -> None:
         """Tear down the group (on the engines too), the staging buffers and the worker threads."""

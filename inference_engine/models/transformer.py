@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -11,63 +9,8 @@ from inference_engine import ops
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                                             RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding)
+from inference_engine.models.spec import FAMILIES, ModelSpec  # noqa: F401 - re-exported
 from inference_engine.parallel import TPGroup
-
-FAMILIES = ("llama", "qwen2", "qwen3")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The shape and per-family flags of a model, read from its HF config.json."""
-
-    family: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    qkv_bias: bool  # Qwen2 always, Llama when attention_bias
-    qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    tie_word_embeddings: bool
-    eos_token_ids: tuple[int, ...]
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelSpec":
-        """Read a config.json dict; unsupported families or features raise ValueError."""
-        family = cfg.get("model_type")
-        if family not in FAMILIES:
-            raise ValueError(f"model_type {family!r} is not supported; expected one of {FAMILIES}")
-        if cfg.get("mlp_bias"):
-            raise ValueError("mlp_bias=True is not supported (no supported family uses it)")
-        if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=True is not supported; only full attention")
-        heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-        return cls(
-            family=family,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            qkv_bias=True if family == "qwen2" else bool(cfg.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            eos_token_ids=eos,
-        )
 
 
 class Attention(nn.Module):
