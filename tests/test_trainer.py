@@ -247,3 +247,24 @@ def test_config_errors_name_the_bad_value(tiny_models):
         _config(tiny_models["qwen3"], loss=LossConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="not an HF model folder"):
         TrainerConfig(hf_checkpoint="/nonexistent")
+
+
+def test_flatten_parameters_makes_one_buffer_per_dtype_with_the_same_values():
+    from trainer.actor import flatten_parameters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].to(torch.float64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    objects = [id(p) for p in model.parameters()]
+    assert flatten_parameters(model, torch.device("cpu")) == 0  # nothing changed device
+    storages = {p.dtype: set() for p in model.parameters()}
+    for p in model.parameters():
+        storages[p.dtype].add(p.untyped_storage().data_ptr())
+    assert {d: len(s) for d, s in storages.items()} == {torch.float32: 1, torch.float64: 1}
+    assert [id(p) for p in model.parameters()] == objects  # the same Parameter objects (optimizer, hooks)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.is_contiguous()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    flatten_parameters(model, torch.device("cpu"))  # already flat on this device: left alone
+    assert [p.data_ptr() for p in model.parameters()] == ptrs

@@ -29,6 +29,37 @@ logger = logging.getLogger(__name__)
 MODELS = ("actor", "ref")
 
 
+
+def flatten_parameters(model: torch.nn.Module, device: torch.device, pin_memory: bool = False) -> int:
+    """Put every parameter of `model` into one contiguous buffer per dtype on `device`, as views; returns bytes moved.
+
+    Like megatron's DDP parameter buffer: offload and onload move one buffer per dtype, and a colocated
+    weight push shares one CUDA IPC handle per buffer (one per parameter otherwise), from which the
+    engine copies its weights in place. Values are copied exactly; the Parameter objects stay the same,
+    so the optimizer and autograd hooks are unaffected. A dtype whose parameters already share one
+    buffer on `device` is left alone. Bytes count only those that changed device.
+    """
+    groups: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in dict.fromkeys(model.parameters()):  # a tied parameter once
+        groups.setdefault(p.dtype, []).append(p)
+    moved = 0
+    with torch.no_grad():
+        for dtype, params in groups.items():
+            base = params[0].untyped_storage().data_ptr()
+            if all(p.device == device and p.untyped_storage().data_ptr() == base for p in params):
+                continue  # already one buffer on `device`
+            flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=device, pin_memory=pin_memory)
+            offset = 0
+            for p in params:
+                view = flat[offset:offset + p.numel()].view(p.shape)
+                view.copy_(p.data, non_blocking=True)
+                if p.device != device:
+                    moved += p.numel() * p.element_size()
+                p.data = view
+                offset += p.numel()
+    return moved
+
+
 class TrainerActor:
     """One rank of the policy trainer: megatron GPTModel (TP/PP/DP), AdamW, RL train step, checkpoints."""
 
@@ -93,6 +124,7 @@ class TrainerActor:
         model = bridge.build_gpt_model(self.spec, tconfig, vocab_pad_multiple=self.cfg.vocab_pad_multiple,
                                        pre_process=self.pipeline.is_first, post_process=self.pipeline.is_last)
         bridge.load_hf_checkpoint(model, self.spec, hf_dir)
+        flatten_parameters(model, self.device)
         if not trainable:  # frozen by use: no optimizer, forward under no_grad only. Its parameters keep
             model.eval()  # requires_grad so megatron runs the same linear path as the policy's (bit-equal log-probs)
         return model
@@ -339,15 +371,12 @@ class TrainerActor:
                 return out.copy_(t, non_blocking=True)
             return t.to(device, non_blocking=True)
 
-        seen = set()
+        pin = device.type == "cpu" and torch.cuda.is_available()
         for model in (self.model, self.ref_model):
             if model is None:
                 continue
-            for p in model.parameters():
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                p.data = move(p.data)
+            moved += flatten_parameters(model, device, pin_memory=pin)
+            for p in dict.fromkeys(model.parameters()):
                 if p.grad is not None:
                     p.grad = move(p.grad)
         self.optimizer.move(move)
