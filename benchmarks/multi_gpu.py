@@ -378,8 +378,12 @@ def _decode_rate(engine, batch: int, steps: int, vocab: int, prompt_len: int) ->
 
 
 def _engine_run(setup: Setup, tp: int, prompts: list[list[int]], new_tokens: int, batches: list[int],
-                steps: int, cuda_graph: bool = True) -> dict[str, Any]:
-    """Greedy outputs, teacher-forced prompt log-probs and decode tokens/s of one engine (no batches: greedy only)."""
+                steps: int, cuda_graph: bool = True, done=None) -> dict[str, Any]:
+    """Greedy outputs, teacher-forced prompt log-probs and decode tokens/s of one engine (no batches: greedy only).
+
+    done(run), if given, is called with the results before the engine shuts down, so a shutdown that
+    hangs past the step's limit loses no figure.
+    """
     from inference_engine import Engine
 
     label = f"TP={tp}" + ("" if cuda_graph else " eager")
@@ -406,6 +410,8 @@ def _engine_run(setup: Setup, tp: int, prompts: list[list[int]], new_tokens: int
         for b in batches:
             with phase("engine-tp", f"{label} decode rate at batch {b}"):
                 run["rates"][b] = _decode_rate(engine, b, steps, vocab, 128 if not setup.cpu else 16)
+        if done is not None:
+            done(run)
         return run
     finally:
         with phase("engine-tp", f"{label} shutdown"):
@@ -435,21 +441,29 @@ def engine_tp(setup: Setup, report: Report) -> None:
     batches, steps = ([1, 64], 64) if not setup.cpu else ([1, 4], 8)
     tol = 1e-4 if setup.cpu else 0.1  # fp32 on CPU; bf16 with another reduction order on GPU
     eager = _engine_run(setup, 2, prompts, new_tokens, [], steps, cuda_graph=False)  # NCCL path without graphs
-    runs = {}
-    for tp in (1, 2):
-        runs[tp] = run = _engine_run(setup, tp, prompts, new_tokens, batches, steps)
-        rates = ", ".join(f"batch {b}: {r:.0f} tok/s" for b, r in run["rates"].items())
-        report.row(f"TP={tp} decode ({steps} steps, {setup.dtype})", f"{rates} (engine start {run['start_s']:.1f} s)")
-    one, two = runs[1], runs[2]
-    prompt_diff = max(abs(a - b) for x, y in zip(one["prompt_lp"], two["prompt_lp"]) for a, b in zip(x, y))
-    n_prompt = sum(len(x) for x in one["prompt_lp"])
-    report.check(prompt_diff < tol, f"TP=2 vs TP=1 prompt log-probs ({n_prompt} tokens, teacher-forced)",
-                 f"max |diff| {prompt_diff:.2e} (tolerance {tol:g})")
-    for label, other in (("TP=2", two), ("TP=2 without CUDA graphs", eager)):
-        same, total, out_diff = _greedy_agreement(one, other)
+    runs: dict[int, dict[str, Any]] = {}
+
+    def greedy_check(label: str, other: dict[str, Any]) -> None:
+        same, total, out_diff = _greedy_agreement(runs[1], other)
         greedy_ok = same == total if setup.cpu else out_diff < tol
         report.check(greedy_ok, f"{label} vs TP=1 greedy tokens ({len(prompts)} prompts x {new_tokens})",
                      f"{same}/{total} identical before the first divergence, log-prob max |diff| there {out_diff:.2e}")
+
+    def finished(tp: int, run: dict[str, Any]) -> None:  # reported while the engine is still up
+        runs[tp] = run
+        rates = ", ".join(f"batch {b}: {r:.0f} tok/s" for b, r in run["rates"].items())
+        report.row(f"TP={tp} decode ({steps} steps, {setup.dtype})", f"{rates} (engine start {run['start_s']:.1f} s)")
+        if tp == 1:
+            greedy_check("TP=2 without CUDA graphs", eager)
+            return
+        prompt_diff = max(abs(a - b) for x, y in zip(runs[1]["prompt_lp"], run["prompt_lp"]) for a, b in zip(x, y))
+        n_prompt = sum(len(x) for x in runs[1]["prompt_lp"])
+        report.check(prompt_diff < tol, f"TP=2 vs TP=1 prompt log-probs ({n_prompt} tokens, teacher-forced)",
+                     f"max |diff| {prompt_diff:.2e} (tolerance {tol:g})")
+        greedy_check("TP=2", run)
+
+    for tp in (1, 2):
+        _engine_run(setup, tp, prompts, new_tokens, batches, steps, done=lambda run, tp=tp: finished(tp, run))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
