@@ -3,18 +3,24 @@
 The trainer's weights are random bf16 tensors in one flat device buffer (as a contiguous parameter
 buffer holds them), HF-named views of it; the receiver is an `inference_engine.Engine` built from a
 local HF folder of the same shape (config, tokenizer, a zero-filled sparse safetensors file: no hub).
-Three paths are timed side by side, end to end (pause, every bucket loaded into the engine's fused
+Four paths are timed side by side, taking turns push by push, end to end (pause, every bucket loaded into the engine's fused
 parameters, radix-cache flush, version, continue), each after a checksum-verified warm-up push:
 
-  old      every bucket flattened into fresh buffers, fresh handles, opened by the engine per bucket
-  packed   `push_weights`: buckets packed into two persistent staging buffers shared once (two copies)
-  in-place `push_weights(resident=[buffer])`: the engine copies straight out of the trainer's buffer (one copy)
+  old              every bucket flattened into fresh buffers, fresh handles, opened by the engine per bucket
+  packed           `push_weights`: buckets packed into two persistent staging buffers shared once (two copies)
+  in-place-3-calls the in-place wire with pause and continue as calls of their own (as before they rode along)
+  in-place         `push_weights(resident=[buffer])`: the engine copies straight out of the trainer's buffer
+                   (one copy); pause and continue ride along with the load (one call per engine)
+
+A second table splits each path's milliseconds into the sender's phases (`PushStats.phases`) and the
+engine's own for its last load call (`Engine.metrics()["weight_update_phases_s"]`).
 
 Copy bandwidth: the model's bytes over the time of one `dst.copy_(src)` of a buffer of that size on
 the same device, measured in the same run; a push moves the same bytes, so GB/s over it is the ratio.
 
     python benchmarks/weight_push.py                      # GPU: Qwen3-0.6B and Qwen3-8B shapes, bf16
     python benchmarks/weight_push.py --device cpu --smoke # CPU: small shapes over shared memory
+    OMP_NUM_THREADS=1 python benchmarks/weight_push.py --device cpu --models tiny,tiny-deep,medium --repeats 20
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from weight_sync import WeightSender, WeightSyncConfig, bucket_named_tensors, pu
 from weight_sync.buckets import tensor_bytes
 from weight_sync.testing import make_engine
 
-PATHS = ("old", "packed", "in-place")
+PATHS = ("old", "packed", "in-place-3-calls", "in-place")
+PHASES = ("pause", "pack", "wait", "resume", "other", "total")   # the sender's (weight_sync.push.PHASES, less verify)
+ENGINE_PHASES = ("open", "queue", "load", "flush", "close", "total")   # Engine.metrics()["weight_update_phases_s"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ SHAPES = {
     "tiny": Qwen3Shape("tiny", 64, 2, 4, 2, 16, 128, 512, True),
     "small": Qwen3Shape("small", 256, 4, 8, 4, 32, 768, 8192, False),
     "medium": Qwen3Shape("medium", 1024, 8, 16, 8, 64, 3072, 32768, False),
+    "tiny-deep": Qwen3Shape("tiny-deep", 64, 28, 4, 2, 16, 128, 512, True),   # Qwen3-0.6B's 310 tensors, tiny ones
 }
 
 
@@ -149,21 +158,52 @@ def trainer_weights(shape: Qwen3Shape, dtype: torch.dtype, device: str) -> tuple
     return flat, named
 
 
-def push_old(named: list, engine, bucket_bytes: int, version: int) -> int:
-    """Last version's colocated push: each bucket flattened into fresh buffers, shared by fresh handles; buckets sent."""
+def push_old(named: list, engine, bucket_bytes: int, version: int) -> dict[str, float]:
+    """Last version's colocated push: each bucket flattened into fresh buffers, shared by fresh handles; its phases (seconds)."""
+    phases = dict.fromkeys(PHASES, 0.0)
+    start = time.perf_counter()
     engine.pause_generation("pause")
+    phases["pause"] = time.perf_counter() - start
     buckets = 0
     try:
         for bucket in bucket_named_tensors(iter(named), bucket_bytes):
+            packed = time.perf_counter()
             shared = share_bucket(bucket)
+            sent = time.perf_counter()
             engine.update_weights_from_tensor(shared, version)
+            phases["pack"] += sent - packed
+            phases["call"] = time.perf_counter() - sent
+            phases["wait"] += phases["call"]
             del shared
             if torch.cuda.is_available():
                 torch.cuda.ipc_collect()
             buckets += 1
     finally:
+        resumed = time.perf_counter()
         engine.continue_generation()
-    return buckets
+        phases["resume"] = time.perf_counter() - resumed
+    phases["total"] = time.perf_counter() - start
+    phases["other"] = phases["total"] - sum(phases[k] for k in ("pause", "pack", "wait", "resume"))
+    return {**phases, "buckets": buckets, "calls": buckets + 2}
+
+
+def push_unfused(named: list, engine, sender: WeightSender, bucket_bytes: int, version: int,
+                 resident: list[torch.Tensor]) -> dict[str, float]:
+    """The in-place push as it went before pause and continue rode along with the load: three calls; its phases."""
+    phases = dict.fromkeys(PHASES, 0.0)
+    start = time.perf_counter()
+    engine.pause_generation("pause")
+    phases["pause"] = time.perf_counter() - start
+    try:
+        sent = sender.send_update(bucket_named_tensors(iter(named), bucket_bytes), [engine], version, resident)
+    finally:
+        resumed = time.perf_counter()
+        engine.continue_generation()
+        phases["resume"] = time.perf_counter() - resumed
+    phases["pack"], phases["wait"] = sent.pack_s, sent.wait_s
+    phases["total"] = time.perf_counter() - start
+    phases["other"] = phases["total"] - sum(phases[k] for k in ("pause", "pack", "wait", "resume"))
+    return {**phases, "buckets": sent.buckets, "calls": sent.messages + 2, "call": sent.message_s[-1]}
 
 
 def verify(engine, named: list) -> None:
@@ -175,9 +215,21 @@ def verify(engine, named: list) -> None:
     compare_checksums(checksums(named), reported)
 
 
+def push_once(path: str, named: list, engine, sender: WeightSender | None, bucket_bytes: int, version: int,
+              resident: list[torch.Tensor]) -> dict[str, float]:
+    """One push along `path`: the sender's phases (seconds), buckets, calls per engine (pause and continue
+    included) and `call`, the round trip of the last load call."""
+    if path == "old":
+        return push_old(named, engine, bucket_bytes, version)
+    if path == "in-place-3-calls":
+        return push_unfused(named, engine, sender, bucket_bytes, version, resident)
+    stats = push_weights(bucket_named_tensors(iter(named), bucket_bytes), [engine], sender, version, resident=resident)
+    return {**stats.phases, "buckets": stats.buckets, "calls": stats.messages, "call": stats.message_seconds[-1]}
+
+
 def bench_model(shape: Qwen3Shape, device: str, dtype: torch.dtype, bucket_bytes: int, repeats: int,
                 work_dir: Path) -> list[dict]:
-    """Median seconds of each path's push of this model shape, each after a verified warm-up push."""
+    """Median seconds (and phases) of each path's push of this model shape, each after a verified warm-up push."""
     model_dir = write_model_folder(shape, work_dir / shape.name, dtype)
     engine = RemoteWeightEndpoint(make_engine, str(model_dir), device, str(dtype).removeprefix("torch."), 4096, 2048,
                                   name="engine")
@@ -185,36 +237,57 @@ def bench_model(shape: Qwen3Shape, device: str, dtype: torch.dtype, bucket_bytes
     try:
         flat, named = trainer_weights(shape, dtype, device)
         total = sum(tensor_bytes(t) for _, t in named)
+        senders = {path: WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes))
+                   for path in PATHS if path != "old"}
+        pushes: dict[str, list[dict]] = {path: [] for path in PATHS}
+        engine_phases: dict[str, list[dict]] = {path: [] for path in PATHS}
         version = 0
-        for path in PATHS:
-            sender = None if path == "old" else WeightSender(WeightSyncConfig(transport="colocated",
-                                                                              bucket_bytes=bucket_bytes))
-            resident = [flat] if path == "in-place" else []
-            times = []
-            for i in range(repeats + 1):
+        for i in range(repeats + 1):   # the paths take turns, so a machine's drift touches each alike
+            for path in PATHS:
                 version += 1
                 flat.add_(1e-3)   # a training step: every weight changes
                 _sync(device)
-                t0 = time.perf_counter()
-                if path == "old":
-                    buckets = push_old(named, engine, bucket_bytes, version)
-                else:
-                    buckets = push_weights(bucket_named_tensors(iter(named), bucket_bytes), [engine], sender, version,
-                                           resident=resident).buckets
-                times.append(time.perf_counter() - t0)
+                resident = [flat] if path.startswith("in-place") else []
+                pushes[path].append(push_once(path, named, engine, senders.get(path), bucket_bytes, version, resident))
+                engine_phases[path].append(engine.metrics()["weight_update_phases_s"])
                 if i == 0:
                     verify(engine, named)
-            if sender is not None:
-                sender.close()
-            seconds = statistics.median(times[1:])
+        for sender in senders.values():
+            sender.close()
+        for path in PATHS:
+            seconds = statistics.median(p["total"] for p in pushes[path][1:])
             rows.append({"model": shape.name, "path": path, "tensors": len(named), "gb": total / 1e9,
-                         "buckets": buckets, "seconds": seconds, "gb_per_s": total / 1e9 / seconds})
+                         "buckets": pushes[path][-1]["buckets"], "calls": pushes[path][-1]["calls"],
+                         "seconds": seconds, "gb_per_s": total / 1e9 / seconds,
+                         "phases": _medians(pushes[path][1:], (*PHASES, "call")),
+                         "engine": _medians(engine_phases[path][1:], ENGINE_PHASES)})
         del flat, named
     finally:
         engine.close()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return rows
+
+
+def _medians(dicts: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    """Median of each key over the dicts (a missing key counts 0)."""
+    return {k: statistics.median(d.get(k, 0.0) for d in dicts) for k in keys}
+
+
+def print_phases(rows: list[dict]) -> None:
+    """Where each path's milliseconds go: the sender's phases, and the engine's own for its last load call."""
+    print("\nms per push, medians. Sender: pause | pack | wait (load calls) | resume | other | total. Engine, its "
+          "last load call: open (handles, views) | queue (hand-off to the scheduler thread) | load | flush | close "
+          "| in-call total; transport = that call's round trip at the sender minus the engine's in-call total.")
+    print("| model shape | path | calls | pause | pack | wait | resume | other | total | open | queue | load | flush "
+          "| close | engine call | transport |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        p, e = r["phases"], r["engine"]
+        ms = [p[k] * 1e3 for k in ("pause", "pack", "wait", "resume", "other", "total")]
+        ms += [e[k] * 1e3 for k in ("open", "queue", "load", "flush", "close", "total")]
+        ms.append((p["call"] - e["total"]) * 1e3)
+        print(f"| {r['model']} | {r['path']} | {r['calls']} | " + " | ".join(f"{v:.3f}" for v in ms) + " |")
 
 
 def main() -> None:
@@ -237,6 +310,7 @@ def main() -> None:
           f"{'CUDA IPC' if args.device.startswith('cuda') else 'shared memory'}; median of {args.repeats} pushes")
     print("| model shape | path | tensors | GB | buckets | seconds | GB/s | copy GB/s | of copy bandwidth |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
     with tempfile.TemporaryDirectory(prefix="kiln_weight_push_") as tmp:
         for name in names:
             shape = SHAPES[name]
@@ -246,6 +320,8 @@ def main() -> None:
                 print(f"| {r['model']} | {r['path']} | {r['tensors']} | {r['gb']:.3f} | {r['buckets']} | "
                       f"{r['seconds']:.4f} | {r['gb_per_s']:.1f} | {copy_gbps:.0f} | {r['gb_per_s'] / copy_gbps:.0%} |",
                       flush=True)
+                rows.append(r)
+    print_phases(rows)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import logging
 import queue
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
@@ -59,6 +60,7 @@ class Engine:
         self._receiver = WeightReceiver(_EngineWeights(self), tp_rank=0)  # weight-update groups, drain, checksums
         self._inbox: queue.Queue = queue.Queue()
         self._paused = False
+        self._update_phases: dict[str, float] = {}   # seconds of the last weight update's phases, for metrics()
         self._released: dict[str, bool] = {}
         self._closed = False
         device = self.runner.device
@@ -313,20 +315,47 @@ class Engine:
     def weight_version(self) -> int:
         return self.scheduler.weight_version
 
-    def _commit_weights(self, load: Callable[[], Any], weight_version: int | None) -> int:
-        """Run load (on the scheduler thread), flush the radix cache and bump or set the weight version."""
-        self._check_weights_resident()
-        load()
-        self.scheduler.flush_cache()
-        self.scheduler.weight_version = self.weight_version + 1 if weight_version is None else int(weight_version)
-        return self.scheduler.weight_version
+    def _commit_weights(self, load: Callable[[], Any], weight_version: int | None, phases: dict[str, float],
+                        pause: bool = False, resume: bool = False) -> int:
+        """Run load (on the scheduler thread), flush the radix cache and bump or set the weight version.
+
+        `pause` / `resume`: stop stepping before the load / step again after it, also when it fails (one
+        push's first / last message); the seconds of "load" and "flush" go into `phases`.
+        """
+        if pause:
+            self._paused = True
+        try:
+            self._check_weights_resident()
+            start = time.perf_counter()
+            load()
+            loaded = time.perf_counter()
+            self.scheduler.flush_cache()
+            self.scheduler.weight_version = self.weight_version + 1 if weight_version is None else int(weight_version)
+            phases["load"], phases["flush"] = loaded - start, time.perf_counter() - loaded
+            return self.scheduler.weight_version
+        finally:
+            if resume:
+                self._paused = False
 
     def _check_weights_resident(self) -> None:
         if self._released.get("weights"):
             raise RuntimeError("weights are released; call resume_memory() before updating them")
 
-    def _apply_weights(self, load: Callable[[], Any], weight_version: int | None) -> int:
-        return self._call(lambda: self._commit_weights(load, weight_version))
+    def _apply_weights(self, load: Callable[[], Any], weight_version: int | None, phases: dict[str, float] | None = None,
+                       pause: bool = False, resume: bool = False) -> int:
+        """`_commit_weights` on the scheduler thread; its phases, with "queue" (the wait for the thread), become the last update's."""
+        phases = {} if phases is None else phases
+        start = time.perf_counter()
+
+        def commit() -> int:
+            phases["queue"] = time.perf_counter() - start
+            return self._commit_weights(load, weight_version, phases, pause, resume)
+
+        try:
+            return self._call(commit)
+        finally:
+            phases.setdefault("total", time.perf_counter() - start)
+            self._update_phases = phases
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
         """Load HF-named tensors (any subset) between steps; flushes the cache and bumps weight_version (returned).
@@ -342,15 +371,37 @@ class Engine:
 
     def update_weights_from_tensor(self, named_tensors: ColocatedBucket | SharedBucket | NamedTensorPairs,
                                    weight_version: int | None = None) -> int:
-        """Update weights from a colocated bucket (shared handles) or (hf_name, tensor) pairs; bad names raise before anything changes."""
+        """Update weights from a colocated bucket (shared handles) or (hf_name, tensor) pairs; bad names raise before anything changes.
+
+        A `ColocatedBucket` may carry its push's pause and continue: pause (after a drain, if that is the
+        mode), load, flush, set the version and continue are then one call on the scheduler thread.
+        """
         if isinstance(named_tensors, ColocatedBucket):
-            return self._receiver.receive_colocated(named_tensors, lambda named: self.load_weights(named, weight_version))
+            return self._update_colocated(named_tensors, weight_version)
         named = open_bucket(named_tensors) if isinstance(named_tensors, SharedBucket) else list(named_tensors)
         bad = [entry for entry in named if not (isinstance(entry, tuple) and len(entry) == 2 and
                                                 isinstance(entry[0], str) and isinstance(entry[1], torch.Tensor))]
         if bad:
             raise ValueError(f"update_weights_from_tensor expects (hf_name, tensor) pairs; bad entries: {bad[:3]}")
         return self.load_weights(named, weight_version)
+
+    def _update_colocated(self, bucket: ColocatedBucket, weight_version: int | None) -> int:
+        """One message of a colocated push; its phases (drain, open, queue, load, flush, close, total) kept for metrics()."""
+        start = time.perf_counter()
+        phases: dict[str, float] = {}
+        if bucket.pause is not None:
+            self._receiver.wait_before_pause(bucket.pause)   # checks the mode; "drain" waits for requests to end
+            phases["drain"] = time.perf_counter() - start
+
+        def load(named: list[tuple[str, torch.Tensor]]) -> int:
+            return self._apply_weights(lambda: self._load_and_wait(named), weight_version, phases,
+                                       pause=bucket.pause is not None, resume=bucket.resume)
+
+        try:
+            return self._receiver.receive_colocated(bucket, load, phases)
+        finally:
+            phases["total"] = time.perf_counter() - start
+            self._update_phases = phases
 
     def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> int:
         """Load every weight of a HF folder with the same architecture."""
@@ -451,6 +502,7 @@ class Engine:
             "weight_sync_storages_open": self._receiver.shared.open_count(),   # colocated senders' storages mapped
             "weight_sync_handles_opened_total": self._receiver.shared.opened_total,
             "paused": self._paused,
+            "weight_update_phases_s": dict(self._update_phases),   # the last update call's seconds per phase
         }
 
     # ----------------------------------------------------------------- lifecycle
@@ -494,8 +546,10 @@ class _EngineWeights:
         return self.engine.weight_version
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
+        phases: dict[str, float] = {}
+        self.engine._update_phases = phases
         return self.engine._commit_weights(lambda: self.engine.runner.load_weights_local(named_tensors),
-                                           weight_version)
+                                           weight_version, phases)
 
     def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return self.engine.named_hf_tensors()

@@ -206,7 +206,11 @@ def create_app(engine: Engine) -> FastAPI:
     async def metrics():
         lines = []
         for name, value in engine.metrics().items():
-            lines += [f"# TYPE kiln_{name} gauge", f"kiln_{name} {float(value)}"]
+            lines.append(f"# TYPE kiln_{name} gauge")
+            if isinstance(value, dict):  # one labelled sample per key, e.g. weight_update_phases_s{part="load"}
+                lines += [f'kiln_{name}{{part="{key}"}} {float(v)}' for key, v in value.items()]
+            else:
+                lines.append(f"kiln_{name} {float(value)}")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     # ------------------------------------------------------------- OpenAI compatible

@@ -123,6 +123,8 @@ async def test_rl_endpoints(client, engine, qwen3_model):
     assert (await client.post("/continue_generation")).json()["success"]
     r = await client.post("/update_weights_from_disk", json={"model_path": str(qwen3_model), "weight_version": 3})
     assert r.json()["weight_version"] == 3
+    metrics = (await client.get("/metrics")).text  # a dict metric: one labelled sample per key
+    assert any(line.startswith('kiln_weight_update_phases_s{part="total"} ') for line in metrics.splitlines())
     assert (await client.get("/get_weight_version")).json() == {"weight_version": 3}
     assert (await client.post("/release_memory_occupation", json={"tags": ["kv_cache", "weights"]})).json()["success"]
     assert (await client.post("/resume_memory_occupation")).json()["success"]

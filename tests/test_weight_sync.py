@@ -253,3 +253,68 @@ def test_broadcast_peer_that_stops_answering_times_out():
     finally:
         for m in members.values():
             m.close()
+
+
+class _PauseRecordingEngine(TensorDictEngine):
+    """Records the calls an update makes, in order, and whether the engine was paused at each load; pausing is
+    slow (as a drain is), so a later bucket that overtook the pausing one would load into a running engine."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.calls = []
+
+    def load_weights(self, named_tensors, weight_version=None):
+        self.calls.append(("load", self.paused))
+        return super().load_weights(named_tensors, weight_version)
+
+    def pause_generation(self):
+        self.calls.append(("pause", self.paused))
+        time.sleep(0.05)
+        super().pause_generation()
+
+    def continue_generation(self):
+        self.calls.append(("continue", self.paused))
+        super().continue_generation()
+
+
+@pytest.mark.parametrize("bucket_bytes,check", [(1 << 30, False), (40_000, False), (40_000, True)])
+def test_colocated_push_folds_pause_and_continue_into_the_loads(qwen3_model, bucket_bytes, check):
+    """One message: pause, load, continue in one call; several: paused across every load; checksums: verified while paused."""
+    trainer = _trained(qwen3_model)
+    target = _PauseRecordingEngine(_load(qwen3_model).state_dict())
+    engine = WeightReceiver(target)
+    sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes, check_weight_update=check))
+    checked_while = []
+    engine.weight_checksums = lambda: checked_while.append(target.paused) or WeightReceiver.weight_checksums(engine)
+    try:
+        stats = push_weights(_trainer_buckets(trainer, bucket_bytes), [engine], sender)
+    finally:
+        sender.close()
+    loads = [c for c in target.calls if c[0] == "load"]
+    assert stats.messages == len(loads) == stats.buckets and len(stats.message_seconds) == stats.messages
+    assert (stats.buckets == 1) == (bucket_bytes == 1 << 30)
+    assert target.calls == [("pause", False)] + [("load", True)] * len(loads) + [("continue", True)]
+    assert checked_while == ([True] if check else [])
+    assert not target.paused and target.weight_version == 1
+    assert set(stats.phases) == {"pause", "pack", "wait", "verify", "resume", "other", "total"}
+    assert stats.phases["pause"] == 0.0 and (stats.phases["resume"] > 0) == check   # explicit continue only to verify
+    assert stats.phases["total"] == stats.seconds
+    assert sum(v for k, v in stats.phases.items() if k != "total") == pytest.approx(stats.seconds, rel=1e-6)
+    for name, p in trainer.named_parameters():
+        assert torch.equal(target.tensors[name], p.detach()), name
+
+
+def test_distributed_push_pauses_and_continues_with_calls_of_their_own(tiny_model):
+    trainer = _trained(tiny_model)
+    target = _PauseRecordingEngine(_load(tiny_model).state_dict())
+    sender = WeightSender(WeightSyncConfig(transport="distributed", backend="gloo", bucket_bytes=1 << 30, timeout_s=30))
+    engine = WeightReceiver(target)
+    sender.connect([engine])
+    try:
+        stats = push_weights(_trainer_buckets(trainer, 1 << 30), [engine], sender)
+        with pytest.raises(WeightSyncError, match="does not fold pause / resume"):
+            sender.send_update(_trainer_buckets(trainer, 1 << 30), [engine], 2, pause="pause")
+    finally:
+        sender.close([engine])
+    assert target.calls == [("pause", False), ("load", True), ("continue", True)]
+    assert stats.messages == 1 and stats.phases["pause"] > 0 and stats.phases["resume"] > 0

@@ -11,6 +11,9 @@ parallel ranks) pushes after each training step with its parameters resident, so
 every tensor but q/k/v (which Megatron interleaves) straight out of the trainer's memory.
 """
 
+import threading
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -216,3 +219,37 @@ def test_engine_after_trainer_push_equals_hf_from_the_export(trainer_pushes, ste
     out = results[step]["greedy"]
     assert out["output_ids"] == _hf_greedy(hf, PROMPT)
     assert out["meta_info"]["weight_version"] == step
+
+
+def test_one_call_push_into_a_generating_engine_loses_nothing(qwen3_model):
+    """Pause, load, flush, version and continue as one engine call while 16 requests decode: with the weights
+    unchanged every request's tokens are those of a run without the push; the engine reports its phases."""
+    trainer = AutoModelForCausalLM.from_pretrained(qwen3_model, dtype=torch.float32).eval()
+    flat = flatten_parameters(trainer)
+    engine = make_engine(str(qwen3_model), max_total_tokens=8192)
+    prompts = [[i + 3, 40, 41, i + 100] for i in range(16)]
+    params = {"temperature": 0, "max_new_tokens": 200, "ignore_eos": True}
+    sender = WeightSender(WeightSyncConfig(transport="colocated"))
+    try:
+        reference = engine.generate(input_ids=prompts, sampling_params=params)
+        results = []
+        thread = threading.Thread(target=lambda: results.extend(engine.generate(input_ids=prompts,
+                                                                                sampling_params=params)))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while engine.metrics()["num_running_requests"] < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        stats = push_weights(bucket_named_tensors(((n, p.detach()) for n, p in trainer.named_parameters()), 1 << 30),
+                             [engine], sender, weight_version=7, resident=[flat])
+        metrics = engine.metrics()
+        thread.join()
+    finally:
+        sender.close()
+        engine.shutdown()
+    assert stats.messages == 1 and stats.in_place_tensors == stats.tensors
+    assert not metrics["paused"] and metrics["weight_version"] == 7
+    phases = metrics["weight_update_phases_s"]
+    assert set(phases) >= {"drain", "open", "queue", "load", "flush", "close", "total"}
+    assert phases["total"] >= phases["open"] + phases["load"] + phases["flush"] > 0
+    assert [r["output_ids"] for r in results] == [r["output_ids"] for r in reference]
+    assert {r["meta_info"]["weight_version"] for r in results} == {7}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +18,22 @@ from weight_sync.ipc import ColocatedBucket, StorageHandle, share_storage, stora
 
 SLOTS = 2      # staging buffers: the sender packs bucket k + 1 into one while the engines load bucket k from the other
 ALIGN = 256    # byte alignment of each packed tensor in a staging buffer
+
+
+@dataclass
+class ChannelPush:
+    """What one colocated push did: the part read in place, and where the sender's time went (seconds).
+
+    `pack_s`: placing buckets (packing into staging, sharing handles, waiting for the sender's stream);
+    `wait_s`: blocked on the engines' load calls; `message_s[k]`: message k's round trip (slowest engine).
+    """
+
+    in_place_tensors: int = 0
+    in_place_bytes: int = 0
+    messages: int = 0
+    pack_s: float = 0.0
+    wait_s: float = 0.0
+    message_s: list[float] = field(default_factory=list)
 
 
 class ColocatedChannel:
@@ -41,45 +59,76 @@ class ColocatedChannel:
         self._dtype_names: dict[torch.dtype, str] = {}
 
     def push(self, buckets: Iterable[NamedTensors], engines: Sequence[Any], weight_version: int,
-             resident: Iterable[torch.Tensor], on_bucket: Callable[[NamedTensors], None]) -> tuple[int, int]:
-        """Deliver every non-empty bucket to every engine and wait until all have loaded them; (tensors, bytes) read in place."""
+             resident: Iterable[torch.Tensor], on_bucket: Callable[[NamedTensors, int], None],
+             pause: str | None = None, resume: bool = False) -> ChannelPush:
+        """Deliver every non-empty bucket to every engine and wait until all have loaded them.
+
+        `pause`: the first message has the engines pause (that mode) before loading, and is loaded before
+        any other message goes out (else a later one could overtake it and load into a running engine);
+        `resume`: the last one has them continue after loading; a push that fits one message is one round trip.
+        `on_bucket(bucket, nbytes)` sees every bucket before it goes out.
+        """
+        result = ChannelPush()
         resident_storages = {}   # storage data_ptr -> uint8 [nbytes] over it (CPU storages moved to shared memory first)
         for t in resident:
-            whole = storage_bytes(t)
-            resident_storages[whole.untyped_storage().data_ptr()] = whole
+            if t.untyped_storage().data_ptr() not in resident_storages:   # parameters of one flat buffer: one storage
+                whole = storage_bytes(t)
+                resident_storages[whole.untyped_storage().data_ptr()] = whole
         in_place: dict[int, int] = {}   # storage data_ptr -> storage id, for the resident storages this push used
         shown: dict[int, set[int]] = {id(e): set() for e in engines}   # in-place storage ids each engine has open
         pending: list[list[Future]] = [[] for _ in range(SLOTS + 1)]   # per staging slot; the last: in-place only
         deferred: tuple[list, dict] = ([], {})   # entries of in-place-only buckets, sent with the next message
-        packed_buckets = in_place_tensors = in_place_bytes = 0
+        packed_buckets = 0
+        rounds: list[list[float]] = []
+
+        def wait_for(futures: list[Future]) -> None:
+            start = time.perf_counter()
+            raise_engine_errors(futures, "update_weights_from_tensor", None)
+            result.wait_s += time.perf_counter() - start
+
         try:
             for bucket, last in _with_last(b for b in buckets if b):
-                on_bucket(bucket)
-                read_in_place = [tensor_bytes(t) for _, t in bucket
-                                 if t.untyped_storage().data_ptr() in resident_storages]
-                in_place_tensors += len(read_in_place)
-                in_place_bytes += sum(read_in_place)
+                located = [(t.untyped_storage().data_ptr(), tensor_bytes(t)) for _, t in bucket]   # (storage, nbytes)
+                on_bucket(bucket, sum(nbytes for _, nbytes in located))
+                read_in_place = [nbytes for ptr, nbytes in located if ptr in resident_storages]
+                result.in_place_tensors += len(read_in_place)
+                result.in_place_bytes += sum(read_in_place)
                 packs = len(read_in_place) < len(bucket)
                 slot = packed_buckets % SLOTS if packs else SLOTS
                 packed_buckets += packs
-                raise_engine_errors(pending[slot], "update_weights_from_tensor", None)   # its staging buffer is free
-                entries, used = self._place(bucket, slot, resident_storages, in_place)
+                wait_for(pending[slot])   # its staging buffer is free
+                start = time.perf_counter()
+                entries, used = self._place(bucket, located, slot, resident_storages, in_place)
                 deferred[0].extend(entries)
                 deferred[1].update(used)
+                result.pack_s += time.perf_counter() - start
                 if not packs and not last:   # nothing to wait for: one message carries many in-place buckets
                     continue
                 if last:   # the last message closes the push's in-place storages: every earlier one is loaded first
                     for futures in pending:
-                        raise_engine_errors(futures, "update_weights_from_tensor", None)
-                futures = []
-                for engine in engines:
-                    message = self._message(engine, deferred[0], deferred[1], shown[id(engine)], last)
-                    futures.append(self._submit(engine.update_weights_from_tensor, message, weight_version))
+                        wait_for(futures)
+                start = time.perf_counter()
+                first = pause if result.messages == 0 else None
+                messages = [self._message(engine, deferred[0], deferred[1], shown[id(engine)], last, first,
+                                          resume and last) for engine in engines]
+                result.pack_s += time.perf_counter() - start
+                start = time.perf_counter()
+                at_once = last or first is not None   # a pausing message is loaded before any other goes out
+                submit = _run_now if at_once and len(engines) == 1 else self._submit   # no hand-off to a thread
+                round_trips = [0.0] * len(engines)   # filled by the calls: this message's time at each engine
+                futures = [submit(_timed, round_trips, i, engine.update_weights_from_tensor, message, weight_version)
+                           for i, (engine, message) in enumerate(zip(engines, messages))]
+                result.wait_s += time.perf_counter() - start
+                rounds.append(round_trips)
+                result.messages += 1
+                if at_once:
+                    wait_for(futures)
                 pending[slot] = futures
                 deferred = ([], {})
             for futures in pending:
-                raise_engine_errors(futures, "update_weights_from_tensor", None)
-            return in_place_tensors, in_place_bytes
+                wait_for(futures)
+            result.message_s = [max(times) for times in rounds]
+            return result
         except BaseException:
             wait([f for futures in pending for f in futures])   # nobody reads the buffers any more
             self._start_over()
@@ -88,31 +137,33 @@ class ColocatedChannel:
             if torch.cuda.is_available():
                 torch.cuda.ipc_collect()   # free sender blocks whose receivers closed their mappings
 
-    def _place(self, bucket: NamedTensors, slot: int, resident: dict[int, torch.Tensor],
+    def _place(self, bucket: NamedTensors, located: list[tuple[int, int]], slot: int, resident: dict[int, torch.Tensor],
                in_place: dict[int, int]) -> tuple[list[tuple], dict[int, tuple[bool, torch.Tensor]]]:
-        """Pack the bucket's non-resident tensors into staging slot `slot`; each tensor's (name, dtype, shape, stride, storage id, offset)."""
+        """Pack the bucket's non-resident tensors into staging slot `slot`; each tensor's (name, dtype, shape, stride, storage id, offset).
+
+        `located[i]`: tensor i's (storage data_ptr, nbytes).
+        """
         used: dict[int, tuple[bool, torch.Tensor]] = {}   # storage id -> (persistent, uint8 [nbytes])
         packed, offsets, total = [], [], 0
-        for name, t in bucket:
-            if t.untyped_storage().data_ptr() not in resident:
+        for (_, t), (ptr, nbytes) in zip(bucket, located):
+            if ptr not in resident:
                 total = -(-total // ALIGN) * ALIGN
-                packed.append(t)
+                packed.append((t, nbytes))
                 offsets.append(total)
-                total += tensor_bytes(t)
-        staging_id, staging = self._staging_buffer(slot, total, packed[0].device) if packed else (None, None)
+                total += nbytes
+        staging_id, staging = self._staging_buffer(slot, total, packed[0][0].device) if packed else (None, None)
         if packed:
             used[staging_id] = (True, staging)
             copies: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-            for t, offset in zip(packed, offsets):
+            for (t, nbytes), offset in zip(packed, offsets):
                 dsts, srcs = copies.setdefault((t.dtype, t.device), ([], []))
-                dsts.append(staging[offset:offset + tensor_bytes(t)].view(t.dtype).view(t.shape))
+                dsts.append(staging[offset:offset + nbytes].view(t.dtype).view(t.shape))
                 srcs.append(t)
             with torch.no_grad():
                 for dsts, srcs in copies.values():
                     copy_tensors(dsts, srcs)
         entries, next_packed = [], iter(offsets)
-        for name, t in bucket:
-            ptr = t.untyped_storage().data_ptr()
+        for (name, t), (ptr, _) in zip(bucket, located):
             dtype = self._dtype_names.get(t.dtype) or self._dtype_names.setdefault(t.dtype, dtype_name(t.dtype))
             if ptr in resident:
                 storage_id = in_place.get(ptr)
@@ -143,7 +194,7 @@ class ColocatedChannel:
         return self._staging[slot]
 
     def _message(self, engine: Any, entries: list[tuple], used: dict[int, tuple[bool, torch.Tensor]],
-                 shown: set[int], last: bool) -> ColocatedBucket:
+                 shown: set[int], last: bool, pause: str | None, resume: bool) -> ColocatedBucket:
         """The bucket as `engine` gets it: handles of the storages it has not opened yet, then the entries."""
         opened = self._opened.setdefault(id(engine), set())
         handles: list[StorageHandle] = []
@@ -154,7 +205,7 @@ class ColocatedChannel:
                 seen.add(storage_id)
         names, dtypes, shapes, strides, storage_ids, offsets = (list(column) for column in zip(*entries))
         return ColocatedBucket(self.sender_id, self.generation, handles, self._retired.pop(id(engine), []), names,
-                               dtypes, shapes, strides, storage_ids, offsets, last)
+                               dtypes, shapes, strides, storage_ids, offsets, last, pause, resume)
 
     def _start_over(self) -> None:
         """After a failed push: a new generation, so every engine drops its mappings and gets fresh handles."""
@@ -166,6 +217,25 @@ class ColocatedChannel:
         """Free the staging buffers (engines drop their mappings when they see the next generation)."""
         self._staging = [None] * SLOTS
         self._start_over()
+
+
+def _run_now(fn: Callable, *args: Any) -> Future:
+    """fn(*args) in this thread, as a finished Future (its result or its exception)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
+def _timed(seconds: list[float], index: int, fn: Callable, *args: Any) -> Any:
+    """fn(*args), its wall time stored at seconds[index] (also when it raises)."""
+    start = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        seconds[index] = time.perf_counter() - start
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:

@@ -116,6 +116,8 @@ class ColocatedBucket:
     generation, or once per push for storages read in place); `retired` are storage ids to close.
     Tensor i is `dtypes[i]` with `shapes[i]` / `strides[i]` at element offset `offsets[i]` of storage
     `storage_ids[i]`. The receiver must be done reading the storages when its load call returns.
+    `pause` / `resume` fold the push's pause and continue into its first / last message: the receiver
+    pauses (that mode) before loading and continues after, one round trip for a one-message push.
     """
 
     sender: str
@@ -129,6 +131,8 @@ class ColocatedBucket:
     storage_ids: list[int]
     offsets: list[int]
     last: bool   # the push's last bucket: the receiver closes the push's in-place (non-persistent) storages after it
+    pause: str | None = None   # pause_generation(mode=pause) before loading (the push's first message)
+    resume: bool = False       # continue_generation() after loading (the push's last message)
 
     @property
     def nbytes(self) -> int:

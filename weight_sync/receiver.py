@@ -62,6 +62,11 @@ class WeightReceiver:
 
     def pause_generation(self, mode: str = "pause") -> None:
         """Stop the engine stepping; mode "drain" first waits until no request is running or queued."""
+        self.wait_before_pause(mode)
+        self.target.pause_generation()   # a request that slipped in after the drain is paused in place
+
+    def wait_before_pause(self, mode: str) -> None:
+        """Check the pause mode; for "drain" wait until no request is running or queued (a timeout raises)."""
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode {mode!r}; expected one of {PAUSE_MODES}")
         if mode == "drain":
@@ -71,7 +76,6 @@ class WeightReceiver:
                     raise WeightSyncTimeoutError(f"drain: {self._busy_requests()} requests still in flight after "
                                                  f"{self._drain_timeout_s:g}s; use pause_mode='pause' or abort them")
                 time.sleep(self._drain_poll_s)
-        self.target.pause_generation()   # a request that slipped in after the drain is paused in place
 
     def continue_generation(self) -> None:
         """Let the engine step again."""
@@ -113,9 +117,18 @@ class WeightReceiver:
 
     def update_weights_from_tensor(self, named_tensors: ColocatedBucket | SharedBucket | NamedTensors,
                                    weight_version: int | None = None) -> None:
-        """Load a colocated bucket (`ColocatedBucket` / `SharedBucket`, by handle) or plain (hf_name, tensor) pairs."""
+        """Load a colocated bucket (`ColocatedBucket` / `SharedBucket`, by handle) or plain (hf_name, tensor) pairs.
+
+        A `ColocatedBucket` may bring the push's pause (done first) and continue (done after the load).
+        """
         if isinstance(named_tensors, ColocatedBucket):
-            self.receive_colocated(named_tensors, lambda named: self._apply_synced(named, weight_version))
+            if named_tensors.pause is not None:
+                self.pause_generation(named_tensors.pause)
+            try:
+                self.receive_colocated(named_tensors, lambda named: self._apply_synced(named, weight_version))
+            finally:
+                if named_tensors.resume:   # also after a failed load, as push_weights would
+                    self.continue_generation()
             return
         if isinstance(named_tensors, SharedBucket):
             named = open_bucket(named_tensors)
@@ -126,12 +139,24 @@ class WeightReceiver:
                 raise TypeError(f"update_weights_from_tensor expects (hf_name, tensor) pairs; bad entries: {bad[:5]}")
         self._apply_synced(named, weight_version)
 
-    def receive_colocated(self, bucket: ColocatedBucket, load: Callable[[NamedTensors], T]) -> T:
-        """Open the bucket's tensors in the shared storages, `load` them (done reading when it returns), close what the push is done with."""
+    def receive_colocated(self, bucket: ColocatedBucket, load: Callable[[NamedTensors], T],
+                          phases: dict[str, float] | None = None) -> T:
+        """Open the bucket's tensors in the shared storages, `load` them (done reading when it returns), close what the push is done with.
+
+        `phases` gets the seconds of "open" (handles opened, views made) and "close" (storages the push is done with).
+        """
+        phases = {} if phases is None else phases
+        start = time.perf_counter()
+        named = None
         try:
-            return load(self.shared.tensors(bucket))
+            named = self.shared.tensors(bucket)
+            phases["open"] = time.perf_counter() - start
+            return load(named)
         finally:
+            start = time.perf_counter()
+            named = None   # the views go first, so that closing unmaps the storages the push is done with
             self.shared.finish(bucket)
+            phases["close"] = time.perf_counter() - start
 
     def _apply_synced(self, named: NamedTensors, weight_version: int | None) -> None:
         self._apply(named, weight_version)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,13 +20,21 @@ from weight_sync.group import WeightUpdateGroup, free_port
 
 @dataclass
 class SentCounts:
-    """What one update delivered; `in_place_*`: the part colocated engines read straight out of the trainer's memory."""
+    """What one update delivered; `in_place_*`: the part colocated engines read straight out of the trainer's memory.
+
+    `messages`: load calls per engine; `pack_s`: the sender's own work on the buckets (packing, handles);
+    `wait_s`: blocked on the engines (or the broadcasts); `message_s[k]`: message k's round trip (slowest engine).
+    """
 
     buckets: int = 0
     tensors: int = 0
     bytes: int = 0
     in_place_tensors: int = 0
     in_place_bytes: int = 0
+    messages: int = 0
+    pack_s: float = 0.0
+    wait_s: float = 0.0
+    message_s: list[float] = field(default_factory=list)
 
 
 class WeightSender:
@@ -62,33 +71,44 @@ class WeightSender:
         self.group = group
 
     def send_update(self, trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any], weight_version: int,
-                    resident: Iterable[torch.Tensor] = ()) -> SentCounts:
+                    resident: Iterable[torch.Tensor] = (), pause: str | None = None, resume: bool = False) -> SentCounts:
         """Deliver every bucket to every engine; returns what was sent once every engine has loaded it.
 
         Colocated: tensors that view a storage of `resident` (the trainer's parameters, unchanged during the
-        push) are read by the engines in place; the others go through persistent staging buffers.
-        With `check_weight_update` the checksum of every tensor sent is kept in `sent_checksums`.
+        push) are read by the engines in place; the others go through persistent staging buffers. `pause` /
+        `resume` ride along with the first / last message (colocated only: the distributed transport's
+        engines are paused and resumed by the caller). With `check_weight_update` the checksum of every
+        tensor sent is kept in `sent_checksums`.
         """
         self.sent_checksums = {}
         counts = SentCounts()
 
-        def count(bucket: NamedTensors) -> None:
+        def count(bucket: NamedTensors, nbytes: int) -> None:
             if self.config.check_weight_update:
                 self.sent_checksums.update(checksums(bucket))
             counts.buckets += 1
             counts.tensors += len(bucket)
-            counts.bytes += sum(tensor_bytes(t) for _, t in bucket)
+            counts.bytes += nbytes
 
         if self.config.transport == "distributed":
+            if pause is not None or resume:
+                raise WeightSyncError("the distributed transport does not fold pause / resume into its messages; "
+                                      "call pause_generation / continue_generation on the engines")
             for bucket in trainer_buckets:
                 if bucket:
-                    count(bucket)
+                    count(bucket, sum(tensor_bytes(t) for _, t in bucket))
+                    start = time.perf_counter()
                     self._send_distributed(bucket, engines, weight_version)
+                    counts.message_s.append(time.perf_counter() - start)
+            counts.messages = len(counts.message_s)
+            counts.wait_s = sum(counts.message_s)
         else:
             if self._colocated is None:
                 self._colocated = ColocatedChannel(self._submit)
-            counts.in_place_tensors, counts.in_place_bytes = self._colocated.push(trainer_buckets, engines,
-                                                                                   weight_version, resident, count)
+            pushed = self._colocated.push(trainer_buckets, engines, weight_version, resident, count, pause, resume)
+            counts.in_place_tensors, counts.in_place_bytes = pushed.in_place_tensors, pushed.in_place_bytes
+            counts.messages, counts.pack_s, counts.wait_s = pushed.messages, pushed.pack_s, pushed.wait_s
+            counts.message_s = pushed.message_s
         return counts
 
     def close(self, engines: Sequence[Any] = ()) -> None:
