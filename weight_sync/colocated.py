@@ -7,8 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, wait
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,24 +15,11 @@ from weight_sync.buckets import NamedTensors, copy_tensors, dtype_name, tensor_b
 from weight_sync.errors import raise_engine_errors
 from weight_sync.ipc import ColocatedBucket, StorageHandle, share_storage, storage_bytes
 
+if TYPE_CHECKING:
+    from weight_sync.sender import SentCounts
+
 SLOTS = 2      # staging buffers: the sender packs bucket k + 1 into one while the engines load bucket k from the other
 ALIGN = 256    # byte alignment of each packed tensor in a staging buffer
-
-
-@dataclass
-class ChannelPush:
-    """What one colocated push did: the part read in place, and where the sender's time went (seconds).
-
-    `pack_s`: placing buckets (packing into staging, sharing handles, waiting for the sender's stream);
-    `wait_s`: blocked on the engines' load calls; `message_s[k]`: message k's round trip (slowest engine).
-    """
-
-    in_place_tensors: int = 0
-    in_place_bytes: int = 0
-    messages: int = 0
-    pack_s: float = 0.0
-    wait_s: float = 0.0
-    message_s: list[float] = field(default_factory=list)
 
 
 class ColocatedChannel:
@@ -59,16 +45,17 @@ class ColocatedChannel:
         self._dtype_names: dict[torch.dtype, str] = {}
 
     def push(self, buckets: Iterable[NamedTensors], engines: Sequence[Any], weight_version: int,
-             resident: Iterable[torch.Tensor], on_bucket: Callable[[NamedTensors, int], None],
-             pause: str | None = None, resume: bool = False) -> ChannelPush:
+             resident: Iterable[torch.Tensor], counts: "SentCounts", on_bucket: Callable[[NamedTensors, int], None],
+             pause: str | None = None, resume: bool = False) -> None:
         """Deliver every non-empty bucket to every engine and wait until all have loaded them.
 
         `pause`: the first message has the engines pause (that mode) before loading, and is loaded before
         any other message goes out (else a later one could overtake it and load into a running engine);
         `resume`: the last one has them continue after loading; a push that fits one message is one round trip.
-        `on_bucket(bucket, nbytes)` sees every bucket before it goes out.
+        `on_bucket(bucket, nbytes)` sees every bucket before it goes out. `counts` gets the in-place part,
+        the messages and where the sender's time went: `pack_s` placing buckets (packing into staging, sharing
+        handles, waiting for the sender's stream), `wait_s` blocked on the engines' load calls.
         """
-        result = ChannelPush()
         resident_storages = {}   # storage data_ptr -> uint8 [nbytes] over it (CPU storages moved to shared memory first)
         for t in resident:
             if t.untyped_storage().data_ptr() not in resident_storages:   # parameters of one flat buffer: one storage
@@ -84,15 +71,15 @@ class ColocatedChannel:
         def wait_for(futures: list[Future]) -> None:
             start = time.perf_counter()
             raise_engine_errors(futures, "update_weights_from_tensor", None)
-            result.wait_s += time.perf_counter() - start
+            counts.wait_s += time.perf_counter() - start
 
         try:
             for bucket, last in _with_last(b for b in buckets if b):
                 located = [(t.untyped_storage().data_ptr(), tensor_bytes(t)) for _, t in bucket]   # (storage, nbytes)
                 on_bucket(bucket, sum(nbytes for _, nbytes in located))
                 read_in_place = [nbytes for ptr, nbytes in located if ptr in resident_storages]
-                result.in_place_tensors += len(read_in_place)
-                result.in_place_bytes += sum(read_in_place)
+                counts.in_place_tensors += len(read_in_place)
+                counts.in_place_bytes += sum(read_in_place)
                 packs = len(read_in_place) < len(bucket)
                 slot = packed_buckets % SLOTS if packs else SLOTS
                 packed_buckets += packs
@@ -101,34 +88,33 @@ class ColocatedChannel:
                 entries, used = self._place(bucket, located, slot, resident_storages, in_place)
                 deferred[0].extend(entries)
                 deferred[1].update(used)
-                result.pack_s += time.perf_counter() - start
+                counts.pack_s += time.perf_counter() - start
                 if not packs and not last:   # nothing to wait for: one message carries many in-place buckets
                     continue
                 if last:   # the last message closes the push's in-place storages: every earlier one is loaded first
                     for futures in pending:
                         wait_for(futures)
                 start = time.perf_counter()
-                first = pause if result.messages == 0 else None
+                first = pause if counts.messages == 0 else None
                 messages = [self._message(engine, deferred[0], deferred[1], shown[id(engine)], last, first,
                                           resume and last) for engine in engines]
-                result.pack_s += time.perf_counter() - start
+                counts.pack_s += time.perf_counter() - start
                 start = time.perf_counter()
                 at_once = last or first is not None   # a pausing message is loaded before any other goes out
                 submit = _run_now if at_once and len(engines) == 1 else self._submit   # no hand-off to a thread
                 round_trips = [0.0] * len(engines)   # filled by the calls: this message's time at each engine
                 futures = [submit(_timed, round_trips, i, engine.update_weights_from_tensor, message, weight_version)
                            for i, (engine, message) in enumerate(zip(engines, messages))]
-                result.wait_s += time.perf_counter() - start
+                counts.wait_s += time.perf_counter() - start
                 rounds.append(round_trips)
-                result.messages += 1
+                counts.messages += 1
                 if at_once:
                     wait_for(futures)
                 pending[slot] = futures
                 deferred = ([], {})
             for futures in pending:
                 wait_for(futures)
-            result.message_s = [max(times) for times in rounds]
-            return result
+            counts.message_s = [max(times) for times in rounds]
         except BaseException:
             wait([f for futures in pending for f in futures])   # nobody reads the buffers any more
             self._start_over()

@@ -105,10 +105,7 @@ class WeightSender:
         else:
             if self._colocated is None:
                 self._colocated = ColocatedChannel(self._submit)
-            pushed = self._colocated.push(trainer_buckets, engines, weight_version, resident, count, pause, resume)
-            counts.in_place_tensors, counts.in_place_bytes = pushed.in_place_tensors, pushed.in_place_bytes
-            counts.messages, counts.pack_s, counts.wait_s = pushed.messages, pushed.pack_s, pushed.wait_s
-            counts.message_s = pushed.message_s
+            self._colocated.push(trainer_buckets, engines, weight_version, resident, counts, count, pause, resume)
         return counts
 
     def close(self, engines: Sequence[Any] = ()) -> None:
