@@ -23,10 +23,12 @@ from benchmarks.processes import RemoteWeightEndpoint
 from trainer.testing import make_samples, run_distributed
 from weight_sync import (WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, bucket_named_tensors,
                          push_weights)
-from weight_sync.testing import TensorDictEngine, flatten_parameters, make_engine
+from trainer.actor import flatten_parameters
+from weight_sync.testing import TensorDictEngine, make_engine
 
 PROMPT = [5, 17, 99, 230, 41, 7]
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+CPU = torch.device("cpu")
 BUCKET_BYTES = 40_000   # several buckets; the embedding (512 x 64 fp32) travels alone
 
 
@@ -75,9 +77,13 @@ def _assert_engine_equals(engine, trainer, version):
     assert out["meta_info"]["weight_version"] == version
 
 
+def _storage(model) -> set[int]:
+    """The storages (data pointers) that hold the model's parameters."""
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
 def test_three_pushes_with_release_resume_and_trainer_offload(engine, qwen3_model):
     trainer = _trainer(qwen3_model, seed=1)
-    flat = flatten_parameters(trainer)
+    flatten_parameters(trainer, CPU)
     sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=BUCKET_BYTES, check_weight_update=True))
     opened = []
     try:
@@ -85,14 +91,16 @@ def test_three_pushes_with_release_resume_and_trainer_offload(engine, qwen3_mode
             if step == 2:
                 _step(trainer, seed=2)
             if step == 3:   # the trainer offloads and comes back elsewhere; the engine's weights move too
-                old = flat.untyped_storage().data_ptr()
-                flat = flatten_parameters(trainer)
-                assert flat.untyped_storage().data_ptr() != old
+                old = _storage(trainer)
+                for p in trainer.parameters():
+                    p.data = p.data.clone()
+                flatten_parameters(trainer, CPU)
+                assert _storage(trainer) != old
                 _step(trainer, seed=3)
                 engine.release_memory(weights=True)
                 engine.resume_memory()
             stats = push_weights(_buckets(trainer, BUCKET_BYTES), [engine], sender, weight_version=step,
-                                 resident=[flat])
+                                 resident=list(trainer.parameters()))
             assert stats.weight_version == step and stats.buckets > 1
             copies = sum(1 for i, _ in enumerate(trainer.named_parameters()) if i % 3 == 2)
             assert stats.in_place_tensors == stats.tensors - copies
@@ -225,7 +233,7 @@ def test_one_call_push_into_a_generating_engine_loses_nothing(qwen3_model):
     """Pause, load, flush, version and continue as one engine call while 16 requests decode: with the weights
     unchanged every request's tokens are those of a run without the push; the engine reports its phases."""
     trainer = AutoModelForCausalLM.from_pretrained(qwen3_model, dtype=torch.float32).eval()
-    flat = flatten_parameters(trainer)
+    flatten_parameters(trainer, CPU)
     engine = make_engine(str(qwen3_model), max_total_tokens=8192)
     prompts = [[i + 3, 40, 41, i + 100] for i in range(16)]
     params = {"temperature": 0, "max_new_tokens": 200, "ignore_eos": True}
@@ -240,7 +248,7 @@ def test_one_call_push_into_a_generating_engine_loses_nothing(qwen3_model):
         while engine.metrics()["num_running_requests"] < len(prompts) and time.monotonic() < deadline:
             time.sleep(0.001)
         stats = push_weights(bucket_named_tensors(((n, p.detach()) for n, p in trainer.named_parameters()), 1 << 30),
-                             [engine], sender, weight_version=7, resident=[flat])
+                             [engine], sender, weight_version=7, resident=list(trainer.parameters()))
         metrics = engine.metrics()
         thread.join()
     finally:

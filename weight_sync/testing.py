@@ -47,23 +47,6 @@ class TensorDictEngine:
         return {"num_running_requests": 0, "num_queued_requests": 0, "weight_version": self.weight_version}
 
 
-def flatten_parameters(model: torch.nn.Module) -> torch.Tensor:
-    """Move every parameter of `model` into one flat buffer [numel] (one dtype), as a contiguous trainer parameter buffer holds them; returns it."""
-    params = list(dict.fromkeys(model.parameters()))   # tied parameters once
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) != 1:
-        raise ValueError(f"flatten_parameters needs one parameter dtype, the model has {sorted(map(str, dtypes))}")
-    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    offset = 0
-    with torch.no_grad():
-        for p in params:
-            view = flat[offset:offset + p.numel()].view(p.shape)
-            view.copy_(p)
-            p.data = view
-            offset += p.numel()
-    return flat
-
-
 def make_engine(model_path: str, device: str = "cpu", dtype: str = "float32", max_total_tokens: int = 1024,
                 context_length: int | None = None):
     """An `inference_engine.Engine` with a small KV pool and no CUDA graphs: a weight-sync receiver for tests and benchmarks."""
