@@ -26,6 +26,7 @@ the same device, measured in the same run; a push moves the same bytes, so GB/s 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import struct
@@ -158,14 +159,31 @@ def trainer_weights(shape: Qwen3Shape, dtype: torch.dtype, device: str) -> tuple
     return flat, named
 
 
-def push_old(named: list, engine, bucket_bytes: int, version: int) -> dict[str, float]:
-    """Last version's colocated push: each bucket flattened into fresh buffers, shared by fresh handles; its phases (seconds)."""
-    phases = dict.fromkeys(PHASES, 0.0)
+@contextlib.contextmanager
+def three_calls(engine, phases: dict[str, float]):
+    """Pause the engine, run the body's load calls, continue (also after a failure); then total and the rest.
+
+    The protocol before pause and continue rode along with the loads; `phases` gets pause, resume, total
+    and other (total less the named phases), the body fills pack and wait.
+    """
     start = time.perf_counter()
     engine.pause_generation("pause")
     phases["pause"] = time.perf_counter() - start
-    buckets = 0
     try:
+        yield
+    finally:
+        resumed = time.perf_counter()
+        engine.continue_generation()
+        phases["resume"] = time.perf_counter() - resumed
+    phases["total"] = time.perf_counter() - start
+    phases["other"] = phases["total"] - sum(phases[k] for k in ("pause", "pack", "wait", "resume"))
+
+
+def push_old(named: list, engine, bucket_bytes: int, version: int) -> dict[str, float]:
+    """Last version's colocated push: each bucket flattened into fresh buffers, shared by fresh handles; its phases (seconds)."""
+    phases = dict.fromkeys(PHASES, 0.0)
+    buckets = 0
+    with three_calls(engine, phases):
         for bucket in bucket_named_tensors(iter(named), bucket_bytes):
             packed = time.perf_counter()
             shared = share_bucket(bucket)
@@ -178,12 +196,6 @@ def push_old(named: list, engine, bucket_bytes: int, version: int) -> dict[str, 
             if torch.cuda.is_available():
                 torch.cuda.ipc_collect()
             buckets += 1
-    finally:
-        resumed = time.perf_counter()
-        engine.continue_generation()
-        phases["resume"] = time.perf_counter() - resumed
-    phases["total"] = time.perf_counter() - start
-    phases["other"] = phases["total"] - sum(phases[k] for k in ("pause", "pack", "wait", "resume"))
     return {**phases, "buckets": buckets, "calls": buckets + 2}
 
 
@@ -191,18 +203,9 @@ def push_unfused(named: list, engine, sender: WeightSender, bucket_bytes: int, v
                  resident: list[torch.Tensor]) -> dict[str, float]:
     """The in-place push as it went before pause and continue rode along with the load: three calls; its phases."""
     phases = dict.fromkeys(PHASES, 0.0)
-    start = time.perf_counter()
-    engine.pause_generation("pause")
-    phases["pause"] = time.perf_counter() - start
-    try:
+    with three_calls(engine, phases):
         sent = sender.send_update(bucket_named_tensors(iter(named), bucket_bytes), [engine], version, resident)
-    finally:
-        resumed = time.perf_counter()
-        engine.continue_generation()
-        phases["resume"] = time.perf_counter() - resumed
-    phases["pack"], phases["wait"] = sent.pack_s, sent.wait_s
-    phases["total"] = time.perf_counter() - start
-    phases["other"] = phases["total"] - sum(phases[k] for k in ("pause", "pack", "wait", "resume"))
+        phases["pack"], phases["wait"] = sent.pack_s, sent.wait_s
     return {**phases, "buckets": sent.buckets, "calls": sent.messages + 2, "call": sent.message_s[-1]}
 
 
