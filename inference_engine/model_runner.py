@@ -194,4 +194,11 @@ class ModelRunner:
         """Stop the tp workers (rank 0 of tp_size > 1; nothing otherwise); graceful=False kills them at once."""
         workers, self.workers = self.workers, None
         if workers is not None:
+            self.drop_cuda_graphs()  # graphs hold NCCL work: tearing down the communicator under them hangs
             workers.shutdown(graceful)
+
+    def drop_cuda_graphs(self) -> None:
+        """Free the captured decode graphs once the device has finished with them."""
+        if self.graph_runner is not None:
+            self.graph_runner = None
+            torch.cuda.synchronize(self.device)

@@ -115,7 +115,12 @@ class TPGroup:
         return int(t)
 
     def close(self) -> None:
-        """Release the group's connections."""
+        """Release the group's connections.
+
+        The NCCL communicator is aborted, not finalized: a finalize waits for every peer's and for work
+        that captured CUDA graphs still reference (seen on 2 H100s: both ranks blocked in it for good),
+        while an abort is local. Callers close only after the last collective ("stop"), so nothing is lost.
+        """
         if self.device_group is not self.cpu_group:
-            self.device_group.shutdown()
+            self.device_group.abort()
         self.cpu_group.shutdown()

@@ -177,6 +177,11 @@ def worker_main(rank: int, config: EngineConfig, port: int, num_threads: int) ->
             except Exception:  # rank 0 runs the same operation and reports the same error to its caller
                 log.error("tp rank %d: %s failed:\n%s", rank, name, traceback.format_exc())
     finally:
+        # This process ends here whatever the teardown does: a hung close would hold the GPU and rank 0's join.
+        deadline = threading.Timer(JOIN_TIMEOUT_S / 2, os._exit, args=(0,))
+        deadline.daemon = True
+        deadline.start()
+        runner.drop_cuda_graphs()
         receiver.close()
         group.close()
 
