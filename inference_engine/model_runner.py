@@ -198,7 +198,14 @@ class ModelRunner:
             workers.shutdown(graceful)
 
     def drop_cuda_graphs(self) -> None:
-        """Free the captured decode graphs once the device has finished with them."""
-        if self.graph_runner is not None:
-            self.graph_runner = None
+        """Free the captured decode graphs (and their NCCL work) once the device has finished with them.
+
+        Each graph is reset explicitly: a graph executable that is still alive holds the communicator's
+        resources, and NCCL's teardown then never returns (pytorch/pytorch#115388).
+        """
+        runner, self.graph_runner = self.graph_runner, None
+        if runner is not None and runner.graphs:
             torch.cuda.synchronize(self.device)
+            for graph in runner.graphs.values():
+                graph.reset()
+            runner.graphs.clear()
