@@ -134,7 +134,10 @@ def arm_stall_dump(seconds: float) -> None:
 
     The engine's tp workers and the push receivers print on SIGUSR1; this process's dump comes from
     faulthandler's own thread, so it appears even while a thread holds the GIL in a blocking call.
+    This process ignores SIGUSR1, and a child spawned from it inherits that until it installs its stack
+    printer: a child still starting up when the dump comes is not killed by the signal's default action.
     """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     faulthandler.dump_traceback_later(seconds, exit=False)
 
     def signal_children() -> None:
