@@ -3,20 +3,26 @@
 The trainer's weights are random bf16 tensors in one flat device buffer (as a contiguous parameter
 buffer holds them), HF-named views of it; the receiver is an `inference_engine.Engine` built from a
 local HF folder of the same shape (config, tokenizer, a zero-filled sparse safetensors file: no hub).
-Four paths are timed side by side, taking turns push by push, end to end (pause, every bucket loaded into the engine's fused
+Five paths are timed side by side, taking turns push by push, end to end (pause, every bucket loaded into the engine's fused
 parameters, radix-cache flush, version, continue), each after a checksum-verified warm-up push:
 
   old              every bucket flattened into fresh buffers, fresh handles, opened by the engine per bucket
   packed           `push_weights`: buckets packed into two persistent staging buffers shared once (two copies)
-  in-place-3-calls the in-place wire with pause and continue as calls of their own (as before they rode along)
-  in-place         `push_weights(resident=[buffer])`: the engine copies straight out of the trainer's buffer
-                   (one copy); pause and continue ride along with the load (one call per engine)
+  in-place-3-calls `push_weights(resident=[buffer])`'s wire with pause and continue as calls of their own, the
+                   trainer's buffer shared and opened anew for every push (`keep_resident_open=False`)
+  in-place-reopen  the same in one call per engine (pause and continue ride along with the load): the RL loop's
+                   push when the trainer offloads between steps (its buffer moves, so it is opened anew)
+  in-place         the same with the buffer kept open on the engine between pushes (`keep_resident_open=True`):
+                   a repeated push opens nothing and the engine reuses its views and copy list; one copy per byte
 
 A second table splits each path's milliseconds into the sender's phases (`PushStats.phases`) and the
 engine's own for its last load call (`Engine.metrics()["weight_update_phases_s"]`).
 
 Copy bandwidth: the model's bytes over the time of one `dst.copy_(src)` of a buffer of that size on
 the same device, measured in the same run; a push moves the same bytes, so GB/s over it is the ratio.
+A third table times the copy alone, in this process, from the model's tensors (views of one buffer)
+into separate tensors: one `torch._foreach_copy_`, a `copy_` per tensor, and `copy_tensors` (what the
+engine's loader runs: large tensors one by one, the rest in one multi-tensor copy).
 
     python benchmarks/weight_push.py                      # GPU: Qwen3-0.6B and Qwen3-8B shapes, bf16
     python benchmarks/weight_push.py --device cpu --smoke # CPU: small shapes over shared memory
@@ -42,10 +48,11 @@ import torch
 
 from benchmarks.processes import RemoteWeightEndpoint
 from weight_sync import WeightSender, WeightSyncConfig, bucket_named_tensors, push_weights, share_bucket
-from weight_sync.buckets import tensor_bytes
+from weight_sync.buckets import copy_tensors, tensor_bytes
 from weight_sync.testing import make_engine
 
-PATHS = ("old", "packed", "in-place-3-calls", "in-place")
+PATHS = ("old", "packed", "in-place-3-calls", "in-place-reopen", "in-place")
+KEEP_OPEN = {"packed": True, "in-place-3-calls": False, "in-place-reopen": False, "in-place": True}   # keep_resident_open
 PHASES = ("pause", "pack", "wait", "resume", "other", "total")   # the sender's (weight_sync.push.PHASES, less verify)
 ENGINE_PHASES = ("open", "queue", "load", "flush", "close", "total")   # Engine.metrics()["weight_update_phases_s"]
 
@@ -128,22 +135,42 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def copy_bandwidth(device: str, nbytes: int, repeats: int = 5) -> float:
-    """GB/s of one device-to-device `copy_` of an `nbytes` buffer: nbytes over its median time."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def _median_seconds(fn, device: str, repeats: int) -> float:
+    """Median wall time of fn() (device work included), after one warm-up call."""
+    fn()
     _sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        dst.copy_(src)
+        fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int, repeats: int = 5) -> float:
+    """GB/s of one device-to-device `copy_` of an `nbytes` buffer: nbytes over its median time."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), device, repeats)
     del src, dst
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return nbytes / 1e9 / statistics.median(times)
+    return nbytes / 1e9 / seconds
+
+
+def tensor_copy_seconds(shape: Qwen3Shape, dtype: torch.dtype, device: str, repeats: int = 5) -> dict[str, float]:
+    """Median seconds to copy the model's tensors (views of one buffer) into separate tensors, three ways."""
+    _, named = trainer_weights(shape, dtype, device)
+    srcs = [t for _, t in named]
+    dsts = [torch.empty_like(t) for t in srcs]
+    out = {"foreach": _median_seconds(lambda: torch._foreach_copy_(dsts, srcs), device, repeats),
+           "per-tensor": _median_seconds(lambda: [d.copy_(s) for d, s in zip(dsts, srcs)], device, repeats),
+           "copy_tensors": _median_seconds(lambda: copy_tensors(dsts, srcs), device, repeats)}
+    del named, srcs, dsts
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
 
 
 def trainer_weights(shape: Qwen3Shape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, list]:
@@ -240,8 +267,8 @@ def bench_model(shape: Qwen3Shape, device: str, dtype: torch.dtype, bucket_bytes
     try:
         flat, named = trainer_weights(shape, dtype, device)
         total = sum(tensor_bytes(t) for _, t in named)
-        senders = {path: WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes))
-                   for path in PATHS if path != "old"}
+        senders = {path: WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes,
+                                                       keep_resident_open=keep)) for path, keep in KEEP_OPEN.items()}
         pushes: dict[str, list[dict]] = {path: [] for path in PATHS}
         engine_phases: dict[str, list[dict]] = {path: [] for path in PATHS}
         version = 0
@@ -313,18 +340,26 @@ def main() -> None:
           f"{'CUDA IPC' if args.device.startswith('cuda') else 'shared memory'}; median of {args.repeats} pushes")
     print("| model shape | path | tensors | GB | buckets | seconds | GB/s | copy GB/s | of copy bandwidth |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows = []
+    rows, copies = [], {}
     with tempfile.TemporaryDirectory(prefix="kiln_weight_push_") as tmp:
         for name in names:
             shape = SHAPES[name]
             nbytes = sum(torch.Size(s).numel() for _, s in hf_tensor_shapes(shape)) * dtype.itemsize
             copy_gbps = copy_bandwidth(args.device, nbytes)
+            copies[shape.name] = (nbytes / 1e9 / copy_gbps, tensor_copy_seconds(shape, dtype, args.device))
             for r in bench_model(shape, args.device, dtype, bucket_bytes, args.repeats, Path(tmp)):
                 print(f"| {r['model']} | {r['path']} | {r['tensors']} | {r['gb']:.3f} | {r['buckets']} | "
                       f"{r['seconds']:.4f} | {r['gb_per_s']:.1f} | {copy_gbps:.0f} | {r['gb_per_s'] / copy_gbps:.0%} |",
                       flush=True)
                 rows.append(r)
     print_phases(rows)
+    print("\nThe copy alone (ms, medians, this process): the model's tensors into separate tensors; one buffer-sized "
+          "copy_ for reference.")
+    print("| model shape | one copy_ | foreach | per-tensor copy_ | copy_tensors |")
+    print("| --- | --- | --- | --- | --- |")
+    for model, (one, ways) in copies.items():
+        print(f"| {model} | {one * 1e3:.3f} | " + " | ".join(f"{ways[k] * 1e3:.3f}" for k in
+                                                          ("foreach", "per-tensor", "copy_tensors")) + " |")
 
 
 if __name__ == "__main__":

@@ -397,6 +397,9 @@ class Engine:
             return self._apply_weights(lambda: self._load_and_wait(named), weight_version, phases,
                                        pause=bucket.pause is not None, resume=bucket.resume)
 
+        if not bucket.names:   # the sender closes storages it kept open: nothing to load, no new version
+            self._receiver.receive_colocated(bucket, load)
+            return self.weight_version
         try:
             return self._receiver.receive_colocated(bucket, load, phases)
         finally:

@@ -4,7 +4,8 @@ The stand-in trainer is an HF model whose parameters live in one flat buffer (a 
 buffer): tensors that view it are read by the engine in place, copies of them go through the sender's
 persistent staging buffers. After every push the engine must hold exactly the trainer's weights and
 generate what HF generates from them, while the staging handles are opened once and the in-place ones
-are closed after each push.
+stay open between pushes while the trainer's buffer lives (or, with keep_resident_open=False, are
+closed after each push).
 
 The RL loop's own path comes last: a TP=1 megatron trainer (`trainer.group.TrainerWorker`, two data-
 parallel ranks) pushes after each training step with its parameters resident, so the engine reads
@@ -81,24 +82,28 @@ def _storage(model) -> set[int]:
     """The storages (data pointers) that hold the model's parameters."""
     return {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-def test_three_pushes_with_release_resume_and_trainer_offload(engine, qwen3_model):
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-open", "per-push"])
+def test_pushes_with_engine_release_resume_and_trainer_offload(engine, qwen3_model, keep):
+    """Step 2 repeats step 1's layout (kept: nothing opened, the engine's views and copy lists reused), step 3
+    follows an engine release / resume (new parameters, same trainer storage), step 4 a trainer move."""
     trainer = _trainer(qwen3_model, seed=1)
     flatten_parameters(trainer, CPU)
-    sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=BUCKET_BYTES, check_weight_update=True))
-    opened = []
+    config = WeightSyncConfig(transport="colocated", bucket_bytes=BUCKET_BYTES, check_weight_update=True,
+                              keep_resident_open=keep)
+    sender = WeightSender(config)
+    opened, storages_open = [], []
     try:
-        for step in (1, 2, 3):
-            if step == 2:
-                _step(trainer, seed=2)
-            if step == 3:   # the trainer offloads and comes back elsewhere; the engine's weights move too
+        for step in (1, 2, 3, 4):
+            _step(trainer, seed=step + 1)
+            if step == 3:
+                engine.release_memory(weights=True)
+                engine.resume_memory()
+            if step == 4:   # the trainer offloads and comes back elsewhere
                 old = _storage(trainer)
                 for p in trainer.parameters():
                     p.data = p.data.clone()
                 flatten_parameters(trainer, CPU)
                 assert _storage(trainer) != old
-                _step(trainer, seed=3)
-                engine.release_memory(weights=True)
-                engine.resume_memory()
             stats = push_weights(_buckets(trainer, BUCKET_BYTES), [engine], sender, weight_version=step,
                                  resident=list(trainer.parameters()))
             assert stats.weight_version == step and stats.buckets > 1
@@ -106,11 +111,20 @@ def test_three_pushes_with_release_resume_and_trainer_offload(engine, qwen3_mode
             assert stats.in_place_tensors == stats.tensors - copies
             _assert_engine_equals(engine, trainer, step)
             metrics = engine.metrics()
-            assert metrics["weight_sync_storages_open"] == 2   # the two staging buffers stay open; the trainer's is closed
+            storages_open.append(metrics["weight_sync_storages_open"])
             opened.append(metrics["weight_sync_handles_opened_total"])
+        if keep:
+            sender.release([engine])   # as the trainer does before it offloads
+            assert engine.metrics()["weight_sync_storages_open"] == 2
+            assert engine.weight_version == 4   # a release loads nothing
     finally:
-        sender.close()
-    assert opened[1] - opened[0] == opened[2] - opened[1] == 1   # later pushes open only the trainer's buffer, once
+        sender.close([engine])
+    assert engine.metrics()["weight_sync_storages_open"] == 0
+    deltas = [b - a for a, b in zip(opened, opened[1:])]
+    if keep:   # the trainer's buffer stays open beside the two staging buffers; opened again only after it moved
+        assert storages_open == [3, 3, 3, 3] and deltas == [0, 0, 1]
+    else:      # the staging buffers stay open; the trainer's buffer is opened and closed within every push
+        assert storages_open == [2, 2, 2, 2] and deltas == [1, 1, 1]
 
 
 def test_bucket_smaller_than_one_tensor_in_bf16(engine, qwen3_model):
@@ -175,7 +189,13 @@ def _trainer_push_worker(rank, world, model_path, out_dir):
                 out[step] = {"stats": stats, "engine": {n: t.clone() for n, t in engine.named_hf_tensors()},
                              "greedy": engine.generate(input_ids=PROMPT, sampling_params=GREEDY),
                              "storages_open": engine.metrics()["weight_sync_storages_open"]}
+            worker.offload()   # as the colocated loop does for the rollout: the engine lets go of the parameters first
+            if engine is not None:
+                out[step]["storages_open_offloaded"] = engine.metrics()["weight_sync_storages_open"]
+            worker.onload()
         worker.disconnect_engines()
+        if engine is not None:
+            out["storages_open_disconnected"] = engine.metrics()["weight_sync_storages_open"]
     finally:
         if engine is not None:
             engine.close()
@@ -210,7 +230,9 @@ def test_trainer_push_reads_all_but_qkv_in_place(trainer_pushes, step):
     assert stats["in_place_tensors"] == len(exported) - len(qkv)
     assert stats["bytes"] - stats["in_place_bytes"] == sum(t.numel() * t.element_size() for t in qkv)
     assert stats["in_place_bytes"] > 0.6 * stats["bytes"]
-    assert results[step]["storages_open"] <= 2   # staging buffers only: the trainer's parameters were closed
+    # the trainer's one parameter buffer stays open beside the staging buffers until the trainer offloads
+    assert results[step]["storages_open"] == results[step]["storages_open_offloaded"] + 1 <= 3
+    assert results["storages_open_disconnected"] == 0
 
 
 @pytest.mark.parametrize("step", [1, 2])

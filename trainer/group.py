@@ -57,6 +57,12 @@ class TrainerWorker(TrainerActor):
         stats = push_weights(buckets, self.engines, self.sender, weight_version, resident=list(self.model.parameters()))
         return {**asdict(stats), "gb_per_s": stats.gb_per_s}
 
+    def offload(self) -> int:
+        """Offload (see TrainerActor.offload), after the engines closed the parameter storages they keep open."""
+        if self.sender is not None:
+            self.sender.release(self.engines)
+        return super().offload()
+
     def disconnect_engines(self) -> None:
         """Tear down the weight sender (and the engines' ends of its group)."""
         if self.sender is not None:

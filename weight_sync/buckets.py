@@ -36,13 +36,29 @@ def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], buck
         yield bucket
 
 
+LARGE_COPY_BYTES = 4 << 20   # on CUDA a tensor this large is copied by its own copy_ (a device memcpy at full bandwidth)
+
+
+class StableBucket(list):
+    """(hf_name, tensor) pairs that a receiver keeps and hands over again for every push that repeats them.
+
+    The same object, holding the same views of storages that stay open, comes back push after push, so a
+    loader may keep what it derives from it (its copy list) for as long as the bucket lives: it holds the
+    bucket weakly, and the derived work goes when the receiver drops the bucket (when a storage closes).
+    """
+
+
 def copy_tensors(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> None:
-    """dsts[i].copy_(srcs[i]) for every i: one multi-tensor copy on CUDA (few launches), a loop on CPU (faster there)."""
-    if dsts and dsts[0].is_cuda:
-        torch._foreach_copy_(list(dsts), list(srcs))
-    else:
-        for dst, src in zip(dsts, srcs):
+    """dsts[i].copy_(srcs[i]) for every i: small ones as one multi-tensor copy (few launches), large CUDA ones one by one."""
+    small_dsts, small_srcs = [], []
+    for dst, src in zip(dsts, srcs):
+        if dst.is_cuda and dst.numel() * dst.element_size() >= LARGE_COPY_BYTES:
             dst.copy_(src)
+        else:
+            small_dsts.append(dst)
+            small_srcs.append(src)
+    if small_dsts:
+        torch._foreach_copy_(small_dsts, small_srcs)
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:

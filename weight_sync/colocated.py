@@ -10,6 +10,7 @@ from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from weight_sync.buckets import NamedTensors, copy_tensors, dtype_name, tensor_bytes
 from weight_sync.errors import raise_engine_errors
@@ -30,15 +31,23 @@ class ColocatedChannel:
     persistent staging buffers. Buckets with nothing to pack need no buffer: their entries ride along
     with the next message (one message for a push that packs nothing), saving a round trip each. A staging buffer is shared once and opened once per engine; it is
     replaced (the old one retired on the engines) only when a bucket outgrows it, which after the first
-    push no longer happens. In-place storages are shared once per push and closed by the engines after
-    the push's last bucket, so the trainer may offload or free them afterwards.
+    push no longer happens.
+
+    In-place storages: with `keep_resident` each is shared once and stays open on the engines from push to
+    push for as long as it lives (the sender holds it weakly: one that the trainer freed, e.g. by moving
+    its parameters, is retired at the next push, and `release` closes them all before the trainer moves);
+    a repeated push then opens nothing and the engines reuse the views and copy lists they made for it.
+    Without `keep_resident` they are shared once per push and closed after its last bucket.
     """
 
-    def __init__(self, submit: Callable[..., Future]):
+    def __init__(self, submit: Callable[..., Future], keep_resident: bool = True):
         self.sender_id = uuid.uuid4().hex[:12]
         self.generation = 0
+        self.keep_resident = keep_resident
         self._submit = submit
         self._ids = itertools.count()
+        self._kept: dict[int, tuple[int, StorageWeakRef]] = {}   # storage data_ptr -> (storage id, weak ref): open on engines
+        self._layouts: dict[tuple, int] = {}   # a message's entries -> its layout id, for the last push's messages
         self._staging: list[tuple[int, torch.Tensor] | None] = [None] * SLOTS   # (storage id, uint8 [nbytes])
         self._opened: dict[int, set[int]] = {}    # id(engine) -> staging storage ids it has open (this generation)
         self._retired: dict[int, list[int]] = {}  # id(engine) -> storage ids it should close with its next bucket
@@ -61,7 +70,8 @@ class ColocatedChannel:
             if t.untyped_storage().data_ptr() not in resident_storages:   # parameters of one flat buffer: one storage
                 whole = storage_bytes(t)
                 resident_storages[whole.untyped_storage().data_ptr()] = whole
-        in_place: dict[int, int] = {}   # storage data_ptr -> storage id, for the resident storages this push used
+        in_place = self._still_kept(resident_storages)   # storage data_ptr -> storage id, for the resident storages
+        layouts: dict[tuple, int] = {}
         shown: dict[int, set[int]] = {id(e): set() for e in engines}   # in-place storage ids each engine has open
         pending: list[list[Future]] = [[] for _ in range(SLOTS + 1)]   # per staging slot; the last: in-place only
         deferred: tuple[list, dict] = ([], {})   # entries of in-place-only buckets, sent with the next message
@@ -96,8 +106,9 @@ class ColocatedChannel:
                         wait_for(futures)
                 start = time.perf_counter()
                 first = pause if counts.messages == 0 else None
+                layout = self._layout(deferred[0], layouts)
                 messages = [self._message(engine, deferred[0], deferred[1], shown[id(engine)], last, first,
-                                          resume and last) for engine in engines]
+                                          resume and last, layout) for engine in engines]
                 counts.pack_s += time.perf_counter() - start
                 start = time.perf_counter()
                 at_once = last or first is not None   # a pausing message is loaded before any other goes out
@@ -115,6 +126,7 @@ class ColocatedChannel:
             for futures in pending:
                 wait_for(futures)
             counts.message_s = [max(times) for times in rounds]
+            self._layouts = layouts
         except BaseException:
             wait([f for futures in pending for f in futures])   # nobody reads the buffers any more
             self._start_over()
@@ -155,7 +167,11 @@ class ColocatedChannel:
                 storage_id = in_place.get(ptr)
                 if storage_id is None:
                     storage_id = in_place[ptr] = next(self._ids)
-                used[storage_id] = (False, resident[ptr])
+                    if self.keep_resident:
+                        if ptr in self._kept:   # another storage at that address before: no longer this one
+                            self._retire(self._kept[ptr][0])
+                        self._kept[ptr] = (storage_id, StorageWeakRef(resident[ptr].untyped_storage()))
+                used[storage_id] = (self.keep_resident, resident[ptr])
                 entries.append((name, dtype, tuple(t.shape), tuple(t.stride()), storage_id, t.storage_offset()))
             else:
                 entries.append((name, dtype, tuple(t.shape), _contiguous_strides(t.shape), staging_id,
@@ -171,16 +187,52 @@ class ColocatedChannel:
         if current is not None and current[1].numel() >= nbytes and current[1].device == device:
             return current
         if current is not None:
-            for engine_id, opened in self._opened.items():
-                if current[0] in opened:
-                    opened.discard(current[0])
-                    self._retired.setdefault(engine_id, []).append(current[0])
+            self._retire(current[0])
         buffer = storage_bytes(torch.empty(max(nbytes, ALIGN), dtype=torch.uint8, device=device))
         self._staging[slot] = (next(self._ids), buffer)
         return self._staging[slot]
 
+    def _still_kept(self, resident: dict[int, torch.Tensor]) -> dict[int, int]:
+        """{data_ptr: storage id} of the kept storages that `resident` still holds; the freed ones are retired."""
+        in_place = {}
+        for ptr, (storage_id, ref) in list(self._kept.items()):
+            whole = resident.get(ptr)
+            if whole is not None and StorageWeakRef(whole.untyped_storage()) == ref:   # the very storage, alive
+                in_place[ptr] = storage_id
+            elif ref.expired():   # the trainer freed it: the engines unmap it with their next message
+                del self._kept[ptr]
+                self._retire(storage_id)
+        return in_place
+
+    def _retire(self, storage_id: int) -> None:
+        """Have every engine that opened the storage close it with its next message."""
+        for engine_id, opened in self._opened.items():
+            if storage_id in opened:
+                opened.discard(storage_id)
+                self._retired.setdefault(engine_id, []).append(storage_id)
+
+    def _layout(self, entries: list[tuple], layouts: dict[tuple, int]) -> int:
+        """The id of these entries: the one the last push gave the same entries, else a new one."""
+        key = tuple(entries)
+        layout = self._layouts.get(key)
+        layouts[key] = layout = next(self._ids) if layout is None else layout
+        return layout
+
+    def release(self, engines: Sequence[Any], staging: bool = False) -> None:
+        """Have the engines close the trainer's storages they keep open (and with `staging` the staging buffers)."""
+        for storage_id, _ in self._kept.values():
+            self._retire(storage_id)
+        self._kept.clear()
+        if staging:
+            for slot in (s for s in self._staging if s is not None):
+                self._retire(slot[0])
+        futures = [self._submit(engine.update_weights_from_tensor, self._message(engine, [], {}, set(), False, None,
+                                                                                 False, None))
+                   for engine in engines if self._retired.get(id(engine))]
+        raise_engine_errors(futures, "update_weights_from_tensor", None)
+
     def _message(self, engine: Any, entries: list[tuple], used: dict[int, tuple[bool, torch.Tensor]],
-                 shown: set[int], last: bool, pause: str | None, resume: bool) -> ColocatedBucket:
+                 shown: set[int], last: bool, pause: str | None, resume: bool, layout: int | None) -> ColocatedBucket:
         """The bucket as `engine` gets it: handles of the storages it has not opened yet, then the entries."""
         opened = self._opened.setdefault(id(engine), set())
         handles: list[StorageHandle] = []
@@ -189,15 +241,18 @@ class ColocatedChannel:
             if storage_id not in seen:
                 handles.append(share_storage(storage_id, whole, persistent))
                 seen.add(storage_id)
-        names, dtypes, shapes, strides, storage_ids, offsets = (list(column) for column in zip(*entries))
+        names, dtypes, shapes, strides, storage_ids, offsets = (list(column) for column in zip(*entries)) \
+            if entries else ([], [], [], [], [], [])
         return ColocatedBucket(self.sender_id, self.generation, handles, self._retired.pop(id(engine), []), names,
-                               dtypes, shapes, strides, storage_ids, offsets, last, pause, resume)
+                               dtypes, shapes, strides, storage_ids, offsets, last, pause, resume, layout)
 
     def _start_over(self) -> None:
         """After a failed push: a new generation, so every engine drops its mappings and gets fresh handles."""
         self.generation += 1
         self._opened.clear()
         self._retired.clear()
+        self._kept.clear()
+        self._layouts.clear()
 
     def close(self) -> None:
         """Free the staging buffers (engines drop their mappings when they see the next generation)."""

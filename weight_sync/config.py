@@ -21,6 +21,10 @@ class WeightSyncConfig:
     pause_mode: "pause" = engines stop stepping, in-flight requests resume on the new weights;
         "drain" = engines stop admitting and finish in-flight requests on the old weights first.
     check_weight_update: after each update compare per-tensor checksums of engine and trainer.
+    keep_resident_open: colocated engines keep the trainer's parameter storages (read in place) open from
+        push to push while they live, so a repeated push opens no handle and reuses the engines' views and
+        copy lists; `WeightSender.release(engines)` closes them before the trainer moves its parameters.
+        False: shared and closed within every push.
     timeout_s: rendezvous and per-collective timeout of the distributed group.
     """
 
@@ -29,6 +33,7 @@ class WeightSyncConfig:
     backend: str = "auto"
     pause_mode: str = "pause"
     check_weight_update: bool = False
+    keep_resident_open: bool = True
     timeout_s: float = 300.0
     master_address: str = "127.0.0.1"
     master_port: int = 0

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
-from weight_sync.buckets import FlatLayout, NamedTensors, parse_dtype
+from weight_sync.buckets import FlatLayout, NamedTensors, StableBucket, parse_dtype
 from weight_sync.errors import WeightSyncError
 
 
@@ -82,9 +82,10 @@ def _open_shared_file(manager: bytes, name: bytes, nbytes: int) -> torch.Tensor:
 class StorageHandle:
     """One storage shared by handle: its id at the sender, whether it outlives the push, and its reduced form.
 
-    Persistent storages (the sender's staging buffers) stay open on the receiver until the sender retires
-    them or starts a new generation; the others (the trainer's own tensors, read in place) are closed
-    after the push's last bucket, so the trainer may free or move them.
+    Persistent storages (the sender's staging buffers, and the trainer's own tensors read in place while
+    the sender keeps them shared between pushes) stay open on the receiver until the sender retires them
+    or starts a new generation; the others (in-place storages shared for one push) are closed after the
+    push's last bucket, so the trainer may free or move them.
     """
 
     storage_id: int
@@ -113,9 +114,12 @@ class ColocatedBucket:
     """One bucket of a colocated push, as `WeightSender` sends it: where each tensor lies in storages shared by handle.
 
     `storages` are the handles this receiver has not opened yet (each storage travels once per
-    generation, or once per push for storages read in place); `retired` are storage ids to close.
-    Tensor i is `dtypes[i]` with `shapes[i]` / `strides[i]` at element offset `offsets[i]` of storage
-    `storage_ids[i]`. The receiver must be done reading the storages when its load call returns.
+    generation, or once per push for in-place storages not kept between pushes); `retired` are storage
+    ids to close. Tensor i is `dtypes[i]` with `shapes[i]` / `strides[i]` at element offset `offsets[i]`
+    of storage `storage_ids[i]`. `layout` names these entries: the sender gives the same id to the same
+    entries (within a generation), so the receiver can keep the views it made for them while their
+    storages stay open. A bucket without tensors only opens and retires storages (nothing is loaded).
+    The receiver must be done reading the storages when its load call returns.
     `pause` / `resume` fold the push's pause and continue into its first / last message: the receiver
     pauses (that mode) before loading and continues after, one round trip for a one-message push.
     """
@@ -133,6 +137,7 @@ class ColocatedBucket:
     last: bool   # the push's last bucket: the receiver closes the push's in-place (non-persistent) storages after it
     pause: str | None = None   # pause_generation(mode=pause) before loading (the push's first message)
     resume: bool = False       # continue_generation() after loading (the push's last message)
+    layout: int | None = None  # the sender's id of these entries; None: not to be kept
 
     @property
     def nbytes(self) -> int:
@@ -146,27 +151,57 @@ class ColocatedBucket:
         return total
 
 
+MAX_LAYOUTS = 64   # kept bucket views per sender; more (a sender whose buckets never repeat) start the cache over
+
+
+@dataclass
+class _SenderState:
+    """What a receiver holds of one sender: its generation, opened storages and the views made of them per layout."""
+
+    generation: int
+    opened: dict[int, tuple[torch.Tensor, bool]]   # storage id -> (uint8 [nbytes], persistent)
+    views: dict[int, StableBucket]                  # layout id -> the bucket's (hf_name, view) pairs
+
+
 class SharedStorages:
-    """A receiver's opened storages, per sender: what `ColocatedBucket`s point into. Thread-safe."""
+    """A receiver's opened storages, per sender: what `ColocatedBucket`s point into. Thread-safe.
+
+    The views of a bucket whose layout comes back (every push, while the storages stay open) are made
+    once and handed out again as the same `StableBucket`; closing any of the sender's storages drops them.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._senders: dict[str, tuple[int, dict[int, tuple[torch.Tensor, bool]]]] = {}
-        self.opened_total = 0   # handles opened so far: staging buffers once per generation, in-place storages once per push
+        self._senders: dict[str, _SenderState] = {}
+        self.opened_total = 0   # handles opened so far: each storage once per stretch that it stays open
 
     def tensors(self, bucket: ColocatedBucket) -> NamedTensors:
         """The bucket's (hf_name, tensor) as views of the shared storages, opening the handles it brings."""
         with self._lock:
-            generation, opened = self._senders.get(bucket.sender, (None, {}))
-            if generation != bucket.generation:   # the sender started over: drop every mapping of the old generation
-                opened = {}
-                self._senders[bucket.sender] = (bucket.generation, opened)
+            state = self._senders.get(bucket.sender)
+            if state is None or state.generation != bucket.generation:   # new sender, or it started over
+                state = self._senders[bucket.sender] = _SenderState(bucket.generation, {}, {})
             for storage_id in bucket.retired:
-                opened.pop(storage_id, None)
+                if state.opened.pop(storage_id, None) is not None:
+                    state.views.clear()
             for handle in bucket.storages:
-                opened[handle.storage_id] = (handle.open(), handle.persistent)
+                state.opened[handle.storage_id] = (handle.open(), handle.persistent)
                 self.opened_total += 1
-            storages = dict(opened)
+            kept = state.views.get(bucket.layout) if bucket.layout is not None else None
+            if kept is not None:
+                return kept
+            storages = dict(state.opened)
+        named = StableBucket(self._views(bucket, storages))
+        if bucket.layout is not None and named:
+            with self._lock:   # kept only while every storage it views is still open (none retired meanwhile)
+                if self._senders.get(bucket.sender) is state and state.opened.keys() >= set(bucket.storage_ids):
+                    if len(state.views) >= MAX_LAYOUTS:
+                        state.views.clear()
+                    state.views[bucket.layout] = named
+        return named
+
+    @staticmethod
+    def _views(bucket: ColocatedBucket, storages: dict[int, tuple[torch.Tensor, bool]]) -> NamedTensors:
         typed: dict[tuple[int, str], torch.Tensor] = {}
         out = []
         for name, dtype, shape, stride, storage_id, offset in zip(bucket.names, bucket.dtypes, bucket.shapes,
@@ -187,14 +222,19 @@ class SharedStorages:
         if not bucket.last:
             return
         with self._lock:
-            _, opened = self._senders.get(bucket.sender, (None, {}))
-            for storage_id in [i for i, (_, persistent) in opened.items() if not persistent]:
-                del opened[storage_id]
+            state = self._senders.get(bucket.sender)
+            if state is None:
+                return
+            closing = [i for i, (_, persistent) in state.opened.items() if not persistent]
+            for storage_id in closing:
+                del state.opened[storage_id]
+            if closing:
+                state.views.clear()
 
     def open_count(self, persistent: bool | None = None) -> int:
         """How many storages are open now (of every sender), optionally only persistent / only in-place ones."""
         with self._lock:
-            return sum(1 for _, opened in self._senders.values() for _, p in opened.values()
+            return sum(1 for state in self._senders.values() for _, p in state.opened.values()
                        if persistent is None or p == persistent)
 
     def close(self) -> None:

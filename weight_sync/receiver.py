@@ -140,9 +140,10 @@ class WeightReceiver:
         self._apply_synced(named, weight_version)
 
     def receive_colocated(self, bucket: ColocatedBucket, load: Callable[[NamedTensors], T],
-                          phases: dict[str, float] | None = None) -> T:
+                          phases: dict[str, float] | None = None) -> T | None:
         """Open the bucket's tensors in the shared storages, `load` them (done reading when it returns), close what the push is done with.
 
+        A bucket without tensors only opens and closes storages: `load` is not called, None is returned.
         `phases` gets the seconds of "open" (handles opened, views made) and "close" (storages the push is done with).
         """
         phases = {} if phases is None else phases
@@ -151,7 +152,7 @@ class WeightReceiver:
         try:
             named = self.shared.tensors(bucket)
             phases["open"] = time.perf_counter() - start
-            return load(named)
+            return load(named) if bucket.names else None
         finally:
             start = time.perf_counter()
             named = None   # the views go first, so that closing unmaps the storages the push is done with

@@ -104,19 +104,29 @@ class WeightSender:
             counts.wait_s = sum(counts.message_s)
         else:
             if self._colocated is None:
-                self._colocated = ColocatedChannel(self._submit)
+                self._colocated = ColocatedChannel(self._submit, self.config.keep_resident_open)
             self._colocated.push(trainer_buckets, engines, weight_version, resident, counts, count, pause, resume)
         return counts
 
+    def release(self, engines: Sequence[Any]) -> None:
+        """Colocated: have the engines close the trainer's storages they keep open between pushes; call it before
+        the trainer moves or frees its parameters (offload), or their memory stays mapped until the next push."""
+        if self._colocated is not None:
+            self._colocated.release(engines)
+
     def close(self, engines: Sequence[Any] = ()) -> None:
-        """Tear down the group (on the engines too), the staging buffers and the worker threads."""
+        """Tear down the group (on the engines too), the colocated storages (closed on `engines`), the staging
+        buffers and the worker threads."""
         if self.group is not None:
             futures = [self._submit(e.destroy_weights_update_group, self.config.group_name) for e in engines]
             self.group.close()
             self.group = None
             raise_engine_errors(futures, "destroy_weights_update_group", None)
         if self._colocated is not None:
-            self._colocated.close()
+            try:
+                self._colocated.release(engines, staging=True)
+            finally:
+                self._colocated.close()
             self._colocated = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)

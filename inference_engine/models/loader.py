@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
 from inference_engine.models.layers import WeightSlice, default_weight_target, replicated_unshard
 from inference_engine.models.transformer import CausalLM, ModelSpec
 from inference_engine.parallel import TPGroup
-from weight_sync.buckets import copy_tensors
+from weight_sync.buckets import StableBucket, copy_tensors
 
 # HF projection name -> (fused engine parameter, part of it)
 PACKED = {
@@ -62,70 +64,139 @@ def resolve(model: CausalLM, params: dict[str, torch.nn.Parameter], hf_name: str
                      f"({model.spec.num_layers} layers); expected HF names like 'model.layers.0.self_attn.q_proj.weight'")
 
 
+class _Target(NamedTuple):
+    """A resolved (HF name, shape): its slice, the parameter it lies in, and whether it takes the HF tensor whole."""
+
+    slice: WeightSlice
+    param: torch.nn.Parameter
+    whole: bool   # the source is the HF tensor itself (no narrow): this rank holds all of it
+
+
+@dataclass
+class WeightCopies:
+    """A bucket's loads, resolved: per (dtype, device) pair the parameter slices and the sources copied into them."""
+
+    names: list[str]   # the HF names loaded (skipped ones left out)
+    groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]]   # (dsts, srcs)
+    pads: list[torch.Tensor]   # padding rows of vocab shards, zeroed on every load
+
+    def run(self) -> list[str]:
+        """Copy every source into its slice; returns the names loaded."""
+        for pad in self.pads:
+            pad.zero_()
+        for dsts, srcs in self.groups:
+            copy_tensors(dsts, srcs)
+        return self.names
+
+
 class WeightPlan:
     """Where each HF-named tensor goes in this model (a parameter view and the slice of the HF tensor it takes),
     resolved and shape-checked once per (name, shape) and reused by every later load.
 
     The views point at the parameters' current storage: make a new plan after the weights move
-    (`ModelRunner.release_memory` / `resume_memory` do).
+    (`ModelRunner.release_memory` / `resume_memory` do). A `StableBucket` (a receiver's bucket of views
+    that comes back push after push) keeps its resolved copies here for as long as it lives.
     """
 
     def __init__(self, model: CausalLM):
         self.model = model
         self._params = dict(model.named_parameters())
-        self._slices: dict[tuple[str, tuple[int, ...]], WeightSlice | None] = {}
+        self._targets: dict[tuple[str, tuple[int, ...]], _Target | None] = {}
+        self._kept: dict[int, tuple[weakref.ref, WeightCopies]] = {}   # id(StableBucket) -> (its weak ref, copies)
 
     def target(self, hf_name: str, shape: Sequence[int]) -> WeightSlice | None:
         """The slice an HF tensor of this name and shape loads into (None: skipped, e.g. a tied lm_head); bad ones raise."""
+        resolved = self._resolve(hf_name, shape)
+        return None if resolved is None else resolved.slice
+
+    def _resolve(self, hf_name: str, shape: Sequence[int]) -> _Target | None:
         key = (hf_name, tuple(shape))
-        if key in self._slices:
-            return self._slices[key]
+        if key in self._targets:
+            return self._targets[key]
         param, shard_id = resolve(self.model, self._params, hf_name)
-        target = None
+        resolved = None
         if param is not None:
             param.hf_name = hf_name
             target = getattr(param, "weight_target", default_weight_target)(param, torch.Size(shape), shard_id)
-        self._slices[key] = target
-        return target
+            whole = target.dim is None or (target.start == 0 and target.length == shape[target.dim])
+            resolved = _Target(target, param, whole)
+        self._targets[key] = resolved
+        return resolved
 
     def check(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Raise ValueError for the first unknown name or wrong shape, before anything is loaded."""
         for name, tensor in named_tensors:
-            self.target(name, tensor.shape)
+            self._resolve(name, tensor.shape)
 
     @torch.no_grad()
     def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """Copy HF-named tensors into their parameter slices; returns the names loaded.
 
-        A list is checked whole before its first copy, and its copies go out as one multi-tensor copy
-        per (dtype, device) pair; any other iterable is streamed in groups of `STREAM_GROUP` tensors.
+        A list is checked whole before its first copy, and its copies go out together per (dtype, device)
+        pair (`copy_tensors`); any other iterable is streamed in groups of `STREAM_GROUP` tensors.
         """
         if isinstance(named_tensors, (list, tuple)):
-            return self._load_group(named_tensors)
+            return self.copies(named_tensors).run()
         loaded, group = [], []
         for entry in named_tensors:
             group.append(entry)
             if len(group) == STREAM_GROUP:
-                loaded += self._load_group(group)
+                loaded += self.copies(group).run()
                 group = []
-        return loaded + self._load_group(group)
+        return loaded + self.copies(group).run()
 
-    def _load_group(self, named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
-        targets = [self.target(name, tensor.shape) for name, tensor in named]  # every check before any copy
-        copies: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        loaded = []
+    def copies(self, named: Sequence[tuple[str, torch.Tensor]]) -> WeightCopies:
+        """The copies that load these tensors (every one checked first); made once for a `StableBucket` while it lives."""
+        if not isinstance(named, StableBucket):
+            return self._copies(named)
+        key = id(named)
+        kept = self._kept.get(key)
+        if kept is not None and kept[0]() is named:
+            return kept[1]
+        copies = self._copies(named)
+        plan = weakref.ref(self)   # the callback must not keep the plan (and its parameters' memory) alive
+
+        def forget(_: weakref.ref) -> None:
+            alive = plan()
+            if alive is not None:
+                alive._kept.pop(key, None)
+
+        self._kept[key] = (weakref.ref(named, forget), copies)
+        return copies
+
+    def _copies(self, named: Sequence[tuple[str, torch.Tensor]]) -> WeightCopies:
+        targets = [self._resolve(name, tensor.shape) for name, tensor in named]  # every check before any copy
+        groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.nn.Parameter | None]]] = {}
+        names, pads = [], []
         for (name, tensor), target in zip(named, targets):
             if target is None:
                 continue
-            dsts, srcs = copies.setdefault((target.dst.dtype, tensor.dtype, tensor.device), ([], []))
-            dsts.append(target.dst)
-            srcs.append(target.source(tensor))
-            if target.pad is not None:
-                target.pad.zero_()
-            loaded.append(name)
-        for dsts, srcs in copies.values():
-            copy_tensors(dsts, srcs)
-        return loaded
+            names.append(name)
+            if target.slice.pad is not None:
+                pads.append(target.slice.pad)
+            dst = target.slice.dst
+            src = tensor if target.whole else target.slice.source(tensor)
+            dsts, srcs, params = groups.setdefault((dst.dtype, tensor.dtype, tensor.device), ([], [], []))
+            if target.whole and params and params[-1] is target.param and _follows(dsts[-1], dst) \
+                    and _follows(srcs[-1], src):   # the next part of a fused parameter, next in the source too
+                dsts[-1], srcs[-1] = _joined(dsts[-1], dst), _joined(srcs[-1], src)
+                continue
+            dsts.append(dst)
+            srcs.append(src)
+            params.append(target.param if target.whole else None)
+        return WeightCopies(names, [(dsts, srcs) for dsts, srcs, _ in groups.values()], pads)
+
+
+def _follows(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Both contiguous, and `second` starts where `first` ends in the same storage."""
+    return (first.is_contiguous() and second.is_contiguous()
+            and second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            and second.storage_offset() == first.storage_offset() + first.numel())
+
+
+def _joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """One flat view [numel of both] over two adjacent contiguous tensors (see `_follows`)."""
+    return first.as_strided((first.numel() + second.numel(),), (1,), first.storage_offset())
 
 
 def load_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
