@@ -107,7 +107,7 @@ def set_overlap(engine, on: bool) -> None:
     engine.flush_cache()  # the next runs reuse prompts of the previous mode: no cache hits from those
 
 
-def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_dir: Path) -> None:
+def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_dir: Path, stem: str) -> None:
     """Where a decode step's time goes: host spans of the scheduler's parts, and device kernels, per batch size.
 
     B requests decode in the background; once all of them are decoding, `steps` scheduler steps run
@@ -172,7 +172,8 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
                 ev[1].record()
                 torch.cuda.synchronize()
                 result["graph_replay_ms"] = ev[0].elapsed_time(ev[1]) / 20
-                hidden = gr.outputs[size][:bs]
+                out = gr.outputs[size]  # engines before the LM head moved into the graph (BASE runs) keep hidden only
+                hidden = (out.hidden if hasattr(out, "hidden") else out)[:bs]
                 ev[0].record()
                 for _ in range(20):
                     runner.logits(hidden)
@@ -180,10 +181,11 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
                 torch.cuda.synchronize()
                 result["logits_ms"] = ev[0].elapsed_time(ev[1]) / 20
                 sb = sched._sampling_batch(list(sched.running))
+                old_sampler_args = (sched.shared_generator,) if hasattr(sched, "shared_generator") else ()
                 logits = runner.logits(hidden)
                 ev[0].record()
                 for _ in range(20):
-                    sched_mod.sample(logits, sb, sched.shared_generator)
+                    sched_mod.sample(logits, sb, *old_sampler_args)
                 ev[1].record()
                 torch.cuda.synchronize()
                 result["sample_ms"] = ev[0].elapsed_time(ev[1]) / 20
@@ -201,7 +203,7 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
         res = engine._call(run_profile)
         engine.abort(abort_all=True)
         worker.join()
-        (out_dir / f"profile_bs{bs}.txt").write_text(res.pop("step_cuda") + "\n\n" + res.pop("step_cpu") + "\n\n"
+        (out_dir / f"{stem}_bs{bs}.txt").write_text(res.pop("step_cuda") + "\n\n" + res.pop("step_cpu") + "\n\n"
                                                      + res.get("eager_kernels", ""))
         print(f"== profile batch {bs}: {res.pop('eager_kernels', '')}")
         print(json.dumps(res, indent=1), flush=True)
@@ -223,11 +225,20 @@ def main() -> None:
     ap.add_argument("--hf-batches", default="1,64")
     ap.add_argument("--hf-tokens", type=int, default=64, help="prompt 128 tokens, this many generated")
     ap.add_argument("--disable-cuda-graph", action="store_true")
-    ap.add_argument("--profile", default="", help="batch sizes to profile (e.g. 1,256), then exit")
+    ap.add_argument("--gemv-max-rows", type=int, default=None,
+                    help="linears of at most this many rows use the triton GEMV (default: ops.GEMV_MAX_ROWS; 0 = cuBLAS "
+                         "only, the path before the GEMV, for a side-by-side run)")
+    ap.add_argument("--model-dir", default="", help="the random model's HF folder: built there if empty, else reused "
+                                                    "(engine rows only; several runs share one build)")
+    ap.add_argument("--profile", default="", help="batch sizes to profile after the decode rows (e.g. 1,256)")
     ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument("--profile-name", default="profile", help="the profile's tables go to $OUT/<name>_bs<B>.txt")
     args = ap.parse_args()
 
-    from inference_engine import Engine
+    from inference_engine import Engine, ops
+
+    if args.gemv_max_rows is not None:
+        ops.GEMV_MAX_ROWS = args.gemv_max_rows
 
     rows: list[tuple[str, str]] = []
 
@@ -239,24 +250,35 @@ def main() -> None:
     report("device", f"{props.name}, torch {torch.__version__}")
     bw = copy_bandwidth()
     report("copy bandwidth", f"{bw / 1e12:.2f} TB/s")
-    folder = Path(tempfile.mkdtemp(prefix=f"kiln_{args.shape}_"))
-    start = time.perf_counter()
-    hf = build_model(args.shape, folder)
-    report("model", f"{args.shape} random bf16, {sum(p.numel() for p in hf.parameters()) / 1e9:.2f} B params "
-                    f"(built in {time.perf_counter() - start:.0f} s)")
+    folder = Path(args.model_dir or tempfile.mkdtemp(prefix=f"kiln_{args.shape}_"))
+    hf_batches = [int(b) for b in args.hf_batches.split(",") if b]
     vocab = SHAPES[args.shape]["vocab_size"]
     hf_rates = {}
-    for bs in [int(b) for b in args.hf_batches.split(",") if b]:
-        hf_rates[bs] = hf_generate(hf, prompts(bs, 128, vocab, seed=bs), args.hf_tokens)
-        report(f"HF generate batch {bs} (128 in, {args.hf_tokens} out)", f"{hf_rates[bs]:.0f} tok/s")
-    del hf
-    torch.cuda.empty_cache()
+    if (folder / "config.json").exists():  # a model an earlier run built: the engine rows only
+        saved = json.loads((folder / "config.json").read_text())
+        wanted = {k: SHAPES[args.shape][k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+        if {k: saved.get(k) for k in wanted} != wanted or hf_batches:
+            raise SystemExit(f"--model-dir {folder} holds {({k: saved.get(k) for k in wanted})}, expected {wanted} "
+                             f"for {args.shape}, and is reused without HF baselines (pass --hf-batches=)")
+        report("model", f"{args.shape} random bf16 from {folder}")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        hf = build_model(args.shape, folder)
+        report("model", f"{args.shape} random bf16, {sum(p.numel() for p in hf.parameters()) / 1e9:.2f} B params "
+                        f"(built in {time.perf_counter() - start:.0f} s)")
+        for bs in hf_batches:
+            hf_rates[bs] = hf_generate(hf, prompts(bs, 128, vocab, seed=bs), args.hf_tokens)
+            report(f"HF generate batch {bs} (128 in, {args.hf_tokens} out)", f"{hf_rates[bs]:.0f} tok/s")
+        del hf
+        torch.cuda.empty_cache()
 
     start = time.perf_counter()
     engine = Engine(model_path=str(folder), device="cuda", dtype="bfloat16", attention_backend=args.backend,
                     page_size=args.page_size, context_length=4096, max_running_requests=256,
                     chunked_prefill_size=8192, disable_cuda_graph=args.disable_cuda_graph)
-    report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, page {args.page_size}, "
+    report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, GEMV up to {ops.GEMV_MAX_ROWS} rows, "
+                           f"page {args.page_size}, "
                            f"KV pool {engine.runner.kv_pool.capacity} tokens, "
                            f"graphs {'off' if engine.runner.graph_runner is None else 'on'})")
     spec = engine.spec
@@ -265,11 +287,6 @@ def main() -> None:
     if not spec.tie_word_embeddings:  # the embedding table is only gathered from, not read whole
         weight_bytes -= params["model.embed_tokens.weight"].numel() * 2
     kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
-    if args.profile:
-        out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp(prefix="kiln_profile_")))
-        profile_decode(engine, [int(b) for b in args.profile.split(",")], vocab, args.profile_steps, out_dir)
-        engine.shutdown()
-        return
 
     def modes(choice: str) -> list[bool]:
         return {"on": [True], "off": [False], "both": [False, True]}[choice]
@@ -293,6 +310,11 @@ def main() -> None:
             roofline = bs * bw / step_bytes
             report(f"decode batch {bs}{tag}", f"{rate:.0f} tok/s, {1e3 * (t2 - t1) / k:.2f} ms/step, "
                                               f"{rate / roofline:.0%} of roofline ({roofline:.0f} tok/s)")
+
+    if args.profile:  # after the decode rows, before the long offline run
+        out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp(prefix="kiln_profile_")))
+        profile_decode(engine, [int(b) for b in args.profile.split(",")], vocab, args.profile_steps, out_dir,
+                       args.profile_name)
 
     for overlap in modes(args.offline_overlap):
         set_overlap(engine, overlap)

@@ -3,8 +3,10 @@
 The graphs read static buffers (token ids, positions, output slots, lengths, KV indices) that
 `replay` refills with each step's values; padding requests have one token of context in slot 0
 (the pool's padding page) and write their K/V there. Attention metadata lives in backend-owned
-fixed buffers re-planned before every replay (`AttentionBackend.init_graph_metadata`). Sampling
-runs eagerly right after the graph, on its output rows.
+fixed buffers re-planned before every replay (`AttentionBackend.init_graph_metadata`). The graph
+also holds the LM head (float32 logits of every row) and greedy sampling (argmax and its log-prob):
+an all-greedy batch takes its tokens from the graph, any other batch samples from its logits
+right after it (`sampler.sample`, batched on the device).
 
 On a CPU device nothing is captured and `replay` runs the model on the same static buffers, so
 the padding and buffer logic is exercised by CPU tests too.
@@ -14,14 +16,29 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 import torch
 
 from inference_engine.attention.base import AttentionBackend
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kv_cache import KVPool
+from inference_engine.sampler import greedy
 
 log = logging.getLogger(__name__)
+
+
+class ForwardOutput(NamedTuple):
+    """A forward pass's hidden states; a decode graph's replay also gives every row's logits and greedy pick."""
+
+    hidden: torch.Tensor  # [T, hidden]
+    logits: torch.Tensor | None = None  # [B, vocab] float32 (decode graphs)
+    greedy_tokens: torch.Tensor | None = None  # [B] int64 argmax
+    greedy_logprobs: torch.Tensor | None = None  # [B] float32 log-prob of the argmax (T = 1)
+
+    def rows(self, index: torch.Tensor | slice) -> "ForwardOutput":
+        """The same outputs for rows `index` of every tensor."""
+        return ForwardOutput(*(None if t is None else t[index] for t in self))
 
 
 def capture_batch_sizes(max_bs: int) -> list[int]:
@@ -49,7 +66,7 @@ class CudaGraphRunner:
         self.kv_indices = ints(max_bs * max_context)  # [max_bs * max_context] slots, zeros = the padding slot
         self.batches: dict[int, ForwardBatch] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, ForwardOutput] = {}
         attn_backend.init_cuda_graph_state(max_bs, max_context)
         self.capture()
 
@@ -75,22 +92,28 @@ class CudaGraphRunner:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: triton / JIT compilation and autotuning happen outside capture
                 for _ in range(2):
-                    self.model(fb)
+                    self._step(fb)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model(fb)  # [bs, hidden]
+                self.outputs[bs] = self._step(fb)
             self.graphs[bs] = graph
         if cuda:
             torch.cuda.synchronize(self.device)
         log.info("captured decode graphs for batch sizes %s in %.1f s", self.batch_sizes, time.perf_counter() - start)
 
+    def _step(self, fb: ForwardBatch) -> ForwardOutput:
+        """What a graph computes: hidden states, float32 logits and the greedy token with its log-prob, per row."""
+        hidden = self.model(fb)  # [bs, hidden]
+        logits = self.model.logits(hidden)  # [bs, vocab] float32
+        return ForwardOutput(hidden, logits, *greedy(logits))
+
     def can_run(self, fb: ForwardBatch) -> bool:
         """Whether fb is a decode batch a captured graph covers."""
         return fb.is_decode and fb.batch_size <= self.max_bs
 
-    def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """Hidden states [B, hidden] of decode batch fb (KV written to the pool), through the graph of the next size up."""
+    def replay(self, fb: ForwardBatch) -> ForwardOutput:
+        """Outputs of decode batch fb's B rows (KV written to the pool), through the graph of the next size up."""
         b = fb.batch_size
         bs = next(size for size in self.batch_sizes if size >= b)
         total = int(fb.seq_lens_cpu.sum())
@@ -108,5 +131,5 @@ class CudaGraphRunner:
         self.attn_backend.init_graph_metadata(static_fb, capture=False)
         if bs in self.graphs:
             self.graphs[bs].replay()
-            return self.outputs[bs][:b]
-        return self.model(static_fb)[:b]
+            return self.outputs[bs].rows(slice(0, b))
+        return self._step(static_fb).rows(slice(0, b))

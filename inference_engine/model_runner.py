@@ -14,7 +14,7 @@ import torch
 
 from inference_engine.attention import get_backend_class
 from inference_engine.config import EngineConfig
-from inference_engine.cuda_graph import CudaGraphRunner
+from inference_engine.cuda_graph import CudaGraphRunner, ForwardOutput
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kv_cache import KVPool, ReqToTokenPool
 from inference_engine.models import CausalLM, named_hf_tensors, read_spec
@@ -139,14 +139,16 @@ class ModelRunner:
         self.tell_workers("named_hf_tensors")
         return list(named_hf_tensors(self.model, self.tp))
 
-    def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Hidden states [T, hidden] of the batch (KV of its tokens written to the pool), on every tp rank."""
+    def forward(self, fb: ForwardBatch) -> ForwardOutput:
+        """Hidden states [T, hidden] of the batch (KV of its tokens written to the pool), on every tp rank.
+
+        A decode batch run by a CUDA graph also comes with every row's logits and greedy pick."""
         if self.workers is not None:
             self.workers.send_batch(fb)
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             return self.graph_runner.replay(fb)
         self.attn_backend.init_forward_metadata(fb)
-        return self.model(fb)
+        return ForwardOutput(self.model(fb))
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode graphs (CUDA only, unless disable_cuda_graph); they hold the current weight and KV addresses."""

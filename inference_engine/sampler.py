@@ -9,7 +9,9 @@ Order per step (one row per request):
      trainer recomputing log_softmax(logits / T) gets the same number;
   3. greedy rows take the argmax; the others sample from softmax(logits / T) truncated by top-k,
      then top-p (smallest set of the sorted probabilities reaching top_p), then min-p (drop tokens
-     below min_p * max prob), via an exponential race that uses the request's own torch.Generator.
+     below min_p * max prob), via an exponential race whose noise is a hash of (the row's seed, its draw
+     number, the token id) (`ops.seeded_race`): no generator state, one kernel for the whole batch, and a
+     seeded request draws the same tokens whatever batch it runs in.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from inference_engine import ops
 
 
 @dataclass
@@ -33,10 +37,17 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None  # [B]
     seen_mask: torch.Tensor | None  # [B, V] bool: token in prompt or output (repetition penalty)
     output_counts: torch.Tensor | None  # [B, V] float: occurrences in the output (frequency / presence)
-    generators: list[torch.Generator | None]  # per row; None = the engine's shared generator
+    seeds: torch.Tensor  # [B] int64 >= 0: the row's random stream (the request's seed, or one the engine drew)
+    offsets: torch.Tensor  # [B] int64: the row's draw number (tokens its request sampled before)
     top_logprobs_num: int  # max over rows; 0 = none
     all_greedy: bool = False  # host flag: every row is greedy, so no draw is made (False: decided per row)
     truncates: bool = True  # host flag: some row sets top-k / top-p / min-p (False skips the sort)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes the argmax of unpenalised logits and reports no top log-probs (the graphs' greedy pick)."""
+        return (self.all_greedy and not self.top_logprobs_num and self.repetition_penalty is None
+                and self.frequency_penalty is None)
 
 
 @dataclass
@@ -77,13 +88,17 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def sample(logits: torch.Tensor, sb: SamplingBatch, shared_generator: torch.Generator) -> SampleOutput:
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax [B] of float32 logits [B, V] and its log-prob [B] (T = 1), without a full log_softmax."""
+    tokens = logits.argmax(dim=-1)
+    return tokens, logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
     """Pick one token per row of float32 logits [B, V]."""
     logits = apply_penalties(logits, sb)
     if sb.all_greedy and not sb.top_logprobs_num:  # argmax, and log_softmax at it only (T = 1)
-        tokens = logits.argmax(dim=-1)
-        logprobs = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-        return SampleOutput(tokens, logprobs, None, None)
+        return SampleOutput(*greedy(logits), None, None)
     scaled = logits / sb.temperatures[:, None]
     logprobs_all = torch.log_softmax(scaled, dim=-1)  # [B, V]
     tokens = logits.argmax(dim=-1)
@@ -91,8 +106,7 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, shared_generator: torch.Gene
         probs = logprobs_all.exp()
         if sb.truncates:
             probs = filter_probs(probs, sb.top_k, sb.top_p, sb.min_p)
-        noise = _exponential(probs.shape, sb.generators, shared_generator, probs.device)  # [B, V]
-        drawn = (probs / noise).argmax(dim=-1)  # exponential race = a draw from probs (renormalised)
+        drawn = ops.seeded_race(probs, sb.seeds, sb.offsets)  # a draw from probs (renormalised)
         tokens = torch.where(sb.greedy, tokens, drawn)
     logprobs = logprobs_all.gather(-1, tokens[:, None])[:, 0]
     top_lp = top_ids = None
@@ -100,12 +114,3 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, shared_generator: torch.Gene
         top_lp, top_ids = logprobs_all.topk(sb.top_logprobs_num, dim=-1)
     return SampleOutput(tokens, logprobs, top_lp, top_ids)
 
-
-def _exponential(shape, generators: list[torch.Generator | None], shared: torch.Generator,
-                 device: torch.device) -> torch.Tensor:
-    """Exp(1) noise [B, V]: rows with their own generator draw from it, the rest from the shared one."""
-    noise = torch.empty(shape, device=device).exponential_(generator=shared)
-    for row, gen in enumerate(generators):
-        if gen is not None:
-            noise[row].exponential_(generator=gen)
-    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ def page_prefix_hashes(tokens: list[int], page_size: int) -> list[int]:
         h = hash((h, tuple(tokens[start:start + page_size])))
         hashes.append(h)
     return hashes
+
+
+SEED_MASK = 2**63 - 1  # request seeds as non-negative int64
 
 
 @dataclass
@@ -120,7 +124,7 @@ class Scheduler:
         self.running: list[Req] = []
         self.stats = SchedulerStats()
         self.weight_version = 0
-        self.shared_generator = torch.Generator(device=self.device).manual_seed(config.random_seed)
+        self.seed_stream = random.Random(config.random_seed)  # seeds of the rows whose request has none
         self.overlap = not config.disable_overlap_schedule
         self.token_buf = torch.zeros(config.max_running_requests, dtype=torch.int64, device=self.device)  # by row:
         # the request's latest sampled token, where the next step reads a pending one
@@ -351,16 +355,23 @@ class Scheduler:
         fb, sample_rows, sample_reqs_rows = self._forward_batch(batch, sampling)
         for req, n in batch:
             req.kv_len += n
-        hidden = self.runner.forward(fb)  # [T, hidden]
+        out = self.runner.forward(fb)
+        hidden = out.hidden  # [T, hidden]
         prefill_only = [req for req, _ in batch if req.kv_len == req.fill_len and req.max_new_tokens == 0]
         self._prompt_logprobs(batch, fb, hidden)
         launched = None
         if sampling:
             reqs = [r for r, _ in sampling]
-            rows_hidden = hidden if len(sampling) == fb.num_tokens else hidden[sample_rows]  # decode: no gather
-            out = sample(self.runner.logits(rows_hidden), self._sampling_batch(reqs), self.shared_generator)
-            self.token_buf[sample_reqs_rows] = out.tokens  # where the next step reads them before the host does
-            launched = LaunchedStep.start(reqs, out)
+            rows = out if len(sampling) == fb.num_tokens else out.rows(sample_rows)  # decode: no gather
+            sb = self._sampling_batch(reqs)
+            if rows.logits is None:  # eager forward: the LM head runs here
+                sampled = sample(self.runner.logits(rows.hidden), sb)
+            elif sb.plain_greedy:  # the decode graph already picked
+                sampled = SampleOutput(rows.greedy_tokens, rows.greedy_logprobs, None, None)
+            else:
+                sampled = sample(rows.logits, sb)
+            self.token_buf[sample_reqs_rows] = sampled.tokens  # where the next step reads them before the host does
+            launched = LaunchedStep.start(reqs, sampled)
             for req in reqs:
                 req.pending += 1
         for req in prefill_only:
@@ -497,6 +508,10 @@ class Scheduler:
         params = to_device(torch.tensor(  # [B, 5] in one copy
             [[1.0 if sp.greedy else sp.temperature, sp.greedy, vocab if sp.top_k == -1 else sp.top_k, sp.top_p,
               sp.min_p] for sp in sps], dtype=torch.float64), dev)
+        base = self.seed_stream.getrandbits(62)  # unseeded rows: fresh draws every step
+        draws = to_device(torch.tensor(  # [B, 2]: (seed, draw number); a seeded request replays its stream
+            [[base + i if r.generator is None else r.generator.initial_seed() & SEED_MASK,
+              len(r.output_ids) + r.pending] for i, r in enumerate(reqs)], dtype=torch.int64), dev)
         return SamplingBatch(
             temperatures=params[:, 0].float(),
             greedy=params[:, 1].bool(),
@@ -505,7 +520,7 @@ class Scheduler:
             min_p=params[:, 4].float(),
             repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
             seen_mask=seen, output_counts=counts,
-            generators=[r.generator for r in reqs],
+            seeds=draws[:, 0], offsets=draws[:, 1],
             top_logprobs_num=max(r.sampling.top_logprobs_num if r.return_logprob else 0 for r in reqs),
             all_greedy=all(sp.greedy for sp in sps),
             truncates=any(sp.top_k not in (-1, vocab) or sp.top_p < 1.0 or sp.min_p > 0.0 for sp in sps),

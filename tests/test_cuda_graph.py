@@ -60,6 +60,20 @@ def test_graph_runner_with_sampling_and_seeds(qwen3_model):
     assert [g["output_ids"] for g in graphed] == [e["output_ids"] for e in eager]
 
 
+def test_graph_runner_with_penalties_and_top_logprobs(qwen3_model):
+    """Batches that are not plain greedy sample from the graph's logits: same tokens and log-probs as eager."""
+    sp = {"temperature": 0, "repetition_penalty": 1.3, "top_logprobs_num": 3, "max_new_tokens": 6, "ignore_eos": True}
+    eager, _ = _generate(qwen3_model, "torch", None, PROMPTS, sp)
+    graphed, replays = _generate(qwen3_model, "torch", 4, PROMPTS, sp)
+    assert replays
+    for e, g in zip(eager, graphed):
+        assert g["output_ids"] == e["output_ids"]
+        top_e, top_g = e["meta_info"]["output_top_logprobs"], g["meta_info"]["output_top_logprobs"]
+        assert [[tok for _, tok, _ in step] for step in top_g] == [[tok for _, tok, _ in step] for step in top_e]
+        assert [lp for step in top_g for lp, _, _ in step] == pytest.approx([lp for step in top_e for lp, _, _ in step],
+                                                                           abs=1e-5)
+
+
 def test_config_validates_graph_options(qwen3_model):
     with pytest.raises(ValueError, match="cuda_graph_max_bs"):
         Engine(model_path=str(qwen3_model), cuda_graph_max_bs=0)

@@ -54,6 +54,15 @@ def _all_ops(a: dict, impl) -> dict[str, torch.Tensor]:
         q, k, v = impl.qk_norm_rope(a["qkv"], a["positions"], a["cos"], a["sin"], a["heads"], a["kv_heads"],
                                     a["head_dim"], *weights, EPS)
         out.update({f"q_norm{norm}": q, f"k_norm{norm}": k, f"v_norm{norm}": v})
+        tokens, d = a["qkv"].shape[0], a["head_dim"]
+        cache = [torch.zeros(2 * tokens + 3, a["kv_heads"], d, dtype=a["qkv"].dtype, device=a["qkv"].device)
+                 for _ in range(2)]  # [slots, KVH, D]: the written slots hold k and v, the rest stays zero
+        loc = torch.randperm(2 * tokens + 3, generator=torch.Generator().manual_seed(tokens))[:tokens]
+        q2, k2, v2 = impl.qk_norm_rope(a["qkv"], a["positions"], a["cos"], a["sin"], a["heads"], a["kv_heads"], d,
+                                       *weights, EPS, (cache[0], cache[1], loc.to(a["qkv"].device)))
+        assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
+        assert torch.equal(cache[0][loc.to(cache[0].device)], k) and torch.equal(cache[1][loc.to(cache[1].device)], v)
+        out.update({f"k_cache_norm{norm}": cache[0], f"v_cache_norm{norm}": cache[1]})
     out["silu_mul"] = impl.silu_and_mul(a["gate_up"])
     return out
 
@@ -91,6 +100,11 @@ def test_dispatch_uses_reference_on_cpu():
     assert not ops.runs_triton("cpu")
     a = _inputs(1, torch.float32, "cpu")
     assert torch.equal(ops.silu_and_mul(a["gate_up"]), reference.silu_and_mul(a["gate_up"]))
+    w = torch.randn(7, a["gate_up"].shape[1] // 2)
+    assert torch.equal(ops.silu_and_mul_linear(a["gate_up"], w), reference.silu_and_mul(a["gate_up"]) @ w.T)
+    x16, w16 = a["x"].bfloat16(), torch.randn(7, a["x"].shape[1]).bfloat16()
+    logits = ops.linear(x16[:1], w16, out_dtype=torch.float32)  # one row: the GEMV's slot, torch on CPU
+    assert logits.dtype == torch.float32 and torch.equal(logits, (x16[:1] @ w16.T).float())  # bf16, then widened
     with pytest.raises(ValueError, match="q_weight and k_weight"):
         ops.qk_norm_rope(a["qkv"], a["positions"], a["cos"], a["sin"], 4, 2, 32, a["q_weight"], None)
 
@@ -109,6 +123,35 @@ def _compare_triton(device: str, dtype: torch.dtype, seeds=(0, 1, 2), tol: float
             assert _rel(out, expected) < tol, (name, seed, dtype, _rel(out, expected))
 
 
+def _compare_linear_and_race(device: str, dtype: torch.dtype, shapes, tol: float) -> None:
+    """The triton GEMV (plain, bias, SiLU-and-mul input, float32 output) and seeded race against the reference."""
+    from inference_engine.ops import triton_ops
+
+    g = torch.Generator().manual_seed(11)
+    for rows, n, k in shapes:
+        x = torch.randn(rows, k, generator=g).to(dtype).to(device)
+        gate_up = (torch.randn(rows, 2 * k, generator=g) * 2).to(dtype).to(device)
+        w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).to(device)
+        b = torch.randn(n, generator=g).to(dtype).to(device)
+        exact = (x.double() @ w.double().T).to(dtype)  # the product rounded once, as cuBLAS rounds
+        for out, ref in ((triton_ops.linear(x, w), exact),
+                         (triton_ops.linear(x, w, b), (x.double() @ w.double().T + b.double()).to(dtype)),
+                         (triton_ops.linear(x, w, out_dtype=torch.float32), exact.float()),
+                         (triton_ops.linear(gate_up, w, silu_mul=True),
+                          reference.linear(reference.silu_and_mul(gate_up), w))):
+            assert out.shape == ref.shape and out.dtype == ref.dtype, (rows, n, k)
+            assert _rel(out, ref) < tol, (rows, n, k, _rel(out, ref))
+        with pytest.raises(ValueError, match="input width"):
+            triton_ops.linear(x, w, silu_mul=True)
+    probs = torch.softmax(torch.randn(5, 3001, generator=g) * 3, dim=-1).to(device)
+    probs[:, ::5] = 0.0  # truncated tokens are never drawn
+    seeds = torch.tensor([0, 1, 2**40 + 3, 7, 2**62], device=device)
+    offsets = torch.tensor([0, 5, 9, 2**33, 1], device=device)
+    drawn = triton_ops.seeded_race(probs, seeds, offsets)
+    assert torch.equal(drawn, reference.seeded_race(probs, seeds, offsets)), drawn
+    assert (drawn % 5 != 0).all()
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_match_reference_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
@@ -124,6 +167,8 @@ def test_triton_kernels_match_reference_on_gpu():
     _compare_triton("cuda", torch.bfloat16, tokens=37, heads=16, kv_heads=8, head_dim=128, hidden=1024, inter=3072)
     _compare_triton("cuda", torch.float32, seeds=(3,), tokens=3, heads=32, kv_heads=8, head_dim=128, hidden=4096,
                     inter=12288)
+    _compare_linear_and_race("cuda", torch.bfloat16, [(1, 6144, 4096), (8, 4096, 12288), (3, 1000, 4000)], 1e-2)
+    _compare_linear_and_race("cuda", torch.float32, [(2, 512, 1024)], 1e-5)
 
 
 if __name__ == "__main__":  # the interpreter subprocess
@@ -131,4 +176,5 @@ if __name__ == "__main__":  # the interpreter subprocess
     _compare_triton("cpu", torch.float32)
     _compare_triton("cpu", torch.float32, seeds=(4,), tokens=1, heads=2, kv_heads=1, head_dim=16, hidden=48, inter=20)
     _compare_triton("cpu", torch.bfloat16, seeds=(5,), tol=4e-2)  # the interpreter's float32 -> bf16 is not RNE
+    _compare_linear_and_race("cpu", torch.float32, [(1, 24, 96), (3, 40, 200), (8, 16, 64), (5, 7, 33)], 1e-6)
     print("interpreter checks passed")

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(ABC):
-    """Writes each layer's new k/v into the KV pool and computes causal attention over every request's context.
+    """Computes causal attention over every request's context in the KV pool (the new tokens' k/v already stored).
 
     CUDA graphs (decode only): `init_cuda_graph_state` once, then `init_graph_metadata(fb, capture=True)`
     for each captured batch size and `init_graph_metadata(fb, capture=False)` before each replay. fb is
@@ -31,7 +31,9 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: "ForwardBatch") -> torch.Tensor:
-        """Store k, v [T, KVH, D] at fb.out_cache_loc of layer.layer_id, return attention output [T, H, D] for q [T, H, D]."""
+        """Attention output [T, H, D] for q [T, H, D]; the new tokens' k, v [T, KVH, D] are already in the KV cache.
+
+        The caller stored them at fb.out_cache_loc of layer.layer_id (`ops.qk_norm_rope` does, fused with RoPE)."""
 
     def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
         """Allocate the static buffers decode graphs of up to max_bs requests of up to max_context tokens need."""

@@ -146,7 +146,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.graph_planned_bs = None if capture else bs
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
-        k_buf, v_buf = fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k, v)
+        k_buf, v_buf = fb.kv_pool.k_buffer[layer.layer_id], fb.kv_pool.v_buffer[layer.layer_id]  # k, v stored
         md: FlashInferMetadata = fb.attn_metadata
         if md.kind == "ragged":
             return md.wrapper.run(q, k.contiguous(), v.contiguous())  # v is a strided view of the qkv output

@@ -65,7 +65,7 @@ class TorchAttentionBackend(AttentionBackend):
             fb.attn_metadata.decode_mask.copy_(valid[:, None, None, :])
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
-        k_buf, v_buf = fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k, v)
+        k_buf, v_buf = fb.kv_pool.k_buffer[layer.layer_id], fb.kv_pool.v_buffer[layer.layer_id]  # k, v stored
         md: TorchMetadata = fb.attn_metadata
         out = torch.empty_like(q)  # [T, H, D]
         f32 = torch.float32  # scores and softmax in float32, like the fused kernels (bf16 SDPA rounds the scores)

@@ -40,7 +40,7 @@ class TritonAttentionBackend(AttentionBackend):
             self.init_forward_metadata(fb)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
-        k_buf, v_buf = fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k, v)
+        k_buf, v_buf = fb.kv_pool.k_buffer[layer.layer_id], fb.kv_pool.v_buffer[layer.layer_id]  # k, v stored
         md: TritonMetadata = fb.attn_metadata
         out = torch.empty_like(q)  # [T, H, D]
         if md.decode:

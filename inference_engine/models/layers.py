@@ -107,7 +107,7 @@ class ColumnParallelLinear(nn.Module):
         return torch.cat(pieces, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -193,8 +193,10 @@ class RowParallelLinear(nn.Module):
         """The full HF weight from every rank's columns, in rank order."""
         return torch.cat(pieces, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """x W^T (+ b), all-reduced; silu_mul: x is [T, 2 in] = [gate | up] and the input is silu(gate) * up."""
+        bias = self.bias if self.tp_rank == 0 else None
+        out = ops.silu_and_mul_linear(x, self.weight, bias) if silu_mul else ops.linear(x, self.weight, bias)
         return out if self.tp is None or self.tp_size == 1 else self.tp.all_reduce(out)
 
 
@@ -240,7 +242,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of hidden rows [N, hidden] against this table (tied LM head), gathered over ranks."""
-        local = F.linear(hidden, self.weight).float()  # [N, rows]
+        local = ops.linear(hidden, self.weight, out_dtype=torch.float32)  # [N, rows]
         if self.tp_size == 1:
             return local
         return torch.cat(self.tp.all_gather(local), dim=-1)[:, :self.vocab_size]

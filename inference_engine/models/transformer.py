@@ -14,7 +14,7 @@ from inference_engine.parallel import TPGroup
 
 
 class Attention(nn.Module):
-    """Self-attention: fused qkv projection, optional q/k norm, RoPE, then the attention backend (which also writes the KV cache)."""
+    """Self-attention: fused qkv projection, optional q/k norm + RoPE + KV-cache write in one op, then the attention backend."""
 
     def __init__(self, spec: ModelSpec, layer_id: int, tp: TPGroup | None):
         super().__init__()
@@ -30,8 +30,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, fb: ForwardBatch, rotary: RotaryEmbedding) -> torch.Tensor:
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None)
+        kv_cache = (fb.kv_pool.k_buffer[self.layer_id], fb.kv_pool.v_buffer[self.layer_id], fb.out_cache_loc)
         q, k, v = ops.qk_norm_rope(self.qkv_proj(x), fb.positions, rotary.cos, rotary.sin, self.num_heads,
-                                   self.num_kv_heads, self.head_dim, *norms)  # [T, H, D], [T, KVH, D], [T, KVH, D]
+                                   self.num_kv_heads, self.head_dim, *norms,
+                                   kv_cache=kv_cache)  # [T, H, D], [T, KVH, D], [T, KVH, D]; k, v in the cache
         out = fb.attn_backend.forward(q, k, v, self, fb)  # [T, H, D]
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
@@ -45,7 +47,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x), silu_mul=True)  # SiLU-and-mul fused into the down projection
 
 
 class DecoderLayer(nn.Module):

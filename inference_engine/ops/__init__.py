@@ -1,4 +1,4 @@
-"""Fused elementwise ops of the decoder layer: (residual add +) RMSNorm, q/k norm + RoPE, SiLU-and-mul.
+"""Fused ops of the decoder layer: (residual add +) RMSNorm, q/k norm + RoPE, SiLU-and-mul, and skinny linears.
 
 Each function runs one triton kernel where triton can (CUDA tensors, or any tensors when the process
 started with TRITON_INTERPRET=1) and otherwise its torch specification in `reference.py`, which CPU
@@ -16,7 +16,12 @@ import torch
 
 from inference_engine.ops import reference
 
-__all__ = ["qk_norm_rope", "reference", "rms_norm", "runs_triton", "silu_and_mul"]
+__all__ = ["GEMV_MAX_ROWS", "linear", "qk_norm_rope", "reference", "rms_norm", "runs_triton", "seeded_race",
+           "silu_and_mul", "silu_and_mul_linear"]
+
+GEMV_MAX_ROWS = 1  # linears of at most this many rows run the triton GEMV where triton runs (batch-1 decode); on an
+# H100 it reads the 8B shape's weights at 82-106% of copy bandwidth where cuBLAS reaches 68-95%, but at 8 rows it was
+# 2-4x slower than cuBLAS (docs/benchmarks.md)
 
 
 @functools.cache
@@ -53,16 +58,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                  num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None = None,
-                 k_weight: torch.Tensor | None = None,
-                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [T, H, D], k [T, KVH, D] (RMSNorm per head when weights are given, then RoPE at positions [T]) and v of qkv."""
+                 k_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                 kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, H, D], k [T, KVH, D] (RMSNorm per head when weights are given, then RoPE at positions [T]) and v of qkv.
+
+    kv_cache = (k_buffer, v_buffer [slots, KVH, D], loc [T]): k and v are also written to the cache at slots loc."""
     if (q_weight is None) != (k_weight is None):
         raise ValueError("qk_norm_rope needs both q_weight and k_weight, or neither")
-    if runs_triton(qkv.device):
-        return _triton_ops().qk_norm_rope(qkv, positions, cos_table, sin_table, num_heads, num_kv_heads, head_dim,
-                                          q_weight, k_weight, eps)
-    return reference.qk_norm_rope(qkv, positions, cos_table, sin_table, num_heads, num_kv_heads, head_dim,
-                                  q_weight, k_weight, eps)
+    impl = _triton_ops() if runs_triton(qkv.device) else reference
+    return impl.qk_norm_rope(qkv, positions, cos_table, sin_table, num_heads, num_kv_heads, head_dim, q_weight,
+                             k_weight, eps, kv_cache)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -70,3 +76,32 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if runs_triton(gate_up.device):
         return _triton_ops().silu_and_mul(gate_up)
     return reference.silu_and_mul(gate_up)
+
+
+def _skinny(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and runs_triton(x.device)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias), in out_dtype (default x's; rounded to x's dtype first).
+
+    The triton GEMV for M <= GEMV_MAX_ROWS where triton runs (batch-1 decode reads each weight once at
+    about copy bandwidth), else F.linear (cuBLAS on CUDA)."""
+    if _skinny(x):
+        return _triton_ops().linear(x, weight, bias, out_dtype=out_dtype)
+    return reference.linear(x, weight, bias, out_dtype)
+
+
+def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(gate_up [M, 2I]) @ weight [N, I]^T (+ bias): one triton GEMV for few rows, else the two ops."""
+    if _skinny(gate_up):
+        return _triton_ops().linear(gate_up, weight, bias, silu_mul=True)
+    return reference.linear(silu_and_mul(gate_up), weight, bias)
+
+
+def seeded_race(probs: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Token [B] drawn from each row of probs [B, V] with noise fixed by the row's (seed, offset): see reference."""
+    if runs_triton(probs.device):
+        return _triton_ops().seeded_race(probs, seeds, offsets)
+    return reference.seeded_race(probs, seeds, offsets)

@@ -33,8 +33,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                  num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None,
-                 k_weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split qkv [T, (H + 2 KVH) * D] into q [T, H, D], k [T, KVH, D] (per-head RMSNorm if weights, then RoPE) and v."""
+                 k_weight: torch.Tensor | None, eps: float,
+                 kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split qkv [T, (H + 2 KVH) * D] into q [T, H, D], k [T, KVH, D] (per-head RMSNorm if weights, then RoPE) and v.
+
+    kv_cache = (k_buffer, v_buffer [slots, KVH, D], loc [T]): also store each token's k and v at slot loc."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q = q.view(-1, num_heads, head_dim)  # [T, H, D]
@@ -43,10 +47,58 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Te
     if q_weight is not None:
         q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
     cos, sin = cos_table[positions], sin_table[positions]  # [T, D/2] float32
-    return rope(q, cos, sin), rope(k, cos, sin), v
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    if kv_cache is not None:
+        k_buffer, v_buffer, loc = kv_cache
+        k_buffer[loc] = k.to(k_buffer.dtype)
+        v_buffer[loc] = v.to(v_buffer.dtype)
+    return q, k, v
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [T, 2I] laid out [gate | up]; returns [T, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T (+ bias [N]) in x's dtype, then cast to out_dtype if given."""
+    out = F.linear(x, weight, bias)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+MASK32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B9
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32 constants) of int64 values in [0, 2^32); products stay below 2^63."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & MASK32
+    return x ^ (x >> 15)
+
+
+def race_keys(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key [B] per row from its seed [B] (int64 >= 0) and draw number [B]: the row's noise stream."""
+    key = mix32(offsets & MASK32)
+    key = mix32(key ^ ((seeds >> 32) & MASK32))
+    return mix32(key ^ (seeds & MASK32))
+
+
+def race_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [B, vocab] float32, a pure function of each row's key and the token id (counter-based)."""
+    ids = torch.arange(vocab, dtype=torch.int64, device=keys.device)
+    h = mix32((keys[:, None] + ids[None, :] * GOLDEN32) & MASK32)  # [B, V]
+    u = ((h >> 9).float() * 2 + 1) * 2.0 ** -24  # odd multiples of 2^-24: exact in float32, strictly inside (0, 1)
+    return -torch.log(u)
+
+
+def seeded_race(probs: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Token [B] drawn from each row of probs [B, V] (not necessarily normalised) by an exponential race.
+
+    argmax_v probs[v] / E[v] with E ~ Exp(1) picks v with probability probs[v] / sum(probs); the noise is
+    a function of (seed, offset, v) only, so a row's draw does not depend on the batch it is in."""
+    return (probs / race_noise(race_keys(seeds, offsets), probs.shape[-1])).argmax(dim=-1)

@@ -36,18 +36,21 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, stride_t, stride_table,
-                         eps, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         HALF: tl.constexpr, BLOCK: tl.constexpr, HAS_NORM: tl.constexpr):
+def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, loc_ptr, k_cache_ptr,
+                         v_cache_ptr, stride_t, stride_table, stride_slot, eps, NUM_HEADS: tl.constexpr,
+                         NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                         HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)  # q heads first, then k heads (they are adjacent in the qkv row)
+    head = tl.program_id(1)  # q heads, then k heads, then (WRITE_KV) v heads: their order in the qkv row
     is_q = head < NUM_HEADS
+    is_v = head >= NUM_HEADS + NUM_KV_HEADS
     dt: tl.constexpr = q_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
     mask = offs < HALF
     src = qkv_ptr + t * stride_t + head * HEAD_DIM
-    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)  # first half of the head
-    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)  # second half
+    raw1 = tl.load(src + offs, mask=mask, other=0.0)  # first half of the head
+    raw2 = tl.load(src + HALF + offs, mask=mask, other=0.0)  # second half
+    x1, x2 = raw1.to(tl.float32), raw2.to(tl.float32)
     if HAS_NORM:
         inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
         w1 = tl.where(is_q, tl.load(qw_ptr + offs, mask=mask, other=0.0), tl.load(kw_ptr + offs, mask=mask, other=0.0))
@@ -60,14 +63,25 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_p
     s = _round(tl.load(sin_ptr + pos * stride_table + offs, mask=mask, other=0.0), dt)
     out1 = (_round(x1 * c, dt) + _round(-x2 * s, dt)).to(dt)
     out2 = (_round(x2 * c, dt) + _round(x1 * s, dt)).to(dt)
+    kv_head = tl.minimum(tl.maximum(head - NUM_HEADS, 0), NUM_KV_HEADS - 1)
     q_dst = q_ptr + (t * NUM_HEADS + tl.minimum(head, NUM_HEADS - 1)) * HEAD_DIM
-    k_dst = k_ptr + (t * NUM_KV_HEADS + tl.maximum(head - NUM_HEADS, 0)) * HEAD_DIM
-    q_mask = offs < tl.where(is_q, HALF, 0)  # the head's output goes to q or to k
-    k_mask = offs < tl.where(is_q, 0, HALF)
+    k_dst = k_ptr + (t * NUM_KV_HEADS + kv_head) * HEAD_DIM
+    q_mask = offs < tl.where(is_q, HALF, 0)  # the head's output goes to q, to k, or (raw) to the v cache
+    k_mask = offs < tl.where(is_q | is_v, 0, HALF)
     tl.store(q_dst + offs, out1, mask=q_mask)
     tl.store(q_dst + HALF + offs, out2, mask=q_mask)
     tl.store(k_dst + offs, out1, mask=k_mask)
     tl.store(k_dst + HALF + offs, out2, mask=k_mask)
+    if WRITE_KV:  # the new token's k (after norm and RoPE) and v into its slot of the layer's KV cache
+        slot = tl.load(loc_ptr + t)
+        v_head = tl.maximum(head - NUM_HEADS - NUM_KV_HEADS, 0)
+        k_cache = k_cache_ptr + slot * stride_slot + kv_head * HEAD_DIM
+        v_cache = v_cache_ptr + slot * stride_slot + v_head * HEAD_DIM
+        v_mask = offs < tl.where(is_v, HALF, 0)
+        tl.store(k_cache + offs, out1, mask=k_mask)
+        tl.store(k_cache + HALF + offs, out2, mask=k_mask)
+        tl.store(v_cache + offs, raw1.to(dt), mask=v_mask)
+        tl.store(v_cache + HALF + offs, raw2.to(dt), mask=v_mask)
 
 
 @triton.jit
@@ -109,19 +123,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                  num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None,
-                 k_weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused per-head q/k RMSNorm and RoPE in one launch; see reference.qk_norm_rope."""
+                 k_weight: torch.Tensor | None, eps: float,
+                 kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused per-head q/k RMSNorm and RoPE (and the KV-cache write) in one launch; see reference.qk_norm_rope."""
     qkv = _rows(qkv)
     tokens = qkv.shape[0]
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)  # [T, H, D]
     k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)  # [T, KVH, D]
     half = head_dim // 2
     has_norm = q_weight is not None
+    if kv_cache is not None:
+        k_cache, v_cache, loc = kv_cache
+        if k_cache.dtype != qkv.dtype or k_cache.stride(-1) != 1 or k_cache.stride(-2) != head_dim:
+            raise ValueError(f"KV cache buffers must be [slots, {num_kv_heads}, {head_dim}] {qkv.dtype} with unit "
+                             f"strides inside a slot, got {k_cache.dtype} strides {k_cache.stride()}")
+    else:
+        k_cache = v_cache = loc = qkv
     if tokens:
-        _qk_norm_rope_kernel[(tokens, num_heads + num_kv_heads)](
+        _qk_norm_rope_kernel[(tokens, num_heads + num_kv_heads * (2 if kv_cache is not None else 1))](
             qkv, positions, cos_table, sin_table, q_weight if has_norm else qkv, k_weight if has_norm else qkv,
-            q, k, qkv.stride(0), cos_table.stride(0), eps, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-            HEAD_DIM=head_dim, HALF=half, BLOCK=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=1)
+            q, k, loc, k_cache, v_cache, qkv.stride(0), cos_table.stride(0),
+            k_cache.stride(0) if kv_cache is not None else 0, eps, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+            HEAD_DIM=head_dim, HALF=half, BLOCK=triton.next_power_of_2(half), HAS_NORM=has_norm,
+            WRITE_KV=kv_cache is not None, num_warps=1)
     kv_start = (num_heads + num_kv_heads) * head_dim
     v = qkv[:, kv_start:kv_start + num_kv_heads * head_dim].view(-1, num_kv_heads, head_dim)
     return q, k, v
@@ -137,3 +162,119 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n,
                                                                   BLOCK=block, num_warps=4)
     return out.view(*gate_up.shape[:-1], n)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
+                 SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # each weight byte is read once (evict_first); x stays cached (evict_last)
+        k_mask = (k0 + offs_k) < K
+        if EVEN_K:
+            w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0, eviction_policy="evict_last")
+        else:
+            w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_last")
+        if SILU_MUL:  # x is [gate | up] of width 2K: the input is silu(gate) * up, rounded as silu_and_mul rounds
+            up = tl.load(x_ptrs + K + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                         eviction_policy="evict_last")
+            gate = x.to(tl.float32)
+            act = _round(gate / (1.0 + tl.exp(-gate)), dt)
+            x = act * up.to(tl.float32)
+        acc += x.to(dt).to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
+    y = tl.sum(acc, axis=2)  # [BM, BN]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y.to(dt)  # rounded like the activation-dtype product, also when stored as float32
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def gemv_config(rows: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the GEMV for x [rows, k] @ W[n, k]^T.
+
+    One row (H100, the 8B shape's linears, benchmarks/decode_kernels.py): 1024-wide K blocks, and at
+    least ~1500 programs (4 output rows each, 2 for N < 6144) so that the last wave is short."""
+    block_m = triton.next_power_of_2(rows)
+    if block_m == 1:
+        return 1, 4 if n >= 6144 else 2, min(1024, triton.next_power_of_2(k)), 4
+    return block_m, 4, min(1024 // block_m, triton.next_power_of_2(k)), 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           config: tuple[int, int, int, int] | None = None, silu_mul: bool = False,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) for few rows M, accumulated in float32; see reference.linear.
+
+    silu_mul: x is [M, 2K] = [gate | up] and the input is silu_and_mul(x); out_dtype (default x's) receives the
+    result rounded to x's dtype first (float32 logits of a bf16 model, without a separate cast)."""
+    x2 = _rows(x)
+    rows, k = x2.shape[0], weight.shape[1]
+    if x2.shape[1] != (2 * k if silu_mul else k):
+        raise ValueError(f"linear: input width {x2.shape[1]} does not match weight {tuple(weight.shape)}"
+                         f"{' (silu_mul: 2 x in_features)' if silu_mul else ''}")
+    n = weight.shape[0]
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    out = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
+    block_m, block_n, block_k, warps = config or gemv_config(rows, n, k)
+    if rows:
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
+            x2, weight, bias if bias is not None else weight, out, rows, n, k, x2.stride(0), weight.stride(0),
+            out.stride(0), HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps)
+    return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _seeded_race_kernel(probs_ptr, seeds_ptr, offsets_ptr, out_ptr, V, stride_p, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seeds_ptr + row)
+    key = _mix32(tl.load(offsets_ptr + row) & 0xFFFFFFFF)
+    key = _mix32(key ^ ((seed >> 32) & 0xFFFFFFFF))
+    key = _mix32(key ^ (seed & 0xFFFFFFFF))
+    best = tl.full((), -1.0, tl.float32)
+    best_id = tl.full((), 0, tl.int64)
+    for start in range(0, V, BLOCK):
+        ids = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = ids < V
+        p = tl.load(probs_ptr + row * stride_p + ids, mask=mask, other=0.0).to(tl.float32)
+        h = _mix32((key + ids * 0x9E3779B9) & 0xFFFFFFFF)
+        u = ((h >> 9).to(tl.float32) * 2 + 1) * 5.9604644775390625e-08  # 2^-24
+        score = tl.where(mask, p / -tl.log(u), -1.0)
+        block_best = tl.max(score, axis=0)
+        block_id = tl.argmax(score, axis=0).to(tl.int64) + start
+        better = block_best > best  # strictly: the first maximum wins, as torch.argmax
+        best_id = tl.where(better, block_id, best_id)
+        best = tl.where(better, block_best, best)
+    tl.store(out_ptr + row, best_id)
+
+
+def seeded_race(probs: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """One launch over rows of probs [B, V]; see reference.seeded_race."""
+    probs = _rows(probs)
+    out = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    if probs.shape[0]:
+        _seeded_race_kernel[(probs.shape[0],)](probs, seeds, offsets, out, probs.shape[1], probs.stride(0),
+                                               BLOCK=min(4096, triton.next_power_of_2(probs.shape[1])), num_warps=8)
+    return out
