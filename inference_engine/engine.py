@@ -168,12 +168,10 @@ class Engine:
             max_new = min(sp.max_new_tokens, self.context_length - len(ids))
             samples = []
             for j in range(sp.n):
-                gen = None
-                if sp.seed is not None:
-                    gen = torch.Generator(device=self.runner.device).manual_seed(sp.seed + j)
+                seed = None if sp.seed is None else sp.seed + j  # sample j of a seeded request: its own stream
                 child_rid = group if sp.n == 1 else f"{group}-{j}"
                 samples.append(Req(child_rid, list(ids), sp, return_logprob=bool(want_lp), max_new_tokens=max_new,
-                                   stream=stream, group=group, on_output=on_output, generator=gen))
+                                   stream=stream, group=group, on_output=on_output, seed=seed))
             outputs.extend(samples)
             if sp.n > 1 and not self.config.disable_radix_cache:  # prefill once, then the samples fork off the cache
                 parent = Req(f"{group}-prefill", list(ids), SamplingParams(max_new_tokens=0), max_new_tokens=0,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable
 
-import torch
-
 from inference_engine.radix_cache import TreeNode
 from inference_engine.sampling_params import SamplingParams
 
@@ -18,7 +16,7 @@ class Req:
 
     def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams, *, return_logprob: bool = False,
                  max_new_tokens: int | None = None, stream: bool = False, group: str | None = None,
-                 on_output: Callable[["Req", bool], None] | None = None, generator: torch.Generator | None = None):
+                 on_output: Callable[["Req", bool], None] | None = None, seed: int | None = None):
         self.rid = rid
         self.group = group or rid  # n > 1: the samples (and their prefill-only parent) share the caller's rid
         self.origin_input_ids = input_ids
@@ -28,7 +26,7 @@ class Req:
         self.return_logprob = return_logprob
         self.stream = stream
         self.on_output = on_output
-        self.generator = generator
+        self.seed = seed  # None: fresh random draws; else the sampler replays this seed's stream
         self.children: list[Req] = []  # n > 1: samples released into the queue once this prefill finishes
         self.arrival = next(_arrival)
         # log-probs

@@ -510,7 +510,7 @@ class Scheduler:
               sp.min_p] for sp in sps], dtype=torch.float64), dev)
         base = self.seed_stream.getrandbits(62)  # unseeded rows: fresh draws every step
         draws = to_device(torch.tensor(  # [B, 2]: (seed, draw number); a seeded request replays its stream
-            [[base + i if r.generator is None else r.generator.initial_seed() & SEED_MASK,
+            [[base + i if r.seed is None else r.seed & SEED_MASK,
               len(r.output_ids) + r.pending] for i, r in enumerate(reqs)], dtype=torch.int64), dev)
         return SamplingBatch(
             temperatures=params[:, 0].float(),
