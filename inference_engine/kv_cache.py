@@ -91,13 +91,6 @@ class KVPool:
         if slots.numel():
             self._released.append(torch.unique(slots.cpu() // self.page_size))
 
-    def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [T, KVH, D] at slots loc [T] of a layer; returns that layer's (k_buffer, v_buffer)."""
-        k_buf, v_buf = self.k_buffer[layer_id], self.v_buffer[layer_id]
-        k_buf[loc] = k.to(k_buf.dtype)
-        v_buf[loc] = v.to(v_buf.dtype)
-        return k_buf, v_buf
-
 
 class ReqToTokenPool:
     """req_to_token [max_reqs, max_context]: the KV slot of every token of every running request (SGLang's table)."""

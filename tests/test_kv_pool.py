@@ -22,15 +22,12 @@ def test_alloc_extend_fills_pages_before_taking_new_ones():
     assert pool.available_size() == 28
 
 
-def test_buffer_layout_and_set_kv():
+def test_buffer_layout_free_and_reallocate():
     pool = KVPool(num_slots=16, page_size=1, num_layers=3, num_kv_heads=2, head_dim=4, dtype=torch.float16,
                   device=torch.device("cpu"))
     assert len(pool.k_buffer) == 3 and pool.k_buffer[0].shape == (16, 2, 4) and pool.k_buffer[0].dtype == torch.float16
-    loc = torch.tensor([3, 7])
-    k, v = torch.randn(2, 2, 4), torch.randn(2, 2, 4)
-    pool.set_kv(1, loc, k, v)
-    assert torch.equal(pool.k_buffer[1][loc], k.half()) and torch.equal(pool.v_buffer[1][loc], v.half())
-    assert pool.k_buffer[0].abs().sum() == 0
+    assert len(pool.v_buffer) == 3 and pool.v_buffer[2].shape == (16, 2, 4)
+    pool.k_buffer[1][torch.tensor([3, 7])] = 1.0  # what the q/k-norm + RoPE kernel does at a forward's slots
     pool.free_buffers()
     assert pool.k_buffer == []
     pool.allocate_buffers()
