@@ -106,6 +106,7 @@ class PhaseTimer:
 KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins
     ("attention", ("flash", "fmha")),
     ("matmul", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "wgmma")),
+    ("kiln triton", ("_qk_norm_rope", "_swiglu", "_softmax_stats", "_logit_grads")),  # trainer's own kernels
     ("triton", ("triton",)),
     ("optimizer", ("adam", "multi_tensor")),
     ("reduce", ("reduce", "norm")),
@@ -186,7 +187,7 @@ def run_variant(variant: str, args, spec, cfg, samples, device) -> dict:
     """Time `args.steps` steps of `variant` (kiln / local) after one warm-up; tokens/s, peak memory."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from trainer import attention, bridge
+    from trainer import attention, batching, bridge
     from trainer.batching import pack_micro_batches
     from trainer.logprobs import chunked_logprobs, vocab_parallel_logprobs
     from trainer.optimizer import PolicyOptimizer
@@ -208,12 +209,14 @@ def run_variant(variant: str, args, spec, cfg, samples, device) -> dict:
     batches = pack_micro_batches(list(range(len(samples))), tokens, responses, args.tokens, packed=kiln)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and not kiln else contextlib.nullcontext()
     vocab = spec.vocab_size
+    # the trainer's own way of sending a micro-batch's inputs: sync-free pinned copies; `.to` in older trainers
+    to_device = getattr(batching, "to_device", lambda t, dev: t.to(dev))
 
     def step(phase=lambda name: contextlib.nullcontext()) -> torch.Tensor:
         total = torch.zeros((), device=device)
         for mb in batches:
-            toks, pos = mb.tokens.to(device), mb.position_ids().to(device)
-            where, targets = mb.response_positions().to(device), mb.response_targets().to(device)
+            toks, pos = to_device(mb.tokens, device), to_device(mb.position_ids(), device)
+            where, targets = to_device(mb.response_positions(), device), to_device(mb.response_targets(), device)
             if kiln:
                 with phase("forward"):
                     packed = attention.packed_seq_params(mb.lengths, device)

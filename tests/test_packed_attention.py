@@ -100,3 +100,14 @@ def test_flash_varlen_matches_reference_on_gpu(heads, kv_heads, dim):
     ref.backward(grad)
     for a, b in zip((q, k, v), ref_inputs):
         assert (a.grad.double() - b.grad).abs().max() < 5e-2 * max(1.0, b.grad.abs().max().item())
+
+
+def test_packed_seq_params_carry_boundaries_and_restarting_positions():
+    from trainer.attention import packed_seq_params
+
+    params = packed_seq_params(LENGTHS, "cpu")
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_q.tolist() == [0, 5, 6, 15, 18]
+    assert params.positions.tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]
+    assert params.max_seqlen_q == params.max_seqlen_kv == 9
+    with pytest.raises(ValueError, match="lengths >= 1"):
+        packed_seq_params([3, 0], "cpu")

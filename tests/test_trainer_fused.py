@@ -1,6 +1,6 @@
 """The trainer's fused parts against references: Kiln's layer spec vs megatron's local layers (fp32, CPU), the
-log-prob triton kernels vs float64 math (triton interpreter on CPU, compiled on GPU), and the compiled fused
-ops vs their eager torch form (`-m gpu`)."""
+log-prob and fused-layer triton kernels vs float64 math (triton interpreter on CPU, compiled on GPU), and the
+compiled fused ops vs their eager torch form (`-m gpu`)."""
 
 from __future__ import annotations
 
@@ -95,20 +95,77 @@ def _check_kernels(device: str) -> None:
         assert (out.cpu().double() - grads).abs().max() <= 1e-2 * grads.abs().max(), seed  # bf16 output
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-def test_logprob_kernels_match_float64_under_the_triton_interpreter():
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64 on the CPU."""
+    return float((x.detach().cpu().double() - ref.cpu()).norm() / ref.norm())
+
+
+def _check_layer_kernels(device: str) -> None:
+    """q/k norm + RoPE and SwiGLU triton kernels (fp32 and bf16) against float64 eager math, values and grads."""
+    from trainer import fused, fused_kernels
+
+    g = torch.Generator().manual_seed(0)
+    cases = [(37, 1, 2, 2, 16, True), (29, 3, 2, 2, 16, False), (21, 1, 1, 3, 32, True)]  # s, b, groups, q/group, hn
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for s, b, groups, q_per_group, dim, norm in cases:
+            mixed = torch.randn(s, b, groups, (q_per_group + 2) * dim, generator=g, dtype=torch.float64)
+            freqs = (torch.arange(64)[:, None] * 0.1 * torch.arange(dim)[None]).double()[:, None, None, :]
+            positions = torch.randint(0, 64, (s,), generator=g)
+            cos, sin = torch.cos(freqs[positions]), torch.sin(freqs[positions])
+            weights = [None, None]
+            if norm:
+                weights = [torch.rand(dim, generator=g, dtype=torch.float64) + 0.5 for _ in range(2)]
+            ref_in = [mixed.requires_grad_(True)] + [w.requires_grad_(True) for w in weights if w is not None]
+            ref = fused.qkv_norm_rope(mixed, q_per_group, dim, cos, sin, *weights, 1e-6)
+            upstream = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ref]
+            ref_grads = torch.autograd.grad(ref, ref_in, upstream)
+            ins = [t.detach().to(device, dtype).requires_grad_(True) for t in ref_in]
+            w_in = ins[1:] if norm else [None, None]
+            out = fused_kernels.QKNormRoPE.apply(ins[0], q_per_group, dim, cos.to(device).float(),
+                                                 sin.to(device).float(), *w_in, 1e-6)
+            grads = torch.autograd.grad(out, ins, [u.to(device, dtype) for u in upstream])
+            assert [t.dtype for t in out] == [dtype] * 3
+            for got, want in zip(list(out) + list(grads), list(ref) + list(ref_grads)):
+                assert got.shape == want.shape and _rel(got, want) < tol, (dtype, s, b, norm, _rel(got, want))
+        gate_up = torch.randn(5, 2, 2 * 1100, generator=g, dtype=torch.float64).requires_grad_(True)
+        ref = fused.swiglu(gate_up)
+        upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        ref.backward(upstream)
+        x = gate_up.detach().to(device, dtype).requires_grad_(True)
+        out = fused_kernels.SwiGLU.apply(x)
+        out.backward(upstream.to(device, dtype))
+        assert out.dtype == dtype and _rel(out, ref) < tol and _rel(x.grad, gate_up.grad) < tol
+
+
+def _under_triton_interpreter(check: str) -> None:
+    """Run tests.test_trainer_fused.<check>('cpu') with TRITON_INTERPRET=1 in a fresh process."""
     if os.environ.get("TRITON_INTERPRET"):
-        _check_kernels("cpu")
+        globals()[check]("cpu")
         return
-    script = f"import sys; sys.path.insert(0, {os.getcwd()!r}); import tests.test_trainer_fused as t; t._check_kernels('cpu')"
+    script = f"import sys; sys.path.insert(0, {os.getcwd()!r}); import tests.test_trainer_fused as t; t.{check}('cpu')"
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_logprob_kernels_match_float64_under_the_triton_interpreter():
+    _under_triton_interpreter("_check_kernels")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_layer_kernels_match_float64_under_the_triton_interpreter():
+    _under_triton_interpreter("_check_layer_kernels")
+
+
 @pytest.mark.gpu
 def test_logprob_kernels_match_float64_on_gpu():
     _check_kernels("cuda")
+
+
+@pytest.mark.gpu
+def test_layer_kernels_match_float64_on_gpu():
+    _check_layer_kernels("cuda")
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from rollout.sample import Sample, Status
 from trainer import attention, bridge, megatron_compat
 from trainer.advantages import compute_advantages
-from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches
+from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches, to_device
 from trainer.config import TrainerConfig
 from trainer.logprobs import chunked_logprobs
 from trainer.losses import compute_policy_loss, kl_estimate
@@ -192,8 +192,8 @@ class TrainerActor:
 
     def _stage_output(self, model, mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor:
         """This stage's output for `mb` [width, rows, H] (final-norm hidden states on the last stage)."""
-        tokens = mb.tokens.to(self.device)  # packed [1, total] or padded [rows, max_len]
-        positions = mb.position_ids().to(self.device)
+        tokens = to_device(mb.tokens, self.device)  # packed [1, total] or padded [rows, max_len]
+        positions = to_device(mb.position_ids(), self.device)
         packed = attention.packed_seq_params(mb.lengths, self.device) if mb.packed else None
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with amp:
@@ -208,9 +208,10 @@ class TrainerActor:
         """Log-probs (and entropy) of the micro-batch's response tokens, flat [T]; logits only for those tokens."""
         weight = bridge.output_weight(model)  # [V_local, H]
         hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [rows * width, H]
-        hidden = hidden[mb.response_positions().to(self.device)].to(weight.dtype)  # [T, H]
-        return chunked_logprobs(hidden, weight, mb.response_targets().to(self.device), vocab_start=self.vocab_start,
-                                vocab_size=self.spec.vocab_size, temperature=self.cfg.temperature,
+        hidden = hidden[to_device(mb.response_positions(), self.device)].to(weight.dtype)  # [T, H]
+        return chunked_logprobs(hidden, weight, to_device(mb.response_targets(), self.device),
+                                vocab_start=self.vocab_start, vocab_size=self.spec.vocab_size,
+                                temperature=self.cfg.temperature,
                                 group=self.tp_group, with_entropy=with_entropy,
                                 chunk_tokens=self.cfg.logprob_chunk_tokens)
 
@@ -308,7 +309,9 @@ class TrainerActor:
 
         def flat(mb: MicroBatch, key: str) -> torch.Tensor | None:
             values = per_sample[key]
-            return None if values is None else torch.cat([values[i] for i in mb.indices]).to(self.device)
+            if values is None:
+                return None
+            return to_device(torch.cat([values[i] for i in mb.indices]), self.device)
 
         def forward(mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor:
             nonlocal padded
@@ -318,7 +321,7 @@ class TrainerActor:
             logp, entropy = self._log_probs(self.model, mb, hidden, with_entropy=True)
             loss, parts = compute_policy_loss(
                 logp, flat(mb, "old"), flat(mb, "adv"), flat(mb, "mask"),
-                torch.tensor(mb.response_lengths, device=self.device), cfg.loss, ref_logp=flat(mb, "ref"),
+                torch.tensor(mb.response_lengths), cfg.loss, ref_logp=flat(mb, "ref"),
                 rollout_logp=flat(mb, "rollout"), entropy=entropy if cfg.loss.entropy_coef > 0 else entropy.detach(),
                 global_num_tokens=num_tokens, global_num_seqs=num_seqs)
             for key, value in {"loss": loss.detach(), **parts}.items():

@@ -10,6 +10,11 @@ gets a THD `PackedSeqParams`). The leaves:
 - anywhere else (CPU, fp32): the reference, one causal SDPA call per sequence — what the flash
   path is tested against.
 
+Measured against it on the H100 (docs/benchmarks.md, 2026-11-27): PyTorch 2.11's cuDNN attention
+over ragged inputs (`aten._cudnn_attention_forward` with `cum_seq_q`) ran 100x slower and returned
+wrong gradients; cuDNN's dense SDPA once per sequence was faster forward (359 vs 294 TFLOP/s) but
+slower backward (191 vs 225). FlashAttention-2 stays.
+
 Padded batches (one sequence per row, right-padded) use causal SDPA, which picks the flash or
 cuDNN kernel on GPU. With Transformer Engine installed, megatron's TE spec is used instead.
 """
@@ -22,6 +27,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from trainer.batching import to_device
 
 BACKENDS = ("auto", "flash", "reference")
 
@@ -94,13 +101,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         raise ValueError(f"cu_seqlens must be a 1-d int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    use_flash = backend == "flash" or (backend == "auto" and flash_varlen_supported(q, k))
-    if use_flash:
-        if not flash_varlen_supported(q, k):
-            raise ValueError(f"flash varlen needs CUDA sm80+, bf16/fp16, head_dim % 8 == 0 and <= 256; got "
-                             f"{q.device} {q.dtype} head_dim {q.shape[-1]}")
-        return _FlashVarlen.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)
-    return varlen_attention_reference(q, k, v, cu_seqlens, scale)
+    if backend == "auto":
+        backend = "flash" if flash_varlen_supported(q, k) else "reference"
+    if backend == "reference":
+        return varlen_attention_reference(q, k, v, cu_seqlens, scale)
+    if not flash_varlen_supported(q, k):
+        raise ValueError(f"flash varlen needs CUDA sm80+, bf16/fp16, head_dim % 8 == 0 and <= 256; got "
+                         f"{q.device} {q.dtype} head_dim {q.shape[-1]}")
+    return _FlashVarlen.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)
 
 
 def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -166,9 +174,15 @@ def _packed_seq_params_class():
 
 
 def packed_seq_params(lengths: list[int], device: torch.device | str):
-    """megatron PackedSeqParams (THD) for one packed row of sequences of `lengths`, with per-token RoPE positions."""
-    cu = cu_seqlens_from_lengths(lengths, device)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)  # [T]
+    """megatron PackedSeqParams (THD) for one packed row of sequences of `lengths`, with per-token RoPE positions.
+
+    Built on the host and sent in one asynchronous copy: no device sync.
+    """
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"packed sequences need lengths >= 1, got {lengths}")
+    host = torch.cat([cu_seqlens_from_lengths(lengths).long()] + [torch.arange(n) for n in lengths])  # [seqs+1+T]
+    staged = to_device(host, device)
+    cu, positions = staged[:len(lengths) + 1].int(), staged[len(lengths) + 1:]  # [seqs + 1] int32, [T] int64
     longest = max(lengths)
     return _packed_seq_params_class()(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                                       max_seqlen_kv=longest, positions=positions)

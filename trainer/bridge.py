@@ -165,7 +165,15 @@ def build_gpt_model(spec: ModelSpec, config, *, vocab_pad_multiple: int = 128, p
     from trainer import attention, megatron_compat
 
     megatron_compat.apply()
-    layer_spec = attention.gpt_layer_spec(spec.qk_norm) if layer_spec is None else layer_spec
+    if layer_spec is None:
+        layer_spec = attention.gpt_layer_spec(spec.qk_norm)
+        if not megatron_compat.has_transformer_engine():  # the final norm as Kiln's (weight in the parameter dtype)
+            from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+            from trainer import fused
+
+            layer_spec = TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config),
+                                                    layer_norm=fused.layer_classes()[0])
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     # No embedding group: megatron would copy the tied embedding to the last stage through `.cuda()`; the
     # bridge loads that copy from HF instead and PolicyOptimizer all-reduces the two copies' gradients.

@@ -1,9 +1,8 @@
 """Fused elementwise parts of the trainer's decoder layer: RMSNorm, q/k norm + RoPE, SwiGLU.
 
 megatron's local spec runs these as chains of small torch ops (RoPE on packed rows also reads
-`cu_seqlens` on the host twice per layer). Here each is one plain torch function: on CUDA it runs
-under `torch.compile` (forward and backward each become one or two generated kernels), elsewhere
-eagerly, so the CPU path is the reference of the GPU one. Math, as megatron's local spec:
+`cu_seqlens` on the host twice per layer). Here each is one plain torch function, run eagerly on
+CPU and the reference of the GPU path. Math, as megatron's local spec:
 
 - RMSNorm: `F.rms_norm` with the weight in the parameters' dtype (torch's fused CUDA kernel; the
   local spec's `torch.nn.RMSNorm` keeps an fp32 weight, which sends bf16 inputs down the unfused path);
@@ -11,11 +10,16 @@ eagerly, so the CPU path is the reference of the GPU one. Math, as megatron's lo
   with cos/sin of megatron's `RotaryEmbedding` frequencies at each token's position, computed in
   fp32 and rounded once;
 - SwiGLU: `silu(gate) * up` of the fused `linear_fc1` output `[gate | up]`.
+
+On CUDA, q/k norm + RoPE and SwiGLU run as hand-written triton kernels (`trainer.fused_kernels`:
+compiled functions cost about 1 ms of host time per call, which left the GPU idle); `torch.compile`
+remains for the q/k norm + RoPE cases the kernels do not take.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +59,33 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of gate_up [..., 2I] = [gate | up]; returns [..., I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return (F.silu(gate.float()) * up.float()).to(gate_up.dtype)
+
+
+@functools.cache
+def _kernels():
+    """trainer.fused_kernels, or None without triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from trainer import fused_kernels
+
+    return fused_kernels
+
+
+def swiglu_op(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of gate_up [..., 2I] -> [..., I]: triton kernels on CUDA, eager `swiglu` elsewhere."""
+    if gate_up.is_cuda and _kernels() is not None:
+        return _kernels().SwiGLU.apply(gate_up)
+    return swiglu(gate_up)
+
+
+def qkv_norm_rope_op(mixed_qkv: torch.Tensor, q_per_group: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`qkv_norm_rope`: triton kernels on CUDA where they apply, else compiled (CUDA) or eager (CPU)."""
+    args = (mixed_qkv, q_per_group, head_dim, cos, sin, q_weight, k_weight, eps)
+    if _kernels() is not None and _kernels().qk_norm_rope_supported(mixed_qkv, head_dim, cos):
+        return _kernels().QKNormRoPE.apply(*args)
+    return run(qkv_norm_rope, *args)
 
 
 @functools.cache
@@ -121,8 +152,8 @@ def layer_classes():
             mixed_qkv, _ = self.get_query_key_value_tensors(hidden_states, None, split_qkv=False)  # [s, b, ng, .]
             cos, sin = rope_tables(packed_seq_params if packed else None, freqs, mixed_qkv.shape[0])
             norm = isinstance(self.q_layernorm, KilnRMSNorm)
-            query, key, value = run(
-                qkv_norm_rope, mixed_qkv, self.num_attention_heads_per_partition // self.num_query_groups_per_partition,
+            query, key, value = qkv_norm_rope_op(
+                mixed_qkv, self.num_attention_heads_per_partition // self.num_query_groups_per_partition,
                 self.hidden_size_per_attention_head, cos, sin, self.q_layernorm.weight if norm else None,
                 self.k_layernorm.weight if norm else None, self.q_layernorm.eps if norm else 0.0)
             if packed:  # [t, 1, heads, hn] -> [t, heads, hn]
@@ -146,7 +177,7 @@ def layer_classes():
                     self.config.activation_func is not F.silu or self.config.add_bias_linear:
                 return super().forward(hidden_states, per_token_scale, **kwargs)
             intermediate, _ = self.linear_fc1(hidden_states)  # [s, b, 2 * ffn / tp]
-            return self.linear_fc2(run(swiglu, intermediate))
+            return self.linear_fc2(swiglu_op(intermediate))
 
     return KilnRMSNorm, KilnSelfAttention, KilnMLP
 

@@ -16,6 +16,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from trainer.batching import to_device
+
 POLICY_LOSSES = ("ppo", "gspo", "reinforce")
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
 KL_TYPES = ("k1", "k2", "k3", "low_var_kl")
@@ -92,7 +94,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
 def _seq_ids(seq_lens: Tensor, num_tokens: int, device: torch.device) -> Tensor:
     """Sequence index of every token, on `device`; [S] lengths -> [T]."""
     return torch.repeat_interleave(
-        torch.arange(len(seq_lens), device=device), seq_lens.to(device), output_size=num_tokens)
+        torch.arange(len(seq_lens), device=device), to_device(seq_lens, device), output_size=num_tokens)
 
 
 def _check_flat(seq_lens: Tensor, logp_name: str, logp: Tensor, **tensors: Tensor | None) -> None:

@@ -126,8 +126,7 @@ class PolicyOptimizer:
         self.optimizer.step()
         if self.mixed:
             with torch.no_grad():
-                for p, main in zip(self.model_params, self.params):
-                    p.copy_(main)
+                torch._foreach_copy_(self.model_params, self.params)  # bf16 <- fp32 masters, one call
         self.step_count += 1
         return float(norm), lr
 
