@@ -14,6 +14,7 @@ bandwidth), the bandwidth measured in the same run (a device-to-device copy, rea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -76,6 +77,32 @@ def copy_bandwidth() -> float:
     return 10 * 2 * src.numel() * src.element_size() / (time.perf_counter() - start)
 
 
+def lm_head_greedy_ms(vocab: int, hidden: int, replays: int = 200) -> dict[str, float]:
+    """Device ms of the batch-1 LM head + greedy pick in a CUDA graph: split (GEMV, argmax, logsumexp) and fused."""
+    from inference_engine import ops
+    from inference_engine.sampler import greedy
+
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    paths = {"split": lambda: greedy(ops.linear(x, w, out_dtype=torch.float32)),
+             "fused": lambda: ops.linear_greedy(x, w)}
+    times: dict[str, list[float]] = defaultdict(list)
+    for name in [*paths, *paths]:  # twice each, alternating
+        for _ in range(3):  # compile / warm up outside the capture
+            paths[name]()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            paths[name]()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times[name].append(start.elapsed_time(end) / replays)
+    return {name: min(t) for name, t in times.items()}
+
+
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
@@ -105,6 +132,18 @@ def set_overlap(engine, on: bool) -> None:
     """Switch the engine's overlap scheduling between runs (on the scheduler thread, nothing in flight); empty the cache."""
     engine._call(lambda: setattr(engine.scheduler, "overlap", on))
     engine.flush_cache()  # the next runs reuse prompts of the previous mode: no cache hits from those
+
+
+def set_decode_attention(engine, mode: str) -> None:
+    """Switch the flashinfer backend's decode kernel (EngineConfig.decode_attention) between runs; recapture graphs."""
+    max_bs = dataclasses.replace(engine.config, decode_attention=mode).triton_decode_max_bs  # validated as at start
+
+    def switch() -> None:  # on the scheduler thread, nothing in flight
+        engine.runner.attn_backend.triton_decode_max_bs = max_bs
+        engine.runner.capture_cuda_graphs()
+
+    engine._call(switch)
+    engine.flush_cache()
 
 
 def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_dir: Path, stem: str) -> None:
@@ -224,6 +263,13 @@ def main() -> None:
                     help="overlap scheduling for the offline and GRPO rows")
     ap.add_argument("--hf-batches", default="1,64")
     ap.add_argument("--hf-tokens", type=int, default=64, help="prompt 128 tokens, this many generated")
+    ap.add_argument("--decode-attention", default="flashinfer",
+                    help="with --backend flashinfer, the decode kernel(s), comma-separated: flashinfer, triton, auto "
+                         "(EngineConfig.decode_attention); the Kiln and decode rows are measured for each on the same "
+                         "engine, its graphs recaptured between them; the later rows run with the last one")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="first time the batch-1 LM head + greedy pick of the shape in a CUDA graph, split vs fused "
+                         "(ops.linear_greedy), on random weights")
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--gemv-max-rows", type=int, default=None,
                     help="linears of at most this many rows use the triton GEMV (default: ops.GEMV_MAX_ROWS; 0 = cuBLAS "
@@ -236,6 +282,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from inference_engine import Engine, ops
+    from inference_engine.config import DECODE_ATTENTION
+
+    unknown = [mode for mode in args.decode_attention.split(",") if mode not in DECODE_ATTENTION]
+    if unknown:
+        ap.error(f"--decode-attention {unknown} unknown; expected a comma-separated list of {DECODE_ATTENTION}")
 
     if args.gemv_max_rows is not None:
         ops.GEMV_MAX_ROWS = args.gemv_max_rows
@@ -250,8 +301,13 @@ def main() -> None:
     report("device", f"{props.name}, torch {torch.__version__}")
     bw = copy_bandwidth()
     report("copy bandwidth", f"{bw / 1e12:.2f} TB/s")
+    if args.lm_head:
+        ms = lm_head_greedy_ms(SHAPES[args.shape]["vocab_size"], SHAPES[args.shape]["hidden_size"])
+        report("LM head + greedy pick, batch 1, graph", f"split {ms['split']:.3f} ms, fused {ms['fused']:.3f} ms")
+        torch.cuda.empty_cache()  # the KV pool is sized from free memory
     folder = Path(args.model_dir or tempfile.mkdtemp(prefix=f"kiln_{args.shape}_"))
     hf_batches = [int(b) for b in args.hf_batches.split(",") if b]
+    decode_modes = args.decode_attention.split(",")
     vocab = SHAPES[args.shape]["vocab_size"]
     hf_rates = {}
     if (folder / "config.json").exists():  # a model an earlier run built: the engine rows only
@@ -276,8 +332,10 @@ def main() -> None:
     start = time.perf_counter()
     engine = Engine(model_path=str(folder), device="cuda", dtype="bfloat16", attention_backend=args.backend,
                     page_size=args.page_size, context_length=4096, max_running_requests=256,
-                    chunked_prefill_size=8192, disable_cuda_graph=args.disable_cuda_graph)
-    report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, GEMV up to {ops.GEMV_MAX_ROWS} rows, "
+                    chunked_prefill_size=8192, disable_cuda_graph=args.disable_cuda_graph,
+                    decode_attention=decode_modes[0])
+    report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, decode attention {decode_modes[0]}, "
+                           f"GEMV up to {ops.GEMV_MAX_ROWS} rows, "
                            f"page {args.page_size}, "
                            f"KV pool {engine.runner.kv_pool.capacity} tokens, "
                            f"graphs {'off' if engine.runner.graph_runner is None else 'on'})")
@@ -291,9 +349,13 @@ def main() -> None:
     def modes(choice: str) -> list[bool]:
         return {"on": [True], "off": [False], "both": [False, True]}[choice]
 
-    for overlap in modes(args.overlap):
+    current_mode = decode_modes[0]
+    for mode, overlap in [(mode, overlap) for mode in decode_modes for overlap in modes(args.overlap)]:
+        if mode != current_mode:
+            set_decode_attention(engine, mode)
+            current_mode = mode
         set_overlap(engine, overlap)
-        tag = f" [overlap {'on' if overlap else 'off'}]"
+        tag = f" [{f'decode attention {mode}, ' if len(decode_modes) > 1 else ''}overlap {'on' if overlap else 'off'}]"
         for bs in [int(b) for b in args.hf_batches.split(",") if b]:
             timed_generate(engine, prompts(bs, 128, vocab, seed=100 + bs), 2)  # warm-up of this shape
             rate = bs * args.hf_tokens / timed_generate(engine, prompts(bs, 128, vocab, seed=200 + bs),

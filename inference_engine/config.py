@@ -8,6 +8,7 @@ from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
+DECODE_ATTENTION = ("flashinfer", "triton", "auto")
 
 
 @dataclass
@@ -30,6 +31,10 @@ class EngineConfig:
     prefix_sharing_min_tokens: int = 32  # a waiting request waits for a running prefill that covers all of its
     # uncached prefix or at least this many tokens of it
     attention_backend: str = "torch"  # "torch" (any device), "triton" (CUDA; torch reference on CPU), "flashinfer" (CUDA)
+    decode_attention: str = "flashinfer"  # with attention_backend "flashinfer": the kernel of decode batches,
+    # "flashinfer", "triton" (Kiln's split-KV kernel) or "auto" (triton up to decode_attention_auto_max_bs requests)
+    decode_attention_auto_max_bs: int = 64  # on an H100 (8B shape, 160 tokens of context) triton was faster at
+    # batch 1 and 64, the sizes measured (docs/benchmarks.md); under graphs the captured size decides
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
     disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
     disable_overlap_schedule: bool = False  # read each step's sampled tokens before scheduling the next
@@ -72,6 +77,15 @@ class EngineConfig:
             raise ValueError("attention_backend 'flashinfer' needs device 'cuda'; on CPU use 'torch' or 'triton'")
         if self.attention_backend == "flashinfer" and self.dtype == "float32":
             raise ValueError("attention_backend 'flashinfer' supports dtype bfloat16 or float16, not float32")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention {self.decode_attention!r} is unknown; "
+                             f"expected one of {DECODE_ATTENTION}")
+        if self.decode_attention != "flashinfer" and self.attention_backend != "flashinfer":
+            raise ValueError(f"decode_attention {self.decode_attention!r} chooses among the flashinfer backend's "
+                             f"decode kernels; attention_backend {self.attention_backend!r} takes only 'flashinfer' "
+                             "(the default)")
+        if self.decode_attention_auto_max_bs < 1:
+            raise ValueError(f"decode_attention_auto_max_bs must be >= 1, got {self.decode_attention_auto_max_bs}")
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.tp_size < 1:
@@ -81,6 +95,12 @@ class EngineConfig:
         if self.base_gpu_id and self.device != "cuda":
             raise ValueError(f"base_gpu_id {self.base_gpu_id} applies to device 'cuda' only, not {self.device!r} "
                              "(with 'cuda:N' the ranks start at N)")
+
+    @property
+    def triton_decode_max_bs(self) -> int:
+        """Decode batches of at most this many requests run the triton split-KV kernel (0: none, the backend's own)."""
+        return {"flashinfer": 0, "triton": self.max_running_requests,
+                "auto": self.decode_attention_auto_max_bs}[self.decode_attention]
 
     @property
     def torch_dtype(self):

@@ -4,8 +4,9 @@ The graphs read static buffers (token ids, positions, output slots, lengths, KV 
 `replay` refills with each step's values; padding requests have one token of context in slot 0
 (the pool's padding page) and write their K/V there. Attention metadata lives in backend-owned
 fixed buffers re-planned before every replay (`AttentionBackend.init_graph_metadata`). The graph
-also holds the LM head (float32 logits of every row) and greedy sampling (argmax and its log-prob):
-an all-greedy batch takes its tokens from the graph, any other batch samples from its logits
+also holds the LM head (float32 logits of every row) and greedy sampling (argmax and its log-prob; at
+batch 1 the LM head's GEMV reduces its blocks toward them, `ops.linear_greedy`): an all-greedy batch
+takes its tokens from the graph, any other batch samples from its logits
 right after it (`sampler.sample`, batched on the device).
 
 On a CPU device nothing is captured and `replay` runs the model on the same static buffers, so
@@ -23,7 +24,6 @@ import torch
 from inference_engine.attention.base import AttentionBackend
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kv_cache import KVPool
-from inference_engine.sampler import greedy
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ class CudaGraphRunner:
     def _step(self, fb: ForwardBatch) -> ForwardOutput:
         """What a graph computes: hidden states, float32 logits and the greedy token with its log-prob, per row."""
         hidden = self.model(fb)  # [bs, hidden]
-        logits = self.model.logits(hidden)  # [bs, vocab] float32
-        return ForwardOutput(hidden, logits, *greedy(logits))
+        return ForwardOutput(hidden, *self.model.logits_and_greedy(hidden))  # logits [bs, vocab] float32
 
     def can_run(self, fb: ForwardBatch) -> bool:
         """Whether fb is a decode batch a captured graph covers."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from inference_engine import Engine
+from inference_engine.config import EngineConfig
 from inference_engine.cuda_graph import CudaGraphRunner, capture_batch_sizes
 
 PROMPTS = [[5, 17, 42, 99, 3, 7, 250, 11, 64], [8, 8, 300], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
@@ -79,6 +80,25 @@ def test_config_validates_graph_options(qwen3_model):
         Engine(model_path=str(qwen3_model), cuda_graph_max_bs=0)
     with pytest.raises(ValueError, match="flashinfer"):
         Engine(model_path=str(qwen3_model), attention_backend="flashinfer")
+
+
+def test_config_decode_attention(qwen3_model):
+    """decode_attention picks the flashinfer backend's decode kernel by batch size; bad values name what is valid."""
+    def config(**options):
+        return EngineConfig(model_path=str(qwen3_model), device="cuda", dtype="bfloat16", max_running_requests=200,
+                            **options)
+
+    assert config().triton_decode_max_bs == 0  # default: flashinfer's own decode
+    assert config(attention_backend="flashinfer", decode_attention="triton").triton_decode_max_bs == 200
+    assert config(attention_backend="flashinfer", decode_attention="auto").triton_decode_max_bs == 64
+    assert config(attention_backend="flashinfer", decode_attention="auto",
+                  decode_attention_auto_max_bs=8).triton_decode_max_bs == 8
+    with pytest.raises(ValueError, match=r"decode_attention 'fast' is unknown; expected one of"):
+        config(attention_backend="flashinfer", decode_attention="fast")
+    with pytest.raises(ValueError, match="attention_backend 'triton' takes only 'flashinfer'"):
+        config(attention_backend="triton", decode_attention="auto")
+    with pytest.raises(ValueError, match="decode_attention_auto_max_bs must be >= 1, got 0"):
+        config(attention_backend="flashinfer", decode_attention="auto", decode_attention_auto_max_bs=0)
 
 
 def test_no_graphs_on_cpu(qwen3_model):

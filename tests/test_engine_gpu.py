@@ -1,20 +1,26 @@
 """Attention backends and GPU engine paths against the torch backend.
 
-CPU: the triton backend (kernels' torch reference) and flashinfer's page-table construction.
-GPU (`pytest -m gpu`): triton and flashinfer backends vs torch in bfloat16 (greedy tokens equal on
-a short horizon, log-probs within 2e-2), CUDA-graph decode vs eager, release -> resume memory.
+CPU: the triton backend (kernels' torch reference), flashinfer's page-table construction, and the flashinfer
+backend's triton decode path (its flashinfer parts stood in for).
+GPU (`pytest -m gpu`): triton, flashinfer and flashinfer with triton decode ("hybrid") vs torch in
+bfloat16 (greedy tokens equal on a short horizon, log-probs within 2e-2), CUDA-graph decode vs eager,
+release -> resume memory.
 """
 
 import pytest
 import torch
 
 from inference_engine import Engine
-from inference_engine.attention.flashinfer_backend import page_table
+from inference_engine.attention.base import AttentionBackend
+from inference_engine.attention.flashinfer_backend import FlashInferAttentionBackend, page_table
+from inference_engine.attention.triton_backend import triton_metadata
+from inference_engine.cuda_graph import CudaGraphRunner
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.testing import make_tiny_model
 
 PROMPTS = [[5, 17, 42, 99, 3, 7, 250, 11, 64, 9, 12], [8, 8, 300], list(range(1, 40)), [77] * 20]
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+RUN_PROMPTS = PROMPTS + [p + [1, 2, 3] for p in PROMPTS]  # what `_run` generates from, in its order
 
 
 def _run(model_path, prompts=PROMPTS, sampling_params=GREEDY, **options):
@@ -39,6 +45,41 @@ def test_triton_backend_matches_torch_on_cpu(tiny_model, page_size):
     outs = _run(tiny_model, attention_backend="triton", page_size=page_size)
     assert any(o["meta_info"]["cached_tokens"] > 0 for o in outs)
     _assert_close(outs, ref, 1e-4)
+
+
+class _TritonOnlyFlashInfer(FlashInferAttentionBackend):
+    """The flashinfer backend without flashinfer (CPU): every batch must take the triton path, prefill included."""
+
+    def __init__(self, *args, **kwargs):
+        AttentionBackend.__init__(self, *args, **kwargs)  # skips the CUDA / flashinfer checks and wrappers
+
+    def init_forward_metadata(self, fb):
+        if fb.is_decode:
+            assert self.decodes_with_triton(fb.batch_size)
+            return super().init_forward_metadata(fb)
+        fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device)  # flashinfer's prefill, stood in for
+
+    def init_cuda_graph_state(self, max_bs, max_context):
+        pass
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_flashinfer_backend_triton_decode_on_cpu(qwen3_model, graphs):
+    """The flashinfer backend's triton decode path (eager, and in a graph runner replayed on CPU) equals torch's."""
+    def run(hybrid: bool):
+        with Engine(model_path=str(qwen3_model), page_size=4, max_total_tokens=1024, context_length=128) as engine:
+            runner = engine.runner
+            if hybrid:
+                torch_backend = runner.attn_backend
+                runner.attn_backend = _TritonOnlyFlashInfer(
+                    torch_backend.num_heads, torch_backend.num_kv_heads, torch_backend.head_dim, runner.device,
+                    page_size=4, dtype=runner.dtype, triton_decode_max_bs=4)
+                if graphs:
+                    runner.graph_runner = CudaGraphRunner(runner.model, runner.attn_backend, runner.kv_pool, 4,
+                                                          runner.context_length, runner.device)
+            return engine.generate(input_ids=PROMPTS[:3], sampling_params=GREEDY, return_logprob=True)
+
+    _assert_close(run(hybrid=True), run(hybrid=False), 1e-4)
 
 
 def test_page_table_matches_python_reference():
@@ -72,9 +113,8 @@ def gpu_models(tmp_path_factory, tokenizer_dir):
 GPU = dict(device="cuda", dtype="bfloat16")
 
 
-def _teacher_forced(model_path, outs, **options):
+def _teacher_forced(model_path, outs, prompts=RUN_PROMPTS, **options):
     """Log-probs the engine gives each output of outs when fed prompt + output as a prompt (no divergence after a near-tie)."""
-    prompts = PROMPTS + [p + [1, 2, 3] for p in PROMPTS]
     seqs = [p + o["output_ids"] for p, o in zip(prompts, outs)]
     sp = {"temperature": 0, "max_new_tokens": 1, "return_prompt_logprobs": True}
     with Engine(model_path=str(model_path), max_total_tokens=4096, context_length=512, **options) as engine:
@@ -82,33 +122,59 @@ def _teacher_forced(model_path, outs, **options):
     return [[lp for lp, _, _ in s["meta_info"]["input_token_logprobs"][len(p):]] for s, p in zip(scored, prompts)]
 
 
+# attention paths by name: the flashinfer backend with its decode batches in Kiln's triton split-KV kernel is "hybrid"
+BACKENDS = {"triton": dict(attention_backend="triton"), "flashinfer": dict(attention_backend="flashinfer"),
+            "hybrid": dict(attention_backend="flashinfer", decode_attention="triton")}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+@pytest.mark.parametrize("backend, graphs", [("triton", False), ("flashinfer", False), ("hybrid", False),
+                                             ("hybrid", True)])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_backend_matches_torch_on_gpu(gpu_models, family, backend, page_size):
+def test_backend_matches_torch_on_gpu(gpu_models, family, backend, graphs, page_size):
     """First greedy token equal; every generated token's log-prob within 2e-2 of the torch backend's on the same context.
 
     The fused kernels round attention probabilities to bf16 before P @ V, the torch backend does not:
     on these random models that moves log-probs by up to ~0.03 over 8 free-running tokens and can flip
-    a near-tied greedy choice, so later tokens are compared teacher-forced.
+    a near-tied greedy choice, so later tokens are compared teacher-forced. graphs: the backend's decode
+    steps replay CUDA graphs (the torch reference runs eagerly).
     """
-    options = dict(page_size=page_size, disable_cuda_graph=True, **GPU)
-    ref = _run(gpu_models[family], attention_backend="torch", **options)
-    outs = _run(gpu_models[family], attention_backend=backend, **options)
+    options = dict(page_size=page_size, **GPU)
+    ref = _run(gpu_models[family], attention_backend="torch", disable_cuda_graph=True, **options)
+    outs = _run(gpu_models[family], disable_cuda_graph=not graphs, cuda_graph_max_bs=8, **BACKENDS[backend],
+                **options)
     assert [o["output_ids"][0] for o in outs] == [r["output_ids"][0] for r in ref]
-    forced = _teacher_forced(gpu_models[family], outs, attention_backend="torch", **options)
+    forced = _teacher_forced(gpu_models[family], outs, attention_backend="torch", disable_cuda_graph=True, **options)
     for o, f in zip(outs, forced):
         assert [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] == pytest.approx(f, abs=2e-2)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch", "triton", "flashinfer"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "flashinfer", "hybrid"])
 def test_cuda_graph_decode_matches_eager(gpu_models, backend):
-    options = dict(attention_backend=backend, page_size=16, cuda_graph_max_bs=8, **GPU)
+    options = dict(BACKENDS.get(backend, dict(attention_backend=backend)), page_size=16, cuda_graph_max_bs=8, **GPU)
     eager = _run(gpu_models["qwen3"], disable_cuda_graph=True, **options)
     graphed = _run(gpu_models["qwen3"], **options)
     _assert_close(graphed, eager, 2e-2)
+
+
+@pytest.mark.gpu
+def test_auto_decode_attention_splits_graphs_by_size(gpu_models):
+    """decode_attention 'auto': graphs up to the threshold run triton, larger ones flashinfer; both match torch."""
+    options = dict(page_size=16, **GPU)
+    prompts = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6]]  # 5 requests decode in the size-8 graph (flashinfer) ...
+    with Engine(model_path=str(gpu_models["qwen3"]), max_total_tokens=4096, context_length=512, cuda_graph_max_bs=8,
+                attention_backend="flashinfer", decode_attention="auto", decode_attention_auto_max_bs=4,
+                **options) as engine:
+        kinds = {bs: type(fb.attn_metadata).__name__ for bs, fb in engine.runner.graph_runner.batches.items()}
+        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
+        outs += engine.generate(input_ids=prompts[:1], sampling_params=GREEDY, return_logprob=True)  # ... 1 (triton)
+    assert kinds == {1: "TritonMetadata", 2: "TritonMetadata", 4: "TritonMetadata", 8: "FlashInferMetadata"}
+    forced = _teacher_forced(gpu_models["qwen3"], outs, prompts + prompts[:1], attention_backend="torch",
+                             disable_cuda_graph=True, **options)
+    for o, f in zip(outs, forced):
+        assert [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] == pytest.approx(f, abs=2e-2)
 
 
 @pytest.mark.gpu

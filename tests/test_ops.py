@@ -152,6 +152,33 @@ def _compare_linear_and_race(device: str, dtype: torch.dtype, shapes, tol: float
     assert (drawn % 5 != 0).all()
 
 
+def _compare_linear_greedy(device: str, dtype: torch.dtype, shapes, tol: float) -> None:
+    """The LM-head GEMV with its greedy pick: logits as the reference's, the pick exactly torch.argmax of those logits
+    (exact ties included: the lowest id), its log-prob as float64 log_softmax's."""
+    from inference_engine.ops import triton_ops
+
+    g = torch.Generator().manual_seed(13)
+    for rows, n, k, config, merge_block in shapes:
+        x = torch.randn(rows, k, generator=g)
+        w = torch.randn(n, k, generator=g) / k ** 0.5
+        winners = [[2, 3, n - 1], [n // 2 + 1, n - 2]][:rows]  # tied maxima: row 0's inside a block and in the last
+        for row, ids in enumerate(winners):  # block, row 1's in two of the merge kernel's chunks (when there are two)
+            x[row] = 0.0
+            x[row, row] = 4.0
+            w[ids] = 0.0
+            w[ids, row] = 4.0  # logit 16 exactly at these ids, the rest far below
+        x, w = x.to(dtype).to(device), w.to(dtype).to(device)
+        logits, tokens, logprobs = triton_ops.linear_greedy(x, w, config, merge_block)
+        ref = reference.linear(x, w, out_dtype=torch.float32)
+        assert logits.shape == ref.shape and logits.dtype == torch.float32 and _rel(logits, ref) < tol, (rows, n, k)
+        assert torch.equal(tokens, logits.argmax(dim=-1)), (rows, n, k, tokens)
+        assert tokens[:len(winners)].tolist() == [ids[0] for ids in winners]
+        exact = torch.log_softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0]
+        assert torch.allclose(logprobs.double(), exact, atol=1e-5, rtol=0), (logprobs, exact)
+    with pytest.raises(ValueError, match="input width"):
+        triton_ops.linear_greedy(x[:, :-1], w)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_match_reference_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
@@ -169,6 +196,8 @@ def test_triton_kernels_match_reference_on_gpu():
                     inter=12288)
     _compare_linear_and_race("cuda", torch.bfloat16, [(1, 6144, 4096), (8, 4096, 12288), (3, 1000, 4000)], 1e-2)
     _compare_linear_and_race("cuda", torch.float32, [(2, 512, 1024)], 1e-5)
+    _compare_linear_greedy("cuda", torch.bfloat16, [(1, 151936, 4096, None, 4096), (2, 20000, 1024, None, 4096)],
+                           1e-2)
 
 
 if __name__ == "__main__":  # the interpreter subprocess
@@ -177,4 +206,6 @@ if __name__ == "__main__":  # the interpreter subprocess
     _compare_triton("cpu", torch.float32, seeds=(4,), tokens=1, heads=2, kv_heads=1, head_dim=16, hidden=48, inter=20)
     _compare_triton("cpu", torch.bfloat16, seeds=(5,), tol=4e-2)  # the interpreter's float32 -> bf16 is not RNE
     _compare_linear_and_race("cpu", torch.float32, [(1, 24, 96), (3, 40, 200), (8, 16, 64), (5, 7, 33)], 1e-6)
+    _compare_linear_greedy("cpu", torch.float32, [(1, 41, 32, None, 4096), (2, 37, 24, None, 4096),
+                                                  (3, 301, 8, (4, 2, 8, 4), 16)], 1e-6)
     print("interpreter checks passed")

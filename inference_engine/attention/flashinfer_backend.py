@@ -14,6 +14,12 @@ before each replay into its fixed index buffers, except when the step decodes th
 the step before and none of them starts a page (`ForwardBatch.same_pages`: 15 of 16 steps at page
 16): the decode plan depends on the page counts only, so the plan and the page table are kept and
 only the last-page lengths are written.
+
+Decode batches of at most `triton_decode_max_bs` requests (EngineConfig.decode_attention; under a graph,
+the captured size decides) skip flashinfer and run Kiln's triton split-KV kernel through the triton
+backend's own functions: it sizes its splits from each request's length inside the kernel, so it needs
+no plan, and at small batches it beats flashinfer's graph decode, which pads its split grid to the
+whole GPU and then merges (docs/benchmarks.md). Prefill and extend batches always run flashinfer.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from inference_engine.attention.base import AttentionBackend
+from inference_engine.attention.triton_backend import TritonMetadata, triton_attention, triton_metadata
 from inference_engine.forward_batch import ForwardBatch, to_device
 
 WORKSPACE_BYTES = 128 * 2**20  # flashinfer's recommended float workspace, shared by all wrappers
@@ -66,8 +73,8 @@ class FlashInferAttentionBackend(AttentionBackend):
     """flashinfer decode / prefill wrappers, planned once per batch (CUDA, bfloat16 or float16 only)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
-                 page_size: int = 1, dtype: torch.dtype = torch.bfloat16):
-        super().__init__(num_heads, num_kv_heads, head_dim, device, page_size, dtype)
+                 page_size: int = 1, dtype: torch.dtype = torch.bfloat16, triton_decode_max_bs: int = 0):
+        super().__init__(num_heads, num_kv_heads, head_dim, device, page_size, dtype, triton_decode_max_bs)
         if torch.device(device).type != "cuda":
             raise ValueError(f"attention_backend 'flashinfer' needs a CUDA device, got {device!r}; "
                              "use 'torch' or 'triton'")
@@ -105,8 +112,15 @@ class FlashInferAttentionBackend(AttentionBackend):
                    self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
                    sm_scale=self.sm_scale)
 
+    def decodes_with_triton(self, batch_size: int) -> bool:
+        """Whether a decode batch of batch_size requests (a graph's captured size) runs the triton split-KV kernel."""
+        return batch_size <= self.triton_decode_max_bs
+
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         extend_lens = torch.tensor(fb.extend_lens, dtype=torch.int32)
+        if fb.is_decode and self.decodes_with_triton(fb.batch_size):
+            fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device)
+            return
         if fb.is_decode:
             self._plan_decode(self.decode_wrapper, page_table(fb, self.page_size))
             fb.attn_metadata = FlashInferMetadata("decode", self.decode_wrapper)
@@ -130,6 +144,10 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:
         bs = fb.batch_size
+        if self.decodes_with_triton(bs):  # fixed per batch size: the kernel reads the graph's kv_indptr / kv_indices
+            if capture:
+                fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device)
+            return
         if capture:
             self.graph_last_page_len[bs] = torch.zeros(bs, dtype=torch.int32, device=self.device)
             self.graph_wrappers[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
@@ -146,8 +164,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.graph_planned_bs = None if capture else bs
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
+        md: FlashInferMetadata | TritonMetadata = fb.attn_metadata
+        if isinstance(md, TritonMetadata):
+            return triton_attention(q, layer, fb, md)
         k_buf, v_buf = fb.kv_pool.k_buffer[layer.layer_id], fb.kv_pool.v_buffer[layer.layer_id]  # k, v stored
-        md: FlashInferMetadata = fb.attn_metadata
         if md.kind == "ragged":
             return md.wrapper.run(q, k.contiguous(), v.contiguous())  # v is a strided view of the qkv output
         paged_shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)  # [num_pages, P, KVH, D]

@@ -2,7 +2,9 @@
 
 On CUDA the triton kernels run; elsewhere the same calls fall back to the kernels' torch reference,
 so this backend also runs (slowly) on CPU. Decode batches use `decode_attention`; a batch with any
-multi-token request uses `extend_attention` for all of its requests.
+multi-token request uses `extend_attention` for all of its requests. `triton_metadata` and
+`triton_attention` are also what the flashinfer backend calls for the decode batches it hands to
+the triton split-KV kernel (EngineConfig.decode_attention).
 """
 
 from __future__ import annotations
@@ -25,26 +27,33 @@ class TritonMetadata:
     max_q_len: int  # extend only
 
 
+def triton_metadata(fb: ForwardBatch, num_kv_heads: int, device: torch.device) -> TritonMetadata:
+    """The kernels' metadata of batch fb; for decode it depends on the batch size only, so a graph captures it."""
+    if fb.is_decode:
+        return TritonMetadata(True, default_num_kv_splits(fb.batch_size, num_kv_heads, device), 1)
+    return TritonMetadata(False, 1, max(fb.extend_lens))
+
+
+def triton_attention(q: torch.Tensor, layer, fb: ForwardBatch, md: TritonMetadata) -> torch.Tensor:
+    """Attention output [T, H, D] of q [T, H, D] over the pool through the triton kernels (k, v already stored)."""
+    k_buf, v_buf = fb.kv_pool.k_buffer[layer.layer_id], fb.kv_pool.v_buffer[layer.layer_id]  # [slots, KVH, D]
+    out = torch.empty_like(q)  # [T, H, D]
+    if md.decode:
+        return decode_attention(q, k_buf, v_buf, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
+                                num_kv_splits=md.num_kv_splits)
+    return extend_attention(q, k_buf, v_buf, fb.qo_indptr, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
+                            max_q_len=md.max_q_len)
+
+
 class TritonAttentionBackend(AttentionBackend):
     """Paged attention over the pool's [num_slots, KVH, D] buffers, indexed by ForwardBatch.kv_indices."""
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
-        if fb.is_decode:
-            splits = default_num_kv_splits(fb.batch_size, self.num_kv_heads, self.device)
-            fb.attn_metadata = TritonMetadata(True, splits, 1)
-        else:
-            fb.attn_metadata = TritonMetadata(False, 1, max(fb.extend_lens))
+        fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device)
 
     def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:
         if capture:  # the split count depends on the batch size only, so it is fixed per graph
             self.init_forward_metadata(fb)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
-        k_buf, v_buf = fb.kv_pool.k_buffer[layer.layer_id], fb.kv_pool.v_buffer[layer.layer_id]  # k, v stored
-        md: TritonMetadata = fb.attn_metadata
-        out = torch.empty_like(q)  # [T, H, D]
-        if md.decode:
-            return decode_attention(q, k_buf, v_buf, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
-                                    num_kv_splits=md.num_kv_splits)
-        return extend_attention(q, k_buf, v_buf, fb.qo_indptr, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
-                                max_q_len=md.max_q_len)
+        return triton_attention(q, layer, fb, fb.attn_metadata)

@@ -11,6 +11,7 @@ from inference_engine.models.layers import (MergedColumnParallelLinear, Parallel
                                             RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding)
 from inference_engine.models.spec import FAMILIES, ModelSpec  # noqa: F401 - re-exported
 from inference_engine.parallel import TPGroup
+from inference_engine.sampler import greedy
 
 
 class Attention(nn.Module):
@@ -102,4 +103,17 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of hidden rows [N, hidden] (gathered over tp ranks)."""
-        return (self.model.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
+        return self._head().logits(hidden)
+
+    @torch.inference_mode()
+    def logits_and_greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`logits(hidden)` with each row's argmax [N] and its log-prob [N] (T = 1); one rank: `ops.linear_greedy`."""
+        head = self._head()
+        if head.tp_size == 1:
+            return ops.linear_greedy(hidden, head.weight)
+        logits = head.logits(hidden)  # [N, vocab] gathered over tp ranks
+        return logits, *greedy(logits)
+
+    def _head(self) -> VocabParallelEmbedding:
+        """The output projection: the embedding table when tied, else lm_head."""
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head

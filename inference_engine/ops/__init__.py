@@ -16,7 +16,7 @@ import torch
 
 from inference_engine.ops import reference
 
-__all__ = ["GEMV_MAX_ROWS", "linear", "qk_norm_rope", "reference", "rms_norm", "runs_triton", "seeded_race",
+__all__ = ["GEMV_MAX_ROWS", "linear", "linear_greedy", "qk_norm_rope", "reference", "rms_norm", "runs_triton", "seeded_race",
            "silu_and_mul", "silu_and_mul_linear"]
 
 GEMV_MAX_ROWS = 1  # linears of at most this many rows run the triton GEMV where triton runs (batch-1 decode); on an
@@ -91,6 +91,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _skinny(x):
         return _triton_ops().linear(x, weight, bias, out_dtype=out_dtype)
     return reference.linear(x, weight, bias, out_dtype)
+
+
+def linear_greedy(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 logits [M, N] of x [M, K] @ weight [N, K]^T (an LM head), each row's argmax [M] and its log-prob [M].
+
+    For M <= GEMV_MAX_ROWS where triton runs, the GEMV also reduces its blocks and one small kernel picks each
+    row's winner (no further passes over the logits); else linear, argmax and logsumexp. Ties: the lowest id."""
+    if _skinny(x):
+        return _triton_ops().linear_greedy(x, weight)
+    return reference.linear_greedy(x, weight)
 
 
 def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -165,9 +165,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                 SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, best_ptr, best_id_ptr, sum_ptr, M, N, K, stride_xm, stride_wn,
+                 stride_ym, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, GREEDY: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -196,9 +196,40 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stri
     y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y.to(dt)  # rounded like the activation-dtype product, also when stored as float32
+    y = y.to(dt).to(y_ptr.dtype.element_ty)  # rounded like the activation-dtype product, also when stored as float32
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(y_ptrs, y, mask=m_mask[:, None] & n_mask[None, :])
+    if GREEDY:  # per row, this block's largest output, its first index, and sum(exp(output - largest))
+        yf = tl.where(n_mask[None, :], y.to(tl.float32), float("-inf"))  # [BM, BN], exactly the stored values
+        best = tl.max(yf, axis=1)  # [BM]
+        best_id = tl.argmax(yf, axis=1, tie_break_left=True) + pid * BLOCK_N  # the lowest index among ties
+        total = tl.sum(tl.exp(yf - best[:, None]), axis=1)
+        part = offs_m * tl.num_programs(0) + pid  # [BM] into [M, programs]
+        tl.store(best_ptr + part, best, mask=m_mask)
+        tl.store(best_id_ptr + part, best_id, mask=m_mask)
+        tl.store(sum_ptr + part, total, mask=m_mask)
+
+
+@triton.jit
+def _greedy_merge_kernel(best_ptr, best_id_ptr, sum_ptr, tokens_ptr, logprobs_ptr, P, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    m = tl.full((), float("-inf"), tl.float32)  # the row's largest logit so far
+    total = tl.zeros((), tl.float32)  # sum of exp(logit - m) so far
+    token = tl.full((), 0, tl.int64)
+    for start in range(0, P, BLOCK):  # blocks in vocabulary order
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < P
+        best = tl.load(best_ptr + row * P + offs, mask=mask, other=float("-inf"))
+        sums = tl.load(sum_ptr + row * P + offs, mask=mask, other=0.0)
+        chunk = tl.max(best, axis=0)
+        first = tl.argmax(best, axis=0, tie_break_left=True)
+        chunk_token = tl.load(best_id_ptr + row * P + start + first).to(tl.int64)
+        token = tl.where(chunk > m, chunk_token, token)  # strictly: an earlier block keeps a tie, as torch.argmax
+        m_new = tl.maximum(m, chunk)
+        total = total * tl.exp(m - m_new) + tl.sum(tl.where(mask, sums * tl.exp(best - m_new), 0.0), axis=0)
+        m = m_new
+    tl.store(tokens_ptr + row, token)
+    tl.store(logprobs_ptr + row, -tl.log(total))  # log-prob of the argmax: m - logsumexp = -log(sum(exp(x - m)))
 
 
 def gemv_config(rows: int, n: int, k: int) -> tuple[int, int, int, int]:
@@ -224,17 +255,51 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x2.shape[1] != (2 * k if silu_mul else k):
         raise ValueError(f"linear: input width {x2.shape[1]} does not match weight {tuple(weight.shape)}"
                          f"{' (silu_mul: 2 x in_features)' if silu_mul else ''}")
-    n = weight.shape[0]
+    out = torch.empty(rows, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+    _gemv(x2, weight, bias, out, config or gemv_config(rows, weight.shape[0], k), silu_mul)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+          config: tuple[int, int, int, int], silu_mul: bool = False,
+          greedy: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One GEMV launch into out [M, N]; greedy = (best, best_id, sum) [M, programs] also receive each block's partials."""
+    (rows, n), k = out.shape, weight.shape[1]
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    out = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
-    block_m, block_n, block_k, warps = config or gemv_config(rows, n, k)
+    block_m, block_n, block_k, warps = config
+    best, best_id, sums = greedy if greedy is not None else (out, out, out)
     if rows:
         _gemv_kernel[(triton.cdiv(n, block_n),)](
-            x2, weight, bias if bias is not None else weight, out, rows, n, k, x2.stride(0), weight.stride(0),
-            out.stride(0), HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps)
-    return out.view(*x.shape[:-1], n)
+            x2, weight, bias if bias is not None else weight, out, best, best_id, sums, rows, n, k, x2.stride(0),
+            weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SILU_MUL=silu_mul, GREEDY=greedy is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps)
+
+
+def linear_greedy(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
+                  merge_block: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 logits [M, N] of x [M, K] @ weight [N, K]^T with each row's argmax [M] and its log-prob [M]; see reference.
+
+    The GEMV's programs also reduce their block of logits (max, first argmax, sum of exp); a second small kernel
+    merges the blocks in vocabulary order, merge_block of them at a time, so ties go to the lowest token id as in
+    torch.argmax."""
+    x2 = _rows(x)
+    rows, (n, k) = x2.shape[0], weight.shape
+    if x2.shape[1] != k:
+        raise ValueError(f"linear_greedy: input width {x2.shape[1]} does not match weight {tuple(weight.shape)}")
+    config = config or gemv_config(rows, n, k)
+    programs = triton.cdiv(n, config[1])
+    logits = torch.empty(rows, n, dtype=torch.float32, device=x.device)
+    parts = (torch.empty(rows, programs, dtype=torch.float32, device=x.device),  # [M, programs] block maxima
+             torch.empty(rows, programs, dtype=torch.int32, device=x.device),  # their first token ids
+             torch.empty(rows, programs, dtype=torch.float32, device=x.device))  # sum(exp(logit - block max))
+    _gemv(x2, weight, None, logits, config, greedy=parts)
+    tokens = torch.empty(rows, dtype=torch.int64, device=x.device)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        _greedy_merge_kernel[(rows,)](*parts, tokens, logprobs, programs,
+                                      BLOCK=min(merge_block, triton.next_power_of_2(programs)), num_warps=8)
+    return logits, tokens, logprobs
 
 
 @triton.jit
