@@ -31,8 +31,9 @@ class EngineConfig:
     prefix_sharing_min_tokens: int = 32  # a waiting request waits for a running prefill that covers all of its
     # uncached prefix or at least this many tokens of it
     attention_backend: str = "torch"  # "torch" (any device), "triton" (CUDA; torch reference on CPU), "flashinfer" (CUDA)
-    decode_attention: str = "flashinfer"  # with attention_backend "flashinfer": the kernel of decode batches,
-    # "flashinfer", "triton" (Kiln's split-KV kernel) or "auto" (triton up to decode_attention_auto_max_bs requests)
+    decode_attention: str = "auto"  # with attention_backend "flashinfer": the kernel of decode batches, "flashinfer",
+    # "triton" (Kiln's split-KV kernel) or "auto" (triton up to decode_attention_auto_max_bs requests; other
+    # backends: nothing to choose)
     decode_attention_auto_max_bs: int = 64  # on an H100 (8B shape, 160 tokens of context) triton was faster at
     # batch 1 and 64, the sizes measured (docs/benchmarks.md); under graphs the captured size decides
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
@@ -80,9 +81,9 @@ class EngineConfig:
         if self.decode_attention not in DECODE_ATTENTION:
             raise ValueError(f"decode_attention {self.decode_attention!r} is unknown; "
                              f"expected one of {DECODE_ATTENTION}")
-        if self.decode_attention != "flashinfer" and self.attention_backend != "flashinfer":
+        if self.decode_attention != "auto" and self.attention_backend != "flashinfer":
             raise ValueError(f"decode_attention {self.decode_attention!r} chooses among the flashinfer backend's "
-                             f"decode kernels; attention_backend {self.attention_backend!r} takes only 'flashinfer' "
+                             f"decode kernels; attention_backend {self.attention_backend!r} takes only 'auto' "
                              "(the default)")
         if self.decode_attention_auto_max_bs < 1:
             raise ValueError(f"decode_attention_auto_max_bs must be >= 1, got {self.decode_attention_auto_max_bs}")
@@ -99,6 +100,8 @@ class EngineConfig:
     @property
     def triton_decode_max_bs(self) -> int:
         """Decode batches of at most this many requests run the triton split-KV kernel (0: none, the backend's own)."""
+        if self.attention_backend != "flashinfer":
+            return 0
         return {"flashinfer": 0, "triton": self.max_running_requests,
                 "auto": self.decode_attention_auto_max_bs}[self.decode_attention]
 

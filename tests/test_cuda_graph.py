@@ -88,15 +88,17 @@ def test_config_decode_attention(qwen3_model):
         return EngineConfig(model_path=str(qwen3_model), device="cuda", dtype="bfloat16", max_running_requests=200,
                             **options)
 
-    assert config().triton_decode_max_bs == 0  # default: flashinfer's own decode
+    assert config().triton_decode_max_bs == 0  # the torch backend: nothing to choose
+    assert config(attention_backend="flashinfer").triton_decode_max_bs == 64  # default auto
+    assert config(attention_backend="flashinfer", decode_attention="flashinfer").triton_decode_max_bs == 0
     assert config(attention_backend="flashinfer", decode_attention="triton").triton_decode_max_bs == 200
     assert config(attention_backend="flashinfer", decode_attention="auto").triton_decode_max_bs == 64
     assert config(attention_backend="flashinfer", decode_attention="auto",
                   decode_attention_auto_max_bs=8).triton_decode_max_bs == 8
     with pytest.raises(ValueError, match=r"decode_attention 'fast' is unknown; expected one of"):
         config(attention_backend="flashinfer", decode_attention="fast")
-    with pytest.raises(ValueError, match="attention_backend 'triton' takes only 'flashinfer'"):
-        config(attention_backend="triton", decode_attention="auto")
+    with pytest.raises(ValueError, match="attention_backend 'triton' takes only 'auto'"):
+        config(attention_backend="triton", decode_attention="flashinfer")
     with pytest.raises(ValueError, match="decode_attention_auto_max_bs must be >= 1, got 0"):
         config(attention_backend="flashinfer", decode_attention="auto", decode_attention_auto_max_bs=0)
 

@@ -123,7 +123,8 @@ def _teacher_forced(model_path, outs, prompts=RUN_PROMPTS, **options):
 
 
 # attention paths by name: the flashinfer backend with its decode batches in Kiln's triton split-KV kernel is "hybrid"
-BACKENDS = {"triton": dict(attention_backend="triton"), "flashinfer": dict(attention_backend="flashinfer"),
+BACKENDS = {"triton": dict(attention_backend="triton"),
+            "flashinfer": dict(attention_backend="flashinfer", decode_attention="flashinfer"),
             "hybrid": dict(attention_backend="flashinfer", decode_attention="triton")}
 
 
@@ -181,7 +182,7 @@ def test_auto_decode_attention_splits_graphs_by_size(gpu_models):
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
 def test_release_resume_frees_memory_and_keeps_outputs(gpu_models, backend):
     with Engine(model_path=str(gpu_models["llama"]), max_total_tokens=65536, context_length=512, page_size=16,
-                attention_backend=backend, cuda_graph_max_bs=8, **GPU) as engine:
+                cuda_graph_max_bs=8, **BACKENDS[backend], **GPU) as engine:
         assert engine.runner.graph_runner is not None
         before = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
         kv_bytes = engine.runner.kv_pool.bytes
