@@ -31,9 +31,9 @@ class EngineConfig:
     prefix_sharing_min_tokens: int = 32  # a waiting request waits for a running prefill that covers all of its
     # uncached prefix or at least this many tokens of it
     attention_backend: str = "torch"  # "torch" (any device), "triton" (CUDA; torch reference on CPU), "flashinfer" (CUDA)
-    decode_attention: str = "auto"  # with attention_backend "flashinfer": the kernel of decode batches, "flashinfer",
-    # "triton" (Kiln's split-KV kernel) or "auto" (triton up to decode_attention_auto_max_bs requests; other
-    # backends: nothing to choose)
+    decode_attention: str = "auto"  # flashinfer backend's decode kernel: auto, flashinfer or triton (split-KV)
+    # "auto": Kiln's triton kernel for decode batches of up to decode_attention_auto_max_bs requests, flashinfer's
+    # above; with the other backends there is nothing to choose and only "auto" is accepted
     decode_attention_auto_max_bs: int = 64  # on an H100 (8B shape, 160 tokens of context) triton was faster at
     # batch 1 and 64, the sizes measured (docs/benchmarks.md); under graphs the captured size decides
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
