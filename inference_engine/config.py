@@ -34,8 +34,9 @@ class EngineConfig:
     decode_attention: str = "auto"  # flashinfer backend's decode kernel: auto, flashinfer or triton (split-KV)
     # "auto": Kiln's triton kernel for decode batches of up to decode_attention_auto_max_bs requests, flashinfer's
     # above; with the other backends there is nothing to choose and only "auto" is accepted
-    decode_attention_auto_max_bs: int = 64  # on an H100 (8B shape, 160 tokens of context) triton was faster at
-    # batch 1 and 64, the sizes measured (docs/benchmarks.md); under graphs the captured size decides
+    decode_attention_auto_max_bs: int = 64  # "auto" sends decode batches up to this size to the triton kernel
+    # on an H100 (8B shape, 160 tokens of context) triton was faster at batch 1 and 64, the sizes measured
+    # (docs/benchmarks.md); under graphs the captured size decides
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
     disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
     disable_overlap_schedule: bool = False  # read each step's sampled tokens before scheduling the next
