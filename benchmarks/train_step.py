@@ -187,7 +187,7 @@ def run_variant(variant: str, args, spec, cfg, samples, device) -> dict:
     """Time `args.steps` steps of `variant` (kiln / local) after one warm-up; tokens/s, peak memory."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from trainer import attention, batching, bridge
+    from trainer import actor, attention, bridge
     from trainer.batching import pack_micro_batches
     from trainer.logprobs import chunked_logprobs, vocab_parallel_logprobs
     from trainer.optimizer import PolicyOptimizer
@@ -210,7 +210,7 @@ def run_variant(variant: str, args, spec, cfg, samples, device) -> dict:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and not kiln else contextlib.nullcontext()
     vocab = spec.vocab_size
     # the trainer's own way of sending a micro-batch's inputs: sync-free pinned copies; `.to` in older trainers
-    to_device = getattr(batching, "to_device", lambda t, dev: t.to(dev))
+    to_device = getattr(actor, "to_device", lambda t, dev: t.to(dev))
 
     def step(phase=lambda name: contextlib.nullcontext()) -> torch.Tensor:
         total = torch.zeros((), device=device)

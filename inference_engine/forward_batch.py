@@ -50,10 +50,11 @@ class ForwardBatch:
         return all(n == 1 for n in self.extend_lens)
 
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """host on device; to a GPU through pinned memory without blocking the host (the copy is stream-ordered)."""
-    if device.type != "cuda":
-        return host.to(device)
-    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-    pinned.copy_(host)
-    return pinned.to(device, non_blocking=True)
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """t on device; a CPU tensor goes to a GPU through pinned memory without blocking the host (stream-ordered).
+
+    The engine's scheduler and the trainer's micro-batch set-up both send their host-built tensors this way."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.contiguous().pin_memory().to(device, non_blocking=True)

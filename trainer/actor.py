@@ -14,10 +14,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from inference_engine.forward_batch import to_device
 from rollout.sample import Sample, Status
 from trainer import attention, bridge, megatron_compat
 from trainer.advantages import compute_advantages
-from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches, to_device
+from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches
 from trainer.config import TrainerConfig
 from trainer.logprobs import chunked_logprobs
 from trainer.losses import compute_policy_loss, kl_estimate

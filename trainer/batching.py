@@ -17,14 +17,6 @@ from dataclasses import dataclass
 import torch
 
 
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`t` on `device`; CPU -> CUDA through pinned memory, asynchronously (the host does not wait for the GPU)."""
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.contiguous().pin_memory().to(device, non_blocking=True)
-
-
 @dataclass
 class MicroBatch:
     """One forward pass: `indices` into the caller's sample list and their tokens, packed [1, T] or padded."""
