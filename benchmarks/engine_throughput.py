@@ -80,11 +80,10 @@ def copy_bandwidth() -> float:
 def lm_head_greedy_ms(vocab: int, hidden: int, replays: int = 200) -> dict[str, float]:
     """Device ms of the batch-1 LM head + greedy pick in a CUDA graph: split (GEMV, argmax, logsumexp) and fused."""
     from inference_engine import ops
-    from inference_engine.sampler import greedy
 
     x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
-    paths = {"split": lambda: greedy(ops.linear(x, w, out_dtype=torch.float32)),
+    paths = {"split": lambda: ops.greedy(ops.linear(x, w, out_dtype=torch.float32)),
              "fused": lambda: ops.linear_greedy(x, w)}
     times: dict[str, list[float]] = defaultdict(list)
     for name in [*paths, *paths]:  # twice each, alternating

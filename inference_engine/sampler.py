@@ -88,17 +88,11 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The argmax [B] of float32 logits [B, V] and its log-prob [B] (T = 1), without a full log_softmax."""
-    tokens = logits.argmax(dim=-1)
-    return tokens, logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-
-
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
     """Pick one token per row of float32 logits [B, V]."""
     logits = apply_penalties(logits, sb)
     if sb.all_greedy and not sb.top_logprobs_num:  # argmax, and log_softmax at it only (T = 1)
-        return SampleOutput(*greedy(logits), None, None)
+        return SampleOutput(*ops.greedy(logits), None, None)
     scaled = logits / sb.temperatures[:, None]
     logprobs_all = torch.log_softmax(scaled, dim=-1)  # [B, V]
     tokens = logits.argmax(dim=-1)

@@ -11,7 +11,6 @@ from inference_engine.models.layers import (MergedColumnParallelLinear, Parallel
                                             RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding)
 from inference_engine.models.spec import FAMILIES, ModelSpec  # noqa: F401 - re-exported
 from inference_engine.parallel import TPGroup
-from inference_engine.sampler import greedy
 
 
 class Attention(nn.Module):
@@ -112,7 +111,7 @@ class CausalLM(nn.Module):
         if head.tp_size == 1:
             return ops.linear_greedy(hidden, head.weight)
         logits = head.logits(hidden)  # [N, vocab] gathered over tp ranks
-        return logits, *greedy(logits)
+        return logits, *ops.greedy(logits)
 
     def _head(self) -> VocabParallelEmbedding:
         """The output projection: the embedding table when tied, else lm_head."""

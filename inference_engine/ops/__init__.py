@@ -15,8 +15,9 @@ from types import ModuleType
 import torch
 
 from inference_engine.ops import reference
+from inference_engine.ops.reference import greedy  # torch on every device: argmax + logsumexp
 
-__all__ = ["GEMV_MAX_ROWS", "linear", "linear_greedy", "qk_norm_rope", "reference", "rms_norm", "runs_triton", "seeded_race",
+__all__ = ["GEMV_MAX_ROWS", "greedy", "linear", "linear_greedy", "qk_norm_rope", "reference", "rms_norm", "runs_triton", "seeded_race",
            "silu_and_mul", "silu_and_mul_linear"]
 
 GEMV_MAX_ROWS = 1  # linears of at most this many rows run the triton GEMV where triton runs (batch-1 decode); on an

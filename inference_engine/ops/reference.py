@@ -68,11 +68,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out if out_dtype is None else out.to(out_dtype)
 
 
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax [B] of float32 logits [B, V] and its log-prob [B] (T = 1), without a full log_softmax."""
+    tokens = logits.argmax(dim=-1)
+    return tokens, logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
 def linear_greedy(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float32 logits [M, N] of x @ weight^T (rounded to x's dtype first), their argmax [M] and its log-prob [M]."""
     logits = linear(x, weight, out_dtype=torch.float32)
-    tokens = logits.argmax(dim=-1)
-    return logits, tokens, logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return logits, *greedy(logits)
 
 
 MASK32 = 0xFFFFFFFF
