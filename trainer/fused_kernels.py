@@ -105,6 +105,14 @@ class SwiGLU(torch.autograd.Function):
 
 
 @triton.jit
+def _rope_tables(cos_ptr, sin_ptr, pos, half, D: tl.constexpr):
+    """cos and sin [1, D/2] x 2 (lo, hi halves) of the token at position pos."""
+    row = pos * D
+    return (tl.load(cos_ptr + row + half), tl.load(cos_ptr + row + D // 2 + half),
+            tl.load(sin_ptr + row + half), tl.load(sin_ptr + row + D // 2 + half))
+
+
+@triton.jit
 def _rope_halves(x_lo, x_hi, w_lo, w_hi, cos_lo, cos_hi, sin_lo, sin_hi, eps, D: tl.constexpr,
                  HAS_NORM: tl.constexpr):
     """Normed (optional) and rotated halves of rows x [R, D/2] x 2, fp32."""
@@ -141,8 +149,7 @@ def _qk_norm_rope_fwd_kernel(mixed_ptr, cos_ptr, sin_ptr, wq_ptr, wk_ptr, q_ptr,
     half = tl.arange(0, D // 2)[None, :]
     row_base = mixed_ptr + t * (G * (P + 2) * D)
     pos = t // tokens_per_pos
-    cos_lo, cos_hi = tl.load(cos_ptr + pos * D + half), tl.load(cos_ptr + pos * D + D // 2 + half)
-    sin_lo, sin_hi = tl.load(sin_ptr + pos * D + half), tl.load(sin_ptr + pos * D + D // 2 + half)
+    cos_lo, cos_hi, sin_lo, sin_hi = _rope_tables(cos_ptr, sin_ptr, pos, half, D)
     out_ty = q_ptr.dtype.element_ty
     # q heads: block row i is q head i of the token, from mixed row (i // P) * (P + 2) + i % P
     qi = tl.arange(0, GP_BLOCK)[:, None]
@@ -179,8 +186,7 @@ def _qk_norm_rope_bwd_kernel(mixed_ptr, cos_ptr, sin_ptr, wq_ptr, wk_ptr, dq_ptr
     half = tl.arange(0, D // 2)[None, :]
     row_off = t * (G * (P + 2) * D)
     pos = t // tokens_per_pos
-    cos_lo, cos_hi = tl.load(cos_ptr + pos * D + half), tl.load(cos_ptr + pos * D + D // 2 + half)
-    sin_lo, sin_hi = tl.load(sin_ptr + pos * D + half), tl.load(sin_ptr + pos * D + D // 2 + half)
+    cos_lo, cos_hi, sin_lo, sin_hi = _rope_tables(cos_ptr, sin_ptr, pos, half, D)
     out_ty = dmixed_ptr.dtype.element_ty
     # q heads
     qi = tl.arange(0, GP_BLOCK)[:, None]
