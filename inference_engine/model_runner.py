@@ -162,7 +162,7 @@ class ModelRunner:
     def release_memory(self, weights: bool) -> None:
         """Free the KV pool and the graphs (and move weights to CPU when weights=True), on every tp rank."""
         self.tell_workers("release_memory", weights)
-        self.graph_runner = None
+        self.drop_cuda_graphs()
         self.kv_pool.clear()
         self.kv_pool.free_buffers()
         if weights:
