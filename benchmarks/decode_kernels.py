@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.engine_throughput import SHAPES, copy_bandwidth
+from benchmarks.engine_throughput import SHAPES, copy_bandwidth, event_ms, graphed
 
 CONTEXT = 160  # tokens of context per request (the throughput benchmark's 128 prompt + mean of 64 decode steps)
 GEMV_CONFIGS = {1: [(1, 8, 512, 4), (1, 4, 512, 4), (1, 8, 256, 4), (1, 16, 256, 4), (1, 8, 1024, 8),
@@ -75,32 +75,6 @@ def decode_batch(bs: int, pages_per_req: int, pool, attn, vocab: int, device: to
         out_cache_loc=(starts + CONTEXT - 1).to(device), qo_indptr=torch.arange(bs + 1, device=device),
         kv_indptr=kv_indptr.to(device), kv_indices=kv_indices.to(device), seq_lens=lens.to(device),
         seq_lens_cpu=lens, extend_lens=[1] * bs, kv_pool=pool, attn_backend=attn)
-
-
-def event_ms(fn, iters: int = 20) -> float:
-    """Mean device milliseconds of fn() over iters calls (after one warm-up)."""
-    fn()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ev[0].record()
-    for _ in range(iters):
-        fn()
-    ev[1].record()
-    torch.cuda.synchronize()
-    return ev[0].elapsed_time(ev[1]) / iters
-
-
-def graphed(fn) -> torch.cuda.CUDAGraph:
-    """fn captured as a CUDA graph (after a warm-up on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g
 
 
 def kernel_trace(fn, path: Path) -> list[tuple[str, float]]:

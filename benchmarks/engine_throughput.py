@@ -77,6 +77,32 @@ def copy_bandwidth() -> float:
     return 10 * 2 * src.numel() * src.element_size() / (time.perf_counter() - start)
 
 
+def event_ms(fn, iters: int = 20) -> float:
+    """Mean device milliseconds of fn() over iters calls (after one warm-up)."""
+    fn()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(iters):
+        fn()
+    ev[1].record()
+    torch.cuda.synchronize()
+    return ev[0].elapsed_time(ev[1]) / iters
+
+
+def graphed(fn) -> torch.cuda.CUDAGraph:
+    """fn captured as a CUDA graph (after a warm-up on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g
+
+
 def lm_head_greedy_ms(vocab: int, hidden: int, replays: int = 200) -> dict[str, float]:
     """Device ms of the batch-1 LM head + greedy pick in a CUDA graph: split (GEMV, argmax, logsumexp) and fused."""
     from inference_engine import ops
@@ -87,18 +113,7 @@ def lm_head_greedy_ms(vocab: int, hidden: int, replays: int = 200) -> dict[str, 
              "fused": lambda: ops.linear_greedy(x, w)}
     times: dict[str, list[float]] = defaultdict(list)
     for name in [*paths, *paths]:  # twice each, alternating
-        for _ in range(3):  # compile / warm up outside the capture
-            paths[name]()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            paths[name]()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times[name].append(start.elapsed_time(end) / replays)
+        times[name].append(event_ms(graphed(paths[name]).replay, replays))
     return {name: min(t) for name, t in times.items()}
 
 
@@ -202,31 +217,14 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
             gr = runner.graph_runner
             if gr is not None:
                 size = next(s for s in gr.batch_sizes if s >= bs)
-                ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-                gr.graphs[size].replay()
-                ev[0].record()
-                for _ in range(20):
-                    gr.graphs[size].replay()
-                ev[1].record()
-                torch.cuda.synchronize()
-                result["graph_replay_ms"] = ev[0].elapsed_time(ev[1]) / 20
+                result["graph_replay_ms"] = event_ms(gr.graphs[size].replay)
                 out = gr.outputs[size]  # engines before the LM head moved into the graph (BASE runs) keep hidden only
                 hidden = (out.hidden if hasattr(out, "hidden") else out)[:bs]
-                ev[0].record()
-                for _ in range(20):
-                    runner.logits(hidden)
-                ev[1].record()
-                torch.cuda.synchronize()
-                result["logits_ms"] = ev[0].elapsed_time(ev[1]) / 20
+                result["logits_ms"] = event_ms(lambda: runner.logits(hidden))
                 sb = sched._sampling_batch(list(sched.running))
                 old_sampler_args = (sched.shared_generator,) if hasattr(sched, "shared_generator") else ()
                 logits = runner.logits(hidden)
-                ev[0].record()
-                for _ in range(20):
-                    sched_mod.sample(logits, sb, *old_sampler_args)
-                ev[1].record()
-                torch.cuda.synchronize()
-                result["sample_ms"] = ev[0].elapsed_time(ev[1]) / 20
+                result["sample_ms"] = event_ms(lambda: sched_mod.sample(logits, sb, *old_sampler_args))
                 with profile(activities=[ProfilerActivity.CUDA]) as eager_prof:
                     runner.model(gr.batches[size])
                     torch.cuda.synchronize()
