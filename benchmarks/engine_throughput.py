@@ -148,11 +148,15 @@ def set_overlap(engine, on: bool) -> None:
     engine.flush_cache()  # the next runs reuse prompts of the previous mode: no cache hits from those
 
 
-def set_decode_attention(engine, mode: str) -> None:
-    """Switch the flashinfer backend's decode kernel (EngineConfig.decode_attention) between runs; recapture graphs."""
+def reconfigure(engine, mode: str, use_pdl: bool) -> None:
+    """Switch the flashinfer backend's decode kernel (EngineConfig.decode_attention) and programmatic dependent
+    launch (ops.pdl.ENABLED) between runs; recapture the graphs."""
+    from inference_engine.ops import pdl
+
     max_bs = dataclasses.replace(engine.config, decode_attention=mode).triton_decode_max_bs  # validated as at start
 
     def switch() -> None:  # on the scheduler thread, nothing in flight
+        pdl.ENABLED = use_pdl
         engine.runner.attn_backend.triton_decode_max_bs = max_bs
         engine.runner.capture_cuda_graphs()
 
@@ -264,6 +268,10 @@ def main() -> None:
                     help="with --backend flashinfer, the decode kernel(s), comma-separated: flashinfer, triton, auto "
                          "(EngineConfig.decode_attention); the Kiln and decode rows are measured for each on the same "
                          "engine, its graphs recaptured between them; the later rows run with the last one")
+    ap.add_argument("--pdl", default="on",
+                    help="programmatic dependent launch of the triton kernels (ops/pdl.py), comma-separated on / off: "
+                         "the Kiln and decode rows are measured for each, after every --decode-attention mode, on "
+                         "the same engine, its graphs recaptured between them")
     ap.add_argument("--lm-head", action="store_true",
                     help="first time the batch-1 LM head + greedy pick of the shape in a CUDA graph, split vs fused "
                          "(ops.linear_greedy), on random weights")
@@ -280,6 +288,7 @@ def main() -> None:
 
     from inference_engine import Engine, ops
     from inference_engine.config import DECODE_ATTENTION
+    from inference_engine.ops import pdl
 
     unknown = [mode for mode in args.decode_attention.split(",") if mode not in DECODE_ATTENTION]
     if unknown:
@@ -287,6 +296,10 @@ def main() -> None:
 
     if args.gemv_max_rows is not None:
         ops.GEMV_MAX_ROWS = args.gemv_max_rows
+    if not set(args.pdl.split(",")) <= {"on", "off"}:
+        ap.error(f"--pdl {args.pdl!r}: expected a comma-separated list of on / off")
+    pdl_modes = [m == "on" for m in args.pdl.split(",")]
+    pdl.ENABLED = pdl_modes[0]
 
     rows: list[tuple[str, str]] = []
 
@@ -333,6 +346,7 @@ def main() -> None:
                     decode_attention=decode_modes[0])
     report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, decode attention {decode_modes[0]}, "
                            f"GEMV up to {ops.GEMV_MAX_ROWS} rows, "
+                           f"PDL {'on' if pdl.enabled(torch.device('cuda')) else 'off'}, "
                            f"page {args.page_size}, "
                            f"KV pool {engine.runner.kv_pool.capacity} tokens, "
                            f"graphs {'off' if engine.runner.graph_runner is None else 'on'})")
@@ -346,13 +360,16 @@ def main() -> None:
     def modes(choice: str) -> list[bool]:
         return {"on": [True], "off": [False], "both": [False, True]}[choice]
 
-    current_mode = decode_modes[0]
-    for mode, overlap in [(mode, overlap) for mode in decode_modes for overlap in modes(args.overlap)]:
-        if mode != current_mode:
-            set_decode_attention(engine, mode)
-            current_mode = mode
+    current = (decode_modes[0], pdl_modes[0])
+    variants = [(mode, use_pdl) for mode in decode_modes for use_pdl in pdl_modes]
+    for mode, use_pdl, overlap in [(*variant, overlap) for variant in variants for overlap in modes(args.overlap)]:
+        if (mode, use_pdl) != current:
+            reconfigure(engine, mode, use_pdl)
+            current = (mode, use_pdl)
         set_overlap(engine, overlap)
-        tag = f" [{f'decode attention {mode}, ' if len(decode_modes) > 1 else ''}overlap {'on' if overlap else 'off'}]"
+        mode_tag = f"decode attention {mode}, " if len(decode_modes) > 1 else ""
+        pdl_tag = ("PDL on, " if use_pdl else "PDL off, ") if len(pdl_modes) > 1 else ""
+        tag = f" [{mode_tag}{pdl_tag}overlap {'on' if overlap else 'off'}]"
         for bs in [int(b) for b in args.hf_batches.split(",") if b]:
             timed_generate(engine, prompts(bs, 128, vocab, seed=100 + bs), 2)  # warm-up of this shape
             rate = bs * args.hf_tokens / timed_generate(engine, prompts(bs, 128, vocab, seed=200 + bs),
@@ -369,6 +386,13 @@ def main() -> None:
             roofline = bs * bw / step_bytes
             report(f"decode batch {bs}{tag}", f"{rate:.0f} tok/s, {1e3 * (t2 - t1) / k:.2f} ms/step, "
                                               f"{rate / roofline:.0%} of roofline ({roofline:.0f} tok/s)")
+            graphs = engine.runner.graph_runner
+            size = next((s for s in graphs.batch_sizes if s >= bs), None) if graphs is not None else None
+            if size is not None:  # the step's device time alone: its graph replayed back to back on the last inputs
+                ms = engine._call(lambda: event_ms(graphs.graphs[size].replay, 200))
+                engine.flush_cache()  # the replays rewrote the last step's KV slot: cached prefixes may hold it
+                report(f"decode batch {bs} graph replay{tag}", f"{ms:.3f} ms, {1e3 * step_bytes / bw / ms:.0%} of "
+                                                               f"roofline")
 
     if args.profile:  # after the decode rows, before the long offline run
         out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp(prefix="kiln_profile_")))

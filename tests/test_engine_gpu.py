@@ -16,6 +16,7 @@ from inference_engine.attention.flashinfer_backend import FlashInferAttentionBac
 from inference_engine.attention.triton_backend import triton_metadata
 from inference_engine.cuda_graph import CudaGraphRunner
 from inference_engine.forward_batch import ForwardBatch
+from inference_engine.ops import pdl
 from inference_engine.testing import make_tiny_model
 
 PROMPTS = [[5, 17, 42, 99, 3, 7, 250, 11, 64, 9, 12], [8, 8, 300], list(range(1, 40)), [77] * 20]
@@ -158,6 +159,26 @@ def test_cuda_graph_decode_matches_eager(gpu_models, backend):
     eager = _run(gpu_models["qwen3"], disable_cuda_graph=True, **options)
     graphed = _run(gpu_models["qwen3"], **options)
     _assert_close(graphed, eager, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_pdl_launches_give_identical_outputs(gpu_models, monkeypatch, graphs):
+    """Programmatic dependent launch (ops/pdl.py) changes when kernels start, not what they compute.
+
+    Batch 4 (rms norm, q/k norm + RoPE + KV write, triton split-KV decode and merge between cuBLAS GEMMs) and
+    batch 1 (every linear in the GEMV, the fused greedy LM head) give the same tokens and bit-equal log-probs
+    with and without PDL; a kernel that read its input before `gdc_wait` would race and differ."""
+    if not pdl.enabled(torch.device("cuda")):
+        pytest.skip("PDL needs an sm90+ GPU and triton >= 3.4 (and KILN_PDL not 0)")
+    options = dict(BACKENDS["hybrid"], page_size=16, cuda_graph_max_bs=8, disable_cuda_graph=not graphs, **GPU)
+
+    def outputs():
+        return _run(gpu_models["qwen3"], **options) + _run(gpu_models["qwen3"], prompts=PROMPTS[:1], **options)
+
+    with_pdl = outputs()
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    _assert_close(with_pdl, outputs(), 0)
 
 
 @pytest.mark.gpu

@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from inference_engine.ops import pdl
+from inference_engine.ops.triton_ops import gdc_launch_dependents, gdc_wait
+
 _LOG2E = 1.4426950408889634
 
 
@@ -44,10 +47,14 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if USE_PDL:  # see ops/pdl.py: q and the new token's k/v come from the kernels before
+        gdc_launch_dependents()
+        gdc_wait()
 
     kv_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
     kv_len = tl.load(kv_indptr_ptr + b + 1).to(tl.int64) - kv_start
@@ -113,9 +120,13 @@ def _decode_merge_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < NUM_SPLITS
@@ -163,11 +174,11 @@ def triton_decode_attention(
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
-        **({"num_warps": 4, "num_stages": 2} if on_gpu else {}),
+        **({"num_warps": 4, "num_stages": 2} if on_gpu else {}), **pdl.launch(q.device),
     )  # fmt: skip
     _decode_merge_kernel[(batch, num_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
-        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_D=block_d, **pdl.launch(q.device),
     )  # fmt: skip
     return out

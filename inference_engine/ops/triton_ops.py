@@ -11,13 +11,23 @@ import torch
 import triton
 import triton.language as tl
 
+from inference_engine.ops import pdl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # triton < 3.4: pdl.enabled() is False, so no kernel traces the calls
+    gdc_launch_dependents = gdc_wait = None
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro, n_cols,
-                     eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
+    if USE_PDL:  # see ops/pdl.py: let the next kernel launch, then wait for the previous one's writes
+        gdc_launch_dependents()
+        gdc_wait()
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:  # residual' = x + residual, rounded to the activation dtype like a torch add
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -39,8 +49,11 @@ def _round(x, dtype: tl.constexpr):
 def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, loc_ptr, k_cache_ptr,
                          v_cache_ptr, stride_t, stride_table, stride_slot, eps, NUM_HEADS: tl.constexpr,
                          NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
-                         HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr):
+                         HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     head = tl.program_id(1)  # q heads, then k heads, then (WRITE_KV) v heads: their order in the qkv row
     is_q = head < NUM_HEADS
     is_v = head >= NUM_HEADS + NUM_KV_HEADS
@@ -85,8 +98,11 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_p
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
     dt: tl.constexpr = out_ptr.dtype.element_ty
@@ -112,12 +128,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     warps = 4 if block <= 1024 else 8
     if residual is None:
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), 0, n, eps,
-                                         HAS_RESIDUAL=False, BLOCK=block, num_warps=warps)
+                                         HAS_RESIDUAL=False, BLOCK=block, num_warps=warps,
+                                         **pdl.launch(x.device))
         return out.view(shape)
     r2 = _rows(residual)
     res_out = torch.empty_like(x2)
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0),
-                                     res_out.stride(0), n, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=warps)
+                                     res_out.stride(0), n, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=warps,
+                                     **pdl.launch(x.device))
     return out.view(shape), res_out.view(shape)
 
 
@@ -146,7 +164,7 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Te
             q, k, loc, k_cache, v_cache, qkv.stride(0), cos_table.stride(0),
             k_cache.stride(0) if kv_cache is not None else 0, eps, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             HEAD_DIM=head_dim, HALF=half, BLOCK=triton.next_power_of_2(half), HAS_NORM=has_norm,
-            WRITE_KV=kv_cache is not None, num_warps=1)
+            WRITE_KV=kv_cache is not None, num_warps=1, **pdl.launch(qkv.device))
     kv_start = (num_heads + num_kv_heads) * head_dim
     v = qkv[:, kv_start:kv_start + num_kv_heads * head_dim].view(-1, num_kv_heads, head_dim)
     return q, k, v
@@ -160,14 +178,42 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(n))
     if x.shape[0]:
         _silu_and_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n,
-                                                                  BLOCK=block, num_warps=4)
+                                                                  BLOCK=block, num_warps=4,
+                                                                  **pdl.launch(x.device))
     return out.view(*gate_up.shape[:-1], n)
+
+
+@triton.jit
+def _gemv_w_tile(w_ptrs, k0, K, n_mask, offs_k, EVEN_K: tl.constexpr):
+    """The weight tile [BN, BK] at column k0, read once (evict_first)."""
+    if EVEN_K:
+        return tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+    return tl.load(w_ptrs + k0, mask=n_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _gemv_step(acc, w, x_ptrs, k0, K, m_mask, offs_k, dt: tl.constexpr, SILU_MUL: tl.constexpr,
+               EVEN_K: tl.constexpr):
+    """acc [BM, BN, BK] + x's tile at column k0 (cached: evict_last) times the weight tile w."""
+    k_mask = (k0 + offs_k) < K
+    if EVEN_K:
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0, eviction_policy="evict_last")
+    else:
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_last")
+    if SILU_MUL:  # x is [gate | up] of width 2K: the input is silu(gate) * up, rounded as silu_and_mul rounds
+        up = tl.load(x_ptrs + K + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_last")
+        gate = x.to(tl.float32)
+        act = _round(gate / (1.0 + tl.exp(-gate)), dt)
+        x = act * up.to(tl.float32)
+    return acc + x.to(dt).to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, best_ptr, best_id_ptr, sum_ptr, M, N, K, stride_xm, stride_wn,
                  stride_ym, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, GREEDY: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -178,21 +224,16 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, best_ptr, best_id_ptr, sum_ptr, M, 
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # each weight byte is read once (evict_first); x stays cached (evict_last)
-        k_mask = (k0 + offs_k) < K
-        if EVEN_K:
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0, eviction_policy="evict_last")
-        else:
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_last")
-        if SILU_MUL:  # x is [gate | up] of width 2K: the input is silu(gate) * up, rounded as silu_and_mul rounds
-            up = tl.load(x_ptrs + K + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-                         eviction_policy="evict_last")
-            gate = x.to(tl.float32)
-            act = _round(gate / (1.0 + tl.exp(-gate)), dt)
-            x = act * up.to(tl.float32)
-        acc += x.to(dt).to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
+    k_start = 0
+    if USE_PDL:  # no earlier kernel writes the weights: stream the first tile in while the previous kernel ends
+        gdc_launch_dependents()
+        w = _gemv_w_tile(w_ptrs, 0, K, n_mask, offs_k, EVEN_K)
+        gdc_wait()  # x (and the output) belong to the previous kernel until it has completed
+        acc = _gemv_step(acc, w, x_ptrs, 0, K, m_mask, offs_k, dt, SILU_MUL, EVEN_K)
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):  # each weight byte is read once; x stays cached
+        w = _gemv_w_tile(w_ptrs, k0, K, n_mask, offs_k, EVEN_K)
+        acc = _gemv_step(acc, w, x_ptrs, k0, K, m_mask, offs_k, dt, SILU_MUL, EVEN_K)
     y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -211,8 +252,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, best_ptr, best_id_ptr, sum_ptr, M, 
 
 
 @triton.jit
-def _greedy_merge_kernel(best_ptr, best_id_ptr, sum_ptr, tokens_ptr, logprobs_ptr, P, BLOCK: tl.constexpr):
+def _greedy_merge_kernel(best_ptr, best_id_ptr, sum_ptr, tokens_ptr, logprobs_ptr, P, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     m = tl.full((), float("-inf"), tl.float32)  # the row's largest logit so far
     total = tl.zeros((), tl.float32)  # sum of exp(logit - m) so far
     token = tl.full((), 0, tl.int64)
@@ -273,7 +318,8 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x2, weight, bias if bias is not None else weight, out, best, best_id, sums, rows, n, k, x2.stride(0),
             weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SILU_MUL=silu_mul, GREEDY=greedy is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps,
+            **pdl.launch(x2.device))
 
 
 def linear_greedy(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
@@ -298,7 +344,8 @@ def linear_greedy(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int,
     logprobs = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         _greedy_merge_kernel[(rows,)](*parts, tokens, logprobs, programs,
-                                      BLOCK=min(merge_block, triton.next_power_of_2(programs)), num_warps=8)
+                                      BLOCK=min(merge_block, triton.next_power_of_2(programs)), num_warps=8,
+                                      **pdl.launch(x.device))
     return logits, tokens, logprobs
 
 
