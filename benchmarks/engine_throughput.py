@@ -117,6 +117,22 @@ def lm_head_greedy_ms(vocab: int, hidden: int, replays: int = 200) -> dict[str, 
     return {name: min(t) for name, t in times.items()}
 
 
+def greedy_pick_ms(vocab: int, batches: list[int], replays: int = 100) -> dict[int, dict[str, float]]:
+    """Device ms of the greedy pick (argmax and its log-prob) over float32 logits [B, vocab] in a CUDA graph, per B:
+    torch's argmax + logsumexp (reference.greedy) and the one-pass triton kernel (ops.greedy on CUDA)."""
+    from inference_engine.ops import reference, triton_ops
+
+    out = {}
+    for bs in batches:
+        logits = torch.randn(bs, vocab, device="cuda") * 4
+        paths = {"torch": lambda: reference.greedy(logits), "one pass": lambda: triton_ops.greedy(logits)}
+        times: dict[str, list[float]] = defaultdict(list)
+        for name in [*paths, *paths]:  # twice each, alternating
+            times[name].append(event_ms(graphed(paths[name]).replay, replays))
+        out[bs] = {name: min(t) for name, t in times.items()}
+    return out
+
+
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
@@ -164,7 +180,8 @@ def reconfigure(engine, mode: str, use_pdl: bool) -> None:
     engine.flush_cache()
 
 
-def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_dir: Path, stem: str) -> None:
+def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_dir: Path, stem: str,
+                   prompt_len: int = 128) -> None:
     """Where a decode step's time goes: host spans of the scheduler's parts, and device kernels, per batch size.
 
     B requests decode in the background; once all of them are decoding, `steps` scheduler steps run
@@ -194,7 +211,8 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
     if runner.graph_runner is not None:
         targets.append((runner.graph_runner, "replay"))
     for bs in batch_sizes:
-        worker = threading.Thread(target=timed_generate, args=(engine, prompts(bs, 128, vocab, seed=700 + bs), 3000))
+        worker = threading.Thread(target=timed_generate,
+                                  args=(engine, prompts(bs, prompt_len, vocab, seed=700 + bs), 3000))
         worker.start()
         while not engine._call(lambda: len(sched.running) == bs and all(len(r.output_ids) > 2 for r in sched.running)):
             time.sleep(0.01)
@@ -275,6 +293,8 @@ def main() -> None:
     ap.add_argument("--lm-head", action="store_true",
                     help="first time the batch-1 LM head + greedy pick of the shape in a CUDA graph, split vs fused "
                          "(ops.linear_greedy), on random weights")
+    ap.add_argument("--greedy-pick", default="", help="first time the greedy pick over float32 logits [B, vocab] "
+                                                          "for these B (e.g. 8,64,256): torch vs one pass")
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--gemv-max-rows", type=int, default=None,
                     help="linears of at most this many rows use the triton GEMV (default: ops.GEMV_MAX_ROWS; 0 = cuBLAS "
@@ -283,6 +303,7 @@ def main() -> None:
                                                     "(engine rows only; several runs share one build)")
     ap.add_argument("--profile", default="", help="batch sizes to profile after the decode rows (e.g. 1,256)")
     ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument("--profile-prompt-len", type=int, default=128, help="prompt tokens of the profiled requests")
     ap.add_argument("--profile-name", default="profile", help="the profile's tables go to $OUT/<name>_bs<B>.txt")
     args = ap.parse_args()
 
@@ -315,6 +336,12 @@ def main() -> None:
         ms = lm_head_greedy_ms(SHAPES[args.shape]["vocab_size"], SHAPES[args.shape]["hidden_size"])
         report("LM head + greedy pick, batch 1, graph", f"split {ms['split']:.3f} ms, fused {ms['fused']:.3f} ms")
         torch.cuda.empty_cache()  # the KV pool is sized from free memory
+    if args.greedy_pick:
+        batches = [int(b) for b in args.greedy_pick.split(",")]
+        for bs, ms in greedy_pick_ms(SHAPES[args.shape]["vocab_size"], batches).items():
+            report(f"greedy pick, batch {bs}, graph", f"torch {ms['torch']:.3f} ms, one pass {ms['one pass']:.3f} ms "
+                                                      f"({ms['torch'] / ms['one pass']:.1f}x)")
+        torch.cuda.empty_cache()
     folder = Path(args.model_dir or tempfile.mkdtemp(prefix=f"kiln_{args.shape}_"))
     hf_batches = [int(b) for b in args.hf_batches.split(",") if b]
     decode_modes = args.decode_attention.split(",")
@@ -397,7 +424,7 @@ def main() -> None:
     if args.profile:  # after the decode rows, before the long offline run
         out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp(prefix="kiln_profile_")))
         profile_decode(engine, [int(b) for b in args.profile.split(",")], vocab, args.profile_steps, out_dir,
-                       args.profile_name)
+                       args.profile_name, args.profile_prompt_len)
 
     for overlap in modes(args.offline_overlap):
         set_overlap(engine, overlap)

@@ -8,10 +8,11 @@ Order per step (one row per request):
      log-prob of a token, BEFORE any top-k / top-p / min-p truncation and AFTER penalties, so that a
      trainer recomputing log_softmax(logits / T) gets the same number;
   3. greedy rows take the argmax; the others sample from softmax(logits / T) truncated by top-k,
-     then top-p (smallest set of the sorted probabilities reaching top_p), then min-p (drop tokens
-     below min_p * max prob), via an exponential race whose noise is a hash of (the row's seed, its draw
-     number, the token id) (`ops.seeded_race`): no generator state, one kernel for the whole batch, and a
-     seeded request draws the same tokens whatever batch it runs in.
+     top-p and min-p (`filter_probs`: a token survives when fewer than top_k tokens are more likely,
+     their mass is below top_p, and it has at least min_p * max prob; ties survive together), via an
+     exponential race whose noise is a hash of (the row's seed, its draw number, the token id)
+     (`ops.seeded_race`): no generator state, one kernel for the whole batch, and a seeded request draws
+     the same tokens whatever batch it runs in.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class SamplingBatch:
     offsets: torch.Tensor  # [B] int64: the row's draw number (tokens its request sampled before)
     top_logprobs_num: int  # max over rows; 0 = none
     all_greedy: bool = False  # host flag: every row is greedy, so no draw is made (False: decided per row)
-    truncates: bool = True  # host flag: some row sets top-k / top-p / min-p (False skips the sort)
+    truncates: bool = True  # host flag: some row sets top-k / top-p / min-p (False skips filter_probs)
 
     @property
     def plain_greedy(self) -> bool:
@@ -76,16 +77,11 @@ def apply_penalties(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
 
 
 def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Zero the probabilities [B, V] that top-k, then top-p, then min-p remove (not renormalised)."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-    drop = rank >= top_k[:, None]
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly higher-ranked tokens
-    drop |= mass_before >= top_p[:, None]
-    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
-    drop[:, 0] = False  # the most likely token always survives
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    """Zero the probabilities [B, V] that top-k, top-p and min-p drop (not renormalised; no sort on the GPU).
+
+    Token i of a row p [V] survives iff count(p > p_i) < top_k, mass(p > p_i) < top_p (top_p >= 1 is off) and
+    p_i >= min_p * max(p), or p_i = max(p); tied tokens survive or go together (ops.truncation_threshold)."""
+    return ops.truncate(probs, top_k, top_p, min_p)
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inference_engine import ops
 from inference_engine.config import EngineConfig
 from inference_engine.forward_batch import ForwardBatch, to_device
 from inference_engine.model_runner import ModelRunner
@@ -425,29 +426,29 @@ class Scheduler:
         seq_lens = [req.kv_len + n for req, n in batch]
         num_tokens, bs, ns = len(ids), len(batch), len(sampling)
         slots = [slot for req, _ in batch for slot in req.new_slots]
-        host = torch.tensor(ids + positions + extend_lens + seq_lens + [req.row for req, _ in batch] + slots
-                            + [row for _, row in sampling] + [req.row for req, _ in sampling], dtype=torch.int64)
-        dev = self.device
-        input_ids, positions_d, extend_d, seq_lens_d, rows_d, out_cache_loc, sample_rows, sample_req_rows = \
-            to_device(host, dev).split([num_tokens, num_tokens, bs, bs, bs, num_tokens, ns, ns])
-        zero = torch.zeros(1, dtype=torch.int64, device=dev)
-        qo_indptr = torch.cat([zero, extend_d.cumsum(0)])
-        kv_indptr = torch.cat([zero, seq_lens_d.cumsum(0)])
+        qo_indptr = [0, *itertools.accumulate(extend_lens)]  # prefix sums on the host: no device kernels for them
+        kv_indptr = [0, *itertools.accumulate(seq_lens)]
+        host = torch.tensor(ids + positions + extend_lens + seq_lens + qo_indptr + kv_indptr
+                            + [req.row for req, _ in batch] + slots + [row for _, row in sampling]
+                            + [req.row for req, _ in sampling], dtype=torch.int64)
+        (input_ids, positions_d, extend_d, seq_lens_d, qo_indptr_d, kv_indptr_d, rows_d, out_cache_loc, sample_rows,
+         sample_req_rows) = to_device(host, self.device).split(
+            [num_tokens, num_tokens, bs, bs, bs + 1, bs + 1, bs, num_tokens, ns, ns])
         table = self.req_to_token.req_to_token
-        token_rows = rows_d.repeat_interleave(extend_d, output_size=num_tokens)  # [T] each token's request row
+        if num_tokens == bs:  # one token per request (decode): each token's request row is its request's
+            token_rows = rows_d
+        else:
+            token_rows = rows_d.repeat_interleave(extend_d, output_size=num_tokens)  # [T] each token's request row
         table[token_rows, positions_d] = out_cache_loc
         if lookahead:
             input_ids = torch.where(input_ids >= 0, input_ids, self.token_buf[token_rows])
-        total = sum(seq_lens)  # every request's context slots, gathered without a host sync
-        ctx_rows = rows_d.repeat_interleave(seq_lens_d, output_size=total)
-        ctx_pos = torch.arange(total, device=dev) - kv_indptr[:-1].repeat_interleave(seq_lens_d, output_size=total)
         fb = ForwardBatch(
             input_ids=input_ids,
             positions=positions_d,
             out_cache_loc=out_cache_loc,
-            qo_indptr=qo_indptr,
-            kv_indptr=kv_indptr,
-            kv_indices=table[ctx_rows, ctx_pos],
+            qo_indptr=qo_indptr_d,
+            kv_indptr=kv_indptr_d,
+            kv_indices=ops.context_slots(table, rows_d, kv_indptr_d, kv_indptr[-1], max(seq_lens, default=0)),
             seq_lens=seq_lens_d,
             seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64),
             extend_lens=extend_lens,

@@ -179,6 +179,44 @@ def _compare_linear_greedy(device: str, dtype: torch.dtype, shapes, tol: float) 
         triton_ops.linear_greedy(x[:, :-1], w)
 
 
+def _compare_context_slots(device: str, block: int) -> None:
+    """Each request's KV slots gathered from its table row, back to back: as a python loop (the kernel and the
+    reference), for lengths across block boundaries, an empty request and rows out of order."""
+    from inference_engine.ops import triton_ops
+
+    g = torch.Generator().manual_seed(5)
+    table = torch.randint(0, 10_000, (6, 3 * block + 5), generator=g).to(device)
+    rows, lens = [4, 0, 2, 5], [block + 3, 0, 1, 3 * block + 5]
+    indptr = [0]
+    for n in lens:
+        indptr.append(indptr[-1] + n)
+    expected = torch.cat([table[r, :n] for r, n in zip(rows, lens)])
+    args = (table, torch.tensor(rows, device=device), torch.tensor(indptr, device=device), indptr[-1], max(lens))
+    assert torch.equal(reference.context_slots(*args), expected)
+    assert torch.equal(triton_ops.context_slots(*args, block=block), expected)
+
+
+def _compare_greedy(device: str, shapes) -> None:
+    """The one-pass greedy pick over float32 logits: exactly torch.argmax (ties: the lowest id, also across chunks),
+    its log-prob as float64 log_softmax's; -inf logits (masked tokens) count for nothing."""
+    from inference_engine.ops import triton_ops
+
+    g = torch.Generator().manual_seed(21)
+    for rows, vocab, chunk in shapes:
+        logits = torch.randn(rows, vocab, generator=g) * 4
+        top = logits.max() + 1
+        logits[0, [vocab // 2, 1, vocab - 1]] = top  # a tie across chunks: the lowest id wins
+        if rows > 1:
+            logits[1, :vocab // 2] = float("-inf")
+            logits[1, [vocab - 2, vocab - 1]] = top  # a tie inside the last block
+        logits = logits.to(device)
+        tokens, logprobs = triton_ops.greedy(logits, chunk)
+        assert torch.equal(tokens, logits.argmax(dim=-1)), (rows, vocab, chunk, tokens)
+        assert tokens[0] == 1 and (rows == 1 or tokens[1] == vocab - 2)
+        exact = torch.log_softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0]
+        assert torch.allclose(logprobs.double(), exact, atol=1e-5, rtol=0), (logprobs, exact)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_match_reference_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
@@ -198,6 +236,77 @@ def test_triton_kernels_match_reference_on_gpu():
     _compare_linear_and_race("cuda", torch.float32, [(2, 512, 1024)], 1e-5)
     _compare_linear_greedy("cuda", torch.bfloat16, [(1, 151936, 4096, None, 4096), (2, 20000, 1024, None, 4096)],
                            1e-2)
+    _compare_greedy("cuda", [(256, 151936, 8192), (3, 1000, 8192), (2, 50000, 4096)])
+    _compare_context_slots("cuda", 1024)
+    _compare_truncation("cuda", [(2, 12, 151936, [None, (1024, 4)]), (3, 9, 3000, [None, (128, 4)])])
+
+
+def _truncation_rows(seed: int, rows: int, vocab: int, device: str):
+    """(probs [rows, vocab] float32, top_k, top_p, min_p [rows]): flat to peaked rows, ties, a one-token row, zeros;
+    rows cycle through all three filters, top-k only, top-p only and min-p only (the others at their off values:
+    top_k = vocab, top_p = 1, min_p = 0); the last two rows take a tiny top_p and nothing."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([3.0, 0.3, 1.0, 8.0, 0.3, 1.0, 3.0, 8.0]).repeat(rows)[:rows, None]
+    logits = torch.randn(rows, vocab, generator=g) * scale
+    logits[1::3] = (logits[1::3] * 2).round()  # ties: equal logits give bitwise equal probabilities
+    probs = torch.softmax(logits, dim=-1)
+    probs[0] = 0.0
+    probs[0, vocab // 3] = 1.0  # all mass in one token
+    probs[2, ::4] = 0.0
+    top_k = torch.randint(1, vocab + 1, (rows,), generator=g)
+    top_p = torch.rand(rows, generator=g)
+    min_p = torch.rand(rows, generator=g) * 0.2
+    mode = torch.arange(rows) % 4  # 0: all three, 1: top-k, 2: top-p, 3: min-p
+    top_k[(mode == 2) | (mode == 3)] = vocab
+    top_p[(mode == 1) | (mode == 3)] = 1.0
+    min_p[(mode == 1) | (mode == 2)] = 0.0
+    top_k[-2], top_p[-2], min_p[-2] = vocab, 1e-6, 0.0
+    top_k[-1], top_p[-1], min_p[-1] = vocab, 1.0, 0.0
+    return [t.to(device) for t in (probs, top_k, top_p, min_p)]
+
+
+def _compare_truncation(device: str, cases) -> None:
+    """The truncation kernel's threshold and filtered rows exactly the reference's, whatever its block size."""
+    from inference_engine.ops import triton_ops
+
+    for seed, rows, vocab, configs in cases:
+        probs, top_k, top_p, min_p = _truncation_rows(seed, rows, vocab, device)
+        ref = reference.truncation_threshold(probs, top_k, top_p, min_p)
+        filtered = reference.truncate(probs, top_k, top_p, min_p)
+        assert (filtered > 0).sum(dim=-1).min() >= 1 and (filtered == 0).any(dim=-1).sum() >= rows // 2
+        for config in configs:  # small blocks: several passes over the row before the undecided values fit one
+            thr, out = triton_ops.truncation_threshold(probs, top_k, top_p, min_p, write=True, config=config)
+            assert torch.equal(thr, ref), (seed, vocab, config, thr, ref)
+            assert torch.equal(out, filtered), (seed, vocab, config)
+            assert triton_ops.truncation_threshold(probs, top_k, top_p, min_p, config=config)[1] is None
+    with pytest.raises(ValueError, match="float32"):
+        triton_ops.truncation_threshold(probs.double(), top_k, top_p, min_p)
+
+
+def test_truncation_reference_matches_float64_definition():
+    row = torch.tensor([[0.125, 0.375, 0.1875, 0.0625, 0.1875, 0.0625]], dtype=torch.float64)  # exact in binary
+    for (top_k, top_p, min_p), expected in [((2, 1.0, 0.0), 0.1875), ((1, 1.0, 0.0), 0.375), ((6, 0.5, 0.0), 0.1875),
+                                            ((6, 0.375, 0.0), 0.375), ((6, 0.76, 0.0), 0.125), ((6, 1.0, 0.25), 0.125),
+                                            ((6, 1.0, 0.5), 0.1875), ((6, 1.0, 0.0), 0.0625), ((0, 0.0, 1.0), 0.375),
+                                            ((4, 0.9, 0.2), 0.125), ((5, 0.9, 0.1), 0.0625)]:
+        thr = reference.truncation_threshold(row, torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([min_p]))
+        assert thr.tolist() == [expected], (top_k, top_p, min_p, thr)
+    for dtype in (torch.float32, torch.float64):  # the definition, token by token, in float64
+        probs, top_k, top_p, min_p = _truncation_rows(0, 8, 120, "cpu")
+        probs = probs.to(dtype)
+        p = probs.double()
+        higher = p[:, None, :] > p[:, :, None]  # [B, i, j]: p_j > p_i
+        top = probs == probs.max(dim=-1, keepdim=True).values
+        keep = ((higher.sum(-1) < top_k[:, None]) & (((higher * p[:, None, :]).sum(-1) < top_p[:, None].double())
+                                                      | (top_p[:, None] >= 1))
+                & (probs >= min_p[:, None].to(dtype) * probs.max(dim=-1, keepdim=True).values)) | top
+        thr = reference.truncation_threshold(probs, top_k, top_p, min_p)
+        assert torch.equal(probs >= thr[:, None], keep)
+        assert torch.equal(reference.truncate(probs, top_k, top_p, min_p), probs * keep)
+    if not ops.runs_triton("cpu"):
+        assert torch.equal(ops.truncate(probs, top_k, top_p, min_p), probs * keep)
+    with pytest.raises(ValueError, match="top_p must have shape"):
+        ops.truncation_threshold(probs, top_k, top_p[:3], min_p)
 
 
 if __name__ == "__main__":  # the interpreter subprocess
@@ -208,4 +317,7 @@ if __name__ == "__main__":  # the interpreter subprocess
     _compare_linear_and_race("cpu", torch.float32, [(1, 24, 96), (3, 40, 200), (8, 16, 64), (5, 7, 33)], 1e-6)
     _compare_linear_greedy("cpu", torch.float32, [(1, 41, 32, None, 4096), (2, 37, 24, None, 4096),
                                                   (3, 301, 8, (4, 2, 8, 4), 16)], 1e-6)
+    _compare_greedy("cpu", [(1, 40, 8192), (3, 301, 64), (2, 130, 16)])
+    _compare_context_slots("cpu", 16)
+    _compare_truncation("cpu", [(0, 8, 50, [(16, 1), (64, 4)]), (1, 6, 300, [(32, 2), (4096, 8)])])
     print("interpreter checks passed")

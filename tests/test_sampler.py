@@ -20,8 +20,9 @@ def batch(rows=1, vocab=5, **kw):
     return SamplingBatch(**base)
 
 
-def kept(top_k=5, top_p=1.0, min_p=0.0):
-    out = filter_probs(PROBS, torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([min_p]))
+def kept(top_k=5, top_p=1.0, min_p=0.0, probs=PROBS):
+    out = filter_probs(probs, torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([min_p]))
+    assert torch.equal(out[out > 0], probs[out > 0])  # survivors keep their probability (not renormalised)
     return set(torch.nonzero(out[0]).flatten().tolist())
 
 
@@ -38,6 +39,24 @@ def test_top_k_top_p_min_p_keep_exactly_the_expected_tokens():
     assert kept(top_p=1e-6) == {1}  # the top token always survives
     out = filter_probs(PROBS, torch.tensor([3]), torch.tensor([1.0]), torch.tensor([0.0]))
     assert torch.equal(out, torch.tensor([[0.0, 0.375, 0.0, 0.25, 0.1875]]))
+
+
+def test_tied_tokens_survive_or_go_together():
+    tied = torch.tensor([[0.25, 0.125, 0.25, 0.25, 0.125]])  # a sort would keep 1 or 2 of the three 0.25s
+    assert kept(top_k=1, probs=tied) == {0, 2, 3}  # all most likely tokens survive
+    assert kept(top_k=3, probs=tied) == {0, 2, 3}  # count(p > 0.125) = 3 is not < 3
+    assert kept(top_k=4, probs=tied) == {0, 1, 2, 3, 4}
+    assert kept(top_p=0.75, probs=tied) == {0, 2, 3}  # mass(p > 0.125) = 0.75 is not < 0.75
+    assert kept(top_p=0.76, probs=tied) == {0, 1, 2, 3, 4}
+    assert kept(min_p=0.5, probs=tied) == {0, 1, 2, 3, 4}  # 0.125 >= 0.5 * 0.25
+    assert kept(min_p=0.51, probs=tied) == {0, 2, 3}
+    assert kept(top_k=0, top_p=0.0, probs=tied) == {0, 2, 3}  # even with nothing allowed
+
+
+def test_top_p_one_keeps_the_tail_of_a_row_summing_past_one():
+    row = torch.tensor([[0.5, 0.5, 2.0 ** -30]])  # sums past 1, as a float32 softmax may
+    assert kept(top_p=1.0, probs=row) == {0, 1, 2}  # mass(p > 2^-30) = 1 is not < 1, but top_p = 1 is off
+    assert kept(top_p=0.999, probs=row) == {0, 1}
 
 
 def test_penalties_follow_hf_and_openai_definitions():

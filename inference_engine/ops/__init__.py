@@ -1,4 +1,5 @@
-"""Fused ops of the decoder layer: (residual add +) RMSNorm, q/k norm + RoPE, SiLU-and-mul, and skinny linears.
+"""Fused ops of the decoder layer (RMSNorm, q/k norm + RoPE, SiLU-and-mul, skinny linears), of the sampler (greedy
+pick, truncation, seeded draws) and of the step's set-up (each request's KV slots gathered from the table).
 
 Each function runs one triton kernel where triton can (CUDA tensors, or any tensors when the process
 started with TRITON_INTERPRET=1) and otherwise its torch specification in `reference.py`, which CPU
@@ -15,10 +16,9 @@ from types import ModuleType
 import torch
 
 from inference_engine.ops import reference
-from inference_engine.ops.reference import greedy  # torch on every device: argmax + logsumexp
 
-__all__ = ["GEMV_MAX_ROWS", "greedy", "linear", "linear_greedy", "qk_norm_rope", "reference", "rms_norm", "runs_triton", "seeded_race",
-           "silu_and_mul", "silu_and_mul_linear"]
+__all__ = ["GEMV_MAX_ROWS", "context_slots", "greedy", "linear", "linear_greedy", "qk_norm_rope", "reference", "rms_norm", "runs_triton", "seeded_race",
+           "silu_and_mul", "silu_and_mul_linear", "truncate", "truncation_threshold"]
 
 GEMV_MAX_ROWS = 1  # linears of at most this many rows run the triton GEMV where triton runs (batch-1 decode); on an
 # H100 it reads the 8B shape's weights at 82-106% of copy bandwidth where cuBLAS reaches 68-95%, but at 8 rows it was
@@ -94,6 +94,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return reference.linear(x, weight, bias, out_dtype)
 
 
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax [B] of float32 logits [B, V] (the lowest id among ties) and its log-prob [B] (T = 1).
+
+    One triton pass over the logits where triton runs, else argmax + logsumexp."""
+    if logits.dim() == 2 and runs_triton(logits.device):
+        return _triton_ops().greedy(logits)
+    return reference.greedy(logits)
+
+
 def linear_greedy(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float32 logits [M, N] of x [M, K] @ weight [N, K]^T (an LM head), each row's argmax [M] and its log-prob [M].
 
@@ -101,7 +110,8 @@ def linear_greedy(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, 
     row's winner (no further passes over the logits); else linear, argmax and logsumexp. Ties: the lowest id."""
     if _skinny(x):
         return _triton_ops().linear_greedy(x, weight)
-    return reference.linear_greedy(x, weight)
+    logits = reference.linear(x, weight, out_dtype=torch.float32)
+    return logits, *greedy(logits)
 
 
 def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,8 +121,41 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch
     return reference.linear(silu_and_mul(gate_up), weight, bias)
 
 
+def context_slots(table: torch.Tensor, rows: torch.Tensor, kv_indptr: torch.Tensor, total: int,
+                  max_len: int) -> torch.Tensor:
+    """kv_indices [total]: each request's KV slots (its row of the req_to_token table) back to back; see reference."""
+    if runs_triton(table.device):
+        return _triton_ops().context_slots(table, rows, kv_indptr, total, max_len)
+    return reference.context_slots(table, rows, kv_indptr, total, max_len)
+
+
 def seeded_race(probs: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Token [B] drawn from each row of probs [B, V] with noise fixed by the row's (seed, offset): see reference."""
     if runs_triton(probs.device):
         return _triton_ops().seeded_race(probs, seeds, offsets)
     return reference.seeded_race(probs, seeds, offsets)
+
+
+def _truncation_args(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> bool:
+    """Whether the triton kernel takes these arguments (float32 probs where triton runs); raises on bad shapes."""
+    if probs.dim() != 2:
+        raise ValueError(f"truncation takes probs [B, V], got shape {tuple(probs.shape)}")
+    for name, t in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+        if t.shape != probs.shape[:1]:
+            raise ValueError(f"{name} must have shape [B] = {tuple(probs.shape[:1])}, got {tuple(t.shape)}")
+    return probs.dtype == torch.float32 and runs_triton(probs.device)
+
+
+def truncation_threshold(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                         min_p: torch.Tensor) -> torch.Tensor:
+    """The smallest probability [B] each row of probs [B, V] keeps under top-k / top-p / min-p: see reference."""
+    if _truncation_args(probs, top_k, top_p, min_p):
+        return _triton_ops().truncation_threshold(probs, top_k, top_p, min_p)[0]
+    return reference.truncation_threshold(probs, top_k, top_p, min_p)
+
+
+def truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """probs [B, V] with what top-k / top-p / min-p drop set to 0: one sort-free kernel (float32, where triton runs)."""
+    if _truncation_args(probs, top_k, top_p, min_p):
+        return _triton_ops().truncation_threshold(probs, top_k, top_p, min_p, write=True)[1]
+    return reference.truncate(probs, top_k, top_p, min_p)

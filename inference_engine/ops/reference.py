@@ -74,6 +74,16 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
+def context_slots(table: torch.Tensor, rows: torch.Tensor, kv_indptr: torch.Tensor, total: int,
+                  max_len: int) -> torch.Tensor:
+    """kv_indices [total]: request i's KV slots table[rows[i], :len_i] back to back from kv_indptr[i], where
+    len_i = kv_indptr[i + 1] - kv_indptr[i] <= max_len and total = kv_indptr[-1] (both known on the host)."""
+    lens = kv_indptr[1:] - kv_indptr[:-1]
+    ctx_rows = rows.repeat_interleave(lens, output_size=total)
+    ctx_pos = torch.arange(total, device=table.device) - kv_indptr[:-1].repeat_interleave(lens, output_size=total)
+    return table[ctx_rows, ctx_pos]
+
+
 def linear_greedy(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float32 logits [M, N] of x @ weight^T (rounded to x's dtype first), their argmax [M] and its log-prob [M]."""
     logits = linear(x, weight, out_dtype=torch.float32)
@@ -114,3 +124,30 @@ def seeded_race(probs: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor)
     argmax_v probs[v] / E[v] with E ~ Exp(1) picks v with probability probs[v] / sum(probs); the noise is
     a function of (seed, offset, v) only, so a row's draw does not depend on the batch it is in."""
     return (probs / race_noise(race_keys(seeds, offsets), probs.shape[-1])).argmax(dim=-1)
+
+
+def truncation_threshold(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                         min_p: torch.Tensor) -> torch.Tensor:
+    """The smallest probability [B] that top-k, top-p and min-p keep in each row of probs [B, V] (values >= 0).
+
+    Token i of a row p is kept iff count(p > p_i) < top_k, mass(p > p_i) < top_p (a float64 sum; top_p >= 1 is
+    off, as a float32 softmax may sum past 1) and p_i >= min_p * max(p) (a product in probs' dtype), or p_i = max(p):
+    the most likely tokens always survive. Tied probabilities are kept or dropped together, so the kept set is
+    {p >= T} with T returned here. Computed by a sort (the triton kernel bisects instead)."""
+    desc = probs.sort(dim=-1, descending=True).values  # [B, V]
+    pos = torch.arange(probs.shape[-1], device=probs.device).expand_as(desc)
+    starts = torch.ones_like(desc, dtype=torch.bool)
+    starts[:, 1:] = desc[:, 1:] != desc[:, :-1]  # first entry of each run of equal values
+    above = torch.where(starts, pos, 0).cummax(dim=-1).values  # [B, V] count(p > desc[:, j])
+    csum = desc.double().cumsum(dim=-1)
+    mass = torch.cat([torch.zeros_like(csum[:, :1]), csum[:, :-1]], dim=-1).gather(-1, above)  # mass(p > desc)
+    keep = above < top_k[:, None]
+    keep &= (mass < top_p[:, None].double()) | (top_p[:, None] >= 1)
+    keep &= desc >= min_p[:, None].to(desc.dtype) * desc[:, :1]
+    keep |= desc == desc[:, :1]
+    return desc.gather(-1, keep.sum(dim=-1, keepdim=True) - 1)[:, 0]  # keep is a prefix of the sorted row
+
+
+def truncate(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """probs [B, V] with the entries that top-k, top-p and min-p drop set to 0 (see truncation_threshold)."""
+    return probs.masked_fill(probs < truncation_threshold(probs, top_k, top_p, min_p)[:, None], 0.0)
