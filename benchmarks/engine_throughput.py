@@ -282,7 +282,7 @@ def main() -> None:
                     help="overlap scheduling for the offline and GRPO rows")
     ap.add_argument("--hf-batches", default="1,64")
     ap.add_argument("--hf-tokens", type=int, default=64, help="prompt 128 tokens, this many generated")
-    ap.add_argument("--decode-attention", default="flashinfer",
+    ap.add_argument("--decode-attention", default="auto",
                     help="with --backend flashinfer, the decode kernel(s), comma-separated: flashinfer, triton, auto "
                          "(EngineConfig.decode_attention); the Kiln and decode rows are measured for each on the same "
                          "engine, its graphs recaptured between them; the later rows run with the last one")

@@ -17,8 +17,9 @@ import torch
 
 from inference_engine.ops import reference
 
-__all__ = ["GEMV_MAX_ROWS", "context_slots", "greedy", "linear", "linear_greedy", "qk_norm_rope", "reference", "rms_norm", "runs_triton", "seeded_race",
-           "silu_and_mul", "silu_and_mul_linear", "truncate", "truncation_threshold"]
+__all__ = ["GEMV_MAX_ROWS", "context_slots", "greedy", "linear", "linear_greedy", "qk_norm_rope", "reference",
+           "rms_norm", "runs_triton", "seeded_race", "silu_and_mul", "silu_and_mul_linear", "truncate",
+           "truncation_threshold"]
 
 GEMV_MAX_ROWS = 1  # linears of at most this many rows run the triton GEMV where triton runs (batch-1 decode); on an
 # H100 it reads the 8B shape's weights at 82-106% of copy bandwidth where cuBLAS reaches 68-95%, but at 8 rows it was
