@@ -142,6 +142,36 @@ def _rope_halves_grad(x_lo, x_hi, dy_lo, dy_hi, w_lo, w_hi, cos_lo, cos_hi, sin_
 
 
 @triton.jit
+def _heads_fwd(src, mask, w_ptr, dst, half, cos_lo, cos_hi, sin_lo, sin_hi, eps, D: tl.constexpr,
+               HAS_NORM: tl.constexpr):
+    """Rows of heads at src [R, 1] (masked) normed with weight w_ptr (optional) and rotated, stored at dst."""
+    x_lo = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    x_hi = tl.load(src + D // 2 + half, mask=mask, other=0.0).to(tl.float32)
+    w_lo, w_hi = tl.load(w_ptr + half).to(tl.float32), tl.load(w_ptr + D // 2 + half).to(tl.float32)
+    y_lo, y_hi = _rope_halves(x_lo, x_hi, w_lo, w_hi, cos_lo, cos_hi, sin_lo, sin_hi, eps, D, HAS_NORM)
+    tl.store(dst + half, y_lo.to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + D // 2 + half, y_hi.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _heads_bwd(x, dx, mask, dy, w_ptr, dw, half, cos_lo, cos_hi, sin_lo, sin_hi, eps, D: tl.constexpr,
+               HAS_NORM: tl.constexpr):
+    """`_heads_fwd`'s backward for rows of heads at x [R, 1] (masked) and incoming dy: d x to dx, d weight to dw."""
+    x_lo = tl.load(x + half, mask=mask, other=0.0).to(tl.float32)
+    x_hi = tl.load(x + D // 2 + half, mask=mask, other=0.0).to(tl.float32)
+    dy_lo = tl.load(dy + half, mask=mask, other=0.0).to(tl.float32)
+    dy_hi = tl.load(dy + D // 2 + half, mask=mask, other=0.0).to(tl.float32)
+    w_lo, w_hi = tl.load(w_ptr + half).to(tl.float32), tl.load(w_ptr + D // 2 + half).to(tl.float32)
+    dx_lo, dx_hi, dw_lo, dw_hi = _rope_halves_grad(x_lo, x_hi, dy_lo, dy_hi, w_lo, w_hi, cos_lo, cos_hi, sin_lo,
+                                                   sin_hi, eps, D, HAS_NORM)
+    tl.store(dx + half, dx_lo.to(dx.dtype.element_ty), mask=mask)
+    tl.store(dx + D // 2 + half, dx_hi.to(dx.dtype.element_ty), mask=mask)
+    if HAS_NORM:
+        tl.store(dw + half, dw_lo[None, :])
+        tl.store(dw + D // 2 + half, dw_hi[None, :])
+
+
+@triton.jit
 def _qk_norm_rope_fwd_kernel(mixed_ptr, cos_ptr, sin_ptr, wq_ptr, wk_ptr, q_ptr, k_ptr, v_ptr, tokens_per_pos, eps,
                              G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, GP_BLOCK: tl.constexpr,
                              G_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr):
@@ -150,29 +180,18 @@ def _qk_norm_rope_fwd_kernel(mixed_ptr, cos_ptr, sin_ptr, wq_ptr, wk_ptr, q_ptr,
     row_base = mixed_ptr + t * (G * (P + 2) * D)
     pos = t // tokens_per_pos
     cos_lo, cos_hi, sin_lo, sin_hi = _rope_tables(cos_ptr, sin_ptr, pos, half, D)
-    out_ty = q_ptr.dtype.element_ty
     # q heads: block row i is q head i of the token, from mixed row (i // P) * (P + 2) + i % P
     qi = tl.arange(0, GP_BLOCK)[:, None]
     qm = qi < G * P
     src = row_base + ((qi // P) * (P + 2) + qi % P) * D
-    x_lo = tl.load(src + half, mask=qm, other=0.0).to(tl.float32)
-    x_hi = tl.load(src + D // 2 + half, mask=qm, other=0.0).to(tl.float32)
-    w_lo, w_hi = tl.load(wq_ptr + half).to(tl.float32), tl.load(wq_ptr + D // 2 + half).to(tl.float32)
-    y_lo, y_hi = _rope_halves(x_lo, x_hi, w_lo, w_hi, cos_lo, cos_hi, sin_lo, sin_hi, eps, D, HAS_NORM)
-    dst = q_ptr + t * (G * P * D) + qi * D
-    tl.store(dst + half, y_lo.to(out_ty), mask=qm)
-    tl.store(dst + D // 2 + half, y_hi.to(out_ty), mask=qm)
+    _heads_fwd(src, qm, wq_ptr, q_ptr + t * (G * P * D) + qi * D, half, cos_lo, cos_hi, sin_lo, sin_hi, eps, D,
+               HAS_NORM)
     # k heads (mixed row g * (P + 2) + P) and v heads (the row after)
     gi = tl.arange(0, G_BLOCK)[:, None]
     gm = gi < G
     src = row_base + (gi * (P + 2) + P) * D
-    x_lo = tl.load(src + half, mask=gm, other=0.0).to(tl.float32)
-    x_hi = tl.load(src + D // 2 + half, mask=gm, other=0.0).to(tl.float32)
-    w_lo, w_hi = tl.load(wk_ptr + half).to(tl.float32), tl.load(wk_ptr + D // 2 + half).to(tl.float32)
-    y_lo, y_hi = _rope_halves(x_lo, x_hi, w_lo, w_hi, cos_lo, cos_hi, sin_lo, sin_hi, eps, D, HAS_NORM)
     dst = t * (G * D) + gi * D
-    tl.store(k_ptr + dst + half, y_lo.to(out_ty), mask=gm)
-    tl.store(k_ptr + dst + D // 2 + half, y_hi.to(out_ty), mask=gm)
+    _heads_fwd(src, gm, wk_ptr, k_ptr + dst, half, cos_lo, cos_hi, sin_lo, sin_hi, eps, D, HAS_NORM)
     cols = tl.arange(0, D)[None, :]
     tl.store(v_ptr + dst + cols, tl.load(src + D + cols, mask=gm, other=0.0), mask=gm)
 
@@ -192,36 +211,15 @@ def _qk_norm_rope_bwd_kernel(mixed_ptr, cos_ptr, sin_ptr, wq_ptr, wk_ptr, dq_ptr
     qi = tl.arange(0, GP_BLOCK)[:, None]
     qm = qi < G * P
     src = row_off + ((qi // P) * (P + 2) + qi % P) * D
-    x_lo = tl.load(mixed_ptr + src + half, mask=qm, other=0.0).to(tl.float32)
-    x_hi = tl.load(mixed_ptr + src + D // 2 + half, mask=qm, other=0.0).to(tl.float32)
-    dy = dq_ptr + t * (G * P * D) + qi * D
-    dy_lo = tl.load(dy + half, mask=qm, other=0.0).to(tl.float32)
-    dy_hi = tl.load(dy + D // 2 + half, mask=qm, other=0.0).to(tl.float32)
-    w_lo, w_hi = tl.load(wq_ptr + half).to(tl.float32), tl.load(wq_ptr + D // 2 + half).to(tl.float32)
-    dx_lo, dx_hi, dw_lo, dw_hi = _rope_halves_grad(x_lo, x_hi, dy_lo, dy_hi, w_lo, w_hi, cos_lo, cos_hi, sin_lo,
-                                                   sin_hi, eps, D, HAS_NORM)
-    tl.store(dmixed_ptr + src + half, dx_lo.to(out_ty), mask=qm)
-    tl.store(dmixed_ptr + src + D // 2 + half, dx_hi.to(out_ty), mask=qm)
-    if HAS_NORM:
-        tl.store(dwq_ptr + t * D + half, dw_lo[None, :])
-        tl.store(dwq_ptr + t * D + D // 2 + half, dw_hi[None, :])
+    _heads_bwd(mixed_ptr + src, dmixed_ptr + src, qm, dq_ptr + t * (G * P * D) + qi * D, wq_ptr, dwq_ptr + t * D,
+               half, cos_lo, cos_hi, sin_lo, sin_hi, eps, D, HAS_NORM)
     # k heads, then v heads (a copy of dv into its rows)
     gi = tl.arange(0, G_BLOCK)[:, None]
     gm = gi < G
     src = row_off + (gi * (P + 2) + P) * D
-    x_lo = tl.load(mixed_ptr + src + half, mask=gm, other=0.0).to(tl.float32)
-    x_hi = tl.load(mixed_ptr + src + D // 2 + half, mask=gm, other=0.0).to(tl.float32)
     dy = t * (G * D) + gi * D
-    dy_lo = tl.load(dk_ptr + dy + half, mask=gm, other=0.0).to(tl.float32)
-    dy_hi = tl.load(dk_ptr + dy + D // 2 + half, mask=gm, other=0.0).to(tl.float32)
-    w_lo, w_hi = tl.load(wk_ptr + half).to(tl.float32), tl.load(wk_ptr + D // 2 + half).to(tl.float32)
-    dx_lo, dx_hi, dw_lo, dw_hi = _rope_halves_grad(x_lo, x_hi, dy_lo, dy_hi, w_lo, w_hi, cos_lo, cos_hi, sin_lo,
-                                                   sin_hi, eps, D, HAS_NORM)
-    tl.store(dmixed_ptr + src + half, dx_lo.to(out_ty), mask=gm)
-    tl.store(dmixed_ptr + src + D // 2 + half, dx_hi.to(out_ty), mask=gm)
-    if HAS_NORM:
-        tl.store(dwk_ptr + t * D + half, dw_lo[None, :])
-        tl.store(dwk_ptr + t * D + D // 2 + half, dw_hi[None, :])
+    _heads_bwd(mixed_ptr + src, dmixed_ptr + src, gm, dk_ptr + dy, wk_ptr, dwk_ptr + t * D, half, cos_lo, cos_hi,
+               sin_lo, sin_hi, eps, D, HAS_NORM)
     cols = tl.arange(0, D)[None, :]
     tl.store(dmixed_ptr + src + D + cols, tl.load(dv_ptr + dy + cols, mask=gm, other=0.0).to(out_ty), mask=gm)
 
