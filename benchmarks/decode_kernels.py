@@ -41,7 +41,7 @@ def build(shape: str, max_bs: int, device: torch.device):
     from inference_engine.cuda_graph import CudaGraphRunner
     from inference_engine.kv_cache import KVPool
     from inference_engine.models import CausalLM
-    from inference_engine.models.spec import ModelSpec
+    from kiln_common.model_spec import ModelSpec
 
     spec = ModelSpec.from_hf_config(dict(SHAPES[shape]))
     torch.manual_seed(0)

@@ -474,7 +474,7 @@ def engine_tp(setup: Setup, report: Report) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _rl_samples(n: int, prompt_len: int, response_len: int, vocab: int) -> list:
-    from rollout.sample import Sample
+    from kiln_common.sample import Sample
 
     g = torch.Generator().manual_seed(0)
     length = prompt_len + response_len
@@ -607,7 +607,7 @@ def router_item(setup: Setup, report: Report) -> None:
     import ray
 
     from inference_engine.config import EngineConfig
-    from rollout.actors import EngineActor
+    from orchestrator.actors import EngineActor
     from rollout.client import LocalEngineClient
     from rollout.router import Router
 
@@ -688,7 +688,7 @@ def grpo(setup: Setup, report: Report) -> None:
     """train.py's driver under a local Ray with 2 GPUs: trainer on one, engine on the other, 3 steps."""
     import ray
 
-    from rollout.driver import Driver, parse_args
+    from orchestrator.driver import Driver, parse_args
 
     start_ray(setup)
     try:

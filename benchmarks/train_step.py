@@ -289,7 +289,7 @@ def main() -> None:
 
     from trainer import bridge, megatron_compat
     from trainer.config import TrainerConfig
-    from weight_sync.group import free_port
+    from kiln_common.net import free_port
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

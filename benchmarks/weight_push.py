@@ -49,7 +49,7 @@ import torch
 from benchmarks.processes import RemoteWeightEndpoint
 from weight_sync import WeightSender, WeightSyncConfig, bucket_named_tensors, push_weights, share_bucket
 from weight_sync.buckets import copy_tensors, tensor_bytes
-from weight_sync.testing import make_engine
+from inference_engine.testing import make_engine
 
 PATHS = ("old", "packed", "in-place-3-calls", "in-place-reopen", "in-place")
 KEEP_OPEN = {"packed": True, "in-place-3-calls": False, "in-place-reopen": False, "in-place": True}   # keep_resident_open

@@ -8,7 +8,7 @@ import re
 from envs.calculator import CALCULATOR, evaluate, format_number
 from envs.registry import register
 from envs.tools import ToolEnv
-from rollout.sample import Sample
+from kiln_common.sample import Sample
 
 ANSWER_PATTERN = r"Answer:\s*(-?[\d,]*\.?\d+)"
 _ANSWER = re.compile(ANSWER_PATTERN)

@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollout.sample import Sample
+from kiln_common.sample import Sample
 
 
 @dataclass

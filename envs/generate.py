@@ -9,46 +9,14 @@ policy); the episode settings come from `args.env_config` (an `EnvConfig`) when 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from envs.multiagent import MultiAgentEnv, new_episode_id, role_metrics, run_dialogue
 from envs.multiturn import run_episode
 from envs.registry import build, make
 from rollout.client import EngineClient
-from rollout.sample import DEFAULT_POLICY, Sample
-
-
-@dataclass
-class EnvConfig:
-    """Which environment the env generate functions play, and the limits of an episode."""
-
-    env: str | None = None
-    """Env played by envs.generate functions: registered name, entry point or 'pkg.mod:Class'; metadata 'env' wins."""
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the env's constructor (a sample's metadata 'env_kwargs' adds to them)."""
-    env_max_turns: int = 8
-    """Most model turns of an episode (all roles together in multi-agent episodes)."""
-    env_max_total_tokens: int = 4096
-    """Most tokens of an episode's conversation (per role in multi-agent episodes)."""
-    env_step_timeout: float | None = 30.0
-    """Seconds one env call (reset, step, score) may take; None = no limit."""
-    env_episode_timeout: float | None = None
-    """Seconds a whole episode may take before it is aborted; None = no limit."""
-
-    def __post_init__(self) -> None:
-        if self.env is not None and (not isinstance(self.env, str) or not self.env):
-            raise ValueError(f"EnvConfig.env = {self.env!r}: expected an env name, 'pkg.mod:Class' or None")
-        if not isinstance(self.env_kwargs, dict):
-            raise ValueError(f"EnvConfig.env_kwargs = {self.env_kwargs!r}: expected a mapping")
-        if not isinstance(self.env_max_turns, int) or self.env_max_turns < 1:
-            raise ValueError(f"EnvConfig.env_max_turns = {self.env_max_turns!r}: expected an integer >= 1")
-        if not isinstance(self.env_max_total_tokens, int) or self.env_max_total_tokens < 2:
-            raise ValueError(f"EnvConfig.env_max_total_tokens = {self.env_max_total_tokens!r}: expected an integer >= 2")
-        for name in ("env_step_timeout", "env_episode_timeout"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"EnvConfig.{name} = {value!r}: expected a number of seconds > 0 or None")
+from rollout.config import EnvConfig
+from kiln_common.sample import DEFAULT_POLICY, Sample
 
 
 def env_config_of(args: Any) -> EnvConfig:

@@ -21,7 +21,7 @@ from typing import Any
 
 from envs.base import EnvError, call_guarded
 from envs.multiturn import ChatDelta, GenerateClient, play_to_end, policy_tokens, record_cache_stats
-from rollout.sample import Sample, Status
+from kiln_common.sample import Sample, Status
 
 _ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 

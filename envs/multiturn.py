@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from envs.base import Env, EnvError, run_reset, run_step
-from rollout.sample import Sample, Status
+from kiln_common.sample import Sample, Status
 
 logger = logging.getLogger(__name__)
 

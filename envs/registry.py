@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from envs.base import Env
-from rollout.plugins import import_object
+from kiln_common.plugins import import_object
 
 ENTRY_POINT_GROUP = "kiln.envs"
 

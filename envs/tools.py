@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 from envs.base import Env, StepResult
-from rollout.sample import Sample
+from kiln_common.sample import Sample
 
 _TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _JSON_TYPES: dict[str, tuple[type, ...]] = {

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+
 if TYPE_CHECKING:
     from inference_engine.attention.base import AttentionBackend
     from inference_engine.kv_cache import KVPool
@@ -48,13 +49,3 @@ class ForwardBatch:
     def is_decode(self) -> bool:
         """Whether every request adds exactly one token."""
         return all(n == 1 for n in self.extend_lens)
-
-
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """t on device; a CPU tensor goes to a GPU through pinned memory without blocking the host (stream-ordered).
-
-    The engine's scheduler and the trainer's micro-batch set-up both send their host-built tensors this way."""
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.contiguous().pin_memory().to(device, non_blocking=True)

@@ -36,7 +36,8 @@ import torch
 
 from inference_engine import ops
 from inference_engine.config import EngineConfig
-from inference_engine.forward_batch import ForwardBatch, to_device
+from inference_engine.forward_batch import ForwardBatch
+from kiln_common.tensors import to_device
 from inference_engine.model_runner import ModelRunner
 from inference_engine.radix_cache import RadixCache
 from inference_engine.request import Req

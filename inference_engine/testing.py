@@ -153,3 +153,12 @@ def make_tiny_model(out_dir: str | Path, family: str = "qwen3", *, seed: int = 0
     gen = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     (out_dir / "generation_config.json").write_text(json.dumps(gen))
     return out_dir
+
+
+def make_engine(model_path: str, device: str = "cpu", dtype: str = "float32", max_total_tokens: int = 1024,
+                context_length: int | None = None):
+    """An `inference_engine.Engine` with a small KV pool and no CUDA graphs: a weight-sync receiver for tests and benchmarks."""
+    from inference_engine.engine import Engine
+
+    return Engine(model_path=model_path, device=device, dtype=dtype, max_total_tokens=max_total_tokens,
+                  context_length=context_length, disable_cuda_graph=True)

@@ -28,7 +28,7 @@ from inference_engine.config import EngineConfig
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.parallel import TP_TIMEOUT_S, TPGroup, rank_device
 from weight_sync import FlatLayout, WeightReceiver
-from weight_sync.group import free_port
+from kiln_common.net import free_port
 
 if TYPE_CHECKING:
     from inference_engine.model_runner import ModelRunner

@@ -1,7 +1,7 @@
-"""Typed configs of the rollout side and the driver: `RolloutConfig`, `DataConfig`, `RunConfig`.
+"""Typed configs of the rollout side: `RolloutConfig`, `DataConfig`, and `EnvConfig` (the env flags generate functions get).
 
 Each field's docstring (the string literal under it) is its `--help` text; a field may
-choose its flag name with `field(metadata={"flag": "..."})`. `rollout.cli` turns any
+choose its flag name with `field(metadata={"flag": "..."})`. `orchestrator.cli` turns any
 such dataclass into command-line flags and YAML keys.
 """
 
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from rollout.sample import DEFAULT_POLICY
+from kiln_common.sample import DEFAULT_POLICY
 
 RM_TYPES = ("math", "exact_match", "format", "remote")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
 
 
-def _positive(cfg: object, name: str, allow_none: bool = False) -> None:
+def check_positive(cfg: object, name: str, allow_none: bool = False) -> None:
     value = getattr(cfg, name)
     if value is None and allow_none:
         return
@@ -25,7 +25,7 @@ def _positive(cfg: object, name: str, allow_none: bool = False) -> None:
         raise ValueError(f"{type(cfg).__name__}.{name} = {value!r}: expected an integer >= 1")
 
 
-def _positive_seconds(cfg: object, name: str) -> None:
+def check_positive_seconds(cfg: object, name: str) -> None:
     value = getattr(cfg, name)
     if value is not None and not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"{type(cfg).__name__}.{name} = {value!r}: expected a number of seconds > 0 or None")
@@ -111,9 +111,9 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         for name in ("rollout_batch_size", "n_samples_per_prompt", "rollout_max_response_len",
                      "rollout_concurrency", "router_page_size", "n_samples_per_eval_prompt"):
-            _positive(self, name)
-        _positive(self, "over_sampling_batch_size", allow_none=True)
-        _positive(self, "eval_max_response_len", allow_none=True)
+            check_positive(self, name)
+        check_positive(self, "over_sampling_batch_size", allow_none=True)
+        check_positive(self, "eval_max_response_len", allow_none=True)
         if self.max_oversampling_rounds < 0:
             raise ValueError(f"RolloutConfig.max_oversampling_rounds = {self.max_oversampling_rounds}: expected >= 0")
         if self.router_balance_threshold < 0:
@@ -141,7 +141,7 @@ class RolloutConfig:
         for name in ("custom_generate_function_path", "custom_rm_path", "dynamic_sampling_filter_path"):
             _import_path(self, name)
         for name in ("reward_timeout", "rollout_deadline", "sample_timeout"):
-            _positive_seconds(self, name)
+            check_positive_seconds(self, name)
         if self.abort_grace < 0:
             raise ValueError(f"RolloutConfig.abort_grace = {self.abort_grace}: expected >= 0")
         if self.save_debug_rollout_data and self.load_debug_rollout_data:
@@ -191,8 +191,8 @@ class DataConfig:
     """Rows whose prompt has more tokens than this are skipped (and reported)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "num_epoch")
-        _positive(self, "rollout_max_prompt_len", allow_none=True)
+        check_positive(self, "num_epoch")
+        check_positive(self, "rollout_max_prompt_len", allow_none=True)
         if not self.input_key:
             raise ValueError("DataConfig.input_key must be a non-empty row key")
         if self.system_prompt is not None and not self.apply_chat_template:
@@ -200,96 +200,32 @@ class DataConfig:
 
 
 @dataclass
-class RunConfig:
-    """The driver's loop: model, steps, placement, checkpoints, logging and debug modes."""
+class EnvConfig:
+    """Which environment the env generate functions play, and the limits of an episode."""
 
-    hf_checkpoint: str = ""
-    """Local HF model folder the run starts from (weights, config, tokenizer)."""
-    policies: list[str] = field(default_factory=list)
-    """Several policies trained together, as NAME=PATH (e.g. doctor=/m/a patient=/m/b); default: one policy
-    'default' = --hf-checkpoint. Each gets its own trainers, engines and weight pushes."""
-    num_rollout: int = 100
-    """Training steps (one rollout + one policy update each)."""
-    seed: int = 1234
-    """Seed of model init and everything not seeded elsewhere."""
-    colocate: bool = True
-    """Trainers and engines share the devices and take turns holding memory."""
-    async_rollout: bool = False
-    """Overlap the rollout of step k+1 with training of step k (staleness 1, TIS on; needs --no-colocate)."""
-    actor_num_nodes: int = 1
-    """Nodes of each policy's trainer ranks."""
-    actor_num_gpus_per_node: int = 1
-    """Trainer ranks per node (one device each; on CPU a device is --cpus-per-device CPUs)."""
-    num_engines: int = field(default=1, metadata={"flag": "rollout-num-engines"})
-    """Inference engines serving rollouts, per policy (colocated: each shares a trainer device; else --tp-size each)."""
-    cpus_per_device: float = 1.0
-    """CPUs in each placement-group bundle (without GPUs a bundle of this many CPUs is one device)."""
-    rollout_client: Literal["http", "ray"] = "http"
-    """How the rollout manager reaches the engines: their HTTP servers, or Ray calls."""
-    health_check_interval: float = 10.0
-    """Seconds between the router's engine health checks."""
-    update_weight_buffer_size: int = 512 << 20
-    """Bytes per weight-push bucket (a larger tensor travels alone)."""
-    check_weight_update: bool = False
-    """After each weight push, compare per-tensor checksums of engines and trainer."""
-    weight_sync_timeout: float = 300.0
-    """Seconds a weight push (rendezvous or broadcast) may wait for a peer before failing."""
-    ray_address: str | None = None
-    """Ray cluster to join ('auto' = the local node's); None = $RAY_ADDRESS if set, else start a local Ray."""
-    ray_num_cpus: int | None = None
-    """CPUs of a local Ray started by the driver; None = all."""
-    load: str | None = None
-    """Checkpoint folder to resume from (model, optimizer, data position)."""
-    save: str | None = None
-    """Checkpoint folder to save to."""
-    save_interval: int | None = None
-    """Save every this many steps (needs --save)."""
-    eval_interval: int | None = None
-    """Evaluate on --eval-prompt-data every this many steps."""
-    debug_rollout_only: bool = False
-    """Only generate rollouts: no trainer, no weight updates."""
-    debug_train_only: bool = False
-    """Only train (on --load-debug-rollout-data): no engines."""
-    use_wandb: bool = False
-    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
-    wandb_project: str = "kiln"
-    """Weights & Biases project name."""
-    metrics_file: str | None = "metrics.jsonl"
-    """JSON-lines file the driver appends one line of metrics per step to; None = off."""
+    env: str | None = None
+    """Env played by envs.generate functions: registered name, entry point or 'pkg.mod:Class'; metadata 'env' wins."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the env's constructor (a sample's metadata 'env_kwargs' adds to them)."""
+    env_max_turns: int = 8
+    """Most model turns of an episode (all roles together in multi-agent episodes)."""
+    env_max_total_tokens: int = 4096
+    """Most tokens of an episode's conversation (per role in multi-agent episodes)."""
+    env_step_timeout: float | None = 30.0
+    """Seconds one env call (reset, step, score) may take; None = no limit."""
+    env_episode_timeout: float | None = None
+    """Seconds a whole episode may take before it is aborted; None = no limit."""
 
     def __post_init__(self) -> None:
-        for name in ("num_rollout", "num_engines", "actor_num_nodes", "actor_num_gpus_per_node",
-                     "update_weight_buffer_size"):
-            _positive(self, name)
-        _positive(self, "ray_num_cpus", allow_none=True)
-        for name in ("cpus_per_device", "health_check_interval", "weight_sync_timeout"):
-            _positive_seconds(self, name)
-        if self.rollout_client not in ("http", "ray"):
-            raise ValueError(f"RunConfig.rollout_client = {self.rollout_client!r}: expected 'http' or 'ray'")
-        if self.async_rollout and self.colocate:
-            raise ValueError("--async-rollout needs --no-colocate: colocated engines give up their memory while "
-                             "the trainers train, so rollout cannot overlap training")
-        if self.async_rollout and (self.debug_rollout_only or self.debug_train_only):
-            raise ValueError("--async-rollout does not apply to --debug-rollout-only / --debug-train-only")
-        self.policy_paths()
-        _positive(self, "save_interval", allow_none=True)
-        _positive(self, "eval_interval", allow_none=True)
-        if self.save_interval is not None and not self.save:
-            raise ValueError(f"RunConfig.save_interval = {self.save_interval} needs --save (a folder)")
-        if self.debug_rollout_only and self.debug_train_only:
-            raise ValueError("--debug-rollout-only and --debug-train-only cannot both be set")
-
-    def policy_paths(self) -> dict[str, str]:
-        """{policy name: HF folder}, in the order given; {'default': --hf-checkpoint} without --policies."""
-        if not self.policies:
-            return {DEFAULT_POLICY: self.hf_checkpoint}
-        out: dict[str, str] = {}
-        for item in self.policies:
-            name, sep, path = item.partition("=")
-            if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*", name) or not path:
-                raise ValueError(f"RunConfig.policies entry {item!r}: expected NAME=PATH with NAME a word "
-                                 f"(letters, digits, _ or -) and PATH a local HF model folder")
-            if name in out:
-                raise ValueError(f"RunConfig.policies names policy {name!r} twice")
-            out[name] = path
-        return out
+        if self.env is not None and (not isinstance(self.env, str) or not self.env):
+            raise ValueError(f"EnvConfig.env = {self.env!r}: expected an env name, 'pkg.mod:Class' or None")
+        if not isinstance(self.env_kwargs, dict):
+            raise ValueError(f"EnvConfig.env_kwargs = {self.env_kwargs!r}: expected a mapping")
+        if not isinstance(self.env_max_turns, int) or self.env_max_turns < 1:
+            raise ValueError(f"EnvConfig.env_max_turns = {self.env_max_turns!r}: expected an integer >= 1")
+        if not isinstance(self.env_max_total_tokens, int) or self.env_max_total_tokens < 2:
+            raise ValueError(f"EnvConfig.env_max_total_tokens = {self.env_max_total_tokens!r}: expected an integer >= 2")
+        for name in ("env_step_timeout", "env_episode_timeout"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"EnvConfig.{name} = {value!r}: expected a number of seconds > 0 or None")

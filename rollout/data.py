@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rollout.config import DataConfig
-from rollout.sample import Sample
+from kiln_common.sample import Sample
 
 logger = logging.getLogger(__name__)
 

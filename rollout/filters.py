@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rollout.sample import Sample
+from kiln_common.sample import Sample
 
 
 def scalar_reward(sample: Sample, key: str | None = None) -> float:

@@ -9,14 +9,12 @@ tokens, one loss-mask entry and one log-prob per response token, and sets the st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rollout.client import EngineClient, EngineError
-from rollout.config import RolloutConfig
-from rollout.sample import DEFAULT_POLICY, Sample, Status
+from rollout.config import EnvConfig, RolloutConfig
+from kiln_common.sample import DEFAULT_POLICY, Sample, Status
 
-if TYPE_CHECKING:  # envs imports rollout: at run time the field is filled by the caller
-    from envs.generate import EnvConfig
 
 FINISH_STATUS = {"stop": Status.COMPLETED, "length": Status.TRUNCATED, "abort": Status.ABORTED}
 
@@ -27,7 +25,7 @@ class GenerateArgs:
 
     `clients` maps each policy to its engines' client (`{"default": client}` with one policy); a
     multi-agent generate function calls `args.clients[policy]` and tags each Sample with its policy.
-    `env_config` holds the run's `--env*` flags (`envs.generate.EnvConfig`) for env generate functions.
+    `env_config` holds the run's `--env*` flags (`rollout.config.EnvConfig`) for env generate functions.
     """
 
     client: EngineClient

@@ -21,22 +21,20 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
 from rollout.client import EngineClient
-from rollout.config import RolloutConfig
+from rollout.config import EnvConfig, RolloutConfig
 from rollout.data import PromptDataset
 from rollout.filters import scalar_reward
 from rollout.generate import GenerateArgs
-from rollout.plugins import load_function
+from kiln_common.plugins import load_function
 from rollout.rewards import RewardScorer
 from rollout.router import Router
-from rollout.sample import DEFAULT_POLICY, Sample, Status
+from kiln_common.sample import DEFAULT_POLICY, Sample, Status
 
-if TYPE_CHECKING:  # envs imports rollout
-    from envs.generate import EnvConfig
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +96,7 @@ class RolloutManager:
 
     `clients` is one policy's engines (a Router or clients), or {policy: Router | clients} for several
     policies; generate functions get them all as `args.clients` and the first one as `args.client`,
-    and `env_config` (an `envs.generate.EnvConfig`) as `args.env_config`.
+    and `env_config` (an `rollout.config.EnvConfig`) as `args.env_config`.
     """
 
     def __init__(self, config: RolloutConfig, data: PromptDataset | None,

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import httpx
 
 from rollout.config import RolloutConfig
-from rollout.plugins import call_maybe_async, load_function
-from rollout.sample import Sample, Status
+from kiln_common.plugins import call_maybe_async, load_function
+from kiln_common.sample import Sample, Status
 
 logger = logging.getLogger(__name__)
 

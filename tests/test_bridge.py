@@ -16,11 +16,11 @@ TEMPERATURE = 0.7
 VOCAB_PAD = 96  # 512 rows padded to 576 at TP=1 and TP=2: the padding path is exercised
 
 
-def _spec(**overrides) -> bridge.ModelSpec:
+def _spec(**overrides) -> bridge.MegatronSpec:
     base = dict(family="qwen2", vocab_size=10, hidden_size=8, ffn_hidden_size=12, num_layers=1, num_heads=4,
                 num_kv_heads=2, head_dim=2, rope_theta=1e4, rms_eps=1e-6, tie_embeddings=False, qkv_bias=True,
                 qk_norm=False, max_position_embeddings=64)
-    return bridge.ModelSpec(**{**base, **overrides})
+    return bridge.MegatronSpec(**{**base, **overrides})
 
 
 def test_qkv_layout_is_interleaved_per_query_group():

@@ -5,8 +5,9 @@ from typing import Literal
 
 import pytest
 
-from rollout.cli import ConfigError, build_parser, dump_yaml, field_docs, parse_configs
-from rollout.config import DataConfig, RolloutConfig, RunConfig
+from orchestrator.cli import ConfigError, build_parser, dump_yaml, field_docs, parse_configs
+from orchestrator.config import RunConfig
+from rollout.config import DataConfig, RolloutConfig
 
 ALL = (RunConfig, RolloutConfig, DataConfig)
 

@@ -12,11 +12,11 @@ import json
 import pytest
 
 from envs.generate import EnvConfig
-from rollout.cli import ConfigError
-from rollout.driver import parse_args, resolve
+from orchestrator.cli import ConfigError
+from orchestrator.driver import parse_args, resolve
 from rollout.generate import generate as default_generate
-from rollout.placement import plan_placement
-from rollout.sample import Sample, Status
+from orchestrator.placement import plan_placement
+from kiln_common.sample import Sample, Status
 
 # ---- plugins used by tests/test_train.py (loaded inside Ray actors) ---------------------------------------------
 
@@ -100,7 +100,7 @@ def test_inconsistent_configs_are_rejected(qwen3_model, extra, message):
 
 
 def test_yaml_config_sets_driver_flags(qwen3_model, tmp_path):
-    from rollout.driver import parse_args
+    from orchestrator.driver import parse_args
 
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps({"hf_checkpoint": str(qwen3_model), "prompt_data": "x.jsonl", "num_rollout": 3,

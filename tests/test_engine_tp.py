@@ -145,7 +145,7 @@ def test_tp2_generates_what_tp1_generates_and_exits_cleanly(tiny_models, family)
 
 def _group_ranks(fn, size: int = 2) -> list:
     """fn(group) on every rank of a gloo TPGroup, one thread per rank; each rank's return value or exception."""
-    from weight_sync.group import free_port
+    from kiln_common.net import free_port
 
     port, results = free_port(), [None] * size
 

@@ -20,7 +20,7 @@ from inference_engine.testing import make_tiny_model
 from weight_sync import (FlatLayout, WeightSender, WeightSyncConfig, WeightUpdateGroup, bucket_named_tensors,
                          compare_checksums, push_weights, share_bucket)
 from weight_sync.checksum import TensorChecksum, checksums
-from weight_sync.group import free_port
+from kiln_common.net import free_port
 
 BUCKET_BYTES = 20_000  # smaller than the embedding (512 x 64 fp32): several buckets, one tensor alone
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}

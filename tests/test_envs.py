@@ -9,7 +9,7 @@ import pytest
 import envs
 from envs import Env, EnvError, StepResult, run_reset, run_step
 from envs.arithmetic import ArithmeticEnv, arithmetic_samples, parse_answer
-from rollout.sample import Sample
+from kiln_common.sample import Sample
 
 
 class EchoEnv(Env):

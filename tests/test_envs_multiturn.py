@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from envs import Env, StepResult
 from envs.arithmetic import ArithmeticEnv, arithmetic_samples
 from envs.multiturn import ChatDelta, run_episode
-from rollout.sample import Sample, Status
+from kiln_common.sample import Sample, Status
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from examples.medical_multiagent.lexicon import SYMPTOMS, resolve_test, symptom_
 from examples.medical_multiagent.patient import RuleBasedPatient, patient_system_prompt
 from examples.medical_multiagent.rewards import (DoctorRewardConfig, diagnosis_matches, doctor_reward,
                                                  parse_diagnosis, patient_reward)
-from rollout.sample import Status
+from kiln_common.sample import Status
 
 
 def _case(condition: str, **overrides) -> Case:

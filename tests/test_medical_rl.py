@@ -17,7 +17,7 @@ from rollout.config import DataConfig, RolloutConfig
 from rollout.data import PromptDataset
 from rollout.generate import GenerateArgs
 from rollout.manager import RolloutManager
-from rollout.sample import Sample, Status
+from kiln_common.sample import Sample, Status
 from rollout.testing import FakeEngineClient
 from test_multiagent import assert_token_exact
 

@@ -11,7 +11,7 @@ import pytest
 
 from examples.medical_multiagent.make_data import make_data
 from inference_engine.testing import make_tiny_model
-from rollout.driver import Driver, resolve
+from orchestrator.driver import Driver, resolve
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from inference_engine.models import read_spec
-from inference_engine.models.spec import ModelSpec, rope_settings
+from kiln_common.model_spec import ModelSpec, rope_settings
 from trainer import bridge
 
 

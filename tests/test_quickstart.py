@@ -84,8 +84,8 @@ def test_sft_lowers_the_answer_loss(tmp_path):
 
 
 def test_config_parses(tmp_path):
-    from rollout.cli import ConfigError
-    from rollout.driver import parse_args
+    from orchestrator.cli import ConfigError
+    from orchestrator.driver import parse_args
 
     model = make_tiny_model(tmp_path / "model", "qwen3", split_digits=True)
     cfg = parse_args(["--config", str(REPO / "examples/quickstart/config.yaml"), "--hf-checkpoint", str(model),

@@ -9,7 +9,7 @@ import pytest
 from rollout.config import RolloutConfig
 from rollout.rewards import (RemoteRewardModel, RewardScorer, answers_match, exact_match_reward, extract_answer,
                              format_reward, math_reward, normalize_answer)
-from rollout.sample import Sample, Status
+from kiln_common.sample import Sample, Status
 
 
 @pytest.mark.parametrize("a, b", [

@@ -10,8 +10,8 @@ from rollout.config import DataConfig, RolloutConfig
 from rollout.data import PromptDataset
 from rollout.generate import GenerateArgs, generate
 from rollout.manager import DataExhausted, RolloutManager
-from rollout.plugins import load_function
-from rollout.sample import Sample, Status
+from kiln_common.plugins import load_function
+from kiln_common.sample import Sample, Status
 from rollout.testing import FakeEngineClient
 
 MODULE = "test_rollout_manager"  # how pytest imports this file (tests/ is on sys.path)

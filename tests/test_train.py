@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from examples.quickstart.make_data import write_dataset
-from rollout.driver import Driver, resolve
-from weight_sync.group import free_port
+from orchestrator.driver import Driver, resolve
+from kiln_common.net import free_port
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]

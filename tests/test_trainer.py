@@ -7,7 +7,7 @@ TP=1 (DP=2) runs of the same steps; the tests then compare what the ranks report
 import pytest
 import torch
 
-from rollout.sample import Sample, Status
+from kiln_common.sample import Sample, Status
 from trainer.batching import data_parallel_shares, pack_micro_batches, split_global_batches
 from trainer.config import TrainerConfig
 from trainer.logprobs import vocab_parallel_logprobs

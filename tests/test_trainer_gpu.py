@@ -7,7 +7,7 @@ import torch.distributed as dist
 from trainer.config import TrainerConfig
 from trainer.optimizer import PolicyOptimizer
 from trainer.testing import hf_response_logprobs, make_samples, run_distributed
-from weight_sync.group import free_port
+from kiln_common.net import free_port
 
 
 @pytest.fixture

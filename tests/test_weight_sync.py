@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from weight_sync import (FlatLayout, SharedBucket, WeightChecksumError, WeightSender, WeightSyncConfig,
                          WeightSyncError, WeightSyncTimeoutError, WeightUpdateGroup, bucket_named_tensors,
                          compare_checksums, open_bucket, push_weights, share_bucket, tensor_checksum)
-from weight_sync.group import free_port
+from kiln_common.net import free_port
 from weight_sync.receiver import WeightReceiver
 from weight_sync.testing import TensorDictEngine
 

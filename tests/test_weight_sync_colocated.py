@@ -7,7 +7,7 @@ generate what HF generates from them, while the staging handles are opened once 
 stay open between pushes while the trainer's buffer lives (or, with keep_resident_open=False, are
 closed after each push).
 
-The RL loop's own path comes last: a TP=1 megatron trainer (`trainer.group.TrainerWorker`, two data-
+The RL loop's own path comes last: a TP=1 megatron trainer (`orchestrator.trainer_group.TrainerWorker`, two data-
 parallel ranks) pushes after each training step with its parameters resident, so the engine reads
 every tensor but q/k/v (which Megatron interleaves) straight out of the trainer's memory.
 """
@@ -25,7 +25,8 @@ from trainer.testing import make_samples, run_distributed
 from weight_sync import (WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, bucket_named_tensors,
                          push_weights)
 from trainer.actor import flatten_parameters
-from weight_sync.testing import TensorDictEngine, make_engine
+from inference_engine.testing import make_engine
+from weight_sync.testing import TensorDictEngine
 
 PROMPT = [5, 17, 99, 230, 41, 7]
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
@@ -168,7 +169,7 @@ def test_receiver_that_lost_its_handles_gets_a_clear_error_then_fresh_ones(qwen3
 def _trainer_push_worker(rank, world, model_path, out_dir):
     """Two TP=1 trainer ranks, as the RL loop drives them: train, push (rank 0 into an Engine process), export."""
     from trainer.config import TrainerConfig
-    from trainer.group import TrainerWorker
+    from orchestrator.trainer_group import TrainerWorker
 
     cfg = TrainerConfig(hf_checkpoint=str(model_path), lr=1e-2, global_batch_size=8, max_tokens_per_gpu=256,
                         vocab_pad_multiple=96, clip_grad=10.0)   # padded vocab 576: the exported embedding is a slice

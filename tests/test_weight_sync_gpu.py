@@ -62,7 +62,7 @@ def test_persistent_push_into_an_engine_process_in_place_then_packed(qwen3_model
     buffers after a release / resume (step 3); bit-exact each time."""
     from benchmarks.processes import RemoteWeightEndpoint
     from weight_sync import WeightSender, WeightSyncConfig, push_weights
-    from weight_sync.testing import make_engine
+    from inference_engine.testing import make_engine
 
     engine = RemoteWeightEndpoint(make_engine, str(qwen3_model), "cuda", "bfloat16", name="engine")
     try:

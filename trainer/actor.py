@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from inference_engine.forward_batch import to_device
-from rollout.sample import Sample, Status
+from kiln_common.tensors import to_device
+from kiln_common.sample import Sample, Status
 from trainer import attention, bridge, megatron_compat
 from trainer.advantages import compute_advantages
 from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from inference_engine.forward_batch import to_device
+from kiln_common.tensors import to_device
 
 BACKENDS = ("auto", "flash", "reference")
 

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from inference_engine.models.spec import FAMILIES
+from kiln_common.model_spec import FAMILIES
 LAYOUTS = ("replicated", "column", "row", "qkv", "gate_up", "vocab")
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class MegatronSpec:
     """Architecture facts of a supported HF decoder, read once from its config."""
 
     family: str
@@ -60,20 +60,20 @@ class ModelSpec:
         return -(-self.vocab_size // step) * step
 
 
-def spec_from_hf_config(hf_config) -> ModelSpec:
-    """Read a ModelSpec from a transformers config (Llama, Qwen2, Qwen3) by the engine's rules, plus the trainer's limits.
+def spec_from_hf_config(hf_config) -> MegatronSpec:
+    """Read a MegatronSpec from a transformers config (Llama, Qwen2, Qwen3) by the engine's rules, plus the trainer's limits.
 
-    The config is parsed once, by `inference_engine.models.spec` (the engine builds its model from the same
+    The config is parsed once, by `kiln_common.model_spec` (the engine builds its model from the same
     reading), so the trainer and the engines cannot disagree on RoPE base, eps, head_dim or biases.
     """
-    from inference_engine.models.spec import ModelSpec as HFSpec
+    from kiln_common.model_spec import ModelSpec as HFSpec
 
     hf = HFSpec.from_hf_config(hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config))
     if hf.rope_scaling is not None:
         raise ValueError(f"rope_scaling {hf.rope_scaling!r} is not supported by the trainer; only plain RoPE (None)")
     if hf.family == "llama" and hf.qkv_bias:
         raise ValueError("llama with attention_bias is not supported by the trainer; expected False")
-    return ModelSpec(
+    return MegatronSpec(
         family=hf.family,
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -91,8 +91,8 @@ def spec_from_hf_config(hf_config) -> ModelSpec:
     )
 
 
-def load_spec(hf_dir: str | os.PathLike) -> ModelSpec:
-    """ModelSpec of the HF model folder `hf_dir`."""
+def load_spec(hf_dir: str | os.PathLike) -> MegatronSpec:
+    """MegatronSpec of the HF model folder `hf_dir`."""
     from transformers import AutoConfig
 
     return spec_from_hf_config(AutoConfig.from_pretrained(hf_dir))
@@ -113,7 +113,7 @@ def _recompute_settings(recompute: str) -> dict:
     raise ValueError(f"recompute={recompute!r}; valid: none, selective, full")
 
 
-def build_transformer_config(spec: ModelSpec, *, tp_size: int = 1, pp_size: int = 1,
+def build_transformer_config(spec: MegatronSpec, *, tp_size: int = 1, pp_size: int = 1,
                              params_dtype: torch.dtype = torch.float32, recompute: str = "none"):
     """megatron TransformerConfig for `spec` (RMSNorm, SwiGLU, RoPE, GQA; fusions off on CPU)."""
     from megatron.core.transformer import TransformerConfig
@@ -155,7 +155,7 @@ def build_transformer_config(spec: ModelSpec, *, tp_size: int = 1, pp_size: int 
     )
 
 
-def build_gpt_model(spec: ModelSpec, config, *, vocab_pad_multiple: int = 128, pre_process: bool = True,
+def build_gpt_model(spec: MegatronSpec, config, *, vocab_pad_multiple: int = 128, pre_process: bool = True,
                     post_process: bool = True, layer_spec=None):
     """GPTModel for `spec` on this rank's pipeline stage (layer spec: `attention.gpt_layer_spec` unless given)."""
     from megatron.core import parallel_state
@@ -232,7 +232,7 @@ def output_weight(model) -> torch.Tensor:
     return model.output_layer.weight
 
 
-def _mark_tensor_parallel(model, spec: ModelSpec) -> None:
+def _mark_tensor_parallel(model, spec: MegatronSpec) -> None:
     """Set megatron's tensor-parallel attributes from the table (megatron skips them without random init)."""
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
@@ -298,7 +298,7 @@ def layer_mappings(family: str) -> tuple[WeightMapping, ...]:
     return _LAYER_COMMON + _LAYER_FAMILY[family]
 
 
-def weight_mappings(spec: ModelSpec, *, layers: range | None = None, pre_process: bool = True,
+def weight_mappings(spec: MegatronSpec, *, layers: range | None = None, pre_process: bool = True,
                     post_process: bool = True) -> list[WeightMapping]:
     """The table for one pipeline stage: its layers (global indices `layers`), embedding, head."""
     layers = range(spec.num_layers) if layers is None else layers
@@ -312,7 +312,7 @@ def weight_mappings(spec: ModelSpec, *, layers: range | None = None, pre_process
     return rows
 
 
-def hf_shapes(spec: ModelSpec, m: WeightMapping) -> list[tuple[int, ...]]:
+def hf_shapes(spec: MegatronSpec, m: WeightMapping) -> list[tuple[int, ...]]:
     """Shapes of the HF tensors of mapping `m`."""
     h, d, f = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
@@ -334,7 +334,7 @@ def hf_shapes(spec: ModelSpec, m: WeightMapping) -> list[tuple[int, ...]]:
 # Layouts: full HF tensors <-> this rank's megatron shard
 # ----------------------------------------------------------------------------------------------
 
-def to_shard(m: WeightMapping, hf: list[torch.Tensor], spec: ModelSpec, *, tp_rank: int, tp_size: int,
+def to_shard(m: WeightMapping, hf: list[torch.Tensor], spec: MegatronSpec, *, tp_rank: int, tp_size: int,
              padded_vocab: int) -> torch.Tensor:
     """This TP rank's megatron shard of mapping `m`, built from its full HF tensors."""
     if m.layout == "replicated":
@@ -363,7 +363,7 @@ def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def from_shards(m: WeightMapping, shards: list[torch.Tensor], spec: ModelSpec) -> list[torch.Tensor]:
+def from_shards(m: WeightMapping, shards: list[torch.Tensor], spec: MegatronSpec) -> list[torch.Tensor]:
     """The full HF tensors of mapping `m` from all TP ranks' shards (rank order).
 
     With one shard every layout but qkv gives views of it (no copy), so callers that keep, save or
@@ -398,7 +398,7 @@ def _stage_layers(model) -> range:
     return range(numbers[0], numbers[-1] + 1) if numbers else range(0)
 
 
-def stage_mappings(model, spec: ModelSpec) -> list[WeightMapping]:
+def stage_mappings(model, spec: MegatronSpec) -> list[WeightMapping]:
     """The table rows held by this rank's pipeline stage of `model`."""
     return weight_mappings(spec, layers=_stage_layers(model), pre_process=model.pre_process,
                            post_process=model.post_process)
@@ -422,7 +422,7 @@ def _unwrap(model):
 
 
 @torch.no_grad()
-def load_hf_tensors(model, spec: ModelSpec, get_hf: Callable[[str], torch.Tensor]) -> None:
+def load_hf_tensors(model, spec: MegatronSpec, get_hf: Callable[[str], torch.Tensor]) -> None:
     """Copy HF tensors (fetched by name through `get_hf`) into this rank's shards of `model`."""
     from megatron.core import parallel_state
 
@@ -443,7 +443,7 @@ def load_hf_tensors(model, spec: ModelSpec, get_hf: Callable[[str], torch.Tensor
         param.copy_(shard)
 
 
-def load_hf_checkpoint(model, spec: ModelSpec, hf_dir: str | os.PathLike) -> None:
+def load_hf_checkpoint(model, spec: MegatronSpec, hf_dir: str | os.PathLike) -> None:
     """Load the safetensors of HF folder `hf_dir` into `model` (each rank reads only what it holds)."""
     from safetensors import safe_open
 
@@ -470,7 +470,7 @@ def load_hf_checkpoint(model, spec: ModelSpec, hf_dir: str | os.PathLike) -> Non
     load_hf_tensors(model, spec, get_hf)
 
 
-def _bucket_plan(spec: ModelSpec, bucket_bytes: int, element_size: int) -> list[list[WeightMapping]]:
+def _bucket_plan(spec: MegatronSpec, bucket_bytes: int, element_size: int) -> list[list[WeightMapping]]:
     """Whole-model mappings grouped into buckets of about `bucket_bytes` (same on every rank)."""
     buckets, current, size = [], [], 0
     for m in weight_mappings(spec):
@@ -485,13 +485,13 @@ def _bucket_plan(spec: ModelSpec, bucket_bytes: int, element_size: int) -> list[
     return buckets
 
 
-def _global_mapping_names(model, spec: ModelSpec) -> dict[str, WeightMapping]:
+def _global_mapping_names(model, spec: MegatronSpec) -> dict[str, WeightMapping]:
     """This stage's mappings keyed by their HF names (which are global across stages)."""
     return {m.hf[0]: m for m in stage_mappings(model, spec)}
 
 
 @torch.no_grad()
-def iter_hf_tensors(model, spec: ModelSpec, bucket_bytes: int = 512 << 20
+def iter_hf_tensors(model, spec: MegatronSpec, bucket_bytes: int = 512 << 20
                     ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield buckets of (hf_name, full tensor); collective: every rank iterates, rank 0's buckets are full.
 
@@ -556,7 +556,7 @@ def local_device(params: dict[str, torch.nn.Parameter]) -> torch.device:
     return next(iter(params.values())).device
 
 
-def _stage_owners(spec: ModelSpec, pp_size: int) -> dict[str, int]:
+def _stage_owners(spec: MegatronSpec, pp_size: int) -> dict[str, int]:
     """Pipeline stage holding each mapping (keyed by first HF name), as megatron splits layers evenly."""
     per_stage = spec.num_layers // pp_size
     owners = {EMBEDDING.hf[0]: 0, FINAL_NORM.hf[0]: pp_size - 1, OUTPUT_LAYER.hf[0]: pp_size - 1}
@@ -566,7 +566,7 @@ def _stage_owners(spec: ModelSpec, pp_size: int) -> dict[str, int]:
     return owners
 
 
-def export_hf_checkpoint(model, spec: ModelSpec, out_dir: str | os.PathLike, *, source_dir: str | os.PathLike,
+def export_hf_checkpoint(model, spec: MegatronSpec, out_dir: str | os.PathLike, *, source_dir: str | os.PathLike,
                          shard_bytes: int = 2 << 30) -> None:
     """Write `model` as an HF folder (config and tokenizer copied from `source_dir`); collective, rank 0 writes."""
     import shutil

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from inference_engine.forward_batch import to_device
+from kiln_common.tensors import to_device
 
 POLICY_LOSSES = ("ppo", "gspo", "reinforce")
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")

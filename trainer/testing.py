@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from rollout.sample import Sample
-from weight_sync.group import free_port
+from kiln_common.sample import Sample
+from kiln_common.net import free_port
 
 
 def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple, replies, collected,

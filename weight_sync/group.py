@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import socket
 
 import torch
 import torch.distributed as dist
@@ -11,13 +10,6 @@ import torch.distributed as dist
 from weight_sync.errors import WeightSyncError, WeightSyncTimeoutError
 
 _TIMEOUT_ERRORS = (dist.DistStoreError, dist.DistNetworkError, TimeoutError)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on `host` ("" = every interface) a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def resolve_backend(backend: str) -> str:

@@ -15,7 +15,8 @@ from weight_sync.checksum import TensorChecksum, checksums
 from weight_sync.colocated import ColocatedChannel
 from weight_sync.config import WeightSyncConfig
 from weight_sync.errors import WeightSyncError, raise_engine_errors
-from weight_sync.group import WeightUpdateGroup, free_port
+from kiln_common.net import free_port
+from weight_sync.group import WeightUpdateGroup
 
 
 @dataclass

@@ -45,12 +45,3 @@ class TensorDictEngine:
 
     def metrics(self) -> dict:
         return {"num_running_requests": 0, "num_queued_requests": 0, "weight_version": self.weight_version}
-
-
-def make_engine(model_path: str, device: str = "cpu", dtype: str = "float32", max_total_tokens: int = 1024,
-                context_length: int | None = None):
-    """An `inference_engine.Engine` with a small KV pool and no CUDA graphs: a weight-sync receiver for tests and benchmarks."""
-    from inference_engine import Engine
-
-    return Engine(model_path=model_path, device=device, dtype=dtype, max_total_tokens=max_total_tokens,
-                  context_length=context_length, disable_cuda_graph=True)

@@ -10,7 +10,7 @@ from examples.medical_multiagent.doctor_env import DOCTOR_INSTRUCTIONS, order_te
 from examples.medical_multiagent.patient import patient_system_prompt
 from examples.medical_multiagent.rewards import (DIAGNOSIS_LINE, DoctorRewardConfig, PatientRewardConfig,
                                                  doctor_reward, patient_reward)
-from rollout.sample import Sample
+from kiln_common.sample import Sample
 
 DOCTOR, PATIENT = "doctor", "patient"
 GREETING = "Hello, I'm the doctor. What brings you in today?"

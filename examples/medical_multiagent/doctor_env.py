@@ -11,7 +11,7 @@ from examples.medical_multiagent.cases import Case
 from examples.medical_multiagent.lexicon import TESTS, resolve_test
 from examples.medical_multiagent.patient import RuleBasedPatient
 from examples.medical_multiagent.rewards import DIAGNOSIS_LINE, DoctorRewardConfig, doctor_reward
-from rollout.sample import Sample
+from kiln_common.sample import Sample
 
 DOCTOR_INSTRUCTIONS = (
     "You are a doctor seeing a patient. Ask one short question per turn to find out what is wrong. You can order "

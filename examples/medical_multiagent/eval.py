@@ -27,7 +27,7 @@ from examples.medical_multiagent.generate import generate_dialogue, generate_doc
 from examples.medical_multiagent.make_data import case_row
 from examples.medical_multiagent.rewards import patient_reward
 from rollout.client import EngineClient, HttpEngineClient, LocalEngineClient
-from rollout.sample import Sample, Status
+from kiln_common.sample import Sample, Status
 
 RULE_BASED = "rule"
 SHARED = "shared"

@@ -19,7 +19,7 @@ from envs.multiturn import run_episode
 from examples.medical_multiagent.dialogue import DOCTOR, MedicalDialogue, case_of
 from examples.medical_multiagent.doctor_env import DoctorEnv
 from examples.medical_multiagent.rewards import DoctorRewardConfig, doctor_reward
-from rollout.sample import Sample, Status
+from kiln_common.sample import Sample, Status
 
 
 async def generate_doctor(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> Sample:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rollout.sample import Sample, Status
+from kiln_common.sample import Sample, Status
 
 _INTEGER = re.compile(r"-?\d+")
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")  # chat special tokens, e.g. <|im_end|>, if not stripped by the engine

@@ -30,7 +30,8 @@ import torch
 
 from inference_engine.attention.base import AttentionBackend
 from inference_engine.attention.triton_backend import TritonMetadata, triton_attention, triton_metadata
-from inference_engine.forward_batch import ForwardBatch, to_device
+from inference_engine.forward_batch import ForwardBatch
+from kiln_common.tensors import to_device
 
 WORKSPACE_BYTES = 128 * 2**20  # flashinfer's recommended float workspace, shared by all wrappers
 PREFILL_BACKEND = "fa2"  # one well-known JIT build on every architecture

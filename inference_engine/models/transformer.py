@@ -9,7 +9,7 @@ from inference_engine import ops
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                                             RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding)
-from inference_engine.models.spec import FAMILIES, ModelSpec  # noqa: F401 - re-exported
+from kiln_common.model_spec import FAMILIES, ModelSpec  # noqa: F401 - re-exported
 from inference_engine.parallel import TPGroup
 
 

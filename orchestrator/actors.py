@@ -18,13 +18,12 @@ from typing import Any, Sequence
 import ray
 import torch
 
-from envs.generate import EnvConfig
 from rollout.client import HttpEngineClient, LocalEngineClient
-from rollout.config import DataConfig, RolloutConfig
+from rollout.config import DataConfig, EnvConfig, RolloutConfig
 from rollout.data import PromptDataset
 from rollout.manager import RolloutBatch, RolloutManager
 from rollout.router import Router
-from weight_sync.group import free_port
+from kiln_common.net import free_port
 
 logger = logging.getLogger(__name__)
 

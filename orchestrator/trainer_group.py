@@ -15,12 +15,12 @@ from typing import Any, Sequence
 
 import ray
 
-from rollout.placement import Slot, actor_options
-from rollout.sample import Sample
+from orchestrator.placement import Slot, actor_options
+from kiln_common.sample import Sample
 from trainer.actor import TrainerActor
 from trainer.config import TrainerConfig
 from weight_sync import WeightSender, WeightSyncConfig, push_weights
-from weight_sync.group import free_port
+from kiln_common.net import free_port
 
 logger = logging.getLogger(__name__)
 

@@ -21,10 +21,11 @@ from typing import Any, Sequence
 
 import torch
 
-from envs.generate import EnvConfig, env_metrics
+from envs.generate import env_metrics
 from inference_engine.config import EngineConfig
-from rollout.cli import ConfigError, build_parser, instantiate, load_yaml, to_flag_values
-from rollout.config import DataConfig, RolloutConfig, RunConfig
+from orchestrator.cli import ConfigError, build_parser, instantiate, load_yaml, to_flag_values
+from orchestrator.config import RunConfig
+from rollout.config import DataConfig, EnvConfig, RolloutConfig
 from rollout.manager import DataExhausted, RolloutBatch, RolloutManager
 from trainer.config import TrainerConfig
 from weight_sync import WeightSyncConfig
@@ -180,9 +181,9 @@ class Driver:
         """Start Ray (or join it), place and start every actor, and resume from --load."""
         import ray
 
-        from rollout.actors import EngineActor, EngineProxy, RolloutManagerActor
-        from rollout.placement import actor_options, create_placement_group, plan_placement
-        from trainer.group import TrainerGroup
+        from orchestrator.actors import EngineActor, EngineProxy, RolloutManagerActor
+        from orchestrator.placement import actor_options, create_placement_group, plan_placement
+        from orchestrator.trainer_group import TrainerGroup
 
         cfg, run = self.cfg, self.cfg.run
         self._init_ray()

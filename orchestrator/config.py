@@ -1,0 +1,109 @@
+"""The driver's own config: `RunConfig` (model, steps, placement, checkpoints, logging, debug modes).
+
+Each field's docstring is its `--help` text (see `orchestrator.cli`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kiln_common.sample import DEFAULT_POLICY
+from rollout.config import check_positive, check_positive_seconds
+
+
+@dataclass
+class RunConfig:
+    """The driver's loop: model, steps, placement, checkpoints, logging and debug modes."""
+
+    hf_checkpoint: str = ""
+    """Local HF model folder the run starts from (weights, config, tokenizer)."""
+    policies: list[str] = field(default_factory=list)
+    """Several policies trained together, as NAME=PATH (e.g. doctor=/m/a patient=/m/b); default: one policy
+    'default' = --hf-checkpoint. Each gets its own trainers, engines and weight pushes."""
+    num_rollout: int = 100
+    """Training steps (one rollout + one policy update each)."""
+    seed: int = 1234
+    """Seed of model init and everything not seeded elsewhere."""
+    colocate: bool = True
+    """Trainers and engines share the devices and take turns holding memory."""
+    async_rollout: bool = False
+    """Overlap the rollout of step k+1 with training of step k (staleness 1, TIS on; needs --no-colocate)."""
+    actor_num_nodes: int = 1
+    """Nodes of each policy's trainer ranks."""
+    actor_num_gpus_per_node: int = 1
+    """Trainer ranks per node (one device each; on CPU a device is --cpus-per-device CPUs)."""
+    num_engines: int = field(default=1, metadata={"flag": "rollout-num-engines"})
+    """Inference engines serving rollouts, per policy (colocated: each shares a trainer device; else --tp-size each)."""
+    cpus_per_device: float = 1.0
+    """CPUs in each placement-group bundle (without GPUs a bundle of this many CPUs is one device)."""
+    rollout_client: Literal["http", "ray"] = "http"
+    """How the rollout manager reaches the engines: their HTTP servers, or Ray calls."""
+    health_check_interval: float = 10.0
+    """Seconds between the router's engine health checks."""
+    update_weight_buffer_size: int = 512 << 20
+    """Bytes per weight-push bucket (a larger tensor travels alone)."""
+    check_weight_update: bool = False
+    """After each weight push, compare per-tensor checksums of engines and trainer."""
+    weight_sync_timeout: float = 300.0
+    """Seconds a weight push (rendezvous or broadcast) may wait for a peer before failing."""
+    ray_address: str | None = None
+    """Ray cluster to join ('auto' = the local node's); None = $RAY_ADDRESS if set, else start a local Ray."""
+    ray_num_cpus: int | None = None
+    """CPUs of a local Ray started by the driver; None = all."""
+    load: str | None = None
+    """Checkpoint folder to resume from (model, optimizer, data position)."""
+    save: str | None = None
+    """Checkpoint folder to save to."""
+    save_interval: int | None = None
+    """Save every this many steps (needs --save)."""
+    eval_interval: int | None = None
+    """Evaluate on --eval-prompt-data every this many steps."""
+    debug_rollout_only: bool = False
+    """Only generate rollouts: no trainer, no weight updates."""
+    debug_train_only: bool = False
+    """Only train (on --load-debug-rollout-data): no engines."""
+    use_wandb: bool = False
+    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
+    wandb_project: str = "kiln"
+    """Weights & Biases project name."""
+    metrics_file: str | None = "metrics.jsonl"
+    """JSON-lines file the driver appends one line of metrics per step to; None = off."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_rollout", "num_engines", "actor_num_nodes", "actor_num_gpus_per_node",
+                     "update_weight_buffer_size"):
+            check_positive(self, name)
+        check_positive(self, "ray_num_cpus", allow_none=True)
+        for name in ("cpus_per_device", "health_check_interval", "weight_sync_timeout"):
+            check_positive_seconds(self, name)
+        if self.rollout_client not in ("http", "ray"):
+            raise ValueError(f"RunConfig.rollout_client = {self.rollout_client!r}: expected 'http' or 'ray'")
+        if self.async_rollout and self.colocate:
+            raise ValueError("--async-rollout needs --no-colocate: colocated engines give up their memory while "
+                             "the trainers train, so rollout cannot overlap training")
+        if self.async_rollout and (self.debug_rollout_only or self.debug_train_only):
+            raise ValueError("--async-rollout does not apply to --debug-rollout-only / --debug-train-only")
+        self.policy_paths()
+        check_positive(self, "save_interval", allow_none=True)
+        check_positive(self, "eval_interval", allow_none=True)
+        if self.save_interval is not None and not self.save:
+            raise ValueError(f"RunConfig.save_interval = {self.save_interval} needs --save (a folder)")
+        if self.debug_rollout_only and self.debug_train_only:
+            raise ValueError("--debug-rollout-only and --debug-train-only cannot both be set")
+
+    def policy_paths(self) -> dict[str, str]:
+        """{policy name: HF folder}, in the order given; {'default': --hf-checkpoint} without --policies."""
+        if not self.policies:
+            return {DEFAULT_POLICY: self.hf_checkpoint}
+        out: dict[str, str] = {}
+        for item in self.policies:
+            name, sep, path = item.partition("=")
+            if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*", name) or not path:
+                raise ValueError(f"RunConfig.policies entry {item!r}: expected NAME=PATH with NAME a word "
+                                 f"(letters, digits, _ or -) and PATH a local HF model folder")
+            if name in out:
+                raise ValueError(f"RunConfig.policies names policy {name!r} twice")
+            out[name] = path
+        return out
