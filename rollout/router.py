@@ -6,6 +6,12 @@ prefix of the request (its radix cache likely still holds it), unless that engin
 is `balance_threshold` requests busier than the least-loaded one; otherwise the
 engine with the fewest requests in flight. An engine that fails to answer leaves the
 rotation (the request is retried on another) until a health check passes again.
+
+Health checks have their own short timeout (`health_timeout`): an engine that does not
+answer one in time (stopped, hung, partitioned) leaves the rotation, and the requests it
+holds are cancelled and retried on the other engines, so a stalled engine costs a run at
+most one health period plus that timeout, not the HTTP client's long request timeout.
+`replace_client(i, client)` puts a restarted engine back in engine i's place.
 """
 
 from __future__ import annotations
@@ -49,11 +55,15 @@ class Router:
     """An EngineClient that spreads requests over several engine clients, cache- and load-aware."""
 
     def __init__(self, clients: Sequence[EngineClient], *, page_size: int = 16, balance_threshold: int = 16,
-                 max_prefixes_per_engine: int = 65536, max_sessions: int = 65536) -> None:
+                 max_prefixes_per_engine: int = 65536, max_sessions: int = 65536,
+                 health_timeout: float = 10.0) -> None:
         if not clients:
             raise ValueError("Router needs at least one engine client")
         if page_size < 1:
             raise ValueError(f"page_size = {page_size}: expected >= 1")
+        if not health_timeout > 0:
+            raise ValueError(f"health_timeout = {health_timeout}: expected seconds > 0")
+        self.health_timeout = health_timeout
         self.clients = list(clients)
         self.page_size = page_size
         self.balance_threshold = balance_threshold
@@ -67,6 +77,8 @@ class Router:
         self._sessions: OrderedDict[str, int] = OrderedDict()
         self._next = 0  # round-robin start among equally loaded engines
         self._health_task: asyncio.Task | None = None
+        self._inflight: list[set[asyncio.Future]] = [set() for _ in range(n)]  # requests each engine holds
+        self._evicted: set[asyncio.Future] = set()  # cancelled because their engine left the rotation
 
     def name(self, i: int) -> str:
         """A printable name of engine i."""
@@ -118,11 +130,25 @@ class Router:
                 self._sessions.popitem(last=False)
 
     def mark_unhealthy(self, i: int, reason: str) -> None:
-        """Take engine i out of rotation and forget what it cached."""
+        """Take engine i out of rotation, forget what it cached, and move its requests to other engines."""
         if self.healthy[i]:
             logger.warning("%s leaves the rotation: %s", self.name(i), reason)
         self.healthy[i] = False
         self._prefixes[i].clear()
+        for request in list(self._inflight[i]):
+            if not request.done():
+                self._evicted.add(request)
+                request.cancel()
+
+    def replace_client(self, i: int, client: EngineClient) -> None:
+        """Put `client` (a restarted engine) in engine i's place, in rotation, with nothing cached or routed."""
+        self.mark_unhealthy(i, "replaced")
+        self.clients[i] = client
+        self._prefixes[i].clear()
+        for session in [s for s, engine in self._sessions.items() if engine == i]:
+            del self._sessions[session]
+        self.healthy[i] = True
+        logger.info("%s is in rotation (restarted)", self.name(i))
 
     async def generate(self, input_ids: Sequence[int], sampling_params: dict[str, Any],
                        return_logprob: bool = True, session_id: str | None = None) -> dict[str, Any]:
@@ -134,15 +160,25 @@ class Router:
             tried.add(i)
             self._record(i, hashes, session_id)
             self.outstanding[i] += 1
+            request = asyncio.ensure_future(self.clients[i].generate(
+                input_ids, sampling_params, return_logprob=return_logprob, session_id=session_id))
+            self._inflight[i].add(request)
             try:
-                response = await self.clients[i].generate(input_ids, sampling_params, return_logprob=return_logprob,
-                                                          session_id=session_id)
+                response = await request
             except EngineUnavailableError as e:
                 self.stats[i].failures += 1
                 self.mark_unhealthy(i, str(e))
                 continue
+            except asyncio.CancelledError:
+                if request not in self._evicted:  # the caller cancelled us: cancel the engine request too
+                    request.cancel()
+                    raise
+                self.stats[i].failures += 1  # its engine left the rotation: retry elsewhere
+                continue
             finally:
                 self.outstanding[i] -= 1
+                self._inflight[i].discard(request)
+                self._evicted.discard(request)
             meta = response.get("meta_info", {})
             stats = self.stats[i]
             stats.requests += 1
@@ -152,15 +188,22 @@ class Router:
             return response
 
     async def check_health(self) -> list[bool]:
-        """Ask every engine; failing ones leave the rotation, recovered ones return. Returns the health list."""
-        results = await asyncio.gather(*(c.health() for c in self.clients), return_exceptions=True)
+        """Ask every engine (each answer within `health_timeout`); failing ones leave the rotation, recovered
+        ones return. Returns the health list."""
+        async def ask(client: EngineClient) -> Any:
+            return await asyncio.wait_for(client.health(), self.health_timeout)
+
+        results = await asyncio.gather(*(ask(c) for c in self.clients), return_exceptions=True)
         for i, ok in enumerate(results):
-            ok = ok is True
-            if ok and not self.healthy[i]:
-                logger.info("%s is back in rotation", self.name(i))
-                self.healthy[i] = True
-            elif not ok:
-                self.mark_unhealthy(i, "health check failed")
+            if ok is True:
+                if not self.healthy[i]:
+                    logger.info("%s is back in rotation", self.name(i))
+                    self.healthy[i] = True
+            elif isinstance(ok, asyncio.TimeoutError):
+                self.mark_unhealthy(i, f"no answer to a health check within {self.health_timeout:g}s (stalled?)")
+            else:
+                why = f"{type(ok).__name__}: {ok}" if isinstance(ok, BaseException) else f"answered {ok!r}"
+                self.mark_unhealthy(i, f"health check failed ({why})")
         return list(self.healthy)
 
     async def health(self) -> bool:

@@ -43,6 +43,7 @@ class FakeEngineClient:
         self.max_in_flight = 0
         self.healthy = True  # health() answer
         self.down = False  # generate raises EngineUnavailableError
+        self.stalled = False  # generate and health never answer (a stopped or hung engine)
         self.aborts = 0
         self._abort = asyncio.Event()
         self._seen: list[tuple[int, ...]] = []
@@ -88,6 +89,8 @@ class FakeEngineClient:
                            "session_id": session_id})
         if self.down:
             raise EngineUnavailableError(f"{self.name} is down")
+        if self.stalled:
+            await asyncio.Event().wait()
         if not input_ids:
             raise EngineError(f"{self.name}: empty input_ids")
         cached = self._cached(input_ids)
@@ -129,7 +132,9 @@ class FakeEngineClient:
         return {"text": text, "output_ids": out, "meta_info": meta}
 
     async def health(self) -> bool:
-        """The `healthy` attribute."""
+        """The `healthy` attribute (never answers while `stalled`)."""
+        if self.stalled:
+            await asyncio.Event().wait()
         return self.healthy and not self.down
 
     async def abort_all(self) -> None:

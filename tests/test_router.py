@@ -126,3 +126,48 @@ async def test_abort_all_and_flush_reach_every_engine():
     await router.generate([1, 2, 3, 4, 5], PARAMS)
     await router.flush_cache()
     assert router.choose([1, 2, 3, 4, 5]) in (0, 1) and not any(router._prefixes)
+
+
+async def test_a_stalled_engine_is_reported_within_the_health_timeout_and_its_requests_move(caplog):
+    router, clients = make_router(2, health_timeout=0.2)
+    clients[0].stalled = True
+    first = asyncio.ensure_future(router.generate([1], PARAMS))  # least loaded, round robin: e0 (stalled)
+    await asyncio.sleep(0.05)
+    assert router.outstanding == [1, 0]
+    second = asyncio.ensure_future(router.generate([2], PARAMS))  # e1
+    assert (await second)["meta_info"]["finish_reason"]["type"] == "length"  # max_new_tokens 4 < the fake's 6
+    assert not first.done()  # stuck on the stalled engine ...
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await router.check_health() == [False, True]  # ... until a health check times out on it
+    assert loop.time() - start < 1.0  # bounded by the health timeout, not a request timeout
+    out = await asyncio.wait_for(first, 2.0)  # moved to e1 and answered there
+    assert out["meta_info"]["finish_reason"]["type"] == "length" and len(out["output_ids"]) == 4
+    assert [c["input_ids"] for c in clients[1].calls] == [[2], [1]]
+    assert router.outstanding == [0, 0]
+    assert "no answer to a health check within 0.2s" in caplog.text
+
+
+async def test_cancelling_a_request_cancels_it_on_the_engine():
+    router, clients = make_router(1, token_delay=0.05)
+    task = asyncio.ensure_future(router.generate([1, 2], PARAMS))
+    await asyncio.sleep(0.02)
+    assert clients[0].in_flight == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.01)
+    assert clients[0].in_flight == 0 and router.outstanding == [0]
+
+
+async def test_replace_client_puts_a_restarted_engine_back_without_its_old_routes():
+    router, clients = make_router(2)
+    await router.generate([1, 2, 3, 4, 5], PARAMS, session_id="s")
+    home = next(i for i, c in enumerate(clients) if c.calls)
+    clients[home].down = True
+    await router.generate([1, 2, 3, 4, 6], PARAMS, session_id="s")  # fails over to the other engine
+    assert router.healthy[home] is False
+    fresh = type(clients[0])(f"e{home}-restarted")
+    router.replace_client(home, fresh)
+    assert router.healthy == [True, True] and router.clients[home] is fresh
+    assert router.choose([1, 2, 3, 4, 7], session_id="s") == 1 - home  # the session stays where it moved
