@@ -60,7 +60,9 @@ def bench_decode(batch, kv_len, heads, kv_heads, head_dim, dtype, gen):
     kd, vd = gather_dense(k, v, kv_indices, batch, kv_len, group)
     t_gather = do_bench(sdpa_gathered)
     t_sdpa = do_bench(lambda: F.scaled_dot_product_attention(q[:, :, None], kd, vd))
-    err = (decode_attention(q, k, v, kv_indptr, kv_indices, num_kv_splits=splits).float() - sdpa_gathered().float()).abs().max()
+    err = (
+        decode_attention(q, k, v, kv_indptr, kv_indices, num_kv_splits=splits).float() - sdpa_gathered().float()
+    ).abs().max()
     kv_bytes = 2 * batch * kv_len * kv_heads * head_dim * q.element_size()
     return dict(
         shape=f"decode B={batch} kv={kv_len}", splits=splits, triton=t_triton, triton_1split=t_one,
@@ -107,11 +109,13 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device="cuda").manual_seed(0)
     dims = (args.heads, args.kv_heads, args.head_dim, dtype, gen)
-    print(f"{torch.cuda.get_device_name()}  H={args.heads} H_kv={args.kv_heads} D={args.head_dim} {args.dtype}; times in ms")
+    print(f"{torch.cuda.get_device_name()}  H={args.heads} H_kv={args.kv_heads} D={args.head_dim} "
+          f"{args.dtype}; times in ms")
     header = ("shape", "splits", "triton", "1 split", "sdpa+gather", "sdpa", "vs +gather", "GB/s|TFLOP/s", "max err")
     widths = (-36, 7, 9, 9, 13, 9, 11, 14, 10)
     print("".join(f"{h:<{-w}}" if w < 0 else f"{h:>{w}}" for h, w in zip(header, widths)))
-    rows = [bench_decode(b, n, *dims) for b, n in DECODE_SHAPES] + [bench_extend(b, p, n, *dims) for b, p, n in EXTEND_SHAPES]
+    rows = ([bench_decode(b, n, *dims) for b, n in DECODE_SHAPES]
+            + [bench_extend(b, p, n, *dims) for b, p, n in EXTEND_SHAPES])
     for r in rows:
         print(
             f"{r['shape']:<36}{r['splits']!s:>7}{r['triton']:>9.4f}{r['triton_1split']:>9.4f}{r['sdpa_gather']:>13.4f}"

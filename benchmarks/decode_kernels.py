@@ -228,7 +228,7 @@ def head_and_sampling(model, graphs, bs: int, results: dict, tag: str) -> None:
 
 
 def race_candidates(vocab: int, results: dict) -> None:
-    """Seeded draws from [B, V] probabilities: one generator per row (the old sampler) vs the counter-based race kernel."""
+    """Seeded [B, V] probability draws: one generator per row (the old sampler) vs the counter-based race kernel."""
     from inference_engine import ops
 
     for bs in (1, 64):

@@ -1,4 +1,4 @@
-"""Engine throughput on a GPU: decode tokens/s vs the memory-bandwidth roofline, offline and GRPO-shaped traffic, HF generate.
+"""Engine throughput on a GPU: decode tokens/s vs the bandwidth roofline, offline and GRPO-shaped traffic, HF generate.
 
 Builds a random-weight model of a real architecture's shape (configs below copy the public
 config.json values; nothing is downloaded) as a local HF folder, then prints one table:
@@ -7,8 +7,9 @@ config.json values; nothing is downloaded) as a local HF folder, then prints one
 
 Decode tokens/s at batch B: two runs of B fresh prompts, with 1 and 1 + K new tokens; the
 difference is K decode steps. `--overlap both` measures the engine's rows with overlap scheduling
-off, then on, on the same engine (the scheduler's switch is flipped between runs). The roofline is B / ((weight bytes + KV bytes read per step) / copy
-bandwidth), the bandwidth measured in the same run (a device-to-device copy, read + write).
+off, then on, on the same engine (the scheduler's switch is flipped between runs). The roofline is
+B / ((weight bytes + KV bytes read per step) / copy bandwidth), the bandwidth measured in the same
+run (a device-to-device copy, read + write).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def hf_generate(model, ids: list[list[int]], new_tokens: int) -> float:
 
 
 def set_overlap(engine, on: bool) -> None:
-    """Switch the engine's overlap scheduling between runs (on the scheduler thread, nothing in flight); empty the cache."""
+    """Switch overlap scheduling between runs (on the scheduler thread, nothing in flight); empty the cache."""
     engine._call(lambda: setattr(engine.scheduler, "overlap", on))
     engine.flush_cache()  # the next runs reuse prompts of the previous mode: no cache hits from those
 
@@ -297,8 +298,8 @@ def main() -> None:
                                                           "for these B (e.g. 8,64,256): torch vs one pass")
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--gemv-max-rows", type=int, default=None,
-                    help="linears of at most this many rows use the triton GEMV (default: ops.GEMV_MAX_ROWS; 0 = cuBLAS "
-                         "only, the path before the GEMV, for a side-by-side run)")
+                    help="linears of at most this many rows use the triton GEMV (default: ops.GEMV_MAX_ROWS; 0 = "
+                         "cuBLAS only, the path before the GEMV, for a side-by-side run)")
     ap.add_argument("--model-dir", default="", help="the random model's HF folder: built there if empty, else reused "
                                                     "(engine rows only; several runs share one build)")
     ap.add_argument("--profile", default="", help="batch sizes to profile after the decode rows (e.g. 1,256)")

@@ -269,8 +269,8 @@ def bench_push(weights: list[tuple[str, torch.Tensor]], endpoint: Any, setup: Se
     """One verified distributed push (checksums on), then `repeats` timed ones; median seconds and GB/s."""
     from weight_sync import WeightSender, WeightSyncConfig, bucket_named_tensors, push_weights
 
-    config = WeightSyncConfig(transport="distributed", bucket_bytes=bucket_bytes, backend="gloo" if setup.cpu else "nccl",
-                              check_weight_update=True, timeout_s=120)
+    config = WeightSyncConfig(transport="distributed", bucket_bytes=bucket_bytes,
+                              backend="gloo" if setup.cpu else "nccl", check_weight_update=True, timeout_s=120)
     sender = WeightSender(config)
     start = time.perf_counter()
     sender.connect([endpoint])
@@ -297,7 +297,8 @@ def weight_push(setup: Setup, report: Report) -> None:
         coll = run_ranks(collective_rank, 2, nbytes, iters, setup.cpu, timeout_s=120)[0]
     backend = "gloo" if setup.cpu else "NCCL"
     report.check(coll["correct"], f"{backend} all-reduce sum, 2 ranks", "1 + 2 = 3 on every element")
-    report.row(f"{backend} all-reduce bus bandwidth ({nbytes >> 20} MiB, 2 ranks)", f"{coll['allreduce_busbw']:.1f} GB/s")
+    report.row(f"{backend} all-reduce bus bandwidth ({nbytes >> 20} MiB, 2 ranks)",
+               f"{coll['allreduce_busbw']:.1f} GB/s")
     report.row(f"{backend} broadcast bandwidth ({nbytes >> 20} MiB, 2 ranks)", f"{coll['broadcast_busbw']:.1f} GB/s")
 
     dtype = torch.float32 if setup.cpu else torch.bfloat16
@@ -713,7 +714,8 @@ def grpo(setup: Setup, report: Report) -> None:
     for h in history:
         report.row(f"step {h['step']}", f"reward {h.get('rollout/reward_mean', float('nan')):.3f}, "
                                         f"rollout {h.get('timing/rollout_wait_s', 0):.2f} s, "
-                                        f"train {h.get('timing/train_s', 0):.2f} s, push {h.get('timing/push_s', 0):.2f} s "
+                                        f"train {h.get('timing/train_s', 0):.2f} s, "
+                                        f"push {h.get('timing/push_s', 0):.2f} s "
                                         f"({h.get('push/gb_per_s', 0):.2f} GB/s, checksums verified), "
                                         f"engine v{h.get('weight_version/engine')}")
     versions = [h.get("weight_version/engine") for h in history]

@@ -3,8 +3,9 @@
 The trainer's weights are random bf16 tensors in one flat device buffer (as a contiguous parameter
 buffer holds them), HF-named views of it; the receiver is an `inference_engine.Engine` built from a
 local HF folder of the same shape (config, tokenizer, a zero-filled sparse safetensors file: no hub).
-Five paths are timed side by side, taking turns push by push, end to end (pause, every bucket loaded into the engine's fused
-parameters, radix-cache flush, version, continue), each after a checksum-verified warm-up push:
+Five paths are timed side by side, taking turns push by push, end to end (pause, every bucket
+loaded into the engine's fused parameters, radix-cache flush, version, continue), each after a
+checksum-verified warm-up push:
 
   old              every bucket flattened into fresh buffers, fresh handles, opened by the engine per bucket
   packed           `push_weights`: buckets packed into two persistent staging buffers shared once (two copies)
@@ -42,7 +43,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])   # run as a script, this file would shadow the weight_sync package
+# run as a script, this file would shadow the weight_sync package
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
@@ -52,7 +54,8 @@ from weight_sync.buckets import copy_tensors, tensor_bytes
 from inference_engine.testing import make_engine
 
 PATHS = ("old", "packed", "in-place-3-calls", "in-place-reopen", "in-place")
-KEEP_OPEN = {"packed": True, "in-place-3-calls": False, "in-place-reopen": False, "in-place": True}   # keep_resident_open
+# keep_resident_open per path
+KEEP_OPEN = {"packed": True, "in-place-3-calls": False, "in-place-reopen": False, "in-place": True}
 PHASES = ("pause", "pack", "wait", "resume", "other", "total")   # the sender's (weight_sync.push.PHASES, less verify)
 ENGINE_PHASES = ("open", "queue", "load", "flush", "close", "total")   # Engine.metrics()["weight_update_phases_s"]
 
@@ -105,7 +108,7 @@ def hf_tensor_shapes(s: Qwen3Shape) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def write_model_folder(s: Qwen3Shape, out_dir: Path, dtype: torch.dtype) -> Path:
-    """An HF folder of this shape: config.json, a locally trained tokenizer, zero weights in a sparse safetensors file."""
+    """HF folder of this shape: config.json, a locally trained tokenizer, zero weights in a sparse safetensors file."""
     from inference_engine.testing import make_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +210,7 @@ def three_calls(engine, phases: dict[str, float]):
 
 
 def push_old(named: list, engine, bucket_bytes: int, version: int) -> dict[str, float]:
-    """Last version's colocated push: each bucket flattened into fresh buffers, shared by fresh handles; its phases (seconds)."""
+    """Last version's push: each bucket flattened into fresh buffers, shared by fresh handles; its phases (seconds)."""
     phases = dict.fromkeys(PHASES, 0.0)
     buckets = 0
     with three_calls(engine, phases):

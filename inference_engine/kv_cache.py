@@ -70,7 +70,7 @@ class KVPool:
         return pages
 
     def alloc_extend(self, start: int, n: int, last_slot: int) -> torch.Tensor | None:
-        """Slots [n] for positions [start, start + n) of a sequence whose slot at start - 1 is last_slot (-1 if start == 0).
+        """Slots [n] for positions [start, start + n) of a sequence with last_slot at start - 1 (-1 if start == 0).
 
         Positions inside the sequence's last, partly filled page reuse it; the rest get new pages.
         Returns None (allocating nothing) if the pool lacks free pages.

@@ -28,7 +28,7 @@ class TreeNode:
 
 
 class RadixCache:
-    """Prefix cache of finished, retracted and running sequences; `free_slots` gives evicted slots back to the KV pool."""
+    """Prefix cache of finished, retracted and running sequences; `free_slots` returns evicted slots to the KV pool."""
 
     def __init__(self, page_size: int, free_slots: Callable[[torch.Tensor], None], disabled: bool = False):
         self.page_size = page_size
@@ -155,7 +155,7 @@ class RadixCache:
             node = parent
 
     def evict(self, num_tokens: int) -> int:
-        """Free at least num_tokens slots from least-recently-used unlocked leaves (fewer if not enough); returns slots freed."""
+        """Free at least num_tokens slots from LRU unlocked leaves (fewer if not enough); returns slots freed."""
         leaves = [n for n in self._nodes() if not n.children and n.lock_ref == 0]
         heapq.heapify(leaves)
         freed = 0

@@ -45,7 +45,8 @@ class Req:
         self.new_slots: list[int] = []  # slots allocated for this step's tokens
         # overlap scheduling: tokens sampled on the device whose values the host reads one step late
         self.pending = 0
-        self.lookahead = False  # this step's input is a pending token (its KV is dropped if that token ends the request)
+        # this step's input is a pending token (its KV is dropped if that token ends the request)
+        self.lookahead = False
         self.admitted = -1  # order of (latest) admission, for newest-first retraction
         self.cache_epoch = -1  # radix cache epoch at (latest) admission: KV from an older epoch is never cached
         self.deferrals = 0  # admissions skipped to wait for another request's prefill of a shared prefix

@@ -157,7 +157,10 @@ def make_tiny_model(out_dir: str | Path, family: str = "qwen3", *, seed: int = 0
 
 def make_engine(model_path: str, device: str = "cpu", dtype: str = "float32", max_total_tokens: int = 1024,
                 context_length: int | None = None):
-    """An `inference_engine.Engine` with a small KV pool and no CUDA graphs: a weight-sync receiver for tests and benchmarks."""
+    """An `inference_engine.Engine` with a small KV pool and no CUDA graphs.
+
+    A weight-sync receiver for tests and benchmarks.
+    """
     from inference_engine.engine import Engine
 
     return Engine(model_path=model_path, device=device, dtype=dtype, max_total_tokens=max_total_tokens,

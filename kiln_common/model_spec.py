@@ -51,7 +51,7 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelSpec":
-        """Read a config.json dict (or `PretrainedConfig.to_dict()`); unsupported families or features raise ValueError."""
+        """Read a config.json dict (or `PretrainedConfig.to_dict()`); unsupported families/features raise ValueError."""
         family = cfg.get("model_type")
         if family not in FAMILIES:
             raise ValueError(f"model_type {family!r} is not supported; expected one of {FAMILIES}")

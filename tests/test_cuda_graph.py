@@ -1,4 +1,5 @@
-"""The decode graph runner: capture sizes, and (on CPU, replayed eagerly on its static padded buffers) equality with eager steps."""
+"""The decode graph runner: capture sizes, and equality with eager steps (on CPU, replayed eagerly on
+its static padded buffers)."""
 
 import pytest
 import torch

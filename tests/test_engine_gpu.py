@@ -115,7 +115,7 @@ GPU = dict(device="cuda", dtype="bfloat16")
 
 
 def _teacher_forced(model_path, outs, prompts=RUN_PROMPTS, **options):
-    """Log-probs the engine gives each output of outs when fed prompt + output as a prompt (no divergence after a near-tie)."""
+    """Log-probs the engine gives each of outs when fed prompt + output as a prompt (no divergence after a near-tie)."""
     seqs = [p + o["output_ids"] for p, o in zip(prompts, outs)]
     sp = {"temperature": 0, "max_new_tokens": 1, "return_prompt_logprobs": True}
     with Engine(model_path=str(model_path), max_total_tokens=4096, context_length=512, **options) as engine:
@@ -135,7 +135,7 @@ BACKENDS = {"triton": dict(attention_backend="triton"),
                                              ("hybrid", True)])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_backend_matches_torch_on_gpu(gpu_models, family, backend, graphs, page_size):
-    """First greedy token equal; every generated token's log-prob within 2e-2 of the torch backend's on the same context.
+    """First greedy token equal; each generated token's log-prob within 2e-2 of the torch backend's on the same context.
 
     The fused kernels round attention probabilities to bf16 before P @ V, the torch backend does not:
     on these random models that moves log-probs by up to ~0.03 over 8 free-running tokens and can flip

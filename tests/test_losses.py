@@ -302,7 +302,8 @@ def test_kl_loss_adds_coef_times_aggregated_kl(kl_type):
     kl, dkl = [], []
     for lp, ref, m in zip(LOGP, REF, MASK):
         x = ref - lp
-        pair = {"k1": (lp - ref, 1.0), "k2": (0.5 * (lp - ref) ** 2, lp - ref)}.get(kl_type, (math.exp(x) - x - 1, 1 - math.exp(x)))
+        pair = {"k1": (lp - ref, 1.0), "k2": (0.5 * (lp - ref) ** 2, lp - ref)}.get(
+            kl_type, (math.exp(x) - x - 1, 1 - math.exp(x)))
         kl.append(pair[0] if m else 0.0)
         dkl.append(pair[1] if m else 0.0)
     values, dvalues = ref_pg_tokens("ppo")

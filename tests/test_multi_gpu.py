@@ -41,7 +41,8 @@ def test_distributed_push_into_an_engine_process_over_gloo(qwen3_model, tmp_path
 
 
 def test_receiver_errors_come_back_with_the_child_traceback():
-    with pytest.raises(RuntimeError, match="(?s)receiver process:.*AttributeError: module .torch. has no attribute .no_such_dtype."):
+    with pytest.raises(RuntimeError,
+                       match="(?s)receiver process:.*AttributeError: module .torch. has no attribute .no_such_dtype."):
         RemoteWeightEndpoint(make_tensor_receiver, [("w", (2, 2))], "no_such_dtype", "cpu", name="receiver")
     endpoint = RemoteWeightEndpoint(make_tensor_receiver, [("w", (2, 2))], "float32", "cpu", name="receiver")
     try:

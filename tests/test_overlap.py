@@ -40,7 +40,8 @@ def _both(model_path, run, **options):
 def _strip(outs: list[dict]) -> list[dict]:
     """What must match between the two paths: tokens, text, log-probs, finish reason and cache use."""
     keys = ("completion_tokens", "cached_tokens", "finish_reason", "output_token_logprobs", "output_top_logprobs")
-    return [{"output_ids": o["output_ids"], "text": o["text"], **{k: o["meta_info"].get(k) for k in keys}} for o in outs]
+    return [{"output_ids": o["output_ids"], "text": o["text"], **{k: o["meta_info"].get(k) for k in keys}}
+            for o in outs]
 
 
 def _assert_pool_whole(engine: Engine) -> None:

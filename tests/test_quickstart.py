@@ -1,4 +1,4 @@
-"""The quickstart's pieces (examples/quickstart): data, digit tokenizer, SFT warm-up, run config, plot -- not the run."""
+"""The quickstart's pieces (examples/quickstart): data, digit tokenizer, SFT warm-up, run config, plot; not the run."""
 
 from __future__ import annotations
 

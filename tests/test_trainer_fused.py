@@ -71,7 +71,8 @@ def _kernel_case(device: str, seed: int):
     lse = z_max + ex.sum(-1).log()
     log_p = z - lse[:, None]
     entropy = -(log_p.exp() * log_p).sum(-1)
-    g_logp, g_entropy = torch.randn(c, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
+    g_logp = torch.randn(c, generator=g, dtype=torch.float64)
+    g_entropy = torch.randn(c, generator=g, dtype=torch.float64)
     g_target = g_logp.clone()
     g_target[0] = 0.0  # row 0's target lives on another rank
     grads = -log_p.exp() * (g_logp[:, None] + g_entropy[:, None] * (log_p + entropy[:, None]))

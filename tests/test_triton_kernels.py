@@ -24,7 +24,9 @@ import torch
 from inference_engine.kernels import attention_reference, decode_attention, extend_attention, runs_triton
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-TRITON_VERSION = tuple(int(x) for x in re.findall(r"\d+", importlib.metadata.version("triton"))[:2]) if HAS_TRITON else ()
+TRITON_VERSION = (
+    tuple(int(x) for x in re.findall(r"\d+", importlib.metadata.version("triton"))[:2]) if HAS_TRITON else ()
+)
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'kiln[test]' on Linux)")
 needs_interpreter = pytest.mark.skipif(
     not HAS_TRITON or TRITON_VERSION < (3, 7),

@@ -58,7 +58,8 @@ def token_level_rewards(rewards: Tensor, response_lengths: list[int], *, kl: lis
     return out
 
 
-def discounted_returns(token_rewards: list[Tensor], gamma: float, loss_masks: list[Tensor] | None = None) -> list[Tensor]:
+def discounted_returns(token_rewards: list[Tensor], gamma: float,
+                       loss_masks: list[Tensor] | None = None) -> list[Tensor]:
     """Per-token returns sum_k gamma^k r_{t+k}, stepping over policy tokens only (loss_mask 0 gets 0)."""
     if not token_rewards:
         return []
@@ -95,7 +96,8 @@ def _check_inputs(estimator: str, rewards: Tensor, group_index: Tensor, response
         raise ValueError(f"rewards has shape {tuple(rewards.shape)}; expected [S], one reward per sample")
     num = rewards.shape[0]
     if group_index.shape != (num,) or group_index.dtype.is_floating_point:
-        raise ValueError(f"group_index must be an integer tensor [{num}], got {group_index.dtype} {tuple(group_index.shape)}")
+        raise ValueError(f"group_index must be an integer tensor [{num}], "
+                         f"got {group_index.dtype} {tuple(group_index.shape)}")
     if len(response_lengths) != num:
         raise ValueError(f"response_lengths has {len(response_lengths)} entries for {num} rewards")
     if any(n < 0 for n in response_lengths):
@@ -111,8 +113,9 @@ def _check_inputs(estimator: str, rewards: Tensor, group_index: Tensor, response
         raise ValueError(f"kl_coef={kl_coef}; must be >= 0")
     if kl_coef > 0.0:
         if estimator not in _KL_IN_REWARD_ESTIMATORS:
-            raise ValueError(f"kl_coef={kl_coef} puts KL in the reward, which only {', '.join(_KL_IN_REWARD_ESTIMATORS)} "
-                             f"use; for {estimator!r} pass kl_coef=0 and use LossConfig.use_kl_loss instead")
+            raise ValueError(f"kl_coef={kl_coef} puts KL in the reward, which only "
+                             f"{', '.join(_KL_IN_REWARD_ESTIMATORS)} use; for {estimator!r} pass kl_coef=0 "
+                             "and use LossConfig.use_kl_loss instead")
         if kl is None:
             raise ValueError(f"kl_coef={kl_coef} but kl is None; pass one per-token KL tensor per sample")
     for name, per_sample in (("kl", kl), ("loss_masks", loss_masks)):

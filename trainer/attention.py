@@ -165,7 +165,7 @@ def _packed_seq_params_class():
 
     @dataclass
     class KilnPackedSeqParams(PackedSeqParams):
-        """megatron's THD PackedSeqParams plus each token's RoPE position (restarting per sequence), made on the host."""
+        """megatron's THD PackedSeqParams plus per-token RoPE positions (restarting per sequence), made on the host."""
 
         positions: torch.Tensor | None = None  # [T] int64
         rope_cache: dict = field(default_factory=dict)  # cos/sin tables of this micro-batch (trainer.fused)

@@ -61,7 +61,7 @@ class MegatronSpec:
 
 
 def spec_from_hf_config(hf_config) -> MegatronSpec:
-    """Read a MegatronSpec from a transformers config (Llama, Qwen2, Qwen3) by the engine's rules, plus the trainer's limits.
+    """Read a MegatronSpec from an HF config (Llama, Qwen2, Qwen3) by the engine's rules, plus the trainer's limits.
 
     The config is parsed once, by `kiln_common.model_spec` (the engine builds its model from the same
     reading), so the trainer and the engines cannot disagree on RoPE base, eps, head_dim or biases.

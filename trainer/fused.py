@@ -99,7 +99,7 @@ def run(fn, *args):
 
 
 def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin [n, 1, 1, hn] of megatron's RoPE frequencies freqs [max_s, 1, 1, hn] at positions [n] (or 0..length-1)."""
+    """fp32 cos/sin [n, 1, 1, hn] of megatron's RoPE freqs [max_s, 1, 1, hn] at positions [n] (or 0..length-1)."""
     angles = freqs[:length] if positions is None else freqs[positions]
     return torch.cos(angles).float(), torch.sin(angles).float()
 

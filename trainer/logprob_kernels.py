@@ -82,7 +82,8 @@ def softmax_stats(logits: torch.Tensor, safe_ids: torch.Tensor, temperature: flo
 
 
 def logit_grads_(logits: torch.Tensor, safe_ids: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-                 g_logp: torch.Tensor, g_target: torch.Tensor, g_entropy: torch.Tensor, temperature: float) -> torch.Tensor:
+                 g_logp: torch.Tensor, g_target: torch.Tensor, g_entropy: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
     """Overwrite logits [c, n] with d(sum g_logp logp + g_entropy H)/d logits (fp32 [c] row inputs); returns logits."""
     rows, n_cols = logits.shape
     if rows:

@@ -106,10 +106,12 @@ def _check_flat(seq_lens: Tensor, logp_name: str, logp: Tensor, **tensors: Tenso
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{num_tokens}] like {logp_name}")
     if seq_lens.dim() != 1 or seq_lens.dtype.is_floating_point or seq_lens.dtype == torch.bool:
-        raise ValueError(f"seq_lens must be a 1-D integer tensor [S], got {seq_lens.dtype} shape {tuple(seq_lens.shape)}")
+        raise ValueError("seq_lens must be a 1-D integer tensor [S], "
+                         f"got {seq_lens.dtype} shape {tuple(seq_lens.shape)}")
     total = int(seq_lens.sum())
     if total != num_tokens or (len(seq_lens) and int(seq_lens.min()) < 0):
-        raise ValueError(f"seq_lens {seq_lens.tolist()} must be >= 0 and sum to the {num_tokens} tokens, got sum {total}")
+        raise ValueError(f"seq_lens {seq_lens.tolist()} must be >= 0 and sum to the {num_tokens} tokens, "
+                         f"got sum {total}")
 
 
 def aggregate(values: Tensor, loss_mask: Tensor, seq_lens: Tensor, mode: str, *,
@@ -124,7 +126,8 @@ def _aggregate(values: Tensor, keep: Tensor, seq_lens: Tensor, mode: str,
     """aggregate() on already checked inputs; `keep` is the boolean loss mask [T]."""
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode={mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
-    masked = torch.where(keep, values, torch.zeros_like(values))  # [T]; where, not *, so NaN/inf at masked tokens vanish
+    # [T]; where, not *, so NaN/inf at masked tokens vanish
+    masked = torch.where(keep, values, torch.zeros_like(values))
     if mode == "token_mean":
         if global_num_tokens < 1:
             raise ValueError(f"global_num_tokens={global_num_tokens}; must be >= 1 "

@@ -48,8 +48,8 @@ def main() -> None:
     evals = series["eval/reward_mean"]
     if rollout:
         k = min(5, len(rollout))
-        print(f"rollout reward: first {k} steps {sum(rollout[:k]) / k:.3f}, last {k} steps {sum(rollout[-k:]) / k:.3f}, "
-              f"peak {max(rollout):.3f}")
+        print(f"rollout reward: first {k} steps {sum(rollout[:k]) / k:.3f}, "
+              f"last {k} steps {sum(rollout[-k:]) / k:.3f}, peak {max(rollout):.3f}")
     if evals:
         print(f"eval reward (held-out, greedy): step {evals[0][0]} {evals[0][1]:.3f} -> step {evals[-1][0]} "
               f"{evals[-1][1]:.3f}, best {max(r for _, r in evals):.3f}")

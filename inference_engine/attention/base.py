@@ -43,4 +43,4 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def init_graph_metadata(self, fb: "ForwardBatch", capture: bool) -> None:
-        """Set fb.attn_metadata for the static decode batch fb of a graph: new buffers at capture, refilled at replay."""
+        """Set fb.attn_metadata for a graph's static decode batch fb: new buffers at capture, refilled at replay."""

@@ -140,7 +140,8 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
         max_pages = max_bs * -(-max_context // self.page_size)
-        self.graph_indices = torch.zeros(max_pages, dtype=torch.int32, device=self.device)  # shared: one replay at a time
+        # shared: one replay at a time
+        self.graph_indices = torch.zeros(max_pages, dtype=torch.int32, device=self.device)
         self.graph_wrappers, self.graph_last_page_len, self.graph_planned_bs = {}, {}, None
 
     def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:

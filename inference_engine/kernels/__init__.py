@@ -86,7 +86,8 @@ def decode_attention(
     check_attention_args(q, k_buffer, v_buffer, None, kv_indptr, kv_indices, out)
     batch = q.shape[0]
     if kv_indptr.numel() != batch + 1:
-        raise ValueError(f"decode q has {batch} requests but kv_indptr has {kv_indptr.numel()} entries; need {batch + 1}")
+        raise ValueError(f"decode q has {batch} requests but kv_indptr has {kv_indptr.numel()} entries; "
+                         f"need {batch + 1}")
     if num_kv_splits is not None and (not isinstance(num_kv_splits, int) or not 1 <= num_kv_splits <= MAX_KV_SPLITS):
         raise ValueError(f"num_kv_splits must be an int in [1, {MAX_KV_SPLITS}] or None, got {num_kv_splits!r}")
     scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
@@ -118,7 +119,8 @@ def extend_attention(
     """
     check_attention_args(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, out)
     if max_q_len is not None and (not isinstance(max_q_len, int) or max_q_len < 0):
-        raise ValueError(f"max_q_len must be None or a non-negative int bounding every request's new tokens, got {max_q_len!r}")
+        raise ValueError("max_q_len must be None or a non-negative int bounding every request's new tokens, "
+                         f"got {max_q_len!r}")
     scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
     if not runs_triton(q.device):
         return attention_reference(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out)
@@ -126,4 +128,5 @@ def extend_attention(
         max_q_len = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if qo_indptr.numel() > 1 else 0
     extend = _triton_kernels()[1]
     out = torch.empty_like(q) if out is None else out
-    return extend.triton_extend_attention(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out, max_q_len)
+    return extend.triton_extend_attention(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out,
+                                          max_q_len)

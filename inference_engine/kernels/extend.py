@@ -117,13 +117,15 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    indices_ptr, k_head_ptr, v_head_ptr = kv_indices_ptr + kv_start, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh
+    indices_ptr, k_head_ptr, v_head_ptr = (
+        kv_indices_ptr + kv_start, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh
+    )
     # keys before the block's first query position are visible to every row: no masking there
     unmasked_end = (prefix_len + block_m * BLOCK_M) // BLOCK_N * BLOCK_N
     for start in range(0, unmasked_end, BLOCK_N):
         acc, l_i, m_i = _attend_key_block(
-            acc, l_i, m_i, q, q_pos, start, unmasked_end, indices_ptr, k_head_ptr, v_head_ptr, stride_ks, stride_vs, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=False,
+            acc, l_i, m_i, q, q_pos, start, unmasked_end, indices_ptr, k_head_ptr, v_head_ptr, stride_ks, stride_vs,
+            qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=False,
         )  # fmt: skip
     kv_end = tl.minimum(kv_len, prefix_len + (block_m + 1) * BLOCK_M)  # keys past the block's last query stay unread
     for start in range(unmasked_end, kv_end, BLOCK_N):

@@ -58,11 +58,13 @@ def check_attention_args(
         raise ValueError("kv_indptr must have batch_size + 1 entries, got an empty tensor")
     if qo_indptr is not None and qo_indptr.numel() != kv_indptr.numel():
         raise ValueError(
-            f"qo_indptr has {qo_indptr.numel()} entries but kv_indptr has {kv_indptr.numel()}; both must be batch_size + 1"
+            f"qo_indptr has {qo_indptr.numel()} entries but kv_indptr has {kv_indptr.numel()}; "
+            "both must be batch_size + 1"
         )
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(
-            f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), got ({tuple(out.shape)}, {out.dtype}, {out.device})"
+            f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
+            f"got ({tuple(out.shape)}, {out.dtype}, {out.device})"
         )
 
 
@@ -82,7 +84,8 @@ def check_kv_metadata(
     for b in range(len(kv_ptr) - 1):
         q_len, kv_len = q_ptr[b + 1] - q_ptr[b], kv_ptr[b + 1] - kv_ptr[b]
         if q_len > kv_len:
-            raise ValueError(f"request {b} has {q_len} query tokens but only {kv_len} KV slots; write KV before attention")
+            raise ValueError(f"request {b} has {q_len} query tokens but only {kv_len} KV slots; "
+                             "write KV before attention")
     used = kv_indices[: kv_ptr[-1]]
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_slots):
         raise ValueError(f"kv_indices hold slots in [{int(used.min())}, {int(used.max())}], valid is [0, {num_slots})")

@@ -201,7 +201,7 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embedding with the vocabulary split over tp ranks (each holds ceil(vocab / tp) rows, the last padded with zeros).
+    """Token embedding with the vocabulary split over tp ranks (each holds ceil(vocab / tp) rows, the last zero-padded).
 
     A lookup gives zeros for ids outside this rank's rows; the all-reduce adds the one rank's real row.
     """
@@ -241,7 +241,7 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [N, vocab] of hidden rows [N, hidden] against this table (tied LM head), gathered over ranks."""
+        """Float32 logits [N, vocab] of hidden [N, hidden] against this table (tied LM head), gathered over ranks."""
         local = ops.linear(hidden, self.weight, out_dtype=torch.float32)  # [N, rows]
         if self.tp_size == 1:
             return local

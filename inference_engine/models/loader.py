@@ -48,7 +48,10 @@ def iter_safetensors(model_path: str | Path) -> Iterator[tuple[str, torch.Tensor
 
 
 def resolve(model: CausalLM, params: dict[str, torch.nn.Parameter], hf_name: str):
-    """The engine parameter (from `params`, the model's named parameters) and shard id an HF name loads into; (None, None) to skip."""
+    """The engine parameter (from `params`, the model's named parameters) and shard id an HF name loads into.
+
+    (None, None) for a name to skip.
+    """
     if hf_name.endswith(IGNORED_SUFFIXES):
         return None, None
     if hf_name == "lm_head.weight" and model.spec.tie_word_embeddings:
@@ -61,7 +64,8 @@ def resolve(model: CausalLM, params: dict[str, torch.nn.Parameter], hf_name: str
     if hf_name in params:
         return params[hf_name], None
     raise ValueError(f"weight {hf_name!r} does not belong to this {model.spec.family} model "
-                     f"({model.spec.num_layers} layers); expected HF names like 'model.layers.0.self_attn.q_proj.weight'")
+                     f"({model.spec.num_layers} layers); expected HF names like "
+                     "'model.layers.0.self_attn.q_proj.weight'")
 
 
 class _Target(NamedTuple):
@@ -105,7 +109,7 @@ class WeightPlan:
         self._kept: dict[int, tuple[weakref.ref, WeightCopies]] = {}   # id(StableBucket) -> (its weak ref, copies)
 
     def target(self, hf_name: str, shape: Sequence[int]) -> WeightSlice | None:
-        """The slice an HF tensor of this name and shape loads into (None: skipped, e.g. a tied lm_head); bad ones raise."""
+        """The slice an HF tensor of this name and shape fills (None: skipped, e.g. a tied lm_head); bad ones raise."""
         resolved = self._resolve(hf_name, shape)
         return None if resolved is None else resolved.slice
 
@@ -146,7 +150,7 @@ class WeightPlan:
         return loaded + self.copies(group).run()
 
     def copies(self, named: Sequence[tuple[str, torch.Tensor]]) -> WeightCopies:
-        """The copies that load these tensors (every one checked first); made once for a `StableBucket` while it lives."""
+        """The copies that load these tensors (each checked first); made once for a `StableBucket` while it lives."""
         if not isinstance(named, StableBucket):
             return self._copies(named)
         key = id(named)

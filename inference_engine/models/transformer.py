@@ -14,7 +14,9 @@ from inference_engine.parallel import TPGroup
 
 
 class Attention(nn.Module):
-    """Self-attention: fused qkv projection, optional q/k norm + RoPE + KV-cache write in one op, then the attention backend."""
+    """Self-attention: fused qkv projection, optional q/k norm + RoPE + KV-cache write in one op, then the
+    attention backend.
+    """
 
     def __init__(self, spec: ModelSpec, layer_id: int, tp: TPGroup | None):
         super().__init__()

@@ -308,7 +308,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
           config: tuple[int, int, int, int], silu_mul: bool = False,
           greedy: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
-    """One GEMV launch into out [M, N]; greedy = (best, best_id, sum) [M, programs] also receive each block's partials."""
+    """One GEMV launch into out [M, N]; greedy = (best, best_id, sum) [M, programs] also get each block's partials."""
     (rows, n), k = out.shape, weight.shape[1]
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
@@ -324,7 +324,7 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
 
 def linear_greedy(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
                   merge_block: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float32 logits [M, N] of x [M, K] @ weight [N, K]^T with each row's argmax [M] and its log-prob [M]; see reference.
+    """Float32 logits [M, N] of x [M, K] @ weight [N, K]^T with each row's argmax [M] and log-prob [M]; see reference.
 
     The GEMV's programs also reduce their block of logits (max, first argmax, sum of exp); a second small kernel
     merges the blocks in vocabulary order, merge_block of them at a time, so ties go to the lowest token id as in
