@@ -192,7 +192,7 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    import inference_engine.scheduler as sched_mod
+    import inference_engine.scheduler.scheduler as sched_mod
 
     sched, runner = engine.scheduler, engine.runner
     spans: dict[str, float] = defaultdict(float)
@@ -206,9 +206,10 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
             return out
         return wrapper
 
-    targets = [(sched, "_schedule"), (sched, "_forward_batch"), (sched, "_sampling_batch"), (sched, "_resolve"),
-               (runner, "forward"), (runner, "logits"), (runner.attn_backend, "init_graph_metadata"),
-               (runner.attn_backend, "init_forward_metadata"), (sched_mod, "sample")]
+    targets = [(sched.admission, "next_batch"), (sched.batches, "forward_batch"), (sched.batches, "sampling_batch"),
+               (sched, "_resolve"), (runner, "forward"), (runner, "logits"),
+               (runner.attn_backend, "init_graph_metadata"), (runner.attn_backend, "init_forward_metadata"),
+               (sched_mod, "sample")]
     if runner.graph_runner is not None:
         targets.append((runner.graph_runner, "replay"))
     for bs in batch_sizes:
@@ -244,7 +245,7 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
                 out = gr.outputs[size]  # engines before the LM head moved into the graph (BASE runs) keep hidden only
                 hidden = (out.hidden if hasattr(out, "hidden") else out)[:bs]
                 result["logits_ms"] = event_ms(lambda: runner.logits(hidden))
-                sb = sched._sampling_batch(list(sched.running))
+                sb = sched.batches.sampling_batch(list(sched.running))
                 old_sampler_args = (sched.shared_generator,) if hasattr(sched, "shared_generator") else ()
                 logits = runner.logits(hidden)
                 result["sample_ms"] = event_ms(lambda: sched_mod.sample(logits, sb, *old_sampler_args))

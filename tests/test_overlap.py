@@ -71,13 +71,13 @@ def test_one_step_late_read_uses_the_device_token(qwen3_model):
     with _engine(qwen3_model, True) as engine:
         sched = engine.scheduler
         lookahead_inputs = []
-        forward_batch = sched._forward_batch
+        forward_batch = sched.batches.forward_batch
 
         def spy(batch, sampling):
             lookahead_inputs.append(sum(1 for req, _ in batch if req.pending))
             return forward_batch(batch, sampling)
 
-        sched._forward_batch = spy
+        sched.batches.forward_batch = spy
         out = engine.generate(input_ids=[3, 4, 5], sampling_params={"temperature": 0, "max_new_tokens": 6})
     assert len(out["output_ids"]) == 6
     # the prefill, then 5 decodes each fed by the still-unread token of the step before
@@ -200,14 +200,14 @@ def test_same_pages_marks_decodes_that_keep_the_page_layout(qwen3_model):
     with _engine(qwen3_model, True, page_size=4) as engine:
         sched = engine.scheduler
         flags = []
-        forward_batch = sched._forward_batch
+        forward_batch = sched.batches.forward_batch
 
         def spy(batch, sampling):
             fb, *rest = forward_batch(batch, sampling)
             flags.append(fb.same_pages)
             return (fb, *rest)
 
-        sched._forward_batch = spy
+        sched.batches.forward_batch = spy
         engine.generate(input_ids=[3, 4, 5], sampling_params={"temperature": 0, "max_new_tokens": 8})
     # prefill (positions 0-2); decodes at positions 3 (first decode), 4 (starts page 2), 5, 6, 7, 8 (page 3), 9
     assert flags == [False, False, False, True, True, True, False, True]

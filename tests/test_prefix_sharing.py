@@ -11,12 +11,11 @@ import torch
 from transformers import AutoTokenizer
 
 from inference_engine import Engine
-from inference_engine import scheduler as scheduler_module
 from inference_engine.config import EngineConfig
 from inference_engine.model_runner import ModelRunner
 from inference_engine.request import Req
 from inference_engine.sampling_params import SamplingParams
-from inference_engine.scheduler import Scheduler
+from inference_engine.scheduler import Scheduler, admission
 
 PROMPT_LEN, N = 40, 8
 
@@ -107,7 +106,7 @@ async def test_concurrent_async_requests_share_prefill(qwen3_model, singles):
 
 def test_copies_prefilled_together_share_slots_without_leaks(qwen3_model, singles, monkeypatch):
     """With deferral bounded to zero every copy prefills; the later insertions adopt the first one's slots."""
-    monkeypatch.setattr(scheduler_module, "MAX_PREFIX_DEFERRALS", 0)
+    monkeypatch.setattr(admission, "MAX_PREFIX_DEFERRALS", 0)
     prompts, params = grpo_traffic()
     with Engine(model_path=str(qwen3_model), max_total_tokens=2048, page_size=4) as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=params)
