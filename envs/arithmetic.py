@@ -58,5 +58,6 @@ def arithmetic_samples(n: int, seed: int = 0) -> list[Sample]:
         a, b, c = rng.randint(2, 999), rng.randint(2, 99), rng.randint(2, 99)
         op1, op2 = rng.choice("+-*"), rng.choice("+-*")
         expression = f"({a} {op1} {b}) {op2} {c}"
-        out.append(Sample(index=i, group_index=i, prompt=f"What is {expression}?", label=format_number(evaluate(expression))))
+        out.append(Sample(index=i, group_index=i, prompt=f"What is {expression}?",
+                          label=format_number(evaluate(expression))))
     return out

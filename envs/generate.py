@@ -1,9 +1,9 @@
 """Rollout-compatible generate functions that play environments: single-agent (`Env`) and multi-agent episodes.
 
 Use them as `--custom-generate-function-path envs.generate:generate_with_env` (or `:generate_multiagent`).
-The environment is the sample's metadata "env" (with optional "env_kwargs"), else `EnvConfig.env` (`--env`).
-Engines are reached through `args.clients` (policy name -> client, several policies) or `args.client` (one
-policy); the episode settings come from `args.env_config` (an `EnvConfig`) when the driver provides one.
+They take `args: rollout.generate.GenerateArgs`. The environment is the sample's metadata "env" (with
+optional "env_kwargs"), else `args.env_config.env` (`--env`); engines are reached through `args.clients`
+(policy name -> client); the episode limits come from `args.env_config` (`--env-max-turns`, ...).
 """
 
 from __future__ import annotations
@@ -14,30 +14,10 @@ from typing import Any
 from envs.multiagent import MultiAgentEnv, new_episode_id, role_metrics, run_dialogue
 from envs.multiturn import run_episode
 from envs.registry import build, make
+from kiln_common.sample import DEFAULT_POLICY, Sample
 from rollout.client import EngineClient
 from rollout.config import EnvConfig
-from kiln_common.sample import DEFAULT_POLICY, Sample
-
-
-def env_config_of(args: Any) -> EnvConfig:
-    """The `EnvConfig` carried by the generate args (`args.env_config`), or the defaults."""
-    config = getattr(args, "env_config", None)
-    if config is None:
-        return EnvConfig()
-    if not isinstance(config, EnvConfig):
-        raise TypeError(f"args.env_config is a {type(config).__name__}, expected envs.generate.EnvConfig")
-    return config
-
-
-def policy_clients(args: Any) -> dict[str, EngineClient]:
-    """Policy name -> engine client: `args.clients` when the driver runs several policies, else `args.client`."""
-    clients = getattr(args, "clients", None)
-    if clients:
-        return dict(clients)
-    client = getattr(args, "client", None)
-    if client is None:
-        raise ValueError("generate args carry no engine client (neither args.clients nor args.client)")
-    return {DEFAULT_POLICY: client}
+from rollout.generate import GenerateArgs, check_args
 
 
 def resolve_policy(clients: dict[str, EngineClient], wanted: str) -> str:
@@ -59,16 +39,15 @@ def _env_spec(config: EnvConfig, sample: Sample) -> tuple[str, dict[str, Any]]:
     return name, {**config.env_kwargs, **extra}
 
 
-async def generate_with_env(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
+async def generate_with_env(args: GenerateArgs, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
     """Play one episode of the sample's env (`run_episode`) under one session id; the sample of `sample.policy`."""
-    config = env_config_of(args)
+    config = check_args(args, "generate_with_env").env_config
     name, kwargs = _env_spec(config, sample)
     env = make(name, **kwargs)
-    clients = policy_clients(args)
-    sample.policy = resolve_policy(clients, sample.policy)
+    sample.policy = resolve_policy(args.clients, sample.policy)
     episode_id = new_episode_id(sample)
     sample.metadata["episode_id"] = episode_id
-    return await run_episode(clients[sample.policy], args.tokenizer, env, sample, sampling_params,
+    return await run_episode(args.clients[sample.policy], args.tokenizer, env, sample, sampling_params,
                              max_turns=config.env_max_turns, max_total_tokens=config.env_max_total_tokens,
                              step_timeout=config.env_step_timeout, episode_timeout=config.env_episode_timeout,
                              session_id=episode_id)
@@ -79,12 +58,12 @@ def make_multiagent(name: str, **kwargs: Any) -> MultiAgentEnv:
     return build(name, MultiAgentEnv, kwargs)
 
 
-async def generate_multiagent(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> list[Sample]:
+async def generate_multiagent(args: GenerateArgs, sample: Sample, sampling_params: dict[str, Any]) -> list[Sample]:
     """Play one episode of the sample's multi-agent env; one Sample per role, each tagged with its policy."""
-    config = env_config_of(args)
+    config = check_args(args, "generate_multiagent").env_config
     name, kwargs = _env_spec(config, sample)
     return await run_dialogue(make_multiagent(name, **kwargs), sample, tokenizer=args.tokenizer,
-                              clients=policy_clients(args), policies=None, sampling_params=sampling_params,
+                              clients=args.clients, policies=None, sampling_params=sampling_params,
                               max_turns=config.env_max_turns, max_total_tokens=config.env_max_total_tokens,
                               step_timeout=config.env_step_timeout, episode_timeout=config.env_episode_timeout)
 
@@ -103,5 +82,5 @@ def env_metrics(samples: Sequence[Sample], prefix: str = "rollout") -> dict[str,
     return metrics
 
 
-__all__ = ["DEFAULT_POLICY", "EnvConfig", "env_config_of", "env_metrics", "generate_multiagent",
-           "generate_with_env", "make_multiagent", "policy_clients", "resolve_policy"]
+__all__ = ["DEFAULT_POLICY", "EnvConfig", "GenerateArgs", "env_metrics", "generate_multiagent", "generate_with_env",
+           "make_multiagent", "resolve_policy"]

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envs.base import EnvError, call_guarded
-from envs.multiturn import ChatDelta, GenerateClient, play_to_end, policy_tokens, record_cache_stats
+from envs.multiturn import ChatDelta, play_to_end, record_cache_stats
 from kiln_common.sample import Sample, Status
+from rollout.client import EngineClient
+from rollout.generate import append_response
 
 _ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
@@ -101,18 +103,11 @@ class _Stream:
 
     spec: RoleSpec
     policy: str
-    client: GenerateClient
+    client: EngineClient
     sample: Sample
     messages: list[dict[str, str]]
     pending: list[dict[str, str]] = field(default_factory=list)  # turns addressed to it, not yet tokenised
     last_ids: list[int] | None = None  # its last generated turn; None before it first speaks
-
-    def extend(self, ids: list[int], mask: int, logprobs: list[float] | None = None) -> None:
-        s = self.sample
-        s.tokens.extend(ids)
-        s.response_length += len(ids)
-        s.loss_mask.extend([mask] * len(ids))
-        s.rollout_logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
     def prepare(self, chat: ChatDelta) -> None:
         """Tokenise what the role has not yet seen: its opening (first turn) or the turns since it last spoke."""
@@ -123,7 +118,7 @@ class _Stream:
             self.sample.prompt = copy.deepcopy(self.messages)
             self.sample.tokens = chat.prompt_ids(self.messages)
         else:
-            self.extend(chat.continuation_ids(self.last_ids, self.pending), 0)
+            self.sample.append(chat.continuation_ids(self.last_ids, self.pending), loss_mask=0)
             self.messages.extend(self.pending)
         self.pending = []
 
@@ -166,7 +161,7 @@ class _Episode:
         self.error: str | None = None
         self.turns = 0
 
-    def open(self, opening: Any, policies: Mapping[str, str] | None, clients: Mapping[str, GenerateClient]) -> str:
+    def open(self, opening: Any, policies: Mapping[str, str] | None, clients: Mapping[str, EngineClient]) -> str:
         if not isinstance(opening, Opening):
             raise EnvError(self.env.display_name, 0, f"reset returned {type(opening).__name__}, expected Opening")
         if policies is None:
@@ -199,9 +194,8 @@ class _Episode:
             output = await stream.client.generate(input_ids=list(stream.sample.tokens), sampling_params=params,
                                                   return_logprob=True,
                                                   session_id=f"{self.episode_id}:{speaker}")
-            ids, logprobs = policy_tokens(output)
-            meta = output.get("meta_info") or {}
-            stream.extend(ids, 1, logprobs)
+            append_response(stream.sample, output)
+            ids, meta = list(output["output_ids"]), output["meta_info"]
             stream.last_ids = ids
             record_cache_stats(stream.sample.metadata, meta)
             stream.sample.metadata["turns"] += 1
@@ -209,7 +203,7 @@ class _Episode:
             self.turns = turn
             text = self.chat.assistant_text(ids)
             stream.messages.append({"role": "assistant", "content": text})
-            if (meta.get("finish_reason") or {}).get("type") == "abort":
+            if stream.sample.status is Status.ABORTED:  # append_response set it from the finish_reason
                 self.status, self.error = Status.ABORTED, f"engine aborted turn {turn} ({speaker})"
                 return
             if len(stream.sample.tokens) >= max_total_tokens:
@@ -291,7 +285,7 @@ def new_episode_id(sample: Sample) -> str:
     return f"ep-{sample.group_index}-{sample.index}-{uuid.uuid4().hex[:8]}"
 
 
-async def run_dialogue(env: MultiAgentEnv, sample: Sample, *, tokenizer, clients: Mapping[str, GenerateClient],
+async def run_dialogue(env: MultiAgentEnv, sample: Sample, *, tokenizer, clients: Mapping[str, EngineClient],
                        policies: Mapping[str, str] | None, sampling_params: dict[str, Any], max_turns: int,
                        max_total_tokens: int, step_timeout: float | None, episode_timeout: float | None = None,
                        episode_id: str | None = None) -> list[Sample]:

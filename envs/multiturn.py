@@ -1,9 +1,10 @@
 """The default multi-turn generate function: model turn -> `env.step` -> observation appended, tokens in/out.
 
 The Sample's tokens are exactly what the engine saw and produced. Model tokens are appended as the
-engine returned them (loss_mask 1, the engine's log-probs); only the text that follows them -- the end
-of the assistant turn and the observation turn rendered by the chat template -- is tokenised, and
-appended with loss_mask 0 and log-prob 0.0. Nothing is ever re-tokenised, so nothing drifts.
+engine returned them (`rollout.generate.append_response`: loss_mask 1, the engine's log-probs); only the
+text that follows them -- the end of the assistant turn and the observation turn rendered by the chat
+template -- is tokenised, and appended with loss_mask 0 and log-prob 0.0 (`Sample.append`). Nothing is
+ever re-tokenised, so nothing drifts.
 """
 
 from __future__ import annotations
@@ -12,24 +13,16 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any
 
 from envs.base import Env, EnvError, run_reset, run_step
 from kiln_common.sample import Sample, Status
+from rollout.client import EngineClient
+from rollout.generate import append_response
 
 logger = logging.getLogger(__name__)
 
 _PLACEHOLDER = "KILN_TURN_PLACEHOLDER_7F3A"
-
-
-class GenerateClient(Protocol):
-    """What `run_episode` needs from an engine client (SGLang's request/response format).
-
-    `session_id` is passed only when the episode has one (the router keeps a session on one engine).
-    """
-
-    async def generate(self, *, input_ids: list[int], sampling_params: dict[str, Any],
-                       return_logprob: bool, session_id: str | None = None) -> dict[str, Any]: ...
 
 
 def record_cache_stats(metadata: dict[str, Any], meta_info: dict[str, Any]) -> None:
@@ -101,25 +94,6 @@ class ChatDelta:
         return self.encode(end + self.turns_text(messages))
 
 
-def policy_tokens(output: dict[str, Any]) -> tuple[list[int], list[float]]:
-    """Output ids and their log-probs from an engine response, checked against each other."""
-    ids = output.get("output_ids")
-    if not isinstance(ids, list):
-        raise ValueError(f"engine response has no 'output_ids' list (keys: {sorted(output)})")
-    pairs = (output.get("meta_info") or {}).get("output_token_logprobs")
-    if pairs is None:
-        raise ValueError("engine response has no meta_info.output_token_logprobs; call generate with return_logprob")
-    if len(pairs) != len(ids):
-        raise ValueError(f"engine returned {len(ids)} output ids but {len(pairs)} log-probs")
-    logprobs = []
-    for i, (entry, token) in enumerate(zip(pairs, ids)):
-        logprob, token_id = entry[0], entry[1]
-        if token_id != token:
-            raise ValueError(f"log-prob entry {i} is for token {token_id}, but output id {i} is {token}")
-        logprobs.append(float(logprob))
-    return list(ids), logprobs
-
-
 def _opening_messages(sample: Sample, observation: str, system: str | None) -> list[dict[str, str]]:
     messages = [dict(m) for m in sample.prompt] if isinstance(sample.prompt, list) else []
     if observation:
@@ -136,14 +110,7 @@ def _opening_messages(sample: Sample, observation: str, system: str | None) -> l
     return messages
 
 
-def _append(sample: Sample, ids: list[int], mask: int, logprobs: list[float] | None = None) -> None:
-    sample.tokens.extend(ids)
-    sample.response_length += len(ids)
-    sample.loss_mask.extend([mask] * len(ids))
-    sample.rollout_logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
-
-
-async def _drive(client: GenerateClient, chat: ChatDelta, env: Env, sample: Sample,
+async def _drive(client: EngineClient, chat: ChatDelta, env: Env, sample: Sample,
                  sampling_params: dict[str, Any], max_turns: int, max_total_tokens: int,
                  step_timeout: float | None, session_id: str | None) -> None:
     observation = await run_reset(env, sample, timeout=step_timeout)
@@ -159,20 +126,17 @@ async def _drive(client: GenerateClient, chat: ChatDelta, env: Env, sample: Samp
         params = dict(sampling_params)
         budget = max_total_tokens - len(sample.tokens)
         params["max_new_tokens"] = min(int(params.get("max_new_tokens", budget)), budget)
-        session = {} if session_id is None else {"session_id": session_id}
         output = await client.generate(input_ids=list(sample.tokens), sampling_params=params, return_logprob=True,
-                                       **session)
-        ids, logprobs = policy_tokens(output)
-        meta = output.get("meta_info") or {}
+                                       session_id=session_id)
+        append_response(sample, output)
+        ids, meta = list(output["output_ids"]), output["meta_info"]
         record_cache_stats(sample.metadata, meta)
-        _append(sample, ids, 1, logprobs)
         sample.metadata["turns"] = turn
         sample.metadata["weight_versions"].append(int(meta.get("weight_version", 0)))
         text = chat.assistant_text(ids)
         messages.append({"role": "assistant", "content": text})
-        finish = (meta.get("finish_reason") or {}).get("type")
-        if finish == "abort":
-            sample.status, sample.error = Status.ABORTED, f"engine aborted turn {turn}"
+        if sample.status is Status.ABORTED:  # append_response set it from the finish_reason
+            sample.error = f"engine aborted turn {turn}"
             return
         if len(sample.tokens) >= max_total_tokens:
             sample.status = Status.TRUNCATED
@@ -190,7 +154,7 @@ async def _drive(client: GenerateClient, chat: ChatDelta, env: Env, sample: Samp
         if len(sample.tokens) + len(delta) >= max_total_tokens:
             sample.status = Status.TRUNCATED
             return
-        _append(sample, delta, 0)
+        sample.append(delta, loss_mask=0)
         messages.append({"role": role, "content": result.observation})
 
 
@@ -219,7 +183,7 @@ async def play_to_end(env: Any, play: Awaitable[None], *, step_timeout: float | 
             logger.warning("closing env %s failed: %s: %s", env.display_name, type(e).__name__, e)
 
 
-async def run_episode(client: GenerateClient, tokenizer, env: Env, sample: Sample,
+async def run_episode(client: EngineClient, tokenizer, env: Env, sample: Sample,
                       sampling_params: dict[str, Any], *, max_turns: int, max_total_tokens: int,
                       step_timeout: float | None, episode_timeout: float | None = None,
                       session_id: str | None = None) -> Sample:

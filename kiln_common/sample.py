@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -49,6 +50,35 @@ class Sample:
     @property
     def response_tokens(self) -> list[int]:
         return self.tokens[len(self.tokens) - self.response_length:]
+
+    def append(self, tokens: Sequence[int], logprobs: Sequence[float] | None = None, *, loss_mask: int,
+               text: str = "") -> None:
+        """Append response tokens: this policy's (loss_mask 1, one log-prob each) or not (loss_mask 0, log-prob 0.0).
+
+        The one way to extend a response: tokens, response_length, loss_mask, rollout_logprobs and
+        response stay in step. The lists are replaced, never extended in place (they may be shared).
+        """
+        tokens = list(tokens)
+        if loss_mask not in (0, 1):
+            raise ValueError(f"sample {self.index}: loss_mask = {loss_mask!r}; expected 1 (this policy's tokens) "
+                             "or 0 (environment / tool / other-agent tokens)")
+        if loss_mask and logprobs is None:
+            raise ValueError(f"sample {self.index}: {len(tokens)} tokens with loss_mask 1 need their log-probs")
+        if not loss_mask and logprobs is not None:
+            raise ValueError(f"sample {self.index}: tokens with loss_mask 0 get log-prob 0.0; "
+                             f"got {len(logprobs)} log-probs, pass logprobs=None")
+        new_logprobs = [float(lp) for lp in logprobs] if loss_mask else [0.0] * len(tokens)
+        if len(new_logprobs) != len(tokens):
+            raise ValueError(f"sample {self.index}: {len(tokens)} tokens but {len(new_logprobs)} log-probs")
+        n = self.response_length
+        if len(self.loss_mask) != n or len(self.rollout_logprobs) != n:
+            raise ValueError(f"sample {self.index}: cannot append to a response of {n} tokens with "
+                             f"{len(self.loss_mask)} loss-mask entries and {len(self.rollout_logprobs)} log-probs")
+        self.tokens = self.tokens + tokens
+        self.response_length = n + len(tokens)
+        self.loss_mask = self.loss_mask + [1 if loss_mask else 0] * len(tokens)
+        self.rollout_logprobs = self.rollout_logprobs + new_logprobs
+        self.response += text
 
     def validate(self) -> None:
         """Raise ValueError if the per-response-token fields disagree in length."""

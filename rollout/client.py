@@ -28,11 +28,14 @@ class EngineUnavailableError(EngineError):
 
 @runtime_checkable
 class EngineClient(Protocol):
-    """What generate functions and the router need from an engine."""
+    """What generate functions, envs (`envs.multiturn`, `envs.multiagent`) and the router need from an engine.
+
+    Generate functions and envs call only `generate`; the rest serves the router and the run's control.
+    """
 
     async def generate(self, input_ids: Sequence[int], sampling_params: dict[str, Any],
                        return_logprob: bool = True, session_id: str | None = None) -> dict[str, Any]:
-        """Generate one continuation of `input_ids`; SGLang's response dict."""
+        """Generate one continuation of `input_ids`: SGLang's response dict (a router keeps a session on one engine)."""
         ...
 
     async def health(self) -> bool:

@@ -2,8 +2,8 @@
 
 A generate function is `async def fn(args: GenerateArgs, sample: Sample, sampling_params: dict)
 -> Sample | list[Sample]`. `sample.tokens` holds the prompt ids (plus, when an aborted sample
-is resumed under --partial-rollout, the response so far); the function appends response
-tokens, one loss-mask entry and one log-prob per response token, and sets the status.
+is resumed under --partial-rollout, the response so far); the function appends the response with
+`append_response` (an engine's answer) or `Sample.append` (any other tokens) and sets the status.
 """
 
 from __future__ import annotations
@@ -25,18 +25,33 @@ class GenerateArgs:
 
     `clients` maps each policy to its engines' client (`{"default": client}` with one policy); a
     multi-agent generate function calls `args.clients[policy]` and tags each Sample with its policy.
-    `env_config` holds the run's `--env*` flags (`rollout.config.EnvConfig`) for env generate functions.
+    `env_config` holds the run's `--env*` flags (`rollout.config.EnvConfig`; its defaults when None is given).
     """
 
     client: EngineClient
     tokenizer: Any
     config: RolloutConfig
     clients: dict[str, EngineClient] = field(default_factory=dict)
-    env_config: EnvConfig | None = None
+    env_config: EnvConfig = field(default_factory=EnvConfig)
 
     def __post_init__(self) -> None:
         if not self.clients:
             self.clients = {DEFAULT_POLICY: self.client}
+        if self.env_config is None:  # the manager's when the run sets no --env flags
+            self.env_config = EnvConfig()
+        if not isinstance(self.env_config, EnvConfig):
+            raise TypeError(f"GenerateArgs.env_config is a {type(self.env_config).__name__}, "
+                            "expected rollout.config.EnvConfig or None")
+
+
+def check_args(args: Any, where: str) -> GenerateArgs:
+    """`args` if it is a GenerateArgs with an EnvConfig; TypeError naming `where` and the wrong type otherwise."""
+    if not isinstance(args, GenerateArgs):
+        raise TypeError(f"{where}: args is a {type(args).__name__}, expected rollout.generate.GenerateArgs")
+    if not isinstance(args.env_config, EnvConfig):
+        raise TypeError(f"{where}: args.env_config is a {type(args.env_config).__name__}, "
+                        "expected rollout.config.EnvConfig")
+    return args
 
 
 def finish_status(meta_info: dict[str, Any]) -> Status:
@@ -48,19 +63,29 @@ def finish_status(meta_info: dict[str, Any]) -> Status:
     return FINISH_STATUS[kind]
 
 
+def response_tokens(response: dict[str, Any], where: str = "engine response") -> tuple[list[int], list[float]]:
+    """An engine response's output ids and their log-probs, checked against each other (EngineError naming `where`)."""
+    ids = response.get("output_ids")
+    if not isinstance(ids, list):
+        raise EngineError(f"{where}: no 'output_ids' list (keys: {sorted(response)})")
+    entries = (response.get("meta_info") or {}).get("output_token_logprobs")
+    if entries is None:
+        raise EngineError(f"{where}: no meta_info.output_token_logprobs; call generate with return_logprob")
+    if len(entries) != len(ids):
+        raise EngineError(f"{where}: engine returned {len(ids)} output ids but {len(entries)} log-probs")
+    for i, (entry, token) in enumerate(zip(entries, ids)):
+        if entry[1] != token:
+            raise EngineError(f"{where}: log-prob entry {i} is for token {entry[1]}, but output id {i} is {token}")
+    return list(ids), [float(entry[0]) for entry in entries]
+
+
 def append_response(sample: Sample, response: dict[str, Any], *, loss_mask: int = 1) -> Sample:
-    """Append an engine response's tokens, log-probs and text to `sample`; set status and weight version."""
+    """Append an engine response to `sample` (`Sample.append`); its status from finish_reason, its weight version."""
+    ids, logprobs = response_tokens(response, f"sample {sample.index}")
     meta = response["meta_info"]
-    new_ids = list(response["output_ids"])
-    logprobs = [float(entry[0]) for entry in meta.get("output_token_logprobs", ())]
-    if len(logprobs) != len(new_ids):
-        raise EngineError(f"sample {sample.index}: {len(new_ids)} output ids but {len(logprobs)} log-probs")
-    sample.tokens = sample.tokens + new_ids
-    sample.response_length += len(new_ids)
-    sample.loss_mask = sample.loss_mask + [loss_mask] * len(new_ids)
-    sample.rollout_logprobs = sample.rollout_logprobs + (logprobs if loss_mask else [0.0] * len(new_ids))
-    sample.response += response.get("text", "")
-    sample.status = finish_status(meta)
+    status = finish_status(meta)
+    sample.append(ids, logprobs if loss_mask == 1 else None, loss_mask=loss_mask, text=response.get("text", ""))
+    sample.status = status
     sample.weight_version = meta.get("weight_version", sample.weight_version)
     return sample
 

@@ -25,7 +25,7 @@ class ScriptedClient:
         self.outputs: list[list[int]] = []
         self.params: list[dict] = []
 
-    async def generate(self, *, input_ids, sampling_params, return_logprob):
+    async def generate(self, input_ids, sampling_params, return_logprob=True, session_id=None):
         assert return_logprob
         self.seen.append(list(input_ids))
         self.params.append(dict(sampling_params))

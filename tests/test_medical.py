@@ -271,7 +271,7 @@ async def test_doctor_episode_through_run_episode(appendicitis, tokenizer_dir):
     script = iter(turns)
 
     class Client:
-        async def generate(self, *, input_ids, sampling_params, return_logprob):
+        async def generate(self, input_ids, sampling_params, return_logprob=True, session_id=None):
             ids = tok.encode(next(script), add_special_tokens=False) + [tok.eos_token_id]
             return {"output_ids": ids, "meta_info": {"output_token_logprobs": [(-0.5, t, None) for t in ids],
                                                      "finish_reason": {"type": "stop"}, "weight_version": 0}}

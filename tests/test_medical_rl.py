@@ -1,6 +1,7 @@
 """Medical example in the RL loop: generate functions with scripted doctors/patients, data writer, evaluation."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from transformers import AutoTokenizer
@@ -9,7 +10,7 @@ from envs.generate import EnvConfig
 from examples.medical_multiagent.cases import Case, generate_case, generate_cases
 from examples.medical_multiagent.dialogue import GREETING
 from examples.medical_multiagent.doctor_env import case_sample
-from examples.medical_multiagent.eval import EvalArgs, load_samples, patient_exchanges, report, run_cases
+from examples.medical_multiagent.eval import eval_args, load_samples, patient_exchanges, report, run_cases
 from examples.medical_multiagent.generate import generate_dialogue, generate_doctor
 from examples.medical_multiagent.make_data import make_data
 from examples.medical_multiagent.rewards import DoctorRewardConfig, doctor_reward, patient_reward
@@ -53,9 +54,8 @@ def scripted(tok, turns):
 
 def args_for(tok, clients, **env):
     first = next(iter(clients.values()))
-    args = GenerateArgs(client=first, tokenizer=tok, config=RolloutConfig(progress=False), clients=clients)
-    args.env_config = EnvConfig(**env)
-    return args
+    return GenerateArgs(client=first, tokenizer=tok, config=RolloutConfig(progress=False), clients=clients,
+                        env_config=EnvConfig(**env))
 
 
 @pytest.mark.parametrize("policies", [("default",), ("doctor", "patient")])
@@ -114,6 +114,11 @@ async def test_shared_policy_truncation_and_bad_labels(tok, appendicitis):
     unplayed = await generate_dialogue(args_for(tok, {"doctor": shared, "a": shared}), case_sample(appendicitis), {})
     assert all(s.status is Status.FAILED for s in unplayed)
     assert "role 'patient' has no policy: policies are ['a', 'doctor']" in unplayed[0].error
+    loose = SimpleNamespace(clients={"default": shared}, tokenizer=tok, env_config=EnvConfig())
+    with pytest.raises(TypeError, match=r"generate_doctor: args is a SimpleNamespace, expected .*GenerateArgs"):
+        await generate_doctor(loose, case_sample(appendicitis), {})
+    with pytest.raises(TypeError, match=r"generate_dialogue: args is a SimpleNamespace, expected .*GenerateArgs"):
+        await generate_dialogue(loose, case_sample(appendicitis), {})
 
 
 def test_data_writer_rows_load_as_prompts(tmp_path, tok):
@@ -159,7 +164,7 @@ async def test_eval_reports_accuracy_turns_and_faithfulness(tok):
         return "Diagnosis: " + ("tension headache" if opening in wrong else truth[opening])
 
     client = FakeEngineClient(script=doctor, tokenizer=tok, eos_id=tok.eos_token_id)
-    args = EvalArgs({"doctor": client}, tok, EnvConfig(env_max_turns=4))
+    args = eval_args({"doctor": client}, tok, EnvConfig(env_max_turns=4))
     result = report(await run_cases(args, samples, llm_patient=False, sampling_params={}), "rule")
     assert result.episodes == 4 and result.failed == 0
     assert result.accuracy == 0.5 and result.format_rate == 1.0 and result.avg_doctor_turns == 2.0

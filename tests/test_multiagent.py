@@ -3,14 +3,14 @@
 import asyncio
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from envs import Env, StepResult
-from envs.generate import (EnvConfig, env_metrics, generate_multiagent, generate_with_env, policy_clients,
-                           resolve_policy)
+from envs.generate import EnvConfig, env_metrics, generate_multiagent, generate_with_env, resolve_policy
 from envs.multiagent import (MultiAgentEnv, Opening, RoleSpec, TurnResult, assign_policies, role_metrics,
                              run_dialogue)
 from rollout.config import DataConfig, RolloutConfig
@@ -245,9 +245,7 @@ class Explodes(Countdown):
 
 
 def args_for(tok, client, **env):
-    args = GenerateArgs(client=client, tokenizer=tok, config=RolloutConfig(progress=False))
-    args.env_config = EnvConfig(**env)
-    return args
+    return GenerateArgs(client=client, tokenizer=tok, config=RolloutConfig(progress=False), env_config=EnvConfig(**env))
 
 
 async def test_generate_with_env_keeps_one_session_and_reports_cache_hits(tok):
@@ -281,7 +279,15 @@ async def test_env_flag_metadata_override_and_clear_errors(tok):
         EnvConfig(env_max_turns=0)
     with pytest.raises(ValueError, match=r"EnvConfig.env_step_timeout = -1"):
         EnvConfig(env_step_timeout=-1)
-    assert policy_clients(args) == {"default": client}
+    assert args.clients == {"default": client}
+    assert GenerateArgs(client=client, tokenizer=tok, config=RolloutConfig(), env_config=None).env_config == EnvConfig()
+    with pytest.raises(TypeError, match=r"generate_with_env: args is a SimpleNamespace, expected .*GenerateArgs"):
+        await generate_with_env(SimpleNamespace(client=client, tokenizer=tok, env_config=EnvConfig()), Sample(), {})
+    with pytest.raises(TypeError, match=r"GenerateArgs.env_config is a dict, expected rollout.config.EnvConfig"):
+        GenerateArgs(client=client, tokenizer=tok, config=RolloutConfig(), env_config={"env_max_turns": 2})
+    args.env_config = {"env_max_turns": 2}
+    with pytest.raises(TypeError, match=r"generate_multiagent: args.env_config is a dict, expected .*EnvConfig"):
+        await generate_multiagent(args, Sample(prompt="go"), {})
     with pytest.raises(ValueError, match=r"policy 'x' has no engine client; policies: \['a', 'b'\]"):
         resolve_policy({"a": client, "b": client}, "x")
 

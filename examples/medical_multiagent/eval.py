@@ -26,20 +26,13 @@ from examples.medical_multiagent.dialogue import DOCTOR, GREETING, PATIENT, case
 from examples.medical_multiagent.generate import generate_dialogue, generate_doctor
 from examples.medical_multiagent.make_data import case_row
 from examples.medical_multiagent.rewards import patient_reward
-from rollout.client import EngineClient, HttpEngineClient, LocalEngineClient
 from kiln_common.sample import Sample, Status
+from rollout.client import EngineClient, HttpEngineClient, LocalEngineClient
+from rollout.config import RolloutConfig
+from rollout.generate import GenerateArgs
 
 RULE_BASED = "rule"
 SHARED = "shared"
-
-
-@dataclass
-class EvalArgs:
-    """What the medical generate functions read from their `args`."""
-
-    clients: dict[str, EngineClient]
-    tokenizer: Any
-    env_config: EnvConfig
 
 
 @dataclass
@@ -67,6 +60,12 @@ class EvalReport:
         ])
 
 
+def eval_args(clients: dict[str, EngineClient], tokenizer: Any, env_config: EnvConfig) -> GenerateArgs:
+    """The medical generate functions' `args` outside a run: the policies' clients, tokenizer and episode limits."""
+    return GenerateArgs(client=next(iter(clients.values())), tokenizer=tokenizer, config=RolloutConfig(),
+                        clients=dict(clients), env_config=env_config)
+
+
 def patient_exchanges(doctor_messages: list[dict[str, str]]) -> list[tuple[str, str]]:
     """(question, answer) pairs of the patient as the doctor saw them; tool turns and their results skipped."""
     exchanges: list[tuple[str, str]] = []
@@ -79,7 +78,7 @@ def patient_exchanges(doctor_messages: list[dict[str, str]]) -> list[tuple[str, 
     return exchanges
 
 
-async def run_cases(args: EvalArgs, samples: list[Sample], *, llm_patient: bool, sampling_params: dict[str, Any],
+async def run_cases(args: GenerateArgs, samples: list[Sample], *, llm_patient: bool, sampling_params: dict[str, Any],
                     concurrency: int = 8) -> list[list[Sample]]:
     """Each case's episode: [doctor sample] with the rule-based patient, [doctor, patient] with the LLM one."""
     sem = asyncio.Semaphore(concurrency)
@@ -124,7 +123,8 @@ def load_samples(data: str | None, n_cases: int, seed: int) -> list[Sample]:
     else:
         path = Path(data)
         if not path.is_file():
-            raise FileNotFoundError(f"--data {data!r} is not a file (write one with examples.medical_multiagent.make_data)")
+            raise FileNotFoundError(f"--data {data!r} is not a file "
+                                    "(write one with examples.medical_multiagent.make_data)")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:n_cases]
     return [Sample(index=i, group_index=i, prompt=r["prompt"], label=Case.from_dict(r["label"]).to_dict(),
                    metadata=dict(r.get("metadata") or {})) for i, r in enumerate(rows)]
@@ -170,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
         tokenizer_dir = ns.tokenizer or doctor_dir
         if not tokenizer_dir:
             parser.error("--tokenizer is needed when --doctor is a URL")
-        args = EvalArgs(clients, AutoTokenizer.from_pretrained(tokenizer_dir),
-                        EnvConfig(env_max_turns=ns.max_turns, env_max_total_tokens=ns.max_total_tokens))
+        args = eval_args(clients, AutoTokenizer.from_pretrained(tokenizer_dir),
+                         EnvConfig(env_max_turns=ns.max_turns, env_max_total_tokens=ns.max_total_tokens))
         params = {"max_new_tokens": ns.max_new_tokens, "temperature": ns.temperature}
         episodes = asyncio.run(run_cases(args, samples, llm_patient=ns.patient != RULE_BASED, sampling_params=params,
                                          concurrency=ns.concurrency))
