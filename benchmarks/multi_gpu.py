@@ -276,11 +276,11 @@ def bench_push(weights: list[tuple[str, torch.Tensor]], endpoint: Any, setup: Se
     sender.connect([endpoint])
     connect_s = time.perf_counter() - start
     try:
-        verified = push_weights(bucket_named_tensors(iter(weights), bucket_bytes), [endpoint], sender)
+        verified = push_weights(bucket_named_tensors(iter(weights), bucket_bytes), [endpoint], sender, 1)
         sender.config = dataclasses.replace(config, check_weight_update=False)  # the timed pushes skip the checksums
         times = []
-        for _ in range(repeats):
-            stats = push_weights(bucket_named_tensors(iter(weights), bucket_bytes), [endpoint], sender)
+        for version in range(2, repeats + 2):
+            stats = push_weights(bucket_named_tensors(iter(weights), bucket_bytes), [endpoint], sender, version)
             times.append(stats.seconds)
     finally:
         sender.close([endpoint])
@@ -705,7 +705,7 @@ def grpo(setup: Setup, report: Report) -> None:
             driver.setup()
             setup_s = time.perf_counter() - start
             history = driver.run()
-            version = ray.get(driver.engines["default"][0].get_weight_version.remote())
+            version = ray.get(driver.engines["default"][0].weight_version.remote())
         finally:
             driver.shutdown()
     finally:

@@ -193,7 +193,7 @@ class RemoteObject:
 
 
 class RemoteWeightEndpoint(RemoteObject):
-    """A RemoteObject whose object is a weight-sync endpoint (an `Engine` or a `WeightReceiver`), for `push_weights`."""
+    """A RemoteObject whose object is a weight-sync endpoint (an `Engine` or a `TensorDictEngine`): `push_weights`'s."""
 
     @property
     def weight_version(self) -> int:
@@ -202,8 +202,7 @@ class RemoteWeightEndpoint(RemoteObject):
 
 def make_tensor_receiver(shapes: list[tuple[str, tuple[int, ...]]], dtype: str, device: str):
     """A weight-sync endpoint that loads into preallocated tensors of these shapes (no model around them)."""
-    from weight_sync import WeightReceiver
     from weight_sync.testing import TensorDictEngine
 
-    return WeightReceiver(TensorDictEngine({name: torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
-                                            for name, shape in shapes}))
+    return TensorDictEngine({name: torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+                             for name, shape in shapes})

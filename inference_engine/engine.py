@@ -25,7 +25,7 @@ from inference_engine.model_runner import ModelRunner
 from inference_engine.request import Req
 from inference_engine.sampling_params import SamplingParams
 from inference_engine.scheduler import Scheduler
-from weight_sync import ColocatedBucket, SharedBucket, WeightReceiver, open_bucket
+from weight_sync import ColocatedBucket, SharedBucket, WeightReceiver, checksum_report, open_bucket
 
 log = logging.getLogger(__name__)
 NamedTensorPairs = Iterable[tuple[str, torch.Tensor]]
@@ -34,7 +34,8 @@ STOP_TIMEOUT_S = 60.0  # shutdown waits this long for the scheduler thread to fi
 
 
 class Engine:
-    """In-process inference engine: `generate`, `async_generate`, abort, flush, and the RL control surface."""
+    """In-process inference engine: implements `inference_engine.control.EngineControl` (generation, abort,
+    flush, the RL control surface, information)."""
 
     def __init__(self, model_path: str | None = None, device: str = "cpu", dtype: str = "float32",
                  config: EngineConfig | None = None, **kwargs):
@@ -57,7 +58,7 @@ class Engine:
         except BaseException:
             self.runner.shutdown()
             raise
-        self._receiver = WeightReceiver(_EngineWeights(self), tp_rank=0)  # weight-update groups, drain, checksums
+        self._receiver = WeightReceiver(tp_rank=0)  # weight-update groups, colocated storages, drain
         self._inbox: queue.Queue = queue.Queue()
         self._paused = False
         self._update_phases: dict[str, float] = {}   # seconds of the last weight update's phases, for metrics()
@@ -311,11 +312,12 @@ class Engine:
     # ----------------------------------------------------------------- RL control surface
     @property
     def weight_version(self) -> int:
+        """The version of the weights the engine holds (0 until the first update)."""
         return self.scheduler.weight_version
 
-    def _commit_weights(self, load: Callable[[], Any], weight_version: int | None, phases: dict[str, float],
+    def _commit_weights(self, load: Callable[[], Any], weight_version: int, phases: dict[str, float],
                         pause: bool = False, resume: bool = False) -> int:
-        """Run load (on the scheduler thread), flush the radix cache and bump or set the weight version.
+        """Run load (on the scheduler thread), flush the radix cache and set the weight version.
 
         `pause` / `resume`: stop stepping before the load / step again after it, also when it fails (one
         push's first / last message); the seconds of "load" and "flush" go into `phases`.
@@ -328,7 +330,7 @@ class Engine:
             load()
             loaded = time.perf_counter()
             self.scheduler.flush_cache()
-            self.scheduler.weight_version = self.weight_version + 1 if weight_version is None else int(weight_version)
+            self.scheduler.weight_version = weight_version
             phases["load"], phases["flush"] = loaded - start, time.perf_counter() - loaded
             return self.scheduler.weight_version
         finally:
@@ -339,9 +341,10 @@ class Engine:
         if self._released.get("weights"):
             raise RuntimeError("weights are released; call resume_memory() before updating them")
 
-    def _apply_weights(self, load: Callable[[], Any], weight_version: int | None, phases: dict[str, float] | None = None,
+    def _apply_weights(self, load: Callable[[], Any], weight_version: int, phases: dict[str, float] | None = None,
                        pause: bool = False, resume: bool = False) -> int:
-        """`_commit_weights` on the scheduler thread; its phases, with "queue" (the wait for the thread), become the last update's."""
+        """`_commit_weights` on the scheduler thread; its phases, with "queue" (the wait for the thread), become
+        the last update's."""
         phases = {} if phases is None else phases
         start = time.perf_counter()
 
@@ -355,40 +358,37 @@ class Engine:
             phases.setdefault("total", time.perf_counter() - start)
             self._update_phases = phases
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
-        """Load HF-named tensors (any subset) between steps; flushes the cache and bumps weight_version (returned).
-
-        Returns once the copies are done, so the caller may reuse or free the tensors' memory.
-        """
-        return self._apply_weights(lambda: self._load_and_wait(named_tensors), weight_version)
-
     def _load_and_wait(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full HF-named tensors (every tp rank its shard) and wait for the copies."""
         self.runner.load_weights(named_tensors)
         if self.runner.device.type == "cuda":   # the copies read a colocated sender's memory: done before it reuses it
             torch.cuda.current_stream(self.runner.device).synchronize()
 
     def update_weights_from_tensor(self, named_tensors: ColocatedBucket | SharedBucket | NamedTensorPairs,
-                                   weight_version: int | None = None) -> int:
-        """Update weights from a colocated bucket (shared handles) or (hf_name, tensor) pairs; bad names raise before anything changes.
+                                   weight_version: int) -> int:
+        """Update weights from a colocated bucket (shared handles) or (hf_name, tensor) pairs; bad names raise
+        before anything changes.
 
         A `ColocatedBucket` may carry its push's pause and continue: pause (after a drain, if that is the
         mode), load, flush, set the version and continue are then one call on the scheduler thread.
         """
+        version = _check_version(weight_version)
         if isinstance(named_tensors, ColocatedBucket):
-            return self._update_colocated(named_tensors, weight_version)
+            return self._update_colocated(named_tensors, version)
         named = open_bucket(named_tensors) if isinstance(named_tensors, SharedBucket) else list(named_tensors)
         bad = [entry for entry in named if not (isinstance(entry, tuple) and len(entry) == 2 and
                                                 isinstance(entry[0], str) and isinstance(entry[1], torch.Tensor))]
         if bad:
             raise ValueError(f"update_weights_from_tensor expects (hf_name, tensor) pairs; bad entries: {bad[:3]}")
-        return self.load_weights(named, weight_version)
+        return self._apply_weights(lambda: self._load_and_wait(named), version)
 
-    def _update_colocated(self, bucket: ColocatedBucket, weight_version: int | None) -> int:
-        """One message of a colocated push; its phases (drain, open, queue, load, flush, close, total) kept for metrics()."""
+    def _update_colocated(self, bucket: ColocatedBucket, weight_version: int) -> int:
+        """One message of a colocated push; its phases (drain, open, queue, load, flush, close, total) kept for
+        metrics()."""
         start = time.perf_counter()
         phases: dict[str, float] = {}
         if bucket.pause is not None:
-            self._receiver.wait_before_pause(bucket.pause)   # checks the mode; "drain" waits for requests to end
+            self._receiver.drain(bucket.pause, self._busy_requests)   # checks the mode; "drain" waits
             phases["drain"] = time.perf_counter() - start
 
         def load(named: list[tuple[str, torch.Tensor]]) -> int:
@@ -404,17 +404,23 @@ class Engine:
             phases["total"] = time.perf_counter() - start
             self._update_phases = phases
 
-    def update_weights_from_disk(self, model_path: str, weight_version: int | None = None) -> int:
-        """Load every weight of a HF folder with the same architecture."""
-        return self._apply_weights(lambda: self.runner.load_checkpoint(model_path), weight_version)
+    def update_weights_from_disk(self, model_path: str, weight_version: int) -> int:
+        """Load every weight of an HF folder with the same architecture."""
+        version = _check_version(weight_version)
+        return self._apply_weights(lambda: self.runner.load_checkpoint(model_path), version)
 
     def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Engine weights under HF names, unfused (views: clone to keep)."""
         return self._call(self.runner.named_hf_tensors)
 
+    def _busy_requests(self) -> int:
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
+
     def pause_generation(self, mode: str = "pause") -> None:
-        """Stop stepping after the current step ("pause": in-flight requests keep their state; "drain": first wait until none is running or queued)."""
-        self._receiver.pause_generation(mode)
+        """Stop stepping after the current step ("pause": in-flight requests keep their state; "drain": first
+        wait until none is running or queued)."""
+        self._receiver.drain(mode, self._busy_requests)
+        self._call(lambda: setattr(self, "_paused", True))   # a request that slipped in after the drain is paused
 
     def continue_generation(self) -> None:
         """Resume stepping after pause_generation."""
@@ -422,37 +428,41 @@ class Engine:
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                   group_name: str, backend: str = "auto", timeout_s: float = 300.0) -> None:
-        """Join a trainer's weight-update group: tp rank r as group rank rank_offset + r; blocks until every rank arrived."""
+        """Join a trainer's weight-update group: tp rank r as group rank rank_offset + r; blocks until every rank
+        arrived."""
+        arguments = _arguments(locals())
+
         def join():
-            self.runner.tell_workers("init_weights_update_group", master_address, master_port, rank_offset,
-                                     world_size, group_name, backend, timeout_s)
-            self._receiver.init_weights_update_group(master_address, master_port, rank_offset, world_size,
-                                                     group_name, backend, timeout_s)
+            self.runner.tell_workers("init_weights_update_group", arguments)
+            self._receiver.join_group(**arguments)
         self._call(join)
 
     def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
-                                        shapes: Sequence[Sequence[int]], group_name: str,
-                                        weight_version: int | None = None) -> int:
-        """Receive one bucket broadcast by the group's rank 0 (each tp rank its own copy, loading its shard); returns the version."""
+                                        shapes: Sequence[Sequence[int]], group_name: str, weight_version: int) -> int:
+        """Receive one bucket broadcast by the group's rank 0 (each tp rank its own copy, loading its shard);
+        returns the version."""
+        arguments = _arguments(locals())
+        version = _check_version(weight_version)
+
         def receive():
             self._check_weights_resident()
-            version = self.weight_version + 1 if weight_version is None else int(weight_version)
-            self.runner.tell_workers("update_weights_from_distributed", list(names), list(dtypes),
-                                     [list(s) for s in shapes], group_name, version)
-            self._receiver.update_weights_from_distributed(names, dtypes, shapes, group_name, version)
-            return self.weight_version
+            self.runner.tell_workers("update_weights_from_distributed", arguments)
+            named = self._receiver.receive_distributed(group_name, names, dtypes, shapes)
+            phases: dict[str, float] = {}
+            self._update_phases = phases
+            return self._commit_weights(lambda: self.runner.load_weights_local(named), version, phases)
         return self._call(receive)
 
     def destroy_weights_update_group(self, group_name: str) -> None:
         """Leave the named weight-update group (every tp rank)."""
         def leave():
-            self._receiver.destroy_weights_update_group(group_name)  # an unknown name raises before the workers hear
-            self.runner.tell_workers("destroy_weights_update_group", group_name)
+            self._receiver.leave_group(group_name)  # an unknown name raises before the workers hear
+            self.runner.tell_workers("destroy_weights_update_group", {"group_name": group_name})
         self._call(leave)
 
     def weight_checksums(self) -> dict[str, dict]:
         """{hf_name: checksum dict} of the engine's full weights (weight_sync's verification)."""
-        return self._receiver.weight_checksums()
+        return checksum_report(self.named_hf_tensors())
 
     def release_memory(self, weights: bool = False) -> None:
         """Free the KV pool (and with weights=True move weights to CPU); only while no request is queued or running."""
@@ -481,6 +491,16 @@ class Engine:
                 self.config.model_path, "family": self.spec.family, "is_generation": True,
                 "context_length": self.context_length, "vocab_size": self.spec.vocab_size,
                 "tp_size": self.config.tp_size, "weight_version": self.weight_version}
+
+    def health(self) -> bool:
+        """True while the engine can run steps (scheduler thread and tp workers alive)."""
+        if self._closed or not self._thread.is_alive():
+            return False
+        try:
+            self.runner.check_alive()
+        except RuntimeError:
+            return False
+        return True
 
     def metrics(self) -> dict:
         """Load and cache numbers (read without locking: a snapshot, possibly a step old)."""
@@ -532,34 +552,14 @@ class Engine:
             self.shutdown()
 
 
-class _EngineWeights:
-    """Rank 0's side of the engine as weight_sync's WeightTarget; called on the scheduler thread for updates.
 
-    `load_weights` loads rank 0's shard only: in a distributed update every tp rank receives its own
-    copy of the bucket from the trainer.
-    """
+def _check_version(weight_version: int) -> int:
+    """The weight version an update sets: an int, required (a missing or non-int version is a TypeError)."""
+    if not isinstance(weight_version, int) or isinstance(weight_version, bool):
+        raise TypeError(f"weight_version must be an int (the version the new weights get), got {weight_version!r}")
+    return weight_version
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
 
-    @property
-    def weight_version(self) -> int:
-        return self.engine.weight_version
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
-        phases: dict[str, float] = {}
-        self.engine._update_phases = phases
-        return self.engine._commit_weights(lambda: self.engine.runner.load_weights_local(named_tensors),
-                                           weight_version, phases)
-
-    def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        return self.engine.named_hf_tensors()
-
-    def pause_generation(self) -> None:
-        self.engine._call(lambda: setattr(self.engine, "_paused", True))
-
-    def continue_generation(self) -> None:
-        self.engine.continue_generation()
-
-    def metrics(self) -> dict:
-        return self.engine.metrics()
+def _arguments(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """A control method's arguments by name (its `locals()` at entry, without self), as the tp workers get them."""
+    return {name: value for name, value in local_vars.items() if name != "self"}

@@ -1,4 +1,6 @@
-"""HTTP API (FastAPI): SGLang's /generate and RL endpoints, OpenAI's completions / chat completions, metrics."""
+"""HTTP API (FastAPI): SGLang's /generate, OpenAI's completions / chat completions, and one route per member of
+the engine's control surface (`inference_engine.control.MEMBERS`: SGLang's paths, bodies bound by the member's
+signature)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import json
 import pickle
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from inference_engine import control
+from inference_engine.control import MEMBERS, Member
 from inference_engine.engine import Engine
 from weight_sync.ipc import SharedBucket
 
@@ -79,6 +83,66 @@ def _required(body: dict, route: str, *names: str) -> list:
     return [body[n] for n in names]
 
 
+def _release_tags(body: dict) -> dict:
+    """SGLang's {"tags": ["kv_cache", "weights"]} as release_memory's `weights`."""
+    if "tags" not in body:
+        return body
+    body = dict(body)
+    tags = body.pop("tags") or ["kv_cache"]
+    if not isinstance(tags, list) or not all(t in ("kv_cache", "weights") for t in tags):
+        raise ValueError(f"release_memory_occupation: field 'tags' = {tags!r}; expected a list of 'kv_cache' / "
+                         "'weights'")
+    return {**body, "weights": "weights" in tags}
+
+
+def _prometheus(metrics: dict) -> PlainTextResponse:
+    lines = []
+    for name, value in metrics.items():
+        lines.append(f"# TYPE kiln_{name} gauge")
+        if isinstance(value, dict):  # one labelled sample per key, e.g. weight_update_phases_s{part="load"}
+            lines += [f'kiln_{name}{{part="{key}"}} {float(v)}' for key, v in value.items()]
+        else:
+            lines.append(f"kiln_{name} {float(value)}")
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+# SGLang's request bodies that differ from the member's arguments, and responses that are not {"success": ...}
+REQUESTS: dict[str, Callable[[dict], dict]] = {"release_memory": _release_tags}
+RESPONSES: dict[str, Callable[[Engine, Any], Any]] = {
+    "metrics": lambda engine, result: _prometheus(result),
+    "get_model_info": lambda engine, result: result,
+    "weight_version": lambda engine, result: {"weight_version": result},
+    "weight_checksums": lambda engine, result: {"weight_version": engine.weight_version, "checksums": result},
+    "health": lambda engine, ok: {"status": "ok"} if ok else JSONResponse({"status": "unhealthy"}, status_code=503),
+}
+
+
+def _control_route(engine: Engine, member: Member) -> Callable[[Request], Any]:
+    """The HTTP route of one control member: JSON body -> its arguments (checked by its signature) -> the call."""
+    name = member.name
+
+    async def route(request: Request):
+        body = await _json(request) if request.method == "POST" and await request.body() else {}
+        arguments = control.bind(name, kwargs=REQUESTS.get(name, lambda b: b)(body))
+        control.check_json_types(name, arguments)
+        if member.is_attribute:
+            result = getattr(engine, name)
+        elif member.blocking:
+            result = await asyncio.to_thread(getattr(engine, name), **arguments)
+        else:
+            result = getattr(engine, name)(**arguments)
+        if name in RESPONSES:
+            return RESPONSES[name](engine, result)
+        response: dict[str, Any] = {"success": True, "message": f"{name}: done"}
+        if isinstance(result, int) and not isinstance(result, bool):   # the weight updates return the new version
+            response["weight_version"] = result
+        return response
+
+    route.__name__ = name
+    route.__doc__ = member.doc
+    return route
+
+
 def create_app(engine: Engine) -> FastAPI:
     """The FastAPI app serving one engine (tests drive it through httpx.ASGITransport or TestClient)."""
     app = FastAPI(title="Kiln inference engine")
@@ -106,67 +170,6 @@ def create_app(engine: Engine) -> FastAPI:
             return _sse(await engine.async_generate(**kwargs, stream=True))
         return await engine.async_generate(**kwargs)
 
-    @app.api_route("/health", methods=["GET", "POST"])
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/get_model_info")
-    async def model_info():
-        return engine.get_model_info()
-
-    @app.get("/get_weight_version")
-    async def weight_version():
-        return {"weight_version": engine.weight_version}
-
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
-    async def flush_cache():
-        await asyncio.to_thread(engine.flush_cache)
-        return {"success": True, "message": "radix cache flushed"}
-
-    @app.post("/abort_request")
-    async def abort_request(request: Request):
-        body = await _json(request)
-        engine.abort(body.get("rid"), abort_all=bool(body.get("abort_all", False)))
-        return {"success": True}
-
-    @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(request: Request):
-        body = await _json(request)
-        if "model_path" not in body:
-            raise ValueError("update_weights_from_disk needs model_path")
-        version = await asyncio.to_thread(engine.update_weights_from_disk, body["model_path"],
-                                          body.get("weight_version"))
-        return {"success": True, "message": f"loaded {body['model_path']}", "weight_version": version}
-
-    @app.post("/pause_generation")
-    async def pause_generation(request: Request):
-        body = await _json(request) if await request.body() else {}
-        await asyncio.to_thread(engine.pause_generation, body.get("mode", "pause"))
-        return {"success": True}
-
-    @app.post("/continue_generation")
-    async def continue_generation():
-        await asyncio.to_thread(engine.continue_generation)
-        return {"success": True}
-
-    @app.post("/init_weights_update_group")
-    async def init_weights_update_group(request: Request):
-        body = await _json(request)
-        address, port, offset, world = _required(body, "init_weights_update_group", "master_address", "master_port",
-                                                 "rank_offset", "world_size")
-        group_name = body.get("group_name", "weight_update_group")
-        await asyncio.to_thread(engine.init_weights_update_group, address, int(port), int(offset), int(world),
-                                group_name, body.get("backend", "auto"), float(body.get("timeout_s", 300.0)))
-        return {"success": True, "message": f"joined weight-update group {group_name!r}"}
-
-    @app.post("/update_weights_from_distributed")
-    async def update_weights_from_distributed(request: Request):
-        body = await _json(request)
-        names, dtypes, shapes = _required(body, "update_weights_from_distributed", "names", "dtypes", "shapes")
-        version = await asyncio.to_thread(engine.update_weights_from_distributed, names, dtypes, shapes,
-                                          body.get("group_name", "weight_update_group"), body.get("weight_version"))
-        return {"success": True, "message": f"loaded {len(names)} tensors", "weight_version": version}
-
     @app.post("/update_weights_from_tensor")
     async def update_weights_from_tensor(request: Request):
         body = await _json(request)
@@ -175,43 +178,15 @@ def create_app(engine: Engine) -> FastAPI:
             raise ValueError("serialized_named_tensors must be a non-empty list of strings (SGLang sends one per tp "
                              "rank; Kiln's rank 0 takes the first and shares the full tensors with its tp ranks)")
         named = _deserialize_named_tensors(entries[0])
-        version = await asyncio.to_thread(engine.update_weights_from_tensor, named, body.get("weight_version"))
+        if "weight_version" not in body:
+            raise ValueError("update_weights_from_tensor needs field(s) ['weight_version']")
+        version = await asyncio.to_thread(engine.update_weights_from_tensor, named, body["weight_version"])
         return {"success": True, "message": "weights updated", "weight_version": version}
 
-    @app.post("/destroy_weights_update_group")
-    async def destroy_weights_update_group(request: Request):
-        body = await _json(request)
-        group_name = body.get("group_name", "weight_update_group")
-        await asyncio.to_thread(engine.destroy_weights_update_group, group_name)
-        return {"success": True, "message": f"left weight-update group {group_name!r}"}
-
-    @app.get("/weights_checksum")
-    async def weights_checksum():
-        checksums = await asyncio.to_thread(engine.weight_checksums)
-        return {"weight_version": engine.weight_version, "checksums": checksums}
-
-    @app.post("/release_memory_occupation")
-    async def release_memory(request: Request):
-        body = await _json(request) if await request.body() else {}
-        tags = body.get("tags") or ["kv_cache"]
-        await asyncio.to_thread(engine.release_memory, weights="weights" in tags)
-        return {"success": True}
-
-    @app.post("/resume_memory_occupation")
-    async def resume_memory():
-        await asyncio.to_thread(engine.resume_memory)
-        return {"success": True}
-
-    @app.get("/metrics")
-    async def metrics():
-        lines = []
-        for name, value in engine.metrics().items():
-            lines.append(f"# TYPE kiln_{name} gauge")
-            if isinstance(value, dict):  # one labelled sample per key, e.g. weight_update_phases_s{part="load"}
-                lines += [f'kiln_{name}{{part="{key}"}} {float(v)}' for key, v in value.items()]
-            else:
-                lines.append(f"kiln_{name} {float(value)}")
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    for member in MEMBERS.values():
+        if member.route is not None and member.generated_route:
+            app.add_api_route(member.route, _control_route(engine, member), methods=list(member.http_methods),
+                              name=member.name)
 
     # ------------------------------------------------------------- OpenAI compatible
     @app.get("/v1/models")

@@ -20,13 +20,14 @@ import signal
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from inference_engine.config import EngineConfig
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.parallel import TP_TIMEOUT_S, TPGroup, rank_device
+from inference_engine.control import MEMBERS
 from weight_sync import FlatLayout, WeightReceiver
 from kiln_common.net import free_port
 
@@ -36,8 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 JOIN_TIMEOUT_S = 30.0
 PARENT_POLL_S = 1.0
-RUNNER_COMMANDS = ("load_checkpoint", "named_hf_tensors", "release_memory", "resume_memory")
-RECEIVER_COMMANDS = ("init_weights_update_group", "update_weights_from_distributed", "destroy_weights_update_group")
+RUNNER_COMMANDS = ("load_checkpoint", "named_hf_tensors", "release_memory", "resume_memory")  # ModelRunner's mirror
 
 
 class TPWorkers:
@@ -139,17 +139,26 @@ def receive_weights(group: TPGroup, metadata: dict) -> list[tuple[str, torch.Ten
 
 
 class RankWeights:
-    """A worker rank's weights as weight_sync's WeightTarget: updates load this rank's shard, rank 0 keeps the version."""
+    """A worker rank's share of the control members every tp rank runs itself (`MEMBERS[name].tp_ranks`): rank 0
+    (the Engine) sends the member's name and bound arguments, each worker runs the method of that name here."""
 
-    def __init__(self, runner: "ModelRunner"):
+    def __init__(self, runner: "ModelRunner", receiver: WeightReceiver):
         self.runner = runner
-        self.weight_version = 0
+        self.receiver = receiver
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: int | None = None) -> int:
-        """Load this rank's shard of the HF-named tensors."""
-        self.runner.load_weights_local(named_tensors)
-        self.weight_version = self.weight_version + 1 if weight_version is None else weight_version
-        return self.weight_version
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str, backend: str, timeout_s: float) -> None:
+        """Join the group as rank rank_offset + this tp rank."""
+        self.receiver.join_group(master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str, weight_version: int) -> None:
+        """Receive the bucket and load this rank's shard of it (rank 0 keeps the version)."""
+        self.runner.load_weights_local(self.receiver.receive_distributed(group_name, names, dtypes, shapes))
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        """Leave the group."""
+        self.receiver.leave_group(group_name)
 
 
 def worker_main(rank: int, config: EngineConfig, port: int, num_threads: int) -> None:
@@ -166,14 +175,15 @@ def worker_main(rank: int, config: EngineConfig, port: int, num_threads: int) ->
         torch.cuda.set_device(device)
     group = TPGroup("127.0.0.1", port, rank, config.tp_size, device, TP_TIMEOUT_S)
     runner = ModelRunner(config, tp=group)
-    receiver = WeightReceiver(RankWeights(runner), tp_rank=rank)
+    receiver = WeightReceiver(tp_rank=rank)
+    weights = RankWeights(runner, receiver)
     try:
         while True:
             name, args = group.broadcast_object()
             if name == "stop":
                 return
             try:
-                _run_command(group, runner, receiver, name, args)
+                _run_command(group, runner, weights, name, args)
             except Exception:  # rank 0 runs the same operation and reports the same error to its caller
                 log.error("tp rank %d: %s failed:\n%s", rank, name, traceback.format_exc())
     finally:
@@ -198,7 +208,7 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="kiln-tp-parent-watch", daemon=True).start()
 
 
-def _run_command(group: TPGroup, runner: "ModelRunner", receiver: WeightReceiver, name: str, args: tuple) -> None:
+def _run_command(group: TPGroup, runner: "ModelRunner", weights: RankWeights, name: str, args: tuple) -> None:
     if name == "forward":
         runner.forward(receive_batch(group, runner, *args))
     elif name == "logits":
@@ -208,8 +218,7 @@ def _run_command(group: TPGroup, runner: "ModelRunner", receiver: WeightReceiver
         runner.load_weights_local(receive_weights(group, *args))
     elif name in RUNNER_COMMANDS:
         getattr(runner, name)(*args)
-    elif name in RECEIVER_COMMANDS:
-        getattr(receiver, name)(*args)
+    elif name in MEMBERS and MEMBERS[name].tp_ranks:   # a control member: its arguments by name
+        getattr(weights, name)(**args[0])
     else:
         raise ValueError(f"unknown tp command {name!r}")
-

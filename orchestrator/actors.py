@@ -1,10 +1,11 @@
 """Ray actors of the rollout side: `EngineActor` (one Engine, serving HTTP too) and `RolloutManagerActor`.
 
 `EngineActor` holds one `inference_engine.Engine`, serves its HTTP API (SGLang native and
-OpenAI) on the node's IP, and exposes the engine's RL surface to weight sync. `EngineProxy`
-is the synchronous, picklable stand-in for an engine actor that `weight_sync.push_weights`
-drives from trainer rank 0. `RolloutManagerActor` owns the prompt data and a RolloutManager
-whose per-policy routers reach the engines over HTTP (or directly through their Ray handles).
+OpenAI) on the node's IP, and forwards the engine's control surface (`inference_engine.control`)
+member by member. `EngineProxy` is the synchronous, picklable stand-in for an engine actor that
+`weight_sync.push_weights` drives from trainer rank 0. `RolloutManagerActor` owns the prompt data
+and a RolloutManager whose per-policy routers reach the engines over HTTP (or directly through
+their Ray handles).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import ray
 import torch
 
+from inference_engine.control import MEMBERS, Member
 from rollout.client import HttpEngineClient, LocalEngineClient
 from rollout.config import DataConfig, EnvConfig, RolloutConfig
 from rollout.data import PromptDataset
@@ -38,7 +40,10 @@ def _setup_logging() -> None:
 
 
 class EngineActor:
-    """One inference engine in a Ray actor: generation (Ray calls and HTTP) and the RL control surface."""
+    """One inference engine in a Ray actor: serves HTTP (optionally) and forwards every member of the engine's
+    control surface (`inference_engine.control.MEMBERS`) to its Engine; the methods are generated below."""
+
+    LIFECYCLE = ("get_url", "shutdown")   # the actor's own methods, beside the control surface
 
     def __init__(self, config: Any, serve_http: bool = True) -> None:
         from inference_engine import Engine
@@ -73,80 +78,6 @@ class EngineActor:
         """The engine's HTTP base URL (None if it does not serve HTTP)."""
         return self.url
 
-    # ---- generation (what LocalEngineClient calls on a Ray handle) ----------------------------------------------
-
-    async def async_generate(self, **kwargs: Any) -> dict | list[dict]:
-        """`Engine.async_generate` (non-streaming)."""
-        return await self.engine.async_generate(**kwargs)
-
-    async def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
-        """Abort one request or all of them."""
-        self.engine.abort(rid, abort_all=abort_all)
-
-    async def flush_cache(self) -> None:
-        """Empty the radix cache."""
-        await asyncio.to_thread(self.engine.flush_cache)
-
-    async def health(self) -> bool:
-        """True while the engine's scheduler thread runs."""
-        return self.engine._thread.is_alive()
-
-    async def get_model_info(self) -> dict:
-        return self.engine.get_model_info()
-
-    async def metrics(self) -> dict:
-        return self.engine.metrics()
-
-    # ---- RL surface (what weight_sync's sender and the driver call) ----------------------------------------------
-
-    async def get_weight_version(self) -> int:
-        return self.engine.weight_version
-
-    async def pause_generation(self, mode: str = "pause") -> None:
-        """Stop stepping ('pause'), or first let the requests in flight finish on the current weights ('drain')."""
-        await asyncio.to_thread(self.engine.pause_generation, mode)
-
-    async def continue_generation(self) -> None:
-        await asyncio.to_thread(self.engine.continue_generation)
-
-    async def release_memory(self, weights: bool = False) -> None:
-        """Free the KV cache (and weights) while the colocated trainer trains."""
-        await asyncio.to_thread(self.engine.release_memory, weights)
-
-    async def resume_memory(self) -> None:
-        await asyncio.to_thread(self.engine.resume_memory)
-
-    async def update_weights_from_tensor(self, bucket: Any, weight_version: int | None = None) -> int:
-        """Load a bucket shared by handle (colocated transport) or given as (hf_name, tensor) pairs."""
-        return await asyncio.to_thread(self.engine.update_weights_from_tensor, bucket, weight_version)
-
-    async def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
-                                        world_size: int, group_name: str, backend: str = "auto",
-                                        timeout_s: float = 300.0) -> None:
-        """Join trainer rank 0's weight-update group (tp rank r at rank_offset + r); blocks until every rank arrived."""
-        await asyncio.to_thread(self.engine.init_weights_update_group, master_address, master_port, rank_offset,
-                                world_size, group_name, backend, timeout_s)
-
-    async def destroy_weights_update_group(self, group_name: str) -> None:
-        """Leave the weight-update group (every tp rank)."""
-        await asyncio.to_thread(self.engine.destroy_weights_update_group, group_name)
-
-    async def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
-                                              shapes: Sequence[Sequence[int]], group_name: str,
-                                              weight_version: int | None = None) -> int:
-        """Receive one bucket broadcast by the group's rank 0 and load it (every tp rank its shard)."""
-        return await asyncio.to_thread(self.engine.update_weights_from_distributed, names, dtypes, shapes,
-                                       group_name, weight_version)
-
-    async def weight_checksums(self) -> dict[str, dict]:
-        """{hf_name: checksum dict} of the engine's weights (weight_sync's verification)."""
-        return await asyncio.to_thread(self.engine.weight_checksums)
-
-    async def named_hf_tensors(self) -> dict[str, torch.Tensor]:
-        """A copy of the engine's weights under HF names."""
-        named = await asyncio.to_thread(self.engine.named_hf_tensors)
-        return {name: t.detach().to("cpu", copy=True) for name, t in named}
-
     async def shutdown(self) -> None:
         """Stop the HTTP server and the engine."""
         if self._server is not None:
@@ -155,43 +86,58 @@ class EngineActor:
 
 
 class EngineProxy:
-    """A synchronous stand-in for an EngineActor handle, with the methods `weight_sync.push_weights` calls."""
+    """A synchronous, picklable stand-in for an EngineActor handle (what `weight_sync.push_weights` drives): every
+    member of the engine's control surface, each a blocking Ray call; the methods are generated below."""
 
     def __init__(self, handle: Any, timeout_s: float | None = None) -> None:
-        self.handle = handle
-        self.timeout_s = timeout_s
+        self._handle = handle
+        self._timeout_s = timeout_s
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return ray.get(getattr(self.handle, method).remote(*args, **kwargs), timeout=self.timeout_s)
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return ray.get(getattr(self._handle, name).remote(*args, **kwargs), timeout=self._timeout_s)
 
-    @property
-    def weight_version(self) -> int:
-        return self._call("get_weight_version")
 
-    def pause_generation(self, mode: str = "pause") -> None:
-        self._call("pause_generation", mode)
+def _host_copies(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    return [(name, t.detach().to("cpu", copy=True)) for name, t in named]
 
-    def continue_generation(self) -> None:
-        self._call("continue_generation")
 
-    def update_weights_from_tensor(self, bucket: Any, weight_version: int | None = None) -> int:
-        return self._call("update_weights_from_tensor", bucket, weight_version)
+def _actor_method(member: Member) -> Callable[..., Any]:
+    """EngineActor's forwarder of one member: awaited, run in a worker thread, or called inline (cheap ones)."""
+    name = member.name
+    if member.is_attribute:
+        async def forward(self):
+            return getattr(self.engine, name)
+    elif member.is_async:
+        async def forward(self, *args, **kwargs):
+            return await getattr(self.engine, name)(*args, **kwargs)
+    elif member.blocking:
+        async def forward(self, *args, **kwargs):
+            result = await asyncio.to_thread(getattr(self.engine, name), *args, **kwargs)
+            return _host_copies(result) if member.host_tensors else result
+    else:
+        async def forward(self, *args, **kwargs):
+            return getattr(self.engine, name)(*args, **kwargs)
+    forward.__name__ = forward.__qualname__ = name
+    forward.__doc__ = member.doc
+    return forward
 
-    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                                  group_name: str, backend: str = "auto", timeout_s: float = 300.0) -> None:
-        self._call("init_weights_update_group", master_address, master_port, rank_offset, world_size, group_name,
-                   backend, timeout_s)
 
-    def destroy_weights_update_group(self, group_name: str) -> None:
-        self._call("destroy_weights_update_group", group_name)
+def _proxy_member(member: Member) -> Any:
+    """EngineProxy's member: a blocking Ray call of the actor's method of the same name (a property for attributes)."""
+    name = member.name
+    if member.is_attribute:
+        return property(lambda self: self._call(name), doc=member.doc)
 
-    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
-                                        shapes: Sequence[Sequence[int]], group_name: str,
-                                        weight_version: int | None = None) -> int:
-        return self._call("update_weights_from_distributed", names, dtypes, shapes, group_name, weight_version)
+    def call(self, *args, **kwargs):
+        return self._call(name, *args, **kwargs)
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = member.doc
+    return call
 
-    def weight_checksums(self) -> dict[str, dict]:
-        return self._call("weight_checksums")
+
+for _member in MEMBERS.values():
+    setattr(EngineActor, _member.name, _actor_method(_member))
+    setattr(EngineProxy, _member.name, _proxy_member(_member))
 
 
 class RolloutManagerActor:

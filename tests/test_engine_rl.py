@@ -32,7 +32,7 @@ def test_weight_updates_switch_models_and_report_versions(qwen3_model, other_qwe
     with Engine(model_path=str(qwen3_model), max_total_tokens=1024) as engine:
         before = engine.generate(PROMPT, sampling_params=SP)
         assert before["output_ids"] == original and before["meta_info"]["weight_version"] == 0
-        assert engine.update_weights_from_tensor(load_file(other_qwen3 / "model.safetensors").items()) == 1
+        assert engine.update_weights_from_tensor(load_file(other_qwen3 / "model.safetensors").items(), 1) == 1
         after = engine.generate(PROMPT, sampling_params=SP)
         assert after["output_ids"] == other and after["meta_info"]["weight_version"] == 1
         assert after["meta_info"]["cached_tokens"] == 0  # the update flushed the cache
@@ -47,9 +47,14 @@ def test_bad_weight_updates_are_rejected_and_change_nothing(qwen3_model, tiny_mo
         good = load_file(qwen3_model / "model.safetensors")
         with pytest.raises(ValueError, match="model.layers.9"):
             engine.update_weights_from_tensor([("model.norm.weight", good["model.norm.weight"] * 2),
-                                               ("model.layers.9.mlp.up_proj.weight", torch.zeros(3))])
+                                               ("model.layers.9.mlp.up_proj.weight", torch.zeros(3))], 1)
         with pytest.raises(ValueError, match="does not match"):
-            engine.update_weights_from_disk(str(tiny_models["llama"]))
+            engine.update_weights_from_disk(str(tiny_models["llama"]), 1)
+        with pytest.raises(TypeError, match="weight_version"):   # no default version: required, an int
+            engine.update_weights_from_disk(str(qwen3_model))
+        for version in (None, "2", 2.5, True):
+            with pytest.raises(TypeError, match="weight_version must be an int"):
+                engine.update_weights_from_tensor(list(good.items()), version)
         assert engine.weight_version == 0
         assert engine.generate(PROMPT, sampling_params=SP)["output_ids"] == before
 

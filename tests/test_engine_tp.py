@@ -203,7 +203,7 @@ def test_tp2_weight_updates_equal_a_fresh_tp2_engine(qwen3_model, other_qwen3):
         expected_other = _run(fresh)
     with Engine(model_path=str(qwen3_model), tp_size=2, **ENGINE_ARGS) as engine:
         original = _run(engine)
-        assert engine.update_weights_from_tensor(load_file(other_qwen3 / "model.safetensors").items()) == 1
+        assert engine.update_weights_from_tensor(load_file(other_qwen3 / "model.safetensors").items(), 1) == 1
         _assert_same(_run(engine), expected_other)
         engine.release_memory(weights=True)
         engine.resume_memory()
@@ -225,7 +225,7 @@ def test_tp2_on_two_gpus_with_nccl_and_cuda_graphs_matches_tp1(qwen3_model, othe
     with Engine(model_path=str(other_qwen3), tp_size=2, **args) as tp2:
         assert isinstance(tp2.runner.tp.device_group, dist.ProcessGroupNCCL)
         assert tp2.runner.device == torch.device("cuda", 0) and tp2.runner.graph_runner is not None
-        tp2.update_weights_from_tensor(load_file(qwen3_model / "model.safetensors").items())  # over NCCL to rank 1
+        tp2.update_weights_from_tensor(load_file(qwen3_model / "model.safetensors").items(), 1)  # NCCL to rank 1
         _assert_same(_run(tp2), expected)
         workers = tp2.runner.workers.processes
     assert not any(p.is_alive() for p in workers)

@@ -122,6 +122,9 @@ async def test_http_routes_push_weights_and_report_versions(qwen3_model, other_q
                 assert r.status_code == 200 and r.json()["weight_version"] == version
                 _assert_holds(engine, qwen3_model)
             r = await client.post("/update_weights_from_disk", json={"model_path": str(other_qwen3)})
+            assert r.status_code == 400 and "needs field(s) ['weight_version']" in r.json()["error"]["message"]
+            r = await client.post("/update_weights_from_disk", json={"model_path": str(other_qwen3),
+                                                                     "weight_version": 6})
             assert r.json()["weight_version"] == 6
             assert (await client.post("/pause_generation", json={"mode": "drain"})).status_code == 200
             assert engine.metrics()["paused"]
@@ -130,7 +133,11 @@ async def test_http_routes_push_weights_and_report_versions(qwen3_model, other_q
             assert r.json()["meta_info"]["weight_version"] == 6
 
             bad = [("/update_weights_from_distributed", {"names": ["model.norm.weight"], "dtypes": ["float32"],
-                                                         "shapes": [[64]], "group_name": "nope"}, 409, "no weight"),
+                                                         "shapes": [[64]], "group_name": "nope", "weight_version": 7},
+                    409, "no weight"),
+                   ("/update_weights_from_distributed", {"names": ["model.norm.weight"], "dtypes": ["float32"],
+                                                         "shapes": [[64]], "group_name": "nope",
+                                                         "weight_version": "7"}, 400, "'weight_version' = '7'"),
                    ("/update_weights_from_distributed", {"names": []}, 400, "dtypes"),
                    ("/update_weights_from_tensor", {"serialized_named_tensors": ["not base64!"]}, 400, "decoded"),
                    ("/pause_generation", {"mode": "later"}, 400, "pause mode 'later'")]
@@ -144,7 +151,7 @@ def test_engine_is_a_push_weights_endpoint_itself(qwen3_model, other_qwen3):
     with Engine(model_path=str(qwen3_model), max_total_tokens=1024) as engine:
         sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=BUCKET_BYTES,
                                                check_weight_update=True, pause_mode="drain"))
-        stats = push_weights(_buckets(other_qwen3), [engine], sender)
+        stats = push_weights(_buckets(other_qwen3), [engine], sender, 1)
         assert stats.weight_version == 1 and stats.buckets > 1 and engine.weight_version == 1
         _assert_holds(engine, other_qwen3)
         assert not engine.metrics()["paused"]

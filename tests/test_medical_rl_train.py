@@ -58,7 +58,7 @@ def test_two_policies_co_train_and_advance(local_ray, tmp_path, tokenizer_dir):
             assert 1 <= h["rollout/doctor/turns_mean"] <= 2 and h["rollout/patient/num_samples"] == 4
         assert history[-1]["weight_version/doctor/engine"] == history[-1]["weight_version/patient/engine"] == 2
         for policy in ("doctor", "patient"):
-            assert ray.get(driver.engines[policy][0].get_weight_version.remote()) == 2
+            assert ray.get(driver.engines[policy][0].weight_version.remote()) == 2
         logged = [json.loads(line) for line in metrics_file.read_text().splitlines()]
         assert [line["step"] for line in logged] == [1, 2] and "rollout/patient/reward_mean" in logged[-1]
         # the patient's reward is faithfulness + answered (at most 1.5), the doctor's at most 1.4

@@ -47,7 +47,7 @@ def test_receiver_errors_come_back_with_the_child_traceback():
     endpoint = RemoteWeightEndpoint(make_tensor_receiver, [("w", (2, 2))], "float32", "cpu", name="receiver")
     try:
         with pytest.raises(RuntimeError, match="KeyError: \"load_weights: unknown tensor 'x'"):
-            endpoint.update_weights_from_tensor([("x", torch.zeros(2, 2))])
+            endpoint.update_weights_from_tensor([("x", torch.zeros(2, 2))], 1)
         assert endpoint.weight_version == 0  # nothing was loaded
     finally:
         endpoint.close()

@@ -130,8 +130,8 @@ async def test_rl_endpoints(client, engine, qwen3_model):
     assert (await client.post("/resume_memory_occupation")).json()["success"]
     after = (await client.post("/generate", json={"text": "the doctor", "sampling_params": GREEDY})).json()
     assert after["output_ids"] == before["output_ids"] and after["meta_info"]["weight_version"] == 3
-    r = await client.post("/update_weights_from_disk", json={"model_path": "/nonexistent"})
-    assert r.status_code == 400
+    r = await client.post("/update_weights_from_disk", json={"model_path": "/nonexistent", "weight_version": 4})
+    assert r.status_code == 400 and "/nonexistent" in r.json()["error"]["message"]
     assert (await client.post("/abort_request", json={"rid": "nothing-running"})).json()["success"]
 
 

@@ -93,7 +93,7 @@ def test_colocated_two_steps_push_the_trained_weights(local_ray, qwen3_model, da
         assert [line["step"] for line in lines] == [1, 2]
         assert all(0 <= line["rollout/reward_mean"] <= 1 and line["rollout/num_samples"] == 8 for line in lines)
         assert all(line["train/num_samples"] == 8 and line["train/grad_norm"] > 0 for line in lines)
-        assert ray.get(driver.engines["default"][0].get_weight_version.remote()) == 2
+        assert ray.get(driver.engines["default"][0].weight_version.remote()) == 2
         assert lines[-1]["weight_version/engine"] == 2
         engine = engine_tensors(driver)
         initial = load_file(qwen3_model / "model.safetensors")
@@ -119,7 +119,7 @@ def test_resume_continues_bit_identically(local_ray, qwen3_model, data_dir, tmp_
         stable = {k: v for k, v in history[2].items() if not k.startswith(UNSTABLE)}
         again = {k: v for k, v in rest[0].items() if not k.startswith(UNSTABLE)}
         assert again == stable
-        assert ray.get(resumed.engines["default"][0].get_weight_version.remote()) == 3
+        assert ray.get(resumed.engines["default"][0].weight_version.remote()) == 3
         got = trainer_tensors(resumed, tmp_path / "resumed_export")
         assert set(got) == set(expected_weights)
         assert all(torch.equal(got[n], expected_weights[n]) for n in got)
@@ -158,7 +158,7 @@ def test_two_policies_each_get_their_weights(local_ray, tiny_models, data_dir, t
         assert last["weight_version/speaker/engine"] == 2 and last["weight_version/listener/engine"] == 2
         assert last["train/speaker/num_samples"] == 8 and last["train/listener/num_samples"] == 8
         for policy in ("speaker", "listener"):
-            assert ray.get(driver.engines[policy][0].get_weight_version.remote()) == 2
+            assert ray.get(driver.engines[policy][0].weight_version.remote()) == 2
             assert_same_weights(engine_tensors(driver, policy), trainer_tensors(driver, tmp_path / policy, policy))
     finally:
         driver.shutdown()
@@ -174,7 +174,7 @@ def test_async_disaggregated_run_trains_one_step_stale(local_ray, qwen3_model, d
         lags = [h["rollout/weight_version_lag"] for h in history]
         assert lags[0] == 0 and all(lag in (0, 1) for lag in lags[1:]), lags
         assert all("train/tis_clipfrac" in h for h in history)
-        assert ray.get(driver.engines["default"][0].get_weight_version.remote()) == 3
+        assert ray.get(driver.engines["default"][0].weight_version.remote()) == 3
         assert_same_weights(engine_tensors(driver), trainer_tensors(driver, tmp_path / "export"))
     finally:
         driver.shutdown()

@@ -64,12 +64,12 @@ def _pp_worker(rank, world, model, out_dir):
 def _push_into_engine(actor, rank, model):
     """Push the trainer's weights into one engine (rank 0 sends, every rank iterates); the engine's tensors."""
     from inference_engine import Engine
-    from weight_sync import WeightReceiver, WeightSender, WeightSyncConfig, push_weights
+    from weight_sync import WeightSender, WeightSyncConfig, push_weights
 
     engine, endpoints, sender = None, [], None
     if rank == 0:
         engine = Engine(model_path=str(model), max_total_tokens=1024)
-        endpoints = [WeightReceiver(engine)]
+        endpoints = [engine]
         sender = WeightSender(WeightSyncConfig(transport="distributed", bucket_bytes=1 << 16, backend="gloo",
                                                timeout_s=60, check_weight_update=True))
         sender.connect(endpoints)

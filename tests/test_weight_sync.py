@@ -12,7 +12,6 @@ from weight_sync import (FlatLayout, SharedBucket, WeightChecksumError, WeightSe
                          WeightSyncError, WeightSyncTimeoutError, WeightUpdateGroup, bucket_named_tensors,
                          compare_checksums, open_bucket, push_weights, share_bucket, tensor_checksum)
 from kiln_common.net import free_port
-from weight_sync.receiver import WeightReceiver
 from weight_sync.testing import TensorDictEngine
 
 
@@ -88,20 +87,20 @@ def test_config_rejects_bad_values():
 def test_push_makes_engines_equal_to_trainer(tiny_model, transport, pause_mode):
     trainer = _trained(tiny_model)
     engine_models = [_load(tiny_model), _load(tiny_model)]
-    engines = [WeightReceiver(TensorDictEngine(m.state_dict())) for m in engine_models]
+    engines = [TensorDictEngine(m.state_dict()) for m in engine_models]
     config = WeightSyncConfig(transport=transport, bucket_bytes=40_000, backend="gloo", timeout_s=30,
                               check_weight_update=True, pause_mode=pause_mode)
     sender = WeightSender(config)
     sender.connect(engines)
     try:
-        stats = push_weights(_trainer_buckets(trainer, config.bucket_bytes), engines, sender)
+        stats = push_weights(_trainer_buckets(trainer, config.bucket_bytes), engines, sender, 1)
         assert stats.weight_version == 1 and stats.buckets > 1
         assert stats.tensors == len(list(trainer.named_parameters()))
         for model, engine in zip(engine_models, engines):
-            assert engine.weight_version == 1 and not engine.target.paused and engine.target.cache_flushes >= 1
+            assert engine.weight_version == 1 and not engine.paused and engine.cache_flushes >= 1
             _assert_same_model(model, trainer, PROMPT)
         trainer2 = _trained(tiny_model, seed=2)   # the next step: a second push over the same group
-        stats = push_weights(_trainer_buckets(trainer2, config.bucket_bytes), engines, sender)
+        stats = push_weights(_trainer_buckets(trainer2, config.bucket_bytes), engines, sender, 2)
         assert stats.weight_version == 2 and all(e.weight_version == 2 for e in engines)
         _assert_same_model(engine_models[0], trainer2, PROMPT)
     finally:
@@ -113,7 +112,7 @@ def test_bucket_smaller_than_any_tensor_and_cast_on_load(qwen3_model, transport)
     """bucket_bytes=1: every tensor alone in its bucket; bf16 on the wire into an fp32 engine still verifies."""
     trainer = _trained(qwen3_model)
     engine_model = _load(qwen3_model)
-    engine = WeightReceiver(TensorDictEngine(engine_model.state_dict()))
+    engine = TensorDictEngine(engine_model.state_dict())
     sender = WeightSender(WeightSyncConfig(transport=transport, bucket_bytes=1, backend="gloo", timeout_s=30,
                                            check_weight_update=True))
     sender.connect([engine])
@@ -124,7 +123,7 @@ def test_bucket_smaller_than_any_tensor_and_cast_on_load(qwen3_model, transport)
     assert stats.buckets == stats.tensors == len(list(trainer.named_parameters()))
     assert engine.weight_version == 7
     for name, p in trainer.named_parameters():
-        assert torch.equal(engine.target.tensors[name], p.detach().bfloat16().float()), name
+        assert torch.equal(engine.tensors[name], p.detach().bfloat16().float()), name
 
 
 def test_shared_bucket_survives_pickling():
@@ -145,7 +144,7 @@ class _CorruptingEngine(TensorDictEngine):
         super().__init__(tensors)
         self.bad_name = bad_name
 
-    def load_weights(self, named_tensors, weight_version=None):
+    def load_weights(self, named_tensors, weight_version):
         named = list(named_tensors)
         version = super().load_weights(named, weight_version)
         if any(n == self.bad_name for n, _ in named):
@@ -157,14 +156,14 @@ class _CorruptingEngine(TensorDictEngine):
 def test_checksum_mismatch_names_the_tensor(qwen3_model):
     trainer = _trained(qwen3_model)
     bad = "model.layers.1.self_attn.k_proj.weight"
-    good = WeightReceiver(TensorDictEngine(_load(qwen3_model).state_dict()))
-    broken = WeightReceiver(_CorruptingEngine(_load(qwen3_model).state_dict(), bad))
+    good = TensorDictEngine(_load(qwen3_model).state_dict())
+    broken = _CorruptingEngine(_load(qwen3_model).state_dict(), bad)
     sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=40_000, check_weight_update=True))
     with pytest.raises(WeightChecksumError, match=r"engine 1: .*1 of \d+ tensors") as info:
-        push_weights(_trainer_buckets(trainer, 40_000), [good, broken], sender)
+        push_weights(_trainer_buckets(trainer, 40_000), [good, broken], sender, 1)
     assert info.value.names == [bad]
     assert bad in str(info.value)
-    assert not good.target.paused and not broken.target.paused     # engines resume even when the update failed
+    assert not good.paused and not broken.paused     # engines resume even when the update failed
 
 
 def test_checksum_tolerates_only_rounding():
@@ -188,36 +187,49 @@ def test_checksum_tolerates_only_rounding():
 
 def test_engine_load_error_names_engine_and_resumes(qwen3_model):
     trainer = _trained(qwen3_model)
-    engine = WeightReceiver(TensorDictEngine(_load(qwen3_model).state_dict()))
+    engine = TensorDictEngine(_load(qwen3_model).state_dict())
     renamed = ((f"bogus.{n}", t) for n, t in trainer.named_parameters())
     sender = WeightSender(WeightSyncConfig(transport="colocated"))
     with pytest.raises(WeightSyncError, match="engine 0: KeyError: .*unknown tensor 'bogus.model"):
-        push_weights(bucket_named_tensors(renamed, 1 << 20), [engine], sender)
-    assert not engine.target.paused and engine.weight_version == 0
+        push_weights(bucket_named_tensors(renamed, 1 << 20), [engine], sender, 1)
+    assert not engine.paused and engine.weight_version == 0
 
 
 def test_push_on_non_sending_rank_only_iterates():
     consumed = []
     buckets = ([] for _ in range(3) if not consumed.append(1))
-    stats = push_weights(buckets, [], None)
-    assert len(consumed) == 3 and stats.buckets == 0
+    stats = push_weights(buckets, [], None, 4)
+    assert len(consumed) == 3 and stats.buckets == 0 and stats.weight_version == 4
     with pytest.raises(WeightSyncError, match="no engines"):
-        push_weights(iter([[("a", torch.zeros(1))]]), [], None)
+        push_weights(iter([[("a", torch.zeros(1))]]), [], None, 4)
+
+
+def test_weight_version_is_required_and_an_int(qwen3_model):
+    """No default version: a push or an update without an int version is refused before anything moves."""
+    engine = TensorDictEngine(_load(qwen3_model).state_dict())
+    sender = WeightSender(WeightSyncConfig(transport="colocated"))
+    with pytest.raises(TypeError, match="weight_version"):
+        push_weights(_trainer_buckets(_trained(qwen3_model), 1 << 20), [engine], sender)
+    for version in (None, "3", 2.0, True):
+        with pytest.raises(TypeError, match="weight_version must be an int"):
+            push_weights(_trainer_buckets(_trained(qwen3_model), 1 << 20), [engine], sender, version)
+    sender.close([engine])
+    assert engine.weight_version == 0 and engine.cache_flushes == 0 and not engine.paused
 
 
 def test_update_from_disk(qwen3_model, tmp_path):
     trainer = _trained(qwen3_model)
     trainer.save_pretrained(tmp_path, safe_serialization=True)
     engine_model = _load(qwen3_model)
-    engine = WeightReceiver(TensorDictEngine(engine_model.state_dict()), disk_bucket_bytes=10_000)
-    engine.update_weights_from_disk(str(tmp_path))
+    engine = TensorDictEngine(engine_model.state_dict(), disk_bucket_bytes=10_000)
+    engine.update_weights_from_disk(str(tmp_path), 1)
     assert engine.weight_version == 1
     _assert_same_model(engine_model, trainer, PROMPT)
     with pytest.raises(WeightSyncError, match="holds no \\*.safetensors"):
-        engine.update_weights_from_disk(str(tmp_path / "nowhere"))
+        engine.update_weights_from_disk(str(tmp_path / "nowhere"), 2)
 
 
-class _AbsentEngine(WeightReceiver):
+class _AbsentEngine(TensorDictEngine):
     """An engine whose init_weights_update_group never joins the rendezvous."""
 
     def init_weights_update_group(self, *args, **kwargs):
@@ -225,7 +237,7 @@ class _AbsentEngine(WeightReceiver):
 
 
 def test_rendezvous_peer_never_arrives_times_out():
-    engines = [WeightReceiver(TensorDictEngine({"w": torch.zeros(2)})), _AbsentEngine(TensorDictEngine({"w": torch.zeros(2)}))]
+    engines = [TensorDictEngine({"w": torch.zeros(2)}), _AbsentEngine({"w": torch.zeros(2)})]
     sender = WeightSender(WeightSyncConfig(transport="distributed", backend="gloo", timeout_s=2))
     start = time.monotonic()
     with pytest.raises(WeightSyncError, match="not every rank arrived within 2s") as info:
@@ -263,14 +275,14 @@ class _PauseRecordingEngine(TensorDictEngine):
         super().__init__(tensors)
         self.calls = []
 
-    def load_weights(self, named_tensors, weight_version=None):
+    def load_weights(self, named_tensors, weight_version):
         self.calls.append(("load", self.paused))
         return super().load_weights(named_tensors, weight_version)
 
-    def pause_generation(self):
+    def pause_generation(self, mode="pause"):
         self.calls.append(("pause", self.paused))
         time.sleep(0.05)
-        super().pause_generation()
+        super().pause_generation(mode)
 
     def continue_generation(self):
         self.calls.append(("continue", self.paused))
@@ -281,13 +293,12 @@ class _PauseRecordingEngine(TensorDictEngine):
 def test_colocated_push_folds_pause_and_continue_into_the_loads(qwen3_model, bucket_bytes, check):
     """One message: pause, load, continue in one call; several: paused across every load; checksums: verified while paused."""
     trainer = _trained(qwen3_model)
-    target = _PauseRecordingEngine(_load(qwen3_model).state_dict())
-    engine = WeightReceiver(target)
+    target = engine = _PauseRecordingEngine(_load(qwen3_model).state_dict())
     sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes, check_weight_update=check))
     checked_while = []
-    engine.weight_checksums = lambda: checked_while.append(target.paused) or WeightReceiver.weight_checksums(engine)
+    engine.weight_checksums = lambda: checked_while.append(target.paused) or TensorDictEngine.weight_checksums(engine)
     try:
-        stats = push_weights(_trainer_buckets(trainer, bucket_bytes), [engine], sender)
+        stats = push_weights(_trainer_buckets(trainer, bucket_bytes), [engine], sender, 1)
     finally:
         sender.close()
     loads = [c for c in target.calls if c[0] == "load"]
@@ -308,10 +319,10 @@ def test_distributed_push_pauses_and_continues_with_calls_of_their_own(tiny_mode
     trainer = _trained(tiny_model)
     target = _PauseRecordingEngine(_load(tiny_model).state_dict())
     sender = WeightSender(WeightSyncConfig(transport="distributed", backend="gloo", bucket_bytes=1 << 30, timeout_s=30))
-    engine = WeightReceiver(target)
+    engine = target
     sender.connect([engine])
     try:
-        stats = push_weights(_trainer_buckets(trainer, 1 << 30), [engine], sender)
+        stats = push_weights(_trainer_buckets(trainer, 1 << 30), [engine], sender, 1)
         with pytest.raises(WeightSyncError, match="does not fold pause / resume"):
             sender.send_update(_trainer_buckets(trainer, 1 << 30), [engine], 2, pause="pause")
     finally:

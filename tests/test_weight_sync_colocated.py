@@ -22,8 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.processes import RemoteWeightEndpoint
 from trainer.testing import make_samples, run_distributed
-from weight_sync import (WeightReceiver, WeightSender, WeightSyncConfig, WeightSyncError, bucket_named_tensors,
-                         push_weights)
+from weight_sync import WeightSender, WeightSyncConfig, WeightSyncError, bucket_named_tensors, push_weights
 from trainer.actor import flatten_parameters
 from inference_engine.testing import make_engine
 from weight_sync.testing import TensorDictEngine
@@ -134,9 +133,10 @@ def test_bucket_smaller_than_one_tensor_in_bf16(engine, qwen3_model):
     sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=1))
     named = lambda: ((n, p.detach().bfloat16()) for n, p in trainer.named_parameters())   # noqa: E731
     try:
-        first = push_weights(bucket_named_tensors(named(), 1), [engine], sender)
+        version = engine.weight_version + 1
+        first = push_weights(bucket_named_tensors(named(), 1), [engine], sender, version)
         opened = engine.metrics()["weight_sync_handles_opened_total"]
-        second = push_weights(bucket_named_tensors(named(), 1), [engine], sender)
+        second = push_weights(bucket_named_tensors(named(), 1), [engine], sender, version + 1)
     finally:
         sender.close()
     assert first.buckets == first.tensors == len(list(trainer.named_parameters()))
@@ -150,16 +150,15 @@ def test_bucket_smaller_than_one_tensor_in_bf16(engine, qwen3_model):
 def test_receiver_that_lost_its_handles_gets_a_clear_error_then_fresh_ones(qwen3_model):
     trainer = _trainer(qwen3_model, seed=5)
     target = TensorDictEngine({n: torch.zeros_like(p) for n, p in trainer.named_parameters()})
-    receiver = WeightReceiver(target)
     sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=BUCKET_BYTES))
     try:
-        push_weights(_buckets(trainer, BUCKET_BYTES), [receiver], sender)
-        receiver.shared.close()   # e.g. the engine restarted behind the same endpoint
+        push_weights(_buckets(trainer, BUCKET_BYTES), [target], sender, 1)
+        target.receiver.shared.close()   # e.g. the engine restarted behind the same endpoint
         with pytest.raises(WeightSyncError, match="engine 0: .*shared storage \\d+ .*never opened"):
-            push_weights(_buckets(trainer, BUCKET_BYTES), [receiver], sender)
+            push_weights(_buckets(trainer, BUCKET_BYTES), [target], sender, 2)
         assert not target.paused and target.weight_version == 1
         _step(trainer, seed=6)
-        assert push_weights(_buckets(trainer, BUCKET_BYTES), [receiver], sender).weight_version == 2
+        assert push_weights(_buckets(trainer, BUCKET_BYTES), [target], sender, 2).weight_version == 2
     finally:
         sender.close()
     for name, p in trainer.named_parameters():

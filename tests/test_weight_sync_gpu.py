@@ -79,7 +79,8 @@ def test_persistent_push_into_an_engine_process_in_place_then_packed(qwen3_model
             if step == 3:
                 engine.release_memory(weights=True)
                 engine.resume_memory()
-            stats = push_weights(bucket_named_tensors(iter(named), 64 << 10), [engine], sender, resident=resident)
+            stats = push_weights(bucket_named_tensors(iter(named), 64 << 10), [engine], sender, step,
+                                 resident=resident)
             assert stats.weight_version == step and stats.buckets > 1   # checksums verified bit-exact inside
             open_storages.append(engine.metrics()["weight_sync_storages_open"])
             opened.append(engine.metrics()["weight_sync_handles_opened_total"])

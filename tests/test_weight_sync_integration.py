@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from trainer.testing import make_samples, run_distributed
-from weight_sync import WeightChecksumError, WeightReceiver, WeightSender, WeightSyncConfig, push_weights
+from weight_sync import ColocatedBucket, WeightChecksumError, WeightSender, WeightSyncConfig, push_weights
 from weight_sync.checksum import TensorChecksum, compare_checksums
 
 PROMPTS = [[5, 17, 99, 230, 41, 7], [300, 2, 2, 64], [77, 401, 12, 9, 150, 151, 152]]
@@ -24,12 +24,23 @@ IN_FLIGHT = 32
 BUCKET_BYTES = 20_000   # smaller than the embedding (512 x 64 fp32): that tensor travels alone
 
 
-class _RecordingReceiver(WeightReceiver):
-    """Records how many requests were in flight when the engine paused for the update."""
+class _RecordingEndpoint:
+    """An Engine as a push endpoint that records how many requests were in flight when it paused for the update."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
 
     def pause_generation(self, mode="pause"):
-        super().pause_generation(mode)
-        self.running_at_pause = self.target.metrics()["num_running_requests"]
+        self.engine.pause_generation(mode)
+        self.running_at_pause = self.engine.metrics()["num_running_requests"]
+
+    def update_weights_from_tensor(self, named_tensors, weight_version):
+        if isinstance(named_tensors, ColocatedBucket) and named_tensors.pause is not None:   # the push's first
+            self.pause_generation(named_tensors.pause)   # message pauses: pause here to look (the engine's is a no-op)
+        return self.engine.update_weights_from_tensor(named_tensors, weight_version)
 
 
 def _sync_worker(rank, world, model_path, out_dir):
@@ -43,7 +54,7 @@ def _sync_worker(rank, world, model_path, out_dir):
     actor.init()
     samples = make_samples(8, vocab_size=500, seed=5)
     engine = Engine(model_path=str(model_path), max_total_tokens=8192) if rank == 0 else None
-    endpoints = [_RecordingReceiver(engine)] if rank == 0 else []
+    endpoints = [_RecordingEndpoint(engine)] if rank == 0 else []
     out = {}
     for step, transport, pause_mode in ((1, "distributed", "pause"), (2, "colocated", "pause"),
                                         (3, "colocated", "drain")):
@@ -63,7 +74,7 @@ def _sync_worker(rank, world, model_path, out_dir):
             deadline = time.monotonic() + 60
             while engine.metrics()["num_running_requests"] < IN_FLIGHT and time.monotonic() < deadline:
                 time.sleep(0.005)
-        stats = push_weights(actor.iter_hf_weight_buckets(BUCKET_BYTES), endpoints, sender)
+        stats = push_weights(actor.iter_hf_weight_buckets(BUCKET_BYTES), endpoints, sender, step)
         export = out_dir / f"step{step}"
         actor.export_hf(export)
         if rank == 0:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from inference_engine.models.loader import WeightPlan, named_hf_tensors, read_spec
 from inference_engine.models.transformer import CausalLM
-from weight_sync import WeightReceiver, WeightSender, WeightSyncConfig, bucket_named_tensors, push_weights
+from weight_sync import WeightSender, WeightSyncConfig, bucket_named_tensors, push_weights
 from weight_sync.buckets import StableBucket, copy_tensors
 from weight_sync.testing import TensorDictEngine
 
@@ -93,7 +93,7 @@ class _Recording(TensorDictEngine):
         super().__init__(tensors)
         self.loaded = []
 
-    def load_weights(self, named_tensors, weight_version=None):
+    def load_weights(self, named_tensors, weight_version):
         self.loaded.append(named_tensors)
         return super().load_weights(named_tensors, weight_version)
 
@@ -101,15 +101,14 @@ class _Recording(TensorDictEngine):
 @pytest.mark.parametrize("keep", [True, False], ids=["kept-open", "per-push"])
 def test_receiver_hands_back_the_same_views_while_the_storage_stays_open(qwen3_model, keep):
     flat, named = _hf_in_one_buffer(qwen3_model, seed=3, fused_order=lambda i: i)
-    target = _Recording({n: torch.zeros_like(t) for n, t in named})
-    receiver = WeightReceiver(target)
+    target = receiver = _Recording({n: torch.zeros_like(t) for n, t in named})
     sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=1 << 30, keep_resident_open=keep))
     try:
         for step in range(3):
             flat.add_(0.01)
             if step == 2:
                 sender.release([receiver])   # as the trainer does before it offloads
-            push_weights(bucket_named_tensors(iter(named), 1 << 30), [receiver], sender, resident=[flat])
+            push_weights(bucket_named_tensors(iter(named), 1 << 30), [receiver], sender, step + 1, resident=[flat])
             for name, tensor in named:
                 assert torch.equal(target.tensors[name], tensor), name
     finally:
@@ -117,7 +116,7 @@ def test_receiver_hands_back_the_same_views_while_the_storage_stays_open(qwen3_m
     first, second, third = target.loaded
     assert all(isinstance(b, StableBucket) for b in target.loaded)
     assert (second is first) == keep and third is not second
-    assert receiver.shared.open_count() == 0
+    assert receiver.receiver.shared.open_count() == 0
 
 
 def test_copy_tensors_casts_and_copies_every_pair():

@@ -84,6 +84,11 @@ def checksums(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Te
     return {name: tensor_checksum(t) for name, t in named_tensors}
 
 
+def checksum_report(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, dict]:
+    """{hf_name: checksum dict} of an engine's weights, plain data to send back to the trainer."""
+    return {name: c.to_dict() for name, c in checksums(named_tensors).items()}
+
+
 def compare_checksums(expected: Mapping[str, TensorChecksum], actual: Mapping[str, TensorChecksum],
                       where: str = "engine") -> None:
     """Raise `WeightChecksumError` naming every tensor whose `actual` checksum differs from `expected` or is missing."""

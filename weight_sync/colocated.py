@@ -43,6 +43,7 @@ class ColocatedChannel:
     def __init__(self, submit: Callable[..., Future], keep_resident: bool = True):
         self.sender_id = uuid.uuid4().hex[:12]
         self.generation = 0
+        self.weight_version = 0   # the last push's version: a message that only closes storages carries it
         self.keep_resident = keep_resident
         self._submit = submit
         self._ids = itertools.count()
@@ -65,6 +66,7 @@ class ColocatedChannel:
         the messages and where the sender's time went: `pack_s` placing buckets (packing into staging, sharing
         handles, waiting for the sender's stream), `wait_s` blocked on the engines' load calls.
         """
+        self.weight_version = weight_version
         resident_storages = {}   # storage data_ptr -> uint8 [nbytes] over it (CPU storages moved to shared memory first)
         for t in resident:
             if t.untyped_storage().data_ptr() not in resident_storages:   # parameters of one flat buffer: one storage
@@ -227,7 +229,7 @@ class ColocatedChannel:
             for slot in (s for s in self._staging if s is not None):
                 self._retire(slot[0])
         futures = [self._submit(engine.update_weights_from_tensor, self._message(engine, [], {}, set(), False, None,
-                                                                                 False, None))
+                                                                                 False, None), self.weight_version)
                    for engine in engines if self._retired.get(id(engine))]
         raise_engine_errors(futures, "update_weights_from_tensor", None)
 

@@ -46,12 +46,14 @@ class PushStats:
 
 
 def push_weights(trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any], transport: WeightSender | None,
-                 weight_version: int | None = None, resident: Iterable[torch.Tensor] = ()) -> PushStats:
+                 weight_version: int, resident: Iterable[torch.Tensor] = ()) -> PushStats:
     """Pause (or drain) engines -> stream buckets -> engines load, flush, set version -> verify -> continue.
 
     Every trainer rank calls this together (the bucket iterator is collective); ranks other than the
-    sending one pass no engines and no transport and only take part in the iteration. The new version
-    defaults to one past the highest engine version. `resident`: tensors whose storages stay put for
+    sending one pass no engines and no transport and only take part in the iteration. `weight_version`
+    (an int, required) is the version the engines hold afterwards. `engines`: objects with the weight
+    members of `inference_engine.control.EngineControl` (an `Engine`, an `EngineProxy`, the test double
+    `weight_sync.testing.TensorDictEngine`). `resident`: tensors whose storages stay put for
     the whole push (the trainer's parameters); colocated engines read bucket tensors that view them in
     place. Colocated, the pause rides along with the first message and the continue with the last
     (unless checksums are verified, which happens while the engines are still paused), so a push that
@@ -59,13 +61,16 @@ def push_weights(trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any]
     error is raised after they do.
     """
     start = time.perf_counter()
+    if not isinstance(weight_version, int) or isinstance(weight_version, bool):
+        raise TypeError(f"push_weights: weight_version must be an int (the version the engines hold afterwards), "
+                        f"got {weight_version!r}")
     if not engines:
         if any(bucket for bucket in trainer_buckets):
             raise WeightSyncError("push_weights got non-empty trainer buckets but no engines to send them to")
-        return PushStats(weight_version or 0, 0, 0, 0, time.perf_counter() - start)
+        return PushStats(weight_version, 0, 0, 0, time.perf_counter() - start)
     if transport is None:
         raise WeightSyncError("push_weights got engines but no transport (a WeightSender)")
-    version = weight_version if weight_version is not None else 1 + max(int(e.weight_version) for e in engines)
+    version = weight_version
     config = transport.config
     folded = config.transport == "colocated"   # pause / continue travel with the first / last message
     resume_with_last = folded and not config.check_weight_update

@@ -39,7 +39,8 @@ class SentCounts:
 
 
 class WeightSender:
-    """Trainer rank 0's end of weight sync; engines are objects with the `WeightReceiver` methods (in-process or proxies)."""
+    """Trainer rank 0's end of weight sync; engines are objects with the weight members of
+    `inference_engine.control.EngineControl` (an `Engine` in-process, `EngineProxy` for an actor)."""
 
     def __init__(self, config: WeightSyncConfig):
         self.config = config
