@@ -23,6 +23,7 @@ import torch
 
 from envs.generate import env_metrics
 from inference_engine.config import EngineConfig
+from orchestrator.checkpoint import CheckpointError, begin_checkpoint, choose_checkpoint, finish_checkpoint
 from orchestrator.cli import ConfigError, build_parser, instantiate, load_yaml, to_flag_values
 from orchestrator.config import RunConfig
 from rollout.config import DataConfig, EnvConfig, RolloutConfig
@@ -33,7 +34,6 @@ from weight_sync import WeightSyncConfig
 logger = logging.getLogger("kiln.driver")
 
 CONFIG_CLASSES = (RunConfig, RolloutConfig, DataConfig, TrainerConfig, EngineConfig, EnvConfig)
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 # flags the driver sets itself, per policy or from another flag
 _DERIVED = {"model-path": "--hf-checkpoint / --policies", "device": "the placement (cuda when Ray has GPUs)"}
 
@@ -158,6 +158,7 @@ class Driver:
         self.manager = None
         self.pg = None
         self.start_step = 0
+        self.checkpoint: Path | None = None  # the one --load resumes, chosen and verified before Ray starts
         self._started_ray = False
         self.weight_versions = {name: 0 for name in config.policies}
         self.history: list[dict[str, Any]] = []
@@ -186,6 +187,7 @@ class Driver:
         from orchestrator.trainer_group import TrainerGroup
 
         cfg, run = self.cfg, self.cfg.run
+        self.checkpoint = choose_checkpoint(run.load) if run.load else None  # CheckpointError before anything costly
         self._init_ray()
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         train, rollout = not run.debug_rollout_only, not run.debug_train_only
@@ -202,10 +204,9 @@ class Driver:
                 tcfg = dataclasses.replace(cfg.trainer, hf_checkpoint=path)
                 self.trainers[name] = TrainerGroup(name, tcfg, self.pg, plan.policies[name].trainers)
             ray.get([ref for g in self.trainers.values() for ref in g.remote("init")])
-            checkpoint = self._latest_checkpoint()
-            if checkpoint is not None:
+            if self.checkpoint is not None:
                 ray.get([ref for name, g in self.trainers.items()
-                         for ref in g.remote("load_checkpoint", str(checkpoint / f"policy_{name}"))])
+                         for ref in g.remote("load_checkpoint", str(self.checkpoint / f"policy_{name}"))])
             if self.colocated:
                 ray.get([ref for g in self.trainers.values() for ref in g.remote("offload")])
         if rollout:
@@ -235,22 +236,11 @@ class Driver:
             ray.get(refs)
         self._resume()
 
-    def _latest_checkpoint(self) -> Path | None:
-        """The folder of the latest checkpoint under --load, None if there is none yet."""
-        if not self.cfg.run.load:
-            return None
-        latest = Path(self.cfg.run.load) / LATEST_FILE
-        if not latest.is_file():
-            logger.warning("--load %s holds no checkpoint yet (no %s); starting from step 0", self.cfg.run.load,
-                           LATEST_FILE)
-            return None
-        return Path(self.cfg.run.load) / f"iter_{int(latest.read_text().strip()):07d}"
-
     def _resume(self) -> None:
         """Restore step, data position and weight versions from --load; push the loaded weights to the engines."""
         import ray
 
-        checkpoint = self._latest_checkpoint()
+        checkpoint = self.checkpoint
         if checkpoint is None:
             return
         state = json.loads((checkpoint / "driver.json").read_text())
@@ -311,23 +301,25 @@ class Driver:
 
         return ray.get(self.manager.evaluate.remote())
 
-    def _save(self, step: int) -> None:
-        """Checkpoint after `step` (0-based): trainers, rollout state, driver state; then mark it latest."""
+    def _save(self, step: int, rollout_state: dict[str, Any] | None = None) -> None:
+        """Checkpoint after `step` (0-based): trainers, rollout state, driver state, manifest; then mark it latest.
+
+        `rollout_state`: the manager's state to record (async rollout: taken before the next rollout began);
+        None = its state now. The protocol (atomic files, manifest, pointer last) is orchestrator/checkpoint.py's.
+        """
         import ray
 
-        root = Path(self.cfg.run.save)
-        folder = root / f"iter_{step + 1:07d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        ray.get([ref for name, g in self.trainers.items()
-                 for ref in g.remote("save_checkpoint", str(folder / f"policy_{name}"))])
-        if self.manager is not None:
-            torch.save(ray.get(self.manager.state_dict.remote()), folder / "rollout_state.pt")
+        folder = begin_checkpoint(self.cfg.run.save, step + 1)
+        refs = {name: g.remote("save_checkpoint", str(folder / f"policy_{name}")) for name, g in self.trainers.items()}
+        files = {f"policy_{name}/{file}": digest for name, rank_refs in refs.items()
+                 for written in ray.get(rank_refs) for file, digest in written.items()}
+        if self.manager is not None and rollout_state is None:
+            rollout_state = ray.get(self.manager.state_dict.remote())
         state = {"next_step": step + 1, "policies": self.cfg.policies, "weight_versions": self.weight_versions,
                  "seeds": {"seed": self.cfg.run.seed, "rollout_seed": self.cfg.data.rollout_seed,
                            "sampling_seed": self.cfg.rollout.sampling_seed},
                  "config": self.cfg.flag_values()}
-        (folder / "driver.json").write_text(json.dumps(state, indent=1, default=str))
-        (root / LATEST_FILE).write_text(str(step + 1))
+        finish_checkpoint(self.cfg.run.save, step + 1, files, rollout_state, state)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
@@ -370,9 +362,7 @@ class Driver:
                     timing["timing/eval_s"] = time.perf_counter() - start
                 if self._saves_at(step):
                     start = time.perf_counter()
-                    self._save(step)
-                    if state_before_next is not None:
-                        torch.save(state_before_next, Path(run.save) / f"iter_{step + 1:07d}" / "rollout_state.pt")
+                    self._save(step, state_before_next)
                     timing["timing/save_s"] = time.perf_counter() - start
                 timing["timing/step_s"] = time.perf_counter() - t_step
                 metrics.update(timing)
@@ -490,5 +480,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             for name, path in driver.export_hf(Path(config.run.save) / "hf").items():
                 logger.info("policy %s exported to %s", name, path)
         return history
+    except CheckpointError as e:  # found before Ray started: one line and exit code 2, like a bad flag
+        logger.error("%s", e)
+        raise SystemExit(2) from None
     finally:
         driver.shutdown()

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import ray
 
 from orchestrator.placement import Slot, actor_options
+from kiln_common.atomic_io import FileDigest
 from kiln_common.sample import Sample
 from trainer.actor import TrainerActor
 from trainer.config import TrainerConfig
@@ -122,8 +123,10 @@ class TrainerGroup:
     def onload(self) -> int:
         return sum(self._all("onload"))
 
-    def save_checkpoint(self, ckpt_dir: str | os.PathLike) -> None:
-        self._all("save_checkpoint", str(ckpt_dir))
+    def save_checkpoint(self, ckpt_dir: str | os.PathLike) -> dict[str, FileDigest]:
+        """Every rank writes its file into ckpt_dir; {file name: size and sha256} of all ranks' files."""
+        return {name: digest for written in self._all("save_checkpoint", str(ckpt_dir))
+                for name, digest in written.items()}
 
     def load_checkpoint(self, ckpt_dir: str | os.PathLike) -> None:
         self._all("load_checkpoint", str(ckpt_dir))

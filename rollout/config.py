@@ -188,7 +188,7 @@ class DataConfig:
     num_epoch: int = 1
     """Passes over the prompt data."""
     rollout_max_prompt_len: int | None = None
-    """Rows whose prompt has more tokens than this are skipped (and reported)."""
+    """Rows with longer prompts are dropped at load; None: the engines' limit, else max_position_embeddings - 1."""
 
     def __post_init__(self) -> None:
         check_positive(self, "num_epoch")

@@ -1,10 +1,16 @@
 """Prompt data: rows from a file, a saved dataset or a list become prompt Samples, epoch by epoch.
 
-Formats: .jsonl and .json (read row by row, so one malformed line is one bad row),
+Formats: .jsonl (rows split at '\n' only, '\r\n' tolerated: U+2028, U+0085 and the like are text
+inside a row; one malformed line is one bad row, reported with its line number) and .json,
 .parquet and folders written by `datasets.save_to_disk` (through `datasets`), a
-`datasets.Dataset`, or a list of dicts. A bad row (missing key, wrong type, empty
-prompt, prompt over --rollout-max-prompt-len tokens, malformed JSON) is logged with its
-index, counted in `skipped`, and skipped. The position (epoch, cursor) is resumable.
+`datasets.Dataset`, or a list of dicts. Every row is checked when the data is loaded: a bad one
+(missing key, wrong type, empty prompt, malformed JSON, chat template error) is logged with its
+index, and a prompt longer than the prompt limit is counted in one warning; both are recorded in
+`skipped` and never served. The prompt limit is --rollout-max-prompt-len, capped by the engines'
+limit (their context length minus the response budget) when the caller passes it; without either,
+one token less than the model's context length (max_position_embeddings in the config.json next to
+the tokenizer), since the engine refuses a prompt that fills its context. The position (epoch,
+cursor) is resumable.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,8 +32,12 @@ class BadRow(ValueError):
     """A data row that cannot become a prompt."""
 
 
+class _TooLong(BadRow):
+    """A prompt over the prompt limit."""
+
+
 class _Malformed:
-    """Placeholder for a line that is not a JSON object (reported when reached)."""
+    """Placeholder for a line that is not JSON (reported when the rows are checked)."""
 
     def __init__(self, error: str) -> None:
         self.error = error
@@ -48,7 +59,7 @@ def load_rows(source: str | Path | Sequence[dict] | Any) -> Sequence[Any]:
             return ds
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return [_parse_line(line) for line in path.read_text().splitlines() if line.strip()]
+            return read_jsonl(path)
         if suffix == ".json":
             data = json.loads(path.read_text())
             if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -66,17 +77,49 @@ def load_rows(source: str | Path | Sequence[dict] | Any) -> Sequence[Any]:
     raise TypeError(f"prompt data must be a path, a list of dicts or a datasets.Dataset, got {type(source).__name__}")
 
 
-def _parse_line(line: str) -> Any:
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The rows of a JSON-lines file: split at '\n' only (a trailing '\r' dropped), blank lines left out."""
+    text = Path(path).read_bytes().decode("utf-8-sig")
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            rows.append(_parse_line(line, number))
+    return rows
+
+
+def _parse_line(line: str, number: int) -> Any:
     try:
-        return json.loads(line)
+        return json.loads(line, strict=False)  # a raw control character inside a string is still that string's
     except json.JSONDecodeError as e:
-        return _Malformed(f"malformed JSON ({e.msg} at column {e.colno})")
+        return _Malformed(f"line {number}: malformed JSON ({e.msg} at column {e.colno})")
+
+
+def model_prompt_limit(tokenizer: Any) -> int | None:
+    """One less than max_position_embeddings of the config.json beside the tokenizer (its model's); None if unknown."""
+    config = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "config.json"
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    text_config = cfg.get("text_config")
+    positions = cfg.get("max_position_embeddings") or (text_config or {}).get("max_position_embeddings")
+    return positions - 1 if isinstance(positions, int) and positions > 1 else None
 
 
 class PromptDataset:
-    """Turns data rows into prompt Samples (prompt ids in `tokens`), shuffled per epoch, resumable."""
+    """Turns data rows into prompt Samples (prompt ids in `tokens`), shuffled per epoch, resumable.
 
-    def __init__(self, config: DataConfig, tokenizer: Any, source: str | Path | Sequence[dict] | Any = None) -> None:
+    `engine_prompt_limit`: the longest prompt the engines take (context length minus the response
+    budget), when the caller knows it; see the module docstring for the limit applied without it.
+    """
+
+    MAX_ROW_WARNINGS = 20  # bad rows logged one by one at load; the rest are counted
+
+    def __init__(self, config: DataConfig, tokenizer: Any, source: str | Path | Sequence[dict] | Any = None,
+                 engine_prompt_limit: int | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         source = config.prompt_data if source is None else source
@@ -85,10 +128,53 @@ class PromptDataset:
         self.rows = load_rows(source)
         if len(self.rows) == 0:
             raise ValueError(f"prompt data {source!r} has no rows")
+        self.max_prompt_len, self._limit_name = self._prompt_limit(engine_prompt_limit)
         self.epoch = 0
         self.cursor = 0
-        self.skipped: dict[int, str] = {}  # row index -> why it was skipped
+        self.skipped: dict[int, str] = {}  # row index -> why it is never served
+        self._check_rows(source)
         self._order = self._epoch_order(0)
+
+    def _prompt_limit(self, engine_limit: int | None) -> tuple[int | None, str]:
+        """The prompt limit in tokens and how to name it in messages."""
+        flag = self.config.rollout_max_prompt_len
+        if engine_limit is not None and (flag is None or engine_limit < flag):
+            return engine_limit, f"the engines' limit of {engine_limit} tokens (context length minus response budget)"
+        if flag is not None:
+            return flag, f"--rollout-max-prompt-len {flag}"
+        model_limit = model_prompt_limit(self.tokenizer)
+        if model_limit is not None:
+            return model_limit, f"{model_limit} tokens (the model's max_position_embeddings minus one)"
+        return None, "no limit"
+
+    def _check_rows(self, source: Any) -> None:
+        """Find every bad or over-long row now, so that none reaches an engine; warn about them once."""
+        start = time.perf_counter()
+        too_long = []
+        for index in range(len(self.rows)):
+            try:
+                self.make_prompt(index)
+            except _TooLong as e:
+                too_long.append(index)
+                self.skipped[index] = str(e)
+            except BadRow as e:
+                if len(self.skipped) - len(too_long) < self.MAX_ROW_WARNINGS:
+                    logger.warning("skipping prompt data row %d: %s", index, e)
+                self.skipped[index] = str(e)
+        bad = len(self.skipped) - len(too_long)
+        if bad > self.MAX_ROW_WARNINGS:
+            logger.warning("skipping %d more bad rows of the prompt data (%d in all; each one's reason is in "
+                           "PromptDataset.skipped)", bad - self.MAX_ROW_WARNINGS, bad)
+        if too_long:
+            shown = ", ".join(map(str, too_long[:10])) + (", ..." if len(too_long) > 10 else "")
+            logger.warning("skipping %d of %d prompt data rows whose prompt has more tokens than %s (rows %s)",
+                           len(too_long), len(self.rows), self._limit_name, shown)
+        if len(self.skipped) == len(self.rows):
+            first = min(self.skipped)
+            raise ValueError(f"every one of the {len(self.rows)} rows of the prompt data {source!r} is bad; "
+                             f"e.g. row {first}: {self.skipped[first]}")
+        logger.info("prompt data: %d rows checked in %.1fs, %d usable", len(self.rows), time.perf_counter() - start,
+                    len(self.rows) - len(self.skipped))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -109,15 +195,14 @@ class PromptDataset:
         out: list[Sample] = []
         while len(out) < n and not self.exhausted:
             if self.cursor >= len(self._order):
-                if len(self.skipped) >= len(self.rows):
-                    raise ValueError(f"every one of the {len(self.rows)} rows of the prompt data is bad; "
-                                     f"e.g. row {min(self.skipped)}: {self.skipped[min(self.skipped)]}")
                 self.epoch += 1
                 self.cursor = 0
                 self._order = self._epoch_order(self.epoch)
                 continue
             index = self._order[self.cursor]
             self.cursor += 1
+            if index in self.skipped:
+                continue
             try:
                 sample = self.make_prompt(index)
             except BadRow as e:
@@ -149,9 +234,8 @@ class PromptDataset:
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise BadRow("prompt has no tokens")
-        limit = self.config.rollout_max_prompt_len
-        if limit is not None and len(ids) > limit:
-            raise BadRow(f"prompt has {len(ids)} tokens, more than --rollout-max-prompt-len {limit}")
+        if self.max_prompt_len is not None and len(ids) > self.max_prompt_len:
+            raise _TooLong(f"prompt has {len(ids)} tokens, more than {self._limit_name}")
         label = None
         if self.config.label_key is not None:
             if self.config.label_key not in row:
@@ -214,5 +298,4 @@ class PromptDataset:
                                  f"but this run has {getattr(self.config, key)!r}")
         self.epoch = state["epoch"]
         self.cursor = state["cursor"]
-        self.skipped = {int(k): v for k, v in state.get("skipped", {}).items()}
         self._order = self._epoch_order(self.epoch)

@@ -30,6 +30,7 @@ from rollout.config import EnvConfig, RolloutConfig
 from rollout.data import PromptDataset
 from rollout.filters import scalar_reward
 from rollout.generate import GenerateArgs
+from kiln_common.atomic_io import atomic_torch_save
 from kiln_common.plugins import load_function
 from rollout.rewards import RewardScorer
 from rollout.router import Router
@@ -448,10 +449,9 @@ class RolloutManager:
 
     @staticmethod
     def save_debug(batch: RolloutBatch, path: str | Path) -> None:
-        """torch.save a batch's samples (as dicts) and metrics."""
-        import torch
+        """torch.save a batch's samples (as dicts) and metrics, atomically (a crash leaves no partial file)."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(batch.to_dict(), path)
+        atomic_torch_save(path, batch.to_dict())
 
     @staticmethod
     def load_debug(path: str | Path) -> RolloutBatch:

@@ -73,23 +73,71 @@ def test_bad_rows_are_reported_with_their_index_and_skipped(tok, tmp_path, caplo
              json.dumps({"prompt": [{"role": "user", "content": "hi"}], "label": "x"}),  # 7 messages w/o template
              json.dumps({"prompt": "What is 3 + 3?", "label": "6"})]  # 8 ok
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    ds = PromptDataset(DataConfig(prompt_data=str(path), rollout_max_prompt_len=20), tok)
+    path.write_text("\n".join(lines[:2]) + "\n\n\n" + "\n".join(lines[2:]) + "\n")  # blank lines: line != row
     with caplog.at_level(logging.WARNING, logger="rollout.data"):
-        got = ds.next_prompts(5)
-    assert [s.label for s in got] == ["2", "6"] and ds.exhausted
+        ds = PromptDataset(DataConfig(prompt_data=str(path), rollout_max_prompt_len=20), tok)  # checked at load
     assert sorted(ds.skipped) == [1, 2, 3, 4, 5, 6, 7]
     assert "missing input key 'prompt'" in ds.skipped[1] and "got int" in ds.skipped[2]
-    assert "empty prompt" in ds.skipped[3] and "malformed JSON" in ds.skipped[4]
+    assert "empty prompt" in ds.skipped[3] and "line 7: malformed JSON" in ds.skipped[4]
     assert "more than --rollout-max-prompt-len 20" in ds.skipped[5] and "missing label key" in ds.skipped[6]
     assert "--apply-chat-template" in ds.skipped[7]
-    assert "row 4" in caplog.text and "row 5" in caplog.text
+    assert "row 4: line 7: malformed JSON" in caplog.text
+    assert "skipping 1 of 9 prompt data rows whose prompt has more tokens than --rollout-max-prompt-len 20 " \
+           "(rows 5)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rollout.data"):
+        got = ds.next_prompts(5)
+    assert [s.label for s in got] == ["2", "6"] and ds.exhausted and not caplog.text  # reported once, at load
 
 
 def test_all_rows_bad_is_an_error(tok):
-    ds = PromptDataset(DataConfig(num_epoch=3), tok, [{"x": 1}, {"x": 2}])
     with pytest.raises(ValueError, match=r"every one of the 2 rows .* row 0: missing input key"):
-        ds.next_prompts(1)
+        PromptDataset(DataConfig(num_epoch=3), tok, [{"x": 1}, {"x": 2}])
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\u000b", "\u000c", "\u001c", "\u001d",
+                                       "\u001e"])
+def test_jsonl_rows_split_at_newline_only(tok, tmp_path, separator):
+    """str.splitlines splits at these too; a raw control character inside a string is tolerated (strict=False)."""
+    rows = [{"prompt": f"What is{separator}{i} + 1?", "label": str(i + 1)} for i in range(3)]
+    text = "".join(f'{{"prompt": "What is{separator}{i} + 1?", "label": "{i + 1}"}}\n' for i in range(3))
+    assert len(text.splitlines()) == 6  # what the old reader saw
+    path = tmp_path / "sep.jsonl"
+    path.write_bytes(text.encode("utf-8"))
+    ds = PromptDataset(DataConfig(prompt_data=str(path)), tok)
+    got = ds.next_prompts(10)
+    assert [s.prompt for s in got] == [r["prompt"] for r in rows] and not ds.skipped
+    assert [s.metadata["data_index"] for s in got] == [0, 1, 2]
+
+
+def test_jsonl_crlf_blank_lines_and_bom(tok, tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(("\ufeff" + "\r\n".join(json.dumps(r) for r in ROWS[:3]) + "\r\n\r\n").encode("utf-8"))
+    ds = PromptDataset(DataConfig(prompt_data=str(path)), tok)
+    assert [s.label for s in ds.next_prompts(10)] == ["1", "2", "3"] and not ds.skipped
+
+
+def test_over_long_prompts_are_dropped_at_load_by_default(tok, tokenizer_dir, tmp_path, caplog):
+    """Without --rollout-max-prompt-len the model's context length (config.json beside the tokenizer) is the limit."""
+    import shutil
+    from transformers import AutoTokenizer
+    model = tmp_path / "model"
+    shutil.copytree(tokenizer_dir, model)
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3", "max_position_embeddings": 16}))
+    model_tok = AutoTokenizer.from_pretrained(model)
+    rows = [{"prompt": "What is 1 + 1?", "label": "2"}, {"prompt": "word " * 40, "label": "x"},
+            {"prompt": "word" + " word" * 12, "label": "y"}, {"prompt": "What is 2 + 2?", "label": "4"}]
+    assert len(ids(model_tok, rows[2]["prompt"])) == 15  # just fits: the engine needs room for one new token
+    with caplog.at_level(logging.WARNING, logger="rollout.data"):
+        ds = PromptDataset(DataConfig(num_epoch=2), model_tok, rows)
+    assert ds.max_prompt_len == 15 and sorted(ds.skipped) == [1]
+    assert "more than 15 tokens (the model's max_position_embeddings minus one)" in ds.skipped[1]
+    assert caplog.text.count("skipping") == 1 and "skipping 1 of 4 prompt data rows" in caplog.text
+    assert [s.label for s in ds.next_prompts(10)] == ["2", "y", "4"] * 2  # never served, in any epoch
+    capped = PromptDataset(DataConfig(rollout_max_prompt_len=100), model_tok, rows, engine_prompt_limit=10)
+    assert capped.max_prompt_len == 10 and sorted(capped.skipped) == [1, 2]
+    assert "the engines' limit of 10 tokens" in capped.skipped[2]
+    assert PromptDataset(DataConfig(), tok, rows).max_prompt_len is None  # no config.json: no limit known
 
 
 def test_epochs_and_per_epoch_shuffle(tok):

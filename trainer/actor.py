@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kiln_common.atomic_io import FileDigest, atomic_torch_save
 from kiln_common.tensors import to_device
 from kiln_common.sample import Sample, Status
 from trainer import attention, bridge, megatron_compat
@@ -398,8 +399,11 @@ class TrainerActor:
         """Bring everything back to the training device; returns bytes moved."""
         return self._move_all(self.device)
 
-    def save_checkpoint(self, ckpt_dir: str | os.PathLike) -> Path:
-        """Save model shards, optimizer, LR-schedule step, RNG states and the step counter (one file per rank)."""
+    def save_checkpoint(self, ckpt_dir: str | os.PathLike) -> dict[str, FileDigest]:
+        """Save model shards, optimizer, LR-schedule step, RNG states and the step counter (one file per rank).
+
+        The file is written atomically; returns {its name in ckpt_dir: its size and sha256} for the manifest.
+        """
         path = Path(ckpt_dir)
         path.mkdir(parents=True, exist_ok=True)
         state = {
@@ -411,16 +415,21 @@ class TrainerActor:
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                     "tracker": megatron_compat.get_rng_tracker_states()},
         }
-        torch.save(state, path / f"rank_{self.rank:05d}.pt")
+        name = f"rank_{self.rank:05d}.pt"
+        digest = atomic_torch_save(path / name, state)
         dist.barrier()
-        return path
+        return {name: digest}
 
     def load_checkpoint(self, ckpt_dir: str | os.PathLike) -> None:
         """Restore what `save_checkpoint` wrote, on the same parallel layout."""
         file = Path(ckpt_dir) / f"rank_{self.rank:05d}.pt"
         if not file.exists():
             raise FileNotFoundError(f"no trainer checkpoint for rank {self.rank} at {file}")
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - name the file; torch's message alone does not
+            raise ValueError(f"trainer checkpoint {file} cannot be read: it is damaged or not written by "
+                             f"save_checkpoint ({type(e).__name__}: {e})") from e
         if state["layout"] != self._layout():
             raise ValueError(f"checkpoint layout {state['layout']} differs from this run's {self._layout()}")
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
