@@ -6,7 +6,8 @@ from envs.tools import (Tool, ToolCall, ToolCallError, ToolEnv, check_arguments,
                         render_tools_prompt, tool)
 from envs.calculator import CALCULATOR, CalculatorError, evaluate
 from envs.arithmetic import ArithmeticEnv, arithmetic_samples
-from envs.python_executor import ExecutionResult, PythonExecutorConfig, python_tool, run_python
+from envs.python_executor import (ExecutionResult, PythonExecutorConfig, SandboxUnavailableError, python_tool,
+                                  run_python, sandbox_isolation)
 from envs.retrieval import BM25Index, SearchHit, retrieval_tool
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "ENTRY_POINT_GROUP", "available", "make", "register", "resolve",
     "Tool", "ToolCall", "ToolCallError", "ToolEnv", "check_arguments", "parse_tool_calls", "render_tools_prompt",
     "tool", "CALCULATOR", "CalculatorError", "evaluate", "ArithmeticEnv", "arithmetic_samples",
-    "ExecutionResult", "PythonExecutorConfig", "python_tool", "run_python",
+    "ExecutionResult", "PythonExecutorConfig", "SandboxUnavailableError", "python_tool", "run_python",
+    "sandbox_isolation",
     "BM25Index", "SearchHit", "retrieval_tool",
 ]

@@ -11,3 +11,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then .venv/bin/pip install -q torch; else .venv/bin/pip install -q torch==2.13.0; fi
 fi
 .venv/bin/pip install -q -e '.[test]'
+# The python tool's sandbox (envs/python_executor.py) needs bubblewrap, else util-linux unshare: install bwrap
+# when it is missing and we are root with apt-get; never fail the setup for it (its tests then skip with the reason).
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -qq bubblewrap >/dev/null 2>&1; then
+    { apt-get update -qq && apt-get install -y -qq bubblewrap; } >/dev/null 2>&1 \
+      || echo "setup.sh: could not install bubblewrap; the python tool sandbox falls back to unshare or refuses" >&2
+  fi
+fi
