@@ -30,7 +30,8 @@ class EngineConfig:
     disable_prefix_sharing: bool = False  # off: running prefills are cached only when they finish, no admission dedup
     prefix_sharing_min_tokens: int = 32  # a waiting request waits for a running prefill that covers all of its
     # uncached prefix or at least this many tokens of it
-    attention_backend: str = "torch"  # "torch" (any device), "triton" (CUDA; torch reference on CPU), "flashinfer" (CUDA)
+    attention_backend: str = "torch"  # "torch" (any device), "triton" (CUDA; torch reference on CPU),
+    # "flashinfer" (CUDA)
     decode_attention: str = "auto"  # flashinfer backend's decode kernel: auto, flashinfer or triton (split-KV)
     # "auto": Kiln's triton kernel for decode batches of up to decode_attention_auto_max_bs requests, flashinfer's
     # above; with the other backends there is nothing to choose and only "auto" is accepted
@@ -71,7 +72,8 @@ class EngineConfig:
         if self.prefix_sharing_min_tokens < 1:
             raise ValueError(f"prefix_sharing_min_tokens must be >= 1, got {self.prefix_sharing_min_tokens}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
-            raise ValueError(f"schedule_policy {self.schedule_policy!r} is unknown; expected one of {SCHEDULE_POLICIES}")
+            raise ValueError(f"schedule_policy {self.schedule_policy!r} is unknown; "
+                             f"expected one of {SCHEDULE_POLICIES}")
         if self.attention_backend not in available_backends():
             raise ValueError(f"attention_backend {self.attention_backend!r} is unknown; "
                              f"expected one of {available_backends()}")
@@ -117,3 +119,36 @@ class EngineConfig:
     def field_names(cls) -> list[str]:
         """Names of all fields, for CLI generation and keyword validation."""
         return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass
+class ServerConfig:
+    """The HTTP server's own settings (`python -m inference_engine.serve`; `create_app(engine, config)`)."""
+
+    host: str = "127.0.0.1"  # bind address; loopback unless said otherwise
+    port: int = 30000
+    api_key: str | None = None  # Bearer token required on every route but /health (also env KILN_API_KEY)
+    enable_admin_routes: bool = False  # serve the routes that change the engine's weights or state without an
+    # api_key (with one they are always on): weight updates, groups, pause / continue, release / resume, flush,
+    # abort-all
+    max_request_bytes: int = 16 << 20  # larger request bodies are refused (413) before they are read to the end
+    max_n: int = 64  # largest n (samples per prompt) one request may ask for
+    disconnect_poll_s: float = 0.25  # a non-streaming request checks this often whether its client left (abort)
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.api_key is not None and (len(self.api_key) < 8 or any(c.isspace() for c in self.api_key)):
+            raise ValueError("api_key must be at least 8 characters without whitespace (e.g. "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {self.max_n}")
+        if not self.disconnect_poll_s > 0:
+            raise ValueError(f"disconnect_poll_s must be > 0, got {self.disconnect_poll_s}")
+
+    @property
+    def admin_routes(self) -> bool:
+        """Whether the admin routes are served: with an api_key, or when enabled explicitly."""
+        return self.api_key is not None or self.enable_admin_routes

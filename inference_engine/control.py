@@ -110,8 +110,9 @@ class Member:
     """How one member of `EngineControl` travels.
 
     `route`: SGLang's HTTP path (None: not served over HTTP); `http_methods`: its verbs; `admin`: it changes
-    the engine's weights or state, so the server refuses it unless admin routes are on (a token or
-    --enable-admin-routes); `generated_route`: server.py builds the route from the signature (False: it is
+    the engine's weights or state, so the server refuses it unless admin routes are on (an api key or
+    --enable-admin-routes); `admin_if`: a bool argument that makes the call an admin one when true;
+    `generated_route`: server.py builds the route from the signature (False: it is
     hand-written there, e.g. /generate); `blocking`: callers off the scheduler thread run it in a worker
     thread (False: cheap, call it inline); `tp_ranks`: every tp rank runs it itself (rank 0 sends it to the
     workers with its bound arguments); `host_tensors`: the result holds tensor views, which a forwarder
@@ -122,6 +123,7 @@ class Member:
     route: str | None
     http_methods: tuple[str, ...] = ("POST",)
     admin: bool = False
+    admin_if: str | None = None
     generated_route: bool = True
     blocking: bool = True
     tp_ranks: bool = False
@@ -146,11 +148,11 @@ class Member:
 MEMBERS: dict[str, Member] = {m.name: m for m in (
     Member("generate", "/generate", generated_route=False),
     Member("async_generate", "/generate", generated_route=False, blocking=False),
-    Member("abort", "/abort_request", blocking=False),   # abort_all=True over HTTP is an admin operation
+    Member("abort", "/abort_request", blocking=False, admin_if="abort_all"),
     Member("flush_cache", "/flush_cache", ("GET", "POST"), admin=True),
     Member("pause_generation", "/pause_generation", admin=True),
     Member("continue_generation", "/continue_generation", admin=True),
-    Member("update_weights_from_tensor", "/update_weights_from_tensor", admin=True, generated_route=False),
+    Member("update_weights_from_tensor", None, admin=True),   # tensors never travel over HTTP (no pickle)
     Member("update_weights_from_distributed", "/update_weights_from_distributed", admin=True, tp_ranks=True),
     Member("update_weights_from_disk", "/update_weights_from_disk", admin=True),
     Member("init_weights_update_group", "/init_weights_update_group", admin=True, tp_ranks=True),
@@ -198,14 +200,16 @@ def bind(name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = No
     return dict(bound.arguments)
 
 
-def check_json_types(name: str, arguments: dict[str, Any]) -> None:
-    """Raise ValueError naming the first argument whose JSON value does not fit the member's annotation."""
+def check_json_types(name: str, arguments: dict[str, Any], aliases: dict[str, str] | None = None) -> None:
+    """Raise ValueError naming the first argument whose JSON value does not fit the member's annotation
+    (`aliases`: argument -> the field name the request used for it)."""
     if MEMBERS[name].is_attribute:
         return
     hints = typing.get_type_hints(getattr(EngineControl, name))
-    for field, value in arguments.items():
-        hint = hints.get(field)
+    for arg, value in arguments.items():
+        hint = hints.get(arg)
         if hint is not None and not _fits(value, hint):
+            field = (aliases or {}).get(arg, arg)
             raise ValueError(f"{name}: field {field!r} = {_short(value)} does not fit {_hint_name(hint)}")
 
 

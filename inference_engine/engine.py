@@ -53,6 +53,9 @@ class Engine:
         self.runner = ModelRunner(config)
         self.spec = self.runner.spec
         self.context_length = self.runner.context_length
+        # A longer prompt text cannot fit the context (twice the characters of context_length of the vocabulary's
+        # longest token): it is refused before it is tokenised, which for megabytes of text takes seconds.
+        self.max_prompt_chars = 2 * self.context_length * max(map(len, self.tokenizer.get_vocab()))
         try:
             self.scheduler = Scheduler(config, self.runner, self.tokenizer, self._eos_token_ids())
         except BaseException:
@@ -139,16 +142,19 @@ class Engine:
             raise ValueError("give exactly one of prompt (text) or input_ids (token ids)")
         if prompt is not None:
             is_batch = isinstance(prompt, list)
-            texts = prompt if is_batch else [prompt]
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError("prompt must be a string or a list of strings")
-            ids_list = [self.tokenizer(t)["input_ids"] for t in texts]
+            ids_list = self.tokenize(prompt if is_batch else [prompt])
         else:
+            if not isinstance(input_ids, list):
+                raise ValueError(f"input_ids must be a list of ints or a list of lists of ints, got "
+                                 f"{type(input_ids).__name__}")
             is_batch = bool(input_ids) and isinstance(input_ids[0], list)
             ids_list = input_ids if is_batch else [input_ids]
         count = len(ids_list)
         if count == 0:
             raise ValueError("empty batch: no prompts given")
+        _check_arg("sampling_params", sampling_params, (dict, SamplingParams, type(None)))
+        _check_arg("return_logprob", return_logprob, (bool,))
+        _check_arg("rid", rid, (str, type(None)))
         sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * count
         logprob_flags = return_logprob if isinstance(return_logprob, list) else [return_logprob] * count
         if isinstance(rid, list):
@@ -163,9 +169,11 @@ class Engine:
         queued, outputs = [], []
         for i, (ids, sp_dict, want_lp, group) in enumerate(zip(ids_list, sps, logprob_flags, rids)):
             sp = sp_dict if isinstance(sp_dict, SamplingParams) else SamplingParams.from_dict(sp_dict)
+            sp = sp.for_vocab(self.spec.vocab_size)
             self._validate_ids(ids, i)
             if sp.top_logprobs_num > self.spec.vocab_size:
-                raise ValueError(f"top_logprobs_num {sp.top_logprobs_num} exceeds the vocabulary ({self.spec.vocab_size})")
+                raise ValueError(f"top_logprobs_num {sp.top_logprobs_num} exceeds the vocabulary "
+                                 f"({self.spec.vocab_size})")
             max_new = min(sp.max_new_tokens, self.context_length - len(ids))
             samples = []
             for j in range(sp.n):
@@ -182,6 +190,22 @@ class Engine:
             else:
                 queued.extend(samples)
         return queued, outputs, is_batch or any(r.sampling.n > 1 for r in outputs)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of prompts; a non-string, a lone surrogate or more than `max_prompt_chars` characters raise
+        ValueError naming the prompt (checked before tokenising)."""
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("prompt (text) must be a string or a list of strings")
+        for i, text in enumerate(texts):
+            if len(text) > self.max_prompt_chars:
+                raise ValueError(f"prompt {i} (text) has {len(text)} characters; more than {self.max_prompt_chars} "
+                                 f"cannot fit the context_length of {self.context_length} tokens")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"prompt {i} (text) holds a lone surrogate at character {exc.start} "
+                                 f"({text[exc.start]!r}); send valid UTF-8") from None
+        return [self.tokenizer(t)["input_ids"] for t in texts]
 
     def _validate_ids(self, ids, index: int) -> None:
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -551,6 +575,15 @@ class Engine:
         if getattr(self, "_thread", None) is not None and not getattr(self, "_closed", True):
             self.shutdown()
 
+
+
+def _check_arg(name: str, value: Any, kinds: tuple[type, ...]) -> None:
+    """ValueError naming `name` unless value is one of kinds, or a list of them."""
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, kinds) for v in items):
+        bad = next(v for v in items if not isinstance(v, kinds))
+        raise ValueError(f"{name} must be {' or '.join(k.__name__ for k in kinds if k is not type(None))} (or a "
+                         f"list of them), got {type(bad).__name__}")
 
 
 def _check_version(weight_version: int) -> int:

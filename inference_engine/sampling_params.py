@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+
+# A temperature below this is greedy (SGLang's rule): 1 / T would overflow float32 (1e-300 is 0 in float32), and
+# logits / T with it, giving NaN log-probs; greedy requests report log-probs at T = 1.
+GREEDY_TEMPERATURE = 1e-6
 
 
 _TYPES = {
@@ -18,7 +24,7 @@ _TYPES = {
 
 @dataclass
 class SamplingParams:
-    """How to sample one request; temperature 0 (or top_k 1) is greedy."""
+    """How to sample one request; a temperature below GREEDY_TEMPERATURE (0 included) or top_k 1 is greedy."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -48,11 +54,15 @@ class SamplingParams:
             if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
                 raise ValueError(f"sampling parameter {f.name}={value!r} has type {type(value).__name__}; "
                                  f"expected {' or '.join(k.__name__ for k in kinds)}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"sampling parameter {name}={getattr(self, name)!r} is invalid; "
+                                 "expected a finite number")
         checks = [
             (self.max_new_tokens >= 0, "max_new_tokens", "an int >= 0"),
             (self.temperature >= 0.0, "temperature", ">= 0 (0 = greedy)"),
             (0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]"),
-            (self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (off) or >= 1"),
+            (self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (off) or >= 1 (the vocabulary size or more: off)"),
             (0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]"),
             (self.repetition_penalty > 0.0, "repetition_penalty", "> 0 (1 = off)"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]"),
@@ -69,12 +79,19 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Whether this request takes the argmax."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """Whether this request takes the argmax (temperature below GREEDY_TEMPERATURE, or top_k 1)."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    def for_vocab(self, vocab_size: int) -> "SamplingParams":
+        """These parameters for a vocabulary of `vocab_size` tokens: a top_k of the vocabulary size or more is off
+        (-1), never an int64 overflow that would silently change the sampling."""
+        return dataclasses.replace(self, top_k=-1) if self.top_k >= vocab_size else self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SamplingParams":
         """Build from a JSON-style dict; unknown keys raise ValueError naming them."""
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"sampling_params must be a JSON object (dict), got {type(d).__name__}")
         d = dict(d or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)

@@ -1,33 +1,60 @@
-"""`python -m inference_engine.serve --model-path P [--port 30000 --host 127.0.0.1 ...EngineConfig flags]`."""
+"""`python -m inference_engine.serve --model-path P [--port 30000 --api-key K ...EngineConfig / ServerConfig flags]`.
+
+Binds 127.0.0.1 unless --host says otherwise. The admin routes (weight updates, update groups, pause /
+continue, release / resume, flush, abort-all) are off unless --enable-admin-routes or an api key is set;
+the key (--api-key, else the environment's KILN_API_KEY) is then required as `Authorization: Bearer <key>`
+on every route but /health. See docs/security.md.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
+import os
 import typing
 
-from inference_engine.config import EngineConfig
+from inference_engine.config import EngineConfig, ServerConfig
+
+API_KEY_ENV = "KILN_API_KEY"
+log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """A flag per EngineConfig field (--model-path, --page-size, ...) plus --host / --port / --log-level."""
-    parser = argparse.ArgumentParser(description="Kiln inference engine HTTP server")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    hints = typing.get_type_hints(EngineConfig)
-    for field in dataclasses.fields(EngineConfig):
+def _add_flags(parser: argparse.ArgumentParser, cls: type, group_title: str) -> None:
+    """A flag per field of the dataclass (--model-path, --page-size, --api-key, ...)."""
+    group = parser.add_argument_group(group_title)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         if base is bool:
-            parser.add_argument(flag, action="store_true", default=field.default)
+            group.add_argument(flag, action="store_true", default=field.default)
         elif field.default is dataclasses.MISSING:
-            parser.add_argument(flag, type=base, required=True)
+            group.add_argument(flag, type=base, required=True)
         else:
-            parser.add_argument(flag, type=base, default=field.default)
+            group.add_argument(flag, type=base, default=field.default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A flag per EngineConfig field and per ServerConfig field (--host, --port, --api-key, ...), plus --log-level."""
+    parser = argparse.ArgumentParser(description="Kiln inference engine HTTP server")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_flags(parser, ServerConfig, "server (ServerConfig)")
+    _add_flags(parser, EngineConfig, "engine (EngineConfig)")
     return parser
+
+
+def parse_configs(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfig, str]:
+    """(EngineConfig, ServerConfig, log level) from flags; the api key falls back to $KILN_API_KEY."""
+    args = vars(build_parser().parse_args(argv))
+    log_level = args.pop("log_level")
+    server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    server = {k: args.pop(k) for k in list(args) if k in server_fields}
+    if server["api_key"] is None:
+        server["api_key"] = os.environ.get(API_KEY_ENV) or None
+    return EngineConfig(**args), ServerConfig(**server), log_level
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,14 +64,24 @@ def main(argv: list[str] | None = None) -> None:
     from inference_engine.engine import Engine
     from inference_engine.server import create_app
 
-    args = vars(build_parser().parse_args(argv))
-    host, port, log_level = args.pop("host"), args.pop("port"), args.pop("log_level")
+    engine_config, server_config, log_level = parse_configs(argv)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = Engine(config=EngineConfig(**args))
+    if server_config.api_key is None and not _is_loopback(server_config.host):
+        log.warning("serving on %s without an api key: anyone who reaches it can generate%s", server_config.host,
+                    " and change the weights (--enable-admin-routes)" if server_config.enable_admin_routes else "")
+    engine = Engine(config=engine_config)
     try:
-        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(engine, server_config), host=server_config.host, port=server_config.port,
+                    log_level=log_level)
     finally:
         engine.shutdown()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 if __name__ == "__main__":

@@ -1,38 +1,117 @@
 """HTTP API (FastAPI): SGLang's /generate, OpenAI's completions / chat completions, and one route per member of
 the engine's control surface (`inference_engine.control.MEMBERS`: SGLang's paths, bodies bound by the member's
-signature)."""
+signature).
+
+Every request passes `_Guard` first (`ServerConfig`): the Bearer token on every route but /health (when an api key
+is set), the admin switch on the routes that change the engine's weights or state, and the body-size limit
+(Content-Length, then the bytes as they stream in). Bodies are JSON only: nothing sent over the network is ever
+unpickled, so tensors are not accepted over HTTP (use Ray or the in-process Engine). Docs: docs/security.md.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
+import hmac
 import json
-import pickle
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from inference_engine import control
+from inference_engine.config import ServerConfig
 from inference_engine.control import MEMBERS, Member
 from inference_engine.engine import Engine
-from weight_sync.ipc import SharedBucket
 
-GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "stream", "rid"}
+GENERATE_FIELDS = {"text": "prompt", "input_ids": "input_ids", "sampling_params": "sampling_params",
+                   "return_logprob": "return_logprob", "stream": "stream", "rid": "rid"}   # body field -> argument
 # OpenAI request field -> SGLang sampling parameter
 OPENAI_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "n": "n",
                    "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
                    "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
                    "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
                    "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim"}
+# SGLang paths of members that are not served over HTTP: they answer 400 saying why
+NOT_OVER_HTTP = {"/update_weights_from_tensor": "tensors are not accepted over HTTP (Kiln never unpickles network "
+                 "data): push weights through Ray (EngineActor / EngineProxy), the in-process Engine, or "
+                 "/update_weights_from_distributed and /update_weights_from_disk"}
+ADMIN_PATHS = frozenset({m.route for m in MEMBERS.values() if m.admin and m.route} | set(NOT_OVER_HTTP))
+OPEN_PATHS = frozenset({"/health"})   # answered without the api key (load balancers, liveness probes)
+THREAD_PARSE_BYTES = 1 << 20   # larger JSON bodies are parsed off the event loop
+CLIENT_GONE = 499   # nginx's status for a request whose client closed the connection
+
+
+def _error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "code": status}}
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": status}},
-                        status_code=status)
+    return JSONResponse(_error_body(status, message), status_code=status)
+
+
+class _BodyTooLarge(Exception):
+    """The request body grew past max_request_bytes while it streamed in."""
+
+
+class _Guard:
+    """ASGI middleware in front of every route: api key (all but OPEN_PATHS), admin switch, body-size limit."""
+
+    def __init__(self, app: Any, config: ServerConfig):
+        self.app = app
+        self.config = config
+        self._key = None if config.api_key is None else config.api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, headers = scope["path"], dict(scope["headers"])
+        if self._key is not None and path not in OPEN_PATHS and not self._authorized(headers.get(b"authorization")):
+            await _send_error(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                              [(b"www-authenticate", b"Bearer")])
+            return
+        if path in ADMIN_PATHS and not self.config.admin_routes:
+            await _send_error(send, 403, admin_off_message(path))
+            return
+        limit = self.config.max_request_bytes
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            status = 413 if length.isdigit() else 400
+            await _send_error(send, status, f"request body of {length.decode(errors='replace')} bytes; this server "
+                                            f"accepts at most {limit} (max_request_bytes)")
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge(f"request body over {limit} bytes (max_request_bytes); refused")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _authorized(self, header: bytes | None) -> bool:
+        scheme, _, token = (header or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+
+
+def admin_off_message(path: str) -> str:
+    return (f"{path} is an admin route (it changes the engine's weights or state) and admin routes are off: start "
+            "the server with --enable-admin-routes, or with --api-key (or KILN_API_KEY) so that only holders of "
+            "the key reach them")
+
+
+async def _send_error(send: Callable, status: int, message: str, headers: list | None = None) -> None:
+    body = json.dumps(_error_body(status, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _sse(items: AsyncIterator[dict]) -> StreamingResponse:
@@ -43,44 +122,54 @@ def _sse(items: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 async def _json(request: Request) -> dict:
+    """The body as a JSON object (NaN / Infinity refused; large bodies parsed in a worker thread)."""
+    raw = await request.body()
     try:
-        body = await request.json()
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"request body is not valid JSON: {exc}") from exc
+        if len(raw) > THREAD_PARSE_BYTES:
+            body = await asyncio.to_thread(json.loads, raw, parse_constant=_no_constant)
+        else:
+            body = json.loads(raw, parse_constant=_no_constant)
+    except ValueError as exc:   # JSONDecodeError, bytes that are not UTF-8, NaN / Infinity
+        raise ValueError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ValueError("request body must be a JSON object")
     return body
 
 
-def serialize_named_tensors(named_tensors: SharedBucket | list) -> str:
-    """One entry of `serialized_named_tensors` for POST /update_weights_from_tensor: base64 of a torch.multiprocessing pickle.
-
-    A SharedBucket travels as its handles (CUDA IPC / shared memory); plain (hf_name, tensor) pairs as shared-memory
-    tensors on CPU, CUDA IPC handles on GPU, so the server must run on the same machine as the caller.
-    """
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # noqa: F401 - registers the tensor reductions with ForkingPickler
-
-    buffer = io.BytesIO()
-    ForkingPickler(buffer).dump(named_tensors)
-    return base64.b64encode(buffer.getvalue()).decode()
+def _check_n(sampling_params: Any, max_n: int, field: str) -> None:
+    """400 when a request asks for more than max_n samples per prompt (types are SamplingParams' to check)."""
+    for sp in sampling_params if isinstance(sampling_params, list) else [sampling_params]:
+        n = sp.get("n", 1) if isinstance(sp, dict) else 1
+        if isinstance(n, int) and not isinstance(n, bool) and n > max_n:
+            raise ValueError(f"{field} = {n} is above this server's max_n of {max_n} samples per prompt")
 
 
-def _deserialize_named_tensors(entry: str) -> SharedBucket | list:
+def _check_field(body: dict, name: str, kinds: tuple[type, ...]) -> None:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+        raise ValueError(f"field {name!r} = {str(value)[:60]!r} has type {type(value).__name__}; expected "
+                         f"{' or '.join(k.__name__ for k in kinds)}")
+
+
+async def _unless_client_left(request: Request, config: ServerConfig, work: Awaitable[Any]) -> Any:
+    """Await `work`; if the client disconnects first, cancel it (which aborts its requests) and answer 499."""
+    task = asyncio.ensure_future(work)
     try:
-        return pickle.loads(base64.b64decode(entry))
-    except Exception as exc:
-        raise ValueError(f"serialized_named_tensors[0] could not be decoded ({type(exc).__name__}: {exc}); expected "
-                         "base64 of a torch.multiprocessing pickle of (hf_name, tensor) pairs or a SharedBucket") from exc
-
-
-def _required(body: dict, route: str, *names: str) -> list:
-    missing = [n for n in names if n not in body]
-    if missing:
-        raise ValueError(f"{route} needs field(s) {missing}; got {sorted(body)}")
-    return [body[n] for n in names]
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=config.disconnect_poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return Response(status_code=CLIENT_GONE)
+    finally:
+        task.cancel()
 
 
 def _release_tags(body: dict) -> dict:
@@ -117,7 +206,7 @@ RESPONSES: dict[str, Callable[[Engine, Any], Any]] = {
 }
 
 
-def _control_route(engine: Engine, member: Member) -> Callable[[Request], Any]:
+def _control_route(engine: Engine, config: ServerConfig, member: Member) -> Callable[[Request], Any]:
     """The HTTP route of one control member: JSON body -> its arguments (checked by its signature) -> the call."""
     name = member.name
 
@@ -125,6 +214,8 @@ def _control_route(engine: Engine, member: Member) -> Callable[[Request], Any]:
         body = await _json(request) if request.method == "POST" and await request.body() else {}
         arguments = control.bind(name, kwargs=REQUESTS.get(name, lambda b: b)(body))
         control.check_json_types(name, arguments)
+        if member.admin_if is not None and arguments[member.admin_if] and not config.admin_routes:
+            return _error(403, admin_off_message(f"{member.route} with {member.admin_if}"))
         if member.is_attribute:
             result = getattr(engine, name)
         elif member.blocking:
@@ -143,9 +234,12 @@ def _control_route(engine: Engine, member: Member) -> Callable[[Request], Any]:
     return route
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The FastAPI app serving one engine (tests drive it through httpx.ASGITransport or TestClient)."""
+def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving one engine (tests drive it through httpx.ASGITransport); `config` defaults to
+    ServerConfig(): no api key, admin routes off."""
+    config = ServerConfig() if config is None else config
     app = FastAPI(title="Kiln inference engine")
+    app.add_middleware(_Guard, config=config)
     model_name = engine.config.served_model_name or engine.config.model_path.rstrip("/").split("/")[-1]
 
     @app.exception_handler(ValueError)
@@ -156,37 +250,36 @@ def create_app(engine: Engine) -> FastAPI:
     async def conflict(_, exc: RuntimeError):
         return _error(409, str(exc))
 
+    @app.exception_handler(_BodyTooLarge)
+    async def too_large(_, exc: _BodyTooLarge):
+        return _error(413, str(exc))
+
     # ------------------------------------------------------------- SGLang native
     @app.post("/generate")
     async def generate(request: Request):
         body = await _json(request)
-        unknown = sorted(set(body) - GENERATE_FIELDS)
+        unknown = sorted(set(body) - set(GENERATE_FIELDS))
         if unknown:
             raise ValueError(f"unknown field(s) {unknown}; /generate accepts {sorted(GENERATE_FIELDS)}")
-        kwargs = dict(prompt=body.get("text"), input_ids=body.get("input_ids"),
-                      sampling_params=body.get("sampling_params"), return_logprob=body.get("return_logprob", False),
-                      rid=body.get("rid"))
-        if body.get("stream"):
+        kwargs = {GENERATE_FIELDS[k]: v for k, v in body.items()}
+        control.check_json_types("async_generate", kwargs, aliases={v: k for k, v in GENERATE_FIELDS.items()})
+        _check_n(kwargs.get("sampling_params"), config.max_n, "sampling_params.n")
+        stream = kwargs.pop("stream", False)
+        if isinstance(kwargs.get("prompt"), (str, list)):   # tokenised off the event loop
+            text = kwargs.pop("prompt")
+            ids = await asyncio.to_thread(engine.tokenize, text if isinstance(text, list) else [text])
+            kwargs["input_ids"] = ids if isinstance(text, list) else ids[0]
+        if stream:
             return _sse(await engine.async_generate(**kwargs, stream=True))
-        return await engine.async_generate(**kwargs)
+        return await _unless_client_left(request, config, engine.async_generate(**kwargs))
 
-    @app.post("/update_weights_from_tensor")
-    async def update_weights_from_tensor(request: Request):
-        body = await _json(request)
-        entries, = _required(body, "update_weights_from_tensor", "serialized_named_tensors")
-        if not isinstance(entries, list) or not entries or not isinstance(entries[0], str):
-            raise ValueError("serialized_named_tensors must be a non-empty list of strings (SGLang sends one per tp "
-                             "rank; Kiln's rank 0 takes the first and shares the full tensors with its tp ranks)")
-        named = _deserialize_named_tensors(entries[0])
-        if "weight_version" not in body:
-            raise ValueError("update_weights_from_tensor needs field(s) ['weight_version']")
-        version = await asyncio.to_thread(engine.update_weights_from_tensor, named, body["weight_version"])
-        return {"success": True, "message": "weights updated", "weight_version": version}
+    for path, reason in NOT_OVER_HTTP.items():
+        app.add_api_route(path, _refuse(reason), methods=["GET", "POST"], include_in_schema=False)
 
     for member in MEMBERS.values():
         if member.route is not None and member.generated_route:
-            app.add_api_route(member.route, _control_route(engine, member), methods=list(member.http_methods),
-                              name=member.name)
+            app.add_api_route(member.route, _control_route(engine, config, member),
+                              methods=list(member.http_methods), name=member.name)
 
     # ------------------------------------------------------------- OpenAI compatible
     @app.get("/v1/models")
@@ -197,34 +290,70 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _json(request)
+        _check_openai(body, chat=False)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (int, list)):
             prompts = {"input_ids": prompt}
-        elif isinstance(prompt, (str, list)):
-            prompts = {"prompt": prompt}
+            control.check_json_types("async_generate", prompts, aliases={"input_ids": "prompt"})
+        elif isinstance(prompt, str) or isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            ids = await asyncio.to_thread(engine.tokenize, prompt if isinstance(prompt, list) else [prompt])
+            prompts = {"input_ids": ids if isinstance(prompt, list) else ids[0]}
         else:
-            raise ValueError("prompt must be a string, a list of strings, or token ids")
+            raise ValueError("field 'prompt' must be a string, a list of strings, or token ids")
         top = body.get("logprobs")
         sp = _openai_sampling(body, default_max=16, top_logprobs=top or 0)
-        return await _openai_response(engine, model_name, prompts, sp, top is not None, body.get("stream", False),
-                                      chat=False)
+        _check_n(sp, config.max_n, "n")
+        return await _openai_response(engine, request, config, model_name, prompts, sp, top is not None,
+                                      body.get("stream", False), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _json(request)
+        _check_openai(body, chat=True)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
-            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str}")
-        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            raise ValueError("field 'messages' must be a non-empty list of {'role': str, 'content': str}")
+        ids = await asyncio.to_thread(_chat_ids, engine, messages)
         want_lp = bool(body.get("logprobs", False))
         sp = _openai_sampling(body, default_max=None, top_logprobs=body.get("top_logprobs") or 0 if want_lp else 0)
-        return await _openai_response(engine, model_name, {"input_ids": ids}, sp, want_lp, body.get("stream", False),
-                                      chat=True)
+        _check_n(sp, config.max_n, "n")
+        return await _openai_response(engine, request, config, model_name, {"input_ids": ids}, sp, want_lp,
+                                      body.get("stream", False), chat=True)
 
     return app
+
+
+def _refuse(reason: str) -> Callable[[Request], Awaitable[JSONResponse]]:
+    async def refused(request: Request) -> JSONResponse:
+        return _error(400, f"{request.url.path}: {reason}")
+    return refused
+
+
+def _check_openai(body: dict, chat: bool) -> None:
+    """400 naming the field for OpenAI fields of the wrong JSON type (sampling values are SamplingParams')."""
+    _check_field(body, "stream", (bool,))
+    _check_field(body, "max_tokens", (int,))
+    _check_field(body, "max_completion_tokens", (int,))
+    _check_field(body, "logprobs", (bool,) if chat else (int,))
+    _check_field(body, "top_logprobs", (int,))
+
+
+def _chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
+    """Token ids of the chat template over the messages; their contents' length and encoding are checked first."""
+    total = sum(len(m["content"]) for m in messages)
+    if total > engine.max_prompt_chars:
+        raise ValueError(f"field 'messages' has {total} characters of content; more than {engine.max_prompt_chars} "
+                         f"cannot fit the context_length of {engine.context_length} tokens")
+    for i, m in enumerate(messages):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"field 'messages' [{i}].content holds a lone surrogate at character {exc.start}; "
+                             "send valid UTF-8") from None
+    ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
 def _openai_sampling(body: dict, default_max: int | None, top_logprobs: int) -> dict:
@@ -242,8 +371,8 @@ def _finish(reason: dict | None) -> str | None:
     return None if reason is None else reason["type"]
 
 
-async def _openai_response(engine: Engine, model: str, prompts: dict, sp: dict, want_lp: bool, stream: bool,
-                           chat: bool):
+async def _openai_response(engine: Engine, request: Request, config: ServerConfig, model: str, prompts: dict,
+                           sp: dict, want_lp: bool, stream: bool, chat: bool):
     """Run the request and shape the OpenAI (chat) completion response or SSE stream."""
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -254,7 +383,10 @@ async def _openai_response(engine: Engine, model: str, prompts: dict, sp: dict, 
         chunks = await engine.async_generate(**prompts, sampling_params=sp, return_logprob=want_lp, rid=rid,
                                              stream=True)
         return _sse(_openai_stream(engine, chunks, rid, created, model, chat, want_lp, sp.get("stop") or []))
-    outs = await engine.async_generate(**prompts, sampling_params=sp, return_logprob=want_lp, rid=rid)
+    outs = await _unless_client_left(request, config, engine.async_generate(**prompts, sampling_params=sp,
+                                                                           return_logprob=want_lp, rid=rid))
+    if isinstance(outs, Response):   # the client left: nobody reads the answer
+        return outs
     outs = outs if isinstance(outs, list) else [outs]
     choices = []
     for i, out in enumerate(outs):
@@ -281,7 +413,8 @@ def _logprobs(engine: Engine, meta: dict, chat: bool, start: int = 0) -> dict:
     tops = meta.get("output_top_logprobs", [[]] * len(meta["output_token_logprobs"]))[start:]
     if chat:
         return {"content": [{"token": decode([t]), "logprob": lp, "bytes": list(decode([t]).encode()),
-                             "top_logprobs": [{"token": decode([tt]), "logprob": tlp, "bytes": list(decode([tt]).encode())}
+                             "top_logprobs": [{"token": decode([tt]), "logprob": tlp,
+                                               "bytes": list(decode([tt]).encode())}
                                               for tlp, tt, _ in top]}
                             for (lp, t, _), top in zip(entries, tops)]}
     return {"tokens": [decode([t]) for _, t, _ in entries], "token_logprobs": [lp for lp, _, _ in entries],

@@ -45,23 +45,31 @@ class EngineActor:
 
     LIFECYCLE = ("get_url", "shutdown")   # the actor's own methods, beside the control surface
 
-    def __init__(self, config: Any, serve_http: bool = True) -> None:
+    def __init__(self, config: Any, serve_http: bool = True, api_key: str | None = None) -> None:
+        """`api_key`: the run's token, required on every HTTP route but /health (it also turns the admin routes
+        on); serving HTTP needs one."""
         from inference_engine import Engine
 
+        if serve_http and api_key is None:
+            raise ValueError("EngineActor serves HTTP on the node's address only behind an api_key (the driver "
+                             "passes the run's token)")
         _setup_logging()
         self.engine = Engine(config=config)
         self._server = None
         self.url: str | None = None
         if serve_http:
-            self._start_http()
+            self._start_http(api_key)
 
-    def _start_http(self) -> None:
+    def _start_http(self, api_key: str) -> None:
         import uvicorn
 
+        from inference_engine.config import ServerConfig
         from inference_engine.server import create_app
 
-        port = free_port("")
-        config = uvicorn.Config(create_app(self.engine), host="0.0.0.0", port=port, log_level="warning",
+        host = http_host(ray.util.get_node_ip_address())
+        port = free_port(host)
+        server_config = ServerConfig(host=host, port=port, api_key=api_key)
+        config = uvicorn.Config(create_app(self.engine, server_config), host=host, port=port, log_level="warning",
                                 lifespan="off")
         self._server = uvicorn.Server(config)
         thread = threading.Thread(target=self._server.run, name="kiln-engine-http", daemon=True)
@@ -72,7 +80,7 @@ class EngineActor:
                 raise RuntimeError(f"the engine's HTTP server did not start on port {port} "
                                    f"within {HTTP_START_TIMEOUT_S:g}s")
             time.sleep(0.05)
-        self.url = f"http://{ray.util.get_node_ip_address()}:{port}"
+        self.url = f"http://{host}:{port}"
 
     def get_url(self) -> str | None:
         """The engine's HTTP base URL (None if it does not serve HTTP)."""
@@ -83,6 +91,14 @@ class EngineActor:
         if self._server is not None:
             self._server.should_exit = True
         await asyncio.to_thread(self.engine.shutdown)
+
+
+def http_host(node_ip: str) -> str:
+    """The address an engine's HTTP server binds: the node's own IP (reachable by the rollout manager on any node,
+    not every interface), or 127.0.0.1 when that IP is a loopback one."""
+    import ipaddress
+
+    return "127.0.0.1" if ipaddress.ip_address(node_ip).is_loopback else node_ip
 
 
 class EngineProxy:
@@ -145,16 +161,17 @@ class RolloutManagerActor:
 
     def __init__(self, rollout: RolloutConfig, data: DataConfig, engines: dict[str, list[str | Any]],
                  tokenizer_path: str, env_config: EnvConfig | None = None,
-                 health_check_interval: float = 10.0) -> None:
-        """`engines` maps each policy to its engines: HTTP base URLs, or EngineActor handles (Ray calls)."""
+                 health_check_interval: float = 10.0, api_key: str | None = None) -> None:
+        """`engines` maps each policy to its engines: HTTP base URLs (reached with `api_key`, the run's token), or
+        EngineActor handles (Ray calls)."""
         from transformers import AutoTokenizer
 
         _setup_logging()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.routers: dict[str, Router] = {}
         for policy, targets in engines.items():
-            clients = [HttpEngineClient(t) if isinstance(t, str) else LocalEngineClient(t, name=f"{policy}-engine-{i}")
-                       for i, t in enumerate(targets)]
+            clients = [HttpEngineClient(t, api_key=api_key) if isinstance(t, str)
+                       else LocalEngineClient(t, name=f"{policy}-engine-{i}") for i, t in enumerate(targets)]
             self.routers[policy] = Router(clients, page_size=rollout.router_page_size,
                                           balance_threshold=rollout.router_balance_threshold)
         dataset = PromptDataset(data, self.tokenizer) if data.prompt_data else None

@@ -210,19 +210,24 @@ class Driver:
             if self.colocated:
                 ray.get([ref for g in self.trainers.values() for ref in g.remote("offload")])
         if rollout:
+            import secrets
+
             device = "cuda" if use_gpu else "cpu"
             engine_cls = ray.remote(EngineActor)
+            serve_http = run.rollout_client == "http"
+            token = secrets.token_urlsafe(32) if serve_http else None   # this run's key to its engines' HTTP routes
             for name, path in cfg.policies.items():
                 ecfg = dataclasses.replace(cfg.engine, model_path=path, device=device)
                 self.engines[name] = [engine_cls.options(**actor_options(self.pg, slot), max_concurrency=1000).remote(
-                    ecfg, run.rollout_client == "http") for slot in plan.policies[name].engines]
-            if run.rollout_client == "http":
+                    ecfg, serve_http, token) for slot in plan.policies[name].engines]
+            if serve_http:
                 targets = {name: ray.get([h.get_url.remote() for h in handles])
                            for name, handles in self.engines.items()}
             else:
                 targets = self.engines
             self.manager = ray.remote(RolloutManagerActor).options(num_cpus=0).remote(
-                cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), cfg.env, run.health_check_interval)
+                cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), cfg.env, run.health_check_interval,
+                token)
         if train and rollout:
             refs = []
             for name, group in self.trainers.items():

@@ -107,15 +107,21 @@ class LocalEngineClient:
 
 
 class HttpEngineClient:
-    """A client over an engine's HTTP server (POST /generate, GET /health, /abort_request, /flush_cache)."""
+    """A client over an engine's HTTP server (POST /generate, GET /health, /abort_request, /flush_cache).
 
-    def __init__(self, base_url: str, *, timeout: float | None = 600.0, connect_timeout: float = 10.0,
-                 max_retries: int = 3, retry_backoff: float = 0.5,
+    `api_key`: the engine's token, sent as `Authorization: Bearer <api_key>` with every request.
+    """
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float | None = 600.0,
+                 connect_timeout: float = 10.0, max_retries: int = 3, retry_backoff: float = 0.5,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url {base_url!r} must start with http:// or https://")
         if max_retries < 0:
             raise ValueError(f"max_retries = {max_retries}: expected >= 0")
+        if api_key is not None and (not api_key or any(c.isspace() for c in api_key)):
+            raise ValueError("api_key must be a non-empty token without whitespace")
+        self._headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
         self.base_url = base_url.rstrip("/")
         self.name = self.base_url
         self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
@@ -128,7 +134,8 @@ class HttpEngineClient:
     def _http(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:  # an AsyncClient is bound to one event loop
-            self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, transport=self._transport)
+            self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, transport=self._transport,
+                                             headers=self._headers)
             self._loop = loop
         return self._client
 

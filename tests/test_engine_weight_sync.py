@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 pytest.importorskip("fastapi", reason="the HTTP server needs fastapi (the GPU machine has none)")
 
 from inference_engine import Engine
-from inference_engine.server import create_app, serialize_named_tensors
+from inference_engine.config import ServerConfig
+from inference_engine.server import create_app
 from inference_engine.testing import make_tiny_model
 from weight_sync import (FlatLayout, WeightSender, WeightSyncConfig, WeightUpdateGroup, bucket_named_tensors,
                          compare_checksums, push_weights, share_bucket)
@@ -91,7 +92,7 @@ def test_distributed_push_in_process_loads_the_sent_weights(qwen3_model, other_q
 
 async def test_http_routes_push_weights_and_report_versions(qwen3_model, other_qwen3):
     with Engine(model_path=str(qwen3_model), max_total_tokens=1024) as engine:
-        transport = httpx.ASGITransport(app=create_app(engine))
+        transport = httpx.ASGITransport(app=create_app(engine, ServerConfig(enable_admin_routes=True)))
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
             proc, port, done = _start_sender(2, "http_push", other_qwen3)
             r = await client.post("/init_weights_update_group", json={
@@ -117,10 +118,12 @@ async def test_http_routes_push_weights_and_report_versions(qwen3_model, other_q
 
             original = sorted(load_file(qwen3_model / "model.safetensors").items())
             for payload, version in ((original, 4), (share_bucket(original), 5)):  # pairs, then a shared bucket
-                r = await client.post("/update_weights_from_tensor", json={
-                    "serialized_named_tensors": [serialize_named_tensors(payload)], "weight_version": version})
-                assert r.status_code == 200 and r.json()["weight_version"] == version
+                assert engine.update_weights_from_tensor(payload, version) == version   # in-process (or Ray) only
                 _assert_holds(engine, qwen3_model)
+            r = await client.post("/update_weights_from_tensor", json={"serialized_named_tensors": ["eA=="],
+                                                                       "weight_version": 9})
+            assert r.status_code == 400 and "not accepted over HTTP" in r.json()["error"]["message"]
+            assert (await client.get("/get_weight_version")).json() == {"weight_version": 5}
             r = await client.post("/update_weights_from_disk", json={"model_path": str(other_qwen3)})
             assert r.status_code == 400 and "needs field(s) ['weight_version']" in r.json()["error"]["message"]
             r = await client.post("/update_weights_from_disk", json={"model_path": str(other_qwen3),
@@ -139,7 +142,6 @@ async def test_http_routes_push_weights_and_report_versions(qwen3_model, other_q
                                                          "shapes": [[64]], "group_name": "nope",
                                                          "weight_version": "7"}, 400, "'weight_version' = '7'"),
                    ("/update_weights_from_distributed", {"names": []}, 400, "dtypes"),
-                   ("/update_weights_from_tensor", {"serialized_named_tensors": ["not base64!"]}, 400, "decoded"),
                    ("/pause_generation", {"mode": "later"}, 400, "pause mode 'later'")]
             for route, body, status, message in bad:
                 r = await client.post(route, json=body)

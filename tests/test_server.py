@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 pytest.importorskip("fastapi", reason="the HTTP server needs fastapi (the GPU machine has none)")
 
 from inference_engine import Engine
+from inference_engine.config import ServerConfig
 from inference_engine.serve import build_parser
 from inference_engine.server import create_app
 
@@ -23,7 +24,7 @@ def engine(qwen3_model):
 
 @pytest.fixture
 async def client(engine):
-    transport = httpx.ASGITransport(app=create_app(engine))
+    transport = httpx.ASGITransport(app=create_app(engine, ServerConfig(enable_admin_routes=True)))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
 

@@ -68,7 +68,7 @@ def run(vals) -> tuple[Driver, list[dict]]:
 
 
 def engine_tensors(driver, policy="default") -> dict[str, torch.Tensor]:
-    return ray.get(driver.engines[policy][0].named_hf_tensors.remote())
+    return dict(ray.get(driver.engines[policy][0].named_hf_tensors.remote()))  # (hf_name, CPU copy) pairs
 
 
 def trainer_tensors(driver, out_dir, policy="default") -> dict[str, torch.Tensor]:

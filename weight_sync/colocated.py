@@ -29,9 +29,9 @@ class ColocatedChannel:
     Each tensor of a bucket either lies in a `resident` storage (the trainer's own parameters, stable for
     the push) and is read by the engines in place, one copy in all, or is packed into one of `SLOTS`
     persistent staging buffers. Buckets with nothing to pack need no buffer: their entries ride along
-    with the next message (one message for a push that packs nothing), saving a round trip each. A staging buffer is shared once and opened once per engine; it is
-    replaced (the old one retired on the engines) only when a bucket outgrows it, which after the first
-    push no longer happens.
+    with the next message (one message for a push that packs nothing), saving a round trip each. A staging
+    buffer is shared once and opened once per engine; it is replaced (the old one retired on the engines)
+    only when a bucket outgrows it, which after the first push no longer happens.
 
     In-place storages: with `keep_resident` each is shared once and stays open on the engines from push to
     push for as long as it lives (the sender holds it weakly: one that the trainer freed, e.g. by moving
@@ -47,7 +47,8 @@ class ColocatedChannel:
         self.keep_resident = keep_resident
         self._submit = submit
         self._ids = itertools.count()
-        self._kept: dict[int, tuple[int, StorageWeakRef]] = {}   # storage data_ptr -> (storage id, weak ref): open on engines
+        # storage data_ptr -> (storage id, weak ref): open on the engines
+        self._kept: dict[int, tuple[int, StorageWeakRef]] = {}
         self._layouts: dict[tuple, int] = {}   # a message's entries -> its layout id, for the last push's messages
         self._staging: list[tuple[int, torch.Tensor] | None] = [None] * SLOTS   # (storage id, uint8 [nbytes])
         self._opened: dict[int, set[int]] = {}    # id(engine) -> staging storage ids it has open (this generation)
@@ -67,7 +68,7 @@ class ColocatedChannel:
         handles, waiting for the sender's stream), `wait_s` blocked on the engines' load calls.
         """
         self.weight_version = weight_version
-        resident_storages = {}   # storage data_ptr -> uint8 [nbytes] over it (CPU storages moved to shared memory first)
+        resident_storages = {}   # storage data_ptr -> uint8 [nbytes] over it (CPU storages: moved to shared memory)
         for t in resident:
             if t.untyped_storage().data_ptr() not in resident_storages:   # parameters of one flat buffer: one storage
                 whole = storage_bytes(t)
@@ -139,7 +140,8 @@ class ColocatedChannel:
 
     def _place(self, bucket: NamedTensors, located: list[tuple[int, int]], slot: int, resident: dict[int, torch.Tensor],
                in_place: dict[int, int]) -> tuple[list[tuple], dict[int, tuple[bool, torch.Tensor]]]:
-        """Pack the bucket's non-resident tensors into staging slot `slot`; each tensor's (name, dtype, shape, stride, storage id, offset).
+        """Pack the bucket's non-resident tensors into staging slot `slot`; each tensor's (name, dtype, shape,
+        stride, storage id, offset).
 
         `located[i]`: tensor i's (storage data_ptr, nbytes).
         """

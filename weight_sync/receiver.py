@@ -96,6 +96,7 @@ class WeightReceiver:
 
     def _group(self, group_name: str) -> WeightUpdateGroup:
         if group_name not in self._groups:
-            raise WeightSyncError(f"no weight-update group {group_name!r} on this engine; known: {sorted(self._groups)} "
+            raise WeightSyncError(f"no weight-update group {group_name!r} on this engine; "
+                                  f"known: {sorted(self._groups)} "
                                   "(call init_weights_update_group first)")
         return self._groups[group_name]

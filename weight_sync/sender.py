@@ -50,7 +50,8 @@ class WeightSender:
         self._colocated: ColocatedChannel | None = None   # staging buffers and open handles, kept between pushes
 
     def connect(self, engines: Sequence[Any], ranks_per_engine: Sequence[int] | None = None) -> None:
-        """Create the distributed group: this process is rank 0, engine i joins at rank 1 + sum of earlier engines' ranks."""
+        """Create the distributed group: this process is rank 0, engine i joins at rank 1 + the earlier engines'
+        ranks."""
         if self.config.transport != "distributed":
             return
         if self.group is not None:
@@ -66,14 +67,16 @@ class WeightSender:
                                 cfg.group_name, cfg.backend, cfg.timeout_s) for e, offset in zip(engines, offsets)]
         group, error = None, None
         try:
-            group = WeightUpdateGroup(cfg.master_address, port, 0, world_size, cfg.group_name, cfg.backend, cfg.timeout_s)
+            group = WeightUpdateGroup(cfg.master_address, port, 0, world_size, cfg.group_name, cfg.backend,
+                                      cfg.timeout_s)
         except WeightSyncError as e:
             error = e
         raise_engine_errors(futures, "init_weights_update_group", error)
         self.group = group
 
     def send_update(self, trainer_buckets: Iterable[NamedTensors], engines: Sequence[Any], weight_version: int,
-                    resident: Iterable[torch.Tensor] = (), pause: str | None = None, resume: bool = False) -> SentCounts:
+                    resident: Iterable[torch.Tensor] = (), pause: str | None = None,
+                    resume: bool = False) -> SentCounts:
         """Deliver every bucket to every engine; returns what was sent once every engine has loaded it.
 
         Colocated: tensors that view a storage of `resident` (the trainer's parameters, unchanged during the

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +132,10 @@ def load_samples(data: str | None, n_cases: int, seed: int) -> list[Sample]:
 
 
 def _client(target: str, device: str, stack: contextlib.ExitStack) -> tuple[EngineClient, str]:
-    """(client, tokenizer folder) of a model folder (in-process engine) or an engine server URL."""
+    """(client, tokenizer folder) of a model folder (in-process engine) or an engine server URL (its api key, if it
+    has one, from $KILN_API_KEY)."""
     if target.startswith(("http://", "https://")):
-        return HttpEngineClient(target), ""
+        return HttpEngineClient(target, api_key=os.environ.get("KILN_API_KEY") or None), ""
     if not (Path(target) / "config.json").is_file():
         raise ValueError(f"{target!r} is neither an engine URL nor a local HF model folder (no config.json)")
     from inference_engine import Engine
