@@ -1,4 +1,5 @@
-"""Typed configs of the rollout side: `RolloutConfig`, `DataConfig`, and `EnvConfig` (the env flags generate functions get).
+"""Typed configs of the rollout side: `RolloutConfig`, `DataConfig`, and `EnvConfig` (the env flags generate
+functions get).
 
 Each field's docstring (the string literal under it) is its `--help` text; a field may
 choose its flag name with `field(metadata={"flag": "..."})`. `orchestrator.cli` turns any
@@ -10,8 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-from kiln_common.sample import DEFAULT_POLICY
 
 RM_TYPES = ("math", "exact_match", "format", "remote")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")
@@ -224,7 +223,9 @@ class EnvConfig:
         if not isinstance(self.env_max_turns, int) or self.env_max_turns < 1:
             raise ValueError(f"EnvConfig.env_max_turns = {self.env_max_turns!r}: expected an integer >= 1")
         if not isinstance(self.env_max_total_tokens, int) or self.env_max_total_tokens < 2:
-            raise ValueError(f"EnvConfig.env_max_total_tokens = {self.env_max_total_tokens!r}: expected an integer >= 2")
+            raise ValueError(
+                f"EnvConfig.env_max_total_tokens = {self.env_max_total_tokens!r}: expected an integer >= 2"
+            )
         for name in ("env_step_timeout", "env_episode_timeout"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):

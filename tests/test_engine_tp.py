@@ -1,10 +1,10 @@
-"""Tensor parallelism: shard math per layer (any tp, no processes) and TP=2 engines on CPU (two gloo processes) against TP=1."""
+"""Tensor parallelism: shard math per layer (any tp, no processes) and TP=2 engines on CPU (two gloo processes)
+against TP=1."""
 
 import multiprocessing
 import os
 import signal
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -141,7 +141,9 @@ async def test_arithmetic_env_tool_turn_then_scored_answer():
     env = envs.make("arithmetic")
     assert await env.reset(sample) == sample.prompt
     assert '"name": "calculator"' in env.system_prompt()
-    r = await env.step(f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}</tool_call>')
+    r = await env.step(
+        f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}</tool_call>'
+    )
     assert not r.done and r.observation == f"<tool_response>\n{sample.label}\n</tool_response>"
     assert (await env.step(f"Answer: {sample.label}")).reward == 1.0
     wrong = await env.step(f"Answer: {float(sample.label) + 1}")

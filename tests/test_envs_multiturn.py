@@ -20,7 +20,9 @@ class ScriptedClient:
     """Returns scripted turns as the engine would: output ids (tokenised text + eos) and log-probs."""
 
     def __init__(self, tok, turns, *, add_eos=True, finish="stop", weight_version=3):
-        self.tok, self.turns, self.add_eos, self.finish, self.version = tok, list(turns), add_eos, finish, weight_version
+        self.tok, self.turns, self.add_eos, self.finish, self.version = (
+            tok, list(turns), add_eos, finish, weight_version
+        )
         self.seen: list[list[int]] = []
         self.outputs: list[list[int]] = []
         self.params: list[dict] = []

@@ -166,8 +166,10 @@ def test_resolve_test(text, name):
 def test_rule_based_patient_answers_truthfully_in_lay_words():
     case = _case("pneumonia", with_symptoms=("fever", "productive_cough"))
     patient = RuleBasedPatient(case)
-    assert patient.opening() == f"Hello doctor. I'm a {case.age}-year-old {'woman' if case.sex == 'female' else 'man'}" \
-                                f", and I've {case.chief_complaint.text}."
+    assert patient.opening() == (
+        f"Hello doctor. I'm a {case.age}-year-old {'woman' if case.sex == 'female' else 'man'}"
+        f", and I've {case.chief_complaint.text}."
+    )
     assert patient.answer("Do you have a cough?") == "Yes, I've had a cough bringing up phlegm."
     assert patient.answer("Any burning when you pee?") == "No, I haven't had burning when I pee."
     assert patient.answer("When did this start?") == case.onset

@@ -353,7 +353,8 @@ async def test_shared_policy_advantages_are_computed_per_role(tok):
                                     [s.response_length for s in samples], loss_masks=masks)
     for i, s in enumerate(samples):
         peers = [float(p.reward) for p in samples
-                 if (p.metadata["prompt_group"], p.metadata["role"]) == (s.metadata["prompt_group"], s.metadata["role"])]
+                 if (p.metadata["prompt_group"], p.metadata["role"])
+                 == (s.metadata["prompt_group"], s.metadata["role"])]
         assert len(peers) == 2  # the prompt's two episodes, this role only
         mean = sum(peers) / 2
         std = math.sqrt(sum((r - mean) ** 2 for r in peers))  # unbiased: / (n - 1) = 1

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from envs import BM25Index, CalculatorError, Tool, ToolCall, ToolCallError, ToolEnv, evaluate, parse_tool_calls, tool
+from envs import BM25Index, CalculatorError, ToolCall, ToolCallError, ToolEnv, evaluate, parse_tool_calls, tool
 from envs.calculator import calculator, format_number
 from envs.python_executor import PythonExecutorConfig, python_tool, run_python
 from envs.retrieval import retrieval_tool, tokenize

@@ -1,4 +1,5 @@
-"""Weight sync against stand-ins: HF transformers models as trainer and as engine weights (see test_weight_sync_integration.py for the real ones)."""
+"""Weight sync against stand-ins: HF transformers models as trainer and as engine weights (see
+test_weight_sync_integration.py for the real ones)."""
 
 import pickle
 import threading
@@ -291,7 +292,8 @@ class _PauseRecordingEngine(TensorDictEngine):
 
 @pytest.mark.parametrize("bucket_bytes,check", [(1 << 30, False), (40_000, False), (40_000, True)])
 def test_colocated_push_folds_pause_and_continue_into_the_loads(qwen3_model, bucket_bytes, check):
-    """One message: pause, load, continue in one call; several: paused across every load; checksums: verified while paused."""
+    """One message: pause, load, continue in one call; several: paused across every load; checksums: verified
+    while paused."""
     trainer = _trained(qwen3_model)
     target = engine = _PauseRecordingEngine(_load(qwen3_model).state_dict())
     sender = WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes, check_weight_update=check))

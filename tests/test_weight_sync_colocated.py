@@ -1,4 +1,5 @@
-"""The colocated transport's persistent path into a real Engine in another process (shared memory on CPU, as CUDA IPC on GPU).
+"""The colocated transport's persistent path into a real Engine in another process (shared memory on CPU, as
+CUDA IPC on GPU).
 
 The stand-in trainer is an HF model whose parameters live in one flat buffer (a contiguous parameter
 buffer): tensors that view it are read by the engine in place, copies of them go through the sender's

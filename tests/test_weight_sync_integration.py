@@ -2,8 +2,8 @@
 
 One spawn of two trainer ranks runs everything, so process start and the megatron import are paid
 once: step 1 is pushed over the distributed transport (gloo group), step 2 over the colocated one
-while 32 requests are generating, then again with pause_mode "drain"; after each push the engine must hold exactly the weights the
-trainer exports and generate what HF transformers generates from that export.
+while 32 requests are generating, then again with pause_mode "drain"; after each push the engine must hold
+exactly the weights the trainer exports and generate what HF transformers generates from that export.
 """
 
 import threading

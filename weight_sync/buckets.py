@@ -15,7 +15,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[NamedTensors]:
+def bucket_named_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[NamedTensors]:
     """Group a stream of (hf_name, tensor) into lists of at most `bucket_bytes` each, lazily.
 
     A tensor larger than `bucket_bytes` is never split: it travels alone in a bucket of its own.
@@ -36,7 +38,8 @@ def bucket_named_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], buck
         yield bucket
 
 
-LARGE_COPY_BYTES = 4 << 20   # on CUDA a tensor this large is copied by its own copy_ (a device memcpy at full bandwidth)
+# on CUDA a tensor this large is copied by its own copy_ (a device memcpy at full bandwidth)
+LARGE_COPY_BYTES = 4 << 20
 
 
 class StableBucket(list):
@@ -49,7 +52,8 @@ class StableBucket(list):
 
 
 def copy_tensors(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> None:
-    """dsts[i].copy_(srcs[i]) for every i: small ones as one multi-tensor copy (few launches), large CUDA ones one by one."""
+    """dsts[i].copy_(srcs[i]) for every i: small ones as one multi-tensor copy (few launches), large CUDA ones
+    one by one."""
     small_dsts, small_srcs = [], []
     for dst, src in zip(dsts, srcs):
         if dst.is_cuda and dst.numel() * dst.element_size() >= LARGE_COPY_BYTES:
@@ -92,7 +96,9 @@ class FlatLayout:
                       shapes: Sequence[Sequence[int]]) -> "FlatLayout":
         """Lay out tensors named `names` with these dtypes and shapes, same-dtype tensors packed back to back."""
         if not len(names) == len(dtypes) == len(shapes):
-            raise ValueError(f"bucket metadata disagrees: {len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes")
+            raise ValueError(
+                f"bucket metadata disagrees: {len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes"
+            )
         dup = sorted(n for n, count in Counter(names).items() if count > 1)
         if dup:
             raise ValueError(f"bucket names tensors more than once: {dup}")
@@ -150,7 +156,9 @@ class FlatLayout:
     def unflatten(self, buffers: Sequence[torch.Tensor]) -> NamedTensors:
         """Views of the received flat buffers as (name, tensor of its shape); no copy."""
         if len(buffers) != len(self.buffer_dtypes):
-            raise ValueError(f"expected {len(self.buffer_dtypes)} flat buffers ({self.buffer_dtypes}), got {len(buffers)}")
+            raise ValueError(
+                f"expected {len(self.buffer_dtypes)} flat buffers ({self.buffer_dtypes}), got {len(buffers)}"
+            )
         for buf, dtype, numel in zip(buffers, self.buffer_dtypes, self.buffer_numels):
             if buf.dtype != dtype or buf.numel() != numel:
                 raise ValueError(f"flat buffer is {buf.dtype}[{buf.numel()}], layout expects {dtype}[{numel}]")

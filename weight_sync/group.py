@@ -1,4 +1,5 @@
-"""A dedicated gloo/NCCL process group between trainer rank 0 and the engine ranks, outside torch.distributed's default group."""
+"""A dedicated gloo/NCCL process group between trainer rank 0 and the engine ranks, outside torch.distributed's
+default group."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ class WeightUpdateGroup:
         self.rank = rank
         self.world_size = world_size
         self.backend = resolve_backend(backend)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
+                       else torch.device("cpu"))
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self._where = (f"weight-update group {group_name!r} (rank {rank} of {world_size}, "
                        f"rendezvous {master_address}:{master_port}, {self.backend})")

@@ -91,7 +91,8 @@ class StorageHandle:
     storage_id: int
     persistent: bool
     handle: tuple[Any, tuple]
-    local: torch.Tensor | None = None   # the sender's uint8 tensor itself, for a receiver in the same process; never pickled
+    # the sender's uint8 tensor itself, for a receiver in the same process; never pickled
+    local: torch.Tensor | None = None
 
     def __getstate__(self):
         return {**self.__dict__, "local": None}

@@ -22,7 +22,9 @@ def case_of(sample: Sample) -> Case:
         return sample.label
     if isinstance(sample.label, dict):
         return Case.from_dict(sample.label)
-    raise ValueError(f"sample {sample.index}: label must be a Case or Case.to_dict(), got {type(sample.label).__name__}")
+    raise ValueError(
+        f"sample {sample.index}: label must be a Case or Case.to_dict(), got {type(sample.label).__name__}"
+    )
 
 
 @register("medical_dialogue")

@@ -47,7 +47,8 @@ def patient_system_prompt(case: Case) -> str:
 
 
 class RuleBasedPatient:
-    """Answers a doctor's questions from a case by keyword matching, in lay words, truthfully and one topic at a time."""
+    """Answers a doctor's questions from a case by keyword matching, in lay words, truthfully and one topic at
+    a time."""
 
     def __init__(self, case: Case):
         self.case = case
