@@ -1,4 +1,4 @@
-"""Sample: one trajectory of one agent, exactly as the engine saw it (see DESIGN.md)."""
+"""Sample: one trajectory of one agent, exactly as the engine saw it (docs/design.md: the contracts)."""
 
 from __future__ import annotations
 
