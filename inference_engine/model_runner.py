@@ -109,7 +109,9 @@ class ModelRunner:
             self.workers.command(name, *args)
 
     def load_checkpoint(self, model_path: str) -> None:
-        """Load every tensor of a HF folder whose config matches this model (every rank reads its shard); a missing weight raises ValueError."""
+        """Load every tensor of a HF folder whose config matches this model (every rank reads its shard).
+
+        A missing weight raises ValueError."""
         spec = read_spec(model_path)
         if spec != self.spec:
             raise ValueError(f"model at {model_path!r} does not match the running model: {spec} vs {self.spec}")
@@ -151,7 +153,7 @@ class ModelRunner:
         return ForwardOutput(self.model(fb))
 
     def capture_cuda_graphs(self) -> None:
-        """Capture decode graphs (CUDA only, unless disable_cuda_graph); they hold the current weight and KV addresses."""
+        """Capture decode graphs (CUDA only, unless disable_cuda_graph); they hold the weight and KV addresses."""
         self.graph_runner = None
         if self.device.type != "cuda" or self.config.disable_cuda_graph:
             return
@@ -172,7 +174,8 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def resume_memory(self, weights: bool, kv_cache: bool) -> None:
-        """Bring weights back first (if they were released), then the KV pool, then recapture the graphs, on every tp rank."""
+        """Bring weights back first (if they were released), then the KV pool, then recapture the graphs (every tp
+        rank)."""
         self.tell_workers("resume_memory", weights, kv_cache)
         if weights:
             self.model.to(self.device)

@@ -23,7 +23,8 @@ def hf_greedy(path, prompt, n=10):
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = tok(prompt, return_tensors="pt").input_ids
-    return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def test_weight_updates_switch_models_and_report_versions(qwen3_model, other_qwen3):

@@ -2,7 +2,8 @@
 
     python -m examples.medical_multiagent.eval --doctor MODEL_DIR                       # rule-based patient
     python -m examples.medical_multiagent.eval --doctor MODEL_DIR --patient PATIENT_DIR  # LLM patient
-    python -m examples.medical_multiagent.eval --doctor http://host:30000 --patient shared --data data/medical/test.jsonl
+    python -m examples.medical_multiagent.eval --doctor http://host:30000 --patient shared \
+        --data data/medical/test.jsonl
 
 A model is a local HF folder (served in-process by `inference_engine.Engine`) or the URL of a running
 engine server. `--patient shared` lets the doctor's model play the patient too (one shared policy).
