@@ -46,6 +46,8 @@ class EngineConfig:
     base_gpu_id: int = 0  # with device "cuda", tp rank r runs on cuda:(base_gpu_id + r); "cuda:N" starts at N
     random_seed: int = 0  # seeds the sampling of requests that set no seed of their own
     served_model_name: str | None = None  # the name /v1/models reports; None: the folder name
+    stall_timeout_s: float = 60.0  # health() is not ok (HTTP /health 503) once the scheduler has had work but
+    # made no step for this many seconds (stuck in a step, e.g. a collective whose peer is gone)
 
     def __post_init__(self):
         from inference_engine.attention import available_backends
@@ -96,6 +98,8 @@ class EngineConfig:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.base_gpu_id < 0:
             raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
+        if not (isinstance(self.stall_timeout_s, (int, float)) and self.stall_timeout_s > 0):
+            raise ValueError(f"stall_timeout_s must be a number of seconds > 0, got {self.stall_timeout_s!r}")
         if self.base_gpu_id and self.device != "cuda":
             raise ValueError(f"base_gpu_id {self.base_gpu_id} applies to device 'cuda' only, not {self.device!r} "
                              "(with 'cuda:N' the ranks start at N)")

@@ -101,8 +101,10 @@ class EngineControl(Protocol):
     def weight_version(self) -> int:
         """The version of the weights the engine holds (0 until the first update)."""
 
-    def health(self) -> bool:
-        """True while the engine can run steps (scheduler thread and tp workers alive)."""
+    def health(self) -> dict:
+        """Liveness report: {"ok", "status", "reason", "scheduler_alive", "tp_workers_alive", "stall_s" (seconds
+        without a step while there is work), "stall_timeout_s", "memory_released", "weights_released", "paused",
+        "weight_version", "running", "queued"}; HTTP answers 200 when ok, else 503 (no token needed)."""
 
 
 @dataclass(frozen=True)

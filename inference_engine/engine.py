@@ -25,12 +25,15 @@ from inference_engine.model_runner import ModelRunner
 from inference_engine.request import Req
 from inference_engine.sampling_params import SamplingParams
 from inference_engine.scheduler import Scheduler
+from kiln_common.errors import EngineNotServingError
 from weight_sync import ColocatedBucket, SharedBucket, WeightReceiver, checksum_report, open_bucket
 
 log = logging.getLogger(__name__)
 NamedTensorPairs = Iterable[tuple[str, torch.Tensor]]
 IDLE_WAIT_S = 0.5
 STOP_TIMEOUT_S = 60.0  # shutdown waits this long for the scheduler thread to finish its step
+RELEASED_MESSAGE = ("the engine's memory is released (release_memory): it serves no requests until resume_memory(); "
+                    "send the request to another engine or retry after the resume")
 
 
 class Engine:
@@ -67,6 +70,7 @@ class Engine:
         self._update_phases: dict[str, float] = {}   # seconds of the last weight update's phases, for metrics()
         self._released: dict[str, bool] = {}
         self._closed = False
+        self._last_progress = time.monotonic()   # the last step, or the last moment without runnable work (health)
         device = self.runner.device
         if device.type == "cuda" and device.index is None:  # "cuda": the device current while the runner was built
             device = torch.device("cuda", torch.cuda.current_device())
@@ -88,7 +92,9 @@ class Engine:
         if device.type == "cuda":  # a new thread starts on cuda:0; triton launches on the current device
             torch.cuda.set_device(device)
         while True:
-            busy = self.scheduler.has_work() and not self._paused and not self._released
+            busy = self._runnable()
+            if not busy:
+                self._last_progress = time.monotonic()
             try:
                 item = self._inbox.get(block=not busy, timeout=None if busy else IDLE_WAIT_S)
             except queue.Empty:
@@ -104,14 +110,22 @@ class Engine:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = None
-            if self.scheduler.has_work() and not self._paused and not self._released:
+            if self._runnable():
                 self.scheduler.step()
+                self._last_progress = time.monotonic()
+
+    def _runnable(self) -> bool:
+        """Whether the scheduler has work it may step on (not paused, memory not released)."""
+        return self.scheduler.has_work() and not self._paused and not self._released
 
     def _handle(self, item: tuple) -> None:
         kind = item[0]
         if kind == "add":
             for req in item[1]:
                 self.scheduler.add(req)
+            if self._released:   # queued just before release_memory ran: refused like the requests after it
+                for group in {req.group for req in item[1]}:
+                    self.scheduler.abort(group, message=RELEASED_MESSAGE)
         elif kind == "abort":
             self.scheduler.abort(item[1])
         elif kind == "call":
@@ -133,6 +147,21 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("engine is shut down")
+        if not self._thread.is_alive():
+            raise EngineNotServingError("the engine's scheduler thread is not running (its log says why); the "
+                                        "engine cannot serve requests or control calls any more")
+
+    def _check_serving(self) -> None:
+        """Refuse a request at once while the memory is released (it would wait for resume_memory otherwise)."""
+        self._check_open()
+        if self._released:
+            raise EngineNotServingError(RELEASED_MESSAGE)
+
+    @staticmethod
+    def _raise_if_refused(outputs: list[Req]) -> None:
+        """A request that slipped in while release_memory ran was ended with RELEASED_MESSAGE: raise it."""
+        if any((r.finish_reason or {}).get("message") == RELEASED_MESSAGE for r in outputs):
+            raise EngineNotServingError(RELEASED_MESSAGE)
 
     # ----------------------------------------------------------------- requests
     def _build_requests(self, prompt, input_ids, sampling_params, return_logprob, rid, stream,
@@ -223,7 +252,7 @@ class Engine:
                  sampling_params: dict | list[dict] | None = None, return_logprob: bool | list[bool] = False,
                  rid: str | list[str] | None = None) -> dict | list[dict]:
         """Generate for one prompt (returns a dict) or a batch / n > 1 (returns a list, n dicts per prompt)."""
-        self._check_open()
+        self._check_serving()
         done = threading.Event()
         results: dict[int, dict] = {}
         lock = threading.Lock()
@@ -242,6 +271,7 @@ class Engine:
             if not self._thread.is_alive():
                 raise RuntimeError("engine scheduler thread is not running")
             self.runner.check_alive()
+        self._raise_if_refused(outputs)
         ordered = [results[id(r)] for r in outputs]
         return ordered if many else ordered[0]
 
@@ -251,7 +281,7 @@ class Engine:
                              return_logprob: bool | list[bool] = False, rid: str | list[str] | None = None,
                              stream: bool = False) -> dict | list[dict] | AsyncIterator[dict]:
         """Like generate, awaitable; with stream=True returns an async iterator of cumulative outputs (with "index")."""
-        self._check_open()
+        self._check_serving()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -274,6 +304,7 @@ class Engine:
         except asyncio.CancelledError:
             self._abort_unfinished(outputs)
             raise
+        self._raise_if_refused(outputs)
         ordered = [results[id(r)] for r in outputs]
         return ordered if many else ordered[0]
 
@@ -516,15 +547,33 @@ class Engine:
                 "context_length": self.context_length, "vocab_size": self.spec.vocab_size,
                 "tp_size": self.config.tp_size, "weight_version": self.weight_version}
 
-    def health(self) -> bool:
-        """True while the engine can run steps (scheduler thread and tp workers alive)."""
-        if self._closed or not self._thread.is_alive():
-            return False
+    def health(self) -> dict:
+        """The engine's liveness report (read without locking, from any thread); `ok` is False, with `reason`, when
+        it is shut down, its scheduler thread or a tp worker is gone, or it has had work but made no step for
+        `stall_timeout_s` (stalled). Released memory is reported, not a failure: the engine is alive and refuses
+        requests at once until resume_memory()."""
+        s = self.scheduler
+        reasons = []
+        alive = self._thread.is_alive()
+        if self._closed:
+            reasons.append("the engine is shut down")
+        elif not alive:
+            reasons.append("the scheduler thread is not running (its log says why)")
+        workers_alive = True
         try:
             self.runner.check_alive()
-        except RuntimeError:
-            return False
-        return True
+        except RuntimeError as exc:
+            workers_alive = False
+            reasons.append(str(exc))
+        stall = time.monotonic() - self._last_progress if self._runnable() else 0.0
+        if stall > self.config.stall_timeout_s:
+            reasons.append(f"stalled: no scheduler step for {stall:.1f}s with {len(s.running)} running and "
+                           f"{len(s.waiting)} queued requests (stall_timeout_s {self.config.stall_timeout_s:g})")
+        return {"ok": not reasons, "status": "unhealthy" if reasons else "ok", "reason": "; ".join(reasons) or None,
+                "scheduler_alive": alive, "tp_workers_alive": workers_alive, "stall_s": round(stall, 3),
+                "stall_timeout_s": self.config.stall_timeout_s, "memory_released": bool(self._released),
+                "weights_released": bool(self._released.get("weights")), "paused": self._paused,
+                "weight_version": self.weight_version, "running": len(s.running), "queued": len(s.waiting)}
 
     def metrics(self) -> dict:
         """Load and cache numbers (read without locking: a snapshot, possibly a step old)."""

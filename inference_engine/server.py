@@ -24,6 +24,7 @@ from inference_engine import control
 from inference_engine.config import ServerConfig
 from inference_engine.control import MEMBERS, Member
 from inference_engine.engine import Engine
+from kiln_common.errors import EngineNotServingError
 
 GENERATE_FIELDS = {"text": "prompt", "input_ids": "input_ids", "sampling_params": "sampling_params",
                    "return_logprob": "return_logprob", "stream": "stream", "rid": "rid"}   # body field -> argument
@@ -202,7 +203,7 @@ RESPONSES: dict[str, Callable[[Engine, Any], Any]] = {
     "get_model_info": lambda engine, result: result,
     "weight_version": lambda engine, result: {"weight_version": result},
     "weight_checksums": lambda engine, result: {"weight_version": engine.weight_version, "checksums": result},
-    "health": lambda engine, ok: {"status": "ok"} if ok else JSONResponse({"status": "unhealthy"}, status_code=503),
+    "health": lambda engine, report: JSONResponse(report, status_code=200 if report["ok"] else 503),
 }
 
 
@@ -249,6 +250,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(RuntimeError)
     async def conflict(_, exc: RuntimeError):
         return _error(409, str(exc))
+
+    @app.exception_handler(EngineNotServingError)
+    async def not_serving(_, exc: EngineNotServingError):   # memory released, scheduler gone: another engine may serve
+        return _error(503, str(exc))
 
     @app.exception_handler(_BodyTooLarge)
     async def too_large(_, exc: _BodyTooLarge):

@@ -161,19 +161,22 @@ class RolloutManagerActor:
 
     def __init__(self, rollout: RolloutConfig, data: DataConfig, engines: dict[str, list[str | Any]],
                  tokenizer_path: str, env_config: EnvConfig | None = None,
-                 health_check_interval: float = 10.0, api_key: str | None = None) -> None:
+                 health_check_interval: float = 10.0, api_key: str | None = None,
+                 health_timeout: float = 10.0) -> None:
         """`engines` maps each policy to its engines: HTTP base URLs (reached with `api_key`, the run's token), or
-        EngineActor handles (Ray calls)."""
+        EngineActor handles (Ray calls). An engine that does not answer a health check within `health_timeout`
+        seconds leaves its router's rotation (its requests move to the others)."""
         from transformers import AutoTokenizer
 
         _setup_logging()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self._api_key = api_key
         self.routers: dict[str, Router] = {}
         for policy, targets in engines.items():
-            clients = [HttpEngineClient(t, api_key=api_key) if isinstance(t, str)
-                       else LocalEngineClient(t, name=f"{policy}-engine-{i}") for i, t in enumerate(targets)]
+            clients = [self._client(policy, i, t) for i, t in enumerate(targets)]
             self.routers[policy] = Router(clients, page_size=rollout.router_page_size,
-                                          balance_threshold=rollout.router_balance_threshold)
+                                          balance_threshold=rollout.router_balance_threshold,
+                                          health_timeout=health_timeout)
         dataset = PromptDataset(data, self.tokenizer) if data.prompt_data else None
         eval_data = PromptDataset(data, self.tokenizer, data.eval_prompt_data) if data.eval_prompt_data else None
         self.manager = RolloutManager(rollout, dataset, self.routers, self.tokenizer, eval_data=eval_data,
@@ -200,6 +203,30 @@ class RolloutManagerActor:
     async def flush_cache(self, policy: str) -> None:
         """Forget routed prefixes of `policy`'s engines (their caches were flushed by a weight update)."""
         await self.routers[policy].flush_cache()
+
+    def _client(self, policy: str, index: int, target: str | Any) -> HttpEngineClient | LocalEngineClient:
+        if isinstance(target, str):
+            return HttpEngineClient(target, api_key=self._api_key)
+        return LocalEngineClient(target, name=f"{policy}-engine-{index}")
+
+    async def replace_engine(self, policy: str, index: int, target: str | Any) -> None:
+        """Put a restarted engine (its URL or actor handle), whose weights the driver has verified, in engine
+        `index`'s place of `policy`'s router, in rotation."""
+        if policy not in self.routers:
+            raise ValueError(f"replace_engine: unknown policy {policy!r}; the policies are {sorted(self.routers)}")
+        router = self.routers[policy]
+        if not 0 <= index < len(router.clients):
+            raise ValueError(f"replace_engine: policy {policy!r} has engines 0..{len(router.clients) - 1}, "
+                             f"not {index}")
+        old = router.clients[index]
+        router.replace_client(index, self._client(policy, index, target))
+        if isinstance(old, HttpEngineClient):
+            await old.aclose()
+
+    async def engine_events(self) -> dict[str, list[dict[str, Any]]]:
+        """{policy: its router's rotation changes since the last call} (`Router.take_events`: an engine left the
+        rotation and why, or came back), for the driver's log."""
+        return {policy: events for policy, router in self.routers.items() if (events := router.take_events())}
 
     async def state_dict(self) -> dict[str, Any]:
         return self.manager.state_dict()

@@ -42,6 +42,13 @@ class RunConfig:
     """How the rollout manager reaches the engines: their HTTP servers, or Ray calls."""
     health_check_interval: float = 10.0
     """Seconds between the router's engine health checks."""
+    engine_health_timeout: float = 10.0
+    """Seconds an engine has to answer a health check (the router's and the driver's); no answer = stalled."""
+    fault_tolerance: bool = True
+    """After each rollout, restart engines that died or stalled (same placement bundle, weights re-pushed and
+    checksum-verified before they serve again); --no-fault-tolerance stops the run instead."""
+    max_engine_restarts: int = 3
+    """Engine restarts allowed over the whole run (all policies); one more failure stops the run."""
     update_weight_buffer_size: int = 512 << 20
     """Bytes per weight-push bucket (a larger tensor travels alone)."""
     check_weight_update: bool = False
@@ -76,8 +83,11 @@ class RunConfig:
                      "update_weight_buffer_size"):
             check_positive(self, name)
         check_positive(self, "ray_num_cpus", allow_none=True)
-        for name in ("cpus_per_device", "health_check_interval", "weight_sync_timeout"):
+        for name in ("cpus_per_device", "health_check_interval", "weight_sync_timeout", "engine_health_timeout"):
             check_positive_seconds(self, name)
+        if not isinstance(self.max_engine_restarts, int) or isinstance(self.max_engine_restarts, bool) \
+                or self.max_engine_restarts < 0:
+            raise ValueError(f"RunConfig.max_engine_restarts = {self.max_engine_restarts!r}: expected an integer >= 0")
         if self.rollout_client not in ("http", "ray"):
             raise ValueError(f"RunConfig.rollout_client = {self.rollout_client!r}: expected 'http' or 'ray'")
         if self.async_rollout and self.colocate:

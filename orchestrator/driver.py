@@ -5,6 +5,9 @@ its samples -> push each policy's weights into its engines -> (trainers offload,
 -> eval every --eval-interval steps -> checkpoint every --save-interval steps -> one log line.
 With --async-rollout the rollout of step k+1 runs while step k trains (staleness 1, TIS on).
 Step k (1-based, as logged) trains on rollout k-1 and leaves the engines at weight_version k.
+Fault tolerance (docs/architecture.md): after each rollout every engine's health is checked; a dead or
+stalled one is restarted on its bundle, gets the step's weight push (checksums verified) and only then
+serves again.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,7 @@ from inference_engine.config import EngineConfig
 from orchestrator.checkpoint import CheckpointError, begin_checkpoint, choose_checkpoint, finish_checkpoint
 from orchestrator.cli import ConfigError, build_parser, instantiate, load_yaml, to_flag_values
 from orchestrator.config import RunConfig
+from rollout.client import report_ok
 from rollout.config import DataConfig, EnvConfig, RolloutConfig
 from rollout.manager import DataExhausted, RolloutBatch, RolloutManager
 from trainer.config import TrainerConfig
@@ -106,6 +111,10 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
     return DriverConfig(run, rollout, data, trainer, engine, env, policies)
 
 
+class EngineFailureError(RuntimeError):
+    """Engines failed and the run cannot go on (--no-fault-tolerance, the restart limit, or a failed restart)."""
+
+
 class MetricsLogger:
     """One JSON line per step in --metrics-file, and wandb when --use-wandb (offline unless WANDB_MODE says)."""
 
@@ -143,6 +152,12 @@ def failure_summary(batch: RolloutBatch, limit: int = 3) -> str:
     return "; ".join(f"{n}x {why}" for why, n in reasons.most_common(limit))
 
 
+def _last_line(e: BaseException) -> str:
+    """The last line of an error's text (a Ray error's is the cause's message, after its traceback)."""
+    text = str(e).strip()
+    return text.splitlines()[-1][:300] if text else type(e).__name__
+
+
 def _fmt(metrics: dict[str, Any], key: str, spec: str = ".3f") -> str:
     value = metrics.get(key)
     return "-" if value is None else format(value, spec)
@@ -162,6 +177,12 @@ class Driver:
         self._started_ray = False
         self.weight_versions = {name: 0 for name in config.policies}
         self.history: list[dict[str, Any]] = []
+        self.run_id = uuid.uuid4().hex[:8]   # in the engine actors' names (`engine_name`)
+        self.engine_restarts = 0   # over the whole run, all policies
+        self._plan: Any = None
+        self._engine_options: dict[str, Any] = {}   # device, serve_http, token: how engines are started
+        self._sync: dict[str, WeightSyncConfig] = {}   # each policy's weight-sync settings
+        self._to_return: list[tuple[str, int]] = []   # restarted engines waiting for their weights and the check
 
     # ---- set-up -----------------------------------------------------------------------------------------------
 
@@ -182,8 +203,8 @@ class Driver:
         """Start Ray (or join it), place and start every actor, and resume from --load."""
         import ray
 
-        from orchestrator.actors import EngineActor, EngineProxy, RolloutManagerActor
-        from orchestrator.placement import actor_options, create_placement_group, plan_placement
+        from orchestrator.actors import RolloutManagerActor
+        from orchestrator.placement import create_placement_group, plan_placement
         from orchestrator.trainer_group import TrainerGroup
 
         cfg, run = self.cfg, self.cfg.run
@@ -212,34 +233,66 @@ class Driver:
         if rollout:
             import secrets
 
-            device = "cuda" if use_gpu else "cpu"
-            engine_cls = ray.remote(EngineActor)
             serve_http = run.rollout_client == "http"
-            token = secrets.token_urlsafe(32) if serve_http else None   # this run's key to its engines' HTTP routes
-            for name, path in cfg.policies.items():
-                ecfg = dataclasses.replace(cfg.engine, model_path=path, device=device)
-                self.engines[name] = [engine_cls.options(**actor_options(self.pg, slot), max_concurrency=1000).remote(
-                    ecfg, serve_http, token) for slot in plan.policies[name].engines]
-            if serve_http:
-                targets = {name: ray.get([h.get_url.remote() for h in handles])
-                           for name, handles in self.engines.items()}
-            else:
-                targets = self.engines
+            self._plan = plan
+            self._engine_options = {"device": "cuda" if use_gpu else "cpu", "serve_http": serve_http,
+                                    # this run's key to its engines' HTTP routes
+                                    "token": secrets.token_urlsafe(32) if serve_http else None}
+            for name in cfg.policies:
+                self.engines[name] = [self._start_engine(name, i) for i in range(len(plan.policies[name].engines))]
+            targets = {name: [self._engine_target(h) for h in handles] for name, handles in self.engines.items()}
             self.manager = ray.remote(RolloutManagerActor).options(num_cpus=0).remote(
                 cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), cfg.env, run.health_check_interval,
-                token)
+                self._engine_options["token"], health_timeout=run.engine_health_timeout)
         if train and rollout:
-            refs = []
             for name, group in self.trainers.items():
-                sync = WeightSyncConfig(
+                self._sync[name] = WeightSyncConfig(
                     transport="colocated" if self.colocated and run.actor_num_nodes == 1 else "distributed",
                     bucket_bytes=run.update_weight_buffer_size, check_weight_update=run.check_weight_update,
                     timeout_s=run.weight_sync_timeout, master_address=group.master_addr,
                     group_name=f"kiln_weights_{name}")
-                proxies = [EngineProxy(h, timeout_s=run.weight_sync_timeout) for h in self.engines[name]]
-                refs += group.remote("connect_engines", proxies, sync, [cfg.engine.tp_size] * len(proxies))
-            ray.get(refs)
+            ray.get([ref for name in self.trainers for ref in self._connect_weight_sync(name)])
         self._resume()
+
+    def engine_name(self, policy: str, index: int) -> str:
+        """The Ray actor name of engine `index` of `policy` (`ray.get_actor(name)` finds it; kept across restarts)."""
+        return f"kiln-engine-{policy}-{index}-{self.run_id}"
+
+    def _start_engine(self, policy: str, index: int) -> Any:
+        """Start engine `index` of `policy`: a named EngineActor in its slot of the placement group (at set-up, and
+        to restart a failed engine on the same bundle). Returns the handle at once; the engine loads meanwhile."""
+        import ray
+
+        from orchestrator.actors import EngineActor
+        from orchestrator.placement import actor_options
+
+        opts = self._engine_options
+        slot = self._plan.policies[policy].engines[index]
+        config = dataclasses.replace(self.cfg.engine, model_path=self.cfg.policies[policy], device=opts["device"])
+        options = {**actor_options(self.pg, slot), "max_concurrency": 1000, "name": self.engine_name(policy, index)}
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                return ray.remote(EngineActor).options(**options).remote(config, opts["serve_http"], opts["token"])
+            except ValueError as e:   # a killed predecessor's name is freed a moment after it died
+                if "already taken" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _engine_target(self, handle: Any) -> Any:
+        """What the rollout manager reaches an engine by: its HTTP URL (waits for its start), or its handle."""
+        import ray
+
+        return ray.get(handle.get_url.remote()) if self._engine_options["serve_http"] else handle
+
+    def _connect_weight_sync(self, policy: str) -> list[Any]:
+        """Connect `policy`'s weight sender to its current engines (ObjectRefs of the ranks' calls)."""
+        from orchestrator.actors import EngineProxy
+
+        run = self.cfg.run
+        proxies = [EngineProxy(h, timeout_s=run.weight_sync_timeout) for h in self.engines[policy]]
+        return self.trainers[policy].remote("connect_engines", proxies, self._sync[policy],
+                                            [self.cfg.engine.tp_size] * len(proxies))
 
     def _resume(self) -> None:
         """Restore step, data position and weight versions from --load; push the loaded weights to the engines."""
@@ -267,7 +320,8 @@ class Driver:
         """Push every policy's weights into its engines as `version`; timing and size metrics."""
         import ray
 
-        refs = {name: g.remote("push_weights", version) for name, g in self.trainers.items()}
+        verify = {policy for policy, _ in self._to_return}   # a restarted engine's weights are checked once
+        refs = {name: g.remote("push_weights", version, name in verify) for name, g in self.trainers.items()}
         results = {name: ray.get(rs)[0] for name, rs in refs.items()}  # rank 0 reports; every rank takes part
         ray.get([self.manager.flush_cache.remote(name) for name in refs])
         metrics = {}
@@ -276,6 +330,115 @@ class Driver:
             metrics[self._key("push", name, "gb_per_s")] = stats["gb_per_s"]
             metrics[self._key("push", name, "bytes")] = stats["bytes"]
         return metrics
+
+    # ---- fault tolerance --------------------------------------------------------------------------------------
+
+    def _engine_faults(self) -> list[tuple[str, int, str]]:
+        """(policy, index, reason) of every engine that died, did not answer a health check within
+        --engine-health-timeout (stalled), or reported itself not ok."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        timeout = self.cfg.run.engine_health_timeout
+        refs = {(policy, i): h.health.remote() for policy, handles in self.engines.items()
+                for i, h in enumerate(handles)}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        answered = set(ready)
+        faults = []
+        for (policy, i), ref in refs.items():
+            if ref not in answered:
+                faults.append((policy, i, f"no answer to a health check within {timeout:g}s (stalled)"))
+                continue
+            try:
+                report = ray.get(ref)
+            except RayActorError as e:
+                faults.append((policy, i, f"the actor died ({type(e).__name__}: {_last_line(e)})"))
+            except Exception as e:  # noqa: BLE001 - whatever broke the health call, the engine is not serving
+                faults.append((policy, i, f"its health check raised {type(e).__name__}: {_last_line(e)}"))
+            else:
+                if not report_ok(report):
+                    why = report.get("reason") if isinstance(report, dict) else report
+                    faults.append((policy, i, f"it reports itself unhealthy: {why}"))
+        return faults
+
+    def _check_engines(self, step: int) -> None:
+        """After a rollout: log the routers' rotation changes, find failed engines and restart them (or stop the run:
+        --no-fault-tolerance, or more than --max-engine-restarts in all)."""
+        self._log_engine_events(step)
+        self._handle_engine_faults(step, self._engine_faults())
+
+    def _log_engine_events(self, step: int) -> None:
+        """Log the routers' rotation changes (an engine left the rotation and why, or came back) in this log."""
+        import ray
+
+        for policy, events in ray.get(self.manager.engine_events.remote()).items():
+            for event in events:
+                logger.log(logging.INFO if event["in_rotation"] else logging.WARNING, "step %d: policy %s: %s",
+                           step + 1, policy, event["message"])
+
+    def _handle_engine_faults(self, step: int, faults: list[tuple[str, int, str]]) -> None:
+        """Restart the failed engines `faults` ((policy, index, reason) each), or raise EngineFailureError naming
+        them and why when --no-fault-tolerance is set or the restarts would exceed --max-engine-restarts."""
+        run = self.cfg.run
+        if not faults:
+            return
+        described = "; ".join(f"{self.engine_name(policy, i)}: {why}" for policy, i, why in faults)
+        if not run.fault_tolerance:
+            raise EngineFailureError(f"step {step + 1}: {len(faults)} engine(s) failed and --no-fault-tolerance is "
+                                     f"set, so the run stops: {described}")
+        if self.engine_restarts + len(faults) > run.max_engine_restarts:
+            raise EngineFailureError(
+                f"step {step + 1}: {len(faults)} engine(s) failed, and restarting them would exceed "
+                f"--max-engine-restarts {run.max_engine_restarts} ({self.engine_restarts} restart(s) so far), so the "
+                f"run stops: {described}")
+        for policy, i, why in faults:
+            logger.warning("step %d: engine %s failed (%s); restarting it on its placement-group bundle", step + 1,
+                           self.engine_name(policy, i), why)
+        self._restart_engines(step, [(policy, i) for policy, i, _ in faults])
+
+    def _restart_engines(self, step: int, failed: list[tuple[str, int]]) -> None:
+        """Kill the failed engines, start new ones on the same bundles and rebuild their policies' weight sync;
+        they return to rotation after the step's push has given them the trainer's weights (`_return_engines`)."""
+        import ray
+
+        for policy, i in failed:
+            ray.kill(self.engines[policy][i], no_restart=True)
+        for policy, i in failed:
+            self.engines[policy][i] = self._start_engine(policy, i)
+        for policy, i in failed:
+            name = self.engine_name(policy, i)
+            try:
+                report = ray.get(self.engines[policy][i].health.remote())   # waits until the engine has started
+            except Exception as e:  # noqa: BLE001 - one clear error for the run
+                raise EngineFailureError(f"restarting engine {name} failed: {type(e).__name__}: "
+                                         f"{_last_line(e)}") from e
+            if not report_ok(report):
+                raise EngineFailureError(f"restarted engine {name} is not healthy: {report}")
+            self.engine_restarts += 1
+            self._to_return.append((policy, i))
+        policies = sorted({policy for policy, _ in failed} & set(self.trainers))
+        if policies:   # the senders drop the dead engines and connect the new set; the step's push fills them
+            ray.get([ref for policy in policies for ref in self.trainers[policy].remote("disconnect_engines")])
+            ray.get([ref for policy in policies for ref in self._connect_weight_sync(policy)])
+        if not self.trainers:   # rollout only: every engine holds the checkpoint's weights, as the new one does
+            self._return_engines(step)
+
+    def _return_engines(self, step: int) -> None:
+        """Put the restarted engines back in rotation, once they hold the trainer's weights (the push verified their
+        checksums) at the policy's weight version."""
+        import ray
+
+        for policy, i in self._to_return:
+            handle = self.engines[policy][i]
+            version = ray.get(handle.weight_version.remote())
+            if self.trainers and version != self.weight_versions[policy]:
+                raise EngineFailureError(f"restarted engine {self.engine_name(policy, i)} holds weight version "
+                                         f"{version} after the push, not {self.weight_versions[policy]}")
+            ray.get(self.manager.replace_engine.remote(policy, i, self._engine_target(handle)))
+            logger.info("step %d: engine %s is back in rotation at weight version %d%s", step + 1,
+                        self.engine_name(policy, i), version, " (checksums verified)" if self.trainers else "")
+        self._to_return = []
+        self._log_engine_events(step)
 
     def _key(self, prefix: str, policy: str, name: str) -> str:
         return f"{prefix}/{name}" if len(self.cfg.policies) == 1 else f"{prefix}/{policy}/{name}"
@@ -351,6 +514,10 @@ class Driver:
                     logger.info("stopping before step %d: %s", step + 1, e)
                     break
                 timing["timing/rollout_wait_s"] = time.perf_counter() - start
+                if self.engines:
+                    start = time.perf_counter()
+                    self._check_engines(step)
+                    timing["timing/engine_check_s"] = time.perf_counter() - start
                 state_before_next = None
                 if run.async_rollout and step + 1 < run.num_rollout:
                     if self._saves_at(step):  # the data position before the next rollout starts
@@ -373,6 +540,7 @@ class Driver:
                 metrics.update(timing)
                 for name, version in self.weight_versions.items():
                     metrics[self._key("weight_version", name, "engine")] = version
+                metrics["engine_restarts"] = self.engine_restarts
                 self._log_step(step, batch, metrics)
                 log.log(step + 1, metrics)
                 self.history.append({"step": step + 1, **metrics})
@@ -423,6 +591,8 @@ class Driver:
             ray.get([ref for g in self.trainers.values() for ref in g.remote("offload")])
             ray.get([h.resume_memory.remote() for h in engines])
             timing["timing/offload_s"] = time.perf_counter() - start
+        if self._to_return:
+            self._return_engines(step)
         return metrics
 
     def _log_step(self, step: int, batch: RolloutBatch, m: dict[str, Any]) -> None:
@@ -436,7 +606,7 @@ class Driver:
                 f"{train} | failed {failed} (groups dropped {int(m.get('rollout/dropped_groups_failed', 0))}, "
                 f"bad rows {int(m.get('rollout/skipped_rows', 0))}) | rollout {m.get('timing/rollout_wait_s', 0):.2f}s "
                 f"train {m.get('timing/train_s', 0):.2f}s push {m.get('timing/push_s', 0):.2f}s "
-                f"step {m.get('timing/step_s', 0):.2f}s")
+                f"step {m.get('timing/step_s', 0):.2f}s | engine restarts {self.engine_restarts}")
         logger.info(line)
         if batch.failed:
             logger.warning("step %d failures: %s", step + 1, failure_summary(batch))
@@ -488,5 +658,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     except CheckpointError as e:  # found before Ray started: one line and exit code 2, like a bad flag
         logger.error("%s", e)
         raise SystemExit(2) from None
+    except EngineFailureError as e:  # engines down and no restart allowed: one line naming them and why
+        logger.error("%s", e)
+        raise SystemExit(1) from None
     finally:
         driver.shutdown()

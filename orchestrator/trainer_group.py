@@ -7,6 +7,7 @@ policy's weights into its engines after each step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import asdict
@@ -48,14 +49,24 @@ class TrainerWorker(TrainerActor):
         self.sender = WeightSender(sync)
         self.sender.connect(self.engines, ranks_per_engine=ranks_per_engine)
 
-    def push_weights(self, weight_version: int) -> dict[str, float]:
+    def push_weights(self, weight_version: int, verify: bool = False) -> dict[str, float]:
         """Push the current weights into the engines as `weight_version`; PushStats as a dict (rank 0).
 
         The parameters are resident for the push: over the colocated transport the engines copy the
         tensors that view them (without TP, all of rank 0's stage but q/k/v) straight out of them.
+        `verify`: compare every engine's weight checksums with the trainer's after this push (as
+        check_weight_update does on every push), e.g. after an engine was restarted.
         """
         buckets = self.iter_hf_weight_buckets(self.sender.config.bucket_bytes if self.sender else 1 << 30)
-        stats = push_weights(buckets, self.engines, self.sender, weight_version, resident=list(self.model.parameters()))
+        config = self.sender.config if self.sender is not None else None
+        if verify and config is not None and not config.check_weight_update:
+            self.sender.config = dataclasses.replace(config, check_weight_update=True)
+        try:
+            stats = push_weights(buckets, self.engines, self.sender, weight_version,
+                                 resident=list(self.model.parameters()))
+        finally:
+            if config is not None:
+                self.sender.config = config
         return {**asdict(stats), "gb_per_s": stats.gb_per_s}
 
     def offload(self) -> int:
@@ -65,10 +76,18 @@ class TrainerWorker(TrainerActor):
         return super().offload()
 
     def disconnect_engines(self) -> None:
-        """Tear down the weight sender (and the engines' ends of its group)."""
-        if self.sender is not None:
-            self.sender.close(self.engines)
-            self.sender = None
+        """Tear down the weight sender (and the engines' ends of its group). An engine that cannot take part (dead,
+        killed for a restart) is logged and skipped: the sender is closed on this side all the same."""
+        sender, self.sender = self.sender, None
+        engines, self.engines = self.engines, []
+        if sender is None:
+            return
+        try:
+            sender.close(engines)
+        except Exception as e:  # noqa: BLE001 - a dead engine cannot leave the group; the rest is torn down
+            logger.warning("closing the weight sender reached not every engine (a dead one is expected during a "
+                           "restart): %s", e)
+            sender.close(())
 
 
 @ray.remote
@@ -141,9 +160,10 @@ class TrainerGroup:
         """Connect rank 0's weight sender to the policy's engines (EngineProxy objects; tp ranks per engine)."""
         self._all("connect_engines", list(engines), sync, ranks_per_engine)
 
-    def push_weights(self, weight_version: int) -> dict[str, float]:
-        """Push the weights into the engines as `weight_version`; rank 0's PushStats as a dict."""
-        return self._all("push_weights", weight_version)[0]
+    def push_weights(self, weight_version: int, verify: bool = False) -> dict[str, float]:
+        """Push the weights into the engines as `weight_version` (`verify`: then compare checksums); rank 0's
+        PushStats as a dict."""
+        return self._all("push_weights", weight_version, verify)[0]
 
     def shutdown(self) -> None:
         """Close the weight sender, tear down the process groups and end the actors."""

@@ -15,6 +15,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import httpx
 
+from kiln_common.errors import EngineNotServingError
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ class EngineClient(Protocol):
         ...
 
     async def health(self) -> bool:
-        """True if the engine answers."""
+        """True if the engine answers and reports itself ok."""
         ...
 
     async def abort_all(self) -> None:
@@ -65,8 +67,35 @@ def check_response(response: Any, return_logprob: bool, where: str) -> dict[str,
     return response
 
 
+def report_ok(report: Any) -> bool:
+    """Whether an engine's health answer means ok: a report {"ok": true, ...}, an older {"status": "ok"}, or True."""
+    if isinstance(report, dict):
+        return report.get("ok", report.get("status") == "ok") is True
+    return report is True
+
+
+def _last_line(e: BaseException) -> str:
+    """The last line of an error's text (a Ray error's is the cause's message, after its traceback)."""
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
+
+
+def _actor_gone(e: BaseException) -> bool:
+    """Whether `e` says a Ray actor died or is unreachable (RayActorError and its subclasses)."""
+    try:
+        from ray.exceptions import RayActorError
+    except ImportError:
+        return False
+    return isinstance(e, RayActorError)
+
+
 class LocalEngineClient:
-    """A client over an in-process `inference_engine.Engine`, or a Ray actor handle of one."""
+    """A client over an in-process `inference_engine.Engine`, or a Ray actor handle of one.
+
+    Like the HTTP client's connection errors, an engine that refuses requests for now (`EngineNotServingError`:
+    memory released) and an actor that died or cannot be reached (Ray's `RayActorError`, e.g. `ActorDiedError`)
+    raise `EngineUnavailableError`, so a router retries the request on another engine.
+    """
 
     def __init__(self, engine: Any, name: str = "local") -> None:
         self.engine = engine
@@ -75,10 +104,18 @@ class LocalEngineClient:
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         fn = getattr(self.engine, method)
-        if self._is_actor:
-            return await fn.remote(*args, **kwargs)
-        result = fn(*args, **kwargs)
-        return await result if inspect.isawaitable(result) else result
+        try:
+            if self._is_actor:
+                return await fn.remote(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+        except EngineNotServingError as e:   # over Ray too: the task error is also an instance of its cause
+            raise EngineUnavailableError(f"engine {self.name} refused {method}: {_last_line(e)}") from e
+        except Exception as e:
+            if self._is_actor and _actor_gone(e):
+                raise EngineUnavailableError(f"engine {self.name} (Ray actor) is gone: {type(e).__name__}: "
+                                             f"{_last_line(e)}") from e
+            raise
 
     async def generate(self, input_ids: Sequence[int], sampling_params: dict[str, Any],
                        return_logprob: bool = True, session_id: str | None = None) -> dict[str, Any]:
@@ -88,11 +125,12 @@ class LocalEngineClient:
         return check_response(response, return_logprob, self.name)
 
     async def health(self) -> bool:
-        """True unless the engine (or its actor) raises."""
+        """True if the engine's health report says ok (an engine without `health` counts as ok); False if it says
+        otherwise or the call raises."""
         try:
-            if hasattr(self.engine, "health"):
-                return bool(await self._call("health"))
-            return True
+            if not hasattr(self.engine, "health"):
+                return True
+            return report_ok(await self._call("health"))
         except Exception as e:  # noqa: BLE001 - any failure means unhealthy
             logger.warning("engine %s failed its health check: %s", self.name, e)
             return False
@@ -177,12 +215,17 @@ class HttpEngineClient:
         return check_response(body, return_logprob, self.base_url)
 
     async def health(self) -> bool:
-        """GET /health answers 200."""
+        """GET /health answers 200 (Kiln's engines: with a report whose "ok" is true; a body without a report, as
+        SGLang's, counts as ok); 503, any other error or no answer: False."""
         try:
-            await self._request("GET", "/health", retry=False)
-            return True
+            response = await self._request("GET", "/health", retry=False)
         except EngineError:
             return False
+        try:
+            body = response.json()
+        except ValueError:
+            return True
+        return not (isinstance(body, dict) and "ok" in body) or body["ok"] is True
 
     async def abort_all(self) -> None:
         """POST /abort_request for every request in flight."""

@@ -40,6 +40,7 @@ from kiln_common.sample import DEFAULT_POLICY, Sample, Status
 logger = logging.getLogger(__name__)
 
 _DONE = (Status.COMPLETED, Status.TRUNCATED)
+FAILURE_LOG_LIMIT = 20   # failed samples logged one by one per step (all engines down would log every sample)
 
 
 class DataExhausted(RuntimeError):
@@ -130,6 +131,7 @@ class RolloutManager:
         self._buffer: list[_Group] = []  # groups left over from the last step, served first
         self._stopping = False
         self._inflight: set[asyncio.Task] = set()
+        self._failures_logged = 0   # this step's; beyond FAILURE_LOG_LIMIT they are only counted
 
     # ---- one step -------------------------------------------------------------------------------------------
 
@@ -153,6 +155,7 @@ class RolloutManager:
         counts = {"dropped_filter": 0, "dropped_failed": 0, "returned_to_buffer": 0, "rounds": 0,
                   "resumed": sum(1 for g in self._buffer if any(s.response_length for s in g.samples))}
         self._stopping = False
+        self._failures_logged = 0
         pbar = tqdm(total=0, desc=f"rollout {step}", unit="sample", disable=not cfg.progress, leave=False)
 
         def settle(group: _Group) -> None:
@@ -348,7 +351,12 @@ class RolloutManager:
                                          f"{type(e).__name__}: {e}")]
 
     def _failed(self, sample: Sample, message: str) -> Sample:
-        logger.warning("sample %d: %s", sample.index, message)
+        self._failures_logged += 1
+        if self._failures_logged <= FAILURE_LOG_LIMIT:
+            logger.warning("sample %d: %s", sample.index, message)
+        elif self._failures_logged == FAILURE_LOG_LIMIT + 1:
+            logger.warning("more samples failed; the rest of this step's failures are counted, not logged "
+                           "(rollout/failed_samples and the driver's step log sum them up)")
         sample.status, sample.error, sample.reward = Status.FAILED, message, None
         return sample
 
@@ -396,6 +404,7 @@ class RolloutManager:
         cfg = self.config
         sem = asyncio.Semaphore(cfg.rollout_concurrency)
         params = cfg.sampling_params(evaluation=True)
+        self._failures_logged = 0
 
         async def one(prompt: Sample, group: int, index: int) -> list[Sample]:
             sample = _fresh(prompt, index)

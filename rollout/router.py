@@ -11,7 +11,9 @@ Health checks have their own short timeout (`health_timeout`): an engine that do
 answer one in time (stopped, hung, partitioned) leaves the rotation, and the requests it
 holds are cancelled and retried on the other engines, so a stalled engine costs a run at
 most one health period plus that timeout, not the HTTP client's long request timeout.
-`replace_client(i, client)` puts a restarted engine back in engine i's place.
+`replace_client(i, client)` puts a restarted engine back in engine i's place. Every change of the rotation
+is logged here and kept for `take_events()`, so a caller in another process (the rollout manager's
+driver) can log it too.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Router:
         self._health_task: asyncio.Task | None = None
         self._inflight: list[set[asyncio.Future]] = [set() for _ in range(n)]  # requests each engine holds
         self._evicted: set[asyncio.Future] = set()  # cancelled because their engine left the rotation
+        self._events: list[dict[str, Any]] = []  # rotation changes since the last take_events()
 
     def name(self, i: int) -> str:
         """A printable name of engine i."""
@@ -132,7 +135,7 @@ class Router:
     def mark_unhealthy(self, i: int, reason: str) -> None:
         """Take engine i out of rotation, forget what it cached, and move its requests to other engines."""
         if self.healthy[i]:
-            logger.warning("%s leaves the rotation: %s", self.name(i), reason)
+            self._event(i, False, f"{self.name(i)} leaves the rotation: {reason}")
         self.healthy[i] = False
         self._prefixes[i].clear()
         for request in list(self._inflight[i]):
@@ -148,7 +151,18 @@ class Router:
         for session in [s for s, engine in self._sessions.items() if engine == i]:
             del self._sessions[session]
         self.healthy[i] = True
-        logger.info("%s is in rotation (restarted)", self.name(i))
+        self._event(i, True, f"{self.name(i)} is in rotation (restarted)")
+
+    def _event(self, engine: int, in_rotation: bool, message: str) -> None:
+        logger.log(logging.INFO if in_rotation else logging.WARNING, "%s", message)
+        self._events.append({"engine": engine, "in_rotation": in_rotation, "message": message})
+        del self._events[:-1000]   # a caller that never takes them keeps the last 1000
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The rotation changes since the last call, oldest first: {"engine": index, "in_rotation": False when it
+        left (and "message" says why), True when it came back}."""
+        events, self._events = self._events, []
+        return events
 
     async def generate(self, input_ids: Sequence[int], sampling_params: dict[str, Any],
                        return_logprob: bool = True, session_id: str | None = None) -> dict[str, Any]:
@@ -197,7 +211,7 @@ class Router:
         for i, ok in enumerate(results):
             if ok is True:
                 if not self.healthy[i]:
-                    logger.info("%s is back in rotation", self.name(i))
+                    self._event(i, True, f"{self.name(i)} is back in rotation")
                     self.healthy[i] = True
             elif isinstance(ok, asyncio.TimeoutError):
                 self.mark_unhealthy(i, f"no answer to a health check within {self.health_timeout:g}s (stalled?)")

@@ -58,6 +58,42 @@ async def two_policy_generate(args, sample: Sample, sampling_params: dict) -> li
     return [speaker, listener]
 
 
+KILL_AT_SAMPLE = 8  # the first sample of the second rollout (2 prompts x 4 samples each)
+_kill = {}
+
+
+async def engine_killing_generate(args, sample: Sample, sampling_params: dict) -> Sample:
+    """The default generate function; in the second rollout, sample KILL_AT_SAMPLE first kills engine 1 of policy
+    'default' (found by its actor name), checks that a client of the dead actor raises EngineUnavailableError, and
+    only then lets that rollout's samples go on, so they meet a dead engine and the router must retry them."""
+    import ray
+
+    from rollout.client import EngineUnavailableError, LocalEngineClient
+
+    killed = _kill.setdefault("event", asyncio.Event())
+    if sample.index == KILL_AT_SAMPLE:
+        names = [n for n in ray.util.list_named_actors() if n.startswith("kiln-engine-default-1-")]
+        assert len(names) == 1, names
+        handle = ray.get_actor(names[0])
+        ray.kill(handle, no_restart=True)
+        while True:  # ray.kill returns at once; the actor is gone a moment later
+            try:
+                await handle.health.remote()
+            except ray.exceptions.RayActorError:
+                break
+            await asyncio.sleep(0.05)
+        try:
+            await LocalEngineClient(handle, name="killed").generate(sample.tokens, sampling_params)
+        except EngineUnavailableError:
+            pass
+        else:
+            raise AssertionError("a killed engine actor answered")
+        killed.set()
+    elif sample.index > KILL_AT_SAMPLE:
+        await killed.wait()
+    return await default_generate(args, sample, sampling_params)
+
+
 # ---- config resolution --------------------------------------------------------------------------------------------
 
 

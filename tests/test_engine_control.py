@@ -108,6 +108,7 @@ def test_http_app_serves_exactly_the_members_with_a_route(engine):
 
 def test_engine_health_reflects_its_scheduler(qwen3_model):
     eng = Engine(model_path=str(qwen3_model), max_total_tokens=256, context_length=64)
-    assert eng.health()
+    assert eng.health()["ok"] is True
     eng.shutdown()
-    assert not eng.health()
+    report = eng.health()
+    assert report["ok"] is False and report["reason"] == "the engine is shut down"

@@ -212,6 +212,20 @@ async def test_generate_function_returning_garbage_fails_samples(tok):
     assert batch.samples == [] and len(batch.failed) == 2 and "expected a Sample" in batch.failed[0].error
 
 
+async def test_a_step_with_every_engine_down_logs_a_few_failures_not_every_sample(tok, caplog):
+    client = FakeEngineClient(eos_id=tok.eos_token_id)
+    client.down = True   # every request: EngineUnavailableError, and the router has no other engine
+    manager, _ = make_manager(tok, rows(8), client=client, rollout_batch_size=8, n_samples_per_prompt=4,
+                              max_oversampling_rounds=0)
+    batch = await manager.generate(0)
+    assert batch.samples == [] and len(batch.failed) == 32
+    assert all("no healthy engine left to serve the request" in s.error or "fake is down" in s.error
+               for s in batch.failed)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rollout.manager"]
+    assert sum(w.startswith("sample ") for w in warnings) == 20
+    assert sum(w.startswith("more samples failed; the rest of this step's failures") for w in warnings) == 1
+
+
 def slow_reward_on_two(args, sample):
     if sample.label == "3":
         import time

@@ -171,3 +171,20 @@ async def test_replace_client_puts_a_restarted_engine_back_without_its_old_route
     router.replace_client(home, fresh)
     assert router.healthy == [True, True] and router.clients[home] is fresh
     assert router.choose([1, 2, 3, 4, 7], session_id="s") == 1 - home  # the session stays where it moved
+
+
+async def test_rotation_changes_are_kept_for_the_caller_to_log():
+    router, clients = make_router(2, health_timeout=0.2)
+    assert router.take_events() == []
+    clients[0].stalled = True
+    assert await router.check_health() == [False, True]
+    clients[0].stalled = False
+    assert await router.check_health() == [True, True]
+    router.replace_client(1, type(clients[0])("e1-restarted"))
+    assert router.take_events() == [
+        {"engine": 0, "in_rotation": False,
+         "message": "engine 0 (e0) leaves the rotation: no answer to a health check within 0.2s (stalled?)"},
+        {"engine": 0, "in_rotation": True, "message": "engine 0 (e0) is back in rotation"},
+        {"engine": 1, "in_rotation": False, "message": "engine 1 (e1) leaves the rotation: replaced"},
+        {"engine": 1, "in_rotation": True, "message": "engine 1 (e1-restarted) is in rotation (restarted)"}]
+    assert router.take_events() == []

@@ -147,6 +147,40 @@ def test_failures_are_counted_and_the_run_finishes(local_ray, qwen3_model, data_
     assert all(h["train/num_samples"] == h["rollout/num_samples"] for h in history)
 
 
+@pytest.mark.parametrize("client, placement", [("ray", {}), ("http", {}),
+                                               ("ray", {"colocate": False, "cpus-per-device": 0.5})],
+                         ids=["ray-colocated", "http-colocated", "ray-disaggregated"])
+def test_a_killed_engine_is_restarted_and_the_run_loses_no_sample(local_ray, qwen3_model, data_dir, tmp_path,
+                                                                   caplog, client, placement):
+    # two engines, so the rollout goes on; engine 1 is killed in the middle of the second rollout (test_driver's
+    # engine_killing_generate); load spread by outstanding requests, so both engines get work. Colocated, and
+    # disaggregated (the weights go over a gloo update group, rebuilt for the new engine)
+    caplog.set_level("INFO", logger="kiln.driver")
+    driver, history = run(values(qwen3_model, data_dir, tmp_path, **placement, **{
+        "num-rollout": 3, "rollout-num-engines": 2, "rollout-client": client, "router-balance-threshold": 0,
+        "custom-generate-function-path": "test_driver:engine_killing_generate"}))
+    try:
+        assert [h["step"] for h in history] == [1, 2, 3]
+        assert [h["engine_restarts"] for h in history] == [0, 1, 1]
+        for h in history:  # no sample lost: every one of the 2 x 4 completed, none failed
+            assert h["rollout/num_samples"] + h["rollout/failed_samples"] == 2 * 4
+            assert h["rollout/failed_samples"] == 0 and h["train/num_samples"] == 8
+        name = driver.engine_name("default", 1)
+        restarted = ray.get_actor(name)
+        assert restarted._actor_id == driver.engines["default"][1]._actor_id
+        assert ray.get(restarted.weight_version.remote()) == 3
+        assert ray.get(driver.engines["default"][0].weight_version.remote()) == 3
+        trainer = trainer_tensors(driver, tmp_path / "export")
+        for i in (0, 1):
+            assert_same_weights(dict(ray.get(driver.engines["default"][i].named_hf_tensors.remote())), trainer)
+        text = caplog.text
+        assert f"step 2: engine {name} failed (the actor died (ActorDiedError" in text
+        assert f"step 2: engine {name} is back in rotation at weight version 2 (checksums verified)" in text
+        assert "| engine restarts 1" in text
+    finally:
+        driver.shutdown()
+
+
 def test_two_policies_each_get_their_weights(local_ray, tiny_models, data_dir, tmp_path):
     vals = values(tiny_models["qwen3"], data_dir, tmp_path, **{
         "policies": [f"speaker={tiny_models['qwen3']}", f"listener={tiny_models['llama']}"],

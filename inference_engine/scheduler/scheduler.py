@@ -102,11 +102,12 @@ class Scheduler:
         if launched is not None:
             self._resolve(launched)
 
-    def abort(self, rid: str | None) -> int:
-        """Finish the requests of group rid (all when None) with finish_reason abort; returns how many."""
+    def abort(self, rid: str | None, message: str = "aborted by request") -> int:
+        """Finish the requests of group rid (all when None) with finish_reason abort (and `message`); returns how
+        many."""
         hit = [r for r in [*self.waiting, *self.running] if rid is None or r.group == rid]
         for req in hit:
-            self._finish(req, "abort", message="aborted by request")
+            self._finish(req, "abort", message=message)
         return len(hit)
 
     def flush_cache(self) -> None:
