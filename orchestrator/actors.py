@@ -162,7 +162,7 @@ class RolloutManagerActor:
     def __init__(self, rollout: RolloutConfig, data: DataConfig, engines: dict[str, list[str | Any]],
                  tokenizer_path: str, env_config: EnvConfig | None = None,
                  health_check_interval: float = 10.0, api_key: str | None = None,
-                 health_timeout: float = 10.0) -> None:
+                 health_timeout: float = 10.0, engine_prompt_limit: int | None = None) -> None:
         """`engines` maps each policy to its engines: HTTP base URLs (reached with `api_key`, the run's token), or
         EngineActor handles (Ray calls). An engine that does not answer a health check within `health_timeout`
         seconds leaves its router's rotation (its requests move to the others)."""
@@ -177,8 +177,10 @@ class RolloutManagerActor:
             self.routers[policy] = Router(clients, page_size=rollout.router_page_size,
                                           balance_threshold=rollout.router_balance_threshold,
                                           health_timeout=health_timeout)
-        dataset = PromptDataset(data, self.tokenizer) if data.prompt_data else None
-        eval_data = PromptDataset(data, self.tokenizer, data.eval_prompt_data) if data.eval_prompt_data else None
+        limit = engine_prompt_limit  # rows with longer prompts are dropped at load, not failed every epoch
+        dataset = PromptDataset(data, self.tokenizer, engine_prompt_limit=limit) if data.prompt_data else None
+        eval_data = (PromptDataset(data, self.tokenizer, data.eval_prompt_data, engine_prompt_limit=limit)
+                     if data.eval_prompt_data else None)
         self.manager = RolloutManager(rollout, dataset, self.routers, self.tokenizer, eval_data=eval_data,
                                       env_config=env_config)
         self.health_check_interval = health_check_interval

@@ -243,7 +243,8 @@ class Driver:
             targets = {name: [self._engine_target(h) for h in handles] for name, handles in self.engines.items()}
             self.manager = ray.remote(RolloutManagerActor).options(num_cpus=0).remote(
                 cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), cfg.env, run.health_check_interval,
-                self._engine_options["token"], health_timeout=run.engine_health_timeout)
+                self._engine_options["token"], health_timeout=run.engine_health_timeout,
+                engine_prompt_limit=cfg.engine.context_length - 1 if cfg.engine.context_length else None)
         if train and rollout:
             for name, group in self.trainers.items():
                 self._sync[name] = WeightSyncConfig(
