@@ -23,6 +23,7 @@ from inference_engine.control import MEMBERS, Member
 from rollout.client import HttpEngineClient, LocalEngineClient
 from rollout.config import DataConfig, EnvConfig, RolloutConfig
 from rollout.data import PromptDataset
+from rollout.eval_config import EvalSet, load_eval_config
 from rollout.manager import RolloutBatch, RolloutManager
 from rollout.router import Router
 from kiln_common.net import free_port
@@ -162,10 +163,12 @@ class RolloutManagerActor:
     def __init__(self, rollout: RolloutConfig, data: DataConfig, engines: dict[str, list[str | Any]],
                  tokenizer_path: str, env_config: EnvConfig | None = None,
                  health_check_interval: float = 10.0, api_key: str | None = None,
-                 health_timeout: float = 10.0, engine_prompt_limit: int | None = None) -> None:
+                 health_timeout: float = 10.0, engine_prompt_limit: int | None = None,
+                 eval_sets: list[EvalSet] | None = None) -> None:
         """`engines` maps each policy to its engines: HTTP base URLs (reached with `api_key`, the run's token), or
         EngineActor handles (Ray calls). An engine that does not answer a health check within `health_timeout`
-        seconds leaves its router's rotation (its requests move to the others)."""
+        seconds leaves its router's rotation (its requests move to the others). `eval_sets`: the --eval-config
+        sets (None: read from `data.eval_config`), evaluated beside --eval-prompt-data (the set 'default')."""
         from transformers import AutoTokenizer
 
         _setup_logging()
@@ -181,8 +184,12 @@ class RolloutManagerActor:
         dataset = PromptDataset(data, self.tokenizer, engine_prompt_limit=limit) if data.prompt_data else None
         eval_data = (PromptDataset(data, self.tokenizer, data.eval_prompt_data, engine_prompt_limit=limit)
                      if data.eval_prompt_data else None)
+        if eval_sets is None:
+            eval_sets = load_eval_config(data.eval_config, rollout, data) if data.eval_config else []
+        extra = [(spec, PromptDataset(spec.data_config(data), self.tokenizer, spec.path, engine_prompt_limit=limit))
+                 for spec in eval_sets]
         self.manager = RolloutManager(rollout, dataset, self.routers, self.tokenizer, eval_data=eval_data,
-                                      env_config=env_config)
+                                      env_config=env_config, eval_sets=extra)
         self.health_check_interval = health_check_interval
         self._health_started = False
 
@@ -198,7 +205,7 @@ class RolloutManagerActor:
         return await self.manager.generate(step)
 
     async def evaluate(self) -> dict[str, float]:
-        """Metrics over the evaluation data."""
+        """Metrics over every eval set (eval/... for --eval-prompt-data, eval/<name>/... for --eval-config's)."""
         self._start_health_checks()
         return await self.manager.evaluate()
 

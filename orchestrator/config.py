@@ -65,8 +65,13 @@ class RunConfig:
     """Checkpoint folder to save to."""
     save_interval: int | None = None
     """Save every this many steps (needs --save)."""
+    save_hf: str | None = None
+    """Folder of the HF exports: <save-hf>/<policy> at the end of the run, <save-hf>/<policy>/iter_<step> every
+    --save-hf-interval steps; None = <save>/hf."""
+    save_hf_interval: int | None = None
+    """Also export each policy as an HF folder every this many steps (needs --save or --save-hf)."""
     eval_interval: int | None = None
-    """Evaluate on --eval-prompt-data every this many steps."""
+    """Evaluate every eval set (--eval-prompt-data, --eval-config's) every this many steps (and before step 1)."""
     debug_rollout_only: bool = False
     """Only generate rollouts: no trainer, no weight updates."""
     debug_train_only: bool = False
@@ -77,6 +82,10 @@ class RunConfig:
     """Weights & Biases project name."""
     metrics_file: str | None = "metrics.jsonl"
     """JSON-lines file the driver appends one line of metrics per step to; None = off."""
+    use_tensorboard: bool = False
+    """Also log the step metrics to TensorBoard (event files in --tensorboard-dir)."""
+    tensorboard_dir: str | None = None
+    """TensorBoard log folder; None = <the metrics file's folder>/tensorboard."""
 
     def __post_init__(self) -> None:
         for name in ("num_rollout", "num_engines", "actor_num_nodes", "actor_num_gpus_per_node",
@@ -100,6 +109,10 @@ class RunConfig:
         check_positive(self, "eval_interval", allow_none=True)
         if self.save_interval is not None and not self.save:
             raise ValueError(f"RunConfig.save_interval = {self.save_interval} needs --save (a folder)")
+        check_positive(self, "save_hf_interval", allow_none=True)
+        if self.save_hf_interval is not None and not (self.save or self.save_hf):
+            raise ValueError(f"RunConfig.save_hf_interval = {self.save_hf_interval} needs --save-hf or --save "
+                             f"(a folder)")
         if self.debug_rollout_only and self.debug_train_only:
             raise ValueError("--debug-rollout-only and --debug-train-only cannot both be set")
 

@@ -30,8 +30,10 @@ from inference_engine.config import EngineConfig
 from orchestrator.checkpoint import CheckpointError, begin_checkpoint, choose_checkpoint, finish_checkpoint
 from orchestrator.cli import ConfigError, build_parser, instantiate, load_yaml, to_flag_values
 from orchestrator.config import RunConfig
+from orchestrator.metrics import MetricsLogger, eval_rewards
 from rollout.client import report_ok
 from rollout.config import DataConfig, EnvConfig, RolloutConfig
+from rollout.eval_config import EvalConfigError, eval_sets
 from rollout.manager import DataExhausted, RolloutBatch, RolloutManager
 from trainer.config import TrainerConfig
 from weight_sync import WeightSyncConfig
@@ -106,44 +108,17 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
         raise ConfigError("--debug-train-only trains on saved rollouts: set --load-debug-rollout-data PATH")
     if not run.debug_train_only and not data.prompt_data and not rollout.load_debug_rollout_data:
         raise ConfigError("set --prompt-data (a .jsonl/.json/.parquet file or a dataset folder)")
-    if run.eval_interval is not None and not data.eval_prompt_data:
-        raise ConfigError(f"--eval-interval {run.eval_interval} needs --eval-prompt-data")
+    if run.eval_interval is not None and not data.eval_prompt_data and not data.eval_config:
+        raise ConfigError(f"--eval-interval {run.eval_interval} needs --eval-prompt-data or --eval-config")
+    try:   # the eval sets' files, keys and values, before Ray starts
+        eval_sets(data, rollout)
+    except EvalConfigError as e:
+        raise ConfigError(str(e)) from None
     return DriverConfig(run, rollout, data, trainer, engine, env, policies)
 
 
 class EngineFailureError(RuntimeError):
     """Engines failed and the run cannot go on (--no-fault-tolerance, the restart limit, or a failed restart)."""
-
-
-class MetricsLogger:
-    """One JSON line per step in --metrics-file, and wandb when --use-wandb (offline unless WANDB_MODE says)."""
-
-    def __init__(self, run: RunConfig, config: dict[str, Any]) -> None:
-        self.path = Path(run.metrics_file) if run.metrics_file else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.wandb = None
-        if run.use_wandb:
-            try:
-                import wandb
-            except ImportError:
-                logger.warning("--use-wandb is set but wandb is not installed; logging to %s only", self.path)
-            else:
-                mode = os.environ.get("WANDB_MODE", "offline")
-                self.wandb = wandb.init(project=run.wandb_project, mode=mode, config=config,
-                                        dir=str(self.path.parent) if self.path else None)
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append `metrics` of `step`."""
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 def failure_summary(batch: RolloutBatch, limit: int = 3) -> str:
@@ -503,7 +478,7 @@ class Driver:
                 start = time.perf_counter()
                 metrics = {**self._evaluate(), "timing/eval_s": time.perf_counter() - start}
                 log.log(0, metrics)
-                logger.info("step 0 | eval reward %s (before training)", _fmt(metrics, "eval/reward_mean"))
+                logger.info("step 0 | eval reward %s (before training)", eval_rewards(metrics))
             pending = self._launch_rollout(self.start_step)
             for step in range(self.start_step, run.num_rollout):
                 t_step = time.perf_counter()
@@ -537,6 +512,11 @@ class Driver:
                     start = time.perf_counter()
                     self._save(step, state_before_next)
                     timing["timing/save_s"] = time.perf_counter() - start
+                if self._exports_hf_at(step):
+                    start = time.perf_counter()
+                    for name, path in self.export_hf_step(step + 1).items():
+                        logger.info("step %d: policy %s exported to %s", step + 1, name, path)
+                    timing["timing/save_hf_s"] = time.perf_counter() - start
                 timing["timing/step_s"] = time.perf_counter() - t_step
                 metrics.update(timing)
                 for name, version in self.weight_versions.items():
@@ -548,6 +528,10 @@ class Driver:
         finally:
             log.close()
         return self.history
+
+    def _exports_hf_at(self, step: int) -> bool:
+        interval = self.cfg.run.save_hf_interval
+        return bool(self.trainers) and interval is not None and (step + 1) % interval == 0
 
     def _saves_at(self, step: int) -> bool:
         run = self.cfg.run
@@ -618,6 +602,42 @@ class Driver:
         """Write each policy's current weights as an HF folder under out_dir/<policy>."""
         return {name: g.export_hf(Path(out_dir) / name) for name, g in self.trainers.items()}
 
+    def hf_dir(self) -> Path | None:
+        """Where HF exports go: --save-hf, else <--save>/hf; None without either."""
+        run = self.cfg.run
+        return Path(run.save_hf) if run.save_hf else Path(run.save) / "hf" if run.save else None
+
+    def export_hf_step(self, step: int) -> dict[str, Path]:
+        """Export each policy as <hf_dir>/<policy>/iter_<step> (1-based step), atomically: written to a hidden
+        temporary folder beside it, then renamed (a crash leaves no partial iter_ folder; one of a resumed run's
+        repeated step is replaced)."""
+        import shutil
+
+        from kiln_common.atomic_io import fsync_dir
+
+        out: dict[str, Path] = {}
+        for name, group in self.trainers.items():
+            parent = self.hf_dir() / name
+            parent.mkdir(parents=True, exist_ok=True)
+            final = parent / f"iter_{step:07d}"
+            tmp = parent / f".{final.name}.tmp.{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                group.export_hf(tmp)
+                if final.exists():
+                    old = parent / f".{final.name}.old.{os.getpid()}"
+                    os.replace(final, old)
+                    os.replace(tmp, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, final)
+                fsync_dir(parent)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            out[name] = final
+        return out
+
     def shutdown(self) -> None:
         """End every actor, release the placement group, and stop Ray if this driver started it."""
         import ray
@@ -652,8 +672,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     try:
         driver.setup()
         history = driver.run()
-        if config.run.save and driver.trainers:
-            for name, path in driver.export_hf(Path(config.run.save) / "hf").items():
+        if driver.hf_dir() is not None and driver.trainers:
+            for name, path in driver.export_hf(driver.hf_dir()).items():
                 logger.info("policy %s exported to %s", name, path)
         return history
     except CheckpointError as e:  # found before Ray started: one line and exit code 2, like a bad flag

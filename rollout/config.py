@@ -169,7 +169,11 @@ class DataConfig:
     prompt_data: str | None = None
     """Training prompts: a .jsonl/.json/.parquet file or a folder saved by datasets.save_to_disk."""
     eval_prompt_data: str | None = None
-    """Evaluation prompts, same formats as --prompt-data."""
+    """Evaluation prompts, same formats as --prompt-data (the eval set 'default': metrics eval/reward_mean, ...)."""
+    eval_config: str | None = None
+    """YAML file of further eval sets, each with name, path and optional n_samples_per_prompt, temperature, top_p,
+    top_k, max_response_len, stop, custom_rm_path, rm_type, group_rm, input_key, label_key, metadata_key
+    (rollout/eval_config.py); each is evaluated every --eval-interval and logged as eval/<name>/..."""
     input_key: str = "prompt"
     """Row key of the prompt: a string, or a list of chat messages {role, content}."""
     label_key: str | None = "label"

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from rollout.client import EngineClient
 from rollout.config import EnvConfig, RolloutConfig
 from rollout.data import PromptDataset
+from rollout.eval_config import DEFAULT_EVAL_SET, EvalSet
 from rollout.filters import scalar_reward
 from rollout.generate import GenerateArgs
 from kiln_common.atomic_io import atomic_torch_save
@@ -82,6 +83,17 @@ class RolloutBatch:
 
 
 @dataclass
+class _EvalTask:
+    """One eval set ready to run: its prompts, its rollout config (reward, eval sampling), params and scorer."""
+
+    spec: EvalSet
+    data: PromptDataset
+    config: RolloutConfig
+    params: dict[str, Any]
+    scorer: RewardScorer
+
+
+@dataclass
 class _Group:
     prompt: Sample  # the prompt (tokens = prompt ids, no response)
     samples: list[Sample]  # its trajectories: n, or more when a generate function returns lists
@@ -98,13 +110,15 @@ class RolloutManager:
 
     `clients` is one policy's engines (a Router or clients), or {policy: Router | clients} for several
     policies; generate functions get them all as `args.clients` and the first one as `args.client`,
-    and `env_config` (an `rollout.config.EnvConfig`) as `args.env_config`.
+    and `env_config` (an `rollout.config.EnvConfig`) as `args.env_config`. `eval_data` is the eval set 'default'
+    (the run's eval settings); `eval_sets` adds (EvalSet, its PromptDataset) pairs of --eval-config.
     """
 
     def __init__(self, config: RolloutConfig, data: PromptDataset | None,
                  clients: Router | Sequence[EngineClient] | Mapping[str, Router | Sequence[EngineClient]],
                  tokenizer: Any, eval_data: PromptDataset | None = None,
-                 env_config: EnvConfig | None = None) -> None:
+                 env_config: EnvConfig | None = None,
+                 eval_sets: Sequence[tuple[EvalSet, PromptDataset]] = ()) -> None:
         self.config = config
         self.data = data
         self.eval_data = eval_data
@@ -132,6 +146,12 @@ class RolloutManager:
         self._stopping = False
         self._inflight: set[asyncio.Task] = set()
         self._failures_logged = 0   # this step's; beyond FAILURE_LOG_LIMIT they are only counted
+        self.eval_tasks: dict[str, _EvalTask] = {}
+        pairs = ([(EvalSet(DEFAULT_EVAL_SET, ""), eval_data)] if eval_data is not None else []) + list(eval_sets)
+        for spec, dataset in pairs:
+            if spec.name in self.eval_tasks:
+                raise ValueError(f"eval set {spec.name!r} is given twice")
+            self.eval_tasks[spec.name] = self._eval_task(spec, dataset)
 
     # ---- one step -------------------------------------------------------------------------------------------
 
@@ -396,15 +416,30 @@ class RolloutManager:
 
     # ---- evaluation -----------------------------------------------------------------------------------------
 
+    def _eval_task(self, spec: EvalSet, data: PromptDataset) -> _EvalTask:
+        config = spec.rollout_config(self.config)
+        scorer = self.scorer if config is self.config else RewardScorer(config, self.args)
+        return _EvalTask(spec, data, config, spec.sampling_params(config), scorer)
+
     async def evaluate(self, data: PromptDataset | None = None) -> dict[str, float]:
-        """Reward and length metrics over every prompt of the evaluation data (eval sampling params)."""
-        data = data or self.eval_data
-        if data is None:
-            raise ValueError("no evaluation data: pass eval_data or set --eval-prompt-data")
-        cfg = self.config
-        sem = asyncio.Semaphore(cfg.rollout_concurrency)
-        params = cfg.sampling_params(evaluation=True)
+        """Reward and length metrics over every prompt of each eval set (the sets run concurrently, sharing
+        --rollout-concurrency): eval/<metric> for the set 'default' (--eval-prompt-data), eval/<name>/<metric> for
+        the others. `data`: evaluate only it, as the set 'default'."""
+        if data is not None:
+            tasks = [self._eval_task(EvalSet(DEFAULT_EVAL_SET, ""), data)]
+        else:
+            tasks = list(self.eval_tasks.values())
+        if not tasks:
+            raise ValueError("no evaluation data: pass eval_data / eval_sets or set --eval-prompt-data / --eval-config")
+        sem = asyncio.Semaphore(self.config.rollout_concurrency)
         self._failures_logged = 0
+        metrics: dict[str, float] = {}
+        for result in await asyncio.gather(*(self._evaluate_set(task, sem) for task in tasks)):
+            metrics.update(result)
+        return metrics
+
+    async def _evaluate_set(self, task: _EvalTask, sem: asyncio.Semaphore) -> dict[str, float]:
+        cfg, data, params = task.config, task.data, task.params
 
         async def one(prompt: Sample, group: int, index: int) -> list[Sample]:
             sample = _fresh(prompt, index)
@@ -419,23 +454,26 @@ class RolloutManager:
 
         prompts = []
         for i in range(len(data)):
+            if i in data.skipped:
+                continue
             try:
                 prompts.append(data.make_prompt(i))
             except ValueError as e:
-                logger.warning("skipping evaluation row %d: %s", i, e)
-        jobs = [one(p, k, k * cfg.n_samples_per_eval_prompt + j)
-                for k, p in enumerate(prompts) for j in range(cfg.n_samples_per_eval_prompt)]
+                logger.warning("skipping row %d of eval set %r: %s", i, task.spec.name, e)
+        n = cfg.n_samples_per_eval_prompt
+        jobs = [one(p, k, k * n + j) for k, p in enumerate(prompts) for j in range(n)]
         samples = [s for result in await asyncio.gather(*jobs) for s in result]
-        await self.scorer.score(samples)
+        await task.scorer.score(samples)
         scored = [s for s in samples if s.status in _DONE and s.reward is not None]
         rewards = [scalar_reward(s, cfg.reward_key) for s in scored]
-        n = max(len(scored), 1)
+        count = max(len(scored), 1)
+        prefix = task.spec.metric_prefix()
         return {
-            "eval/reward_mean": sum(rewards) / n,
-            "eval/num_samples": len(samples),
-            "eval/failed_samples": len(samples) - len(scored),
-            "eval/response_len_mean": sum(s.response_length for s in scored) / n,
-            "eval/truncated_rate": sum(s.status == Status.TRUNCATED for s in scored) / n,
+            f"{prefix}/reward_mean": sum(rewards) / count,
+            f"{prefix}/num_samples": len(samples),
+            f"{prefix}/failed_samples": len(samples) - len(scored),
+            f"{prefix}/response_len_mean": sum(s.response_length for s in scored) / count,
+            f"{prefix}/truncated_rate": sum(s.status == Status.TRUNCATED for s in scored) / count,
         }
 
     # ---- state and debug data -------------------------------------------------------------------------------

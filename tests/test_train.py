@@ -104,6 +104,48 @@ def test_colocated_two_steps_push_the_trained_weights(local_ray, qwen3_model, da
         driver.shutdown()
 
 
+def test_eval_sets_tensorboard_and_periodic_hf_export(local_ray, qwen3_model, data_dir, tmp_path):
+    """--eval-config with two sets logs both, --use-tensorboard logs the same keys as metrics.jsonl, and
+    --save-hf-interval 1 exports iter_ folders that transformers loads, the last one equal to the trainer."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()[:2]]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"q": r["prompt"], "ans": r["label"]}) + "\n" for r in rows))
+    (tmp_path / "evals.yaml").write_text(
+        "eval:\n  - {name: a, path: a.jsonl, n_samples_per_prompt: 2, temperature: 1.0, max_response_len: 3}\n"
+        "  - {name: b, path: b.jsonl, input_key: q, label_key: ans, rm_type: exact_match}\n")
+    driver, _ = run(values(qwen3_model, data_dir, tmp_path, **{
+        "eval-config": str(tmp_path / "evals.yaml"), "eval-interval": 1, "use-tensorboard": True,
+        "save-hf": str(tmp_path / "hf"), "save-hf-interval": 1}))
+    try:
+        lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [line["step"] for line in lines] == [0, 1, 2]   # step 0: the eval before training
+        for line in lines:
+            assert 0 <= line["eval/a/reward_mean"] <= 1 and line["eval/a/num_samples"] == 4
+            assert line["eval/b/reward_mean"] in (0.0, 0.5, 1.0) and line["eval/b/num_samples"] == 2
+            assert "eval/reward_mean" not in line   # no --eval-prompt-data: no set 'default'
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        numeric = {k for line in lines for k, v in line.items() if k != "step" and isinstance(v, (int, float))}
+        assert set(events.Tags()["scalars"]) == numeric
+        for key in ("eval/a/reward_mean", "rollout/reward_mean", "train/loss"):
+            assert [(e.step, e.value) for e in events.Scalars(key)] == \
+                [(line["step"], pytest.approx(line[key])) for line in lines if key in line]
+        folders = sorted((tmp_path / "hf" / "default").iterdir())
+        assert [f.name for f in folders] == ["iter_0000001", "iter_0000002"]   # no temporary folder left
+        model = AutoModelForCausalLM.from_pretrained(folders[-1], torch_dtype=torch.float32)
+        trainer = trainer_tensors(driver, tmp_path / "export")
+        state = model.state_dict()
+        for name, t in trainer.items():
+            assert torch.equal(state[name].to(t.dtype), t), name
+        first = AutoModelForCausalLM.from_pretrained(folders[0], torch_dtype=torch.float32).state_dict()
+        assert any(not torch.equal(first[n], state[n]) for n in trainer)   # step 2 trained on
+    finally:
+        driver.shutdown()
+
+
 def test_resume_continues_bit_identically(local_ray, qwen3_model, data_dir, tmp_path):
     full, history = run(values(qwen3_model, data_dir, tmp_path / "full", **{"num-rollout": 3}))
     try:
