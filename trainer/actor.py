@@ -18,11 +18,12 @@ from kiln_common.atomic_io import FileDigest, atomic_torch_save
 from kiln_common.tensors import to_device
 from kiln_common.sample import Sample, Status
 from trainer import attention, bridge, megatron_compat
-from trainer.advantages import compute_advantages
+from trainer.advantages import (compute_advantages, custom_advantages, load_custom_advantage_function,
+                                overlong_penalty)
 from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches
 from trainer.config import TrainerConfig
 from trainer.logprobs import chunked_logprobs
-from trainer.losses import compute_policy_loss, kl_estimate
+from trainer.losses import compute_loss, kl_estimate, load_custom_loss_function
 from trainer.optimizer import PolicyOptimizer
 from trainer.pipeline import PipelineSchedule
 
@@ -76,6 +77,10 @@ class TrainerActor:
         self.master_addr, self.master_port = master_addr, int(master_port)
         self.model = self.ref_model = self.optimizer = None
         self.step = 0
+        path = config.loss.custom_loss_function_path
+        self.custom_loss = load_custom_loss_function(path) if config.loss.loss_type == "custom" else None
+        path = config.custom_advantage_function_path
+        self.custom_advantage = load_custom_advantage_function(path) if path is not None else None
 
     # ------------------------------------------------------------------------------------------
     # set-up
@@ -176,6 +181,8 @@ class TrainerActor:
                 raise ValueError(f"sample {s.index}: recompute_old_logprobs=False needs rollout_logprobs")
             if self.cfg.loss.use_tis and len(s.rollout_logprobs) != s.response_length:
                 raise ValueError(f"sample {s.index}: loss.use_tis needs rollout_logprobs")
+            if self.cfg.loss.use_mis and len(s.rollout_logprobs) != s.response_length:
+                raise ValueError(f"sample {s.index}: loss.use_mis needs rollout_logprobs")
 
     def _reward(self, s: Sample) -> float:
         reward = s.reward
@@ -264,7 +271,8 @@ class TrainerActor:
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """One RL update on a rollout (one optimizer step per global batch); returns step metrics."""
         cfg = self.cfg
-        good_idx = self._screen(samples, need_reward=True)
+        sft = cfg.loss.loss_type == "sft"  # no rewards, old log-probs or advantages: NLL of the loss-mask tokens
+        good_idx = self._screen(samples, need_reward=not sft)
         batch = [samples[i] for i in good_idx]
         metrics: dict[str, float] = {"num_samples": float(len(batch)), "num_failed": float(len(samples) - len(batch))}
         if not batch:
@@ -276,13 +284,11 @@ class TrainerActor:
         rollout = [torch.tensor(s.rollout_logprobs, dtype=torch.float32) for s in batch] if has_rollout else None
 
         self.model.eval()
-        old = self._log_probs_all(self.model, batch) if cfg.recompute_old_logprobs else rollout
-        ref = self._log_probs_all(self.ref_model, batch) if self.ref_model is not None else None
-        kl = [kl_estimate(o, r, cfg.loss.kl_loss_type) for o, r in zip(old, ref)] if cfg.kl_in_reward else None
-        advantages = compute_advantages(
-            cfg.advantage_estimator, torch.tensor([self._reward(s) for s in batch], dtype=torch.float32),
-            torch.tensor([s.group_index for s in batch]), lengths, normalize_std=cfg.normalize_advantages_std,
-            gamma=cfg.gamma, kl=kl, kl_coef=cfg.loss.kl_coef if cfg.kl_in_reward else 0.0, loss_masks=masks)
+        old = ref = advantages = None
+        if not sft:
+            old = self._log_probs_all(self.model, batch) if cfg.recompute_old_logprobs else rollout
+            ref = self._log_probs_all(self.ref_model, batch) if self.ref_model is not None else None
+            advantages = self._advantages(batch, lengths, masks, old, ref, metrics)
         per_sample = {"old": old, "adv": advantages, "mask": masks, "ref": ref, "rollout": rollout}
 
         self.model.train()
@@ -297,6 +303,29 @@ class TrainerActor:
         if self.rank == 0:
             logger.info("step %d: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         return metrics
+
+    def _advantages(self, batch: list[Sample], lengths: list[int], masks: list[torch.Tensor],
+                    old: list[torch.Tensor], ref: list[torch.Tensor] | None,
+                    metrics: dict[str, float]) -> list[torch.Tensor]:
+        """Per-token advantages: rewards (DAPO overlong shaping first, if on), then the estimator or the hook."""
+        cfg = self.cfg
+        rewards = torch.tensor([self._reward(s) for s in batch], dtype=torch.float64)
+        if cfg.overlong_buffer_len > 0:
+            penalty = overlong_penalty(lengths, cfg.rollout_max_response_len, cfg.overlong_buffer_len,
+                                       cfg.overlong_penalty_factor)
+            rewards = rewards + penalty
+            metrics["overlong_penalty_mean"] = penalty.mean().item()
+            metrics["overlong_frac"] = (penalty < 0).double().mean().item()
+        rewards = rewards.to(torch.float32)
+        group_index = torch.tensor([s.group_index for s in batch])
+        if cfg.advantage_estimator == "custom":
+            return custom_advantages(self.custom_advantage, rewards, group_index, lengths, loss_masks=masks,
+                                     samples=batch, name=f"custom advantage function "
+                                                         f"{cfg.custom_advantage_function_path!r}")
+        kl = [kl_estimate(o, r, cfg.loss.kl_loss_type) for o, r in zip(old, ref)] if cfg.kl_in_reward else None
+        return compute_advantages(
+            cfg.advantage_estimator, rewards, group_index, lengths, normalize_std=cfg.normalize_advantages_std,
+            gamma=cfg.gamma, kl=kl, kl_coef=cfg.loss.kl_coef if cfg.kl_in_reward else 0.0, loss_masks=masks)
 
     def _train_global_batch(self, batch: list[Sample], chunk: list[int], per_sample: dict) -> dict[str, float]:
         """Accumulate gradients over this rank's micro-batches of `chunk`, then one optimizer step."""
@@ -321,11 +350,11 @@ class TrainerActor:
             if not self.pipeline.is_last:
                 return hidden
             logp, entropy = self._log_probs(self.model, mb, hidden, with_entropy=True)
-            loss, parts = compute_policy_loss(
+            loss, parts = compute_loss(
                 logp, flat(mb, "old"), flat(mb, "adv"), flat(mb, "mask"),
                 torch.tensor(mb.response_lengths), cfg.loss, ref_logp=flat(mb, "ref"),
                 rollout_logp=flat(mb, "rollout"), entropy=entropy if cfg.loss.entropy_coef > 0 else entropy.detach(),
-                global_num_tokens=num_tokens, global_num_seqs=num_seqs)
+                global_num_tokens=num_tokens, global_num_seqs=num_seqs, custom_fn=self.custom_loss)
             for key, value in {"loss": loss.detach(), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             padded += mb.padded_tokens
@@ -335,9 +364,7 @@ class TrainerActor:
                                                           [s.response_length for s in batch], cfg.max_tokens_per_gpu,
                                                           packed=cfg.pack_sequences),
                                        forward, self._activation_shape)
-        keys = ["loss", "pg_loss", "pg_clipfrac", "ppo_kl", "entropy"] + sorted(
-            k for k in ("kl_loss", "train_rollout_logp_absdiff", "tis_clipfrac", "pg_clipfrac_lower")
-            if k in sums or self._expects_metric(k, per_sample))
+        keys = self._metric_keys(sums, per_sample)
         reduced = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=self.device)
                                for k in keys] + [torch.tensor(float(padded), device=self.device)])
         if self.pipeline.size > 1:  # the loss and its parts live on the last stage: a sum shares them
@@ -350,13 +377,31 @@ class TrainerActor:
         out.update(grad_norm=grad_norm, lr=lr, padding_fraction=1.0 - real / max(1.0, reduced[-1].item()))
         return out
 
+    def _metric_keys(self, sums: dict, per_sample: dict) -> list[str]:
+        """The metric names every rank reduces, in one order (a rank without micro-batches has no sums)."""
+        loss_type = self.cfg.loss.loss_type
+        if loss_type == "sft":
+            return ["loss", "sft_loss", "entropy"]
+        if loss_type == "custom":  # names only the function knows: the union over all ranks
+            names = sorted(sums)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                everyone: list = [None] * dist.get_world_size()
+                dist.all_gather_object(everyone, names)
+                names = sorted(set().union(*everyone))
+            return ["loss"] + [k for k in names if k != "loss"]
+        return ["loss", "pg_loss", "pg_clipfrac", "ppo_kl", "entropy"] + sorted(
+            k for k in ("kl_loss", "train_rollout_logp_absdiff", "tis_clipfrac", "pg_clipfrac_lower",
+                        "mis_reject_frac")
+            if k in sums or self._expects_metric(k, per_sample))
+
     def _expects_metric(self, key: str, per_sample: dict) -> bool:
         """Whether compute_policy_loss reports `key` under this config (so every DP rank has the same keys)."""
         loss = self.cfg.loss
         return {"kl_loss": per_sample["ref"] is not None,
                 "train_rollout_logp_absdiff": per_sample["rollout"] is not None,
                 "tis_clipfrac": loss.use_tis,
-                "pg_clipfrac_lower": loss.dual_clip_c is not None and loss.policy_loss != "reinforce"}[key]
+                "mis_reject_frac": loss.use_mis,
+                "pg_clipfrac_lower": loss.dual_clip_c is not None and loss.policy_loss in ("ppo", "gspo")}[key]
 
     # ------------------------------------------------------------------------------------------
     # offload, checkpoints, export, weight sync

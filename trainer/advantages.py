@@ -1,4 +1,4 @@
-"""Advantage estimators: GRPO, Dr. GRPO, GSPO, RLOO, REINFORCE++ and REINFORCE++-baseline.
+"""Advantage estimators (GRPO, Dr. GRPO, GSPO, RLOO, REINFORCE++, -baseline), custom hooks, DAPO overlong shaping.
 
 Input is one reward per sample and the sample's group (the samples of one prompt share a
 group index); output is one advantage per response token. Positions whose loss_mask is 0
@@ -8,10 +8,17 @@ result is returned in the rewards' floating dtype (float32 for integer rewards).
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import Tensor
 
+from trainer.hooks import load_hook
+
 ESTIMATORS = ("grpo", "dr_grpo", "gspo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+# A custom estimator is called as fn(*CUSTOM_ADVANTAGE_ARGS, **{k: ... for k in CUSTOM_ADVANTAGE_KWARGS}).
+CUSTOM_ADVANTAGE_ARGS = ("rewards", "group_index", "response_lengths")
+CUSTOM_ADVANTAGE_KWARGS = ("loss_masks", "samples")
 _KL_IN_REWARD_ESTIMATORS = ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
 
 
@@ -161,4 +168,66 @@ def compute_advantages(estimator: str, rewards: Tensor, group_index: Tensor, res
     for i, n in enumerate(response_lengths):
         keep = _keep_mask(loss_masks, i, n, r.device)
         out.append(torch.where(keep, per_sample[i], 0.0).to(out_dtype))
+    return out
+
+
+def overlong_penalty(response_lengths: list[int], max_response_len: int, buffer_len: int,
+                     penalty_factor: float = 1.0) -> Tensor:
+    """DAPO soft overlong punishment, one float64 per sample [S], added to the reward before advantages.
+
+    With L_max = max_response_len and L_cache = buffer_len: 0 for |y| <= L_max - L_cache, then
+    ((L_max - L_cache) - |y|) / L_cache (linear from 0 to -1 at |y| = L_max), -1 beyond L_max; times
+    penalty_factor. buffer_len 0 turns it off (all zeros).
+    """
+    if buffer_len < 0 or not 0 <= buffer_len <= max_response_len:
+        raise ValueError(f"overlong buffer_len={buffer_len}; must be in [0, max_response_len={max_response_len}]")
+    if not penalty_factor >= 0:
+        raise ValueError(f"overlong penalty_factor={penalty_factor}; must be >= 0")
+    lengths = torch.tensor(response_lengths, dtype=torch.float64)  # [S]
+    if buffer_len == 0:
+        return torch.zeros_like(lengths)
+    expected = max_response_len - buffer_len
+    penalty = ((expected - lengths) / buffer_len).clamp(min=-1.0, max=0.0)
+    return penalty * penalty_factor
+
+
+def load_custom_advantage_function(path: str) -> Callable:
+    """The custom estimator at `path`, checked to accept (rewards, group_index, response_lengths, *, loss_masks,
+    samples); see docs/losses.md."""
+    return load_hook(path, "custom advantage function", CUSTOM_ADVANTAGE_ARGS, CUSTOM_ADVANTAGE_KWARGS)
+
+
+def custom_advantages(fn: Callable, rewards: Tensor, group_index: Tensor, response_lengths: list[int], *,
+                      loss_masks: list[Tensor] | None = None, samples: list[Any] | None = None,
+                      name: str = "custom advantage function") -> list[Tensor]:
+    """Per-token advantages from a user function, checked and shaped like compute_advantages' output.
+
+    `fn` gets the rewards as float64 [S], group_index [S], response_lengths, and by keyword loss_masks
+    (one [L_i] tensor per sample) and samples (the Sample objects, read-only by contract). It returns
+    either one advantage per sample ([S], spread over the sample's tokens) or one [L_i] tensor per
+    sample. Positions with loss_mask 0 are set to 0; a non-finite value is an error.
+    """
+    _check_inputs("grpo", rewards, group_index, response_lengths, 1.0, None, 0.0, loss_masks, 1e-6)
+    out_dtype = rewards.dtype if rewards.dtype.is_floating_point else torch.float32
+    r = rewards.to(torch.float64)
+    masks = [_keep_mask(loss_masks, i, n, r.device) for i, n in enumerate(response_lengths)]
+    result = fn(r, group_index.to(r.device), list(response_lengths), loss_masks=loss_masks, samples=samples)
+    if torch.is_tensor(result) and result.shape == (len(response_lengths),):
+        per_token = [result[i].expand(n) for i, n in enumerate(response_lengths)]
+    elif isinstance(result, (list, tuple)) and len(result) == len(response_lengths):
+        per_token = [torch.as_tensor(a) for a in result]
+        bad = [i for i, (a, n) in enumerate(zip(per_token, response_lengths)) if a.shape != (n,)]
+        if bad:
+            raise ValueError(f"{name}: advantages of samples {bad[:5]} have shapes "
+                             f"{[tuple(per_token[i].shape) for i in bad[:5]]}; expected [response_length]")
+    else:
+        shape = tuple(result.shape) if torch.is_tensor(result) else type(result).__name__
+        raise ValueError(f"{name} returned {shape}; expected a [{len(response_lengths)}] tensor (one per sample) "
+                         "or a list of one [response_length] tensor per sample")
+    out = []
+    for i, (a, keep) in enumerate(zip(per_token, masks)):
+        a = a.to(device=r.device, dtype=torch.float64)
+        if not torch.isfinite(a[keep]).all():
+            raise ValueError(f"{name}: advantages of sample {i} are not finite")
+        out.append(torch.where(keep, a, torch.zeros_like(a)).to(out_dtype))
     return out

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.advantages import ESTIMATORS
+from trainer.advantages import ESTIMATORS, load_custom_advantage_function
 from trainer.losses import LossConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
@@ -50,6 +50,10 @@ class TrainerConfig:
     gamma: float = 1.0
     reward_key: str | None = None  # which entry of a dict reward to train on
     recompute_old_logprobs: bool = True  # False: the engine's rollout log-probs serve as the old policy
+    custom_advantage_function_path: str | None = None  # 'pkg.mod:fn' for advantage_estimator=custom (docs/losses.md)
+    overlong_buffer_len: int = 0  # DAPO soft overlong punishment over the last N tokens below the max length; 0: off
+    overlong_penalty_factor: float = 1.0  # DAPO: the overlong penalty reaches -factor at the max response length
+    rollout_max_response_len: int = 512  # DAPO's L_max: the same flag as the rollout's max response length
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
@@ -85,14 +89,34 @@ class TrainerConfig:
             raise ValueError(f"weight_decay={self.weight_decay}, clip_grad={self.clip_grad}; both must be >= 0")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature}; must be > 0")
-        if self.advantage_estimator not in ESTIMATORS:
-            raise ValueError(f"advantage_estimator={self.advantage_estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        if self.advantage_estimator not in ESTIMATORS + ("custom",):
+            raise ValueError(f"advantage_estimator={self.advantage_estimator!r}; valid: {', '.join(ESTIMATORS)}, "
+                             "custom")
+        if (self.advantage_estimator == "custom") != (self.custom_advantage_function_path is not None):
+            raise ValueError(f"advantage_estimator={self.advantage_estimator!r} with custom_advantage_function_path="
+                             f"{self.custom_advantage_function_path!r}: advantage_estimator='custom' and the path "
+                             "go together")
+        if self.custom_advantage_function_path is not None:
+            load_custom_advantage_function(self.custom_advantage_function_path)
+        if self.advantage_estimator == "gspo" and self.loss.policy_loss != "gspo":
+            raise ValueError(f"advantage_estimator='gspo' gives GRPO's group advantages; GSPO itself is the "
+                             f"sequence-level loss, and loss.policy_loss={self.loss.policy_loss!r}: pass "
+                             "--policy-loss gspo too (or use advantage_estimator='grpo' for the token-level loss)")
+        if not 0 <= self.overlong_buffer_len <= self.rollout_max_response_len:
+            raise ValueError(f"overlong_buffer_len={self.overlong_buffer_len}; must be in [0, "
+                             f"rollout_max_response_len={self.rollout_max_response_len}]")
+        if not self.overlong_penalty_factor >= 0:
+            raise ValueError(f"overlong_penalty_factor={self.overlong_penalty_factor}; must be >= 0")
+        if self.loss.loss_type == "sft" and self.overlong_buffer_len:
+            raise ValueError("overlong_buffer_len shapes rewards, which loss_type='sft' does not use; set it to 0")
         if self.kl_in_reward and self.advantage_estimator not in _KL_IN_REWARD_ESTIMATORS:
             raise ValueError(f"loss.kl_coef={self.loss.kl_coef} with use_kl_loss=False puts KL in the reward, which "
                              f"advantage_estimator={self.advantage_estimator!r} does not support; set "
                              f"loss.use_kl_loss=True or use one of {_KL_IN_REWARD_ESTIMATORS}")
         if not self.recompute_old_logprobs and self.loss.use_tis:
             raise ValueError("loss.use_tis needs recompute_old_logprobs=True (TIS reweights old vs rollout log-probs)")
+        if not self.recompute_old_logprobs and self.loss.use_mis:
+            raise ValueError("loss.use_mis needs recompute_old_logprobs=True (MIS compares old vs rollout log-probs)")
 
     @property
     def use_reference(self) -> bool:
