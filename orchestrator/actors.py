@@ -26,6 +26,7 @@ from rollout.data import PromptDataset
 from rollout.eval_config import EvalSet, load_eval_config
 from rollout.manager import RolloutBatch, RolloutManager
 from rollout.router import Router
+from kiln_common.logs import setup_logging
 from kiln_common.net import free_port
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ HTTP_START_TIMEOUT_S = 30.0
 
 
 def _setup_logging() -> None:
-    """INFO logs of Kiln in an actor process; per-request HTTP logs stay quiet."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """INFO logs of Kiln in an actor process (through tqdm.write: not onto a progress bar's line); per-request HTTP
+    logs stay quiet."""
+    setup_logging(logging.INFO, "%(asctime)s %(name)s %(levelname)s %(message)s")
     for name in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -76,6 +76,8 @@ class RunConfig:
     """Only generate rollouts: no trainer, no weight updates."""
     debug_train_only: bool = False
     """Only train (on --load-debug-rollout-data): no engines."""
+    debug: bool = False
+    """Show a user error (bad flag value, missing file) as the full traceback instead of one line."""
     use_wandb: bool = False
     """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
     wandb_project: str = "kiln"

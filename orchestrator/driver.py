@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from collections import Counter
@@ -27,12 +28,14 @@ import torch
 
 from envs.generate import env_metrics
 from inference_engine.config import EngineConfig
+from kiln_common.logs import eta, is_terminal, optional_kernels_note, pythonwarnings, setup_logging
 from orchestrator.checkpoint import CheckpointError, begin_checkpoint, choose_checkpoint, finish_checkpoint
 from orchestrator.cli import ConfigError, build_parser, instantiate, load_yaml, to_flag_values
 from orchestrator.config import RunConfig
 from orchestrator.metrics import MetricsLogger, eval_rewards
 from rollout.client import report_ok
 from rollout.config import DataConfig, EnvConfig, RolloutConfig
+from rollout.data import check_source
 from rollout.eval_config import EvalConfigError, eval_sets
 from rollout.manager import DataExhausted, RolloutBatch, RolloutManager
 from trainer.config import TrainerConfig
@@ -43,6 +46,17 @@ logger = logging.getLogger("kiln.driver")
 CONFIG_CLASSES = (RunConfig, RolloutConfig, DataConfig, TrainerConfig, EngineConfig, EnvConfig)
 # flags the driver sets itself, per policy or from another flag
 _DERIVED = {"model-path": "--hf-checkpoint / --policies", "device": "the placement (cuda when Ray has GPUs)"}
+USAGE = "%(prog)s --hf-checkpoint MODEL_FOLDER --prompt-data FILE [--config RUN.yaml] [FLAG ...] (--help: every flag)"
+_HF_HINT = ("a local Hugging Face model folder (config.json, weights, tokenizer), e.g. from "
+            "`huggingface-cli download Qwen/Qwen3-0.6B --local-dir /models/Qwen3-0.6B`")
+
+
+class InputError(ConfigError):
+    """A user's mistake found before anything starts (a missing file, a bad value); `hint` says what would work."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass
@@ -66,6 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DriverConfig:
     """Parse train.py's flags (and --config YAML) into a resolved DriverConfig."""
     parser = build_parser(CONFIG_CLASSES, prog="train.py",
                           description="Kiln RL training: rollout -> train -> push weights, under Ray.")
+    parser.usage = USAGE   # a bad flag: this line and argparse's one-line error, not every flag of the run
     namespace = parser.parse_args(argv)
     values = load_yaml(namespace.config, CONFIG_CLASSES) if namespace.config else {}
     values.update({k.replace("_", "-"): v for k, v in vars(namespace).items() if k != "config"})
@@ -78,12 +93,19 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
     for flag, source in _DERIVED.items():
         if flag in values:
             raise ConfigError(f"--{flag} is set by the driver from {source}; do not set it")
-    policies = RunConfig(policies=values.get("policies", []),
-                         hf_checkpoint=values.get("hf-checkpoint", "")).policy_paths()
+    try:
+        policies = RunConfig(policies=values.get("policies", []),
+                             hf_checkpoint=values.get("hf-checkpoint", "")).policy_paths()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     for name, path in policies.items():
+        if not path:
+            raise InputError("set --hf-checkpoint MODEL_FOLDER (or --policies NAME=PATH ...)",
+                             hint=f"expected {_HF_HINT}")
         if not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"policy {name!r}: {path!r} is not a local HF model folder (no config.json); "
-                              f"set --hf-checkpoint or --policies NAME=PATH")
+            which = f"policy {name!r}:" if values.get("policies") else "--hf-checkpoint"
+            why = "it does not exist" if not Path(path).exists() else "it has no config.json"
+            raise InputError(f"{which} {path!r} is not a local HF model folder ({why})", hint=f"expected {_HF_HINT}")
     first = next(iter(policies.values()))
     values.setdefault("hf-checkpoint", first)
     values["model-path"] = first
@@ -115,6 +137,69 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
     except EvalConfigError as e:
         raise ConfigError(str(e)) from None
     return DriverConfig(run, rollout, data, trainer, engine, env, policies)
+
+
+def check_inputs(config: DriverConfig) -> None:
+    """Raise InputError unless every file the run reads is there and readable: the prompt data (its first rows) and
+    --load; found here, before Ray or any actor starts, instead of in an actor minutes later."""
+    run, data = config.run, config.data
+    hint = (f"a .jsonl/.json/.parquet file or a datasets.save_to_disk folder; a relative path is relative to "
+            f"{os.getcwd()}")
+    files = {"--prompt-data": data.prompt_data if not run.debug_train_only else None,
+             "--eval-prompt-data": data.eval_prompt_data}
+    for flag, path in files.items():
+        if path:
+            try:
+                check_source(path, data.input_key, flag)
+            except (OSError, ValueError) as e:
+                raise InputError(str(e), hint=hint if "does not exist" in str(e) else None) from e
+    if run.load and Path(run.load).exists() and not Path(run.load).is_dir():
+        raise InputError(f"--load {run.load!r} is a file; expected a checkpoint folder (an earlier run's --save)")
+
+
+def _user_error(message: str, hint: str | None = None) -> None:
+    """Print a user's mistake as one line (and a hint) on stderr, as argparse does, and exit with code 2."""
+    print(f"train.py: error: {' '.join(message.split())}", file=sys.stderr)
+    if hint:
+        print(f"  hint: {hint}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _config_error_text(e: ConfigError) -> tuple[str, str | None]:
+    """(message, hint) of a ConfigError; a --config file that is missing or not YAML gets a line of its own."""
+    import yaml
+
+    cause, path = e.__cause__, getattr(e.__cause__, "filename", None)
+    if isinstance(cause, FileNotFoundError) and path:
+        return f"--config {path!r} does not exist", f"a relative path is relative to {os.getcwd()}"
+    if isinstance(cause, yaml.MarkedYAMLError):
+        where = (f" at line {cause.problem_mark.line + 1}, column {cause.problem_mark.column + 1}"
+                 if cause.problem_mark else "")
+        name = str(e).removeprefix("cannot read config file ").split(": ", 1)[0]
+        return f"--config {name!r} is not valid YAML: {cause.problem or cause.context}{where}", None
+    return str(e), getattr(e, "hint", None)
+
+
+def configure(argv: Sequence[str]) -> DriverConfig:
+    """Logging, then the flags resolved and every input checked before anything starts; a user's mistake exits
+    with code 2 and one line on stderr (the traceback only with --debug)."""
+    setup_logging()
+    argv = list(argv)
+    if not argv:
+        print("usage: " + USAGE % {"prog": "train.py"}, file=sys.stderr)
+        _user_error("no arguments; set at least --hf-checkpoint and --prompt-data (or --config RUN.yaml)")
+    debug = "--debug" in argv
+    try:
+        config = parse_args(argv)
+        debug = config.run.debug
+        check_inputs(config)
+    except ConfigError as e:
+        if debug:
+            raise
+        _user_error(*_config_error_text(e))
+    if not is_terminal(sys.stderr):   # a log file gets no progress bars (Ray would print each redraw as a line)
+        config.rollout.progress = False
+    return config
 
 
 class EngineFailureError(RuntimeError):
@@ -167,7 +252,13 @@ class Driver:
         if ray.is_initialized():
             return
         run = self.cfg.run
-        env = {"TOKENIZERS_PARALLELISM": "false"}
+        # megatron-core's "Apex / Transformer Engine not installed" import warnings: hidden in every actor, one note
+        env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": pythonwarnings(os.environ.get("PYTHONWARNINGS"))}
+        if not (is_terminal(sys.stdout) and is_terminal(sys.stderr)):
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")   # Ray's "(Actor pid=...)" prefixes without colour codes
+        note = optional_kernels_note() if not run.debug_rollout_only else None
+        if note:
+            logger.info("%s", note)
         if run.ray_address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=run.ray_address, runtime_env={"env_vars": env})
         else:
@@ -592,6 +683,12 @@ class Driver:
                 f"bad rows {int(m.get('rollout/skipped_rows', 0))}) | rollout {m.get('timing/rollout_wait_s', 0):.2f}s "
                 f"train {m.get('timing/train_s', 0):.2f}s push {m.get('timing/push_s', 0):.2f}s "
                 f"step {m.get('timing/step_s', 0):.2f}s | engine restarts {self.engine_restarts}")
+        seconds = m.get("timing/step_s", 0.0)
+        if seconds > 0:
+            tokens = sum(s.response_length for s in batch.samples)
+            line += f" | {len(batch.samples) / seconds:.1f} samples/s {tokens / seconds:.0f} tok/s"
+        step_times = [h["timing/step_s"] for h in self.history if "timing/step_s" in h] + [seconds]
+        line += f" | eta {eta(step_times, self.cfg.run.num_rollout - (step + 1))}"
         logger.info(line)
         if batch.failed:
             logger.warning("step %d failures: %s", step + 1, failure_summary(batch))
@@ -666,8 +763,7 @@ class Driver:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Parse flags, run the training, export each policy to <--save>/hf/<policy> at the end; the step metrics."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    config = parse_args(argv)
+    config = configure(sys.argv[1:] if argv is None else argv)
     driver = Driver(config)
     try:
         driver.setup()

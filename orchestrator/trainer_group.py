@@ -18,6 +18,7 @@ import ray
 
 from orchestrator.placement import Slot, actor_options
 from kiln_common.atomic_io import FileDigest
+from kiln_common.logs import setup_logging
 from kiln_common.sample import Sample
 from trainer.actor import TrainerActor
 from trainer.config import TrainerConfig
@@ -31,7 +32,7 @@ class TrainerWorker(TrainerActor):
     """A TrainerActor rank plus the weight push (rank 0 sends, the others join the collective gather)."""
 
     def __init__(self, config: TrainerConfig, rank: int, world_size: int, master_addr: str, master_port: int):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        setup_logging(logging.INFO, "%(asctime)s %(name)s %(levelname)s %(message)s")
         logging.getLogger("trainer.actor").setLevel(logging.WARNING)  # the driver logs one line per step
         super().__init__(config, rank, world_size, master_addr, master_port)
         self.sender: WeightSender | None = None

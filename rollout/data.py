@@ -1,12 +1,14 @@
 """Prompt data: rows from a file, a saved dataset or a list become prompt Samples, epoch by epoch.
 
 Formats: .jsonl (rows split at '\n' only, '\r\n' tolerated: U+2028, U+0085 and the like are text
-inside a row; one malformed line is one bad row, reported with its line number) and .json,
+inside a row; one malformed line is one bad row) and .json,
 .parquet and folders written by `datasets.save_to_disk` (through `datasets`), a
 `datasets.Dataset`, or a list of dicts. Every row is checked when the data is loaded: a bad one
 (missing key, wrong type, empty prompt, malformed JSON, chat template error) is logged with its
-index, and a prompt longer than the prompt limit is counted in one warning; both are recorded in
-`skipped` and never served. The prompt limit is --rollout-max-prompt-len, capped by the engines'
+place (the 1-based line of a .jsonl file, else the row's 0-based index), and a prompt longer than
+the prompt limit is counted in one warning; both are recorded in `skipped` (by row index) and never
+served. `check_source` reads only a file's first rows: the driver's check before anything starts.
+The prompt limit is --rollout-max-prompt-len, capped by the engines'
 limit (their context length minus the response budget) when the caller passes it; without either,
 one token less than the model's context length (max_position_embeddings in the config.json next to
 the tokenizer), since the engine refuses a prompt that fills its context. The position (epoch,
@@ -34,6 +36,14 @@ class BadRow(ValueError):
 
 class _TooLong(BadRow):
     """A prompt over the prompt limit."""
+
+
+class JsonlRows(list):
+    """The rows of a .jsonl file, with the 1-based line number of each in `lines`."""
+
+    def __init__(self, rows: list[Any], lines: list[int]) -> None:
+        super().__init__(rows)
+        self.lines = lines
 
 
 class _Malformed:
@@ -77,22 +87,83 @@ def load_rows(source: str | Path | Sequence[dict] | Any) -> Sequence[Any]:
     raise TypeError(f"prompt data must be a path, a list of dicts or a datasets.Dataset, got {type(source).__name__}")
 
 
-def read_jsonl(path: str | Path) -> list[Any]:
+def read_jsonl(path: str | Path) -> JsonlRows:
     """The rows of a JSON-lines file: split at '\n' only (a trailing '\r' dropped), blank lines left out."""
     text = Path(path).read_bytes().decode("utf-8-sig")
-    rows = []
+    rows, lines = [], []
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
         if line.strip():
-            rows.append(_parse_line(line, number))
-    return rows
+            rows.append(_parse_line(line))
+            lines.append(number)
+    return JsonlRows(rows, lines)
 
 
-def _parse_line(line: str, number: int) -> Any:
+def _parse_line(line: str) -> Any:
     try:
         return json.loads(line, strict=False)  # a raw control character inside a string is still that string's
     except json.JSONDecodeError as e:
-        return _Malformed(f"line {number}: malformed JSON ({e.msg} at column {e.colno})")
+        return _Malformed(f"malformed JSON ({e.msg} at column {e.colno})")
+
+
+def check_source(path: str | Path, input_key: str, flag: str = "--prompt-data", rows: int = 5) -> None:
+    """Raise ValueError (one line) unless `path` exists in a supported format and one of its first `rows` rows is
+    an object with `input_key`; reads no more than those rows (a dataset folder: its metadata only)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{flag} {str(path)!r} does not exist")
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            raise ValueError(f"{flag} {str(path)!r} is a folder but not a dataset saved by datasets.save_to_disk "
+                             f"(no dataset_info.json or dataset_dict.json)")
+        return
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+            names = pq.read_schema(path).names
+        except Exception as e:  # noqa: BLE001 - whatever the reader says, the file is not usable parquet
+            raise ValueError(f"{flag} {str(path)!r} is not a readable parquet file ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from e
+        if input_key not in names:
+            raise ValueError(f"{flag} {str(path)!r} has no column {input_key!r} (columns: {names}); "
+                             f"set --input-key to the prompt column")
+        return
+    if suffix == ".jsonl":
+        first: list[tuple[str, Any]] = []
+        with path.open(encoding="utf-8-sig", newline="\n") as f:
+            for number, line in enumerate(f, start=1):
+                line = line.rstrip("\n").removesuffix("\r")
+                if line.strip():
+                    first.append((f"line {number}", _parse_line(line)))
+                if len(first) >= rows:
+                    break
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{flag} {str(path)!r} is not valid JSON ({e}); a file of one JSON object per line "
+                             f"needs the .jsonl suffix") from None
+        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+            data = next(iter(data.values()))
+        if not isinstance(data, list):
+            raise ValueError(f"{flag} {str(path)!r}: expected a JSON list of objects (or JSON lines in a .jsonl file)")
+        first = [(f"item {i}", row) for i, row in enumerate(data[:rows])]
+    else:
+        raise ValueError(f"{flag} {str(path)!r}: unsupported format {suffix or '(no suffix)'!r}; "
+                         f"expected .jsonl, .json, .parquet or a dataset folder")
+    if not first:
+        raise ValueError(f"{flag} {str(path)!r} has no rows")
+    if any(isinstance(row, dict) and row.get(input_key) is not None for _, row in first):
+        return
+    where, row = first[0]
+    if isinstance(row, _Malformed):
+        why = row.error
+    elif not isinstance(row, dict):
+        why = f"expected a JSON object, got {type(row).__name__}"
+    else:
+        why = f"no key {input_key!r} (keys: {sorted(row)}); set --input-key to the prompt's key"
+    raise ValueError(f"{flag} {str(path)!r}: none of its first {len(first)} rows is usable; {where}: {why}")
 
 
 def model_prompt_limit(tokenizer: Any) -> int | None:
@@ -126,6 +197,7 @@ class PromptDataset:
         if source is None:
             raise ValueError("no prompt data: set --prompt-data")
         self.rows = load_rows(source)
+        self._name = str(source) if isinstance(source, (str, Path)) else "the prompt data"
         if len(self.rows) == 0:
             raise ValueError(f"prompt data {source!r} has no rows")
         self.max_prompt_len, self._limit_name = self._prompt_limit(engine_prompt_limit)
@@ -147,6 +219,11 @@ class PromptDataset:
             return model_limit, f"{model_limit} tokens (the model's max_position_embeddings minus one)"
         return None, "no limit"
 
+    def where(self, index: int) -> str:
+        """Where row `index` is, for messages: 'line 7 of data.jsonl' (1-based), else 'row 4 of ...' (its index)."""
+        lines = getattr(self.rows, "lines", None)
+        return f"line {lines[index]} of {self._name}" if lines is not None else f"row {index} of {self._name}"
+
     def _check_rows(self, source: Any) -> None:
         """Find every bad or over-long row now, so that none reaches an engine; warn about them once."""
         start = time.perf_counter()
@@ -159,20 +236,23 @@ class PromptDataset:
                 self.skipped[index] = str(e)
             except BadRow as e:
                 if len(self.skipped) - len(too_long) < self.MAX_ROW_WARNINGS:
-                    logger.warning("skipping prompt data row %d: %s", index, e)
+                    logger.warning("skipping %s: %s", self.where(index), e)
                 self.skipped[index] = str(e)
         bad = len(self.skipped) - len(too_long)
         if bad > self.MAX_ROW_WARNINGS:
             logger.warning("skipping %d more bad rows of the prompt data (%d in all; each one's reason is in "
                            "PromptDataset.skipped)", bad - self.MAX_ROW_WARNINGS, bad)
         if too_long:
-            shown = ", ".join(map(str, too_long[:10])) + (", ..." if len(too_long) > 10 else "")
-            logger.warning("skipping %d of %d prompt data rows whose prompt has more tokens than %s (rows %s)",
-                           len(too_long), len(self.rows), self._limit_name, shown)
+            lines = getattr(self.rows, "lines", None)
+            places = [lines[i] for i in too_long] if lines is not None else too_long
+            shown = ", ".join(map(str, places[:10])) + (", ..." if len(places) > 10 else "")
+            logger.warning("skipping %d of %d prompt data rows whose prompt has more tokens than %s (%s %s of %s)",
+                           len(too_long), len(self.rows), self._limit_name, "lines" if lines is not None else "rows",
+                           shown, self._name)
         if len(self.skipped) == len(self.rows):
             first = min(self.skipped)
             raise ValueError(f"every one of the {len(self.rows)} rows of the prompt data {source!r} is bad; "
-                             f"e.g. row {first}: {self.skipped[first]}")
+                             f"e.g. {self.where(first)}: {self.skipped[first]}")
         logger.info("prompt data: %d rows checked in %.1fs, %d usable", len(self.rows), time.perf_counter() - start,
                     len(self.rows) - len(self.skipped))
 
@@ -207,7 +287,7 @@ class PromptDataset:
                 sample = self.make_prompt(index)
             except BadRow as e:
                 if index not in self.skipped:
-                    logger.warning("skipping prompt data row %d: %s", index, e)
+                    logger.warning("skipping %s: %s", self.where(index), e)
                     self.skipped[index] = str(e)
                 continue
             sample.metadata["epoch"] = self.epoch

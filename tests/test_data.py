@@ -78,12 +78,13 @@ def test_bad_rows_are_reported_with_their_index_and_skipped(tok, tmp_path, caplo
         ds = PromptDataset(DataConfig(prompt_data=str(path), rollout_max_prompt_len=20), tok)  # checked at load
     assert sorted(ds.skipped) == [1, 2, 3, 4, 5, 6, 7]
     assert "missing input key 'prompt'" in ds.skipped[1] and "got int" in ds.skipped[2]
-    assert "empty prompt" in ds.skipped[3] and "line 7: malformed JSON" in ds.skipped[4]
+    assert "empty prompt" in ds.skipped[3] and "malformed JSON" in ds.skipped[4]
     assert "more than --rollout-max-prompt-len 20" in ds.skipped[5] and "missing label key" in ds.skipped[6]
     assert "--apply-chat-template" in ds.skipped[7]
-    assert "row 4: line 7: malformed JSON" in caplog.text
+    assert f"skipping line 7 of {path}: malformed JSON" in caplog.text  # 1-based lines of the file, not row indices
+    assert f"skipping line 2 of {path}: missing input key 'prompt'" in caplog.text
     assert "skipping 1 of 9 prompt data rows whose prompt has more tokens than --rollout-max-prompt-len 20 " \
-           "(rows 5)" in caplog.text
+           f"(lines 8 of {path})" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rollout.data"):
         got = ds.next_prompts(5)
@@ -91,7 +92,7 @@ def test_bad_rows_are_reported_with_their_index_and_skipped(tok, tmp_path, caplo
 
 
 def test_all_rows_bad_is_an_error(tok):
-    with pytest.raises(ValueError, match=r"every one of the 2 rows .* row 0: missing input key"):
+    with pytest.raises(ValueError, match=r"every one of the 2 rows .* row 0 of the prompt data: missing input key"):
         PromptDataset(DataConfig(num_epoch=3), tok, [{"x": 1}, {"x": 2}])
 
 

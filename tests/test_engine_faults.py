@@ -5,6 +5,7 @@ driver's fault-tolerance decisions (no Ray: the end-to-end restart is in test_tr
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -235,7 +236,10 @@ def test_restarts_beyond_the_limit_stop_the_run(qwen3_model):
         driver._handle_engine_faults(0, FAULT)
 
 
-def test_main_reports_an_engine_failure_in_one_line_and_exits_1(qwen3_model, monkeypatch, caplog):
+def test_main_reports_an_engine_failure_in_one_line_and_exits_1(qwen3_model, monkeypatch, caplog, tmp_path):
+    data = tmp_path / "train.jsonl"   # main checks the prompt data before anything starts
+    data.write_text(json.dumps({"prompt": "What is 1 + 1?", "label": "2"}) + "\n")
+
     def fail(self):
         raise EngineFailureError("step 2: 1 engine(s) failed and --no-fault-tolerance is set, so the run stops: x")
     monkeypatch.setattr(Driver, "setup", lambda self: None)
@@ -243,7 +247,7 @@ def test_main_reports_an_engine_failure_in_one_line_and_exits_1(qwen3_model, mon
     from orchestrator.driver import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["--hf-checkpoint", str(qwen3_model), "--prompt-data", "x.jsonl", "--no-fault-tolerance"])
+        main(["--hf-checkpoint", str(qwen3_model), "--prompt-data", str(data), "--no-fault-tolerance"])
     assert exit_.value.code == 1
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "--no-fault-tolerance is set" in errors[0].getMessage()

@@ -1,0 +1,178 @@
+"""A user's mistake is one line on stderr (and a hint), exit code 2, before Ray starts; logs are clean text."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from kiln_common.logs import (StripAnsi, eta, format_duration, pythonwarnings, quiet_third_party_warnings,
+                              setup_logging, strip_ansi)
+from rollout.data import check_source
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled",
+       "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    """A folder that passes as an HF model folder before anything loads it."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    return folder
+
+
+def run(args: list[str], cwd: Path, module: str | None = None) -> tuple[int, list[str], str]:
+    """(exit code, stderr lines, stdout + stderr) of train.py (or `python -m module`) with `args`."""
+    cmd = [sys.executable, "-m", module] if module else [sys.executable, str(REPO / "train.py")]
+    done = subprocess.run(cmd + args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr.splitlines(), done.stdout + done.stderr
+
+
+def assert_one_line_error(code: int, lines: list[str], text: str, *expected: str, prefix: str = "train.py") -> None:
+    assert code == 2, text
+    errors = [line for line in lines if line.startswith(f"{prefix}: error: ")]
+    assert len(errors) == 1, text
+    for part in expected:
+        assert part in errors[0], text
+    assert "Traceback" not in text and "Started a local Ray instance" not in text
+
+
+def test_nonexistent_hf_checkpoint(tmp_path):
+    code, lines, text = run(["--hf-checkpoint", "/nonexistent/model", "--prompt-data", "x.jsonl"], tmp_path)
+    assert_one_line_error(code, lines, text, "--hf-checkpoint '/nonexistent/model'", "it does not exist")
+    assert len(lines) == 2 and lines[1].startswith("  hint: expected a local Hugging Face model folder")
+
+
+def test_missing_config_file(tmp_path):
+    code, lines, text = run(["--config", "nope.yaml"], tmp_path)
+    assert_one_line_error(code, lines, text, "--config 'nope.yaml' does not exist")
+    assert len(lines) == 2 and str(tmp_path) in lines[1]
+
+
+def test_bad_yaml_config(tmp_path):
+    (tmp_path / "run.yaml").write_text("num_rollout: [1\nlr: 2\n")
+    code, lines, text = run(["--config", "run.yaml"], tmp_path)
+    assert_one_line_error(code, lines, text, "--config 'run.yaml' is not valid YAML", "at line 2, column 3")
+    assert len(lines) == 1
+
+
+def test_no_arguments_prints_usage_and_one_line(tmp_path):
+    code, lines, text = run([], tmp_path)
+    assert_one_line_error(code, lines, text, "no arguments", "--hf-checkpoint", "--prompt-data")
+    assert len(lines) == 2 and lines[0].startswith("usage: train.py --hf-checkpoint MODEL_FOLDER --prompt-data FILE")
+
+
+def test_bad_flag_value_is_usage_and_one_line(tmp_path):
+    code, lines, text = run(["--rollout-batch-size", "many"], tmp_path)
+    assert_one_line_error(code, lines, text, "--rollout-batch-size", "expected an integer")
+    assert len(lines) == 2   # not argparse's usage of every flag
+
+
+def test_missing_prompt_data_fails_before_ray_starts(tmp_path, model):
+    code, lines, text = run(["--hf-checkpoint", str(model), "--prompt-data", "data/train.jsonl"], tmp_path)
+    assert_one_line_error(code, lines, text, "--prompt-data 'data/train.jsonl' does not exist")
+    assert len(lines) == 2 and "Started a local Ray instance" not in text and "pid=" not in text
+
+
+def test_missing_prompt_data_in_process_never_initialises_ray(tmp_path, model, capsys):
+    import ray
+
+    from orchestrator.driver import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--hf-checkpoint", str(model), "--prompt-data", str(tmp_path / "none.jsonl"), "--num-rollout", "1"])
+    assert exit_.value.code == 2 and not ray.is_initialized()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"train.py: error: --prompt-data '{tmp_path / 'none.jsonl'}' does not exist"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    code, _, text = run(["--hf-checkpoint", "/nonexistent/model", "--prompt-data", "x.jsonl", "--debug"], tmp_path)
+    assert code == 1 and "Traceback" in text and "InputError" in text
+
+
+def test_prompt_data_first_rows_are_checked(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("prompt,label\nWhat is 1 + 1?,2\n")   # a CSV named .jsonl
+    with pytest.raises(ValueError, match=r"none of its first 2 rows is usable; line 1: malformed JSON"):
+        check_source(path, "prompt")
+    path.write_text("\n" + json.dumps({"question": "What is 1 + 1?"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 2: no key 'prompt' \(keys: \['question'\]\); set --input-key"):
+        check_source(path, "prompt")
+    path.write_text("{bad\n" + json.dumps({"prompt": "What is 1 + 1?"}) + "\n")
+    check_source(path, "prompt")   # one malformed row is the loader's to skip, not a reason to stop
+    with pytest.raises(ValueError, match=r"--eval-prompt-data .*unsupported format '.csv'"):
+        check_source(path.rename(tmp_path / "rows.csv"), "prompt", "--eval-prompt-data")
+
+
+def test_serve_with_a_nonexistent_model_folder(tmp_path):
+    code, lines, text = run(["--model-path", "/nonexistent/model"], tmp_path, module="inference_engine.serve")
+    assert_one_line_error(code, lines, text, "--model-path '/nonexistent/model' does not exist",
+                          prefix="python -m inference_engine.serve")
+    assert len(lines) == 1
+
+
+def test_serve_bad_value_names_the_flag(tmp_path, model):
+    from inference_engine.serve import _configs_or_exit
+
+    with pytest.raises(SystemExit) as exit_:
+        _configs_or_exit(["--model-path", str(model), "--mem-fraction-static", "2"])
+    assert exit_.value.code == 2
+
+
+def test_ansi_escapes_are_stripped_from_log_records():
+    coloured = "\x1b[36m(TrainerWorker pid=123)\x1b[0m loss 0.5 \x1b[1;31mred\x1b[0m"
+    assert strip_ansi(coloured) == "(TrainerWorker pid=123) loss 0.5 red"
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "got %s", (coloured,), None)
+    assert StripAnsi().filter(record) and record.getMessage() == "got (TrainerWorker pid=123) loss 0.5 red"
+    stream, root = io.StringIO(), logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = []
+    try:
+        setup_logging(logging.INFO, "%(message)s", stream=stream)   # a file, not a terminal: escapes removed
+        logging.getLogger("kiln.test").info("%s", coloured)
+    finally:
+        root.handlers = saved
+    assert stream.getvalue() == "(TrainerWorker pid=123) loss 0.5 red\n"
+
+
+def test_not_installed_warnings_are_hidden_here_and_in_new_processes():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party_warnings()
+        warnings.warn("Apex is not installed. Falling back to Torch Norm")
+        warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.")
+        warnings.warn("something else")
+    assert [str(w.message) for w in caught] == ["something else"]
+    code = "import warnings; warnings.warn('Apex is not installed. Falling back'); warnings.warn('kept')"
+    done = subprocess.run([sys.executable, "-c", code], env={**ENV, "PYTHONWARNINGS": pythonwarnings()},
+                          capture_output=True, text=True, timeout=60)
+    assert "Apex" not in done.stderr and "kept" in done.stderr
+
+
+def test_eta_and_duration_formatting():
+    assert [format_duration(s) for s in (0, 45.4, 185, 7620, 90000)] == ["0s", "45s", "3m05s", "2h07m", "1d01h"]
+    assert eta([], 3) == "-" and eta([10.0, 20.0], 0) == "0s" and eta([10.0, 20.0], 3) == "45s"
+    assert eta([100.0] + [2.0] * 10, 30) == "1m00s"   # the last 10 steps: a slow first step is forgotten
+
+
+def test_step_line_has_throughput_and_eta(model, caplog):
+    from orchestrator.driver import Driver, resolve
+
+    driver = Driver(resolve({"hf-checkpoint": str(model), "prompt-data": "x.jsonl", "num-rollout": 5}))
+    driver.history = [{"step": 1, "timing/step_s": 4.0}]
+    batch = SimpleNamespace(samples=[SimpleNamespace(response_length=50)] * 8, failed=[])
+    with caplog.at_level(logging.INFO, logger="kiln.driver"):
+        driver._log_step(1, batch, {"timing/step_s": 2.0})
+    assert "| 4.0 samples/s 200 tok/s | eta 9s" in caplog.text   # 3 steps left at (4 + 2) / 2 s
