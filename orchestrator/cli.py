@@ -6,6 +6,10 @@ takes several values; `X | None` accepts `none`; a field whose type is a datacla
 contributes its own fields as flags. Two fields may share a flag if they have the same
 type: one value then sets both. `--config file.yaml` sets any flag (keys with `-` or
 `_`); flags given on the command line override the file; an unknown key is an error.
+
+slime's flag names are accepted too, on the command line and in YAML (`orchestrator.slime_compat` is the
+table; `compat=False` turns it off): aliases set Kiln's flag, flags meaningless in Kiln warn once, flags
+Kiln cannot honour are refused with one line saying why.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import enum
 import inspect
 import io
 import json
+import re
 import textwrap
 import tokenize
 import types
@@ -26,6 +31,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from orchestrator import slime_compat
 
 _NONE_WORDS = ("none", "null")
 
@@ -194,33 +201,95 @@ def _add_fields(flags: dict[str, _Flag], top: type, cls: type, prefix: tuple[str
         flags[name] = _Flag(name, tp, [(top, path)], f.metadata.get("help", docs.get(f.name, "")), default)
 
 
+class KilnArgumentParser(argparse.ArgumentParser):
+    """argparse, with slime's flag names translated to Kiln's first (see `orchestrator.slime_compat`)."""
+
+    def __init__(self, *args: Any, flags: dict[str, _Flag] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kiln_flags = flags  # None: no slime translation
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        if self.kiln_flags is not None:
+            import sys
+            try:
+                args = _translate_argv(list(sys.argv[1:] if args is None else args), self.kiln_flags)
+            except slime_compat.CompatError as e:
+                self.error(str(e))
+        return super().parse_known_args(args, namespace)
+
+
+_NUMBER = re.compile(r"-\.?\d")
+
+
+def _translate_argv(argv: list[str], flags: dict[str, _Flag]) -> list[str]:
+    """The command line with slime's flags turned into Kiln's (or dropped with a warning, or CompatError)."""
+    head: list[str] = []  # tokens before the first --flag, and single-dash options
+    items: list[tuple[str, list[str]]] = []
+    rest: list[str] = []
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            rest = argv[i:]
+            break
+        if tok.startswith("--"):
+            name, eq, value = tok[2:].partition("=")
+            items.append((name, [value] if eq else []))
+        elif tok.startswith("-") and not _NUMBER.match(tok):
+            head.append(tok)
+        elif items:
+            items[-1][1].append(tok)
+        else:
+            head.append(tok)
+    out = list(head)
+    for name, value in slime_compat.translate(items, flags):
+        if isinstance(value, list):
+            out += [f"--{name}", *value]
+        elif isinstance(value, bool) and name in flags and _split_optional(flags[name].type) == (bool, False):
+            out.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            out += [f"--{name}", str(value)]
+    return out + rest
+
+
 def build_parser(config_classes: Sequence[type], prog: str | None = None,
-                 description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of the given dataclasses, plus --config."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", default=None, help="YAML file setting any of the flags below")
+                 description: str | None = None, compat: bool = True) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of the given dataclasses, plus --config.
+
+    With `compat`, slime's names of these flags are accepted too (and listed in --help)."""
     flags = _collect_flags(config_classes)
+    epilog = ("slime's flags are accepted too: aliases set the Kiln flag they are listed with; flags that mean "
+              "nothing in Kiln warn once; see docs/from_slime.md") if compat else None
+    parser = KilnArgumentParser(prog=prog, description=description, epilog=epilog,
+                                flags=flags if compat else None)
+    parser.add_argument("--config", default=None, help="YAML file setting any of the flags below")
+    aliases: dict[str, list[slime_compat.Alias]] = {}
+    if compat:
+        for alias in slime_compat.tables(list(flags))[0].values():
+            aliases.setdefault(alias.kiln, []).append(alias)
     for cls in config_classes:
         doc = (cls.__doc__ or "").strip()
         group = parser.add_argument_group(cls.__name__, doc.splitlines()[0] if doc else None)
         for flag in flags.values():
             if flag.fields[0][0] is cls:
-                _add_flag(group, flag)
+                _add_flag(group, flag, aliases.get(flag.name, []))
     return parser
 
 
-def _add_flag(group: argparse._ArgumentGroup, flag: _Flag) -> None:
+def _add_flag(group: argparse._ArgumentGroup, flag: _Flag, aliases: Sequence[slime_compat.Alias] = ()) -> None:
     inner, optional = _split_optional(flag.type)
     dest = flag.name.replace("-", "_")
     kwargs: dict[str, Any] = {"dest": dest, "help": flag.help or " ",
                               "default": argparse.SUPPRESS}
     where = f"--{flag.name}"
+    names = [f"--{flag.name}"] + [f"--{a.slime}" for a in aliases if a.takes_value]
     if flag.default is dataclasses.MISSING:
         kwargs["help"] += " (required)"
     else:
         kwargs["help"] += f" (default: {flag.default!r})"
+    switches = [f"--{a.slime} (= {a.const!r})" for a in aliases if not a.takes_value]
+    if len(names) > 1 or switches:
+        kwargs["help"] += " [slime: " + ", ".join(names[1:] + switches) + "]"
     if inner is bool and not optional:
-        group.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, **kwargs)
+        group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
         return
     origin = typing.get_origin(inner)
     if origin in (list, tuple):
@@ -234,21 +303,23 @@ def _add_flag(group: argparse._ArgumentGroup, flag: _Flag) -> None:
             kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(inner))) + "}"
         else:
             kwargs["metavar"] = _type_name(inner).upper()
-    group.add_argument(f"--{flag.name}", **kwargs)
+    group.add_argument(*names, **kwargs)
 
 
 def _argparse_type(tp: Any, where: str):
     def convert(text: str) -> Any:
         try:
             return _convert(text, tp, where)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+        except ConfigError as e:  # argparse names the flag itself: "argument --x: expected ..."
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{where}: ")) from None
     convert.__name__ = _type_name(tp)
     return convert
 
 
-def load_yaml(path: str | Path, config_classes: Sequence[type]) -> dict[str, Any]:
-    """Read a YAML config file into {flag name: converted value}; unknown keys raise ConfigError."""
+def load_yaml(path: str | Path, config_classes: Sequence[type], compat: bool = True) -> dict[str, Any]:
+    """Read a YAML config file into {flag name: converted value}; unknown keys raise ConfigError.
+
+    With `compat`, slime's names are translated as on the command line (see `orchestrator.slime_compat`)."""
     flags = _collect_flags(config_classes)
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -256,12 +327,19 @@ def load_yaml(path: str | Path, config_classes: Sequence[type]) -> dict[str, Any
         raise ConfigError(f"cannot read config file {path}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    keys = {str(key).lstrip("-").replace("_", "-"): key for key in data}
+    items = [(name, data[key]) for name, key in keys.items()]
+    if compat:
+        try:
+            items = slime_compat.translate(items, flags)
+        except slime_compat.CompatError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).lstrip("-").replace("_", "-")
+    for name, value in items:
+        key = keys.get(name, name.replace("-", "_"))
         if name not in flags:
             close = difflib.get_close_matches(name, list(flags), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = f"; did you mean {', '.join(c.replace('-', '_') for c in close)}?" if close else ""
             raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
         out[name] = _convert(value, flags[name].type, f"config file {path}: key {key!r}")
     return out

@@ -117,7 +117,7 @@ def test_yaml_round_trip(tmp_path):
 def test_unknown_yaml_key_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("rollout_batch_sise: 8\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'rollout_batch_sise'.*rollout-batch-size"):
+    with pytest.raises(ConfigError, match=r"unknown key 'rollout_batch_sise'; did you mean rollout_batch_size"):
         parse_configs(ALL, ["--config", str(path)])
 
 
