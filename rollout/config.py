@@ -56,6 +56,8 @@ class RolloutConfig:
     """Extra stop strings."""
     rollout_stop_token_ids: list[int] = field(default_factory=list)
     """Extra stop token ids (EOS always stops)."""
+    rollout_ignore_eos: bool = False
+    """Generate past EOS: every response has exactly --rollout-max-response-len tokens (benchmarks)."""
     sampling_seed: int | None = None
     """If set, request i is sampled with seed sampling_seed + sample index (reproducible rollouts)."""
     custom_generate_function_path: str = "rollout.generate:generate"
@@ -159,6 +161,8 @@ class RolloutConfig:
             params["stop"] = list(self.rollout_stop)
         if self.rollout_stop_token_ids:
             params["stop_token_ids"] = list(self.rollout_stop_token_ids)
+        if self.rollout_ignore_eos and not evaluation:
+            params["ignore_eos"] = True
         return params
 
 
