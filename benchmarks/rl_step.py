@@ -139,13 +139,22 @@ def _kv_pool_tokens(actor) -> int | None:
 
 
 class DeviceSampler(threading.Thread):
-    """Used device memory (nvidia-smi, all visible GPUs summed) sampled every `interval` s, kept as the max per
+    """Used device memory (NVML or nvidia-smi, the host's GPUs summed) sampled every `interval` s, kept as the max per
     (step, phase) of the probe; and the engines' KV usage (engine metrics) during rollouts."""
 
     def __init__(self, probe: Probe, interval: float = 0.1) -> None:
         super().__init__(daemon=True)
         self.probe, self.interval = probe, interval
         self.smi = shutil.which("nvidia-smi")
+        self.nvml, self.handles = None, []
+        try:  # nvidia-ml-py (carried to the GPU machine): cheaper than starting nvidia-smi 10 times a second
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self.nvml = pynvml
+        except Exception:  # noqa: BLE001 - no NVML: nvidia-smi, or nothing on a CPU machine
+            pass
         self.stop = threading.Event()
         self.peaks: dict[tuple[int, str], int] = {}
         self.kv_usage: dict[int, float] = {}
@@ -154,10 +163,12 @@ class DeviceSampler(threading.Thread):
         if not self.smi:
             return None
         try:
+            if self.nvml is not None:
+                return sum(int(self.nvml.nvmlDeviceGetMemoryInfo(h).used) for h in self.handles)
             out = subprocess.run([self.smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True, timeout=5).stdout
             return sum(int(v) for v in out.split()) * 2**20
-        except (OSError, ValueError, subprocess.SubprocessError):
+        except Exception:  # noqa: BLE001 - a sample missed
             return None
 
     def run(self) -> None:
@@ -380,6 +391,8 @@ def main(argv=None) -> dict:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.smoke:  # CPU even where a GPU is: Ray then finds none, so the driver places everything on CPU bundles
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from kiln_common.logs import setup_logging
     from orchestrator.driver import Driver, resolve
 
@@ -412,6 +425,7 @@ def main(argv=None) -> dict:
         probe.enter("done")
     finally:
         sampler.stop.set()
+        sampler.join(timeout=10)
         driver.shutdown()
     steps = summarize(history, probe, sampler, gpus, args.warmup)
     result = {"shape": args.shape, "params": params, "device": device_name(on_gpu), "gpus": gpus,
