@@ -364,8 +364,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_workload_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The workload flags rl_step and its TRL peer share (shape, W1's sizes, warm-up and measured steps)."""
     ap.add_argument("--shape", default="qwen3-0.6b", choices=["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "tiny"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, 2 prompts x 2 samples, 8 tokens, 2 steps")
     ap.add_argument("--prompts", type=int, default=64)
@@ -373,7 +373,12 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--response-len", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=steps)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_workload_args(ap, steps=3)
     ap.add_argument("--max-tokens-per-gpu", type=int, default=16384, help="the trainer's micro-batch token budget")
     ap.add_argument("--model-dir", help="build the model here (or reuse one built before); default: a temp folder")
     ap.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",

@@ -35,15 +35,10 @@ def parity_reward(prompts=None, completions=None, completion_ids=None, **kwargs)
 
 
 def parse_args(argv=None):
+    from benchmarks.rl_step import add_workload_args
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="qwen3-0.6b", choices=["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "tiny"])
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, 2 prompts x 2 samples, 8 tokens, 2 steps")
-    ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--response-len", type=int, default=1024)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=1)
+    add_workload_args(ap, steps=1)
     ap.add_argument("--micro-batch", type=int, default=8, help="per_device_train_batch_size (completions)")
     ap.add_argument("--generation-batch-size", type=int, default=128)
     ap.add_argument("--model-dir", help="the model folder (rl_step's --model-dir can be shared); default: temp")
