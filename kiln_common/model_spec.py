@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 def rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
@@ -48,6 +48,17 @@ class ModelSpec:
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
+    # mixture of experts (qwen3_moe; 0 / () for dense families): softmax top-k router, no shared expert
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # each expert's SwiGLU width (dense layers keep intermediate_size)
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1
+    moe_layers: tuple[int, ...] = ()  # indices of the sparse (MoE) layers, ascending
+
+    @property
+    def num_moe_layers(self) -> int:
+        """How many layers route their tokens to experts."""
+        return len(self.moe_layers)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelSpec":
@@ -66,6 +77,7 @@ class ModelSpec:
         eos = cfg.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
         rope_theta, rope_scaling = rope_settings(cfg)
+        moe = _moe_settings(cfg) if family == "qwen3_moe" else {}
         return cls(
             family=family,
             vocab_size=cfg["vocab_size"],
@@ -80,7 +92,27 @@ class ModelSpec:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             qkv_bias=True if family == "qwen2" else bool(cfg.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             eos_token_ids=eos,
+            **moe,
         )
+
+
+def _moe_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config: experts, top-k, expert width, renormalisation, sparse layers.
+
+    As transformers' Qwen3MoeDecoderLayer: layer i is sparse unless it is in `mlp_only_layers` or
+    (i + 1) is not a multiple of `decoder_sparse_step`.
+    """
+    experts, top_k = int(cfg.get("num_experts") or 0), int(cfg.get("num_experts_per_tok") or 0)
+    if experts < 1 or not 1 <= top_k <= experts:
+        raise ValueError(f"qwen3_moe needs num_experts >= 1 and 1 <= num_experts_per_tok <= num_experts; got "
+                         f"{experts} and {top_k}")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError("shared experts (shared_expert_intermediate_size) are not supported; Qwen3-MoE has none")
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense = set(cfg.get("mlp_only_layers") or ())
+    layers = tuple(i for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0)
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=layers)
