@@ -82,15 +82,18 @@ def make_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, sp
     return fast
 
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3")  # the dense families every family-parametrised test runs
+MOE_FAMILIES = ("qwen3_moe",)
 
 
 def tiny_config(family: str, vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
                 tie_word_embeddings: bool | None = None, max_position_embeddings: int = 1024,
-                eos_token_id: int | None = None, pad_token_id: int | None = None):
-    """A transformers config of the given family at a tiny size."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+                eos_token_id: int | None = None, pad_token_id: int | None = None, num_experts: int = 8,
+                num_experts_per_tok: int = 2, moe_intermediate_size: int = 32, norm_topk_prob: bool = True,
+                mlp_only_layers: tuple[int, ...] = ()):
+    """A transformers config of the given family at a tiny size (the MoE arguments apply to qwen3_moe)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -115,7 +118,13 @@ def tiny_config(family: str, vocab_size: int, *, hidden_size: int = 64, num_laye
         tie = True if tie_word_embeddings is None else tie_word_embeddings
         return Qwen3Config(**common, tie_word_embeddings=tie, head_dim=hidden_size // num_heads,
                            use_sliding_window=False, attention_bias=False)
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**common, tie_word_embeddings=bool(tie_word_embeddings),
+                              head_dim=hidden_size // num_heads, use_sliding_window=False, attention_bias=False,
+                              num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                              moe_intermediate_size=moe_intermediate_size, norm_topk_prob=norm_topk_prob,
+                              decoder_sparse_step=1, mlp_only_layers=list(mlp_only_layers))
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + MOE_FAMILIES}")
 
 
 def make_tiny_model(out_dir: str | Path, family: str = "qwen3", *, seed: int = 0, vocab_size: int = 512,

@@ -47,3 +47,10 @@ def tiny_model(request, tiny_models):
 @pytest.fixture(scope="session")
 def qwen3_model(tiny_models):
     return tiny_models["qwen3"]
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_model(tmp_path_factory, tokenizer_dir):
+    """A tiny random Qwen3MoeForCausalLM: 3 layers (layer 1 a dense MLP), 8 experts, top-2, renormalised."""
+    return make_tiny_model(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe", seed=7, tokenizer_dir=tokenizer_dir,
+                           num_layers=3, mlp_only_layers=(1,))
