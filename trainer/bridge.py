@@ -12,6 +12,11 @@ Megatron layouts handled here:
 - vocab: embedding / output layer rows padded to a multiple of `vocab_pad_multiple * tp`,
   split in contiguous row blocks (padding rows are zero and dropped on export).
 - column / row: plain split of dim 0 / dim 1; replicated: same on every rank.
+
+Qwen3-MoE layers (`trainer.moe`) add the router (`mlp.router.weight` <- `mlp.gate.weight`, replicated)
+and per expert megatron's SequentialMLP pair (`mlp.experts.local_experts.{e}.linear_fc1/fc2`, the
+gate_up / row layouts) <- HF's `mlp.experts.{e}.{gate,up,down}_proj`; with expert parallelism a rank
+holds experts [ep_rank * E / ep, (ep_rank + 1) * E / ep) under local indices.
 """
 
 from __future__ import annotations
@@ -47,12 +52,23 @@ class MegatronSpec:
     qkv_bias: bool
     qk_norm: bool
     max_position_embeddings: int
+    # mixture of experts (qwen3_moe; 0 / () for dense families)
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()  # global indices of the sparse layers
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"model family {self.family!r} is not supported; expected one of {FAMILIES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether some layers route tokens to experts."""
+        return bool(self.moe_layers)
 
     def padded_vocab_size(self, vocab_pad_multiple: int, tp_size: int) -> int:
         """Vocabulary rounded up to a multiple of vocab_pad_multiple * tp_size."""
@@ -88,6 +104,11 @@ def spec_from_hf_config(hf_config) -> MegatronSpec:
         qkv_bias=hf.qkv_bias,
         qk_norm=hf.qk_norm,
         max_position_embeddings=hf.max_position_embeddings,
+        num_experts=hf.num_experts,
+        moe_top_k=hf.num_experts_per_tok,
+        moe_ffn_hidden_size=hf.moe_intermediate_size,
+        norm_topk_prob=hf.norm_topk_prob,
+        moe_layers=hf.moe_layers,
     )
 
 
@@ -114,13 +135,17 @@ def _recompute_settings(recompute: str) -> dict:
 
 
 def build_transformer_config(spec: MegatronSpec, *, tp_size: int = 1, pp_size: int = 1,
-                             params_dtype: torch.dtype = torch.float32, recompute: str = "none"):
-    """megatron TransformerConfig for `spec` (RMSNorm, SwiGLU, RoPE, GQA; fusions off on CPU)."""
+                             params_dtype: torch.dtype = torch.float32, recompute: str = "none",
+                             ep_size: int = 1, moe_aux_loss_coeff: float = 0.0):
+    """megatron TransformerConfig for `spec` (RMSNorm, SwiGLU, RoPE, GQA, MoE; fusions off on CPU)."""
     from megatron.core.transformer import TransformerConfig
+
+    from trainer import moe
 
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         **_recompute_settings(recompute),
+        **moe.transformer_config_fields(spec, ep_size=ep_size, aux_loss_coeff=moe_aux_loss_coeff),
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.ffn_hidden_size,
@@ -167,7 +192,11 @@ def build_gpt_model(spec: MegatronSpec, config, *, vocab_pad_multiple: int = 128
     megatron_compat.apply()
     if layer_spec is None:
         layer_spec = attention.gpt_layer_spec(spec.qk_norm)
-        if not megatron_compat.has_transformer_engine():  # the final norm as Kiln's (weight in the parameter dtype)
+        if spec.is_moe:
+            from trainer import moe
+
+            layer_spec = moe.block_spec(spec, config, layer_spec)
+        elif not megatron_compat.has_transformer_engine():  # the final norm as Kiln's (weight in the parameter dtype)
             from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
             from trainer import fused
@@ -261,21 +290,38 @@ class WeightMapping:
 
     def at_layer(self, local: int, global_: int) -> "WeightMapping":
         """This mapping with `{layer}` filled: local index on the megatron side, global on the HF side."""
-        return WeightMapping(self.megatron.format(layer=local), tuple(h.format(layer=global_) for h in self.hf),
-                             self.layout)
+        return self._filled("{layer}", local, global_)
+
+    def at_expert(self, local: int, global_: int) -> "WeightMapping":
+        """This mapping with `{expert}` filled: this rank's index on the megatron side, global on the HF side."""
+        return self._filled("{expert}", local, global_)
+
+    def _filled(self, key: str, local: int, global_: int) -> "WeightMapping":
+        return WeightMapping(self.megatron.replace(key, str(local)), tuple(h.replace(key, str(global_))
+                                                                           for h in self.hf), self.layout)
 
 
 _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
-_LAYER_COMMON = (
+_LAYER_ATTENTION = (
     WeightMapping(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), "replicated"),
     WeightMapping(_L + "self_attention.linear_qkv.weight",
                   (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight", _H + "self_attn.v_proj.weight"),
                   "qkv"),
     WeightMapping(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), "row"),
     WeightMapping(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), "replicated"),
+)
+_DENSE_MLP = (
     WeightMapping(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), "gate_up"),
     WeightMapping(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), "row"),
+)
+_LAYER_COMMON = _LAYER_ATTENTION + _DENSE_MLP
+MOE_ROUTER = WeightMapping(_L + "mlp.router.weight", (_H + "mlp.gate.weight",), "replicated")
+_E = _L + "mlp.experts.local_experts.{expert}."
+_HE = _H + "mlp.experts.{expert}."
+MOE_EXPERT = (
+    WeightMapping(_E + "linear_fc1.weight", (_HE + "gate_proj.weight", _HE + "up_proj.weight"), "gate_up"),
+    WeightMapping(_E + "linear_fc2.weight", (_HE + "down_proj.weight",), "row"),
 )
 _LAYER_FAMILY = {
     "llama": (),
@@ -285,6 +331,7 @@ _LAYER_FAMILY = {
     "qwen3": (WeightMapping(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), "replicated"),
               WeightMapping(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), "replicated")),
 }
+_LAYER_FAMILY["qwen3_moe"] = _LAYER_FAMILY["qwen3"]
 EMBEDDING = WeightMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")
 FINAL_NORM = WeightMapping("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated")
 OUTPUT_LAYER = WeightMapping("output_layer.weight", ("lm_head.weight",), "vocab")
@@ -294,17 +341,35 @@ _TE_ALIASES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_w
 
 
 def layer_mappings(family: str) -> tuple[WeightMapping, ...]:
-    """The per-layer rows of `family`'s table ({layer} not yet filled)."""
+    """The per-layer rows of `family`'s dense layers ({layer} not yet filled)."""
     return _LAYER_COMMON + _LAYER_FAMILY[family]
 
 
+def spec_layer_mappings(spec: MegatronSpec, layer: int, experts: range | None = None) -> list[WeightMapping]:
+    """The rows of global layer `layer` ({layer} not yet filled): dense, or router and `experts` (all by default).
+
+    Expert rows number the experts from 0 on the megatron side (a rank's local experts) and by
+    their global index on the HF side.
+    """
+    if layer not in spec.moe_layers:
+        return list(layer_mappings(spec.family))
+    experts = range(spec.num_experts) if experts is None else experts
+    rows = list(_LAYER_ATTENTION + _LAYER_FAMILY[spec.family]) + [MOE_ROUTER]
+    for local, global_ in enumerate(experts):
+        rows += [m.at_expert(local, global_) for m in MOE_EXPERT]
+    return rows
+
+
 def weight_mappings(spec: MegatronSpec, *, layers: range | None = None, pre_process: bool = True,
-                    post_process: bool = True) -> list[WeightMapping]:
-    """The table for one pipeline stage: its layers (global indices `layers`), embedding, head."""
+                    post_process: bool = True, experts: range | None = None) -> list[WeightMapping]:
+    """The table for one pipeline stage: its layers (global indices `layers`), embedding, head.
+
+    `experts`: the global experts this rank holds in each MoE layer (all by default).
+    """
     layers = range(spec.num_layers) if layers is None else layers
     rows = [EMBEDDING] if pre_process else []
     for local, global_ in enumerate(layers):
-        rows += [m.at_layer(local, global_) for m in layer_mappings(spec.family)]
+        rows += [m.at_layer(local, global_) for m in spec_layer_mappings(spec, global_, experts)]
     if post_process:
         rows.append(FINAL_NORM)
         if not spec.tie_embeddings:
@@ -318,6 +383,11 @@ def hf_shapes(spec: MegatronSpec, m: WeightMapping) -> list[tuple[int, ...]]:
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
     shapes = []
     for name in m.hf:
+        if ".mlp.experts." in name or name.endswith(".mlp.gate.weight"):  # MoE: expert width / router
+            f = spec.moe_ffn_hidden_size
+            if name.endswith(".mlp.gate.weight"):
+                shapes.append((spec.num_experts, h))
+                continue
         leaf = name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]
         shapes.append({
             "embed_tokens.weight": (spec.vocab_size, h), "lm_head.weight": (spec.vocab_size, h),
@@ -398,10 +468,22 @@ def _stage_layers(model) -> range:
     return range(numbers[0], numbers[-1] + 1) if numbers else range(0)
 
 
+def _local_experts(spec: MegatronSpec) -> range:
+    """Global indices of the experts this rank holds (all of them without expert parallelism)."""
+    from megatron.core import parallel_state
+
+    if not spec.is_moe:
+        return range(0)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    per_rank = spec.num_experts // ep
+    start = parallel_state.get_expert_model_parallel_rank() * per_rank
+    return range(start, start + per_rank)
+
+
 def stage_mappings(model, spec: MegatronSpec) -> list[WeightMapping]:
-    """The table rows held by this rank's pipeline stage of `model`."""
+    """The table rows held by this rank's pipeline stage (and expert-parallel rank) of `model`."""
     return weight_mappings(spec, layers=_stage_layers(model), pre_process=model.pre_process,
-                           post_process=model.post_process)
+                           post_process=model.post_process, experts=_local_experts(spec))
 
 
 def _param(params: dict[str, torch.nn.Parameter], name: str) -> torch.nn.Parameter:
@@ -510,10 +592,18 @@ def iter_hf_tensors(model, spec: MegatronSpec, bucket_bytes: int = 512 << 20
     dtype = next(iter(params.values())).dtype
     element_size = torch.empty((), dtype=dtype).element_size()
     plan = _bucket_plan(spec, bucket_bytes, element_size)
+    ep_size = parallel_state.get_expert_model_parallel_world_size() if spec.is_moe else 1
     if parallel_state.get_data_parallel_rank() != 0:
+        if ep_size > 1 and parallel_state.get_expert_data_parallel_rank() == 0:
+            yield from _send_local_experts(model, spec, plan)  # experts held by expert-parallel ranks > 0
+            return
         for _ in plan:
             yield []
         return
+    ep_ranks = dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group()) if ep_size > 1 else []
+    if ep_size > 1 and parallel_state.get_expert_model_parallel_rank() != 0:
+        raise RuntimeError("megatron placed data-parallel rank 0 on an expert-parallel rank > 0; Kiln expects the "
+                           "default rank order (tp-cp-ep-dp-pp)")
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -521,6 +611,8 @@ def iter_hf_tensors(model, spec: MegatronSpec, bucket_bytes: int = 512 << 20
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
     held = _global_mapping_names(model, spec)
+    stage_names = {m.hf[0] for m in weight_mappings(spec, layers=_stage_layers(model), pre_process=model.pre_process,
+                                                    post_process=model.post_process)} if ep_size > 1 else set()
     owner_of = _stage_owners(spec, pp_size) if pp_size > 1 else None
     is_rank0 = dist.get_rank() == 0
     for bucket in plan:
@@ -528,7 +620,12 @@ def iter_hf_tensors(model, spec: MegatronSpec, bucket_bytes: int = 512 << 20
         for m in bucket:
             mine = held.get(m.hf[0])
             full = None
-            if mine is not None:
+            expert_owner = _expert_owner(spec, m, ep_size) if m.hf[0] in stage_names else 0
+            if expert_owner:  # held by expert-parallel rank `expert_owner` of this stage: received from it
+                full = [torch.empty(s, dtype=dtype, device=local_device(params)) for s in hf_shapes(spec, m)]
+                for t in full:
+                    dist.recv(t, src=ep_ranks[expert_owner])
+            elif mine is not None:
                 local = _param(params, mine.megatron).detach()
                 if tp_size > 1:
                     shards = [torch.empty_like(local) for _ in range(tp_size)]
@@ -551,6 +648,34 @@ def iter_hf_tensors(model, spec: MegatronSpec, bucket_bytes: int = 512 << 20
         yield out
 
 
+def _expert_owner(spec: MegatronSpec, m: WeightMapping, ep_size: int) -> int:
+    """The expert-parallel rank holding the expert of mapping `m` (0 for anything that is not an expert)."""
+    if ep_size == 1 or ".mlp.experts." not in m.hf[0]:
+        return 0
+    expert = int(m.hf[0].split(".mlp.experts.")[1].split(".")[0])
+    return expert // (spec.num_experts // ep_size)
+
+
+def _send_local_experts(model, spec: MegatronSpec, plan: list[list[WeightMapping]]
+                        ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """`iter_hf_tensors` on an expert-parallel rank > 0: send each held expert to EP rank 0 when its bucket comes.
+
+    Expert weights are not tensor-parallel here (MoE training runs with TP = 1), so a shard is the full tensor.
+    """
+    from megatron.core import parallel_state
+
+    params = dict(model.named_parameters())
+    held = {m.hf[0]: m for m in stage_mappings(model, spec) if ".mlp.experts." in m.hf[0]}
+    ep_root = dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())[0]
+    for bucket in plan:
+        for m in bucket:
+            mine = held.get(m.hf[0])
+            if mine is not None:
+                for t in from_shards(m, [_param(params, mine.megatron).detach()], spec):
+                    dist.send(t.contiguous(), dst=ep_root)
+        yield []
+
+
 def local_device(params: dict[str, torch.nn.Parameter]) -> torch.device:
     """Device of the model's parameters."""
     return next(iter(params.values())).device
@@ -561,8 +686,8 @@ def _stage_owners(spec: MegatronSpec, pp_size: int) -> dict[str, int]:
     per_stage = spec.num_layers // pp_size
     owners = {EMBEDDING.hf[0]: 0, FINAL_NORM.hf[0]: pp_size - 1, OUTPUT_LAYER.hf[0]: pp_size - 1}
     for layer in range(spec.num_layers):
-        for m in layer_mappings(spec.family):
-            owners[m.hf[0].format(layer=layer)] = layer // per_stage
+        for m in spec_layer_mappings(spec, layer):
+            owners[m.at_layer(layer, layer).hf[0]] = layer // per_stage
     return owners
 
 

@@ -1,6 +1,6 @@
 """Make megatron-core 0.16 run on a CPU-only machine (gloo, local layer spec); a no-op when CUDA is present.
 
-megatron-core assumes CUDA in exactly four places that the local (non Transformer Engine) GPT
+megatron-core assumes CUDA in exactly five places that the local (non Transformer Engine) GPT
 path reaches:
 
 1. `torch.cuda.current_device()` is used as the `device=` of freshly allocated tensors (global
@@ -13,9 +13,16 @@ path reaches:
 4. Activation recomputation (`tensor_parallel.checkpoint`, selective recompute) saves the CUDA
    generator state next to the CPU one and restores both before recomputing. Without CUDA the
    "CUDA state" is the CPU state again and restoring it is left to the CPU half.
+5. The MoE all-to-all token dispatcher copies its split sizes to the host on a side CUDA stream
+   (`torch.cuda.Stream()` at construction, `torch.cuda.stream(...)` per layer). On CPU they are host
+   tensors already: the copy becomes a conversion to the numpy arrays megatron expects.
 
-`apply()` is idempotent; with CUDA available it changes nothing and `model_parallel_manual_seed`
-calls megatron's own `model_parallel_cuda_manual_seed`.
+`apply()` is idempotent; with CUDA available it changes only what is broken on GPUs too (below), and
+`model_parallel_manual_seed` calls megatron's own `model_parallel_cuda_manual_seed`.
+
+With or without CUDA: megatron's MoE router gating (`moe_utils.RouterGatingLinearFunction`) tests
+`te_general_gemm is not None`, a name only bound when Transformer Engine imports; without it the
+name is set to None, which selects megatron's own torch matmul path.
 """
 
 from __future__ import annotations
@@ -83,8 +90,12 @@ def _make_cpu_tracker_class():
 
 
 def apply() -> None:
-    """Patch megatron-core's four CUDA assumptions when CUDA is absent (idempotent)."""
+    """Patch megatron-core's five CUDA assumptions when CUDA is absent (idempotent)."""
     global _APPLIED
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
     if _APPLIED or has_cuda():
         return
     import megatron.core.fusions.fused_softmax as fused_softmax
@@ -99,7 +110,21 @@ def apply() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "host"  # not None: construction makes no CUDA stream
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _host_split_sizes
     _APPLIED = True
+
+
+def _host_split_sizes(dispatcher, point: str, tokens_per_expert: torch.Tensor | None = None):
+    """CPU stand-in for the all-to-all dispatcher's side-stream device-to-host copy: split sizes as numpy."""
+    if not dispatcher.drop_and_pad and point == dispatcher.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(dispatcher, name, None)
+            if torch.is_tensor(value):
+                setattr(dispatcher, name, value.numpy())
+    return tokens_per_expert
 
 
 def model_parallel_manual_seed(seed: int) -> None:
