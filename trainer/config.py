@@ -22,6 +22,7 @@ class TrainerConfig:
     ref_checkpoint: str | None = None  # reference model for KL; defaults to hf_checkpoint
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    expert_model_parallel_size: int = 1  # MoE: each MoE layer's experts split over this many data-parallel ranks
     seed: int = 1234
     # optimisation
     lr: float = 1e-6
@@ -50,6 +51,9 @@ class TrainerConfig:
     gamma: float = 1.0
     reward_key: str | None = None  # which entry of a dict reward to train on
     recompute_old_logprobs: bool = True  # False: the engine's rollout log-probs serve as the old policy
+    # mixture of experts (docs/trainer.md "Mixture of experts")
+    moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight of the MoE routers; 0: off (RL's usual choice)
+    use_routing_replay: bool = False  # MoE: routers replay the engine's experts (Sample.routed_experts), R3
     custom_advantage_function_path: str | None = None  # 'pkg.mod:fn' for advantage_estimator=custom (docs/losses.md)
     overlong_buffer_len: int = 0  # DAPO soft overlong punishment over the last N tokens below the max length; 0: off
     overlong_penalty_factor: float = 1.0  # DAPO: the overlong penalty reaches -factor at the max response length
@@ -73,6 +77,7 @@ class TrainerConfig:
                              f"{layers} layers; use a divisor of {layers}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
+        self._check_moe()
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"lr={self.lr}, min_lr={self.min_lr}; need lr > 0 and 0 <= min_lr <= lr")
         if self.lr_warmup_steps < 0:
@@ -117,6 +122,32 @@ class TrainerConfig:
             raise ValueError("loss.use_tis needs recompute_old_logprobs=True (TIS reweights old vs rollout log-probs)")
         if not self.recompute_old_logprobs and self.loss.use_mis:
             raise ValueError("loss.use_mis needs recompute_old_logprobs=True (MIS compares old vs rollout log-probs)")
+
+    def _check_moe(self) -> None:
+        """The MoE settings against the model: experts to split, no TP, replay only of a MoE model."""
+        hf = json.loads((Path(self.hf_checkpoint) / "config.json").read_text())
+        experts = int(hf.get("num_experts") or 0) if hf.get("model_type") == "qwen3_moe" else 0
+        if self.expert_model_parallel_size < 1:
+            raise ValueError(f"expert_model_parallel_size={self.expert_model_parallel_size}; must be >= 1")
+        if not self.moe_aux_loss_coeff >= 0:
+            raise ValueError(f"moe_aux_loss_coeff={self.moe_aux_loss_coeff}; must be >= 0")
+        if not experts:
+            for name, off in (("expert_model_parallel_size", 1), ("moe_aux_loss_coeff", 0.0),
+                              ("use_routing_replay", False)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name}={getattr(self, name)} needs a mixture-of-experts model; "
+                                     f"{self.hf_checkpoint} is {hf.get('model_type')!r} (dense)")
+            return
+        if experts % self.expert_model_parallel_size:
+            raise ValueError(f"expert_model_parallel_size={self.expert_model_parallel_size} does not divide the "
+                             f"model's {experts} experts")
+        if self.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} with a mixture-of-experts model: "
+                             "megatron trains MoE layers under TP only with sequence parallelism, which Kiln's "
+                             "trainer does not use; use expert_model_parallel_size (and data parallelism) instead")
+        if self.use_routing_replay and self.recompute == "full" and self.pipeline_parallel_size > 1:
+            raise ValueError("use_routing_replay with recompute='full' needs pipeline_parallel_size=1 (a layer is "
+                             "recomputed while later micro-batches are in flight, and would replay their experts)")
 
     @property
     def use_reference(self) -> bool:
