@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 DECODE_ATTENTION = ("flashinfer", "triton", "auto")
+WEIGHT_DTYPES = ("auto", "fp8")
 
 
 @dataclass
@@ -46,6 +47,11 @@ class EngineConfig:
     base_gpu_id: int = 0  # with device "cuda", tp rank r runs on cuda:(base_gpu_id + r); "cuda:N" starts at N
     random_seed: int = 0  # seeds the sampling of requests that set no seed of their own
     served_model_name: str | None = None  # the name /v1/models reports; None: the folder name
+    weight_dtype: str = field(default="auto", metadata={"flag": "rollout-dtype"})  # "auto": linears in `dtype`;
+    # "fp8": every linear (qkv, o, gate_up, down) held as e4m3 with a float32 scale per fp8_block_size^2 block,
+    # activations quantised per token and fp8_block_size group (docs/engine.md "FP8 rollout"); CUDA sm_89+ or CPU
+    fp8_block_size: int = 128  # weight blocks are this square, activation groups this wide (16, 32, 64 or 128)
+    fp8_lm_head: bool = False  # with weight_dtype "fp8": the (untied) LM head in FP8 too; default: kept in `dtype`
     stall_timeout_s: float = 60.0  # health() is not ok (HTTP /health 503) once the scheduler has had work but
     # made no step for this many seconds (stuck in a step, e.g. a collective whose peer is gone)
 
@@ -100,6 +106,13 @@ class EngineConfig:
             raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
         if not (isinstance(self.stall_timeout_s, (int, float)) and self.stall_timeout_s > 0):
             raise ValueError(f"stall_timeout_s must be a number of seconds > 0, got {self.stall_timeout_s!r}")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype (--rollout-dtype) {self.weight_dtype!r} is not supported; "
+                             f"expected one of {WEIGHT_DTYPES}")
+        if self.fp8_block_size not in (16, 32, 64, 128):
+            raise ValueError(f"fp8_block_size {self.fp8_block_size!r} is not supported; expected 16, 32, 64 or 128")
+        if self.fp8_lm_head and self.weight_dtype != "fp8":
+            raise ValueError("fp8_lm_head applies to weight_dtype 'fp8' (--rollout-dtype fp8) only")
         if self.base_gpu_id and self.device != "cuda":
             raise ValueError(f"base_gpu_id {self.base_gpu_id} applies to device 'cuda' only, not {self.device!r} "
                              "(with 'cuda:N' the ranks start at N)")
@@ -111,6 +124,13 @@ class EngineConfig:
             return 0
         return {"flashinfer": 0, "triton": self.max_running_requests,
                 "auto": self.decode_attention_auto_max_bs}[self.decode_attention]
+
+    @property
+    def fp8_layout(self):
+        """The weight_sync.fp8.Fp8Layout of this engine's weights; None unless weight_dtype is "fp8"."""
+        from weight_sync.fp8 import Fp8Layout
+
+        return Fp8Layout(self.fp8_block_size, self.fp8_lm_head) if self.weight_dtype == "fp8" else None
 
     @property
     def torch_dtype(self):

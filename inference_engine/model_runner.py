@@ -17,7 +17,7 @@ from inference_engine.config import EngineConfig
 from inference_engine.cuda_graph import CudaGraphRunner, ForwardOutput
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kv_cache import KVPool, ReqToTokenPool
-from inference_engine.models import CausalLM, named_hf_tensors, read_spec
+from inference_engine.models import CausalLM, fp8, named_hf_tensors, read_spec
 from inference_engine.models.loader import WeightPlan, expected_hf_names, iter_safetensors
 from inference_engine.parallel import TPGroup, check_tp_shape, rank_device
 from inference_engine.tp_worker import TPWorkers
@@ -68,6 +68,9 @@ class ModelRunner:
             self.model = CausalLM(self.spec, self.tp)
         for p in self.model.parameters():  # buffers (RoPE tables) stay float32
             p.data = p.data.to(self.dtype)
+        if config.fp8_layout is not None:
+            fp8.check_device(self.device)
+            fp8.convert(self.model, config.fp8_layout)
         self.weight_plan = WeightPlan(self.model)  # name -> parameter slice, resolved once for every later load
         self._load_checkpoint(config.model_path)
         attn = self.model.model.layers[0].self_attn  # this rank's heads

@@ -72,8 +72,9 @@ class WeightUpdateGroup:
         """Broadcast `tensor` in place from rank `src` to every rank; raises instead of hanging."""
         if tensor.device.type != self.device.type:
             raise ValueError(f"{self._where}: tensor on {tensor.device}, group expects {self.device.type} tensors")
+        wire = tensor.view(torch.uint8) if tensor.dtype in _FLOAT8 else tensor   # gloo has no float8 types
         try:
-            work = self._pg.broadcast(tensor, src, self.timeout)
+            work = self._pg.broadcast(wire, src, self.timeout)
             if not work.wait(self.timeout):
                 raise WeightSyncTimeoutError(f"{self._where}: broadcast of {tuple(tensor.shape)} {tensor.dtype} "
                                              f"did not finish within {self.timeout.total_seconds():g}s")
@@ -89,6 +90,9 @@ class WeightUpdateGroup:
         pg, self._pg = getattr(self, "_pg", None), None
         if pg is not None:
             pg.shutdown()
+
+
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _first_line(e: BaseException) -> str:

@@ -87,10 +87,14 @@ class WeightSender:
         """
         self.sent_checksums = {}
         counts = SentCounts()
+        layout, on_sender = self.config.fp8, self.config.quantize_on_sender
+        if on_sender:   # FP8 engines: e4m3 weights + scales go out (half the bytes)
+            trainer_buckets = (layout.quantize_bucket(bucket) for bucket in trainer_buckets)
 
         def count(bucket: NamedTensors, nbytes: int) -> None:
-            if self.config.check_weight_update:
-                self.sent_checksums.update(checksums(bucket))
+            if self.config.check_weight_update:   # over what the engines will hold
+                held = layout.quantize_bucket(bucket) if layout is not None and not on_sender else bucket
+                self.sent_checksums.update(checksums(held))
             counts.buckets += 1
             counts.tensors += len(bucket)
             counts.bytes += nbytes

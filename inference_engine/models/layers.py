@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference_engine import ops
-
+from inference_engine.models import fp8
 from inference_engine.parallel import check_tp_shape
 
 if TYPE_CHECKING:
@@ -78,6 +78,8 @@ def _rank_size(tp: TPGroup | None) -> tuple[int, int]:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split over tp ranks; this rank holds rows [rank*out/tp, (rank+1)*out/tp)."""
 
+    fp8_block = 0  # > 0: e4m3 weight with weight_scale_inv per fp8_block x fp8_block block (models/fp8.py)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup | None = None):
         super().__init__()
         self.tp_rank, self.tp_size = _rank_size(tp)
@@ -107,6 +109,8 @@ class ColumnParallelLinear(nn.Module):
         return torch.cat(pieces, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_block:
+            return fp8.linear(x, self.weight, self.weight_scale_inv, self.fp8_block, self.bias)
         return ops.linear(x, self.weight, self.bias)
 
 
@@ -165,6 +169,8 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split over tp ranks; the partial products are all-reduced."""
 
+    fp8_block = 0  # > 0: FP8 weight (see ColumnParallelLinear)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup | None = None):
         super().__init__()
         self.tp = tp
@@ -196,6 +202,9 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
         """x W^T (+ b), all-reduced; silu_mul: x is [T, 2 in] = [gate | up] and the input is silu(gate) * up."""
         bias = self.bias if self.tp_rank == 0 else None
+        if self.fp8_block:
+            out = fp8.linear(x, self.weight, self.weight_scale_inv, self.fp8_block, bias, silu_mul=silu_mul)
+            return out if self.tp is None or self.tp_size == 1 else self.tp.all_reduce(out)
         out = ops.silu_and_mul_linear(x, self.weight, bias) if silu_mul else ops.linear(x, self.weight, bias)
         return out if self.tp is None or self.tp_size == 1 else self.tp.all_reduce(out)
 
@@ -205,6 +214,8 @@ class VocabParallelEmbedding(nn.Module):
 
     A lookup gives zeros for ids outside this rank's rows; the all-reduce adds the one rank's real row.
     """
+
+    fp8_block = 0  # > 0: an FP8 LM head (see ColumnParallelLinear); never for an embedding that is looked up
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup | None = None):
         super().__init__()
@@ -242,7 +253,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of hidden [N, hidden] against this table (tied LM head), gathered over ranks."""
-        local = ops.linear(hidden, self.weight, out_dtype=torch.float32)  # [N, rows]
+        if self.fp8_block:
+            local = fp8.linear(hidden, self.weight, self.weight_scale_inv, self.fp8_block, out_dtype=torch.float32)
+        else:
+            local = ops.linear(hidden, self.weight, out_dtype=torch.float32)  # [N, rows]
         if self.tp_size == 1:
             return local
         return torch.cat(self.tp.all_gather(local), dim=-1)[:, :self.vocab_size]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
+from inference_engine.models import fp8
 from inference_engine.models.layers import WeightSlice, default_weight_target, replicated_unshard
 from inference_engine.models.transformer import CausalLM, ModelSpec
 from inference_engine.parallel import TPGroup
@@ -83,13 +85,17 @@ class WeightCopies:
     names: list[str]   # the HF names loaded (skipped ones left out)
     groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]]   # (dsts, srcs)
     pads: list[torch.Tensor]   # padding rows of vocab shards, zeroed on every load
+    quantized: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = dataclasses.field(default_factory=list)
+    # (full-precision source, FP8 weight slice, its scale slice, block): quantised on every load (models/fp8.py)
 
     def run(self) -> list[str]:
-        """Copy every source into its slice; returns the names loaded."""
+        """Copy every source into its slice (quantising those bound for FP8 weights); returns the names loaded."""
         for pad in self.pads:
             pad.zero_()
         for dsts, srcs in self.groups:
             copy_tensors(dsts, srcs)
+        for src, dst, scale, block in self.quantized:
+            fp8.quantize_into(src, dst, scale, block)
         return self.names
 
 
@@ -171,7 +177,7 @@ class WeightPlan:
     def _copies(self, named: Sequence[tuple[str, torch.Tensor]]) -> WeightCopies:
         targets = [self._resolve(name, tensor.shape) for name, tensor in named]  # every check before any copy
         groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.nn.Parameter | None]]] = {}
-        names, pads = [], []
+        names, pads, quantized = [], [], []
         for (name, tensor), target in zip(named, targets):
             if target is None:
                 continue
@@ -179,6 +185,11 @@ class WeightPlan:
             if target.slice.pad is not None:
                 pads.append(target.slice.pad)
             dst = target.slice.dst
+            if fp8.is_fp8_weight(target.param) and tensor.dtype != dst.dtype:  # full precision into FP8: quantise
+                block = target.param.fp8_module.fp8_block
+                quantized.append((target.slice.source(tensor), dst, fp8.scale_dst(target.param, dst), block))
+                names.append(fp8.scale_hf_name(name))
+                continue
             src = tensor if target.whole else target.slice.source(tensor)
             dsts, srcs, params = groups.setdefault((dst.dtype, tensor.dtype, tensor.device), ([], [], []))
             if target.whole and params and params[-1] is target.param and _follows(dsts[-1], dst) \
@@ -188,7 +199,7 @@ class WeightPlan:
             dsts.append(dst)
             srcs.append(src)
             params.append(target.param if target.whole else None)
-        return WeightCopies(names, [(dsts, srcs) for dsts, srcs, _ in groups.values()], pads)
+        return WeightCopies(names, [(dsts, srcs) for dsts, srcs, _ in groups.values()], pads, quantized)
 
 
 def _follows(first: torch.Tensor, second: torch.Tensor) -> bool:
@@ -217,8 +228,10 @@ def _local_hf_pieces(model: CausalLM) -> Iterator[tuple[str, torch.nn.Parameter,
             continue
         module = model.get_submodule(name.rsplit(".", 1)[0])
         parts = [(hf, shard_id) for hf, (f, shard_id) in PACKED.items() if f == fused]
+        unit = getattr(param, "fp8_block", 1)  # an FP8 weight's scale has a row per block of the weight's rows
         for (hf_part, shard_id), (offset, size) in zip(parts, module.part_slices()):
-            yield name.replace(fused, hf_part), param, shard_id, param.data.narrow(0, offset, size)
+            piece = param.data.narrow(0, offset // unit, -(-size // unit))
+            yield name.replace(fused, hf_part), param, shard_id, piece
 
 
 def named_hf_tensors(model: CausalLM, tp: TPGroup | None = None) -> Iterator[tuple[str, torch.Tensor]]:

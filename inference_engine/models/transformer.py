@@ -110,7 +110,7 @@ class CausalLM(nn.Module):
     def logits_and_greedy(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`logits(hidden)` with each row's argmax [N] and its log-prob [N] (T = 1); one rank: `ops.linear_greedy`."""
         head = self._head()
-        if head.tp_size == 1:
+        if head.tp_size == 1 and not head.fp8_block:
             return ops.linear_greedy(hidden, head.weight)
         logits = head.logits(hidden)  # [N, vocab] gathered over tp ranks
         return logits, *ops.greedy(logits)

@@ -1,0 +1,218 @@
+"""FP8 rollout weights: the engine's linears held as e4m3 with one float32 scale per `block x block` block.
+
+`convert(model, layout)` turns a built model's linears (qkv, o, gate_up, down; the untied LM head when
+`layout.lm_head`) into FP8: each `weight` becomes float8_e4m3fn and gets a `weight_scale_inv` parameter
+[ceil(rows/B), ceil(cols/B)] beside it, with weight targets in block units so that the loader places HF
+`*_scale_inv` tensors the way it places weights (fused parts, tp shards). A full-precision HF weight loaded
+into an FP8 weight is quantised on the way in (`quantize_into`); an e4m3 weight with its scale (a sender
+that quantised before the wire, an FP8 checkpoint) is copied as it is. Numerics: `weight_sync.fp8`.
+
+`linear` is the FP8 x @ W^T: the activations are quantised per row and `block` group on the fly. On CUDA
+the triton kernels run (`kernels/fp8_gemm.py`: the GEMV for decode rows, the blockwise GEMM or
+torch._scaled_mm otherwise); elsewhere the torch reference dequantises both operands and multiplies in
+float32, which is the same function up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference_engine import ops
+from weight_sync.fp8 import (FP8_DTYPE, Fp8Layout, dequantize_weight, fake_quantize_activation, quantize_weight,
+                             scale_name)
+
+log = logging.getLogger(__name__)
+
+GEMV_MAX_ROWS = 1  # FP8 linears of at most this many rows run the GEMV with the activation quantisation fused in
+SCALE_SUFFIX = "weight_scale_inv"
+
+
+def _kernels():
+    from inference_engine.kernels import fp8_gemm
+
+    return fp8_gemm
+
+
+def _use_scaled_mm(device: torch.device, block: int) -> bool:
+    return block == 128 and _kernels().scaled_mm_works(device)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: int, bias: torch.Tensor | None = None,
+           silu_mul: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(weight [N, K] e4m3, scale)^T (+ bias) with x quantised per row and `block` columns, in
+    out_dtype (default x's; rounded to x's dtype first). silu_mul: x is [..., 2K] and the input silu_and_mul(x)."""
+    shape = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    out_dtype = out_dtype or x.dtype
+    n = weight.shape[0]
+    if x.device.type == "cuda":
+        k = _kernels()
+        if x2.shape[0] <= GEMV_MAX_ROWS:
+            out = k.gemv(x2, weight, scale, block, bias, out_dtype, silu_mul=silu_mul)
+        else:
+            xq, xs = k.quantize_activation(x2, block, silu_mul=silu_mul)
+            gemm = k.scaled_mm if _use_scaled_mm(x.device, block) else k.gemm
+            out = gemm(xq, xs, weight, scale, *((block,) if gemm is k.gemm else ()), bias, out_dtype, x.dtype)
+        return out.view(*shape, n)
+    return reference_linear(x2, weight, scale, block, bias, silu_mul, out_dtype).view(*shape, n)
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: int,
+                     bias: torch.Tensor | None = None, silu_mul: bool = False,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The torch specification of `linear` for x [M, K]: dequantised operands multiplied in float32."""
+    if silu_mul:
+        x = ops.silu_and_mul(x)
+    xd = fake_quantize_activation(x, block)  # [M, K] float32
+    out = F.linear(xd, dequantize_weight(weight, scale, block), None if bias is None else bias.float())
+    return out.to(x.dtype).to(out_dtype or x.dtype)
+
+
+def _hf_shape(module: nn.Module, shard_id) -> tuple[int, int]:
+    """The shape of the full HF weight that part `shard_id` of this linear (this rank's piece) comes from."""
+    from inference_engine.models.layers import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                                VocabParallelEmbedding)
+
+    rows, cols = module.weight.shape
+    if isinstance(module, QKVParallelLinear):
+        part = "qkv".index(shard_id)
+        heads = module.num_heads if part == 0 else module.num_kv_heads
+        sharing = 1 if part == 0 else module.kv_replicas
+        return heads * module.tp_size // sharing * module.head_dim, cols
+    if isinstance(module, MergedColumnParallelLinear):
+        return module.out_sizes[shard_id] * module.tp_size, cols
+    if isinstance(module, RowParallelLinear):
+        return rows, cols * module.tp_size
+    if isinstance(module, VocabParallelEmbedding):
+        return module.vocab_size, cols
+    return rows * module.tp_size, cols
+
+
+def _part_rows(module: nn.Module) -> list[tuple[int, int]]:
+    """(offset, rows) of each part of this rank's fused weight (one part for an unfused linear)."""
+    return module.part_slices() if hasattr(module, "part_slices") else [(0, module.weight.shape[0])]
+
+
+def _check_alignment(name: str, module: nn.Module, block: int) -> None:
+    """Every part's rows (and a row-parallel shard's columns) start on a block boundary, so that the scale grid of a
+    part (or a shard) of the full HF weight is a slice of this rank's grid; ValueError naming the linear otherwise."""
+    from inference_engine.models.layers import RowParallelLinear
+
+    parts = _part_rows(module)
+    tp_size = getattr(module, "tp_size", 1)
+    for i, (offset, rows) in enumerate(parts):
+        last = i == len(parts) - 1
+        if offset % block or (rows % block and (tp_size > 1 or not last)):
+            raise ValueError(f"fp8 weights: {name} has parts of {[r for _, r in parts]} rows per tp rank; each must "
+                             f"be a multiple of fp8_block_size {block} (set a smaller --fp8-block-size, e.g. "
+                             f"{math.gcd(block, *[r for _, r in parts])})")
+    cols = module.weight.shape[1]
+    if isinstance(module, RowParallelLinear) and tp_size > 1 and cols % block:
+        raise ValueError(f"fp8 weights: {name} has {cols} input columns per tp rank, not a multiple of "
+                         f"fp8_block_size {block}")
+
+
+def _scale_rows_unshard(rows: int):
+    """The unshard of a vocab-parallel head's scales: every rank's block rows, the padding blocks dropped."""
+    def unshard(pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
+        return torch.cat(pieces, dim=0)[:rows]
+
+    return unshard
+
+
+class _ScaleTarget:
+    """Weight targets of a `weight_scale_inv` parameter: the weight's own slice of the HF tensor, in block units."""
+
+    def __init__(self, module: nn.Module, block: int):
+        self.module, self.block = module, block
+
+    def weight_target(self, param: nn.Parameter, shape: torch.Size, shard_id=None):
+        from inference_engine.models.layers import WeightSlice
+
+        b = self.block
+        rows, cols = _hf_shape(self.module, shard_id)
+        expected = (-(-rows // b), -(-cols // b))
+        if tuple(shape) != expected:
+            raise ValueError(f"weight scale {getattr(param, 'hf_name', '?')}: shape {tuple(shape)} does not match the "
+                             f"engine's {expected} (a {rows} x {cols} weight in {b} x {b} blocks)")
+        target = self.module.weight_target(self.module.weight, torch.Size((rows, cols)), shard_id)
+        weight = self.module.weight
+        row0 = (target.dst.storage_offset() - weight.storage_offset()) // weight.stride(0)
+        dst = param.data.narrow(0, row0 // b, -(-target.dst.shape[0] // b))
+        if target.dim is None:
+            return WeightSlice(dst)
+        return WeightSlice(dst, target.dim, target.start // b, -(-target.length // b))
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        self.weight_target(param, loaded.shape, shard_id).load(loaded)
+
+
+def convert(model: nn.Module, layout: Fp8Layout) -> int:
+    """Make the model's linears FP8 (see the module docstring); returns how many. Call before loading weights."""
+    from inference_engine.models.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear)
+
+    block = layout.block
+    converted = 0
+    for name, module in model.named_modules():
+        head = isinstance(module, ParallelLMHead)
+        if not (isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or (head and layout.lm_head)):
+            continue
+        _check_alignment(name, module, block)
+        weight = module.weight
+        rows, cols = weight.shape
+        q, s = quantize_weight(weight.data, block)
+        weight.data = q
+        scale = nn.Parameter(s, requires_grad=False)
+        targets = _ScaleTarget(module, block)
+        scale.weight_target, scale.weight_loader = targets.weight_target, targets.weight_loader
+        scale.unshard = weight.unshard if not head else _scale_rows_unshard(-(-module.vocab_size // block))
+        scale.fp8_block = block  # rows of the scale are blocks of the weight's rows (loader._local_hf_pieces)
+        module.register_parameter(SCALE_SUFFIX, scale)
+        weight.fp8_module = module  # where quantize_into finds the scale of a full-precision weight
+        module.fp8_block = block
+        converted += 1
+    log.info("fp8 weights: %d linears in e4m3 with %dx%d block scales (LM head %s)", converted, block, block,
+             "fp8" if layout.lm_head else "kept in the model dtype")
+    return converted
+
+
+def is_fp8_weight(param: nn.Parameter) -> bool:
+    """Whether param is an FP8 linear weight (that takes full-precision HF tensors by quantising them)."""
+    return param.dtype == FP8_DTYPE and getattr(param, "fp8_module", None) is not None
+
+
+def scale_dst(param: nn.Parameter, weight_dst: torch.Tensor) -> torch.Tensor:
+    """The view of the scale parameter that belongs to `weight_dst`, a row range of the FP8 weight `param`."""
+    module = param.fp8_module
+    block = module.fp8_block
+    scale = getattr(module, SCALE_SUFFIX)
+    row0 = (weight_dst.storage_offset() - param.storage_offset()) // param.stride(0)
+    return scale.data.narrow(0, row0 // block, -(-weight_dst.shape[0] // block))
+
+
+@torch.no_grad()
+def quantize_into(src: torch.Tensor, weight_dst: torch.Tensor, scale: torch.Tensor, block: int) -> None:
+    """Quantise the full-precision rows `src` [n, K] into the e4m3 view `weight_dst` and its scale rows `scale`."""
+    q, s = quantize_weight(src.to(weight_dst.device), block)
+    weight_dst.copy_(q)
+    scale.copy_(s)
+
+
+def scale_hf_name(hf_weight_name: str) -> str:
+    """The HF name of a weight's scale ('<...>.weight_scale_inv')."""
+    return scale_name(hf_weight_name)
+
+
+def check_device(device: torch.device) -> None:
+    """ValueError unless FP8 linears can run on device: any CPU (the torch reference), CUDA of compute capability
+    8.9 or later (e4m3 tensor cores) with triton."""
+    if device.type == "cpu":
+        return
+    if device.type != "cuda" or not ops.runs_triton(device) or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"weight_dtype 'fp8' needs a CUDA GPU of compute capability 8.9 or later with triton "
+                         f"(or device 'cpu'); {device} is not one")

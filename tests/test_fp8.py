@@ -1,0 +1,205 @@
+"""FP8 rollout (CPU): the quantisation numerics against float64, the FP8-reference engine against a fake-quantised HF
+model, and weight pushes into an FP8 engine (weights and scales, checksums over what the engine holds)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from inference_engine import Engine
+from inference_engine.config import EngineConfig
+from inference_engine.models import fp8 as engine_fp8
+from inference_engine.testing import make_tiny_model
+from weight_sync import WeightSender, WeightSyncConfig, bucket_named_tensors, push_weights
+from weight_sync.errors import WeightChecksumError
+from weight_sync.fp8 import (FP8_DTYPE, FP8_MAX, Fp8Layout, dequantize_weight, fake_quantize_activation,
+                             quantize_activation, quantize_weight)
+
+BLOCK = 32  # the tiny models' projections (q 64, k / v 32 rows, hidden 64, intermediate 128) are multiples of 32
+GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+PROMPTS = [[5, 17, 99, 230, 41, 7], [300, 2, 2, 45], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+# e4m3 has 3 mantissa bits: rounding to nearest moves a normal value by at most 2^-4 of itself; below the smallest
+# normal (2^-6) the spacing is the subnormal step 2^-9, so the error is at most 2^-10 (both in units of the scale)
+REL, ABS = 2.0 ** -4, 2.0 ** -10
+
+
+def _blockwise_reference(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """float64 [N, K]: each element's block scale amax / 448, computed in float64."""
+    w64 = w.double()
+    scale = torch.empty_like(w64)
+    for i in range(0, w.shape[0], rows):
+        for j in range(0, w.shape[1], cols):
+            block = w64[i:i + rows, j:j + cols]
+            amax = block.abs().max()
+            scale[i:i + rows, j:j + cols] = amax / FP8_MAX if amax > 0 else 1.0
+    return scale
+
+
+@pytest.mark.parametrize("block,shape", [(128, (300, 200)), (32, (64, 96)), (16, (5, 40))])
+def test_weight_quantisation_round_trip_within_e4m3_precision(block, shape):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=gen) * torch.logspace(-3, 2, shape[1])[None, :]  # blocks of unequal range
+    w[:block, :block] = 0.0  # an all-zero block: scale 1, all zeros
+    q, s = quantize_weight(w, block)
+    assert q.dtype == FP8_DTYPE and q.shape == w.shape
+    assert s.dtype == torch.float32 and s.shape == (-(-shape[0] // block), -(-shape[1] // block))
+    scale64 = _blockwise_reference(w, block, block)
+    assert torch.allclose(s.double().repeat_interleave(block, 0)[:shape[0]].repeat_interleave(block, 1)[:, :shape[1]],
+                          scale64, rtol=1e-7, atol=0)
+    assert s[0, 0] == 1.0 and not q[:block, :block].float().any()
+    err = (dequantize_weight(q, s, block).double() - w.double()).abs()
+    bound = torch.maximum(REL * w.double().abs(), ABS * scale64) * (1 + 1e-6)
+    assert (err <= bound).all(), (err / bound).max()
+    # each nonzero block's largest magnitude lands on +-448 exactly
+    qf = q.float().abs()
+    for i in range(0, shape[0], block):
+        for j in range(0, shape[1], block):
+            if w[i:i + block, j:j + block].abs().max() > 0:
+                assert qf[i:i + block, j:j + block].max() == FP8_MAX
+    assert torch.equal(dequantize_weight(q, s, block, torch.bfloat16), dequantize_weight(q, s, block).bfloat16())
+
+
+def test_activation_quantisation_is_per_row_and_group():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 200, generator=gen) * torch.logspace(-2, 1, 7)[:, None]
+    q, s = quantize_activation(x, 64)
+    assert s.shape == (7, 4)
+    for r in range(7):  # a row is a 1 x 64 block grid: the same numerics as a one-row weight
+        qr, sr = quantize_weight(x[r:r + 1], 64)
+        assert torch.equal(q[r:r + 1].view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s[r], sr[0])
+    err = (fake_quantize_activation(x, 64).double() - x.double()).abs()
+    assert (err <= torch.maximum(REL * x.double().abs(), ABS * _blockwise_reference(x, 1, 64)) * (1 + 1e-6)).all()
+
+
+def test_reference_linear_is_the_dequantised_product():
+    gen = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(5, 96, generator=gen), torch.randn(64, 96, generator=gen), torch.randn(64, generator=gen)
+    q, s = quantize_weight(w, BLOCK)
+    out = engine_fp8.reference_linear(x, q, s, BLOCK, b)
+    want = fake_quantize_activation(x, BLOCK).double() @ dequantize_weight(q, s, BLOCK).double().T + b.double()
+    assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-4)
+    gate_up = torch.randn(3, 192, generator=gen)  # silu_mul: the input is silu(gate) * up
+    fused = engine_fp8.reference_linear(gate_up, q, s, BLOCK, silu_mul=True)
+    act = torch.nn.functional.silu(gate_up[:, :96]) * gate_up[:, 96:]
+    assert torch.allclose(fused, engine_fp8.reference_linear(act, q, s, BLOCK), rtol=1e-6, atol=1e-6)
+
+
+def _fake_quant_hf(path, block: int, lm_head: bool = False):
+    """The HF model with every FP8 linear's weight replaced by dequant(quant(w)) and its input fake-quantised."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    layout = Fp8Layout(block, lm_head)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and layout.quantized(f"{name}.weight", module.weight):
+                module.weight.copy_(dequantize_weight(*quantize_weight(module.weight, block), block))
+                module.register_forward_pre_hook(lambda _, args: (fake_quantize_activation(args[0], block),))
+    return model
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("family,lm_head", [("qwen3", False), ("llama", True), ("qwen2", False)])
+def test_fp8_engine_greedy_matches_fake_quantised_hf(tiny_models, family, lm_head):
+    path = tiny_models[family]
+    ref = _fake_quant_hf(path, BLOCK, lm_head)
+    refs = [_hf_greedy(ref, ids, GREEDY["max_new_tokens"]) for ids in PROMPTS]
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert [_hf_greedy(plain, ids, GREEDY["max_new_tokens"]) for ids in PROMPTS] != refs  # FP8 changes the output
+    with Engine(model_path=str(path), max_total_tokens=2048, chunked_prefill_size=5, weight_dtype="fp8",
+                fp8_block_size=BLOCK, fp8_lm_head=lm_head) as engine:
+        outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
+        held = dict(engine.named_hf_tensors())
+    assert [o["output_ids"] for o in outs] == refs
+    sent = load_file(path / "model.safetensors")
+    layout = Fp8Layout(BLOCK, lm_head)
+    for name, tensor in sent.items():  # the engine holds exactly what the shared quantiser makes of the checkpoint
+        if layout.quantized(name, tensor):
+            q, s = quantize_weight(tensor, BLOCK)
+            assert torch.equal(held[name].view(torch.uint8), q.view(torch.uint8)), name
+            assert torch.equal(held[name + "_scale_inv"], s), name
+        elif name in held:
+            assert torch.equal(held[name], tensor), name
+    # teacher-forced log-probs of the engine's tokens against the fake-quantised reference (float32 order only)
+    ids = PROMPTS[0] + outs[0]["output_ids"]
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids])).logits[0].float()
+    want = torch.log_softmax(logits, -1)[len(PROMPTS[0]) - 1:-1].gather(
+        -1, torch.tensor(outs[0]["output_ids"])[:, None])[:, 0]
+    got = torch.tensor([lp for lp, _, _ in outs[0]["meta_info"]["output_token_logprobs"]])
+    assert torch.allclose(got, want, atol=2e-3)
+
+
+def test_fp8_config_and_alignment_errors(qwen3_model):
+    with pytest.raises(ValueError, match="weight_dtype .*'fp16'.*expected one of"):
+        EngineConfig(model_path=str(qwen3_model), weight_dtype="fp16")
+    with pytest.raises(ValueError, match="fp8_block_size 48"):
+        EngineConfig(model_path=str(qwen3_model), weight_dtype="fp8", fp8_block_size=48)
+    with pytest.raises(ValueError, match="fp8_lm_head applies to weight_dtype 'fp8'"):
+        EngineConfig(model_path=str(qwen3_model), fp8_lm_head=True)
+    with pytest.raises(ValueError, match=r"qkv_proj has parts of \[64, 32, 32\] rows.*multiple of fp8_block_size 128"):
+        Engine(model_path=str(qwen3_model), max_total_tokens=256, weight_dtype="fp8")
+
+
+@pytest.fixture(scope="module")
+def other_llama(tmp_path_factory, tokenizer_dir):
+    return make_tiny_model(tmp_path_factory.mktemp("fp8_other_llama"), "llama", seed=7, tokenizer_dir=tokenizer_dir)
+
+
+def _trainer_buckets(path, dtype=torch.float32):
+    return list(bucket_named_tensors(sorted((n, t.to(dtype)) for n, t in load_file(path / "model.safetensors").items()),
+                                     20_000))
+
+
+@pytest.mark.parametrize("transport,quantize_on", [("colocated", "auto"), ("colocated", "sender"),
+                                                   ("distributed", "auto"), ("distributed", "engine")])
+def test_push_into_fp8_engine_updates_weights_and_scales(tiny_models, other_llama, transport, quantize_on):
+    layout = Fp8Layout(BLOCK, lm_head=True)
+    new = load_file(other_llama / "model.safetensors")
+    with Engine(model_path=str(tiny_models["llama"]), max_total_tokens=1024, weight_dtype="fp8",
+                fp8_block_size=BLOCK, fp8_lm_head=True) as engine:
+        before = {n: t.clone() for n, t in engine.named_hf_tensors()}
+        config = WeightSyncConfig(transport=transport, backend="gloo", bucket_bytes=20_000, check_weight_update=True,
+                                  fp8=layout, fp8_quantize_on=quantize_on, timeout_s=60)
+        sender = WeightSender(config)
+        sender.connect([engine])
+        try:
+            stats = push_weights(_trainer_buckets(other_llama), [engine], sender, 3)
+        finally:
+            sender.close([engine])
+        held = dict(engine.named_hf_tensors())
+        assert engine.weight_version == 3
+        with Engine(model_path=str(other_llama), max_total_tokens=1024, weight_dtype="fp8", fp8_block_size=BLOCK,
+                    fp8_lm_head=True) as fresh:
+            want = fresh.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)] == \
+            [o["output_ids"] for o in want]
+    assert set(sender.sent_checksums) == set(held)  # verified over every tensor the engine holds, scales included
+    changed_scales = 0
+    for name, tensor in new.items():
+        if layout.quantized(name, tensor):
+            q, s = quantize_weight(tensor, BLOCK)
+            assert torch.equal(held[name].view(torch.uint8), q.view(torch.uint8)), name
+            assert torch.equal(held[name + "_scale_inv"], s), name
+            changed_scales += not torch.equal(before[name + "_scale_inv"], s)
+        else:
+            assert torch.equal(held[name], tensor), name
+    assert changed_scales == sum(layout.quantized(n, t) for n, t in new.items())
+    full_bytes = sum(t.numel() * t.element_size() for t in new.values())
+    on_sender = quantize_on == "sender" or (quantize_on == "auto" and transport == "distributed")
+    assert (stats.bytes < 0.5 * full_bytes) == on_sender  # float32 -> e4m3: a quarter of the linears' bytes
+
+
+def test_push_checksums_catch_an_engine_that_quantises_differently(tiny_models, other_llama):
+    """The sender's expected checksums are over the FP8 layout it was told; an engine with other blocks fails."""
+    with Engine(model_path=str(tiny_models["llama"]), max_total_tokens=1024, weight_dtype="fp8",
+                fp8_block_size=16) as engine:
+        sender = WeightSender(WeightSyncConfig(transport="colocated", check_weight_update=True,
+                                               fp8=Fp8Layout(BLOCK)))
+        try:
+            with pytest.raises(WeightChecksumError, match="weights differ"):
+                push_weights(_trainer_buckets(other_llama), [engine], sender, 1)
+        finally:
+            sender.close([engine])
