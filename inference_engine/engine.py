@@ -25,6 +25,7 @@ from inference_engine.model_runner import ModelRunner
 from inference_engine.request import Req
 from inference_engine.sampling_params import SamplingParams
 from inference_engine.scheduler import Scheduler
+from kiln_common import routed_experts
 from kiln_common.errors import EngineNotServingError
 from weight_sync import ColocatedBucket, SharedBucket, WeightReceiver, checksum_report, open_bucket
 
@@ -200,6 +201,9 @@ class Engine:
             sp = sp_dict if isinstance(sp_dict, SamplingParams) else SamplingParams.from_dict(sp_dict)
             sp = sp.for_vocab(self.spec.vocab_size)
             self._validate_ids(ids, i)
+            if sp.return_routed_experts and not self.spec.num_moe_layers:
+                raise ValueError(f"return_routed_experts: {self.config.model_path!r} is a dense {self.spec.family} "
+                                 "model; only mixture-of-experts models route tokens to experts")
             if sp.top_logprobs_num > self.spec.vocab_size:
                 raise ValueError(f"top_logprobs_num {sp.top_logprobs_num} exceeds the vocabulary "
                                  f"({self.spec.vocab_size})")
@@ -352,6 +356,8 @@ class Engine:
                                                                                req.origin_input_ids)]
         if req.error:
             meta["error"] = req.error
+        if req.routed_experts is not None:
+            meta["routed_experts"] = routed_experts.encode(req.routed_experts)
         return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
 
     def abort(self, rid: str | None = None, abort_all: bool = False) -> None:

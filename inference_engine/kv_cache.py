@@ -3,6 +3,8 @@
 Layout (fixed; the triton kernels rely on it): per layer k_buffer and v_buffer of shape
 [num_slots, num_kv_heads, head_dim]; page p is slots [p * page_size, (p + 1) * page_size).
 Page 0 is never handed out: it is the padding target of padded kernels.
+A mixture-of-experts model also gets `routed_experts` [num_slots, moe layers, top_k]: the experts each token's
+forward chose, kept with its KV (so prefix-cache hits keep theirs).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ class KVPool:
     """K/V buffers for every layer plus a free list of pages."""
 
     def __init__(self, num_slots: int, page_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device,
+                 routed_experts: tuple[int, int, torch.dtype] | None = None):
         self.page_size = page_size
         self.num_pages = num_slots // page_size
         if self.num_pages < 2:
@@ -22,8 +25,10 @@ class KVPool:
         self.num_slots = self.num_pages * page_size
         self.shape = (self.num_slots, num_kv_heads, head_dim)
         self.num_layers, self.dtype, self.device = num_layers, dtype, device
+        self.routed_shape = routed_experts  # (moe layers, top_k, id dtype) or None for a dense model
         self.k_buffer: list[torch.Tensor] = []
         self.v_buffer: list[torch.Tensor] = []
+        self.routed_experts: torch.Tensor | None = None
         self.allocate_buffers()
         self.clear()
 
@@ -36,10 +41,13 @@ class KVPool:
         """(Re)create the zeroed K/V buffers."""
         self.k_buffer = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v_buffer = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        if self.routed_shape is not None:
+            layers, top_k, id_dtype = self.routed_shape
+            self.routed_experts = torch.zeros(self.num_slots, layers, top_k, dtype=id_dtype, device=self.device)
 
     def free_buffers(self) -> None:
         """Drop the K/V buffers (release_memory); the allocator state must be empty."""
-        self.k_buffer, self.v_buffer = [], []
+        self.k_buffer, self.v_buffer, self.routed_experts = [], [], None
 
     @property
     def bytes(self) -> int:

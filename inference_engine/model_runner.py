@@ -19,6 +19,7 @@ from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kv_cache import KVPool, ReqToTokenPool
 from inference_engine.models import CausalLM, fp8, named_hf_tensors, read_spec
 from inference_engine.models.loader import WeightPlan, expected_hf_names, iter_safetensors
+from inference_engine.models.moe import routed_experts_dtype, stacked_expert_names
 from inference_engine.parallel import TPGroup, check_tp_shape, rank_device
 from inference_engine.tp_worker import TPWorkers
 
@@ -77,8 +78,10 @@ class ModelRunner:
         num_slots = self._kv_slots(attn.num_kv_heads)
         if self.tp is not None:  # every rank's pool must hold the slots rank 0 hands out
             num_slots = self.tp.min_int(num_slots)
+        routed = ((self.spec.num_moe_layers, self.spec.num_experts_per_tok, routed_experts_dtype(self.spec.num_experts))
+                  if self.spec.num_moe_layers else None)
         self.kv_pool = KVPool(num_slots, config.page_size, self.spec.num_layers, attn.num_kv_heads,
-                              self.spec.head_dim, self.dtype, self.device)
+                              self.spec.head_dim, self.dtype, self.device, routed)
         if self.kv_pool.capacity < -(-self.context_length // config.page_size) * config.page_size:
             raise ValueError(f"KV pool of {self.kv_pool.capacity} tokens cannot hold one request of context_length "
                              f"{self.context_length}; raise max_total_tokens or lower context_length")
@@ -122,7 +125,8 @@ class ModelRunner:
         self._load_checkpoint(model_path)
 
     def _load_checkpoint(self, model_path: str) -> None:
-        loaded = set(self.load_weights_local(iter_safetensors(model_path)))
+        loaded = {name for stacked in self.load_weights_local(iter_safetensors(model_path))
+                  for name in stacked_expert_names(stacked, self.spec.num_experts)}
         missing = sorted(expected_hf_names(self.model) - loaded)
         if missing:
             raise ValueError(f"checkpoint {model_path!r} lacks {len(missing)} weight(s), e.g. {missing[:3]}")
@@ -138,6 +142,14 @@ class ModelRunner:
     def load_weights_local(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """Load this rank's shard of full HF-named tensors (each rank got them on its own); returns names loaded."""
         return self.weight_plan.load(named_tensors)
+
+    def routed_experts(self, slots: list[int]) -> torch.Tensor:
+        """The experts recorded for the tokens in these KV slots, [len(slots), moe layers, top_k], on the host."""
+        buffer = self.kv_pool.routed_experts
+        if buffer is None:
+            raise ValueError(f"routed experts were asked for, but {self.config.model_path!r} is a dense "
+                             f"{self.spec.family} model (no mixture-of-experts layers)")
+        return buffer[torch.tensor(slots, dtype=torch.int64, device=self.device)].cpu()
 
     def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Engine weights under HF names, unfused (views with one rank; full tensors gathered from every tp rank)."""

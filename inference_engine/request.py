@@ -55,6 +55,7 @@ class Req:
         self.finish_reason: dict[str, Any] | None = None
         self.error: str | None = None
         self.weight_version: int | None = None
+        self.routed_experts = None  # return_routed_experts: [tokens - 1, moe layers, top_k] on the host, at finish
 
     @property
     def prompt_len(self) -> int:

@@ -18,7 +18,7 @@ _TYPES = {
     "min_p": (int, float), "repetition_penalty": (int, float), "frequency_penalty": (int, float),
     "presence_penalty": (int, float), "stop": (list,), "stop_token_ids": (list,), "ignore_eos": (bool,),
     "n": (int,), "seed": (int, type(None)), "skip_special_tokens": (bool,), "no_stop_trim": (bool,),
-    "top_logprobs_num": (int,), "return_prompt_logprobs": (bool,),
+    "top_logprobs_num": (int,), "return_prompt_logprobs": (bool,), "return_routed_experts": (bool,),
 }
 
 
@@ -43,6 +43,7 @@ class SamplingParams:
     no_stop_trim: bool = False
     top_logprobs_num: int = 0
     return_prompt_logprobs: bool = False
+    return_routed_experts: bool = False  # MoE models: meta_info.routed_experts, the experts of every forwarded token
 
     def __post_init__(self):
         if isinstance(self.stop, str):

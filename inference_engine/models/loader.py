@@ -13,6 +13,7 @@ import torch
 
 from inference_engine.models import fp8
 from inference_engine.models.layers import WeightSlice, default_weight_target, replicated_unshard
+from inference_engine.models.moe import Experts, resolve_expert
 from inference_engine.models.transformer import CausalLM, ModelSpec
 from inference_engine.parallel import TPGroup
 from weight_sync.buckets import StableBucket, copy_tensors
@@ -58,6 +59,9 @@ def resolve(model: CausalLM, params: dict[str, torch.nn.Parameter], hf_name: str
         return None, None
     if hf_name == "lm_head.weight" and model.spec.tie_word_embeddings:
         return None, None  # tied: the embedding is the head
+    expert = resolve_expert(params, hf_name)  # mlp.experts.{e}.{gate,up,down}_proj.weight: a stacked parameter's rows
+    if expert is not None:
+        return expert
     for hf_part, (fused, shard_id) in PACKED.items():
         if f".{hf_part}." in hf_name:
             name = hf_name.replace(f".{hf_part}.", f".{fused}.")
@@ -222,6 +226,12 @@ def load_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tenso
 def _local_hf_pieces(model: CausalLM) -> Iterator[tuple[str, torch.nn.Parameter, object, torch.Tensor]]:
     """(hf_name, parameter, shard_id, this rank's piece of that HF tensor as a view), fused parameters split back."""
     for name, param in model.named_parameters():
+        if name.endswith(".experts.down_proj"):
+            continue  # yielded with gate_up_proj, expert by expert
+        if name.endswith(".experts.gate_up_proj"):
+            experts: Experts = model.get_submodule(name.rsplit(".", 1)[0])
+            yield from experts.hf_pieces(name.rsplit(".", 1)[0])
+            continue
         fused = next((f for f in ("qkv_proj", "gate_up_proj") if f".{f}." in name), None)
         if fused is None:
             yield name, param, None, param.data

@@ -1,4 +1,5 @@
-"""One decoder-only transformer for the Llama, Qwen2 and Qwen3 dense families, told apart by flags."""
+"""One decoder-only transformer for the Llama, Qwen2, Qwen3 and Qwen3-MoE families, told apart by flags (the MoE
+layers' sparse MLP lives in `moe.py`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import nn
 
 from inference_engine import ops
 from inference_engine.forward_batch import ForwardBatch
+from inference_engine.models.moe import SparseMoE
 from inference_engine.models.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
                                             RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding)
 from kiln_common.model_spec import FAMILIES, ModelSpec  # noqa: F401 - re-exported
@@ -60,7 +62,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = Attention(spec, layer_id, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec, tp)
+        sparse = layer_id in spec.moe_layers
+        self.mlp = SparseMoE(spec, spec.moe_layers.index(layer_id), tp) if sparse else MLP(spec, tp)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch,
                 rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +73,7 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(h, residual)
         x, residual = self.post_attention_layernorm(self.self_attn(x, fb, rotary), residual)
-        return self.mlp(x), residual
+        return (self.mlp(x, fb) if isinstance(self.mlp, SparseMoE) else self.mlp(x)), residual
 
 
 class DecoderBody(nn.Module):

@@ -220,5 +220,7 @@ class Scheduler:
         if kind != "abort":
             self.waiting.extendleft(reversed(req.children))
         req.children = []
+        if req.sampling.return_routed_experts and req.row is not None:  # read from its KV slots before they go
+            req.routed_experts = self.runner.routed_experts(req.slots[:min(req.kv_len, req.fill_len - 1)])
         if req.on_output is not None:
             req.on_output(req, True)

@@ -1,0 +1,167 @@
+"""Fused mixture-of-experts MLP: two triton grouped GEMMs over the (token, expert) pairs sorted by expert.
+
+`align` groups the T * top_k pairs by expert and pads each expert's group to a multiple of BLOCK_M, so that every
+BLOCK_M-row block of the sorted order belongs to one expert (`block_expert`; blocks past the end get E and return
+at once). The first kernel multiplies each block's token rows by its expert's gate and up rows together (one pass
+over x, two accumulators) and stores silu(gate) * up [T k, I] by pair; the second multiplies those by the expert's
+down projection, scales each row by its routing weight and stores [T k, hidden] by pair; the top_k rows of a token
+are summed last. Rounding follows `models.moe.moe_reference` (products, the activation and the weighted output in
+the activation dtype), so results agree up to float32 accumulation order.
+
+Nothing reads device values on the host and every shape depends on T only, so a decode step with these kernels
+can be captured in a CUDA graph: the grids cover the most blocks T tokens can need, cdiv(T k, BLOCK_M) +
+min(E, T k), and the empty ones exit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+ONE_HOT_MAX_PAIRS = 4096  # up to this many pairs (decode), positions come from a one-hot cumsum, else a stable sort
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the two GEMMs, by the mean rows per expert; the small one
+# spreads a decode step's few experts over many programs (each expert's weights are read once either way)
+SMALL = (16, 32, 128, 4, 4)
+LARGE = (64, 128, 64, 8, 3)
+
+
+def default_config(pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
+    """The tile config for `pairs` (token, expert) pairs over num_experts experts."""
+    return SMALL if pairs < 4 * num_experts else LARGE
+
+
+def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_pairs [blocks * block_m] int32, block_expert [blocks] int32) of expert ids [T, k].
+
+    sorted_pairs lists the pair indices (t * k + j) grouped by expert, each group padded with T * k (no pair) to a
+    multiple of block_m; block_expert[b] is the expert of rows [b * block_m, (b + 1) * block_m), num_experts for a
+    block past the last group."""
+    pairs = ids.numel()
+    flat = ids.reshape(-1)
+    blocks = triton.cdiv(pairs, block_m) + min(num_experts, pairs)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat,
+                                                                                        torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)  # [E] end of each expert's padded group
+    if pairs <= ONE_HOT_MAX_PAIRS:  # rank of each pair inside its expert, in pair order
+        onehot = F.one_hot(flat, num_experts)  # [pairs, E]
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1
+        dest = pad_end[flat] - padded[flat] + rank
+        index = torch.arange(pairs, device=ids.device)
+    else:
+        index = torch.argsort(flat, stable=True)  # pairs by expert, pair order inside
+        sorted_e = flat[index]
+        first = torch.cumsum(counts, 0) - counts  # [E] first sorted position of each expert
+        dest = pad_end[sorted_e] - padded[sorted_e] + torch.arange(pairs, device=ids.device) - first[sorted_e]
+    sorted_pairs = torch.full((blocks * block_m,), pairs, dtype=torch.int32, device=ids.device)
+    sorted_pairs[dest] = index.to(torch.int32)
+    starts = torch.arange(blocks, dtype=torch.int64, device=ids.device) * block_m
+    block_expert = torch.searchsorted(pad_end, starts, right=True).to(torch.int32)  # E past the last group
+    return sorted_pairs, block_expert
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_xt, stride_we,
+                    stride_wn, stride_ot, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """out[pair, n] = silu(x[t] . w[e, n]) * (x[t] . w[e, N + n]) for the pairs of one block and BLOCK_N columns."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert >= NUM_EXPERTS:
+        return
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pairs_ptr + offs_m).to(tl.int64)  # [BM]
+    valid = pair < num_pairs
+    token = tl.where(valid, pair // TOP_K, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
+    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
+    u_ptrs = g_ptrs + N * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        a = tl.load(x_ptrs + k0, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        g = tl.load(g_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        u = tl.load(u_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+    gate = acc_g.to(dt).to(tl.float32)  # each projection rounded like the reference's linear
+    up = acc_u.to(dt).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    out_ptrs = out_ptr + pair[:, None] * stride_ot + offs_n[None, :]
+    tl.store(out_ptrs, (act * up).to(dt), mask=valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_ht,
+                 stride_we, stride_wn, stride_ot, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """out[pair, n] = weight[pair] * (h[pair] . w[e, n]) for the pairs of one block and BLOCK_N columns."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert >= NUM_EXPERTS:
+        return
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pairs_ptr + offs_m).to(tl.int64)
+    valid = pair < num_pairs
+    safe = tl.where(valid, pair, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + safe[:, None] * stride_ht + offs_k[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        a = tl.load(h_ptrs + k0, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    weight = tl.load(weights_ptr + safe, mask=valid, other=0.0).to(tl.float32)
+    y = acc.to(dt).to(tl.float32) * weight[:, None]
+    out_ptrs = out_ptr + pair[:, None] * stride_ot + offs_n[None, :]
+    tl.store(out_ptrs, y.to(dt), mask=valid[:, None] & n_mask[None, :])
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+              config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j]: [T, hidden] of x [T, hidden],
+    w13 [E, 2I, hidden] (gate rows, then up rows), w2 [E, hidden, I], weights [T, k] (x's dtype), ids [T, k]."""
+    tokens, top_k = ids.shape
+    num_experts, two_i, hidden = w13.shape
+    inter = two_i // 2
+    if w2.shape != (num_experts, hidden, inter) or x.shape[-1] != hidden:
+        raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit "
+                         "x [T, hidden], w13 [E, 2I, hidden], w2 [E, hidden, I]")
+    out = torch.empty(tokens, top_k, hidden, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return out.sum(1)
+    x = x.contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()
+    pairs = tokens * top_k
+    block_m, block_n, block_k, warps, stages = config or default_config(pairs, num_experts)
+    sorted_pairs, block_expert = align(ids, num_experts, block_m)
+    blocks = block_expert.numel()
+    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # silu(gate) * up by pair
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # float32 engines: no TF32 rounding of the inputs
+    _gate_up_kernel[(blocks, triton.cdiv(inter, block_n))](
+        x, w13, h, sorted_pairs, block_expert, pairs, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
+        h.stride(0), TOP_K=top_k, NUM_EXPERTS=num_experts, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=min(block_k, triton.next_power_of_2(hidden)), PRECISION=precision, num_warps=warps,
+        num_stages=stages)
+    flat_out = out.view(pairs, hidden)
+    _down_kernel[(blocks, triton.cdiv(hidden, block_n))](
+        h, w2, weights.contiguous().view(-1), flat_out, sorted_pairs, block_expert, pairs, hidden, inter, h.stride(0),
+        w2.stride(0), w2.stride(1), flat_out.stride(0), NUM_EXPERTS=num_experts, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(inter))), PRECISION=precision,
+        num_warps=warps, num_stages=stages)
+    return out.sum(1) if top_k > 1 else out.view(tokens, hidden)

@@ -1,0 +1,197 @@
+"""Qwen3-MoE's sparse MLP block: a softmax top-k router and SwiGLU experts stored stacked (fused gate/up).
+
+Parameters of `SparseMoE` (HF prefix `model.layers.{i}.mlp.`):
+- `gate.weight` [E, hidden]: the router, replicated on every tp rank;
+- `experts.gate_up_proj` [E, 2 I / tp, hidden]: each expert's gate rows then up rows (this rank's share of I);
+- `experts.down_proj` [E, hidden, I / tp]: each expert's down projection (this rank's input columns).
+The stacked names and layouts are transformers >= 5's Qwen3MoeExperts, so a full stacked tensor loads in one copy
+(the fast path of a weight push); the per-expert HF names of transformers 4 checkpoints
+(`mlp.experts.{e}.{gate,up,down}_proj.weight`) load into their expert's rows (`resolve_expert`). Tensor
+parallelism shards moe_intermediate_size: each rank computes every token's experts on its I / tp columns and
+the layer's output is all-reduced, like a dense MLP's row-parallel down projection.
+
+Each forward writes the experts it chose for every token into the KV pool's routed-experts buffer at the
+token's slot (`KVPool.routed_experts` [slots, moe layers, top_k]), so a request can return the routing of all
+its tokens, prefix-cache hits included (routing replay).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+from inference_engine import ops
+from inference_engine.models.layers import WeightSlice, _check_shape, _rank_size, default_weight_loader
+
+if TYPE_CHECKING:
+    from inference_engine.forward_batch import ForwardBatch
+    from inference_engine.parallel import TPGroup
+    from kiln_common.model_spec import ModelSpec
+
+# model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight (transformers 4 / per-expert checkpoints)
+_EXPERT_NAME = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_STACKED = ("gate_up_proj", "down_proj")  # the stacked parameters of an `Experts` module, named as in transformers 5
+
+
+def routed_experts_dtype(num_experts: int) -> torch.dtype:
+    """uint8 ids for up to 256 experts, else int16."""
+    return torch.uint8 if num_experts <= 256 else torch.int16
+
+
+class _PairSlice(WeightSlice):
+    """The stacked gate_up tensor [E, 2I, hidden] of a tp rank: its gate rows and its up rows, as one [E, 2, I/tp]
+    view (`dim` 2 of the [E, 2, I, hidden] source)."""
+
+    def source(self, loaded: torch.Tensor) -> torch.Tensor:
+        return loaded.unflatten(1, (2, -1)).narrow(self.dim, self.start, self.length)
+
+
+class Experts(nn.Module):
+    """num_experts SwiGLU MLPs stacked: gate_up_proj [E, 2 I/tp, hidden], down_proj [E, hidden, I/tp]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp: TPGroup | None):
+        super().__init__()
+        self.tp_rank, self.tp_size = _rank_size(tp)
+        if intermediate_size % self.tp_size:
+            raise ValueError(f"moe_intermediate_size {intermediate_size} is not divisible by tp_size {self.tp_size}")
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.rows = intermediate_size // self.tp_size  # this rank's share of I
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.rows, hidden_size), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.rows), requires_grad=False)
+        for param in (self.gate_up_proj, self.down_proj):
+            param.weight_target, param.weight_loader = self.weight_target, self.weight_loader
+            param.unshard = self.unshard
+
+    def weight_target(self, param: nn.Parameter, shape: torch.Size, shard_id=None) -> WeightSlice:
+        """Where an HF tensor goes: shard_id None is the whole stacked tensor; (expert, part) one expert's gate (0),
+        up (1) or down ("down") projection [I, hidden] / [hidden, I]."""
+        e, i, h, r = self.num_experts, self.rows * self.tp_size, self.hidden_size, self.rows
+        start = self.tp_rank * r
+        if shard_id is None and param is self.gate_up_proj:
+            _check_shape("experts.gate_up_proj", (e, 2 * i, h), shape)
+            if self.tp_size == 1:
+                return WeightSlice(param.data)
+            return _PairSlice(param.data.unflatten(1, (2, r)), 2, start, r)
+        if shard_id is None:
+            _check_shape("experts.down_proj", (e, h, i), shape)
+            return WeightSlice(param.data, 2, start, r)
+        expert, part = shard_id
+        if not 0 <= expert < e:
+            raise ValueError(f"expert {expert} does not exist; this model has {e} experts per layer")
+        if part == "down":
+            _check_shape(f"experts.{expert}.down_proj", (h, i), shape)
+            return WeightSlice(param.data[expert], 1, start, r)
+        _check_shape(f"experts.{expert}.{('gate', 'up')[part]}_proj", (i, h), shape)
+        return WeightSlice(param.data[expert].narrow(0, part * r, r), 0, start, r)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """Load an HF tensor (see `weight_target`)."""
+        self.weight_target(param, loaded.shape, shard_id).load(loaded)
+
+    def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
+        """One expert's full HF projection from every rank's piece: gate / up rows, down columns, in rank order."""
+        return torch.cat(pieces, dim=1 if shard_id[1] == "down" else 0)
+
+    def hf_pieces(self, prefix: str) -> Iterator[tuple[str, nn.Parameter, tuple, torch.Tensor]]:
+        """(per-expert HF name, parameter, shard_id, this rank's piece as a view) of every expert projection."""
+        r = self.rows
+        for e in range(self.num_experts):
+            for part, proj in ((0, "gate"), (1, "up")):
+                yield (f"{prefix}.{e}.{proj}_proj.weight", self.gate_up_proj, (e, part),
+                       self.gate_up_proj.data[e].narrow(0, part * r, r))
+            yield f"{prefix}.{e}.down_proj.weight", self.down_proj, (e, "down"), self.down_proj.data[e]
+
+
+class SparseMoE(nn.Module):
+    """Router + experts of one sparse layer: softmax over the router logits in float32, top-k, renormalised when
+    norm_topk_prob, weights cast to the activation dtype (HF's order), then the experts' weighted sum."""
+
+    def __init__(self, spec: ModelSpec, moe_index: int, tp: TPGroup | None):
+        super().__init__()
+        self.tp = tp
+        self.moe_index = moe_index  # this layer's row in the routed-experts buffer
+        self.top_k, self.renormalize = spec.num_experts_per_tok, spec.norm_topk_prob
+        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.gate.weight.requires_grad_(False)
+        self.gate.weight.weight_loader = default_weight_loader
+        self.experts = Experts(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size, tp)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] in x's dtype, expert ids [T, k] int64, best first) of hidden states x [T, hidden]."""
+        logits = ops.linear(x, self.gate.weight)  # [T, E] in x's dtype, as HF's nn.Linear
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor, fb: ForwardBatch | None = None) -> torch.Tensor:
+        """Mixture output [T, hidden] of x [T, hidden]; with fb, the chosen experts go to their tokens' KV slots."""
+        weights, ids = self.route(x)
+        if fb is not None and fb.kv_pool.routed_experts is not None:
+            buffer = fb.kv_pool.routed_experts  # [slots, moe layers, k]
+            buffer[fb.out_cache_loc, self.moe_index] = ids.to(buffer.dtype)
+        out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        return out if self.tp is None or self.tp.size == 1 else self.tp.all_reduce(out)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) [T, hidden] for x [T, hidden], w13 [E, 2I, hidden],
+    w2 [E, hidden, I]: the triton grouped GEMMs where triton runs, else `moe_reference`."""
+    if ops.runs_triton(x.device):
+        from inference_engine.kernels import fused_moe as kernels
+
+        return kernels.fused_moe(x, w13, w2, weights, ids)
+    return moe_reference(x, w13, w2, weights, ids)
+
+
+def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                  ids: torch.Tensor) -> torch.Tensor:
+    """The torch specification of `fused_moe`, rounding as HF's Qwen3MoeSparseMoeBlock: each expert's output in x's
+    dtype, times its weight, summed over the token's experts in expert order (reads the counts on the host)."""
+    tokens, k = ids.shape
+    flat = ids.reshape(-1)  # [T k]
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in token order inside each expert
+    token_of = order // k  # [T k] the token of each sorted pair
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = token_of[start:start + n]
+            h = ops.silu_and_mul(ops.linear(x[rows], w13[e]))  # [n, I]
+            y = ops.linear(h, w2[e]) * weights.reshape(-1)[order[start:start + n], None]  # [n, hidden]
+            out.index_add_(0, rows, y)
+        start += n
+    return out
+
+
+class _ExpertRef(NamedTuple):
+    param: nn.Parameter
+    shard_id: tuple
+
+
+def resolve_expert(params: dict[str, nn.Parameter], hf_name: str) -> _ExpertRef | None:
+    """The stacked parameter and (expert, part) a per-expert HF name loads into; None for any other name."""
+    match = _EXPERT_NAME.match(hf_name)
+    if match is None:
+        return None
+    prefix, expert, proj = match.groups()
+    param = params.get(f"{prefix}.{'down_proj' if proj == 'down' else 'gate_up_proj'}")
+    if param is None:
+        return None
+    return _ExpertRef(param, (int(expert), {"gate": 0, "up": 1, "down": "down"}[proj]))
+
+
+def stacked_expert_names(hf_name: str, num_experts: int) -> list[str]:
+    """The per-expert HF names a stacked `...mlp.experts.{gate_up,down}_proj` tensor covers (else [hf_name])."""
+    for stacked in _STACKED:
+        if hf_name.endswith(f".mlp.experts.{stacked}"):
+            prefix = hf_name[:-len(stacked) - 1]
+            projs = ("gate", "up") if stacked == "gate_up_proj" else ("down",)
+            return [f"{prefix}.{e}.{p}_proj.weight" for e in range(num_experts) for p in projs]
+    return [hf_name]
