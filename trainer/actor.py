@@ -17,7 +17,7 @@ import torch.distributed as dist
 from kiln_common.atomic_io import FileDigest, atomic_torch_save
 from kiln_common.tensors import to_device
 from kiln_common.sample import Sample, Status
-from trainer import attention, bridge, megatron_compat
+from trainer import attention, bridge, megatron_compat, moe
 from trainer.advantages import (compute_advantages, custom_advantages, load_custom_advantage_function,
                                 overlong_penalty)
 from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches
@@ -100,7 +100,8 @@ class TrainerActor:
             dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://{self.master_addr}:"
                                     f"{self.master_port}", rank=self.rank, world_size=self.world_size)
         megatron_compat.apply()
-        parallel_state.initialize_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+        parallel_state.initialize_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
+                                                 expert_model_parallel_size=cfg.expert_model_parallel_size)
         megatron_compat.model_parallel_manual_seed(cfg.seed)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -113,6 +114,7 @@ class TrainerActor:
         self.pipeline = PipelineSchedule(self.pp_group, dtype=self.params_dtype, device=self.device)
         self.spec = bridge.load_spec(cfg.hf_checkpoint)
         self.model = self._build(cfg.hf_checkpoint, trainable=True)
+        self.replay = moe.install_routing_replay(self.model, self.spec) if cfg.use_routing_replay else None
         if cfg.use_reference:
             ref_dir = cfg.ref_checkpoint or cfg.hf_checkpoint
             if bridge.load_spec(ref_dir) != self.spec:
@@ -127,7 +129,9 @@ class TrainerActor:
         """A GPTModel for this rank with weights loaded from `hf_dir`."""
         tconfig = bridge.build_transformer_config(self.spec, tp_size=self.cfg.tensor_parallel_size,
                                                   pp_size=self.cfg.pipeline_parallel_size,
-                                                  params_dtype=self.params_dtype, recompute=self.cfg.recompute)
+                                                  params_dtype=self.params_dtype, recompute=self.cfg.recompute,
+                                                  ep_size=self.cfg.expert_model_parallel_size,
+                                                  moe_aux_loss_coeff=self.cfg.moe_aux_loss_coeff)
         model = bridge.build_gpt_model(self.spec, tconfig, vocab_pad_multiple=self.cfg.vocab_pad_multiple,
                                        pre_process=self.pipeline.is_first, post_process=self.pipeline.is_last)
         bridge.load_hf_checkpoint(model, self.spec, hf_dir)
@@ -163,6 +167,11 @@ class TrainerActor:
 
     def _check_sample(self, s: Sample, *, need_reward: bool) -> None:
         s.validate()
+        if self.replay is not None and s.routed_experts is not None:
+            try:
+                moe.check_routed_experts(s.routed_experts, len(s.tokens), self.spec)
+            except ValueError as e:
+                raise ValueError(f"sample {s.index}: {e}") from None
         if s.status in (Status.FAILED, Status.ABORTED):
             raise ValueError(f"sample {s.index} has status {s.status.value}")
         if s.response_length < 1 or s.prompt_length < 1:
@@ -208,6 +217,23 @@ class TrainerActor:
         with amp:
             return bridge.stage_forward(model, tokens, positions, packed, input_tensor)
 
+    def _replay_routing(self, mb: MicroBatch, samples: list[Sample]) -> None:
+        """With routing replay, hand the policy's routers the recorded experts of `mb`'s samples (trainer.moe)."""
+        if self.replay is None:
+            return
+        ids, valid = moe.micro_batch_routing([samples[i].routed_experts for i in mb.indices], mb.lengths, mb.packed,
+                                             mb.tokens.shape[1], self.spec)
+        self.replay.set_micro_batch(to_device(ids, self.device), to_device(valid, self.device))
+
+    def _routing_disagreement(self) -> float:
+        """Fraction of replayed (token, MoE layer, slot) the policy's own top-k would not have chosen, this step."""
+        counts = self.replay.counts(self.device)  # [mismatched, total], this rank's share and stage
+        for group in (self.pp_group, self.dp_group):
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(counts, group=group)
+        mismatched, total = counts.tolist()
+        return mismatched / total if total else 0.0
+
     def _activation_shape(self, mb: MicroBatch) -> tuple[int, int, int]:
         """Shape of the activations passed between pipeline stages for `mb`: [width, rows, H]."""
         return mb.tokens.shape[1], mb.tokens.shape[0], self.spec.hidden_size
@@ -233,6 +259,8 @@ class TrainerActor:
         share = data_parallel_shares([len(s.tokens) for s in samples], self.dp_size)[self.dp_rank]
 
         def forward(mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if model is self.model:
+                self._replay_routing(mb, samples)
             hidden = self._stage_output(model, mb, input_tensor)
             if not self.pipeline.is_last:
                 return hidden
@@ -283,6 +311,8 @@ class TrainerActor:
         has_rollout = all(len(s.rollout_logprobs) == s.response_length for s in batch)
         rollout = [torch.tensor(s.rollout_logprobs, dtype=torch.float32) for s in batch] if has_rollout else None
 
+        if self.replay is not None:
+            self.replay.reset_counts()
         self.model.eval()
         old = ref = advantages = None
         if not sft:
@@ -299,6 +329,8 @@ class TrainerActor:
             metrics[key] = values[-1] if key == "lr" else sum(values) / len(values)
         metrics["optimizer_steps"] = float(len(step_metrics))
         metrics["tokens"] = float(sum(len(s.tokens) for s in batch))
+        if self.replay is not None:
+            metrics["routing_disagreement"] = self._routing_disagreement()
         self.step += 1
         if self.rank == 0:
             logger.info("step %d: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -346,6 +378,7 @@ class TrainerActor:
 
         def forward(mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor:
             nonlocal padded
+            self._replay_routing(mb, batch)
             hidden = self._stage_output(self.model, mb, input_tensor)
             if not self.pipeline.is_last:
                 return hidden

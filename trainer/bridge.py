@@ -70,6 +70,11 @@ class MegatronSpec:
         """Whether some layers route tokens to experts."""
         return bool(self.moe_layers)
 
+    @property
+    def num_moe_layers(self) -> int:
+        """How many layers route tokens to experts."""
+        return len(self.moe_layers)
+
     def padded_vocab_size(self, vocab_pad_multiple: int, tp_size: int) -> int:
         """Vocabulary rounded up to a multiple of vocab_pad_multiple * tp_size."""
         step = vocab_pad_multiple * tp_size

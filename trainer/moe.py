@@ -15,7 +15,8 @@ top-k experts of every sparse layer (`Sample.routed_experts` [len(tokens) - 1, m
 With replay on, each router takes those experts instead of its own top-k for the rollout tokens,
 and the combine weights are recomputed from the trainer's logits over the replayed experts (the
 gather of megatron's replay hook), so gradients still reach the router weights. The last token of
-a sequence (never forwarded by the engine) and padding use the trainer's own routing. Each router
+a sequence (never forwarded by the engine), tokens the engine has not recorded (a sample's rows
+may stop short of len(tokens) - 1) and padding use the trainer's own routing. Each router
 also counts how many replayed (token, slot) pairs its own top-k would not have chosen:
 `routing_disagreement`.
 """
@@ -87,12 +88,13 @@ def block_spec(spec, config, dense_layer_spec):
 
 
 def check_routed_experts(routed, num_tokens: int, spec) -> None:
-    """Raise ValueError unless `routed` is an integer array [num_tokens - 1, moe_layers, top_k] of expert ids."""
-    want = (num_tokens - 1, spec.num_moe_layers, spec.moe_top_k)
-    if not isinstance(routed, np.ndarray) or routed.dtype.kind not in "iu" or routed.shape != want:
+    """Raise ValueError unless `routed` is an integer array [rows < num_tokens, moe_layers, top_k] of expert ids."""
+    want = (spec.num_moe_layers, spec.moe_top_k)
+    if not isinstance(routed, np.ndarray) or routed.dtype.kind not in "iu" or routed.ndim != 3 or \
+            routed.shape[1:] != want or routed.shape[0] > num_tokens - 1:
         got = (f"{routed.dtype} {routed.shape}" if isinstance(routed, np.ndarray) else type(routed).__name__)
-        raise ValueError(f"routed_experts must be an integer array of shape {want} (tokens - 1, MoE layers, top-k); "
-                         f"got {got}")
+        raise ValueError(f"routed_experts must be an integer array [rows <= {num_tokens - 1} (tokens - 1), "
+                         f"{want[0]} (MoE layers), {want[1]} (top-k)]; got {got}")
     if routed.size and (routed.min() < 0 or routed.max() >= spec.num_experts):
         raise ValueError(f"routed_experts holds expert ids outside [0, {spec.num_experts})")
 
@@ -103,14 +105,13 @@ class RoutingReplay:
     `set_micro_batch` installs [moe_layers, tokens, k] expert ids (tokens in megatron's [s, b]
     order) and a [tokens] mask of the rows to replay; `clear` returns the routers to their own
     top-k. Disagreement is tallied once per micro-batch and layer (activation recomputation
-    re-runs the routers), while `counting` is on.
+    re-runs the routers) until `reset_counts`.
     """
 
     def __init__(self, spec, moe_layers_here: list[int]):
         self.spec = spec
         self.indices: torch.Tensor | None = None  # [moe_layers, tokens, k] int64
         self.valid: torch.Tensor | None = None  # [tokens] bool
-        self.counting = False
         self.mismatched = self.total = None  # 0-d device tensors while counting
         self._counted: set[int] = set()
         self.moe_layers_here = moe_layers_here  # MoE-layer indices this pipeline stage holds
@@ -144,7 +145,7 @@ class RoutingReplay:
             raise ValueError(f"routing replay: {tuple(target.shape)} expert ids for a router of {tuple(own.shape)}")
         valid = self.valid.unsqueeze(-1)  # [N, 1]
         chosen = torch.where(valid, target, own)
-        if self.counting and moe_index not in self._counted:
+        if moe_index not in self._counted:
             self._counted.add(moe_index)
             with torch.no_grad():
                 missed = ~(target.unsqueeze(-1) == own.unsqueeze(-2)).any(-1) & valid  # [N, k]
@@ -185,7 +186,8 @@ def micro_batch_routing(routed: list[np.ndarray | None], lengths: list[int], pac
                         spec) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ids [moe_layers, s * b, k] and replay mask [s * b] of one micro-batch, in megatron's [s, b] order.
 
-    `routed[j]`: sequence j's recorded experts [lengths[j] - 1, moe_layers, k], or None (own routing).
+    `routed[j]`: sequence j's recorded experts [rows <= lengths[j] - 1, moe_layers, k] for its first rows
+    tokens, or None; tokens without a row use the router's own top-k.
     Packed: one row, sequences back to back (s = sum(lengths), b = 1); padded: row j is sequence j,
     right-padded to `width` (s = width, b = rows).
     """
@@ -198,8 +200,8 @@ def micro_batch_routing(routed: list[np.ndarray | None], lengths: list[int], pac
     for j, (r, n) in enumerate(zip(routed, lengths)):
         row, offset = (0, start) if packed else (j, 0)
         if r is not None:
-            ids[offset:offset + n - 1, row] = r
-            valid[offset:offset + n - 1, row] = True
+            ids[offset:offset + len(r), row] = r
+            valid[offset:offset + len(r), row] = True
         start += n
     ids = torch.from_numpy(ids.reshape(seq * rows, layers, k)).permute(1, 0, 2).contiguous()  # [L, s * b, k]
     return ids, torch.from_numpy(valid.reshape(-1))

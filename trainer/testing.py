@@ -105,6 +105,53 @@ def make_samples(num: int, *, vocab_size: int, seed: int = 0, min_len: int = 6, 
 
 
 @torch.no_grad()
+def hf_moe_response_logprobs(hf_model, sample: Sample, temperature: float, experts=None
+                             ) -> tuple[torch.Tensor, "np.ndarray"]:
+    """Response log-probs of an HF Qwen3-MoE in its own dtype, routers forced to `experts` where given.
+
+    `experts`: [rows < len(tokens), moe_layers, top_k] expert ids for the first rows tokens (as
+    `Sample.routed_experts`), or None. The combine weights are the softmax over all experts at the
+    chosen ones, renormalised when the config says `norm_topk_prob`. Returns (log-probs [response],
+    the routers' own top-k [len(tokens), moe_layers, top_k] as int64 numpy).
+    """
+    import numpy as np
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    blocks = [m for m in hf_model.modules() if isinstance(m, Qwen3MoeSparseMoeBlock)]
+    own: list[torch.Tensor] = []
+
+    def forced(block: Qwen3MoeSparseMoeBlock, index: int, hidden: torch.Tensor):
+        batch, seq, width = hidden.shape
+        x = hidden.view(-1, width)  # [n, H]
+        logits = block.gate(x)  # [n, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        chosen = torch.topk(probs, block.top_k, dim=-1).indices  # [n, k]
+        own.append(chosen)
+        if experts is not None:
+            chosen = chosen.clone()
+            chosen[:len(experts)] = torch.as_tensor(np.asarray(experts[:, index], dtype=np.int64))
+        weights = probs.gather(1, chosen)
+        if block.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(block.num_experts):
+            token, slot = torch.where(chosen == e)
+            if len(token):
+                out.index_add_(0, token, block.experts[e](x[token]) * weights[token, slot, None].to(x.dtype))
+        return out.view(batch, seq, width), logits
+
+    for i, b in enumerate(blocks):  # an instance attribute shadows the class's forward until deleted
+        b.forward = lambda hidden, b=b, i=i: forced(b, i, hidden)
+    try:
+        logits = hf_model(torch.tensor([sample.tokens])).logits[0].double() / temperature  # [n, V]
+    finally:
+        for b in blocks:
+            del b.forward
+    logp = torch.log_softmax(logits, dim=-1)[:-1].gather(-1, torch.tensor(sample.tokens[1:]).unsqueeze(-1))
+    return logp.squeeze(-1)[-sample.response_length:], torch.stack(own, dim=1).numpy()
+
+
+@torch.no_grad()
 def hf_response_logprobs(hf_model, sample: Sample, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 log_softmax(logits / T) of the response tokens and the entropy, from an HF model."""
     logits = hf_model(torch.tensor([sample.tokens])).logits[0].double() / temperature  # [n, V]
