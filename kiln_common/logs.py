@@ -5,6 +5,12 @@
 is not a terminal. `QUIET_WARNINGS` are the "not installed, falling back" warnings megatron-core prints at
 import on a machine without Apex / Transformer Engine; `pythonwarnings` turns them into a PYTHONWARNINGS value
 for processes started later (Ray workers), and `optional_kernels_note` is the one line that replaces them.
+
+Progress bars belong on a terminal only: the driver decides once (`is_terminal(sys.stderr)`) and turns
+RolloutConfig.progress off otherwise; `progress_bar` draws a bar that is on through Ray's driver-rendered bars
+inside an actor (a plain tqdm bar there is cut into stale `1/4 25%` lines by Ray's line-by-line log forwarding),
+and `QUIET_PROGRESS_ENV` keeps third-party libraries' own bars (datasets, huggingface_hub) out of the actors and
+out of a driver whose output is a file.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import re
 import sys
 import warnings
-from typing import TextIO
+from typing import Any, TextIO
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 # message prefixes (matched case-insensitively at the start, as PYTHONWARNINGS does): the "not installed" fallbacks,
@@ -26,6 +32,8 @@ QUIET_WARNINGS = (
     "Megatron Core is not installed",
     "full scope is deprecated",
 )
+# third-party libraries' own progress bars, off in every Ray actor and in a driver that does not write to a terminal
+QUIET_PROGRESS_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 # third-party loggers whose INFO lines only restate that (megatron-FSDP's "without Transformer Engine")
 QUIET_LOGGERS = ("megatron.core.distributed.fsdp",)
 
@@ -107,6 +115,29 @@ def optional_kernels_note() -> str | None:
         return None
     return (f"note: {' and '.join(missing)} not installed; megatron-core uses its PyTorch fallbacks "
             f"(its import warnings about this are hidden)")
+
+
+def in_ray_actor() -> bool:
+    """True inside a Ray actor process (whose output reaches the driver's console line by line)."""
+    ray = sys.modules.get("ray")
+    try:
+        return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None)
+    except Exception:  # noqa: BLE001 - a Ray without a runtime context here: not an actor
+        return False
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool) -> Any:
+    """A tqdm-style bar (update, refresh, close, a settable total): a no-op one unless `enabled`; inside a Ray
+    actor Ray's `tqdm_ray`, which the driver draws on its own terminal; elsewhere tqdm on stderr."""
+    from tqdm import tqdm
+
+    if not enabled:
+        return tqdm(total=total, disable=True)
+    if in_ray_actor():
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        return ray_tqdm(total=total, desc=desc, unit=unit)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 def format_duration(seconds: float) -> str:

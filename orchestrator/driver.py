@@ -28,7 +28,8 @@ import torch
 
 from envs.generate import env_metrics
 from inference_engine.config import EngineConfig
-from kiln_common.logs import eta, is_terminal, optional_kernels_note, pythonwarnings, setup_logging
+from kiln_common.logs import (QUIET_PROGRESS_ENV, eta, is_terminal, optional_kernels_note, pythonwarnings,
+                              setup_logging)
 from orchestrator.checkpoint import CheckpointError, begin_checkpoint, choose_checkpoint, finish_checkpoint
 from orchestrator.cli import ConfigError, build_parser, instantiate, load_yaml, to_flag_values
 from orchestrator.config import RunConfig
@@ -189,6 +190,10 @@ def configure(argv: Sequence[str]) -> DriverConfig:
         print("usage: " + USAGE % {"prog": "train.py"}, file=sys.stderr)
         _user_error("no arguments; set at least --hf-checkpoint and --prompt-data (or --config RUN.yaml)")
     debug = "--debug" in argv
+    terminal = is_terminal(sys.stderr)   # decided once: progress bars and colours only on a terminal
+    if not terminal:
+        for name, value in QUIET_PROGRESS_ENV.items():   # datasets' bars while the prompt data is checked
+            os.environ.setdefault(name, value)
     try:
         config = parse_args(argv)
         debug = config.run.debug
@@ -197,7 +202,7 @@ def configure(argv: Sequence[str]) -> DriverConfig:
         if debug:
             raise
         _user_error(*_config_error_text(e))
-    if not is_terminal(sys.stderr):   # a log file gets no progress bars (Ray would print each redraw as a line)
+    if not terminal:   # a log file gets no progress bars (each redraw would be a line, or a fragment of one)
         config.rollout.progress = False
     return config
 
@@ -253,7 +258,9 @@ class Driver:
             return
         run = self.cfg.run
         # megatron-core's "Apex / Transformer Engine not installed" import warnings: hidden in every actor, one note
-        env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": pythonwarnings(os.environ.get("PYTHONWARNINGS"))}
+        env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": pythonwarnings(os.environ.get("PYTHONWARNINGS")),
+               **QUIET_PROGRESS_ENV}   # an actor's own tqdm bars reach the console as stale fragments: only Kiln's
+        # rollout bar is drawn, by the driver (kiln_common.logs.progress_bar)
         if not (is_terminal(sys.stdout) and is_terminal(sys.stderr)):
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")   # Ray's "(Actor pid=...)" prefixes without colour codes
         note = optional_kernels_note() if not run.debug_rollout_only else None

@@ -107,7 +107,7 @@ class RolloutConfig:
     load_debug_rollout_data: str | None = None
     """Load samples saved by --save-debug-rollout-data instead of generating ('{step}' is replaced)."""
     progress: bool = True
-    """Show a tqdm progress bar per step."""
+    """Show a progress bar per rollout (on a terminal only: the driver turns it off when stderr is not one)."""
 
     def __post_init__(self) -> None:
         for name in ("rollout_batch_size", "n_samples_per_prompt", "rollout_max_response_len",

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tqdm.auto import tqdm
-
 from rollout.client import EngineClient
 from rollout.config import EnvConfig, RolloutConfig
 from rollout.data import PromptDataset
@@ -32,6 +30,7 @@ from rollout.eval_config import DEFAULT_EVAL_SET, EvalSet
 from rollout.filters import scalar_reward
 from rollout.generate import GenerateArgs
 from kiln_common.atomic_io import atomic_torch_save
+from kiln_common.logs import progress_bar
 from kiln_common.plugins import load_function
 from rollout.rewards import RewardScorer
 from rollout.router import Router
@@ -176,7 +175,7 @@ class RolloutManager:
                   "resumed": sum(1 for g in self._buffer if any(s.response_length for s in g.samples))}
         self._stopping = False
         self._failures_logged = 0
-        pbar = tqdm(total=0, desc=f"rollout {step}", unit="sample", disable=not cfg.progress, leave=False)
+        pbar = progress_bar(0, f"rollout {step}", "sample", cfg.progress)   # drawn by the driver on a terminal only
 
         def settle(group: _Group) -> None:
             samples = group.samples
@@ -314,7 +313,7 @@ class RolloutManager:
             done |= more
         return [task.result() for task in done]
 
-    async def _run_group(self, group: _Group, sem: asyncio.Semaphore, pbar: tqdm) -> _Group:
+    async def _run_group(self, group: _Group, sem: asyncio.Semaphore, pbar: Any) -> _Group:
         results = await asyncio.gather(*(self._run_sample(s, sem, pbar) for s in group.samples))
         group.samples = [s for result in results for s in result]
         for s in group.samples:
@@ -322,7 +321,7 @@ class RolloutManager:
         await self.scorer.score(group.samples)
         return group
 
-    async def _run_sample(self, sample: Sample, sem: asyncio.Semaphore, pbar: tqdm) -> list[Sample]:
+    async def _run_sample(self, sample: Sample, sem: asyncio.Semaphore, pbar: Any) -> list[Sample]:
         """Run the generate function on a copy of `sample`; on cancel or abort keep the pre-call state."""
         if sample.status not in (Status.PENDING, Status.ABORTED):
             return [sample]

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -176,3 +177,76 @@ def test_step_line_has_throughput_and_eta(model, caplog):
     with caplog.at_level(logging.INFO, logger="kiln.driver"):
         driver._log_step(1, batch, {"timing/step_s": 2.0})
     assert "| 4.0 samples/s 200 tok/s | eta 9s" in caplog.text   # 3 steps left at (4 + 2) / 2 s
+
+
+def _tiny_run_args(model: Path, tmp_path: Path) -> list[str]:
+    """train.py flags of a 2-step CPU run whose rollouts take long enough to draw a bar (64 samples of 16 tokens)."""
+    from examples.quickstart.make_data import write_dataset
+
+    write_dataset(tmp_path / "data")
+    return ["--hf-checkpoint", str(model), "--prompt-data", str(tmp_path / "data" / "train.jsonl"),
+            "--apply-chat-template", "--rollout-batch-size", "8", "--n-samples-per-prompt", "8",
+            "--rollout-max-response-len", "16", "--rollout-concurrency", "4", "--global-batch-size", "64",
+            "--num-rollout", "2", "--ray-num-cpus", "2",
+            "--custom-rm-path", "examples.quickstart.reward:arithmetic_reward",
+            "--metrics-file", str(tmp_path / "metrics.jsonl"), "--progress"]
+
+
+def test_log_file_has_no_progress_bars_or_colour_codes(qwen3_model, tmp_path):
+    """stdout and stderr into a file, --progress given: no bar (not even a fragment), no ANSI escape, step lines."""
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        done = subprocess.run([sys.executable, str(REPO / "train.py"), *_tiny_run_args(qwen3_model, tmp_path)],
+                              cwd=tmp_path, env=ENV, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "\r" not in text and "\x1b" not in text, text[-3000:]
+    assert "%|" not in text and "sample/s]" not in text and "rollout 1:" not in text, text[-3000:]
+    assert "INFO step 2/2 | reward" in text and "(RolloutManagerActor pid=" in text
+
+
+def test_terminal_gets_the_rollout_bar_drawn_by_the_driver(qwen3_model, tmp_path):
+    """On a terminal (a pty) the rollout manager actor's bar is drawn by the driver as one live bar, never as
+    stale fragments behind the actor's log prefix (what a tqdm bar inside an actor turns into)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # a bar needs a width
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *_tiny_run_args(qwen3_model, tmp_path)],
+                            cwd=tmp_path, env=ENV, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:   # EIO: every writer of the pty is gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    plain = strip_ansi(text)
+    assert "INFO step 2/2 | reward" in plain, plain[-3000:]
+    assert "rollout 1: 100%|" in plain, plain[-3000:]   # the bar reached its end (a stale fragment does not)
+    # every drawing of the bar is tqdm_ray's, by the driver ("(pid=N) rollout k: ..."), none a bare tqdm redraw
+    assert len(re.findall(r"rollout \d:", plain)) == len(re.findall(r"\(pid=\d+\) rollout \d:", plain)) > 2
+
+
+def test_progress_bar_kinds():
+    from tqdm import tqdm
+
+    from kiln_common.logs import in_ray_actor, progress_bar
+
+    off = progress_bar(0, "rollout 1", "sample", enabled=False)
+    off.total += 4
+    off.update(4)
+    off.close()
+    assert off.disable and not in_ray_actor()   # outside Ray: tqdm itself, gone when closed
+    bar = progress_bar(2, "rollout 1", "sample", enabled=True)
+    assert isinstance(bar, tqdm) and not bar.disable and bar.leave is False
+    bar.close()
