@@ -42,6 +42,9 @@ class Sample:
     weight_version: int = 0
     policy: str = DEFAULT_POLICY
     error: str | None = None
+    # mixture-of-experts policies (routing replay): the experts the engine chose, numpy [rows, moe layers, top_k]
+    # uint8 / int16, row j for tokens[j] (rows <= len(tokens) - 1: the last token is never forwarded); None: not asked
+    routed_experts: Any = None
 
     @property
     def prompt_length(self) -> int:
@@ -52,11 +55,13 @@ class Sample:
         return self.tokens[len(self.tokens) - self.response_length:]
 
     def append(self, tokens: Sequence[int], logprobs: Sequence[float] | None = None, *, loss_mask: int,
-               text: str = "") -> None:
+               text: str = "", routed_experts: Any = None) -> None:
         """Append response tokens: this policy's (loss_mask 1, one log-prob each) or not (loss_mask 0, log-prob 0.0).
 
         The one way to extend a response: tokens, response_length, loss_mask, rollout_logprobs and
         response stay in step. The lists are replaced, never extended in place (they may be shared).
+        `routed_experts` (loss_mask 1 only): the engine call's routing from row 0 of the sequence (a numpy
+        array, `kiln_common.routed_experts.decode` of its output); rows already held are kept, the rest added.
         """
         tokens = list(tokens)
         if loss_mask not in (0, 1):
@@ -74,6 +79,13 @@ class Sample:
         if len(self.loss_mask) != n or len(self.rollout_logprobs) != n:
             raise ValueError(f"sample {self.index}: cannot append to a response of {n} tokens with "
                              f"{len(self.loss_mask)} loss-mask entries and {len(self.rollout_logprobs)} log-probs")
+        if routed_experts is not None:   # checked before anything changes
+            if not loss_mask:
+                raise ValueError(f"sample {self.index}: tokens with loss_mask 0 were not routed by this policy's "
+                                 "engine; pass routed_experts=None")
+            from kiln_common import routed_experts as routing
+
+            self.routed_experts = routing.extend(self.routed_experts, routed_experts, len(self.tokens) + len(tokens))
         self.tokens = self.tokens + tokens
         self.response_length = n + len(tokens)
         self.loss_mask = self.loss_mask + [1 if loss_mask else 0] * len(tokens)

@@ -13,6 +13,7 @@ from typing import Any
 
 from rollout.client import EngineClient, EngineError
 from rollout.config import EnvConfig, RolloutConfig
+from kiln_common import routed_experts
 from kiln_common.sample import DEFAULT_POLICY, Sample, Status
 
 
@@ -84,7 +85,9 @@ def append_response(sample: Sample, response: dict[str, Any], *, loss_mask: int 
     ids, logprobs = response_tokens(response, f"sample {sample.index}")
     meta = response["meta_info"]
     status = finish_status(meta)
-    sample.append(ids, logprobs if loss_mask == 1 else None, loss_mask=loss_mask, text=response.get("text", ""))
+    routed = meta.get("routed_experts")   # asked for with sampling param return_routed_experts (MoE policies)
+    sample.append(ids, logprobs if loss_mask == 1 else None, loss_mask=loss_mask, text=response.get("text", ""),
+                  routed_experts=routed_experts.decode(routed) if routed is not None and loss_mask == 1 else None)
     sample.status = status
     sample.weight_version = meta.get("weight_version", sample.weight_version)
     return sample
