@@ -123,6 +123,8 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
         if values.get("use-tis") is False:
             raise ConfigError("--async-rollout trains on samples one version stale; it needs TIS (drop --no-use-tis)")
         values["use-tis"] = True
+    if values.get("rollout-dtype") == "fp8":   # FP8 rollout widens the engine/trainer gap: corrected unless told not
+        _fp8_corrections(values)
     run, rollout, data, trainer, engine, env = instantiate(CONFIG_CLASSES, values)
     if len(policies) > 1 and trainer.ref_checkpoint is not None:
         raise ConfigError("--ref-checkpoint is ambiguous with several --policies; each policy's reference is its "
@@ -138,6 +140,21 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
     except EvalConfigError as e:
         raise ConfigError(str(e)) from None
     return DriverConfig(run, rollout, data, trainer, engine, env, policies)
+
+
+def _fp8_corrections(values: dict[str, Any]) -> None:
+    """Turn TIS and MIS on for FP8 rollout where the flags leave them unset, and say so in one log line."""
+    unset = [flag for flag in ("use-tis", "use-mis") if values.get(flag) is None]
+    if values.get("recompute-old-logprobs") is False:
+        logger.info("--rollout-dtype fp8: TIS / MIS stay off (they need the trainer's recomputed log-probs, and "
+                    "--no-recompute-old-logprobs is set); the mismatch is still reported (train_rollout_kl)")
+        return
+    for flag in unset:
+        values[flag] = True
+    kept = [f"--{flag} {values[flag]}" for flag in ("use-tis", "use-mis") if flag not in unset]
+    logger.info("--rollout-dtype fp8: %s (importance correction of the FP8 engine's log-probs)%s",
+                " and ".join(f"--{flag}" for flag in unset) + " turned on" if unset else "nothing turned on",
+                f"; kept as set: {', '.join(kept)}" if kept else "")
 
 
 def check_inputs(config: DriverConfig) -> None:
@@ -324,7 +341,7 @@ class Driver:
                     transport="colocated" if self.colocated and run.actor_num_nodes == 1 else "distributed",
                     bucket_bytes=run.update_weight_buffer_size, check_weight_update=run.check_weight_update,
                     timeout_s=run.weight_sync_timeout, master_address=group.master_addr,
-                    group_name=f"kiln_weights_{name}")
+                    group_name=f"kiln_weights_{name}", fp8=cfg.engine.fp8_layout)
             ray.get([ref for name in self.trainers for ref in self._connect_weight_sync(name)])
         self._resume()
 

@@ -1,6 +1,8 @@
 """FP8 rollout (CPU): the quantisation numerics against float64, the FP8-reference engine against a fake-quantised HF
 model, and weight pushes into an FP8 engine (weights and scales, checksums over what the engine holds)."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -203,3 +205,35 @@ def test_push_checksums_catch_an_engine_that_quantises_differently(tiny_models, 
                 push_weights(_trainer_buckets(other_llama), [engine], sender, 1)
         finally:
             sender.close([engine])
+
+
+def test_train_rollout_mismatch_metrics_against_float64():
+    """Every step reports the engine-vs-trainer gap on the rollout tokens: mean |diff| and KL(engine || trainer)."""
+    from trainer.losses import LossConfig, compute_policy_loss
+
+    old = torch.tensor([-1.0, -0.5, -2.0, -0.1, -3.0], dtype=torch.float64)
+    rollout = torch.tensor([-1.2, -0.5, -1.0, -0.3, -9.0], dtype=torch.float64)
+    mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.float64)
+    _, metrics = compute_policy_loss(old.clone(), old, torch.ones(5, dtype=torch.float64), mask,
+                                     torch.tensor([3, 2]), LossConfig(), rollout_logp=rollout,
+                                     global_num_tokens=4, global_num_seqs=2)
+    kept = [(o, r) for o, r, m in zip(old.tolist(), rollout.tolist(), mask.tolist()) if m]
+    assert metrics["train_rollout_logp_absdiff"].item() == pytest.approx(sum(abs(o - r) for o, r in kept) / 4)
+    # k3 with samples from the engine: E[exp(old - rollout) - 1 - (old - rollout)] = KL(engine || trainer)
+    want = sum(math.exp(o - r) - 1 - (o - r) for o, r in kept) / 4
+    assert metrics["train_rollout_kl"].item() == pytest.approx(want, rel=1e-12)
+
+
+def test_fp8_rollout_turns_tis_and_mis_on_unless_disabled(qwen3_model, caplog):
+    from orchestrator.driver import parse_args
+
+    base = ["--hf-checkpoint", str(qwen3_model), "--prompt-data", "x.jsonl"]
+    with caplog.at_level("INFO", logger="kiln.driver"):
+        cfg = parse_args(base + ["--rollout-dtype", "fp8"])
+    assert cfg.engine.weight_dtype == "fp8" and cfg.trainer.loss.use_tis and cfg.trainer.loss.use_mis
+    assert [r.getMessage() for r in caplog.records if "--rollout-dtype fp8" in r.getMessage()] == [
+        "--rollout-dtype fp8: --use-tis and --use-mis turned on (importance correction of the FP8 engine's log-probs)"]
+    cfg = parse_args(base + ["--rollout-dtype", "fp8", "--no-use-mis"])
+    assert cfg.trainer.loss.use_tis and not cfg.trainer.loss.use_mis
+    cfg = parse_args(base)
+    assert cfg.engine.weight_dtype == "auto" and not cfg.trainer.loss.use_tis and not cfg.trainer.loss.use_mis

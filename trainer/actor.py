@@ -423,7 +423,8 @@ class TrainerActor:
                 names = sorted(set().union(*everyone))
             return ["loss"] + [k for k in names if k != "loss"]
         return ["loss", "pg_loss", "pg_clipfrac", "ppo_kl", "entropy"] + sorted(
-            k for k in ("kl_loss", "train_rollout_logp_absdiff", "tis_clipfrac", "pg_clipfrac_lower",
+            k for k in ("kl_loss", "train_rollout_logp_absdiff", "train_rollout_kl", "tis_clipfrac",
+                        "pg_clipfrac_lower",
                         "mis_reject_frac")
             if k in sums or self._expects_metric(k, per_sample))
 
@@ -432,6 +433,7 @@ class TrainerActor:
         loss = self.cfg.loss
         return {"kl_loss": per_sample["ref"] is not None,
                 "train_rollout_logp_absdiff": per_sample["rollout"] is not None,
+                "train_rollout_kl": per_sample["rollout"] is not None,
                 "tis_clipfrac": loss.use_tis,
                 "mis_reject_frac": loss.use_mis,
                 "pg_clipfrac_lower": loss.dual_clip_c is not None and loss.policy_loss in ("ppo", "gspo")}[key]

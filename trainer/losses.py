@@ -303,8 +303,10 @@ def compute_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, loss
         metrics["entropy"] = entropy_mean.detach()
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * entropy_mean
-    if rollout_logp is not None:
+    if rollout_logp is not None:   # the engine-vs-trainer mismatch on the rollout tokens (FP8 rollout widens it)
         metrics["train_rollout_logp_absdiff"] = agg((old_logp - rollout_logp).abs()).detach()
+        engine_logp = torch.where(keep, rollout_logp, old_logp).clamp(min=old_logp - _MAX_LOG_RATIO)
+        metrics["train_rollout_kl"] = agg(kl_estimate(engine_logp, old_logp, "k3")).detach()  # KL(engine || trainer)
     return loss, metrics
 
 
