@@ -6,7 +6,7 @@ from envs.multiagent import MultiAgentEnv, Opening, RoleSpec, TurnResult
 from envs.registry import register
 from envs.tools import ToolEnv, parse_tool_calls
 from examples.medical_multiagent.cases import Case
-from examples.medical_multiagent.doctor_env import DOCTOR_INSTRUCTIONS, order_test_tool
+from examples.medical_multiagent.doctor_env import DOCTOR_BRIEF, DOCTOR_INSTRUCTIONS, order_test_tool
 from examples.medical_multiagent.patient import patient_system_prompt
 from examples.medical_multiagent.rewards import (DIAGNOSIS_LINE, DoctorRewardConfig, PatientRewardConfig,
                                                  doctor_reward, patient_reward)
@@ -33,22 +33,28 @@ class MedicalDialogue(MultiAgentEnv):
 
     Rewards: the doctor's is `doctor_reward` over its turns (tool turns included); the patient's is
     `patient_reward` over its (doctor question, patient answer) exchanges. The episode is truncated after
-    `reward_config.max_turns` doctor turns without a diagnosis.
+    `reward_config.max_turns` doctor turns without a diagnosis. `brief_prompts`: both roles get short system
+    prompts (`DOCTOR_BRIEF`, `patient_brief_prompt`), for small models trained from scratch.
     """
 
     def __init__(self, doctor_reward_config: DoctorRewardConfig = DoctorRewardConfig(),
                  patient_reward_config: PatientRewardConfig = PatientRewardConfig(),
-                 patient_max_new_tokens: int | None = None):
+                 patient_max_new_tokens: int | None = None, brief_prompts: bool = False):
         if patient_max_new_tokens is not None and patient_max_new_tokens < 1:
             raise ValueError(f"patient_max_new_tokens must be >= 1 or None, got {patient_max_new_tokens}")
         self.doctor_config = doctor_reward_config
         self.patient_config = patient_reward_config
         self.patient_max_new_tokens = patient_max_new_tokens
+        self.brief_prompts = brief_prompts
         self.case: Case | None = None
         self.tools = ToolEnv([order_test_tool(lambda: self.case)], instructions=DOCTOR_INSTRUCTIONS)
         self.doctor_turns: list[str] = []
         self.exchanges: list[tuple[str, str]] = []  # (what the patient was asked, what it answered)
         self._question = GREETING
+
+    def doctor_prompt(self) -> str:
+        """The doctor's system prompt."""
+        return DOCTOR_BRIEF if self.brief_prompts else self.tools.system_prompt()
 
     async def reset(self, sample: Sample) -> Opening:
         self.case = case_of(sample)
@@ -56,8 +62,8 @@ class MedicalDialogue(MultiAgentEnv):
         self.doctor_turns, self.exchanges, self._question = [], [], GREETING
         patient_params = {} if self.patient_max_new_tokens is None else {"max_new_tokens": self.patient_max_new_tokens}
         return Opening(roles=[
-            RoleSpec(DOCTOR, [{"role": "system", "content": self.tools.system_prompt()}]),
-            RoleSpec(PATIENT, [{"role": "system", "content": patient_system_prompt(self.case)},
+            RoleSpec(DOCTOR, [{"role": "system", "content": self.doctor_prompt()}]),
+            RoleSpec(PATIENT, [{"role": "system", "content": patient_system_prompt(self.case, self.brief_prompts)},
                                {"role": "user", "content": GREETING}], patient_params),
         ], first=PATIENT)
 

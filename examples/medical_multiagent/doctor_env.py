@@ -17,6 +17,10 @@ DOCTOR_INSTRUCTIONS = (
     "You are a doctor seeing a patient. Ask one short question per turn to find out what is wrong. You can order "
     "tests with the order_test tool. When you are confident, reply with a final line 'Diagnosis: <condition>' "
     "naming one condition.")
+DOCTOR_BRIEF = (
+    "You are a doctor seeing a patient. Ask one short question per turn. To order a test, write "
+    '<tool_call>{"name": "order_test", "arguments": {"test": "<test>"}}</tool_call>. '
+    "End with a line 'Diagnosis: <condition>'.")
 NOT_AVAILABLE = "not available"
 
 
@@ -46,15 +50,24 @@ def order_test_tool(case_of: Callable[[], Case]) -> Tool:
 
 @register("medical_doctor")
 class DoctorEnv(ToolEnv):
-    """One consultation from the doctor's side; the reward (on 'Diagnosis: ...') is `doctor_reward`."""
+    """One consultation from the doctor's side; the reward (on 'Diagnosis: ...') is `doctor_reward`.
 
-    def __init__(self, case: Case | None = None, reward_config: DoctorRewardConfig = DoctorRewardConfig()):
+    `brief_prompt`: the short system prompt `DOCTOR_BRIEF` (about 50 tokens, for small models that learn the
+    tool-call format by SFT) instead of the instructions and the full tool schema (about 300 tokens).
+    """
+
+    def __init__(self, case: Case | None = None, reward_config: DoctorRewardConfig = DoctorRewardConfig(),
+                 brief_prompt: bool = False):
         super().__init__([order_test_tool(lambda: self.case)], instructions=DOCTOR_INSTRUCTIONS)
+        self.brief_prompt = brief_prompt
         self.fixed_case = case
         self.case: Case | None = None
         self.patient: RuleBasedPatient | None = None
         self.reward_config = reward_config
         self.doctor_turns: list[str] = []
+
+    def system_prompt(self) -> str | None:
+        return DOCTOR_BRIEF if self.brief_prompt else super().system_prompt()
 
     async def reset(self, sample: Sample) -> str:
         await super().reset(sample)

@@ -1,4 +1,4 @@
-"""Evaluate a doctor on the test split: diagnosis accuracy, average doctor turns and patient faithfulness.
+"""Evaluate a doctor (and patient) on the test split: diagnosis, questions, tests, patient faithfulness.
 
     python -m examples.medical_multiagent.eval --doctor MODEL_DIR                       # rule-based patient
     python -m examples.medical_multiagent.eval --doctor MODEL_DIR --patient PATIENT_DIR  # LLM patient
@@ -7,6 +7,16 @@
 
 A model is a local HF folder (served in-process by `inference_engine.Engine`) or the URL of a running
 engine server. `--patient shared` lets the doctor's model play the patient too (one shared policy).
+
+Metrics (`EvalReport`): diagnosis accuracy by any accepted name (the reward's `correct`) and by the exact
+table name (top-1 exact), the share of consultations ending with a parsable `Diagnosis:` line, average
+doctor turns; information gathering: the share of the doctor's questions that ask about one of the case's
+key symptoms (the condition's symptoms with frequency >= 0.5, not already told in the opening) and how
+many distinct key symptoms a consultation asks about, the share of symptom questions whose answer is yes;
+tests: how many are ordered and the share of consultations with a test specific to the condition; patient:
+faithfulness (symptom claims that agree with the case), leak rate (consultations where it names its
+diagnosis) and answer relevance (questions answered on topic). `curves(metrics.jsonl)` reads the
+per-step series of a run for both roles.
 """
 
 from __future__ import annotations
@@ -17,17 +27,19 @@ import contextlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from envs.generate import EnvConfig
 from envs.tools import parse_tool_calls
 from examples.medical_multiagent.cases import Case, generate_cases
+from examples.medical_multiagent.conditions import CONDITIONS
 from examples.medical_multiagent.dialogue import DOCTOR, GREETING, PATIENT, case_of
 from examples.medical_multiagent.generate import generate_dialogue, generate_doctor
 from examples.medical_multiagent.make_data import case_row
-from examples.medical_multiagent.rewards import patient_reward
+from examples.medical_multiagent.lexicon import SYMPTOM_MATCHER, with_implied
+from examples.medical_multiagent.rewards import DIAGNOSIS_LINE, parse_diagnosis, patient_reward
 from kiln_common.sample import Sample, Status
 from rollout.client import EngineClient, HttpEngineClient, LocalEngineClient
 from rollout.config import RolloutConfig
@@ -49,17 +61,33 @@ class EvalReport:
     patient_faithfulness: float  # share of the patient's symptom claims that agree with the case
     patient_leak_rate: float  # episodes where the patient named its diagnosis
     patient: str
+    accuracy_exact: float = 0.0  # the diagnosis is the condition's table name exactly (top-1, exact name)
+    key_question_rate: float = 0.0  # doctor questions asking about a key symptom of the case / questions
+    key_symptoms_asked: float = 0.0  # distinct key symptoms asked about per consultation
+    positive_rate: float = 0.0  # symptom questions about a symptom the case has / symptom questions
+    tests_ordered: float = 0.0  # per consultation
+    specific_test_rate: float = 0.0  # consultations with a test specific to the condition
+    patient_answered: float = 0.0  # questions the patient answered on topic (answer relevance)
 
     def summary(self) -> str:
         """The lines eval prints."""
         return "\n".join([
             f"episodes            {self.episodes} ({self.failed} failed), patient: {self.patient}",
             f"diagnosis accuracy  {self.accuracy:.3f}",
+            f"  exact name        {self.accuracy_exact:.3f}",
             f"diagnosis format    {self.format_rate:.3f}",
             f"avg doctor turns    {self.avg_doctor_turns:.2f}",
+            f"key-symptom qs      {self.key_question_rate:.3f} ({self.key_symptoms_asked:.2f} per consultation)",
+            f"yes to symptom qs   {self.positive_rate:.3f}",
+            f"tests ordered       {self.tests_ordered:.2f} (specific {self.specific_test_rate:.3f})",
             f"patient faithful    {self.patient_faithfulness:.3f}",
             f"patient leak rate   {self.patient_leak_rate:.3f}",
+            f"patient relevance   {self.patient_answered:.3f}",
         ])
+
+    def row(self) -> dict[str, float]:
+        """The figures as a flat dict (for tables)."""
+        return {k: v for k, v in asdict(self).items() if isinstance(v, (int, float))}
 
 
 def eval_args(clients: dict[str, EngineClient], tokenizer: Any, env_config: EnvConfig) -> GenerateArgs:
@@ -94,11 +122,52 @@ async def run_cases(args: GenerateArgs, samples: list[Sample], *, llm_patient: b
     return await asyncio.gather(*(one(s) for s in samples))
 
 
+def key_symptoms(case: Case) -> set[str]:
+    """The symptoms a doctor should ask about: the condition's frequent ones (>= 0.5), or for a condition not
+    in the table the case's own; the chief complaint (told in the opening) excluded."""
+    if case.condition in CONDITIONS:
+        keys = {k for k, f in CONDITIONS[case.condition].symptoms.items() if f >= 0.5}
+    else:
+        keys = case.symptom_keys()
+    return keys - with_implied([case.chief_complaint.key])
+
+
+def doctor_questions(doctor_messages: list[dict[str, str]]) -> list[str]:
+    """The doctor's turns that are neither tool calls nor a diagnosis."""
+    return [m["content"] for m in doctor_messages if m["role"] == "assistant"
+            and not parse_tool_calls(m["content"]) and not DIAGNOSIS_LINE.search(m["content"])]
+
+
+def question_stats(case: Case, questions: list[str]) -> tuple[int, int, set[str], int, int]:
+    """(questions, key questions, key symptoms asked, symptom questions, those about a symptom the case has)."""
+    key, has = key_symptoms(case), case.symptom_keys()
+    n_key = n_symptom = n_yes = 0
+    asked_keys: set[str] = set()
+    for q in questions:
+        asked = with_implied(SYMPTOM_MATCHER.keys(q))
+        n_key += bool(asked & key)
+        asked_keys |= asked & key
+        if asked:
+            n_symptom += 1
+            n_yes += bool(asked & has)
+    return len(questions), n_key, asked_keys, n_symptom, n_yes
+
+
+def exact_match(doctor_messages: list[dict[str, str]], case: Case) -> bool:
+    """The last turn's diagnosis is the condition's table name (case and spacing aside)."""
+    last = next((m["content"] for m in reversed(doctor_messages) if m["role"] == "assistant"), "")
+    said = parse_diagnosis(last)
+    return said is not None and " ".join(said.lower().split()) == case.condition.lower()
+
+
 def report(episodes: list[list[Sample]], patient: str) -> EvalReport:
-    """Accuracy, format, turns and patient faithfulness over episodes from `run_cases`."""
+    """Accuracy, format, turns, questions, tests and patient faithfulness over episodes from `run_cases`."""
     ok = [e for e in episodes if all(s.status in (Status.COMPLETED, Status.TRUNCATED) for s in e)]
     doctor = [next(s for s in e if s.metadata.get("role") == DOCTOR) for e in ok]
     breakdowns = [s.metadata.get("reward_breakdown", {}) for s in doctor]
+    stats = [question_stats(case_of(d), doctor_questions(d.metadata["messages"])) for d in doctor]
+    questions, key_qs = sum(s[0] for s in stats), sum(s[1] for s in stats)
+    symptom_qs, yes_qs = sum(s[3] for s in stats), sum(s[4] for s in stats)
     patient_parts = []
     for e, d in zip(ok, doctor):
         llm = next((s for s in e if s.metadata.get("role") == PATIENT), None)
@@ -115,7 +184,38 @@ def report(episodes: list[list[Sample]], patient: str) -> EvalReport:
         avg_doctor_turns=sum(s.metadata.get("turns", 0) for s in doctor) / k,
         patient_faithfulness=sum(p.get("faithfulness", 0.0) for p in patient_parts) / k,
         patient_leak_rate=sum(p.get("leaked", 0.0) for p in patient_parts) / k,
-        patient=patient)
+        patient=patient,
+        accuracy_exact=sum(exact_match(d.metadata["messages"], case_of(d)) for d in doctor) / n,
+        key_question_rate=key_qs / max(questions, 1),
+        key_symptoms_asked=sum(len(s[2]) for s in stats) / k,
+        positive_rate=yes_qs / max(symptom_qs, 1),
+        tests_ordered=sum(b.get("tests_ordered", 0.0) for b in breakdowns) / k,
+        specific_test_rate=sum(b.get("diagnostic_test", 0.0) for b in breakdowns) / k,
+        patient_answered=sum(p.get("answered", 0.0) for p in patient_parts) / k)
+
+
+def curves(metrics_file: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-step series of a run's metrics.jsonl for both roles: reward, loss, turns, response length.
+
+    Keys are named by role (`doctor/reward`, `patient/loss`, ...) whether the run had two policies
+    (`rollout/doctor/reward_mean`, `train/doctor/loss`) or one (`rollout/reward_mean`, `train/loss`).
+    """
+    wanted = {"reward": "rollout/{r}/reward_mean", "loss": "train/{r}/loss", "turns": "rollout/{r}/turns_mean",
+              "response_len": "rollout/{r}/response_len_mean"}
+    single = {"reward": "rollout/reward_mean", "loss": "train/loss"}
+    out: dict[str, list[tuple[int, float]]] = {}
+    for line in Path(metrics_file).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        for role in (DOCTOR, PATIENT):
+            for name, pattern in wanted.items():
+                key = pattern.format(r=role)
+                if key not in row and role == DOCTOR and name in single:  # a one-policy run: the doctor's
+                    key = single[name]
+                if key in row and isinstance(row[key], (int, float)):
+                    out.setdefault(f"{role}/{name}", []).append((int(row["step"]), float(row[key])))
+    return out
 
 
 def load_samples(data: str | None, n_cases: int, seed: int) -> list[Sample]:

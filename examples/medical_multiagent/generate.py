@@ -2,11 +2,14 @@
 
     --custom-generate-function-path examples.medical_multiagent.generate:generate_doctor     (one policy)
     --custom-generate-function-path examples.medical_multiagent.generate:generate_dialogue   (co-training)
+    --custom-generate-function-path examples.medical_multiagent.generate:generate_dialogue_fixed_patient
+        (doctor trained against an LLM patient that is served but not trained: only the doctor's Samples return)
 
 The dialogue's roles are played by the policies named "doctor" and "patient" when the run has them
 (two models), else by the run's one policy (one shared model; the role is in each system prompt).
 Both take `args: rollout.generate.GenerateArgs`; `args.env_config.env_max_turns` counts the doctor's turns,
-`env_max_total_tokens` bounds each role's conversation.
+`env_max_total_tokens` bounds each role's conversation; `--env-kwargs '{"brief_prompts": true}'` gives both
+roles short system prompts (for the small models of the warm start).
 Rewards are set here (`rewards.py`): no --custom-rm-path is needed.
 """
 
@@ -14,14 +17,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from envs.generate import resolve_policy
+from envs.generate import EnvConfig, resolve_policy
 from envs.multiagent import new_episode_id, run_dialogue
 from envs.multiturn import run_episode
-from examples.medical_multiagent.dialogue import DOCTOR, MedicalDialogue, case_of
+from examples.medical_multiagent.dialogue import DOCTOR, PATIENT, MedicalDialogue, case_of
 from examples.medical_multiagent.doctor_env import DoctorEnv
+from examples.medical_multiagent.judge import JudgeConfig, judge_patient
 from examples.medical_multiagent.rewards import DoctorRewardConfig, doctor_reward
 from kiln_common.sample import Sample, Status
 from rollout.generate import GenerateArgs, check_args
+
+
+def brief_prompts(config: EnvConfig) -> bool:
+    """`env_kwargs["brief_prompts"]` (short system prompts for both roles), False when absent."""
+    return bool(config.env_kwargs.get("brief_prompts", False))
 
 
 async def generate_doctor(args: GenerateArgs, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
@@ -29,7 +38,7 @@ async def generate_doctor(args: GenerateArgs, sample: Sample, sampling_params: d
     config = check_args(args, "generate_doctor").env_config
     sample.policy = resolve_policy(args.clients, DOCTOR)
     reward_config = DoctorRewardConfig(max_turns=config.env_max_turns)
-    env = DoctorEnv(case_of(sample), reward_config)
+    env = DoctorEnv(case_of(sample), reward_config, brief_prompt=brief_prompts(config))
     episode_id = new_episode_id(sample)
     sample.metadata.update(episode_id=episode_id, role=DOCTOR)
     out = await run_episode(args.clients[sample.policy], args.tokenizer, env, sample, sampling_params,
@@ -44,8 +53,36 @@ async def generate_doctor(args: GenerateArgs, sample: Sample, sampling_params: d
 async def generate_dialogue(args: GenerateArgs, sample: Sample, sampling_params: dict[str, Any]) -> list[Sample]:
     """One consultation between the doctor and the LLM patient: the doctor's Sample and the patient's, rewarded."""
     config = check_args(args, "generate_dialogue").env_config
-    env = MedicalDialogue(DoctorRewardConfig(max_turns=config.env_max_turns))
-    return await run_dialogue(env, sample, tokenizer=args.tokenizer, clients=args.clients, policies=None,
-                              sampling_params=sampling_params, max_turns=2 * config.env_max_turns + 1,
-                              max_total_tokens=config.env_max_total_tokens, step_timeout=config.env_step_timeout,
-                              episode_timeout=config.env_episode_timeout)
+    env = MedicalDialogue(DoctorRewardConfig(max_turns=config.env_max_turns), brief_prompts=brief_prompts(config))
+    samples = await run_dialogue(env, sample, tokenizer=args.tokenizer, clients=args.clients, policies=None,
+                                 sampling_params=sampling_params, max_turns=2 * config.env_max_turns + 1,
+                                 max_total_tokens=config.env_max_total_tokens, step_timeout=config.env_step_timeout,
+                                 episode_timeout=config.env_episode_timeout)
+    judge = JudgeConfig.from_env_kwargs(config.env_kwargs)
+    patient = next((s for s in samples if s.metadata.get("role") == PATIENT), None)
+    if judge is not None and patient is not None and env.exchanges and isinstance(patient.reward, (int, float)) \
+            and patient.status in (Status.COMPLETED, Status.TRUNCATED):
+        if judge.policy not in args.clients:
+            raise ValueError(f"patient_judge names policy {judge.policy!r}; policies: {sorted(args.clients)}")
+        score, parts = await judge_patient(args.clients[judge.policy], args.tokenizer, env.case, env.exchanges, judge,
+                                           session_id=f"{patient.metadata.get('episode_id')}-judge")
+        patient.reward += judge.weight * score
+        patient.metadata["reward_breakdown"] = {**patient.metadata.get("reward_breakdown", {}), **parts,
+                                                "total": patient.reward}
+    return samples
+
+
+async def generate_dialogue_fixed_patient(args: GenerateArgs, sample: Sample,
+                                          sampling_params: dict[str, Any]) -> list[Sample]:
+    """As `generate_dialogue`, but only the doctor's Sample comes back: the patient policy plays, is never trained.
+
+    With `--policies doctor=D patient=P` the patient policy gets no samples, so the driver leaves it as it is
+    (its weights stay those of P; the driver logs that it has no samples each step). The patient's reward
+    breakdown is kept in the doctor Sample's `metadata["patient_breakdown"]`.
+    """
+    samples = await generate_dialogue(args, sample, sampling_params)
+    doctor = [s for s in samples if s.metadata.get("role") == DOCTOR]
+    patient = next((s for s in samples if s.metadata.get("role") == PATIENT), None)
+    if doctor and patient is not None and "reward_breakdown" in patient.metadata:
+        doctor[0].metadata["patient_breakdown"] = patient.metadata["reward_breakdown"]
+    return doctor or samples

@@ -22,17 +22,39 @@ _EXAM_OR_TEST = re.compile(r"\b(examine|examination|blood pressure|pulse|tempera
 _DIAGNOSIS = re.compile(r"\b(what do you think|diagnos|what you have|cause of)", re.I)
 
 
+FREE_TEXT_KEYS = ("self_report", "response_")  # findings of MTMedDialog cases (mtmed.to_case): the patient's words
+
+
 def _sex_word(case: Case) -> str:
     return "woman" if case.sex == "female" else "man"
 
 
-def patient_system_prompt(case: Case) -> str:
-    """The LLM patient's role-play instructions, built from the case."""
+def _who(case: Case) -> str:
+    """'a 43-year-old woman', or 'a patient' when age and sex are unknown (MTMedDialog cases)."""
+    if case.age > 0 and case.sex in ("female", "male"):
+        return f"a {case.age}-year-old {_sex_word(case)}"
+    return "a patient"
+
+
+def patient_brief_prompt(case: Case) -> str:
+    """A short version of `patient_system_prompt` (for small models trained by SFT): who, symptoms, onset, rules."""
+    symptoms = "; ".join(f"I've {RuleBasedPatient.finding_phrase(f)}" for f in case.symptoms)
+    history = "; ".join(case.history) or "nothing of note"
+    onset = f" {case.onset}" if case.onset else ""
+    return (f"You are {_who(case)} seeing a doctor. Your symptoms, and no others: "
+            f"{symptoms}.{onset} Background: {history}. Answer in one plain sentence, truthfully; "
+            "never name a disease.")
+
+
+def patient_system_prompt(case: Case, brief: bool = False) -> str:
+    """The LLM patient's role-play instructions, built from the case (`brief`: `patient_brief_prompt`)."""
+    if brief:
+        return patient_brief_prompt(case)
     symptoms = "\n".join(f"- I've {RuleBasedPatient.finding_phrase(f)}" for f in case.symptoms)
     history = "\n".join(f"- {h}" for h in case.history) or "- nothing of note"
     onset = f"\nHow it started: {case.onset}" if case.onset else ""
     return (
-        f"You are role-playing a patient visiting a doctor. You are a {case.age}-year-old {_sex_word(case)}.\n"
+        f"You are role-playing a patient visiting a doctor. You are {_who(case)}.\n"
         f"Your main complaint: I've {RuleBasedPatient.finding_phrase(case.chief_complaint)}.\n"
         f"What you are experiencing (all true, nothing else is):\n{symptoms}{onset}\n"
         f"Background:\n{history}\n\n"
@@ -58,13 +80,19 @@ class RuleBasedPatient:
     def opening(self) -> str:
         """The first thing the patient says: who they are and the chief complaint."""
         self._told.add(self.case.chief_complaint.key)
+        if self.case.chief_complaint.key.startswith(FREE_TEXT_KEYS):
+            return self.case.chief_complaint.text
         return (f"Hello doctor. I'm a {self.case.age}-year-old {_sex_word(self.case)}, and I've "
                 f"{self.finding_phrase(self.case.chief_complaint)}.")
 
     @staticmethod
     def finding_phrase(f: Finding) -> str:
         """How the patient says they have it: lexicon wording, or a DDXPlus question answered yes."""
-        return f.text if f.key in SYMPTOMS else f"had this: {f.text.rstrip('?')}"
+        if f.key in SYMPTOMS:
+            return f.text
+        if f.key.startswith(FREE_TEXT_KEYS):
+            return f"said: {f.text.rstrip('.')}"
+        return f"had this: {f.text.rstrip('?')}"
 
     def _findings_for(self, key: str) -> list[Finding]:
         """The case's findings that are this symptom or a more specific kind of it."""
@@ -78,7 +106,11 @@ class RuleBasedPatient:
         parts = []
         for key in asked:
             found = self._findings_for(key)
-            if found:
+            free = [f for f in found if f.key.startswith(FREE_TEXT_KEYS)]
+            if free:  # the patient's own words (MTMedDialog cases)
+                self._told.update(f.key for f in free)
+                parts.append("Yes. " + " ".join(f.text for f in free))
+            elif found:
                 parts.append(f"Yes, I've {self._tell(found)}.")
             else:
                 parts.append(f"No, I haven't {SYMPTOMS[key].lay}.")
@@ -106,6 +138,9 @@ class RuleBasedPatient:
             overlap = len(words & set(re.findall(r"[a-z]+", f.text.lower())))
             if overlap > best_overlap:
                 best, best_overlap = f, overlap
+        if best is not None and best.key.startswith(FREE_TEXT_KEYS):
+            self._told.add(best.key)
+            return best.text
         return None if best is None else f"Yes, I've {self._tell([best])}."
 
     def answer(self, question: str) -> str:
