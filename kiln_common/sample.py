@@ -35,6 +35,7 @@ class Sample:
     response_length: int = 0
     loss_mask: list[int] = field(default_factory=list)
     rollout_logprobs: list[float] = field(default_factory=list)
+    teacher_logprobs: list[float] = field(default_factory=list)  # on-policy distillation: the teacher's, per token
     reward: float | dict[str, float] | None = None
     label: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +103,9 @@ class Sample:
         if self.rollout_logprobs and len(self.rollout_logprobs) != n:
             raise ValueError(
                 f"sample {self.index}: rollout_logprobs has {len(self.rollout_logprobs)} entries, expected {n}")
+        if self.teacher_logprobs and len(self.teacher_logprobs) != n:
+            raise ValueError(
+                f"sample {self.index}: teacher_logprobs has {len(self.teacher_logprobs)} entries, expected {n}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

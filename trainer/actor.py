@@ -18,18 +18,19 @@ from kiln_common.atomic_io import FileDigest, atomic_torch_save
 from kiln_common.tensors import to_device
 from kiln_common.sample import Sample, Status
 from trainer import attention, bridge, megatron_compat, moe
-from trainer.advantages import (compute_advantages, custom_advantages, load_custom_advantage_function,
-                                overlong_penalty)
+from trainer.advantages import (compute_advantages, compute_gae, custom_advantages, load_custom_advantage_function,
+                                opd_penalty, overlong_penalty)
 from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches
 from trainer.config import TrainerConfig
+from trainer.critic import ValueModel, critic_optimizer_config, drop_output_layer
 from trainer.logprobs import chunked_logprobs
-from trainer.losses import compute_loss, kl_estimate, load_custom_loss_function
+from trainer.losses import compute_loss, compute_value_loss, kl_estimate, load_custom_loss_function
 from trainer.optimizer import PolicyOptimizer
 from trainer.pipeline import PipelineSchedule
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("actor", "ref")
+MODELS = ("actor", "ref", "teacher")
 
 
 
@@ -76,6 +77,7 @@ class TrainerActor:
         self.rank, self.world_size = rank, world_size
         self.master_addr, self.master_port = master_addr, int(master_port)
         self.model = self.ref_model = self.optimizer = None
+        self.critic = self.critic_optimizer = self.teacher_model = None
         self.step = 0
         path = config.loss.custom_loss_function_path
         self.custom_loss = load_custom_loss_function(path) if config.loss.loss_type == "custom" else None
@@ -120,25 +122,52 @@ class TrainerActor:
             if bridge.load_spec(ref_dir) != self.spec:
                 raise ValueError(f"ref_checkpoint {ref_dir} has a different architecture than {cfg.hf_checkpoint}")
             self.ref_model = self._build(ref_dir, trainable=False)
+        if cfg.use_opd and cfg.opd_type == "megatron":
+            teacher_spec = bridge.load_spec(cfg.opd_teacher_load)
+            if teacher_spec.vocab_size != self.spec.vocab_size:
+                raise ValueError(f"opd_teacher_load {cfg.opd_teacher_load} has another vocabulary than "
+                                 f"{cfg.hf_checkpoint}; the teacher scores the student's tokens")
+            if self.pipeline.size > 1 and teacher_spec != self.spec:
+                raise ValueError("with pipeline parallelism the trainer's OPD teacher must have the policy's "
+                                 "architecture; serve another one (opd_type='engine')")
+            self.teacher_model = self._build(cfg.opd_teacher_load, trainable=False, check_spec=False)
+        embedding_group = parallel_state.get_embedding_group(check_initialized=False)
+        if cfg.use_critic:
+            self.critic = self._build_critic(cfg.critic.critic_load or cfg.hf_checkpoint)
+            self.critic_optimizer = PolicyOptimizer(self.critic, critic_optimizer_config(cfg), dp_group=self.dp_group,
+                                                    tp_group=self.tp_group, tp_rank=self.tp_rank,
+                                                    pp_group=self.pp_group, embedding_group=embedding_group)
         self.optimizer = PolicyOptimizer(self.model, cfg, dp_group=self.dp_group, tp_group=self.tp_group,
                                          tp_rank=self.tp_rank, pp_group=self.pp_group,
-                                         embedding_group=parallel_state.get_embedding_group(check_initialized=False))
+                                         embedding_group=embedding_group)
         self.vocab_start = self.tp_rank * (self.model.vocab_size // cfg.tensor_parallel_size)
 
-    def _build(self, hf_dir: str, *, trainable: bool):
-        """A GPTModel for this rank with weights loaded from `hf_dir`."""
-        tconfig = bridge.build_transformer_config(self.spec, tp_size=self.cfg.tensor_parallel_size,
+    def _build(self, hf_dir: str, *, trainable: bool, check_spec: bool = True, flatten: bool = True):
+        """A GPTModel for this rank with weights loaded from `hf_dir` (its own architecture if not check_spec)."""
+        spec = self.spec if check_spec else bridge.load_spec(hf_dir)
+        tconfig = bridge.build_transformer_config(spec, tp_size=self.cfg.tensor_parallel_size,
                                                   pp_size=self.cfg.pipeline_parallel_size,
                                                   params_dtype=self.params_dtype, recompute=self.cfg.recompute,
                                                   ep_size=self.cfg.expert_model_parallel_size,
                                                   moe_aux_loss_coeff=self.cfg.moe_aux_loss_coeff)
-        model = bridge.build_gpt_model(self.spec, tconfig, vocab_pad_multiple=self.cfg.vocab_pad_multiple,
+        model = bridge.build_gpt_model(spec, tconfig, vocab_pad_multiple=self.cfg.vocab_pad_multiple,
                                        pre_process=self.pipeline.is_first, post_process=self.pipeline.is_last)
-        bridge.load_hf_checkpoint(model, self.spec, hf_dir)
-        flatten_parameters(model, self.device)
+        bridge.load_hf_checkpoint(model, spec, hf_dir)
+        if flatten:
+            flatten_parameters(model, self.device)
         if not trainable:  # frozen by use: no optimizer, forward under no_grad only. Its parameters keep
             model.eval()  # requires_grad so megatron runs the same linear path as the policy's (bit-equal log-probs)
         return model
+
+    def _build_critic(self, hf_dir: str) -> ValueModel:
+        """The critic: a trunk loaded from `hf_dir` (the policy's architecture) and a zero value head."""
+        if bridge.load_spec(hf_dir) != self.spec:
+            raise ValueError(f"critic_load {hf_dir} has a different architecture than {self.cfg.hf_checkpoint}")
+        gpt = self._build(hf_dir, trainable=True, flatten=False)
+        drop_output_layer(gpt)
+        critic = ValueModel(gpt, self.spec.hidden_size, self.device)
+        flatten_parameters(critic, self.device)
+        return critic
 
     def shutdown(self) -> None:
         """Tear down megatron parallel state, and the process group if `init` created it."""
@@ -192,6 +221,11 @@ class TrainerActor:
                 raise ValueError(f"sample {s.index}: loss.use_tis needs rollout_logprobs")
             if self.cfg.loss.use_mis and len(s.rollout_logprobs) != s.response_length:
                 raise ValueError(f"sample {s.index}: loss.use_mis needs rollout_logprobs")
+            if self.cfg.use_opd and self.cfg.opd_type == "engine" and len(s.teacher_logprobs) != s.response_length:
+                raise ValueError(f"sample {s.index}: use_opd (opd_type 'engine') needs the teacher's log-probs "
+                                 f"(teacher_logprobs: {len(s.teacher_logprobs)} for {s.response_length} tokens)")
+            if self.cfg.use_opd and not all(map(math.isfinite, s.teacher_logprobs)):
+                raise ValueError(f"sample {s.index}: teacher_logprobs are not all finite")
 
     def _reward(self, s: Sample) -> float:
         reward = s.reward
@@ -238,21 +272,35 @@ class TrainerActor:
         """Shape of the activations passed between pipeline stages for `mb`: [width, rows, H]."""
         return mb.tokens.shape[1], mb.tokens.shape[0], self.spec.hidden_size
 
+    def _response_hidden(self, mb: MicroBatch, hidden: torch.Tensor) -> torch.Tensor:
+        """The last stage's hidden states [width, rows, H] at the positions that predict response tokens: [T, H]."""
+        hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [rows * width, H]
+        return hidden[to_device(mb.response_positions(), self.device)]
+
     def _log_probs(self, model, mb: MicroBatch, hidden: torch.Tensor, *, with_entropy: bool
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropy) of the micro-batch's response tokens, flat [T]; logits only for those tokens."""
         weight = bridge.output_weight(model)  # [V_local, H]
-        hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])  # [rows * width, H]
-        hidden = hidden[to_device(mb.response_positions(), self.device)].to(weight.dtype)  # [T, H]
+        hidden = self._response_hidden(mb, hidden).to(weight.dtype)  # [T, H]
         return chunked_logprobs(hidden, weight, to_device(mb.response_targets(), self.device),
                                 vocab_start=self.vocab_start, vocab_size=self.spec.vocab_size,
                                 temperature=self.cfg.temperature,
                                 group=self.tp_group, with_entropy=with_entropy,
                                 chunk_tokens=self.cfg.logprob_chunk_tokens)
 
-    @torch.no_grad()
     def _log_probs_all(self, model, samples: list[Sample]) -> list[torch.Tensor]:
         """Per-sample response log-probs of `samples` (all valid), computed in DP shares and shared with every rank."""
+        return self._per_token_all(model, samples, lambda mb, hidden: self._log_probs(model, mb, hidden,
+                                                                                      with_entropy=False)[0])
+
+    def _values_all(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """The critic's per-sample response-token values of `samples` (all valid), shared with every rank."""
+        return self._per_token_all(self.critic.gpt, samples,
+                                   lambda mb, hidden: self.critic.values(self._response_hidden(mb, hidden)))
+
+    @torch.no_grad()
+    def _per_token_all(self, model, samples: list[Sample], head) -> list[torch.Tensor]:
+        """Per-sample response-token values of head(mb, last-stage hidden) -> [T], in DP shares, on every rank."""
         lengths = [s.response_length for s in samples]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
         flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)  # [all response tokens]
@@ -264,8 +312,8 @@ class TrainerActor:
             hidden = self._stage_output(model, mb, input_tensor)
             if not self.pipeline.is_last:
                 return hidden
-            logp, _ = self._log_probs(model, mb, hidden, with_entropy=False)
-            for i, piece in zip(mb.indices, logp.split(mb.response_lengths)):
+            out = head(mb, hidden)
+            for i, piece in zip(mb.indices, out.split(mb.response_lengths)):
                 flat[offsets[i]:offsets[i + 1]] = piece
             return None
 
@@ -282,9 +330,10 @@ class TrainerActor:
         """Response-token log-probs (of logits / temperature) per sample; empty for samples marked failed."""
         if model not in MODELS:
             raise ValueError(f"model={model!r}; valid: {MODELS}")
-        net = self.model if model == "actor" else self.ref_model
+        net = {"actor": self.model, "ref": self.ref_model, "teacher": self.teacher_model}[model]
         if net is None:
-            raise ValueError("model='ref' needs a reference model; it is built when loss.kl_coef > 0")
+            raise ValueError(f"model={model!r} is not built: a reference model needs loss.kl_coef > 0, a teacher "
+                             "use_opd with opd_type='megatron'")
         good = self._screen(samples, need_reward=False)
         values = self._log_probs_all(net, [samples[i] for i in good])
         out = [torch.zeros(0) for _ in samples]
@@ -314,19 +363,31 @@ class TrainerActor:
         if self.replay is not None:
             self.replay.reset_counts()
         self.model.eval()
-        old = ref = advantages = None
+        old = ref = advantages = values = returns = None
         if not sft:
             old = self._log_probs_all(self.model, batch) if cfg.recompute_old_logprobs else rollout
             ref = self._log_probs_all(self.ref_model, batch) if self.ref_model is not None else None
-            advantages = self._advantages(batch, lengths, masks, old, ref, metrics)
-        per_sample = {"old": old, "adv": advantages, "mask": masks, "ref": ref, "rollout": rollout}
+            if self.critic is not None:
+                self.critic.eval()
+                values = self._values_all(batch)
+            advantages, returns = self._advantages(batch, lengths, masks, old, ref, values, metrics)
+            if cfg.use_opd:
+                advantages = self._opd(batch, masks, old, advantages, metrics)
+        per_sample = {"old": old, "adv": advantages, "mask": masks, "ref": ref, "rollout": rollout,
+                      "values": values, "returns": returns}
 
         self.model.train()
-        step_metrics = [self._train_global_batch(batch, list(r), per_sample)
-                        for r in split_global_batches(len(batch), cfg.global_batch_size)]
+        train_policy = self.critic is None or self.step >= cfg.critic.num_critic_only_steps
+        step_metrics = []
+        for r in split_global_batches(len(batch), cfg.global_batch_size):
+            m = self._train_global_batch(batch, list(r), per_sample) if train_policy else {}
+            if self.critic is not None:
+                self.critic.train()
+                m.update(self._train_critic_batch(batch, list(r), per_sample))
+            step_metrics.append(m)
         for key in step_metrics[0]:
             values = [m[key] for m in step_metrics]
-            metrics[key] = values[-1] if key == "lr" else sum(values) / len(values)
+            metrics[key] = values[-1] if key in ("lr", "critic_lr") else sum(values) / len(values)
         metrics["optimizer_steps"] = float(len(step_metrics))
         metrics["tokens"] = float(sum(len(s.tokens) for s in batch))
         if self.replay is not None:
@@ -337,9 +398,10 @@ class TrainerActor:
         return metrics
 
     def _advantages(self, batch: list[Sample], lengths: list[int], masks: list[torch.Tensor],
-                    old: list[torch.Tensor], ref: list[torch.Tensor] | None,
-                    metrics: dict[str, float]) -> list[torch.Tensor]:
-        """Per-token advantages: rewards (DAPO overlong shaping first, if on), then the estimator or the hook."""
+                    old: list[torch.Tensor], ref: list[torch.Tensor] | None, values: list[torch.Tensor] | None,
+                    metrics: dict[str, float]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Per-token advantages, and the critic's value targets (GAE returns; else None): rewards (DAPO overlong
+        shaping first, if on), then the estimator or the hook."""
         cfg = self.cfg
         rewards = torch.tensor([self._reward(s) for s in batch], dtype=torch.float64)
         if cfg.overlong_buffer_len > 0:
@@ -353,11 +415,64 @@ class TrainerActor:
         if cfg.advantage_estimator == "custom":
             return custom_advantages(self.custom_advantage, rewards, group_index, lengths, loss_masks=masks,
                                      samples=batch, name=f"custom advantage function "
-                                                         f"{cfg.custom_advantage_function_path!r}")
+                                                         f"{cfg.custom_advantage_function_path!r}"), None
         kl = [kl_estimate(o, r, cfg.loss.kl_loss_type) for o, r in zip(old, ref)] if cfg.kl_in_reward else None
+        kl_coef = cfg.loss.kl_coef if cfg.kl_in_reward else 0.0
+        if cfg.advantage_estimator == "gae":
+            return compute_gae(rewards, values, lengths, gamma=cfg.gamma, lambd=cfg.lambd, kl=kl, kl_coef=kl_coef,
+                               loss_masks=masks, whiten=cfg.normalize_advantages_std)
         return compute_advantages(
             cfg.advantage_estimator, rewards, group_index, lengths, normalize_std=cfg.normalize_advantages_std,
-            gamma=cfg.gamma, kl=kl, kl_coef=cfg.loss.kl_coef if cfg.kl_in_reward else 0.0, loss_masks=masks)
+            gamma=cfg.gamma, kl=kl, kl_coef=kl_coef, loss_masks=masks), None
+
+    def _opd(self, batch: list[Sample], masks: list[torch.Tensor], old: list[torch.Tensor],
+             advantages: list[torch.Tensor], metrics: dict[str, float]) -> list[torch.Tensor]:
+        """On-policy distillation: advantages minus opd_kl_coef * (old_logp - teacher_logp) per policy token."""
+        cfg = self.cfg
+        if cfg.opd_type == "megatron":
+            teacher = self._log_probs_all(self.teacher_model, batch)
+        else:
+            teacher = [torch.tensor(s.teacher_logprobs, dtype=torch.float32) for s in batch]
+        penalty = opd_penalty(old, teacher, cfg.opd_kl_coef, masks)
+        keep = torch.cat(masks).bool()
+        gap = (torch.cat(old).double() - torch.cat(teacher).double())[keep]  # [policy tokens]
+        metrics["opd_reverse_kl"] = gap.mean().item() if gap.numel() else 0.0
+        metrics["opd_teacher_logp_mean"] = torch.cat(teacher).double()[keep].mean().item() if gap.numel() else 0.0
+        return [a - p.to(a.dtype) for a, p in zip(advantages, penalty)]
+
+    def _train_critic_batch(self, batch: list[Sample], chunk: list[int], per_sample: dict) -> dict[str, float]:
+        """The critic's value loss over this rank's micro-batches of `chunk`, then one critic optimizer step."""
+        cfg = self.cfg
+        num_tokens = max(1, int(sum(per_sample["mask"][i].sum() for i in chunk)))
+        share = data_parallel_shares([len(batch[i].tokens) for i in chunk], self.dp_size)[self.dp_rank]
+        share = [chunk[j] for j in share]
+        sums: dict[str, torch.Tensor] = {}
+        self.critic_optimizer.zero_grad()
+
+        def flat(mb: MicroBatch, key: str) -> torch.Tensor:
+            return to_device(torch.cat([per_sample[key][i] for i in mb.indices]), self.device)
+
+        def forward(mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor:
+            hidden = self._stage_output(self.critic.gpt, mb, input_tensor)
+            values = self.critic.values(self._response_hidden(mb, hidden))  # [T]
+            loss, parts = compute_value_loss(values, flat(mb, "values"), flat(mb, "returns"), flat(mb, "mask"),
+                                             torch.tensor(mb.response_lengths), value_clip=cfg.critic.value_clip,
+                                             global_num_tokens=num_tokens, global_num_seqs=len(chunk))
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+            return loss
+
+        self.pipeline.forward_backward(pack_micro_batches(share, [s.tokens for s in batch],
+                                                          [s.response_length for s in batch], cfg.max_tokens_per_gpu,
+                                                          packed=cfg.pack_sequences),
+                                       forward, self._activation_shape)
+        keys = ["value_loss", "values_mean", "returns_mean"] + (["value_clipfrac"] if cfg.critic.value_clip else [])
+        reduced = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=self.device)
+                               for k in keys])
+        if self.dp_size > 1:
+            dist.all_reduce(reduced, group=self.dp_group)
+        grad_norm, lr = self.critic_optimizer.step()
+        return {**dict(zip(keys, reduced.tolist())), "critic_grad_norm": grad_norm, "critic_lr": lr}
 
     def _train_global_batch(self, batch: list[Sample], chunk: list[int], per_sample: dict) -> dict[str, float]:
         """Accumulate gradients over this rank's micro-batches of `chunk`, then one optimizer step."""
@@ -457,7 +572,7 @@ class TrainerActor:
             return t.to(device, non_blocking=True)
 
         pin = device.type == "cpu" and torch.cuda.is_available()
-        for model in (self.model, self.ref_model):
+        for model in (self.model, self.ref_model, self.critic, self.teacher_model):
             if model is None:
                 continue
             moved += flatten_parameters(model, device, pin_memory=pin)
@@ -465,6 +580,8 @@ class TrainerActor:
                 if p.grad is not None:
                     p.grad = move(p.grad)
         self.optimizer.move(move)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.move(move)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             if device.type == "cpu":
@@ -495,6 +612,9 @@ class TrainerActor:
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                     "tracker": megatron_compat.get_rng_tracker_states()},
         }
+        if self.critic is not None:
+            state["critic"] = {k: v.detach().cpu() for k, v in self.critic.state_dict().items() if torch.is_tensor(v)}
+            state["critic_optimizer"] = self.critic_optimizer.state_dict()
         name = f"rank_{self.rank:05d}.pt"
         digest = atomic_torch_save(path / name, state)
         dist.barrier()
@@ -517,6 +637,16 @@ class TrainerActor:
         if missing or unexpected:
             raise ValueError(f"checkpoint {file} does not match the model: missing {missing}, unexpected {unexpected}")
         self.optimizer.load_state_dict(state["optimizer"])
+        if (self.critic is not None) != ("critic" in state):
+            raise ValueError(f"checkpoint {file} has {'a' if 'critic' in state else 'no'} critic but this run "
+                             f"{'trains one' if self.critic is not None else 'has none'} (advantage_estimator 'gae')")
+        if self.critic is not None:
+            missing, unexpected = self.critic.load_state_dict(state["critic"], strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise ValueError(f"checkpoint {file}: the critic does not match: missing {missing}, "
+                                 f"unexpected {unexpected}")
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.step = state["step"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])

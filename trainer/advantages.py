@@ -1,4 +1,5 @@
-"""Advantage estimators (GRPO, Dr. GRPO, GSPO, RLOO, REINFORCE++, -baseline), custom hooks, DAPO overlong shaping.
+"""Advantage estimators (GRPO, Dr. GRPO, GSPO, RLOO, REINFORCE++, -baseline, GAE), custom hooks, DAPO overlong
+shaping, the on-policy distillation penalty.
 
 Input is one reward per sample and the sample's group (the samples of one prompt share a
 group index); output is one advantage per response token. Positions whose loss_mask is 0
@@ -15,11 +16,11 @@ from torch import Tensor
 
 from trainer.hooks import load_hook
 
-ESTIMATORS = ("grpo", "dr_grpo", "gspo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+ESTIMATORS = ("grpo", "dr_grpo", "gspo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae")
 # A custom estimator is called as fn(*CUSTOM_ADVANTAGE_ARGS, **{k: ... for k in CUSTOM_ADVANTAGE_KWARGS}).
 CUSTOM_ADVANTAGE_ARGS = ("rewards", "group_index", "response_lengths")
 CUSTOM_ADVANTAGE_KWARGS = ("loss_masks", "samples")
-_KL_IN_REWARD_ESTIMATORS = ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
+_KL_IN_REWARD_ESTIMATORS = ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae")
 
 
 def _unbiased_std(x: Tensor) -> Tensor:
@@ -141,6 +142,8 @@ def compute_advantages(estimator: str, rewards: Tensor, group_index: Tensor, res
                        eps: float = 1e-6) -> list[Tensor]:
     """Per-token advantages of every sample: one [response_lengths[i]] tensor each, 0 where loss_mask is 0."""
     _check_inputs(estimator, rewards, group_index, response_lengths, gamma, kl, kl_coef, loss_masks, eps)
+    if estimator == "gae":
+        raise ValueError("estimator 'gae' needs the critic's values: call compute_gae(rewards, values, ...)")
     out_dtype = rewards.dtype if rewards.dtype.is_floating_point else torch.float32
     r = rewards.to(torch.float64)  # [S]
     group_index = group_index.to(r.device)
@@ -168,6 +171,95 @@ def compute_advantages(estimator: str, rewards: Tensor, group_index: Tensor, res
     for i, n in enumerate(response_lengths):
         keep = _keep_mask(loss_masks, i, n, r.device)
         out.append(torch.where(keep, per_sample[i], 0.0).to(out_dtype))
+    return out
+
+
+def gae(token_rewards: list[Tensor], values: list[Tensor], gamma: float, lambd: float,
+        loss_masks: list[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Generalised advantage estimation per sample, over its policy tokens only: (advantages, returns), [L_i] each.
+
+    With the policy tokens t_1..t_n of a sample (loss_mask 1; observations in between neither earn nor
+    discount), V_k their values and r_k their token rewards: delta_k = r_k + gamma V_{k+1} - V_k (V_{n+1} = 0,
+    the episode ends), A_k = delta_k + gamma lambd A_{k+1}, returns R_k = A_k + V_k. loss_mask 0 gets 0 in both.
+    """
+    if not 0.0 < gamma <= 1.0 or not 0.0 <= lambd <= 1.0:
+        raise ValueError(f"gamma={gamma}, lambd={lambd}; need 0 < gamma <= 1 and 0 <= lambd <= 1")
+    if len(values) != len(token_rewards):
+        raise ValueError(f"values has {len(values)} entries for {len(token_rewards)} samples")
+    advantages, returns = [], []
+    for i, (r, v) in enumerate(zip(token_rewards, values)):
+        v = torch.as_tensor(v).to(device=r.device, dtype=r.dtype)
+        if v.shape != r.shape:
+            raise ValueError(f"values[{i}] has shape {tuple(v.shape)}; sample {i} has {tuple(r.shape)} token rewards")
+        keep = _keep_mask(loss_masks, i, len(r), r.device)  # [L_i]
+        rk, vk = r[keep], v[keep]  # [n]: the policy tokens, in order
+        adv = torch.zeros_like(rk)
+        running = rk.new_zeros(())
+        next_value = rk.new_zeros(())
+        for k in range(len(rk) - 1, -1, -1):
+            running = rk[k] + gamma * next_value - vk[k] + gamma * lambd * running
+            adv[k] = running
+            next_value = vk[k]
+        full_adv, full_ret = torch.zeros_like(r), torch.zeros_like(r)
+        full_adv[keep] = adv
+        full_ret[keep] = adv + vk
+        advantages.append(full_adv)
+        returns.append(full_ret)
+    return advantages, returns
+
+
+def compute_gae(rewards: Tensor, values: list[Tensor], response_lengths: list[int], *, gamma: float = 1.0,
+                lambd: float = 1.0, kl: list[Tensor] | None = None, kl_coef: float = 0.0,
+                loss_masks: list[Tensor] | None = None, whiten: bool = True,
+                eps: float = 1e-6) -> tuple[list[Tensor], list[Tensor]]:
+    """PPO-with-critic advantages: the reward on each sample's last policy token (minus kl_coef * kl on every
+    policy token), GAE over the critic's token values; returns (advantages, returns), one [L_i] tensor each.
+
+    Computed in float64. `returns` (A + V, before whitening) are the value targets; with `whiten` the
+    advantages of all policy tokens of the call are whitened, (A - mean) / (std + eps). Call it on the
+    whole step's batch. Both are 0 where loss_mask is 0.
+    """
+    group_index = torch.zeros(rewards.shape[:1], dtype=torch.long)
+    _check_inputs("gae", rewards, group_index, response_lengths, gamma, kl, kl_coef, loss_masks, eps)
+    for i, (v, n) in enumerate(zip(values, response_lengths)):
+        if len(v) != n:
+            raise ValueError(f"values[{i}] has {len(v)} entries; sample {i} has response_length {n}")
+    out_dtype = rewards.dtype if rewards.dtype.is_floating_point else torch.float32
+    r = rewards.to(torch.float64)
+    kl64 = None if kl is None else [torch.as_tensor(k, device=r.device).to(torch.float64) for k in kl]
+    token_rewards = token_level_rewards(r, response_lengths, kl=kl64, kl_coef=kl_coef, loss_masks=loss_masks)
+    advantages, returns = gae(token_rewards, [torch.as_tensor(v).to(torch.float64) for v in values], gamma, lambd,
+                              loss_masks)
+    if whiten:
+        keeps = [_keep_mask(loss_masks, i, n, r.device) for i, n in enumerate(response_lengths)]
+        policy_adv = torch.cat([a[k] for a, k in zip(advantages, keeps)])  # [policy tokens of the batch]
+        mean = policy_adv.mean() if policy_adv.numel() else policy_adv.new_zeros(())
+        std = _unbiased_std(policy_adv)
+        advantages = [torch.where(k, (a - mean) / (std + eps), torch.zeros_like(a)) for a, k in zip(advantages, keeps)]
+    return [a.to(out_dtype) for a in advantages], [ret.to(out_dtype) for ret in returns]
+
+
+def opd_penalty(student_logprobs: list[Tensor], teacher_logprobs: list[Tensor], kl_coef: float,
+                loss_masks: list[Tensor] | None = None) -> list[Tensor]:
+    """On-policy distillation: kl_coef * (log p_student - log p_teacher) of each sampled token, [L_i] per sample.
+
+    The per-token reverse-KL estimate KL(student || teacher) on the student's own samples; subtracted from
+    the advantages (A_t - penalty_t), it pushes the student towards the teacher's likelihoods. 0 where
+    loss_mask is 0; computed in float64, returned in the student log-probs' dtype.
+    """
+    if not kl_coef >= 0.0:
+        raise ValueError(f"opd kl_coef={kl_coef}; must be >= 0")
+    if len(student_logprobs) != len(teacher_logprobs):
+        raise ValueError(f"{len(student_logprobs)} student and {len(teacher_logprobs)} teacher log-prob tensors")
+    out = []
+    for i, (s, t) in enumerate(zip(student_logprobs, teacher_logprobs)):
+        t = torch.as_tensor(t, device=s.device)
+        if t.shape != s.shape:
+            raise ValueError(f"teacher log-probs of sample {i} have shape {tuple(t.shape)}; the student's "
+                             f"{tuple(s.shape)}")
+        keep = _keep_mask(loss_masks, i, len(s), s.device)
+        diff = s.to(torch.float64) - t.to(torch.float64)
+        out.append(torch.where(keep, kl_coef * diff, torch.zeros_like(diff)).to(s.dtype))
     return out
 
 

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.advantages import ESTIMATORS, load_custom_advantage_function
+from trainer.critic import CriticConfig
 from trainer.losses import LossConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 RECOMPUTE = ("none", "selective", "full")
-_KL_IN_REWARD_ESTIMATORS = ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
+_KL_IN_REWARD_ESTIMATORS = ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "gae")
+OPD_TYPES = ("engine", "megatron")
 
 
 @dataclass
@@ -48,7 +50,8 @@ class TrainerConfig:
     temperature: float = 1.0  # rollout sampling temperature (log-probs are of logits / temperature)
     advantage_estimator: str = "grpo"
     normalize_advantages_std: bool = True
-    gamma: float = 1.0
+    gamma: float = 1.0  # discount of token returns (REINFORCE++, GAE)
+    lambd: float = 1.0  # GAE lambda (advantage_estimator='gae'): 1 = Monte-Carlo returns minus values, 0 = TD(0)
     reward_key: str | None = None  # which entry of a dict reward to train on
     recompute_old_logprobs: bool = True  # False: the engine's rollout log-probs serve as the old policy
     # mixture of experts (docs/trainer.md "Mixture of experts")
@@ -58,11 +61,18 @@ class TrainerConfig:
     overlong_buffer_len: int = 0  # DAPO soft overlong punishment over the last N tokens below the max length; 0: off
     overlong_penalty_factor: float = 1.0  # DAPO: the overlong penalty reaches -factor at the max response length
     rollout_max_response_len: int = 512  # DAPO's L_max: the same flag as the rollout's max response length
+    use_opd: bool = False  # on-policy distillation: advantages -= opd_kl_coef * (logp_student - logp_teacher)
+    opd_type: str = "engine"  # engine: teacher log-probs from a served engine, on the samples; megatron: in the trainer
+    opd_kl_coef: float = 1.0  # weight of the per-token reverse KL to the teacher (docs/losses.md)
+    opd_teacher_load: str | None = None  # the teacher's HF folder (megatron: loaded by the trainer; engine: served)
     loss: LossConfig = field(default_factory=LossConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
     def __post_init__(self):
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
+        if isinstance(self.critic, dict):
+            self.critic = CriticConfig(**self.critic)
         if not (Path(self.hf_checkpoint) / "config.json").exists():
             raise ValueError(f"hf_checkpoint {self.hf_checkpoint!r} is not an HF model folder (no config.json)")
         if self.ref_checkpoint is not None and not (Path(self.ref_checkpoint) / "config.json").exists():
@@ -118,6 +128,31 @@ class TrainerConfig:
             raise ValueError(f"loss.kl_coef={self.loss.kl_coef} with use_kl_loss=False puts KL in the reward, which "
                              f"advantage_estimator={self.advantage_estimator!r} does not support; set "
                              f"loss.use_kl_loss=True or use one of {_KL_IN_REWARD_ESTIMATORS}")
+        if not 0.0 <= self.lambd <= 1.0:
+            raise ValueError(f"lambd={self.lambd}; GAE lambda must be in [0, 1]")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma={self.gamma}; must be in (0, 1]")
+        if self.use_critic:
+            if self.loss.loss_type == "sft":
+                raise ValueError("advantage_estimator='gae' trains a critic for the policy loss; loss_type='sft' "
+                                 "uses no advantages")
+            if self.pipeline_parallel_size > 1:
+                raise ValueError(f"advantage_estimator='gae' (a critic) supports pipeline_parallel_size=1 only, got "
+                                 f"{self.pipeline_parallel_size}")
+        elif self.critic.critic_load is not None or self.critic.num_critic_only_steps:
+            raise ValueError(f"critic_load / num_critic_only_steps set the critic of advantage_estimator='gae'; "
+                             f"this run uses {self.advantage_estimator!r}")
+        if self.opd_type not in OPD_TYPES:
+            raise ValueError(f"opd_type={self.opd_type!r}; valid: {', '.join(OPD_TYPES)}")
+        if not self.opd_kl_coef >= 0:
+            raise ValueError(f"opd_kl_coef={self.opd_kl_coef}; must be >= 0")
+        if self.opd_teacher_load is not None and not (Path(self.opd_teacher_load) / "config.json").exists():
+            raise ValueError(f"opd_teacher_load {self.opd_teacher_load!r} is not an HF model folder (no config.json)")
+        if self.use_opd:
+            if self.loss.loss_type == "sft":
+                raise ValueError("use_opd shapes the advantages, which loss_type='sft' does not use")
+            if self.opd_type == "megatron" and self.opd_teacher_load is None:
+                raise ValueError("opd_type='megatron' loads the teacher into the trainer: set opd_teacher_load HF_DIR")
         if not self.recompute_old_logprobs and self.loss.use_tis:
             raise ValueError("loss.use_tis needs recompute_old_logprobs=True (TIS reweights old vs rollout log-probs)")
         if not self.recompute_old_logprobs and self.loss.use_mis:
@@ -153,6 +188,11 @@ class TrainerConfig:
     def use_reference(self) -> bool:
         """Whether a frozen reference model is built (KL in the loss or in the reward)."""
         return self.loss.kl_coef > 0
+
+    @property
+    def use_critic(self) -> bool:
+        """Whether a critic (value model) is built and trained: PPO with GAE advantages."""
+        return self.advantage_estimator == "gae"
 
     @property
     def kl_in_reward(self) -> bool:
