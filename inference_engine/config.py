@@ -16,18 +16,18 @@ WEIGHT_DTYPES = ("auto", "fp8")
 class EngineConfig:
     """Configuration of one Engine (field names follow SGLang's server arguments)."""
 
-    model_path: str
+    model_path: str  # a local HF model folder (config.json, weights, tokenizer)
     tokenizer_path: str | None = None  # None: the tokenizer lives in model_path
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    dtype: str = "float32"
+    dtype: str = "float32"  # weights and KV cache: float32, bfloat16 or float16
     page_size: int = 1  # KV slots per page; radix matches are page-aligned
     max_total_tokens: int | None = None  # KV pool size in tokens; None: sized from free memory (GPU) or 16384 (CPU)
     mem_fraction_static: float = 0.85  # share of free GPU memory given to the KV pool when max_total_tokens is None
     context_length: int | None = None  # longest prompt + output; None: the model's max_position_embeddings
-    max_running_requests: int = 256
+    max_running_requests: int = 256  # requests running at once at most (prefill or decode); the rest wait queued
     chunked_prefill_size: int = 2048  # prompt tokens computed per scheduler step, over all requests
     schedule_policy: str = "fcfs"  # "fcfs" or "lpm" (longest cached prefix first)
-    disable_radix_cache: bool = False
+    disable_radix_cache: bool = False  # recompute every prompt (no prefix reuse across requests)
     disable_prefix_sharing: bool = False  # off: running prefills are cached only when they finish, no admission dedup
     prefix_sharing_min_tokens: int = 32  # a waiting request waits for a running prefill that covers all of its
     # uncached prefix or at least this many tokens of it
@@ -150,7 +150,7 @@ class ServerConfig:
     """The HTTP server's own settings (`python -m inference_engine.serve`; `create_app(engine, config)`)."""
 
     host: str = "127.0.0.1"  # bind address; loopback unless said otherwise
-    port: int = 30000
+    port: int = 30000  # TCP port of the HTTP server
     api_key: str | None = None  # Bearer token required on every route but /health (also env KILN_API_KEY)
     enable_admin_routes: bool = False  # serve the routes that change the engine's weights or state without an
     # api_key (with one they are always on): weight updates, groups, pause / continue, release / resume, flush,

@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 
 from inference_engine.config import EngineConfig, ServerConfig
+from kiln_common.dataclass_docs import field_docs
 from kiln_common.logs import setup_logging
 
 API_KEY_ENV = "KILN_API_KEY"
@@ -28,25 +29,28 @@ log = logging.getLogger(__name__)
 
 
 def _add_flags(parser: argparse.ArgumentParser, cls: type, group_title: str) -> None:
-    """A flag per field of the dataclass (--model-path, --page-size, --api-key, ...)."""
+    """A flag per field of the dataclass (--model-path, --page-size, --api-key, ...), its help the field's comment."""
     group = parser.add_argument_group(group_title)
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls, wrapped_comments=True)
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        text = field.metadata.get("help", docs.get(field.name, "")).replace("%", "%%")
         if base is bool:
-            group.add_argument(flag, action="store_true", default=field.default)
+            group.add_argument(flag, action="store_true", default=field.default, help=text)
         elif field.default is dataclasses.MISSING:
-            group.add_argument(flag, type=base, required=True)
+            group.add_argument(flag, type=base, required=True, help=f"{text} (required)")
         else:
-            group.add_argument(flag, type=base, default=field.default)
+            group.add_argument(flag, type=base, default=field.default, help=f"{text} (default: {field.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """A flag per EngineConfig field and per ServerConfig field (--host, --port, --api-key, ...), plus --log-level."""
     parser = argparse.ArgumentParser(prog=PROG, usage=USAGE, description="Kiln inference engine HTTP server")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="the server's and uvicorn's log level (default: info)")
     parser.add_argument("--debug", action="store_true",
                         help="show a bad flag value or a missing model folder as its traceback, not one line")
     _add_flags(parser, ServerConfig, "server (ServerConfig)")

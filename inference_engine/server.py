@@ -34,6 +34,22 @@ OPENAI_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top
                    "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
                    "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
                    "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim"}
+# the OpenAI request fields each route reads, beside OPENAI_SAMPLING's; any other field is a 400 naming it
+OPENAI_FIELDS = {"/v1/completions": {"prompt", "max_tokens", "logprobs", "stream"},
+                 "/v1/chat/completions": {"messages", "max_tokens", "max_completion_tokens", "logprobs",
+                                          "top_logprobs", "stream"}}
+# fields of OpenAI's API that are accepted and ignored on purpose: they do not change what is generated
+OPENAI_IGNORED = {"model": "one model is served; any name is accepted (GET /v1/models reports it)",
+                  "user": "an end-user id for OpenAI's abuse monitoring",
+                  "safety_identifier": "an end-user id for OpenAI's abuse monitoring",
+                  "store": "OpenAI's stored completions", "metadata": "OpenAI's stored completions",
+                  "service_tier": "OpenAI's processing tiers",
+                  "prompt_cache_key": "the radix cache matches shared prefixes without a key",
+                  "stream_options": "a stream ends with the last choice chunk and [DONE]; no usage chunk is sent"}
+# fields of OpenAI's API that change the answer in ways this server does not implement: a 400 saying so
+OPENAI_UNSUPPORTED = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+                      "response_format", "logit_bias", "echo", "suffix", "best_of", "audio", "modalities",
+                      "prediction", "reasoning_effort", "verbosity", "web_search_options")
 # SGLang paths of members that are not served over HTTP: they answer 400 saying why
 NOT_OVER_HTTP = {"/update_weights_from_tensor": "tensors are not accepted over HTTP (Kiln never unpickles network "
                  "data): push weights through Ray (EngineActor / EngineProxy), the in-process Engine, or "
@@ -337,7 +353,18 @@ def _refuse(reason: str) -> Callable[[Request], Awaitable[JSONResponse]]:
 
 
 def _check_openai(body: dict, chat: bool) -> None:
-    """400 naming the field for OpenAI fields of the wrong JSON type (sampling values are SamplingParams')."""
+    """400 naming the field for a field the route does not know (or an OpenAI feature it does not implement) and
+    for OpenAI fields of the wrong JSON type (sampling values are SamplingParams' to check)."""
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    accepted = OPENAI_FIELDS[route] | set(OPENAI_SAMPLING)
+    extra = sorted(set(body) - accepted - set(OPENAI_IGNORED))
+    unsupported = [name for name in extra if name in OPENAI_UNSUPPORTED]
+    if unsupported:
+        raise ValueError(f"field(s) {unsupported} of the OpenAI API are not supported by {route} on this server; "
+                         "drop them (docs/engine.md lists what it reads and what it ignores)")
+    if extra:
+        raise ValueError(f"unknown field(s) {extra}; {route} accepts {sorted(accepted)} and ignores "
+                         f"{sorted(OPENAI_IGNORED)}")
     _check_field(body, "stream", (bool,))
     _check_field(body, "max_tokens", (int,))
     _check_field(body, "max_completion_tokens", (int,))

@@ -15,16 +15,11 @@ Kiln cannot honour are refused with one line saying why.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
 import enum
-import inspect
-import io
 import json
 import re
-import textwrap
-import tokenize
 import types
 import typing
 from pathlib import Path
@@ -32,6 +27,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from kiln_common.dataclass_docs import field_docs
 from orchestrator import slime_compat
 
 _NONE_WORDS = ("none", "null")
@@ -48,31 +44,6 @@ class _Flag:
     fields: list[tuple[type, tuple[str, ...]]]  # (top-level dataclass, field path) it sets
     help: str
     default: Any
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Help text of a dataclass's fields: the string literal under a field, else its trailing # comment."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-            tree = ast.parse(source)
-        except (OSError, TypeError, SyntaxError):
-            continue
-        comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for stmt, nxt in zip(body, body[1:] + [None]):
-            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-                continue
-            if (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[stmt.target.id] = " ".join(nxt.value.value.split())
-            elif stmt.end_lineno in comments:
-                docs[stmt.target.id] = comments[stmt.end_lineno]
-    return docs
 
 
 def _split_optional(tp: Any) -> tuple[Any, bool]:

@@ -141,3 +141,62 @@ async def test_rl_endpoints(client, engine, qwen3_model):
 def test_cli_flags_mirror_engine_config(qwen3_model):
     args = build_parser().parse_args(["--model-path", str(qwen3_model), "--page-size", "4", "--disable-radix-cache"])
     assert args.page_size == 4 and args.disable_radix_cache and args.host == "127.0.0.1" and args.port == 30000
+
+
+CHAT = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("route, body, message", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "temprature": 0}, "unknown field(s) ['temprature']"),
+    ("/v1/completions", {"prompt": "hi", "max_completion_tokens": 2}, "unknown field(s) ['max_completion_tokens']"),
+    ("/v1/chat/completions", {**CHAT, "sampling_params": {"temperature": 0}}, "unknown field(s) ['sampling_params']"),
+    ("/v1/chat/completions", {**CHAT, "tools": [], "tool_choice": "auto"}, "['tool_choice', 'tools'] of the OpenAI"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, "field(s) ['echo'] of the OpenAI API are not supported"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "['response_format']"),
+])
+async def test_openai_routes_refuse_unknown_fields(client, route, body, message):
+    r = await client.post(route, json=body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+async def test_openai_routes_ignore_the_documented_fields_they_list(client):
+    from inference_engine.server import OPENAI_IGNORED
+
+    extra = {"model": "gpt-4o", "user": "u1", "safety_identifier": "s", "store": False, "metadata": {"a": "b"},
+             "service_tier": "auto", "prompt_cache_key": "k", "stream_options": {"include_usage": True}}
+    assert set(extra) == set(OPENAI_IGNORED)
+    for route, body in (("/v1/completions", {"prompt": "the doctor", "max_tokens": 4}), ("/v1/chat/completions", CHAT)):
+        body = {**body, "temperature": 0, "ignore_eos": True}
+        plain = await client.post(route, json=body)
+        with_extra = await client.post(route, json={**body, **extra})
+        assert plain.status_code == with_extra.status_code == 200, with_extra.text
+        assert plain.json()["choices"] == with_extra.json()["choices"]
+
+
+def test_serve_help_describes_every_flag():
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            text = (action.help or "").split("(default:")[0].replace("(required)", "").strip()
+            assert len(text) > 10, f"{action.option_strings[0]} has no description"
+    text = " ".join(parser.format_help().split())
+    assert "--prefix-sharing-min-tokens PREFIX_SHARING_MIN_TOKENS a waiting request waits for a running prefill " \
+           "that covers all of its uncached prefix or at least this many tokens of it (default: 32)" in text
+
+
+def test_field_docs_reads_docstrings_comments_and_wrapped_comments():
+    import dataclasses
+
+    from kiln_common.dataclass_docs import field_docs
+
+    @dataclasses.dataclass
+    class Example:
+        a: int = 1  # first line of a long comment
+        # that goes on here
+        b: int = 2
+        """b's docstring"""
+        # a heading, not part of b
+        c: int = 3
+
+    assert field_docs(Example) == {"a": "first line of a long comment", "b": "b's docstring"}
+    assert field_docs(Example, wrapped_comments=True)["a"] == "first line of a long comment that goes on here"

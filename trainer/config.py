@@ -46,6 +46,8 @@ class TrainerConfig:
     bf16: bool = True  # GPU: bf16 params, fp32 main grads / master weights / AdamW; False: fp32 params + autocast
     logprob_chunk_tokens: int = 1024  # tokens per chunk of the fused output-layer + log-softmax
     recompute: str = "none"  # activation recomputation: none, selective (MLPs), full (each layer)
+    use_distributed_optimizer: bool = False  # ZeRO-1: fp32 master weights and AdamW moments sharded over the DP ranks
+    optimizer_cpu_offload: bool = False  # masters and moments in pinned host memory, AdamW on the device in chunks
     # RL
     temperature: float = 1.0  # rollout sampling temperature (log-probs are of logits / temperature)
     advantage_estimator: str = "grpo"
@@ -87,6 +89,9 @@ class TrainerConfig:
                              f"{layers} layers; use a divisor of {layers}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
+        if self.optimizer_cpu_offload and not self.use_distributed_optimizer:
+            raise ValueError("optimizer_cpu_offload keeps the sharded optimizer's state on the host; add "
+                             "--use-distributed-optimizer")
         self._check_moe()
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"lr={self.lr}, min_lr={self.min_lr}; need lr > 0 and 0 <= min_lr <= lr")

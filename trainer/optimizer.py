@@ -1,9 +1,17 @@
-"""AdamW with data-parallel gradient reduction, global grad-norm clipping and the LR schedule."""
+"""AdamW with data-parallel gradient reduction, global grad-norm clipping and the LR schedule.
+
+Two optimizers with one interface (`build_optimizer` picks): `PolicyOptimizer` replicates the fp32
+state on every DP rank; `ShardedOptimizer` (ZeRO-1, `use_distributed_optimizer`) shards it over DP
+and can keep it in pinned host memory (`optimizer_cpu_offload`).
+"""
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -151,6 +159,9 @@ class PolicyOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned."""
+        if state.get("sharded"):
+            raise ValueError("checkpoint holds a sharded optimizer state (use_distributed_optimizer); resume with "
+                             "--use-distributed-optimizer")
         if self.mixed != ("master_weights" in state):
             raise ValueError(f"checkpoint has{'' if 'master_weights' in state else ' no'} fp32 master weights but "
                              f"this run's parameters are {'bf16' if self.mixed else 'fp32'}; resume with the same bf16 "
@@ -162,3 +173,365 @@ class PolicyOptimizer:
                 for p, main, saved in zip(self.model_params, self.params, state["master_weights"]):
                     main.copy_(saved)
                     p.copy_(saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO-1: fp32 master weights and AdamW moments sharded over the data-parallel group
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_BUCKET_NUMEL = 1 << 25  # elements per rank per bucket (128 MiB of fp32): the unit of communication and offload
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a flat vector of `numel` elements is cut into buckets and each bucket split evenly over `dp_size` ranks.
+
+    Bucket k covers global elements [start_k, start_k + dp_size * size_k); rank r owns
+    [start_k + r * size_k, start_k + (r + 1) * size_k) of it, so a bucket is one contiguous
+    reduce-scatter input and one contiguous all-gather output. Every bucket holds `bucket_numel`
+    elements per rank except the last, which is just large enough (fewer than `dp_size` padding
+    elements at the end). A rank's shard is its slices of all buckets, back to back.
+    """
+
+    numel: int
+    dp_size: int
+    bucket_numel: int = DEFAULT_BUCKET_NUMEL
+
+    @functools.cached_property
+    def buckets(self) -> tuple[tuple[int, int], ...]:
+        """(global start, elements per rank) of each bucket."""
+        out, start = [], 0
+        while start < self.numel:
+            size = min(self.bucket_numel, -(-(self.numel - start) // self.dp_size))
+            out.append((start, size))
+            start += size * self.dp_size
+        return tuple(out)
+
+    @property
+    def shard_numel(self) -> int:
+        """Elements of each rank's shard (padding included)."""
+        return sum(size for _, size in self.buckets)
+
+    def ranges(self, rank: int) -> list[tuple[int, int, int]]:
+        """(global start, shard start, length) of `rank`'s slice of each bucket, padding included."""
+        out, shard = [], 0
+        for start, size in self.buckets:
+            out.append((start + rank * size, shard, size))
+            shard += size
+        return out
+
+    def to_dict(self) -> dict[str, int]:
+        return {"numel": self.numel, "dp_size": self.dp_size, "bucket_numel": self.bucket_numel}
+
+
+def copy_between_layouts(src: torch.Tensor, src_layout: ShardLayout, src_rank: int,
+                         dst: torch.Tensor, dst_layout: ShardLayout, dst_rank: int) -> int:
+    """Copy the elements `src` (rank `src_rank`'s shard in `src_layout`) and `dst` have in common; returns how many.
+
+    Used to reshard a checkpoint when the DP size (or bucket size) changes: every new rank copies from
+    each old rank's shard the real (non-padding) elements it now owns.
+    """
+    if src_layout.numel != dst_layout.numel:
+        raise ValueError(f"sharded optimizer state of {src_layout.numel} elements cannot fill a model shard of "
+                         f"{dst_layout.numel}; the checkpoint was saved for another model or TP/PP layout")
+    copied = 0
+    theirs = src_layout.ranges(src_rank)
+    i = 0
+    for g_dst, s_dst, n_dst in dst_layout.ranges(dst_rank):
+        end_dst = min(g_dst + n_dst, dst_layout.numel)
+        while i < len(theirs) and theirs[i][0] + theirs[i][2] <= g_dst:
+            i += 1
+        j = i
+        while j < len(theirs) and theirs[j][0] < end_dst:
+            g_src, s_src, n_src = theirs[j]
+            lo, hi = max(g_dst, g_src), min(end_dst, g_src + n_src, src_layout.numel)
+            if hi > lo:
+                dst[s_dst + lo - g_dst:s_dst + hi - g_dst].copy_(src[s_src + lo - g_src:s_src + hi - g_src])
+                copied += hi - lo
+            j += 1
+    return copied
+
+
+def _segments(bounds: list[int], start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """Pieces of global range [start, end) per parameter: (param index, param offset, range offset, length).
+
+    `bounds` are the parameters' global starts plus the total, ascending.
+    """
+    out = []
+    index = max(0, bisect.bisect_right(bounds, start) - 1)
+    while index < len(bounds) - 1 and bounds[index] < end:
+        lo, hi = max(start, bounds[index]), min(end, bounds[index + 1])
+        if hi > lo:
+            out.append((index, lo - bounds[index], lo - start, hi - lo))
+        index += 1
+    return out
+
+
+def _adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+            step: int, lr: float, beta1: float, beta2: float, eps: float) -> None:
+    """One AdamW update of flat fp32 tensors in place (torch.optim.AdamW's arithmetic; weight decay applied before)."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1 ** step)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+class ShardedOptimizer:
+    """ZeRO-1 AdamW (`use_distributed_optimizer`): each DP rank keeps 1/DP of the fp32 masters and moments.
+
+    Kiln's own, over one flat fp32 gradient buffer in parameter order (not megatron-core's
+    DistributedOptimizer: that needs megatron's DDP wrapper and CUDA, and Kiln's trainer runs the
+    same code on CPU/gloo; see docs/trainer.md). A step:
+    1. every micro-batch's gradient is added into the flat buffer by a post-accumulate hook;
+    2. partial q/k-norm grads are summed over TP, tied embedding copies over the embedding group
+       (full-size, as in `PolicyOptimizer`);
+    3. bucket by bucket, the buffer is reduce-scattered (summed) over DP in place: each rank then
+       holds the summed gradient of its slice;
+    4. the global norm is taken over the shards (summed over DP, TP, PP) and the shards clipped;
+    5. bucket by bucket, AdamW updates the rank's master slice (with `cpu_offload` the slice's
+       master and moments come from pinned host memory and go back after), the new values are
+       cast to the parameter dtype and all-gathered over DP into the parameters.
+    The gradient buffer exists from the first backward to the end of the step only.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, *, dp_group, tp_group, tp_rank: int,
+                 pp_group=None, embedding_group=None, cpu_offload: bool = False,
+                 bucket_numel: int = DEFAULT_BUCKET_NUMEL):
+        self.cfg = cfg
+        self.dp_group, self.tp_group, self.tp_rank = dp_group, tp_group, tp_rank
+        self.pp_group, self.embedding_group = pp_group, embedding_group
+        self.cpu_offload = cpu_offload
+        self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.model_params = [p for _, p in named]
+        dtypes = {p.dtype for p in self.model_params}
+        if len(dtypes) != 1:
+            raise ValueError(f"the sharded optimizer needs one parameter dtype, got {sorted(map(str, dtypes))}")
+        self.param_dtype = dtypes.pop()
+        self.device = self.model_params[0].device
+        self.bounds = [0]
+        for p in self.model_params:
+            self.bounds.append(self.bounds[-1] + p.numel())
+        self.layout = ShardLayout(self.bounds[-1], self.dp_size, bucket_numel)
+        self.padded_numel = sum(size * self.dp_size for _, size in self.layout.buckets)
+        if any(getattr(p, "shared_embedding", False) for p in self.model_params) and embedding_group is None:
+            raise ValueError("tied embeddings split over pipeline stages need the embedding group (first and last "
+                             "stage) to sum their gradients; got embedding_group=None")
+        self.tied = [i for i, p in enumerate(self.model_params) if getattr(p, "shared_embedding", False)]
+        self.tp_partial = [i for i, (n, _) in enumerate(named) if "q_layernorm" in n or "k_layernorm" in n]
+        counted = [not getattr(p, "shared", False) and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+                   for p in self.model_params]
+        decay = [p.dim() >= 2 for p in self.model_params]  # norms and biases take no weight decay
+        # this rank's slices: per bucket, the pieces (shard offset, length) to count in the norm / to decay
+        self.my_ranges = self.layout.ranges(self.dp_rank)
+        self._shard_starts = [s for _, s, _ in self.my_ranges]
+        self.norm_pieces, self.decay_pieces = [], []
+        for g, s, n in self.my_ranges:
+            for index, _, off, length in _segments(self.bounds, g, g + n):
+                if counted[index]:
+                    self.norm_pieces.append((s + off, length))
+                if decay[index]:
+                    self.decay_pieces.append((s + off, length))
+        host = cpu_offload and self.device.type == "cuda"
+        state_device = torch.device("cpu") if cpu_offload else self.device
+
+        def empty() -> torch.Tensor:
+            return torch.zeros(self.layout.shard_numel, dtype=torch.float32, device=state_device, pin_memory=host)
+
+        self.master, self.exp_avg, self.exp_avg_sq = empty(), empty(), empty()
+        with torch.no_grad():
+            for g, s, n in self.my_ranges:
+                for index, p_off, off, length in _segments(self.bounds, g, g + n):
+                    self.master[s + off:s + off + length].copy_(
+                        self.model_params[index].detach().view(-1)[p_off:p_off + length])
+        self.grad_buffer: torch.Tensor | None = None  # [padded_numel] fp32 between the first backward and step()
+        self._grad_views: list[torch.Tensor] = []
+        for i, p in enumerate(self.model_params):
+            p.register_post_accumulate_grad_hook(self._accumulate_into(i))
+        self.step_count = 0
+
+    # ------------------------------------------------------------------------------------------
+    # gradients
+    # ------------------------------------------------------------------------------------------
+
+    def _ensure_grad_buffer(self) -> None:
+        if self.grad_buffer is None:
+            self.grad_buffer = torch.zeros(self.padded_numel, dtype=torch.float32, device=self.device)
+            self._grad_views = [self.grad_buffer[a:b].view(p.shape)
+                                for p, a, b in zip(self.model_params, self.bounds[:-1], self.bounds[1:])]
+
+    def _accumulate_into(self, index: int):
+        def hook(param: torch.Tensor) -> None:
+            self._ensure_grad_buffer()
+            self._grad_views[index].add_(param.grad)
+            param.grad = None
+
+        return hook
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients (the buffer is freed; the next backward allocates it)."""
+        for p in self.model_params:
+            p.grad = None
+        self.grad_buffer, self._grad_views = None, []
+
+    def _shard_grad(self, bucket: int) -> torch.Tensor:
+        """This rank's slice of bucket `bucket` in the gradient buffer (after the reduce-scatter: its summed grad)."""
+        g, _, n = self.my_ranges[bucket]
+        return self.grad_buffer[g:g + n]
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the reduced gradients, a 0-d device tensor, from the shards (DP, TP, PP summed)."""
+        views = [self._shard_view(s, length) for s, length in self.norm_pieces]
+        sq = (torch.stack(torch._foreach_norm(views)).square().sum() if views
+              else torch.zeros((), dtype=torch.float32, device=self.device))
+        for group in (self.dp_group, self.tp_group, self.pp_group):
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(sq, group=group)
+        return sq.sqrt()
+
+    def _shard_view(self, shard_offset: int, length: int) -> torch.Tensor:
+        """The gradient buffer's elements at shard positions [shard_offset, +length) (within one bucket)."""
+        bucket = bisect.bisect_right(self._shard_starts, shard_offset) - 1
+        g, s, _ = self.my_ranges[bucket]
+        return self.grad_buffer[g + shard_offset - s:g + shard_offset - s + length]
+
+    # ------------------------------------------------------------------------------------------
+    # step
+    # ------------------------------------------------------------------------------------------
+
+    def step(self) -> tuple[float, float]:
+        """Reduce grads (TP partial, tied, DP reduce-scatter), clip, AdamW on this rank's shard, all-gather params.
+
+        Returns (grad_norm, lr).
+        """
+        self._ensure_grad_buffer()  # a rank without samples in this batch still joins the reductions
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            for i in self.tp_partial:
+                dist.all_reduce(self._grad_views[i], group=self.tp_group)
+        for i in self.tied:
+            dist.all_reduce(self._grad_views[i], group=self.embedding_group)
+        if self.dp_size > 1:
+            for (start, size), (g, _, n) in zip(self.layout.buckets, self.my_ranges):
+                dist.reduce_scatter_tensor(self.grad_buffer[g:g + n],
+                                           self.grad_buffer[start:start + size * self.dp_size], group=self.dp_group)
+        norm = self._grad_norm()
+        if self.cfg.clip_grad > 0:  # scale min(1, clip / norm) on the device: no host sync before AdamW
+            torch._foreach_mul_([self._shard_grad(k) for k in range(len(self.my_ranges))],
+                                (self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0))
+        lr = lr_at(self.step_count, self.cfg)
+        self.step_count += 1
+        for bucket in range(len(self.layout.buckets)):
+            self._update_bucket(bucket, lr)
+        if self.cpu_offload and self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the host copies of the states have landed
+        self.zero_grad()
+        return float(norm), lr
+
+    def _update_bucket(self, bucket: int, lr: float) -> None:
+        """AdamW on this rank's slice of `bucket`, then the new values into every rank's parameters."""
+        cfg = self.cfg
+        _, s, n = self.my_ranges[bucket]
+        states = [t[s:s + n] for t in (self.master, self.exp_avg, self.exp_avg_sq)]
+        work = [t.to(self.device, non_blocking=True) if t.device != self.device else
+                (t.clone() if self.cpu_offload else t) for t in states]  # offload: a device copy of the chunk
+        master, exp_avg, exp_avg_sq = work
+        if cfg.weight_decay > 0:
+            pieces = [master[o - s:o - s + length] for o, length in self.decay_pieces if s <= o < s + n]
+            if pieces:
+                torch._foreach_mul_(pieces, 1 - lr * cfg.weight_decay)
+        _adamw_(master, self._shard_grad(bucket), exp_avg, exp_avg_sq, step=self.step_count, lr=lr,
+                beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps)
+        if self.cpu_offload:
+            for host, dev in zip(states, work):
+                host.copy_(dev, non_blocking=True)
+        self._gather_into_params(bucket, master)
+
+    @torch.no_grad()
+    def _gather_into_params(self, bucket: int, master: torch.Tensor) -> None:
+        """All-gather the bucket's new values over DP (in the parameter dtype) and copy them into the parameters."""
+        start, size = self.layout.buckets[bucket]
+        if self.dp_size > 1:
+            full = torch.empty(size * self.dp_size, dtype=self.param_dtype, device=self.device)
+            mine = full[self.dp_rank * size:(self.dp_rank + 1) * size]
+            mine.copy_(master)
+            dist.all_gather_into_tensor(full, mine, group=self.dp_group)
+        else:
+            full = master
+        for index, p_off, off, length in _segments(self.bounds, start, start + size * self.dp_size):
+            self.model_params[index].view(-1)[p_off:p_off + length].copy_(full[off:off + length])
+
+    # ------------------------------------------------------------------------------------------
+    # memory, offload, checkpoints
+    # ------------------------------------------------------------------------------------------
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the optimizer: fp32 master + moments (device or host), the gradient buffer."""
+        states = 3 * self.layout.shard_numel * 4
+        return {"optimizer_states": states, "optimizer_states_on_host": states if self.cpu_offload else 0,
+                "grad_buffer": self.padded_numel * 4}
+
+    def move(self, move: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace master shard and moments by `move(tensor)` (colocated offload / onload); no-op when offloaded."""
+        if self.cpu_offload:
+            return
+        self.master, self.exp_avg, self.exp_avg_sq = (move(t) for t in (self.master, self.exp_avg, self.exp_avg_sq))
+        if self.grad_buffer is not None:
+            self.grad_buffer = move(self.grad_buffer)
+            self._grad_views = [self.grad_buffer[a:b].view(p.shape)
+                                for p, a, b in zip(self.model_params, self.bounds[:-1], self.bounds[1:])]
+
+    def state_dict(self) -> dict:
+        """This rank's shard of the fp32 masters and moments, its layout and the step counter."""
+        return {"sharded": True, "layout": self.layout.to_dict(), "dp_rank": self.dp_rank,
+                "step_count": self.step_count,
+                "master": self.master.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore this rank's `state_dict`, or {"sharded": True, "shards": [every saving DP rank's]} to reshard."""
+        self.load_resharded(state["shards"] if "shards" in state else [state])
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Restore from the state dicts of every rank of the saving DP group (in DP order), whatever its size.
+
+        With the same layout only this rank's own is read (a one-element list is taken as it).
+        """
+        if not all(s.get("sharded") for s in states):
+            raise ValueError("checkpoint holds a replicated (non-sharded) optimizer state; resume without "
+                             "--use-distributed-optimizer, or start the sharded run from the HF checkpoint")
+        layouts = [ShardLayout(**s["layout"]) for s in states]
+        if len(states) == 1 and layouts[0] == self.layout:
+            sources = [(states[0], layouts[0], self.dp_rank)]
+        else:
+            if len(states) != layouts[0].dp_size:
+                raise ValueError(f"resharding needs the states of all {layouts[0].dp_size} saving DP ranks, got "
+                                 f"{len(states)}")
+            sources = [(s, lay, s["dp_rank"]) for s, lay in zip(states, layouts)]
+        with torch.no_grad():
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                target = getattr(self, key)
+                copied = sum(copy_between_layouts(s[key], lay, r, target, self.layout, self.dp_rank)
+                             for s, lay, r in sources)
+                real = sum(max(0, min(g + n, self.layout.numel) - g) for g, _, n in self.my_ranges)
+                if copied != real:
+                    raise ValueError(f"sharded optimizer state covers {copied} of this rank's {real} elements")
+        self.step_count = states[0]["step_count"]
+        with torch.no_grad():
+            for bucket in range(len(self.layout.buckets)):
+                _, s, n = self.my_ranges[bucket]
+                self._gather_into_params(bucket, self.master[s:s + n].to(self.device))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainerConfig, *, dp_group, tp_group, tp_rank: int,
+                    pp_group=None, embedding_group=None) -> PolicyOptimizer | ShardedOptimizer:
+    """The optimizer `cfg` asks for: sharded over DP (`use_distributed_optimizer`, maybe offloaded), else replicated.
+
+    Buckets hold `DEFAULT_BUCKET_NUMEL` elements per rank, read at call time (tests shrink it).
+    """
+    if cfg.use_distributed_optimizer:
+        return ShardedOptimizer(model, cfg, dp_group=dp_group, tp_group=tp_group, tp_rank=tp_rank, pp_group=pp_group,
+                                embedding_group=embedding_group, cpu_offload=cfg.optimizer_cpu_offload,
+                                bucket_numel=DEFAULT_BUCKET_NUMEL)
+    return PolicyOptimizer(model, cfg, dp_group=dp_group, tp_group=tp_group, tp_rank=tp_rank, pp_group=pp_group,
+                           embedding_group=embedding_group)
