@@ -207,6 +207,8 @@ class Scheduler:
             req.kv_len -= 1
         req.finish(kind, matched, message)
         req.weight_version = self.weight_version
+        if req.sampling.return_routed_experts and req.row is not None:  # read from its KV slots before they go
+            req.routed_experts = self.runner.routed_experts(req.slots[:min(req.kv_len, req.fill_len - 1)])
         self.admission.release(req, cache=cache)
         if req in self.waiting:
             self.waiting.remove(req)
@@ -220,7 +222,5 @@ class Scheduler:
         if kind != "abort":
             self.waiting.extendleft(reversed(req.children))
         req.children = []
-        if req.sampling.return_routed_experts and req.row is not None:  # read from its KV slots before they go
-            req.routed_experts = self.runner.routed_experts(req.slots[:min(req.kv_len, req.fill_len - 1)])
         if req.on_output is not None:
             req.on_output(req, True)
