@@ -64,6 +64,15 @@ class PolicyOptimizer:
         # and the last stage's copy `shared` as well
         self.tied = [main for p, main in zip(self.model_params, self.params) if getattr(p, "shared_embedding", False)]
         self.counted = [not getattr(p, "shared", False) for p in self.model_params]
+        # expert weights under expert parallelism (megatron marks them allreduce=False) differ per EP rank:
+        # their grads are summed over the expert-data-parallel group and their norms over the EP group
+        self.expert = [not getattr(p, "allreduce", True) for p in self.model_params]
+        self.expert_dp_group = self.ep_group = None
+        if any(self.expert):
+            from megatron.core import parallel_state
+
+            self.expert_dp_group = parallel_state.get_expert_data_parallel_group()
+            self.ep_group = parallel_state.get_expert_model_parallel_group()
         if self.tied and embedding_group is None:
             raise ValueError("tied embeddings split over pipeline stages need the embedding group (first and last "
                              "stage) to sum their gradients; got embedding_group=None")
@@ -96,10 +105,15 @@ class PolicyOptimizer:
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients, a 0-d device tensor (each TP shard, stage and tied weight counted once)."""
-        grads = [p.grad for p, sharded, counted in zip(self.params, self.sharded, self.counted)
-                 if p.grad is not None and counted and (sharded or self.tp_rank == 0)]
+        grads = [p.grad for p, sharded, counted, expert in zip(self.params, self.sharded, self.counted, self.expert)
+                 if p.grad is not None and counted and (sharded or self.tp_rank == 0) and not expert]
         sq = (torch.stack(torch._foreach_norm(grads)).square().sum() if grads
               else torch.zeros((), dtype=torch.float32, device=self.params[0].device))
+        if self.ep_group is not None:  # each expert-parallel rank's own experts
+            experts = [p.grad for p, expert in zip(self.params, self.expert) if expert and p.grad is not None]
+            expert_sq = torch.stack(torch._foreach_norm(experts)).square().sum() if experts else torch.zeros_like(sq)
+            dist.all_reduce(expert_sq, group=self.ep_group)
+            sq = sq + expert_sq
         for group in (self.tp_group, self.pp_group):
             if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(sq, group=group)
@@ -123,8 +137,8 @@ class PolicyOptimizer:
         for p in self.tied:
             dist.all_reduce(p.grad, group=self.embedding_group)
         if dist.get_world_size(self.dp_group) > 1:
-            for p in self.params:
-                dist.all_reduce(p.grad, group=self.dp_group)
+            for p, expert in zip(self.params, self.expert):
+                dist.all_reduce(p.grad, group=self.expert_dp_group if expert else self.dp_group)
         norm = self._grad_norm()
         if self.cfg.clip_grad > 0:  # scale min(1, clip / norm) on the device: no host sync before AdamW
             torch._foreach_mul_([p.grad for p in self.params], (self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0))
