@@ -1,4 +1,5 @@
-"""RL policy losses (PPO, GSPO, CISPO, REINFORCE), MIS rejection, the SFT loss, KL estimators, aggregation.
+"""RL policy losses (PPO, GSPO, CISPO, REINFORCE), MIS rejection, the SFT loss, the critic's value loss, KL
+estimators, aggregation.
 
 Every tensor argument is flat over one micro-batch's response tokens: the sequences'
 response tokens concatenated, `[T]`, with `seq_lens` `[S]` saying how many belong to each
@@ -328,6 +329,38 @@ def compute_sft_loss(logp: Tensor, loss_mask: Tensor, seq_lens: Tensor, cfg: Los
         metrics["entropy"] = entropy_mean.detach()
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * entropy_mean
+    return loss, metrics
+
+
+def compute_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, loss_mask: Tensor, seq_lens: Tensor, *,
+                       value_clip: float | None, loss_agg_mode: str = "token_mean", global_num_tokens: int,
+                       global_num_seqs: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The critic's share of the PPO value loss, 0.5 * agg(max((V - R)^2, (V_clip - R)^2)), and its metrics.
+
+    V_clip = V_old + clip(V - V_old, -value_clip, value_clip) (PPO's value clipping); value_clip None:
+    0.5 * agg((V - R)^2). All flat [T]; R the returns (GAE: A + V_old), V_old the values of the rollout.
+    """
+    _check_flat(seq_lens, "values", values, old_values=old_values, returns=returns, loss_mask=loss_mask)
+    if value_clip is not None and not value_clip > 0:
+        raise ValueError(f"value_clip={value_clip}; must be > 0 (or None: no clipping)")
+    keep = loss_mask.bool()
+    agg = partial(_aggregate, keep=keep, seq_lens=seq_lens, mode=loss_agg_mode,
+                  global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
+    returns = returns.to(values.dtype)
+    loss_unclipped = (values - returns).square()  # [T]
+    metrics: dict[str, Tensor] = {}
+    if value_clip is None:
+        per_token = loss_unclipped
+    else:
+        old_values = old_values.to(values.dtype)
+        clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        loss_clipped = (clipped_values - returns).square()
+        per_token = torch.maximum(loss_unclipped, loss_clipped)
+        metrics["value_clipfrac"] = agg((loss_clipped > loss_unclipped).to(values.dtype)).detach()
+    loss = 0.5 * agg(per_token)
+    metrics["value_loss"] = loss.detach()
+    metrics["values_mean"] = agg(values).detach()
+    metrics["returns_mean"] = agg(returns).detach()
     return loss, metrics
 
 
