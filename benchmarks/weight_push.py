@@ -16,6 +16,12 @@ checksum-verified warm-up push:
   in-place         the same with the buffer kept open on the engine between pushes (`keep_resident_open=True`):
                    a repeated push opens nothing and the engine reuses its views and copy list; one copy per byte
 
+With `--rollout-dtype bf16,fp8` the same runs against an FP8 engine (`--rollout-dtype fp8`: e4m3 linears with
+128x128 block scales) follow, paths `packed`, `in-place` (both quantise in the engine while loading: it reads the
+trainer's bf16 and writes e4m3 + scales) and `sender-quant` (the sender quantises before the wire and the engine
+copies e4m3 + scales: half the bytes through staging); the `vs bf16` column is the push time over the bf16
+engine's `in-place` push (issue #22's target: <= 2x).
+
 A second table splits each path's milliseconds into the sender's phases (`PushStats.phases`) and the
 engine's own for its last load call (`Engine.metrics()["weight_update_phases_s"]`).
 
@@ -27,6 +33,7 @@ engine's loader runs: large tensors one by one, the rest in one multi-tensor cop
 
     python benchmarks/weight_push.py                      # GPU: Qwen3-0.6B and Qwen3-8B shapes, bf16
     python benchmarks/weight_push.py --device cpu --smoke # CPU: small shapes over shared memory
+    python benchmarks/weight_push.py --models qwen3-8b --rollout-dtype bf16,fp8   # GPU: bf16 vs FP8 engine
     OMP_NUM_THREADS=1 python benchmarks/weight_push.py --device cpu --models tiny,tiny-deep,medium --repeats 20
 """
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import struct
@@ -51,11 +59,14 @@ import torch
 from benchmarks.processes import RemoteWeightEndpoint
 from weight_sync import WeightSender, WeightSyncConfig, bucket_named_tensors, push_weights, share_bucket
 from weight_sync.buckets import copy_tensors, tensor_bytes
-from inference_engine.testing import make_engine
+from inference_engine.engine import Engine
+from weight_sync.fp8 import Fp8Layout
 
 PATHS = ("old", "packed", "in-place-3-calls", "in-place-reopen", "in-place")
+FP8_PATHS = ("packed", "in-place", "sender-quant")
 # keep_resident_open per path
-KEEP_OPEN = {"packed": True, "in-place-3-calls": False, "in-place-reopen": False, "in-place": True}
+KEEP_OPEN = {"packed": True, "in-place-3-calls": False, "in-place-reopen": False, "in-place": True,
+             "sender-quant": True}
 PHASES = ("pause", "pack", "wait", "resume", "other", "total")   # the sender's (weight_sync.push.PHASES, less verify)
 ENGINE_PHASES = ("open", "queue", "load", "flush", "close", "total")   # Engine.metrics()["weight_update_phases_s"]
 
@@ -239,13 +250,13 @@ def push_unfused(named: list, engine, sender: WeightSender, bucket_bytes: int, v
     return {**phases, "buckets": sent.buckets, "calls": sent.messages + 2, "call": sent.message_s[-1]}
 
 
-def verify(engine, named: list) -> None:
-    """The engine holds exactly `named` (checksums on both sides)."""
+def verify(engine, named: list, layout: Fp8Layout | None = None) -> None:
+    """The engine holds exactly `named` (FP8 engines: its quantisation under `layout`), checksums on both sides."""
     from weight_sync import compare_checksums
     from weight_sync.checksum import TensorChecksum, checksums
 
     reported = {k: TensorChecksum.from_dict(v) for k, v in engine.weight_checksums().items()}
-    compare_checksums(checksums(named), reported)
+    compare_checksums(checksums(named if layout is None else layout.quantize_bucket(named)), reported)
 
 
 def push_once(path: str, named: list, engine, sender: WeightSender | None, bucket_bytes: int, version: int,
@@ -261,22 +272,29 @@ def push_once(path: str, named: list, engine, sender: WeightSender | None, bucke
 
 
 def bench_model(shape: Qwen3Shape, device: str, dtype: torch.dtype, bucket_bytes: int, repeats: int,
-                work_dir: Path) -> list[dict]:
+                work_dir: Path, rollout_dtype: str = "bf16") -> list[dict]:
     """Median seconds (and phases) of each path's push of this model shape, each after a verified warm-up push."""
-    model_dir = write_model_folder(shape, work_dir / shape.name, dtype)
-    engine = RemoteWeightEndpoint(make_engine, str(model_dir), device, str(dtype).removeprefix("torch."), 4096, 2048,
-                                  name="engine")
+    model_dir = work_dir / shape.name
+    if not (model_dir / "config.json").exists():
+        write_model_folder(shape, model_dir, dtype)
+    layout = Fp8Layout() if rollout_dtype == "fp8" else None
+    paths = FP8_PATHS if layout is not None else PATHS
+    factory = functools.partial(Engine, model_path=str(model_dir), device=device, dtype=str(dtype).removeprefix(
+        "torch."), max_total_tokens=4096, context_length=2048, disable_cuda_graph=True,
+        weight_dtype="fp8" if layout is not None else "auto")
+    engine = RemoteWeightEndpoint(factory, name="engine")
     rows = []
     try:
         flat, named = trainer_weights(shape, dtype, device)
         total = sum(tensor_bytes(t) for _, t in named)
-        senders = {path: WeightSender(WeightSyncConfig(transport="colocated", bucket_bytes=bucket_bytes,
-                                                       keep_resident_open=keep)) for path, keep in KEEP_OPEN.items()}
-        pushes: dict[str, list[dict]] = {path: [] for path in PATHS}
-        engine_phases: dict[str, list[dict]] = {path: [] for path in PATHS}
+        senders = {path: WeightSender(WeightSyncConfig(
+            transport="colocated", bucket_bytes=bucket_bytes, keep_resident_open=KEEP_OPEN[path], fp8=layout,
+            fp8_quantize_on="sender" if path == "sender-quant" else "engine")) for path in paths if path != "old"}
+        pushes: dict[str, list[dict]] = {path: [] for path in paths}
+        engine_phases: dict[str, list[dict]] = {path: [] for path in paths}
         version = 0
         for i in range(repeats + 1):   # the paths take turns, so a machine's drift touches each alike
-            for path in PATHS:
+            for path in paths:
                 version += 1
                 flat.add_(1e-3)   # a training step: every weight changes
                 _sync(device)
@@ -284,12 +302,13 @@ def bench_model(shape: Qwen3Shape, device: str, dtype: torch.dtype, bucket_bytes
                 pushes[path].append(push_once(path, named, engine, senders.get(path), bucket_bytes, version, resident))
                 engine_phases[path].append(engine.metrics()["weight_update_phases_s"])
                 if i == 0:
-                    verify(engine, named)
+                    verify(engine, named, layout)
         for sender in senders.values():
             sender.close()
-        for path in PATHS:
+        for path in paths:
             seconds = statistics.median(p["total"] for p in pushes[path][1:])
-            rows.append({"model": shape.name, "path": path, "tensors": len(named), "gb": total / 1e9,
+            rows.append({"model": shape.name, "rollout": rollout_dtype, "path": path, "tensors": len(named),
+                         "gb": total / 1e9,
                          "buckets": pushes[path][-1]["buckets"], "calls": pushes[path][-1]["calls"],
                          "seconds": seconds, "gb_per_s": total / 1e9 / seconds,
                          "phases": _medians(pushes[path][1:], (*PHASES, "call")),
@@ -320,7 +339,8 @@ def print_phases(rows: list[dict]) -> None:
         ms = [p[k] * 1e3 for k in ("pause", "pack", "wait", "resume", "other", "total")]
         ms += [e[k] * 1e3 for k in ("open", "queue", "load", "flush", "close", "total")]
         ms.append((p["call"] - e["total"]) * 1e3)
-        print(f"| {r['model']} | {r['path']} | {r['calls']} | " + " | ".join(f"{v:.3f}" for v in ms) + " |")
+        print(f"| {r['model']} [{r['rollout']}] | {r['path']} | {r['calls']} | " + " | ".join(f"{v:.3f}" for v in ms)
+              + " |")
 
 
 def main() -> None:
@@ -331,18 +351,24 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rollout-dtype", default="bf16", help="comma list of the engines' weights: bf16 (the "
+                        "trainer's dtype), fp8 (EngineConfig.weight_dtype 'fp8'), side by side per model shape")
     args = parser.parse_args()
     names = ["tiny", "small"] if args.smoke else args.models.split(",")
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         parser.error(f"unknown model shapes {unknown}; expected some of {sorted(SHAPES)}")
+    rollout_dtypes = args.rollout_dtype.split(",")
+    if not set(rollout_dtypes) <= {"bf16", "fp8"}:
+        parser.error(f"--rollout-dtype {args.rollout_dtype!r}: expected a comma list of bf16, fp8")
     dtype = getattr(torch, args.dtype)
     bucket_bytes = args.bucket_mb << 20
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"device {where}, {args.dtype}, bucket {args.bucket_mb} MiB, receiver: Engine in its own process over "
           f"{'CUDA IPC' if args.device.startswith('cuda') else 'shared memory'}; median of {args.repeats} pushes")
-    print("| model shape | path | tensors | GB | buckets | seconds | GB/s | copy GB/s | of copy bandwidth |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model shape | engine weights | path | tensors | GB | buckets | seconds | GB/s | copy GB/s "
+          "| of copy bandwidth | vs bf16 in-place |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows, copies = [], {}
     with tempfile.TemporaryDirectory(prefix="kiln_weight_push_") as tmp:
         for name in names:
@@ -350,11 +376,16 @@ def main() -> None:
             nbytes = sum(torch.Size(s).numel() for _, s in hf_tensor_shapes(shape)) * dtype.itemsize
             copy_gbps = copy_bandwidth(args.device, nbytes)
             copies[shape.name] = (nbytes / 1e9 / copy_gbps, tensor_copy_seconds(shape, dtype, args.device))
-            for r in bench_model(shape, args.device, dtype, bucket_bytes, args.repeats, Path(tmp)):
-                print(f"| {r['model']} | {r['path']} | {r['tensors']} | {r['gb']:.3f} | {r['buckets']} | "
-                      f"{r['seconds']:.4f} | {r['gb_per_s']:.1f} | {copy_gbps:.0f} | {r['gb_per_s'] / copy_gbps:.0%} |",
-                      flush=True)
-                rows.append(r)
+            base = None
+            for rollout in rollout_dtypes:
+                for r in bench_model(shape, args.device, dtype, bucket_bytes, args.repeats, Path(tmp), rollout):
+                    if rollout == "bf16" and r["path"] == "in-place":
+                        base = r["seconds"]
+                    ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
+                    print(f"| {r['model']} | {rollout} | {r['path']} | {r['tensors']} | {r['gb']:.3f} | "
+                          f"{r['buckets']} | {r['seconds']:.4f} | {r['gb_per_s']:.1f} | {copy_gbps:.0f} | "
+                          f"{r['gb_per_s'] / copy_gbps:.0%} | {ratio} |", flush=True)
+                    rows.append(r)
     print_phases(rows)
     print("\nThe copy alone (ms, medians, this process): the model's tensors into separate tensors; one buffer-sized "
           "copy_ for reference.")
