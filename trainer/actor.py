@@ -25,7 +25,7 @@ from trainer.config import TrainerConfig
 from trainer.critic import ValueModel, critic_optimizer_config, drop_output_layer
 from trainer.logprobs import chunked_logprobs
 from trainer.losses import compute_loss, compute_value_loss, kl_estimate, load_custom_loss_function
-from trainer.optimizer import PolicyOptimizer
+from trainer.optimizer import PolicyOptimizer, build_optimizer
 from trainer.pipeline import PipelineSchedule
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class TrainerActor:
             self.critic_optimizer = PolicyOptimizer(self.critic, critic_optimizer_config(cfg), dp_group=self.dp_group,
                                                     tp_group=self.tp_group, tp_rank=self.tp_rank,
                                                     pp_group=self.pp_group, embedding_group=embedding_group)
-        self.optimizer = PolicyOptimizer(self.model, cfg, dp_group=self.dp_group, tp_group=self.tp_group,
+        self.optimizer = build_optimizer(self.model, cfg, dp_group=self.dp_group, tp_group=self.tp_group,
                                          tp_rank=self.tp_rank, pp_group=self.pp_group,
                                          embedding_group=embedding_group)
         self.vocab_start = self.tp_rank * (self.model.vocab_size // cfg.tensor_parallel_size)
@@ -621,17 +621,8 @@ class TrainerActor:
         return {name: digest}
 
     def load_checkpoint(self, ckpt_dir: str | os.PathLike) -> None:
-        """Restore what `save_checkpoint` wrote, on the same parallel layout."""
-        file = Path(ckpt_dir) / f"rank_{self.rank:05d}.pt"
-        if not file.exists():
-            raise FileNotFoundError(f"no trainer checkpoint for rank {self.rank} at {file}")
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - name the file; torch's message alone does not
-            raise ValueError(f"trainer checkpoint {file} cannot be read: it is damaged or not written by "
-                             f"save_checkpoint ({type(e).__name__}: {e})") from e
-        if state["layout"] != self._layout():
-            raise ValueError(f"checkpoint layout {state['layout']} differs from this run's {self._layout()}")
+        """Restore what `save_checkpoint` wrote, on the same TP and PP sizes (the DP size may differ)."""
+        file, state = self._read_checkpoint(Path(ckpt_dir))
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
@@ -655,6 +646,47 @@ class TrainerActor:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         megatron_compat.set_rng_tracker_states(rng["tracker"])
+
+    @staticmethod
+    def _read_rank_file(file: Path, *, mmap: bool = False) -> dict:
+        if not file.exists():
+            raise FileNotFoundError(f"no trainer checkpoint file {file}")
+        try:
+            return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+        except Exception as e:  # noqa: BLE001 - name the file; torch's message alone does not
+            raise ValueError(f"trainer checkpoint {file} cannot be read: it is damaged or not written by "
+                             f"save_checkpoint ({type(e).__name__}: {e})") from e
+
+    def _read_checkpoint(self, path: Path) -> tuple[Path, dict]:
+        """(file, state) this rank resumes from: its own file, or on another DP size that of the saving rank with
+        the same TP/PP coordinates and DP rank 0 (model and replicated state are the same on every DP rank), its
+        sharded optimizer state replaced by {"sharded": True, "shards": every saving DP rank's, in DP order}."""
+        layout = self._layout()
+        saved = self._read_rank_file(path / "rank_00000.pt", mmap=True)["layout"]
+        if saved["world_size"] == self.world_size:
+            file = path / f"rank_{self.rank:05d}.pt"
+            state = self._read_rank_file(file)
+            if state["layout"] != layout:
+                raise ValueError(f"checkpoint layout {state['layout']} differs from this run's {layout}")
+            return file, state
+        if (saved["tp"], saved["pp"]) != (layout["tp"], layout["pp"]):
+            raise ValueError(f"checkpoint layout {saved} differs from this run's {layout}: resuming needs the same "
+                             "tensor and pipeline parallel sizes (only the data-parallel size may change)")
+        tp, pp_rank = layout["tp"], self.rank // (self.world_size // layout["pp"])
+        saved_dp = saved["world_size"] // (tp * layout["pp"])
+
+        def saved_rank(dp_rank: int) -> int:  # megatron's rank order: TP fastest, then DP, then PP
+            return self.tp_rank + tp * (dp_rank + saved_dp * pp_rank)
+
+        file = path / f"rank_{saved_rank(0):05d}.pt"
+        state = self._read_rank_file(file)
+        if state["optimizer"].get("sharded"):
+            state["optimizer"] = {"sharded": True, "shards": [
+                state["optimizer"] if j == 0 else self._read_rank_file(path / f"rank_{saved_rank(j):05d}.pt",
+                                                                       mmap=True)["optimizer"]
+                for j in range(saved_dp)]}
+        logger.info("rank %d resumes from %s (saved at DP=%d, now DP=%d)", self.rank, file, saved_dp, self.dp_size)
+        return file, state
 
     def _layout(self) -> dict[str, int]:
         return {"world_size": self.world_size, "tp": self.cfg.tensor_parallel_size,

@@ -333,6 +333,12 @@ class ShardedOptimizer:
         if any(getattr(p, "shared_embedding", False) for p in self.model_params) and embedding_group is None:
             raise ValueError("tied embeddings split over pipeline stages need the embedding group (first and last "
                              "stage) to sum their gradients; got embedding_group=None")
+        if any(not getattr(p, "allreduce", True) for p in self.model_params):
+            from megatron.core import parallel_state
+
+            if parallel_state.get_expert_model_parallel_world_size() > 1:
+                raise ValueError("the sharded optimizer does not shard expert-parallel weights yet; drop "
+                                 "--use-distributed-optimizer or use expert_model_parallel_size=1")
         self.tied = [i for i, p in enumerate(self.model_params) if getattr(p, "shared_embedding", False)]
         self.tp_partial = [i for i, (n, _) in enumerate(named) if "q_layernorm" in n or "k_layernorm" in n]
         counted = [not getattr(p, "shared", False) and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
