@@ -259,14 +259,15 @@ class TrainerActor:
                                              mb.tokens.shape[1], self.spec)
         self.replay.set_micro_batch(to_device(ids, self.device), to_device(valid, self.device))
 
-    def _routing_disagreement(self) -> float:
-        """Fraction of replayed (token, MoE layer, slot) the policy's own top-k would not have chosen, this step."""
+    def _routing_disagreement(self) -> tuple[float, float]:
+        """(Fraction of replayed (token, MoE layer, slot) the policy's own top-k would not have chosen, how many
+        were replayed) over this step's policy forwards."""
         counts = self.replay.counts(self.device)  # [mismatched, total], this rank's share and stage
         for group in (self.pp_group, self.dp_group):
             if dist.get_world_size(group) > 1:
                 dist.all_reduce(counts, group=group)
         mismatched, total = counts.tolist()
-        return mismatched / total if total else 0.0
+        return mismatched / total if total else 0.0, total
 
     def _activation_shape(self, mb: MicroBatch) -> tuple[int, int, int]:
         """Shape of the activations passed between pipeline stages for `mb`: [width, rows, H]."""
@@ -391,7 +392,7 @@ class TrainerActor:
         metrics["optimizer_steps"] = float(len(step_metrics))
         metrics["tokens"] = float(sum(len(s.tokens) for s in batch))
         if self.replay is not None:
-            metrics["routing_disagreement"] = self._routing_disagreement()
+            metrics["routing_disagreement"], metrics["routing_replayed_slots"] = self._routing_disagreement()
         self.step += 1
         if self.rank == 0:
             logger.info("step %d: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

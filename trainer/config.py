@@ -178,6 +178,9 @@ class TrainerConfig:
                     raise ValueError(f"{name}={getattr(self, name)} needs a mixture-of-experts model; "
                                      f"{self.hf_checkpoint} is {hf.get('model_type')!r} (dense)")
             return
+        if self.expert_model_parallel_size > 1 and self.use_distributed_optimizer:
+            raise ValueError("expert_model_parallel_size > 1 with use_distributed_optimizer: the sharded optimizer "
+                             "does not reduce expert gradients over the expert-data-parallel group yet; drop one")
         if experts % self.expert_model_parallel_size:
             raise ValueError(f"expert_model_parallel_size={self.expert_model_parallel_size} does not divide the "
                              f"model's {experts} experts")
