@@ -306,8 +306,18 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="batch sizes to profile after the decode rows (e.g. 1,256)")
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--profile-prompt-len", type=int, default=128, help="prompt tokens of the profiled requests")
+    ap.add_argument("--rollout-dtype", default="bf16",
+                    help="comma list of the engine's linear weights, each measured in turn on the same model: bf16, "
+                         "fp8 (EngineConfig.weight_dtype 'fp8', e4m3 with 128x128 block scales); with both, fp8 / "
+                         "bf16 ratios of every decode and offline row follow")
+    ap.add_argument("--mismatch", default="", help="N x output_len: N rollouts of 128-token prompts sampled by the "
+                                                   "first engine (T = 1), scored teacher-forced by each engine; "
+                                                   "reports the fp8-vs-bf16 log-prob gap ('' skips)")
     ap.add_argument("--profile-name", default="profile", help="the profile's tables go to $OUT/<name>_bs<B>.txt")
     args = ap.parse_args()
+    rollout_dtypes = args.rollout_dtype.split(",")
+    if not set(rollout_dtypes) <= {"bf16", "fp8"}:
+        ap.error(f"--rollout-dtype {args.rollout_dtype!r}: expected a comma list of bf16, fp8")
 
     from inference_engine import Engine, ops
     from inference_engine.config import DECODE_ATTENTION
@@ -368,86 +378,129 @@ def main() -> None:
         del hf
         torch.cuda.empty_cache()
 
-    start = time.perf_counter()
-    engine = Engine(model_path=str(folder), device="cuda", dtype="bfloat16", attention_backend=args.backend,
-                    page_size=args.page_size, context_length=4096, max_running_requests=256,
-                    chunked_prefill_size=8192, disable_cuda_graph=args.disable_cuda_graph,
-                    decode_attention=decode_modes[0])
-    report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, decode attention {decode_modes[0]}, "
-                           f"GEMV up to {ops.GEMV_MAX_ROWS} rows, "
-                           f"PDL {'on' if pdl.enabled(torch.device('cuda')) else 'off'}, "
-                           f"page {args.page_size}, "
-                           f"KV pool {engine.runner.kv_pool.capacity} tokens, "
-                           f"graphs {'off' if engine.runner.graph_runner is None else 'on'})")
-    spec = engine.spec
-    params = dict(engine.runner.model.named_parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
-    if not spec.tie_word_embeddings:  # the embedding table is only gathered from, not read whole
-        weight_bytes -= params["model.embed_tokens.weight"].numel() * 2
-    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
+    sequences: list[list[int]] = []  # --mismatch: the rollouts every engine scores teacher-forced
+    logprobs: dict[str, torch.Tensor] = {}
 
-    def modes(choice: str) -> list[bool]:
-        return {"on": [True], "off": [False], "both": [False, True]}[choice]
+    def engine_rows(rollout: str) -> dict[str, float]:
+        """The engine's rows with `rollout` weights (bf16 or fp8); {row: tok/s} of its decode and offline rows."""
+        results: dict[str, float] = {}
 
-    current = (decode_modes[0], pdl_modes[0])
-    variants = [(mode, use_pdl) for mode in decode_modes for use_pdl in pdl_modes]
-    for mode, use_pdl, overlap in [(*variant, overlap) for variant in variants for overlap in modes(args.overlap)]:
-        if (mode, use_pdl) != current:
-            reconfigure(engine, mode, use_pdl)
-            current = (mode, use_pdl)
-        set_overlap(engine, overlap)
-        mode_tag = f"decode attention {mode}, " if len(decode_modes) > 1 else ""
-        pdl_tag = ("PDL on, " if use_pdl else "PDL off, ") if len(pdl_modes) > 1 else ""
-        tag = f" [{mode_tag}{pdl_tag}overlap {'on' if overlap else 'off'}]"
-        for bs in [int(b) for b in args.hf_batches.split(",") if b]:
-            timed_generate(engine, prompts(bs, 128, vocab, seed=100 + bs), 2)  # warm-up of this shape
-            rate = bs * args.hf_tokens / timed_generate(engine, prompts(bs, 128, vocab, seed=200 + bs),
-                                                        args.hf_tokens)
-            report(f"Kiln batch {bs} (128 in, {args.hf_tokens} out){tag}",
-                   f"{rate:.0f} tok/s = {rate / hf_rates[bs]:.1f}x HF")
-        k = args.decode_steps
-        for bs in [int(b) for b in args.decode_batches.split(",") if b]:
-            timed_generate(engine, prompts(bs, 128, vocab, seed=250 + bs), 2)  # warm-up (first prefill of a shape)
-            t1 = timed_generate(engine, prompts(bs, 128, vocab, seed=300 + bs), 1)
-            t2 = timed_generate(engine, prompts(bs, 128, vocab, seed=400 + bs), 1 + k)
-            rate = bs * k / (t2 - t1)
-            step_bytes = weight_bytes + bs * (128 + k / 2) * kv_per_token
-            roofline = bs * bw / step_bytes
-            report(f"decode batch {bs}{tag}", f"{rate:.0f} tok/s, {1e3 * (t2 - t1) / k:.2f} ms/step, "
-                                              f"{rate / roofline:.0%} of roofline ({roofline:.0f} tok/s)")
-            graphs = engine.runner.graph_runner
-            size = next((s for s in graphs.batch_sizes if s >= bs), None) if graphs is not None else None
-            if size is not None:  # the step's device time alone: its graph replayed back to back on the last inputs
-                ms = engine._call(lambda: event_ms(graphs.graphs[size].replay, 200))
-                engine.flush_cache()  # the replays rewrote the last step's KV slot: cached prefixes may hold it
-                report(f"decode batch {bs} graph replay{tag}", f"{ms:.3f} ms, {1e3 * step_bytes / bw / ms:.0%} of "
-                                                               f"roofline")
+        def tagged_report(name: str, value: str) -> None:
+            report(name + (f" [{rollout}]" if len(rollout_dtypes) > 1 else ""), value)
 
-    if args.profile:  # after the decode rows, before the long offline run
-        out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp(prefix="kiln_profile_")))
-        profile_decode(engine, [int(b) for b in args.profile.split(",")], vocab, args.profile_steps, out_dir,
-                       args.profile_name, args.profile_prompt_len)
+        start = time.perf_counter()
+        engine = Engine(model_path=str(folder), device="cuda", dtype="bfloat16", attention_backend=args.backend,
+                        page_size=args.page_size, context_length=4096, max_running_requests=256,
+                        chunked_prefill_size=8192, disable_cuda_graph=args.disable_cuda_graph,
+                        decode_attention=decode_modes[0], weight_dtype="fp8" if rollout == "fp8" else "auto")
+        tagged_report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, "
+                                      f"decode attention {decode_modes[0]}, "
+                               f"GEMV up to {ops.GEMV_MAX_ROWS} rows, "
+                               f"PDL {'on' if pdl.enabled(torch.device('cuda')) else 'off'}, "
+                               f"page {args.page_size}, "
+                               f"KV pool {engine.runner.kv_pool.capacity} tokens, "
+                               f"graphs {'off' if engine.runner.graph_runner is None else 'on'})")
+        spec = engine.spec
+        params = dict(engine.runner.model.named_parameters())
+        weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        if not spec.tie_word_embeddings:  # the embedding table is only gathered from, not read whole
+            weight_bytes -= params["model.embed_tokens.weight"].numel() * 2
+        if rollout == "fp8":  # the FP8 linears' block scales are read too (counted above); so is nothing else new
+            tagged_report("FP8 weights", f"{weight_bytes / 1e9:.2f} GB read per step (bf16: "
+                                         f"{sum(p.numel() for p in params.values()) * 2 / 1e9:.2f} GB of parameters)")
+        kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
 
-    for overlap in modes(args.offline_overlap):
-        set_overlap(engine, overlap)
-        tag = f" [overlap {'on' if overlap else 'off'}]"
-        if args.offline:
-            n, n_in, n_out = (int(x) for x in args.offline.split("x"))
-            elapsed = timed_generate(engine, prompts(n, n_in, vocab, seed=500), n_out)
-            report(f"offline {n} x ({n_in} in, {n_out} out){tag}",
-                   f"{n * n_out / elapsed:.0f} output tok/s, {n * (n_in + n_out) / elapsed:.0f} total tok/s, "
-                   f"{elapsed:.1f} s")
-        if args.grpo:
-            g, n_samples, g_in, g_out = (int(x) for x in args.grpo.split("x"))
-            before = engine.metrics()
-            elapsed = timed_generate(engine, prompts(g, g_in, vocab, seed=600), g_out, n=n_samples, temperature=1.0)
-            after = engine.metrics()
-            prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
-            cached = after["cached_tokens_total"] - before["cached_tokens_total"]
-            report(f"GRPO {g} prompts x n={n_samples} ({g_in} in, {g_out} out, T=1){tag}",
-                   f"{g * n_samples * g_out / elapsed:.0f} output tok/s, radix cache hit rate "
-                   f"{cached / max(prompt, 1):.1%}, {elapsed:.1f} s")
-    engine.shutdown()
+        def modes(choice: str) -> list[bool]:
+            return {"on": [True], "off": [False], "both": [False, True]}[choice]
+
+        current = (decode_modes[0], pdl_modes[0])
+        variants = [(mode, use_pdl) for mode in decode_modes for use_pdl in pdl_modes]
+        for mode, use_pdl, overlap in [(*variant, overlap) for variant in variants for overlap in modes(args.overlap)]:
+            if (mode, use_pdl) != current:
+                reconfigure(engine, mode, use_pdl)
+                current = (mode, use_pdl)
+            set_overlap(engine, overlap)
+            mode_tag = f"decode attention {mode}, " if len(decode_modes) > 1 else ""
+            pdl_tag = ("PDL on, " if use_pdl else "PDL off, ") if len(pdl_modes) > 1 else ""
+            tag = f" [{mode_tag}{pdl_tag}overlap {'on' if overlap else 'off'}]"
+            for bs in [int(b) for b in args.hf_batches.split(",") if b]:
+                timed_generate(engine, prompts(bs, 128, vocab, seed=100 + bs), 2)  # warm-up of this shape
+                rate = bs * args.hf_tokens / timed_generate(engine, prompts(bs, 128, vocab, seed=200 + bs),
+                                                            args.hf_tokens)
+                tagged_report(f"Kiln batch {bs} (128 in, {args.hf_tokens} out){tag}",
+                       f"{rate:.0f} tok/s = {rate / hf_rates[bs]:.1f}x HF")
+            k = args.decode_steps
+            for bs in [int(b) for b in args.decode_batches.split(",") if b]:
+                timed_generate(engine, prompts(bs, 128, vocab, seed=250 + bs), 2)  # warm-up (first prefill of a shape)
+                t1 = timed_generate(engine, prompts(bs, 128, vocab, seed=300 + bs), 1)
+                t2 = timed_generate(engine, prompts(bs, 128, vocab, seed=400 + bs), 1 + k)
+                rate = bs * k / (t2 - t1)
+                results[f"decode batch {bs}{tag}"] = rate
+                step_bytes = weight_bytes + bs * (128 + k / 2) * kv_per_token
+                roofline = bs * bw / step_bytes
+                tagged_report(f"decode batch {bs}{tag}", f"{rate:.0f} tok/s, {1e3 * (t2 - t1) / k:.2f} ms/step, "
+                                                  f"{rate / roofline:.0%} of roofline ({roofline:.0f} tok/s)")
+                graphs = engine.runner.graph_runner
+                size = next((s for s in graphs.batch_sizes if s >= bs), None) if graphs is not None else None
+                if size is not None:  # the step's device time alone: its graph replayed back to back on the last inputs
+                    ms = engine._call(lambda: event_ms(graphs.graphs[size].replay, 200))
+                    engine.flush_cache()  # the replays rewrote the last step's KV slot: cached prefixes may hold it
+                    tagged_report(f"decode batch {bs} graph replay{tag}",
+                                  f"{ms:.3f} ms, {1e3 * step_bytes / bw / ms:.0%} of roofline")
+
+        if args.profile:  # after the decode rows, before the long offline run
+            out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp(prefix="kiln_profile_")))
+            profile_decode(engine, [int(b) for b in args.profile.split(",")], vocab, args.profile_steps, out_dir,
+                           args.profile_name, args.profile_prompt_len)
+
+        for overlap in modes(args.offline_overlap):
+            set_overlap(engine, overlap)
+            tag = f" [overlap {'on' if overlap else 'off'}]"
+            if args.offline:
+                n, n_in, n_out = (int(x) for x in args.offline.split("x"))
+                elapsed = timed_generate(engine, prompts(n, n_in, vocab, seed=500), n_out)
+                results[f"offline {n} x ({n_in} in, {n_out} out){tag}"] = n * n_out / elapsed
+                tagged_report(f"offline {n} x ({n_in} in, {n_out} out){tag}",
+                       f"{n * n_out / elapsed:.0f} output tok/s, {n * (n_in + n_out) / elapsed:.0f} total tok/s, "
+                       f"{elapsed:.1f} s")
+            if args.grpo:
+                g, n_samples, g_in, g_out = (int(x) for x in args.grpo.split("x"))
+                before = engine.metrics()
+                elapsed = timed_generate(engine, prompts(g, g_in, vocab, seed=600), g_out, n=n_samples, temperature=1.0)
+                after = engine.metrics()
+                prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
+                cached = after["cached_tokens_total"] - before["cached_tokens_total"]
+                tagged_report(f"GRPO {g} prompts x n={n_samples} ({g_in} in, {g_out} out, T=1){tag}",
+                       f"{g * n_samples * g_out / elapsed:.0f} output tok/s, radix cache hit rate "
+                       f"{cached / max(prompt, 1):.1%}, {elapsed:.1f} s")
+        if args.mismatch:
+            n, n_out = (int(x) for x in args.mismatch.split("x"))
+            if not sequences:  # the first engine (bf16 first in --rollout-dtype) samples the rollouts, T = 1
+                outs = engine.generate(input_ids=prompts(n, 128, vocab, seed=700), sampling_params={
+                    "max_new_tokens": n_out, "temperature": 1.0, "ignore_eos": True, "seed": 7})
+                sequences.extend(p + o["output_ids"] for p, o in zip(prompts(n, 128, vocab, seed=700), outs))
+            engine.flush_cache()  # every position's log-prob computed, none taken from the cache
+            outs = engine.generate(input_ids=sequences, sampling_params={"max_new_tokens": 1, "temperature": 1.0,
+                                                                         "return_prompt_logprobs": True},
+                                   return_logprob=True)
+            logprobs[rollout] = torch.tensor([[lp for lp, _, _ in o["meta_info"]["input_token_logprobs"][128:]]
+                                              for o in outs], dtype=torch.float64)  # [n, n_out] response tokens
+        engine.shutdown()
+        del engine
+        torch.cuda.empty_cache()
+        return results
+
+    rates = {rollout: engine_rows(rollout) for rollout in rollout_dtypes}
+    if {"bf16", "fp8"} <= set(rates):
+        for name, rate in rates["fp8"].items():
+            if rates["bf16"].get(name):
+                report(f"fp8 / bf16, {name}", f"{rate / rates['bf16'][name]:.2f}x tok/s")
+    if {"bf16", "fp8"} <= set(logprobs):
+        diff = logprobs["fp8"] - logprobs["bf16"]  # per response token: log p_fp8 - log p_bf16 (same tokens)
+        report(f"log-prob mismatch, fp8 vs bf16 engine, teacher-forced ({args.mismatch}, T = 1 rollouts of bf16)",
+               f"mean |diff| {diff.abs().mean():.4f}, max |diff| {diff.abs().max():.3f}, mean diff {diff.mean():+.4f}, "
+               f"KL(bf16 || fp8) k3 estimate {(torch.expm1(diff) - diff).mean():.5f}, "  # tokens sampled from bf16
+               f"p99 |diff| {diff.abs().flatten().quantile(0.99):.3f}")
 
     print("\n| measure | result |\n| --- | --- |")
     for name, value in rows:
