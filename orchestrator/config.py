@@ -88,6 +88,10 @@ class RunConfig:
     """Also log the step metrics to TensorBoard (event files in --tensorboard-dir)."""
     tensorboard_dir: str | None = None
     """TensorBoard log folder; None = <the metrics file's folder>/tensorboard."""
+    opd_teacher_url: str | None = None
+    """On-policy distillation (--use-opd, --opd-type engine) from an engine already served at this URL (Kiln's
+    `python -m inference_engine.serve`; its key, if any, in $KILN_OPD_TEACHER_API_KEY); else the driver serves
+    --opd-teacher-load on a device of its own."""
 
     def __post_init__(self) -> None:
         for name in ("num_rollout", "num_engines", "actor_num_nodes", "actor_num_gpus_per_node",

@@ -135,11 +135,22 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
         raise ConfigError("set --prompt-data (a .jsonl/.json/.parquet file or a dataset folder)")
     if run.eval_interval is not None and not data.eval_prompt_data and not data.eval_config:
         raise ConfigError(f"--eval-interval {run.eval_interval} needs --eval-prompt-data or --eval-config")
+    _check_opd_teacher(run, trainer)
     try:   # the eval sets' files, keys and values, before Ray starts
         eval_sets(data, rollout)
     except EvalConfigError as e:
         raise ConfigError(str(e)) from None
     return DriverConfig(run, rollout, data, trainer, engine, env, policies)
+
+
+def _check_opd_teacher(run: RunConfig, trainer: TrainerConfig) -> None:
+    """--use-opd --opd-type engine needs one served teacher: --opd-teacher-url or --opd-teacher-load."""
+    served = trainer.use_opd and trainer.opd_type == "engine"
+    if run.opd_teacher_url is not None and not served:
+        raise ConfigError("--opd-teacher-url is the teacher of --use-opd --opd-type engine; set those or drop it")
+    if served and (run.opd_teacher_url is None) == (trainer.opd_teacher_load is None):
+        raise ConfigError("--use-opd --opd-type engine needs one teacher: --opd-teacher-url URL (an engine already "
+                          "served) or --opd-teacher-load HF_DIR (served by this run on a device of its own)")
 
 
 def _fp8_corrections(values: dict[str, Any]) -> None:
@@ -265,6 +276,7 @@ class Driver:
         self._engine_options: dict[str, Any] = {}   # device, serve_http, token: how engines are started
         self._sync: dict[str, WeightSyncConfig] = {}   # each policy's weight-sync settings
         self._to_return: list[tuple[str, int]] = []   # restarted engines waiting for their weights and the check
+        self.teacher: Any = None   # on-policy distillation's served teacher (an EngineActor handle or a URL)
 
     # ---- set-up -----------------------------------------------------------------------------------------------
 
@@ -335,6 +347,8 @@ class Driver:
                 cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), cfg.env, run.health_check_interval,
                 self._engine_options["token"], health_timeout=run.engine_health_timeout,
                 engine_prompt_limit=cfg.engine.context_length - 1 if cfg.engine.context_length else None)
+        if train and cfg.trainer.use_opd and cfg.trainer.opd_type == "engine":
+            self.teacher = self._start_teacher(use_gpu)
         if train and rollout:
             for name, group in self.trainers.items():
                 self._sync[name] = WeightSyncConfig(
@@ -344,6 +358,40 @@ class Driver:
                     group_name=f"kiln_weights_{name}", fp8=cfg.engine.fp8_layout)
             ray.get([ref for name in self.trainers for ref in self._connect_weight_sync(name)])
         self._resume()
+
+    def _start_teacher(self, use_gpu: bool) -> Any:
+        """The OPD teacher: --opd-teacher-url as is, or an EngineActor serving --opd-teacher-load outside the
+        placement group on a device of its own (a GPU, or --cpus-per-device CPUs), reached over Ray."""
+        import ray
+
+        from orchestrator.actors import EngineActor
+
+        run = self.cfg.run
+        if run.opd_teacher_url is not None:
+            return run.opd_teacher_url
+        config = dataclasses.replace(self.cfg.engine, model_path=self.cfg.trainer.opd_teacher_load,
+                                     device="cuda" if use_gpu else "cpu")
+        resources = {"num_gpus": 1, "num_cpus": run.cpus_per_device} if use_gpu else {"num_cpus": run.cpus_per_device}
+        handle = ray.remote(EngineActor).options(**resources, max_concurrency=1000,
+                                                 name=f"kiln-opd-teacher-{self.run_id}").remote(config, False)
+        ray.get(handle.health.remote())   # waits until it has loaded
+        logger.info("OPD teacher %s served for the run", self.cfg.trainer.opd_teacher_load)
+        return handle
+
+    def _score_teacher(self, batch: RolloutBatch) -> dict[str, float]:
+        """Fill every sample's teacher_logprobs from the OPD teacher (orchestrator/teacher.py); its metrics."""
+        import asyncio
+
+        from orchestrator.teacher import score_samples
+        from rollout.client import HttpEngineClient, LocalEngineClient
+
+        if isinstance(self.teacher, str):
+            client = HttpEngineClient(self.teacher, api_key=os.environ.get("KILN_OPD_TEACHER_API_KEY"))
+        else:
+            client = LocalEngineClient(self.teacher)
+        start = time.perf_counter()
+        failed = asyncio.run(score_samples(client, batch.samples, self.cfg.trainer.temperature))
+        return {"opd/teacher_failed": failed, "timing/opd_teacher_s": time.perf_counter() - start}
 
     def engine_name(self, policy: str, index: int) -> str:
         """The Ray actor name of engine `index` of `policy` (`ray.get_actor(name)` finds it; kept across restarts)."""
@@ -615,6 +663,8 @@ class Driver:
                         state_before_next = ray.get(self.manager.state_dict.remote())
                     pending = self._launch_rollout(step + 1)
                 metrics = {**batch.metrics, **env_metrics(batch.samples)}
+                if self.teacher is not None:
+                    metrics.update(self._score_teacher(batch))
                 if self.trainers:
                     metrics.update(self._train_and_push(batch, step, timing))
                 if not run.async_rollout and step + 1 < run.num_rollout:
@@ -777,6 +827,9 @@ class Driver:
                 ray.kill(h)
         if self.manager is not None:
             ray.kill(self.manager)
+        if self.teacher is not None and not isinstance(self.teacher, str):
+            ray.kill(self.teacher)
+        self.teacher = None
         if self.pg is not None:
             ray.util.remove_placement_group(self.pg)
         self.trainers, self.engines, self.manager, self.pg = {}, {}, None, None

@@ -317,3 +317,33 @@ def test_opd_from_engine_logprobs(results):
     gaps = [g for g, k in r["expected"] if k]
     assert r["m"]["opd_reverse_kl"] == pytest.approx(sum(gaps) / len(gaps), rel=1e-5)
     assert r["moved"] > 1e-4
+
+
+# ------------------------------------------------------------------------------------------ served teacher
+
+def test_served_teacher_scores_the_response_tokens_like_hf(tiny_models):
+    """orchestrator.teacher over an in-process engine: teacher-forced log-probs equal HF's log_softmax(logits / T)."""
+    import asyncio
+
+    from transformers import AutoModelForCausalLM
+
+    from inference_engine import Engine
+    from kiln_common.sample import Status
+    from orchestrator.teacher import score_samples
+    from rollout.client import LocalEngineClient
+    from trainer.testing import hf_response_logprobs
+
+    teacher_dir = tiny_models["llama"]
+    samples = make_samples(5, vocab_size=500, seed=11)
+    samples[2].tokens = samples[2].tokens[:-1] + [10 ** 6]  # an id outside the teacher's vocabulary
+    hf = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    with Engine(model_path=str(teacher_dir), max_total_tokens=2048) as engine:
+        failed = asyncio.run(score_samples(LocalEngineClient(engine), samples, 0.8))
+    assert failed == 1 and samples[2].status == Status.FAILED and samples[2].error.startswith("opd teacher:")
+    for i, s in enumerate(samples):
+        if i == 2:
+            continue
+        expected, _ = hf_response_logprobs(hf, s, 0.8)
+        assert len(s.teacher_logprobs) == s.response_length
+        torch.testing.assert_close(torch.tensor(s.teacher_logprobs, dtype=torch.float64), expected,
+                                   rtol=0, atol=2e-4)

@@ -51,6 +51,8 @@ class TrainerConfig:
     # RL
     temperature: float = 1.0  # rollout sampling temperature (log-probs are of logits / temperature)
     advantage_estimator: str = "grpo"
+    """grpo, dr_grpo, gspo (GRPO's advantages for --policy-loss gspo; refused without it), rloo, reinforce_plus_plus,
+    reinforce_plus_plus_baseline, gae (PPO with a critic: --lambd, --value-clip, --critic-lr), custom; docs/losses.md"""
     normalize_advantages_std: bool = True
     gamma: float = 1.0  # discount of token returns (REINFORCE++, GAE)
     lambd: float = 1.0  # GAE lambda (advantage_estimator='gae'): 1 = Monte-Carlo returns minus values, 0 = TD(0)
