@@ -74,6 +74,8 @@ class ModelRunner:
             fp8.convert(self.model, config.fp8_layout)
         self.weight_plan = WeightPlan(self.model)  # name -> parameter slice, resolved once for every later load
         self._load_checkpoint(config.model_path)
+        if config.fp8_layout is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # quantisation scratch and the bf16 weights freed before the KV pool is sized
         attn = self.model.model.layers[0].self_attn  # this rank's heads
         num_slots = self._kv_slots(attn.num_kv_heads)
         if self.tp is not None:  # every rank's pool must hold the slots rank 0 hands out

@@ -213,18 +213,20 @@ def scaled_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
 
 @functools.cache
 def scaled_mm_works(device: torch.device) -> bool:
-    """Whether torch._scaled_mm takes blockwise (1x128, 128x128) FP8 scales on this device and agrees with `gemm`."""
+    """Whether torch._scaled_mm takes blockwise (1x128, 128x128) FP8 scales on this device and agrees with `gemm`,
+    at row counts of decode graphs and prefill chunks (1, 3, 64, 137)."""
+    from weight_sync.fp8 import quantize_weight
+
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        m, n, k = 64, 256, 384
-        x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
-        w = torch.randn(n, k, device=device, generator=gen)
-        from weight_sync.fp8 import quantize_weight
-
-        wq, ws = quantize_weight(w, 128)
-        xq, xs = quantize_activation(x, 128)
-        want = gemm(xq, xs, wq, ws, 128, None, torch.float32, torch.bfloat16)
-        got = scaled_mm(xq, xs, wq, ws, None, torch.float32, torch.bfloat16)
-        return bool(torch.allclose(got, want, rtol=2e-2, atol=1e-2 * want.abs().max().item()))
+        n, k = 384, 640
+        wq, ws = quantize_weight(torch.randn(n, k, device=device, generator=gen), 128)
+        for m in (1, 3, 64, 137):
+            xq, xs = quantize_activation(torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16), 128)
+            want = gemm(xq, xs, wq, ws, 128, None, torch.float32, torch.bfloat16)
+            got = scaled_mm(xq, xs, wq, ws, None, torch.float32, torch.bfloat16)
+            if not torch.allclose(got, want, rtol=2e-2, atol=1e-2 * want.abs().max().item()):
+                return False
+        return True
     except (RuntimeError, TypeError, ValueError):
         return False

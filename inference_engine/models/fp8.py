@@ -56,8 +56,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: in
             out = k.gemv(x2, weight, scale, block, bias, out_dtype, silu_mul=silu_mul)
         else:
             xq, xs = k.quantize_activation(x2, block, silu_mul=silu_mul)
-            gemm = k.scaled_mm if _use_scaled_mm(x.device, block) else k.gemm
-            out = gemm(xq, xs, weight, scale, *((block,) if gemm is k.gemm else ()), bias, out_dtype, x.dtype)
+            out = None
+            if _use_scaled_mm(x.device, block):
+                try:
+                    out = k.scaled_mm(xq, xs, weight, scale, bias, out_dtype, x.dtype)
+                except RuntimeError:  # a shape cuBLAS's blockwise kernels refuse (checked before any launch)
+                    out = None
+            if out is None:
+                out = k.gemm(xq, xs, weight, scale, block, bias, out_dtype, x.dtype)
         return out.view(*shape, n)
     return reference_linear(x2, weight, scale, block, bias, silu_mul, out_dtype).view(*shape, n)
 
@@ -176,8 +182,13 @@ def convert(model: nn.Module, layout: Fp8Layout) -> int:
         weight.fp8_module = module  # where quantize_into finds the scale of a full-precision weight
         module.fp8_block = block
         converted += 1
-    log.info("fp8 weights: %d linears in e4m3 with %dx%d block scales (LM head %s)", converted, block, block,
-             "fp8" if layout.lm_head else "kept in the model dtype")
+    device = next(model.parameters()).device
+    gemm = "CPU reference (dequantised, float32)"
+    if device.type == "cuda":  # probed now, eagerly, not inside a graph capture
+        gemm = "torch._scaled_mm (blockwise)" if _use_scaled_mm(device, block) else "triton blockwise GEMM"
+        gemm += f"; up to {GEMV_MAX_ROWS} row(s) the triton FP8 GEMV"
+    log.info("fp8 weights: %d linears in e4m3 with %dx%d block scales (LM head %s); GEMM: %s", converted, block,
+             block, "fp8" if layout.lm_head else "kept in the model dtype", gemm)
     return converted
 
 
