@@ -90,9 +90,10 @@ def distinct_experts_per_step(outs: list[dict], prompt_len: int, steps: int) -> 
 
 
 def moe_layer_rows(spec, batches: list[int], bandwidth: float, report) -> None:
-    """One MoE layer alone in a CUDA graph, per batch: route (router, softmax, top-k), route + align, and the whole
-    layer (route, align, the grouped GEMMs, top-k sum) for each tile config; GB/s of the weights it must read."""
+    """One MoE layer alone in a CUDA graph, per batch: the router GEMV + route kernel, + align, and the whole layer
+    (router, route, align, the grouped GEMMs, top-k sum) per tile config; GB/s of the weights it must read."""
     from benchmarks.engine_throughput import event_ms, graphed
+    from inference_engine import ops
     from inference_engine.kernels import fused_moe as kernels
     from inference_engine.models.moe import SparseMoE
 
@@ -100,30 +101,31 @@ def moe_layer_rows(spec, batches: list[int], bandwidth: float, report) -> None:
         layer = SparseMoE(spec, 0, None).to(torch.bfloat16)
     for p in layer.parameters():
         p.data.normal_(0.0, 0.02)
+    gate, w13, w2 = layer.gate.weight, layer.experts.gate_up_proj, layer.experts.down_proj
+    k, experts = spec.num_experts_per_tok, spec.num_experts
     per_expert = 3 * spec.hidden_size * spec.moe_intermediate_size * 2
     configs = {"small": kernels.SMALL, "large": kernels.LARGE, "small bn64": (16, 64, 128, 4, 4),
                "small bk256": (16, 32, 256, 4, 3), "mid": (32, 64, 64, 4, 3)}
     for bs in batches:
         x = torch.randn(bs, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
-        weights, ids = layer.route(x)
-        used = len(torch.unique(ids))
-        need = used * per_expert + layer.gate.weight.numel() * 2
-        route_ms = event_ms(graphed(lambda: layer.route(x)).replay, 200)
-        align_ms = event_ms(graphed(lambda: kernels.align(layer.route(x)[1], spec.num_experts, 16)).replay, 200)
-        times = {}
+
+        def routed(x=x):
+            return kernels.route(ops.linear(x, gate), k, spec.norm_topk_prob, x.dtype)
+
+        used = len(torch.unique(routed()[1]))
+        need = used * per_expert + gate.numel() * 2
+        route_ms = event_ms(graphed(routed).replay, 200)
+        align_ms = event_ms(graphed(lambda: kernels.align(routed()[1], experts, 16)).replay, 200)
+        times = {"engine layer": event_ms(graphed(lambda x=x: layer(x)).replay, 100)}
         for name, cfg in configs.items():
-            def run(cfg=cfg):
-                w, i = layer.route(x)
-                return kernels.fused_moe(x, layer.experts.gate_up_proj, layer.experts.down_proj, w, i, config=cfg)
-            times[name] = event_ms(graphed(run).replay, 100)
+            times[name] = event_ms(graphed(lambda cfg=cfg: kernels.fused_moe(x, w13, w2, *routed(), config=cfg)
+                                           ).replay, 100)
         best = min(times, key=times.get)
-        default = "small" if kernels.default_config(bs * spec.num_experts_per_tok, spec.num_experts) == kernels.SMALL \
-            else "large"
         report(f"MoE layer batch {bs} ({used} experts, {need / 1e6:.0f} MB), graph",
-               f"route {route_ms * 1e3:.0f} us, route + align {align_ms * 1e3:.0f} us; whole layer "
+               f"router + route {route_ms * 1e3:.0f} us, + align {align_ms * 1e3:.0f} us; whole layer "
                + ", ".join(f"{n} {t * 1e3:.0f} us" for n, t in times.items())
-               + f"; default ({default}) {need / times[default] / 1e6:.0f} GB/s = "
-               f"{need / times[default] / 1e-3 / bandwidth:.0%} of copy bandwidth, best {best}")
+               + f"; engine layer {need / times['engine layer'] / 1e6:.0f} GB/s = "
+               f"{need / times['engine layer'] / 1e-3 / bandwidth:.0%} of copy bandwidth, best {best}")
 
 
 def main() -> None:

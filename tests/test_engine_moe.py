@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from inference_engine import Engine
-from inference_engine.models.moe import moe_reference, stacked_expert_names
+from inference_engine.models.moe import moe_reference, route_reference, stacked_expert_names
 from inference_engine.testing import make_tiny_model
 from kiln_common import routed_experts
 from kiln_common.sample import Sample
@@ -265,6 +265,7 @@ def _kernel_case(tokens, experts, top_k, hidden, inter, dtype, device, seed=0):
 
 
 def _check_kernels(device: str, dtype: torch.dtype, atol: float) -> None:
+    """The triton route, align and grouped GEMMs against their torch references on device."""
     from inference_engine.kernels import fused_moe as kernels
 
     for case in KERNEL_CASES:
@@ -272,20 +273,25 @@ def _check_kernels(device: str, dtype: torch.dtype, atol: float) -> None:
         want = moe_reference(*[a.cpu().float() if a.is_floating_point() else a.cpu() for a in args])
         got = kernels.fused_moe(*args, config=getattr(kernels, case[5]))
         torch.testing.assert_close(got.float().cpu(), want, atol=atol, rtol=0.02 if dtype != torch.float32 else 0)
+    g = torch.Generator().manual_seed(1)
+    for tokens, experts, top_k, renormalize in [(1, 8, 2, True), (37, 16, 4, False), (300, 128, 8, True),
+                                                (5, 6, 6, True)]:
+        logits = (torch.randn(tokens, experts, generator=g) * 2).to(device=device, dtype=dtype)
+        want_w, want_ids = route_reference(logits, top_k, renormalize, dtype)
+        record = torch.zeros(tokens + 3, 2, top_k, dtype=torch.uint8, device=device)
+        loc = torch.randperm(tokens + 3, generator=g)[:tokens].to(device)
+        weights, ids = kernels.route(logits, top_k, renormalize, dtype, (record, loc, 1))
+        assert torch.equal(ids.long(), want_ids), (tokens, experts)  # random logits: no ties
+        torch.testing.assert_close(weights, want_w, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+        assert torch.equal(record[loc, 1].long(), want_ids) and not record[loc, 0].any()
+        for block_m in (16, 64):
+            kernel_align = kernels.align(ids, experts, block_m)
+            assert all(torch.equal(a, b) for a, b in zip(kernel_align, kernels.align_reference(ids, experts, block_m)))
     saved = kernels.ONE_HOT_MAX_PAIRS
-    kernels.ONE_HOT_MAX_PAIRS = 0  # the sorting branch of align gives the same grouping
+    kernels.ONE_HOT_MAX_PAIRS = 0  # the sorting branch of align_reference gives the same grouping
     try:
-        args = _kernel_case(*KERNEL_CASES[2][:5], dtype, device)
-        ids = args[4]
-        assert all(torch.equal(a, b) for a, b in zip(kernels.align(ids, 16, 16), _align_one_hot(kernels, ids)))
-    finally:
-        kernels.ONE_HOT_MAX_PAIRS = saved
-
-
-def _align_one_hot(kernels, ids):
-    saved, kernels.ONE_HOT_MAX_PAIRS = kernels.ONE_HOT_MAX_PAIRS, 10**9
-    try:
-        return kernels.align(ids, 16, 16)
+        ids = _kernel_case(*KERNEL_CASES[2][:5], dtype, device)[4]
+        assert all(torch.equal(a, b) for a, b in zip(kernels.align_reference(ids, 16, 16), kernels.align(ids, 16, 16)))
     finally:
         kernels.ONE_HOT_MAX_PAIRS = saved
 

@@ -1,16 +1,21 @@
-"""Fused mixture-of-experts MLP: two triton grouped GEMMs over the (token, expert) pairs sorted by expert.
+"""Fused mixture-of-experts layer: routing, then two triton grouped GEMMs over the (token, expert) pairs sorted by
+expert.
 
-`align` groups the T * top_k pairs by expert and pads each expert's group to a multiple of BLOCK_M, so that every
-BLOCK_M-row block of the sorted order belongs to one expert (`block_expert`; blocks past the end get E and return
-at once). The first kernel multiplies each block's token rows by its expert's gate and up rows together (one pass
-over x, two accumulators) and stores silu(gate) * up [T k, I] by pair; the second multiplies those by the expert's
-down projection, scales each row by its routing weight and stores [T k, hidden] by pair; the top_k rows of a token
-are summed last. Rounding follows `models.moe.moe_reference` (products, the activation and the weighted output in
-the activation dtype), so results agree up to float32 accumulation order.
+`route` is one program per token: softmax of the router logits in float32, the top-k (highest first, the lowest id
+among ties), renormalised when asked, the weights cast to the activation dtype, and the chosen ids written to the
+token's KV slot in the routed-experts buffer. `align` groups the T * top_k pairs by expert and pads each expert's
+group to a multiple of BLOCK_M, so that every BLOCK_M-row block of the sorted order belongs to one expert
+(`block_expert`; blocks past the end get E and return at once): one program for up to ALIGN_KERNEL_MAX_PAIRS pairs
+(decode), torch ops for more. The first GEMM kernel multiplies each block's token rows by its expert's gate and up
+rows together (one pass over x, two accumulators) and stores silu(gate) * up [T k, I] by pair; the second
+multiplies those by the expert's down projection, scales each row by its routing weight and stores [T k, hidden]
+by pair; the top_k rows of a token are summed last. Rounding follows `models.moe.moe_reference` (products, the
+activation and the weighted output in the activation dtype), so results agree up to float32 accumulation order.
 
 Nothing reads device values on the host and every shape depends on T only, so a decode step with these kernels
 can be captured in a CUDA graph: the grids cover the most blocks T tokens can need, cdiv(T k, BLOCK_M) +
-min(E, T k), and the empty ones exit.
+min(E, T k), and the empty ones exit. A decode step's MoE layer is six launches: the router GEMV, `route`,
+`align`, the two GEMMs and the top-k sum.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-ONE_HOT_MAX_PAIRS = 4096  # up to this many pairs (decode), positions come from a one-hot cumsum, else a stable sort
+ONE_HOT_MAX_PAIRS = 4096  # torch align: up to this many pairs positions come from a one-hot cumsum, else a sort
+ALIGN_KERNEL_MAX_PAIRS = 8192  # up to this many pairs `align` runs the one-program kernel
+ALIGN_CHUNK = 64  # pairs per step of the align kernel
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the two GEMMs, by the mean rows per expert; the small one
 # spreads a decode step's few experts over many programs (each expert's weights are read once either way)
@@ -33,15 +40,119 @@ def default_config(pairs: int, num_experts: int) -> tuple[int, int, int, int, in
     return SMALL if pairs < 4 * num_experts else LARGE
 
 
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, record_ptr, loc_ptr, stride_l, stride_slot, record_offset,
+                  num_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, RECORD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    mask = offs < num_experts
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    e = tl.where(mask, tl.exp(x - tl.max(x, axis=0)), 0.0)
+    probs = tl.where(mask, e / tl.sum(e, axis=0), -1.0)  # [E] float32, -1 past the experts
+    offs_k = tl.arange(0, BLOCK_K)
+    top = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    top_ids = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):  # the largest left, the lowest id among ties
+        best = tl.max(probs, axis=0)
+        best_id = tl.argmax(probs, axis=0, tie_break_left=True).to(tl.int32)
+        top = tl.where(offs_k == j, best, top)
+        top_ids = tl.where(offs_k == j, best_id, top_ids)
+        probs = tl.where(offs == best_id, -2.0, probs)
+    k_mask = offs_k < TOP_K
+    if RENORMALIZE:
+        top = top / tl.sum(tl.where(k_mask, top, 0.0), axis=0)
+    tl.store(weights_ptr + t * TOP_K + offs_k, top.to(weights_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(ids_ptr + t * TOP_K + offs_k, top_ids, mask=k_mask)
+    if RECORD:  # the token's KV slot, this layer's row
+        slot = tl.load(loc_ptr + t)
+        tl.store(record_ptr + slot * stride_slot + record_offset + offs_k,
+                 top_ids.to(record_ptr.dtype.element_ty), mask=k_mask)
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype,
+          record: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in dtype, expert ids [T, k] int32, best first) of router logits [T, E]; see
+    `models.moe.route_reference`. record = (buffer [slots, moe layers, k], slots [T], moe layer): the ids also
+    go to buffer[slots[t], moe layer]."""
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    tokens, experts = logits.shape
+    weights = torch.empty(tokens, top_k, dtype=dtype, device=logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int32, device=logits.device)
+    if record is not None:
+        buffer, loc, layer = record
+        if buffer.stride(2) != 1 or buffer.stride(1) != top_k:
+            raise ValueError(f"routed-experts buffer strides {buffer.stride()}: expected [slots, layers, {top_k}] "
+                             "contiguous inside a slot")
+        buffer_ptr, loc_ptr, stride_slot, offset = buffer, loc, buffer.stride(0), layer * top_k
+    else:
+        buffer_ptr, loc_ptr, stride_slot, offset = ids, ids, 0, 0
+    if tokens:
+        _route_kernel[(tokens,)](logits, weights, ids, buffer_ptr, loc_ptr, logits.stride(0), stride_slot, offset,
+                                 experts, TOP_K=top_k,
+                                 BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=triton.next_power_of_2(top_k),
+                                 RENORMALIZE=renormalize, RECORD=record is not None, num_warps=4)
+    return weights, ids
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_pairs, num_blocks, num_experts, BLOCK_M: tl.constexpr,
+                  BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < num_experts
+    lanes = tl.arange(0, CHUNK)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):  # pairs per expert
+        ids = tl.load(ids_ptr + start + lanes, mask=start + lanes < num_pairs, other=-1)
+        counts += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)  # [E] end of each expert's padded group
+    for start in range(0, num_blocks * BLOCK_M, CHUNK):  # every row: no pair, until the pairs are placed
+        tl.store(sorted_ptr + start + lanes, num_pairs, mask=start + lanes < num_blocks * BLOCK_M)
+    tl.debug_barrier()  # the block's stores are visible to all its threads before the pairs overwrite them
+    running = pad_end - padded  # [E] next free row of each expert's group
+    for start in range(0, num_pairs, CHUNK):  # each pair to its group, in pair order
+        ids = tl.load(ids_ptr + start + lanes, mask=start + lanes < num_pairs, other=-1)
+        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # [C, E]
+        before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of the same expert in this chunk
+        dest = tl.sum(onehot * (before + running[None, :]), axis=1)
+        tl.store(sorted_ptr + dest, start + lanes, mask=start + lanes < num_pairs)
+        running += tl.sum(onehot, axis=0)
+    for start in range(0, num_blocks, CHUNK):  # a block's expert: the groups that end at or before its first row
+        b = start + lanes
+        ended = (pad_end[None, :] <= (b * BLOCK_M)[:, None]) & e_mask[None, :]
+        tl.store(block_expert_ptr + b, tl.sum(ended.to(tl.int32), axis=1), mask=b < num_blocks)
+
+
+def num_blocks(pairs: int, num_experts: int, block_m: int) -> int:
+    """Blocks of block_m rows that `pairs` pairs over num_experts experts can need, padding included."""
+    return triton.cdiv(pairs, block_m) + min(num_experts, pairs)
+
+
 def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_pairs [blocks * block_m] int32, block_expert [blocks] int32) of expert ids [T, k].
 
-    sorted_pairs lists the pair indices (t * k + j) grouped by expert, each group padded with T * k (no pair) to a
-    multiple of block_m; block_expert[b] is the expert of rows [b * block_m, (b + 1) * block_m), num_experts for a
-    block past the last group."""
+    sorted_pairs lists the pair indices (t * k + j) grouped by expert, in pair order inside a group, each group
+    padded with T * k (no pair) to a multiple of block_m; block_expert[b] is the expert of rows
+    [b * block_m, (b + 1) * block_m), num_experts for a block past the last group. One program for up to
+    ALIGN_KERNEL_MAX_PAIRS pairs, else `align_reference`."""
     pairs = ids.numel()
-    flat = ids.reshape(-1)
-    blocks = triton.cdiv(pairs, block_m) + min(num_experts, pairs)
+    if pairs > ALIGN_KERNEL_MAX_PAIRS:
+        return align_reference(ids, num_experts, block_m)
+    blocks = num_blocks(pairs, num_experts, block_m)
+    sorted_pairs = torch.empty(blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
+    _align_kernel[(1,)](ids.reshape(-1).to(torch.int32), sorted_pairs, block_expert, pairs, blocks, num_experts,
+                        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), CHUNK=ALIGN_CHUNK,
+                        num_warps=8)
+    return sorted_pairs, block_expert
+
+
+def align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`align` in torch ops (no host syncs): a one-hot cumsum up to ONE_HOT_MAX_PAIRS pairs, else a stable sort."""
+    pairs = ids.numel()
+    flat = ids.reshape(-1).long()
+    blocks = num_blocks(pairs, num_experts, block_m)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat,
                                                                                         torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m

@@ -119,40 +119,44 @@ class SparseMoE(nn.Module):
         self.gate.weight.weight_loader = default_weight_loader
         self.experts = Experts(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size, tp)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [T, k] in x's dtype, expert ids [T, k] int64, best first) of hidden states x [T, hidden]."""
-        logits = ops.linear(x, self.gate.weight)  # [T, E] in x's dtype, as HF's nn.Linear
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), ids
-
     def forward(self, x: torch.Tensor, fb: ForwardBatch | None = None) -> torch.Tensor:
         """Mixture output [T, hidden] of x [T, hidden]; with fb, the chosen experts go to their tokens' KV slots."""
-        weights, ids = self.route(x)
+        record = None
         if fb is not None and fb.kv_pool.routed_experts is not None:
-            buffer = fb.kv_pool.routed_experts  # [slots, moe layers, k]
-            buffer[fb.out_cache_loc, self.moe_index] = ids.to(buffer.dtype)
-        out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+            record = (fb.kv_pool.routed_experts, fb.out_cache_loc, self.moe_index)
+        logits = ops.linear(x, self.gate.weight)  # [T, E] in x's dtype, as HF's nn.Linear
+        w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
+        if ops.runs_triton(x.device):
+            from inference_engine.kernels import fused_moe as kernels
+
+            weights, ids = kernels.route(logits, self.top_k, self.renormalize, x.dtype, record)
+            out = kernels.fused_moe(x, w13, w2, weights, ids)
+        else:
+            weights, ids = route_reference(logits, self.top_k, self.renormalize, x.dtype)
+            if record is not None:
+                buffer, loc, layer = record  # [slots, moe layers, k]
+                buffer[loc, layer] = ids.to(buffer.dtype)
+            out = moe_reference(x, w13, w2, weights, ids)
         return out if self.tp is None or self.tp.size == 1 else self.tp.all_reduce(out)
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) [T, hidden] for x [T, hidden], w13 [E, 2I, hidden],
-    w2 [E, hidden, I]: the triton grouped GEMMs where triton runs, else `moe_reference`."""
-    if ops.runs_triton(x.device):
-        from inference_engine.kernels import fused_moe as kernels
-
-        return kernels.fused_moe(x, w13, w2, weights, ids)
-    return moe_reference(x, w13, w2, weights, ids)
+def route_reference(logits: torch.Tensor, top_k: int, renormalize: bool,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in dtype, expert ids [T, k] int64, best first) of router logits [T, E]: softmax in float32,
+    top-k, renormalised over the chosen ones when asked, cast to dtype (HF's Qwen3MoeSparseMoeBlock)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), ids
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor) -> torch.Tensor:
-    """The torch specification of `fused_moe`, rounding as HF's Qwen3MoeSparseMoeBlock: each expert's output in x's
-    dtype, times its weight, summed over the token's experts in expert order (reads the counts on the host)."""
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) [T, hidden] for x [T, hidden], w13 [E, 2I, hidden] (gate rows,
+    then up rows), w2 [E, hidden, I]: the torch specification of `kernels.fused_moe.fused_moe`, rounding as HF's
+    Qwen3MoeSparseMoeBlock (each expert's output in x's dtype, times its weight, summed over the token's experts in
+    expert order); reads the counts on the host."""
     tokens, k = ids.shape
     flat = ids.reshape(-1)  # [T k]
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in token order inside each expert
