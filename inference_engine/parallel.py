@@ -38,6 +38,11 @@ def check_tp_shape(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
                          "(kv heads are split over ranks, or each is replicated on tp_size / num_kv_heads ranks)")
 
 
+def _wire(x: torch.Tensor) -> torch.Tensor:
+    """x as the collectives carry it: float8 tensors (FP8 weights) as uint8 views, which gloo also has."""
+    return x.view(torch.uint8) if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else x
+
+
 class TPGroup:
     """One rank's membership of an engine's tensor-parallel group (rank 0 is the Engine, the rest are workers)."""
 
@@ -75,12 +80,12 @@ class TPGroup:
         """Every rank's x (same shape on each), in rank order."""
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(self.size)]
-        self.device_group.allgather([out], [x]).wait()
+        self.device_group.allgather([[_wire(o) for o in out]], [_wire(x)]).wait()
         return out
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite x with rank src's x, in place; returns x."""
-        self.device_group.broadcast(x, src).wait()
+        self.device_group.broadcast(_wire(x), src).wait()
         return x
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:

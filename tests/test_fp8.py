@@ -237,3 +237,30 @@ def test_fp8_rollout_turns_tis_and_mis_on_unless_disabled(qwen3_model, caplog):
     assert cfg.trainer.loss.use_tis and not cfg.trainer.loss.use_mis
     cfg = parse_args(base)
     assert cfg.engine.weight_dtype == "auto" and not cfg.trainer.loss.use_tis and not cfg.trainer.loss.use_mis
+
+
+@pytest.mark.parametrize("quantize_on", ["engine", "sender"])
+def test_fp8_tensor_parallel_engine_holds_the_full_quantisation(tiny_models, other_llama, quantize_on):
+    """tp=2: each rank quantises (or takes) its shard; gathered back, weights and scales are the full tensors'."""
+    block, path = 16, tiny_models["llama"]  # per rank: q 32 rows, k / v 16, gate / up 64; o / down inputs 32 / 64
+    layout = Fp8Layout(block, lm_head=True)
+    with Engine(model_path=str(path), max_total_tokens=1024, weight_dtype="fp8", fp8_block_size=block,
+                fp8_lm_head=True) as one:
+        want = [o["output_ids"] for o in one.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+    with Engine(model_path=str(path), max_total_tokens=1024, weight_dtype="fp8", fp8_block_size=block,
+                fp8_lm_head=True, tp_size=2) as engine:
+        assert [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)] == want
+        sender = WeightSender(WeightSyncConfig(transport="colocated", check_weight_update=True, fp8=layout,
+                                               fp8_quantize_on=quantize_on))
+        try:
+            push_weights(_trainer_buckets(other_llama), [engine], sender, 2)
+        finally:
+            sender.close([engine])
+        held = dict(engine.named_hf_tensors())
+    for name, tensor in load_file(other_llama / "model.safetensors").items():
+        if layout.quantized(name, tensor):
+            q, s = quantize_weight(tensor, block)
+            assert torch.equal(held[name].view(torch.uint8), q.view(torch.uint8)), name
+            assert torch.equal(held[name + "_scale_inv"], s), name
+        else:
+            assert torch.equal(held[name], tensor), name
