@@ -123,8 +123,11 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
         if values.get("use-tis") is False:
             raise ConfigError("--async-rollout trains on samples one version stale; it needs TIS (drop --no-use-tis)")
         values["use-tis"] = True
+    _offpolicy_correction(values)
     if values.get("rollout-dtype") == "fp8":   # FP8 rollout widens the engine/trainer gap: corrected unless told not
         _fp8_corrections(values)
+    if values.get("attention-backend") == "flashinfer":  # a CUDA-only backend: validated as on the GPU the
+        values["device"] = "cuda"                         # placement will give it (checked in setup)
     run, rollout, data, trainer, engine, env = instantiate(CONFIG_CLASSES, values)
     if len(policies) > 1 and trainer.ref_checkpoint is not None:
         raise ConfigError("--ref-checkpoint is ambiguous with several --policies; each policy's reference is its "
@@ -313,6 +316,9 @@ class Driver:
         self.checkpoint = choose_checkpoint(run.load) if run.load else None  # CheckpointError before anything costly
         self._init_ray()
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        if not use_gpu and cfg.engine.device != "cpu":
+            raise ConfigError(f"--attention-backend {cfg.engine.attention_backend} needs a GPU and Ray "
+                              "found none; on CPU use 'torch' or 'triton'")
         train, rollout = not run.debug_rollout_only, not run.debug_train_only
         plan = plan_placement(list(cfg.policies), num_trainers=run.actor_num_nodes * run.actor_num_gpus_per_node,
                               num_engines=run.num_engines, colocate=run.colocate, use_gpu=use_gpu,
