@@ -216,3 +216,35 @@ def test_expert_parallel_equals_one_rank_holding_all_experts(moe_results):
     assert sorted(one["weights"]) == sorted(two["weights"])
     # Adam divides by sqrt(v): a gradient of float-noise size moves a weight by up to lr = 1e-3; a tenth of that
     assert max((one["weights"][n] - two["weights"][n]).abs().max().item() for n in one["weights"]) < 1e-4
+
+
+def _gpu_worker(rank, world_size, path):
+    """bf16 trainer on the GPU: log-probs, and replay of the routers' own experts (recorded in fp32 by HF)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.actor import TrainerActor
+    from trainer.config import TrainerConfig
+
+    a = TrainerActor(TrainerConfig(hf_checkpoint=str(path), temperature=TEMPERATURE, max_tokens_per_gpu=64,
+                                   use_routing_replay=True), rank, world_size, "127.0.0.1", 0)
+    a.init()
+    samples = make_samples(6, vocab_size=a.spec.vocab_size, seed=5)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    refs = [hf_response_logprobs(hf, s, TEMPERATURE)[0] for s in samples]
+    base = a.compute_log_probs(samples)
+    for s in samples:
+        s.routed_experts = hf_moe_response_logprobs(hf, s, TEMPERATURE)[1][:-1].astype(np.uint8)
+    a.replay.reset_counts()
+    replayed = a.compute_log_probs(samples)
+    disagreement, _ = a._routing_disagreement()
+    a.shutdown()
+    ref = torch.cat(refs)
+    return {"base_err": (torch.cat(base).double() - ref).abs().mean().item(),
+            "replay_err": (torch.cat(replayed).double() - ref).abs().mean().item(), "disagreement": disagreement}
+
+
+@pytest.mark.gpu
+def test_bf16_trainer_on_gpu_matches_hf_and_replays(moe_models):
+    r = run_distributed(_gpu_worker, 1, moe_models["renorm"])[0]
+    assert r["base_err"] < 0.05 and r["replay_err"] < 0.05  # mean |error|: bf16 model vs fp32 HF, as the dense ones
+    assert r["disagreement"] < 0.05  # bf16 router logits flip only near-ties of fp32 HF's choice
