@@ -296,6 +296,35 @@ def _check_kernels(device: str, dtype: torch.dtype, atol: float) -> None:
         kernels.ONE_HOT_MAX_PAIRS = saved
 
 
+def _check_layer(device: str, dtype: torch.dtype, atol: float) -> None:
+    """SparseMoE's triton path (router GEMV, route + record, align, GEMMs) against its torch path, as the engine calls
+    it: with a batch whose KV pool has a routed-experts buffer."""
+    from types import SimpleNamespace
+
+    from inference_engine.kernels import fused_moe as kernels
+    from inference_engine.models.moe import SparseMoE
+    from kiln_common.model_spec import ModelSpec
+    from inference_engine.testing import tiny_config
+
+    spec = ModelSpec.from_hf_config(tiny_config("qwen3_moe", 64, num_layers=2).to_dict())
+    g = torch.Generator().manual_seed(2)
+    with torch.device(device):
+        layer = SparseMoE(spec, 1, None).to(dtype)
+    for p in layer.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    for tokens in (1, 7, 100):  # the last one in the LARGE tiles
+        x = torch.randn(tokens, spec.hidden_size, generator=g).to(device=device, dtype=dtype)
+        buffer = torch.zeros(128, 2, spec.num_experts_per_tok, dtype=torch.uint8, device=device)
+        loc = torch.randperm(128, generator=g)[:tokens].to(device)
+        fb = SimpleNamespace(kv_pool=SimpleNamespace(routed_experts=buffer), out_cache_loc=loc)
+        got = layer(x, fb)
+        weights, ids = route_reference(x @ layer.gate.weight.T, spec.num_experts_per_tok, True, dtype)
+        want = moe_reference(x, layer.experts.gate_up_proj, layer.experts.down_proj, weights, ids)
+        torch.testing.assert_close(got, want, atol=atol, rtol=0.02 if dtype != torch.float32 else 0)
+        assert torch.equal(buffer[loc, 1].long(), ids) and not buffer[loc, 0].any()
+    assert kernels.default_config(100 * 2, 8) == kernels.LARGE and kernels.default_config(7 * 2, 8) == kernels.SMALL
+
+
 def test_fused_moe_kernel_under_the_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
@@ -309,6 +338,8 @@ def test_fused_moe_kernel_under_the_triton_interpreter():
 def test_fused_moe_kernel_on_gpu_matches_reference():
     _check_kernels("cuda", torch.bfloat16, atol=2e-2)
     _check_kernels("cuda", torch.float32, atol=1e-5)
+    _check_layer("cuda", torch.bfloat16, atol=2e-2)
+    _check_layer("cuda", torch.float32, atol=1e-5)
     from inference_engine.kernels import fused_moe as kernels  # the Qwen3-30B-A3B layer shape, bf16
 
     for tokens in (1, 64, 300):
@@ -356,4 +387,5 @@ if __name__ == "__main__":  # the interpreter subprocess of test_fused_moe_kerne
 
     assert ops.runs_triton("cpu"), "TRITON_INTERPRET=1 was not in effect"
     _check_kernels("cpu", torch.float32, atol=1e-5)
+    _check_layer("cpu", torch.float32, atol=1e-5)
     print("fused moe interpreter checks passed")

@@ -29,15 +29,17 @@ ONE_HOT_MAX_PAIRS = 4096  # torch align: up to this many pairs positions come fr
 ALIGN_KERNEL_MAX_PAIRS = 8192  # up to this many pairs `align` runs the one-program kernel
 ALIGN_CHUNK = 64  # pairs per step of the align kernel
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the two GEMMs, by the mean rows per expert; the small one
-# spreads a decode step's few experts over many programs (each expert's weights are read once either way)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the two GEMMs, by the mean rows per expert: the small one
+# spreads a decode step's few rows per expert over many programs without padding them far (each expert's weights
+# are read about once either way); not yet tuned on a GPU (benchmarks/moe_engine.py times the alternatives)
 SMALL = (16, 32, 128, 4, 4)
 LARGE = (64, 128, 64, 8, 3)
 
 
 def default_config(pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
-    """The tile config for `pairs` (token, expert) pairs over num_experts experts."""
-    return SMALL if pairs < 4 * num_experts else LARGE
+    """The tile config for `pairs` (token, expert) pairs over num_experts experts: SMALL up to 16 rows per expert
+    on average (decode up to 256 tokens of top-8 over 128 experts), else LARGE."""
+    return SMALL if pairs <= 16 * num_experts else LARGE
 
 
 @triton.jit
