@@ -309,7 +309,8 @@ def load_yaml(path: str | Path, config_classes: Sequence[type], compat: bool = T
     for name, value in items:
         key = keys.get(name, name.replace("-", "_"))
         if name not in flags:
-            close = difflib.get_close_matches(name, list(flags), n=3)
+            names = list(flags) + (list(slime_compat.tables(list(flags))[0]) if compat else [])   # slime's aliases
+            close = difflib.get_close_matches(name, names, n=3)
             hint = f"; did you mean {', '.join(c.replace('-', '_') for c in close)}?" if close else ""
             raise ConfigError(f"config file {path}: unknown key {key!r}{hint}")
         out[name] = _convert(value, flags[name].type, f"config file {path}: key {key!r}")

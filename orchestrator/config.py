@@ -72,6 +72,8 @@ class RunConfig:
     """Also export each policy as an HF folder every this many steps (needs --save or --save-hf)."""
     eval_interval: int | None = None
     """Evaluate every eval set (--eval-prompt-data, --eval-config's) every this many steps (and before step 1)."""
+    skip_eval_before_train: bool = False
+    """With --eval-interval: no evaluation before step 1 (slime's flag of this name)."""
     debug_rollout_only: bool = False
     """Only generate rollouts: no trainer, no weight updates."""
     debug_train_only: bool = False

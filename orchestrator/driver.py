@@ -643,7 +643,8 @@ class Driver:
         cfg, run = self.cfg, self.cfg.run
         log = MetricsLogger(run, cfg.flag_values())
         try:
-            if self.manager is not None and run.eval_interval and self.start_step == 0 and self.trainers:
+            if (self.manager is not None and run.eval_interval and self.start_step == 0 and self.trainers
+                    and not run.skip_eval_before_train):
                 start = time.perf_counter()
                 metrics = {**self._evaluate(), "timing/eval_s": time.perf_counter() - start}
                 log.log(0, metrics)

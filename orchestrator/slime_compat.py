@@ -17,12 +17,17 @@ ignored with a warning. A Kiln flag of the same name always wins over an entry h
 
 `translate(items, flags)` turns [(name, value)] (value: the command line's tokens, or a YAML value) into
 Kiln's [(flag, value)], warning and refusing as above; `orchestrator.cli` calls it for both sources.
+
+The flag tables of docs/from_slime.md are generated from these entries (`markdown_tables`;
+`python -m orchestrator.slime_compat` rewrites them), and tests/test_slime_compat.py checks that no entry names a
+Kiln flag (it would be dead: the Kiln flag wins), so an entry is deleted when Kiln gains the flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +43,7 @@ class Alias:
     kiln: str
     const: Any = _NO_CONST  # slime's flag is a switch (no value) that sets the Kiln flag to this
     values: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # slime value -> Kiln value
+    note: str = ""  # for docs/from_slime.md's table
 
     @property
     def takes_value(self) -> bool:
@@ -70,15 +76,16 @@ class ForeignValue:
 _ARCH = "a model-architecture flag: Kiln reads the architecture from --hf-checkpoint's config.json"
 _FUSION = "a Megatron kernel/fusion/precision knob with no Kiln twin (Kiln's trainer has its own kernels)"
 _WANDB = "Kiln's wandb logging takes --use-wandb/--wandb-project; set WANDB_* environment variables for the rest"
-_TB = "Kiln logs to --metrics-file and wandb; TensorBoard is not one of its loggers"
+_TB = "Kiln writes TensorBoard events (--use-tensorboard) to --tensorboard-dir; give that folder instead"
 _OFFLOAD = "Kiln's colocated trainers and engines always give up their device memory in turn (--colocate)"
 
 ALIASES: tuple[Alias, ...] = (
     # placement and engines
-    Alias("rollout-num-gpus-per-engine", "tp-size"),
+    Alias("rollout-num-gpus-per-engine", "tp-size", note="with `--colocate`: only 1 (Kiln's colocated engines span "
+          "one device; rejected otherwise)"),
     Alias("sglang-mem-fraction-static", "mem-fraction-static"),
     Alias("sglang-context-length", "context-length"),
-    Alias("rollout-max-context-len", "context-length"),
+    Alias("rollout-max-context-len", "context-length", note="the engine's context length"),
     Alias("sglang-chunked-prefill-size", "chunked-prefill-size"),
     Alias("sglang-max-running-requests", "max-running-requests"),
     Alias("sglang-max-total-tokens", "max-total-tokens"),
@@ -92,6 +99,7 @@ ALIASES: tuple[Alias, ...] = (
     Alias("sglang-dtype", "dtype"),
     Alias("sglang-served-model-name", "served-model-name"),
     Alias("sglang-attention-backend", "attention-backend", values={"torch_native": "torch"}),
+    Alias("mask-offpolicy-in-partial-rollout", "offpolicy-tokens", const="mask"),
     Alias("use-fault-tolerance", "fault-tolerance"),
     Alias("rollout-health-check-interval", "health-check-interval"),
     Alias("rollout-health-check-timeout", "engine-health-timeout"),
@@ -99,18 +107,21 @@ ALIASES: tuple[Alias, ...] = (
     # trainer parallelism and memory
     Alias("tensor-model-parallel-size", "tensor-parallel-size"),
     Alias("pipeline-model-parallel-size", "pipeline-parallel-size"),
-    Alias("recompute-granularity", "recompute"),
-    Alias("log-probs-chunk-size", "logprob-chunk-tokens"),
+    Alias("recompute-granularity", "recompute", note="`full` / `selective` as in slime"),
+    Alias("log-probs-chunk-size", "logprob-chunk-tokens", note="tokens per chunk of the fused log-prob"),
     # optimiser
     Alias("lr-warmup-iters", "lr-warmup-steps"),
     Alias("lr-decay-iters", "lr-decay-steps"),
     # RL loss and advantages
-    Alias("kl-loss-coef", "kl-coef"),
+    Alias("kl-loss-coef", "kl-coef", note="slime applies it only with `--use-kl-loss`; Kiln's one `--kl-coef` goes "
+          "to the loss with `--use-kl-loss`, else to the reward. `--kl-loss-coef A --kl-coef B` with both non-zero "
+          "and different is rejected"),
     Alias("eps-clip-c", "dual-clip-c"),
     Alias("tis-clip", "tis-cap"),
     Alias("disable-grpo-std-normalization", "normalize-advantages-std", const=False),
     Alias("use-rollout-logprobs", "recompute-old-logprobs", const=False),
-    Alias("calculate-per-token-loss", "loss-agg-mode", const="token_mean"),
+    Alias("calculate-per-token-loss", "loss-agg-mode", const="token_mean", note="Kiln's default already; slime's "
+          "default (per-sample mean) is Kiln's `--loss-agg-mode seq_mean_token_mean`"),
 )
 
 IGNORED: tuple[Ignored, ...] = (
@@ -129,37 +140,32 @@ IGNORED: tuple[Ignored, ...] = (
     *(Ignored(name, 0, _FUSION) for name in (
         "accumulate-allreduce-grads-in-fp32", "attention-softmax-in-fp32", "no-gradient-accumulation-fusion",
         "no-masked-softmax-fusion", "no-bias-gelu-fusion", "no-bias-swiglu-fusion", "no-bias-dropout-fusion",
-        "no-rope-fusion", "use-flash-attn", "overlap-grad-reduce", "overlap-param-gather",
-        "use-distributed-optimizer", "sequence-parallel")),
+        "no-rope-fusion", "use-flash-attn", "overlap-grad-reduce", "overlap-param-gather", "sequence-parallel")),
     Ignored("transformer-impl", 1, _FUSION),
     Ignored("megatron-to-hf-mode", 1, "Kiln's trainer is built from the HF checkpoint; there is no conversion"),
     Ignored("ref-load", 1, "a Megatron torch_dist copy of the model: Kiln's reference model is --hf-checkpoint "
             "(give --ref-checkpoint HF_DIR for another one)"),
     Ignored("train-backend", 1, "Kiln has one trainer", accepts=("megatron",),
             refuse="Kiln has one trainer (Megatron-style, built from the HF checkpoint); there is no FSDP backend"),
-    Ignored("loss-type", 1, "Kiln's loss is the policy loss", accepts=("policy_loss",),
-            refuse="Kiln trains with the policy loss only (no sft_loss, no custom_loss)"),
     Ignored("optimizer", 1, "Kiln's optimizer is AdamW", accepts=("adam",),
             refuse="Kiln's optimizer is AdamW (--lr, --adam-beta1/2, --weight-decay); there is no SGD"),
     Ignored("micro-batch-size", 1, "Kiln packs micro-batches by --max-tokens-per-gpu"),
     Ignored("use-dynamic-batch-size", 0, "Kiln always packs micro-batches by --max-tokens-per-gpu"),
-    Ignored("balance-data", 0, "Kiln's trainer ranks split the samples by tokens already"),
     Ignored("recompute-method", 1, "Kiln's --recompute full recomputes every layer (slime's uniform, 1 layer)"),
     Ignored("recompute-num-layers", 1, "Kiln's --recompute full recomputes every layer (slime's uniform, 1 layer)"),
     *(Ignored(name, 1, "Kiln's trainer has no such parallelism", accepts=("1",),
               refuse="Kiln's trainer has tensor and pipeline parallelism only; pass 1 or drop the flag")
-      for name in ("context-parallel-size", "expert-model-parallel-size", "expert-tensor-parallel-size")),
+      for name in ("context-parallel-size", "expert-tensor-parallel-size")),
     Ignored("tis-clip-low", 1, "Kiln's TIS caps from above only", accepts=("0",),
             refuse="Kiln's TIS has an upper cap only (--tis-cap); drop the flag or pass 0"),
-    Ignored("lambd", 1, "Kiln has no critic (GAE lambda)", accepts=("1",),
-            refuse="Kiln has no critic, so no GAE lambda; drop the flag or pass 1"),
     Ignored("eval-top-p", 1, "Kiln evaluates with top-p 1", accepts=("1",),
-            refuse="Kiln evaluates with top-p 1 (--eval-temperature is the knob); drop the flag or pass 1"),
+            refuse="--eval-prompt-data is evaluated with top-p 1 (--eval-temperature is its knob); drop the flag, "
+                   "pass 1, or give the set a top_p in --eval-config"),
     Ignored("eval-top-k", 1, "Kiln evaluates with top-k off", accepts=("-1",),
-            refuse="Kiln evaluates with top-k off; drop the flag or pass -1"),
+            refuse="--eval-prompt-data is evaluated with top-k off; drop the flag, pass -1, or give the set a top_k "
+                   "in --eval-config"),
     Ignored("distributed-backend", 1, "Kiln picks NCCL on GPUs and gloo on CPU"),
     Ignored("distributed-timeout-minutes", 1, "Kiln's weight pushes time out after --weight-sync-timeout"),
-    Ignored("use-tensorboard", 0, _TB),
     Ignored("tb-project-name", 1, _TB),
     Ignored("tb-experiment-name", 1, _TB),
     *(Ignored(name, 1, _WANDB) for name in (
@@ -169,15 +175,12 @@ IGNORED: tuple[Ignored, ...] = (
     Ignored("offload-train", 0, _OFFLOAD),
     Ignored("offload-rollout", 0, _OFFLOAD),
     Ignored("no-save-optim", 0, "Kiln's checkpoints always hold the optimizer state (resumes are exact)"),
-    Ignored("skip-eval-before-train", 0, "Kiln evaluates every --eval-interval steps, not before training"),
     Ignored("log-passrate", 0, "Kiln logs its own reward statistics each step"),
 )
 
 REJECTED: tuple[Rejected, ...] = (
     Rejected("rollout-function-path", 1, "Kiln's rollout loop is fixed; customise it with "
              "--custom-generate-function-path (per sample) and --dynamic-sampling-filter-path (per group)"),
-    Rejected("custom-loss-function-path", 1, "Kiln's loss is chosen with --policy-loss; it loads no custom loss"),
-    Rejected("custom-advantage-function-path", 1, "Kiln's advantages are chosen with --advantage-estimator"),
     Rejected("custom-convert-samples-to-train-data-path", 1, "Kiln trains on Sample objects directly"),
     Rejected("custom-reward-post-process-path", 1, "Kiln has no reward post-process hook; do it in --custom-rm-path"),
     Rejected("custom-megatron-init-path", 1, "Kiln's trainer is not Megatron-LM"),
@@ -186,9 +189,7 @@ REJECTED: tuple[Rejected, ...] = (
              "it has no batch-wide whitening"),
     Rejected("disable-rewards-normalization", 0, "Kiln's group-relative estimators always subtract the group "
              "mean; pick another --advantage-estimator (e.g. reinforce_plus_plus)"),
-    Rejected("use-opd", 0, "Kiln has no on-policy distillation"),
     Rejected("use-opsm", 0, "Kiln has no off-policy sequence masking"),
-    Rejected("use-routing-replay", 0, "Kiln has no MoE routing replay"),
     Rejected("use-rollout-routing-replay", 0, "Kiln has no MoE routing replay"),
     Rejected("keep-old-actor", 0, "Kiln's old log-probs come from the trainer's current weights before the update "
              "(or the rollout with --no-recompute-old-logprobs)"),
@@ -196,8 +197,6 @@ REJECTED: tuple[Rejected, ...] = (
     Rejected("rollout-external-engine-addrs", "+", "Kiln starts its own engines (weights are pushed into them)"),
     Rejected("rollout-buffer-url", 1, "Kiln has no external rollout buffer"),
     Rejected("enable-mtp-training", 0, "Kiln does not train multi-token-prediction layers"),
-    Rejected("save-hf", 1, "Kiln's checkpoints are its own per-rank files (orchestrator/checkpoint.py); it writes "
-             "no HF export"),
     Rejected("fp16", 0, "Kiln trains in bf16 (--bf16) or fp32 (--no-bf16), not fp16"),
 )
 
@@ -402,8 +401,60 @@ def _eval_pairs(tokens: list[str]) -> list[str]:
     if len(tokens) <= 1:
         return tokens
     if len(tokens) == 2:
-        warn_once("eval-prompt-data", f"slime's dataset name {tokens[0]!r} dropped: Kiln evaluates one data set, "
-                  f"{tokens[1]}")
+        warn_once("eval-prompt-data", f"slime's dataset name {tokens[0]!r} dropped (logged as eval/...; name sets "
+                  f"in --eval-config): {tokens[1]}")
         return [tokens[1]]
     raise CompatError(f"--eval-prompt-data {' '.join(tokens)} (slime: several NAME PATH pairs) is not supported: "
-                      "Kiln evaluates one data set")
+                      "Kiln's --eval-prompt-data is one file; list several sets (name, path, ...) in "
+                      "--eval-config FILE.yaml")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_tables() -> str:
+    """docs/from_slime.md's three flag tables (aliases, ignored, rejected), generated from the entries above."""
+    out = ["### Aliases: slime's name for a Kiln flag", "", "| slime flag | Kiln | notes |", "| --- | --- | --- |"]
+    for a in ALIASES:
+        if a.takes_value:
+            kiln = f"`--{a.kiln}`" + (" (" + ", ".join(f"`{k}` → `{v}`" for k, v in a.values.items()) + ")"
+                                      if a.values else "")
+        else:
+            const = str(a.const).lower() if isinstance(a.const, bool) else a.const
+            kiln = f"`--{a.kiln} {const}`"
+        out.append(f"| `--{a.slime}` | {kiln} | {_cell(a.note)} |")
+    out += ["", "### Ignored: accepted, one warning line each", "", "| slime flag | Kiln | why |",
+            "| --- | --- | --- |"]
+    for i in IGNORED:
+        takes = " X" if i.nargs else ""
+        if i.accepts is None:
+            out.append(f"| `--{i.slime}`{takes} | ignored | {_cell(i.why)} |")
+        else:
+            out.append(f"| `--{i.slime}`{takes} | ignored for {' / '.join(i.accepts)}, else rejected | "
+                       f"{_cell(i.refuse)} |")
+    out += ["", "### Rejected: Kiln cannot honour them", "", "| slime flag | Kiln | why |", "| --- | --- | --- |"]
+    for r in REJECTED:
+        out.append(f"| `--{r.slime}`{' X' if r.nargs else ''} | rejected | {_cell(r.why)} |")
+    return "\n".join(out) + "\n"
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "from_slime.md"
+DOC_BEGIN = "<!-- flag tables: generated by `python -m orchestrator.slime_compat` from orchestrator/slime_compat.py -->"
+DOC_END = "<!-- end of the generated flag tables -->"
+
+
+def doc_tables(text: str) -> str:
+    """The generated part of docs/from_slime.md's text (between the DOC_BEGIN and DOC_END lines)."""
+    return text.split(DOC_BEGIN + "\n", 1)[1].split(DOC_END + "\n", 1)[0]
+
+
+def with_tables(text: str) -> str:
+    """docs/from_slime.md's text with markdown_tables() between its DOC_BEGIN and DOC_END lines."""
+    head, rest = text.split(DOC_BEGIN + "\n", 1)
+    return head + DOC_BEGIN + "\n\n" + markdown_tables() + "\n" + DOC_END + "\n" + rest.split(DOC_END + "\n", 1)[1]
+
+
+if __name__ == "__main__":   # rewrite docs/from_slime.md's flag tables from the entries
+    DOC.write_text(with_tables(DOC.read_text()))
+    print(f"{DOC}: flag tables rewritten", file=sys.stderr)

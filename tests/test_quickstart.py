@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,27 @@ def test_plot_reads_the_metrics(tmp_path):
     assert series["rollout/reward_mean"] == [(s, s / 10) for s in range(1, 6)]
     assert series["eval/reward_mean"] == [(0, 0.25)]
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outputs_default_to_the_ignored_runs_folder(tmp_path):
+    """The quickstart's files (data, model, metrics, checkpoints, plot) go under runs/, which git ignores."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    assert "runs/" in (REPO / ".gitignore").read_text().splitlines()
+    config = yaml.safe_load((REPO / "examples/quickstart/config.yaml").read_text())
+    paths = {k: config[k] for k in ("hf_checkpoint", "prompt_data", "eval_prompt_data", "metrics_file", "save")}
+    assert all(v.startswith("runs/quickstart/") for v in paths.values()), paths
+    assert 'OUT=${OUT:-runs/quickstart}' in (REPO / "examples/quickstart/run.sh").read_text()
+    done = subprocess.run([sys.executable, "-m", "examples.quickstart.make_data"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "runs/quickstart/data").iterdir()) == ["sft.jsonl", "test.jsonl",
+                                                                                      "train.jsonl"]
+    for module in ("sft", "plot"):
+        text = subprocess.run([sys.executable, "-m", f"examples.quickstart.{module}", "--help"], cwd=tmp_path,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              timeout=120).stdout
+        assert "runs/quickstart/" in text and "(default runs/quickstart/" in " ".join(text.split())

@@ -189,20 +189,25 @@ def _tiny_run_args(model: Path, tmp_path: Path) -> list[str]:
             "--rollout-max-response-len", "16", "--rollout-concurrency", "4", "--global-batch-size", "64",
             "--num-rollout", "2", "--ray-num-cpus", "2",
             "--custom-rm-path", "examples.quickstart.reward:arithmetic_reward",
-            "--metrics-file", str(tmp_path / "metrics.jsonl"), "--progress"]
+            "--metrics-file", str(tmp_path / "metrics.jsonl"), "--progress",
+            "--eval-prompt-data", str(tmp_path / "data" / "test.jsonl"), "--eval-interval", "2"]
 
 
 def test_log_file_has_no_progress_bars_or_colour_codes(qwen3_model, tmp_path):
-    """stdout and stderr into a file, --progress given: no bar (not even a fragment), no ANSI escape, step lines."""
+    """stdout and stderr into a file, --progress given: no bar (not even a fragment), no ANSI escape, step lines;
+    slime's --skip-eval-before-train leaves out the step-0 evaluation (the terminal run below has it)."""
     log = tmp_path / "train.log"
+    args = [*_tiny_run_args(qwen3_model, tmp_path), "--skip-eval-before-train"]
     with log.open("w") as out:
-        done = subprocess.run([sys.executable, str(REPO / "train.py"), *_tiny_run_args(qwen3_model, tmp_path)],
+        done = subprocess.run([sys.executable, str(REPO / "train.py"), *args],
                               cwd=tmp_path, env=ENV, stdout=out, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]
     assert "\r" not in text and "\x1b" not in text, text[-3000:]
     assert "%|" not in text and "sample/s]" not in text and "rollout 1:" not in text, text[-3000:]
     assert "INFO step 2/2 | reward" in text and "(RolloutManagerActor pid=" in text
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and "step 0 | eval" not in text   # step 2's eval is in step 2's line
 
 
 def test_terminal_gets_the_rollout_bar_drawn_by_the_driver(qwen3_model, tmp_path):
@@ -231,7 +236,7 @@ def test_terminal_gets_the_rollout_bar_drawn_by_the_driver(qwen3_model, tmp_path
     assert proc.wait(timeout=60) == 0
     text = b"".join(chunks).decode(errors="replace")
     plain = strip_ansi(text)
-    assert "INFO step 2/2 | reward" in plain, plain[-3000:]
+    assert "INFO step 2/2 | reward" in plain and "step 0 | eval reward" in plain, plain[-3000:]
     assert "rollout 1: 100%|" in plain, plain[-3000:]   # the bar reached its end (a stale fragment does not)
     # every drawing of the bar is tqdm_ray's, by the driver ("(pid=N) rollout k: ..."), none a bare tqdm redraw
     assert len(re.findall(r"rollout \d:", plain)) == len(re.findall(r"\(pid=\d+\) rollout \d:", plain)) > 2
@@ -250,3 +255,15 @@ def test_progress_bar_kinds():
     bar = progress_bar(2, "rollout 1", "sample", enabled=True)
     assert isinstance(bar, tqdm) and not bar.disable and bar.leave is False
     bar.close()
+
+
+def test_yaml_typo_suggests_underscore_keys(tmp_path, model):
+    """A mistyped YAML key: one line naming it, suggestions spelled as YAML keys (underscores), slime's names too."""
+    (tmp_path / "run.yaml").write_text(f"hf_checkpoint: {model}\nprompt_data: x.jsonl\nrollout_batch_sise: 8\n")
+    code, lines, text = run(["--config", "run.yaml"], tmp_path)
+    assert_one_line_error(code, lines, text, "config file run.yaml: unknown key 'rollout_batch_sise'; "
+                                             "did you mean rollout_batch_size")
+    assert len(lines) == 1 and "rollout-batch-size" not in text
+    (tmp_path / "run.yaml").write_text(f"hf-checkpoint: {model}\nprompt-data: x.jsonl\nkl-los-coef: 0.1\n")
+    code, lines, text = run(["--config", "run.yaml"], tmp_path)
+    assert_one_line_error(code, lines, text, "unknown key 'kl-los-coef'; did you mean kl_loss_coef")

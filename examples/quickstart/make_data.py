@@ -2,7 +2,8 @@
 
 Problems are "What is a + b?" (and optionally "a - b" with a >= b) for operands 0..max_operand;
 the answer is the bare number, which the model should follow with its EOS token. Train
-and test hold disjoint operand pairs. Run: python -m examples.quickstart.make_data OUT_DIR
+and test hold disjoint operand pairs. Run: python -m examples.quickstart.make_data [OUT_DIR] (default
+runs/quickstart/data, under the git-ignored runs/).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 from pathlib import Path
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
+DEFAULT_OUT = "runs/quickstart/data"   # relative to the repository root, where the quickstart runs
 
 
 def make_problems(max_operand: int = 9, ops: tuple[str, ...] = ("+",)) -> list[dict[str, str]]:
@@ -57,7 +59,7 @@ def write_dataset(out_dir: str | Path, *, max_operand: int = 9, ops: tuple[str, 
 def main() -> None:
     """Command line: write the dataset and print where."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", nargs="?", default=DEFAULT_OUT, help=f"folder to write (default {DEFAULT_OUT})")
     parser.add_argument("--max-operand", type=int, default=9, help="largest operand (default 9: single digits)")
     parser.add_argument("--ops", nargs="+", default=["+"], choices=sorted(OPS), help="operations (default +)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of problems held out")

@@ -38,10 +38,12 @@ def plot_rewards(metrics_file: str | Path, out_png: str | Path) -> dict[str, lis
 
 
 def main() -> None:
-    """Command line: python -m examples.quickstart.plot METRICS_JSONL OUT_PNG"""
+    """Command line: python -m examples.quickstart.plot [METRICS_JSONL [OUT_PNG]] (defaults under runs/quickstart)"""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("metrics_file")
-    parser.add_argument("out_png")
+    parser.add_argument("metrics_file", nargs="?", default="runs/quickstart/metrics.jsonl",
+                        help="train.py's --metrics-file (default %(default)s)")
+    parser.add_argument("out_png", nargs="?", default="runs/quickstart/reward_curve.png",
+                        help="the plot to write (default %(default)s)")
     a = parser.parse_args()
     series = plot_rewards(a.metrics_file, a.out_png)
     rollout = [r for _, r in series["rollout/reward_mean"]]

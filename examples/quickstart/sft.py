@@ -69,8 +69,10 @@ def main() -> None:
     from inference_engine.testing import make_tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="sft.jsonl written by examples.quickstart.make_data")
-    parser.add_argument("--out", required=True, help="folder of the HF model to write")
+    parser.add_argument("--data", default="runs/quickstart/data/sft.jsonl",
+                        help="sft.jsonl written by examples.quickstart.make_data (default %(default)s)")
+    parser.add_argument("--out", default="runs/quickstart/sft_model",
+                        help="folder of the HF model to write (default %(default)s)")
     parser.add_argument("--steps", type=int, default=260, help="supervised steps")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
