@@ -1,13 +1,15 @@
 """FP8 (e4m3) blockwise quantisation: the one definition of the numerics that the weight push and the engine share.
 
 Weights: every `[N, K]` linear weight is cut into blocks of `block x block` (the last row / column block may
-be partial); each block's scale is `amax(|w|) / 448` (1 for an all-zero block) and its elements are
-`e4m3(clamp(w / scale, -448, 448))`, rounded to nearest even. The scales are float32 `[ceil(N/B), ceil(K/B)]`
-and are stored under `<name>_scale_inv` (the HF / DeepSeek-V3 FP8 checkpoint convention: dequantised
-`w ~ q * scale_inv`). Activations: the same per row and per group of `block` columns (`1 x block`), done on
-the fly by the engine. Everything here is plain torch, bit-identical on CPU and CUDA (IEEE division, one
-rounding to e4m3), so the sender can quantise before the wire, the engine at load, and the checksums of
-both agree bit for bit.
+be partial); each block's scale is `amax(|w|) / 448` (1 for a block whose amax is at most `TINY`) and its
+elements are `e4m3(clamp(w * (1 / scale), -448, 448))`, rounded to nearest even, where `1 / scale` is
+rounded to float32 once per block (a multiply per element instead of a division, since the kernels that
+quantise activations on the fly repeat it in every program; within 2 float32 ulps of `w / scale`). The
+scales are float32 `[ceil(N/B), ceil(K/B)]`, stored under `<name>_scale_inv` (the HF / DeepSeek-V3 FP8
+checkpoint convention: dequantised `w ~ q * scale_inv`). Activations: the same per row and group of `block`
+columns (`1 x block`), done on the fly by the engine. Everything here is plain torch, bit-identical on CPU
+and CUDA (IEEE division and multiplication, one rounding to e4m3), so the sender can quantise before the
+wire, the engine at load, and the checksums of both agree bit for bit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from weight_sync.buckets import NamedTensors
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
+TINY = 1e-30  # a block with amax at most this gets scale 1 (its values round to 0): 1 / scale stays finite
 BLOCK_SIZES = (16, 32, 64, 128)
 SCALE_SUFFIX = "_scale_inv"
 # the HF names of the linears that run in FP8 (the LM head only when asked): attention and MLP projections
@@ -48,8 +51,9 @@ def _quantize(t: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torc
     n, k = t.shape
     blocks = _blocks(t, rows, cols)
     amax = blocks.abs().amax(dim=(1, 3)).float()  # [N/rows, K/cols]
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (blocks.float() / scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    scale = torch.where(amax > TINY, amax / FP8_MAX, torch.ones_like(amax))
+    inv = 1.0 / scale  # rounded to float32 once per block
+    q = (blocks.float() * inv[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q = q.reshape(blocks.shape[0] * rows, blocks.shape[2] * cols)[:n, :k]
     return q.contiguous(), scale
 

@@ -2,7 +2,8 @@
 (prefill and batched decode) and an FP8 GEMV with the activation quantisation fused in (batch-1 decode).
 
 All compute what `weight_sync.fp8` specifies: activations quantised per row and group of `block` columns
-(scale = amax / 448 by IEEE division, e4m3 by round-to-nearest-even after clamping), weights e4m3 with one
+(scale = amax / 448 and its reciprocal by IEEE division once per group, x times the reciprocal, e4m3 by
+round-to-nearest-even after clamping), weights e4m3 with one
 float32 scale per `block x block` block, products of e4m3 values summed in float32 per k-block and scaled by
 both scales, the result rounded to the activation dtype. None reads tensor values on the host: all are safe
 inside CUDA graphs. `torch._scaled_mm` with blockwise scales (1x128 activations, 128x128 weights) is an
@@ -18,21 +19,23 @@ import triton
 import triton.language as tl
 
 FP8_MAX = 448.0
+TINY = 1e-30  # weight_sync.fp8.TINY
 
 
 @triton.jit
-def _quant_group(x, FP8_MAX_C: tl.constexpr):
-    """(e4m3 values as float32 [..., G, B], scales [..., G]) of float32 x [..., G, B], one scale per last-dim group."""
+def _quant_group(x, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr):
+    """(e4m3 [..., G, B], scales [..., G]) of float32 x [..., G, B], one scale per last-dim group: weight_sync.fp8."""
     amax = tl.max(tl.abs(x), axis=-1)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX_C), 1.0)
-    q = tl.math.div_rn(x, tl.expand_dims(scale, -1))
+    scale = tl.where(amax > TINY_C, tl.math.div_rn(amax, FP8_MAX_C), 1.0)
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)  # IEEE-rounded, once per group
+    q = x * tl.expand_dims(inv, -1)
     q = tl.minimum(tl.maximum(q, -FP8_MAX_C), FP8_MAX_C).to(tl.float8e4nv)
     return q, scale
 
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s, SILU_MUL: tl.constexpr,
-                      BLOCK: tl.constexpr, GROUPS: tl.constexpr, FP8_MAX_C: tl.constexpr):
+                      BLOCK: tl.constexpr, GROUPS: tl.constexpr, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     g0 = tl.program_id(1) * GROUPS
     offs = g0 * BLOCK + tl.arange(0, GROUPS * BLOCK)
@@ -43,7 +46,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s, SILU
         up = tl.load(x_ptr + row * stride_x + K + offs, mask=mask, other=0.0).to(tl.float32)
         act = (x / (1.0 + tl.exp(-x))).to(dt).to(tl.float32)
         x = (act * up).to(dt).to(tl.float32)
-    q, scale = _quant_group(tl.reshape(x, (GROUPS, BLOCK)), FP8_MAX_C)
+    q, scale = _quant_group(tl.reshape(x, (GROUPS, BLOCK)), FP8_MAX_C, TINY_C)
     tl.store(q_ptr + row * stride_q + offs, tl.reshape(q, (GROUPS * BLOCK,)), mask=mask)
     groups = g0 + tl.arange(0, GROUPS)
     tl.store(s_ptr + row * stride_s + groups, scale, mask=groups * BLOCK < K)
@@ -61,7 +64,7 @@ def quantize_activation(x: torch.Tensor, block: int, silu_mul: bool = False) -> 
     if rows:
         _act_quant_kernel[(rows, triton.cdiv(kb, groups))](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
                                                            SILU_MUL=silu_mul, BLOCK=block, GROUPS=groups,
-                                                           FP8_MAX_C=FP8_MAX, num_warps=4)
+                                                           FP8_MAX_C=FP8_MAX, TINY_C=TINY, num_warps=4)
     return q, s
 
 
@@ -137,7 +140,8 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_wsn, stride_ym,
                  HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, QBLOCK: tl.constexpr, GROUPS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8_MAX_C: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr):
+    # BLOCK_N divides QBLOCK: a program's output rows share one row of weight scales, so both scales fold into x
     pid = tl.program_id(0)
     BLOCK_K: tl.constexpr = GROUPS * QBLOCK
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,9 +152,9 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_
     m_mask = offs_m < M
     dt: tl.constexpr = x_ptr.dtype.element_ty
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
-    ws_ptrs = ws_ptr + (offs_n // QBLOCK).to(tl.int64)[:, None] * stride_wsn + offs_g[None, :]  # [BN, G]
+    ws_ptrs = ws_ptr + ((pid * BLOCK_N) // QBLOCK).to(tl.int64) * stride_wsn + offs_g  # [G]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # each weight byte is read once; x stays cached and is quantised per program
         k_mask = (k0 + offs_k) < K
         w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
@@ -161,15 +165,14 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_
                          eviction_policy="evict_last").to(tl.float32)
             act = (x / (1.0 + tl.exp(-x))).to(dt).to(tl.float32)
             x = (act * up).to(dt).to(tl.float32)
-        xq, xs = _quant_group(tl.reshape(x, (BLOCK_M, GROUPS, QBLOCK)), FP8_MAX_C)  # [BM, G, B], [BM, G]
-        wf = tl.reshape(w.to(tl.float32), (BLOCK_N, GROUPS, QBLOCK))
-        part = tl.sum(xq.to(tl.float32)[:, None, :, :] * wf[None, :, :, :], axis=3)  # [BM, BN, G]
-        g_mask = (k0 // QBLOCK + offs_g) * QBLOCK < K
-        w_s = tl.load(ws_ptrs + k0 // QBLOCK, mask=n_mask[:, None] & g_mask[None, :], other=0.0)  # [BN, G]
-        acc += tl.sum(part * xs[:, None, :] * w_s[None, :, :], axis=2)
+        xq, xs = _quant_group(tl.reshape(x, (BLOCK_M, GROUPS, QBLOCK)), FP8_MAX_C, TINY_C)  # [BM, G, B], [BM, G]
+        w_s = tl.load(ws_ptrs + k0 // QBLOCK, mask=(k0 // QBLOCK + offs_g) * QBLOCK < K, other=0.0)  # [G]
+        xe = xq.to(tl.float32) * (xs * w_s[None, :])[:, :, None]  # both scales on x: [BM, G, B]
+        acc += tl.reshape(xe, (BLOCK_M, BLOCK_K))[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
+    y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(dt).to(y_ptr.dtype.element_ty)
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y.to(dt).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -193,11 +196,13 @@ def gemv(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, block: int, bias: 
     rows, (n, k) = x.shape[0], wq.shape
     out = torch.empty(rows, n, dtype=out_dtype, device=x.device)
     block_m, block_n, groups, warps = config or gemv_config(rows, n, k, block)
+    if block % block_n:
+        raise ValueError(f"fp8 GEMV: BLOCK_N {block_n} must divide the scale block {block}")
     if rows:
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, wq, ws, bias if bias is not None else ws, out, rows, n, k, x.stride(0), wq.stride(0), ws.stride(0),
             out.stride(0), HAS_BIAS=bias is not None, SILU_MUL=silu_mul, QBLOCK=block, GROUPS=groups,
-            BLOCK_M=block_m, BLOCK_N=block_n, FP8_MAX_C=FP8_MAX, num_warps=warps)
+            BLOCK_M=block_m, BLOCK_N=block_n, FP8_MAX_C=FP8_MAX, TINY_C=TINY, num_warps=warps)
     return out
 
 
