@@ -189,7 +189,8 @@ def main() -> None:
     vocab, plen, k = spec.vocab_size, args.prompt_len, args.decode_steps
     for bs in [int(b) for b in args.decode_batches.split(",") if b]:
         timed_generate(engine, prompts(bs, plen, vocab, seed=250 + bs), 2)  # warm-up of this shape
-        t1 = timed_generate(engine, prompts(bs, plen, vocab, seed=300 + bs), 1)
+        # both runs read their routed experts at the finish (the difference is the k decode steps alone)
+        t1 = timed_generate(engine, prompts(bs, plen, vocab, seed=300 + bs), 1, return_routed_experts=True)
         ids = prompts(bs, plen, vocab, seed=400 + bs)
         sp = {"temperature": 0, "max_new_tokens": 1 + k, "ignore_eos": True, "return_routed_experts": True}
         start = time.perf_counter()

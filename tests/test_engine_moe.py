@@ -198,6 +198,10 @@ def test_weight_updates_per_expert_and_stacked_and_tp2_equals_tp1(qwen3_moe_mode
         _assert_same(engine.generate(input_ids=PROMPTS, sampling_params=sp), expected_other)
         engine.update_weights_from_tensor(list(_stacked(ref, 8).items()), 2)  # the stacked fast path
         _assert_same(engine.generate(input_ids=PROMPTS, sampling_params=sp), expected)
+        engine.release_memory(weights=True)  # the routed-experts buffer goes and comes back with the KV pool
+        assert engine.runner.kv_pool.routed_experts is None
+        engine.resume_memory()
+        _assert_same(engine.generate(input_ids=PROMPTS, sampling_params=sp), expected)
         with pytest.raises(ValueError, match="expert 8 does not exist"):
             engine.update_weights_from_tensor([("model.layers.0.mlp.experts.8.up_proj.weight", ref[
                 "model.layers.0.mlp.experts.0.up_proj.weight"])], 3)
