@@ -346,6 +346,8 @@ class Engine:
             "cached_tokens": req.cached_tokens or 0,
             "finish_reason": reason,
             "weight_version": req.weight_version if req.weight_version is not None else self.weight_version,
+            # the version each output token was sampled under, run-length: [[version, count], ...]
+            "output_token_weight_versions": [list(run) for run in req.output_versions],
         }
         if req.return_logprob:
             meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(req.output_logprobs, req.output_ids)]
@@ -391,6 +393,7 @@ class Engine:
             load()
             loaded = time.perf_counter()
             self.scheduler.flush_cache()
+            self.scheduler.requeue_running()   # in-flight requests go on with the new weights, their KV recomputed
             self.scheduler.weight_version = weight_version
             phases["load"], phases["flush"] = loaded - start, time.perf_counter() - loaded
             return self.scheduler.weight_version
@@ -598,6 +601,7 @@ class Engine:
             "generated_tokens_total": s.stats.generated_tokens,
             "finished_requests_total": s.stats.finished_requests,
             "retractions_total": s.stats.num_retractions,
+            "weight_update_requeues_total": s.stats.weight_update_requeues,
             "weight_version": s.weight_version,
             "weight_sync_storages_open": self._receiver.shared.open_count(),   # colocated senders' storages mapped
             "weight_sync_handles_opened_total": self._receiver.shared.opened_total,

@@ -56,6 +56,8 @@ class Req:
         self.error: str | None = None
         self.weight_version: int | None = None
         self.routed_experts = None  # return_routed_experts: [tokens - 1, moe layers, top_k] on the host, at finish
+        # [[version, count], ...]: the weight version each output token was sampled under, run-length encoded
+        self.output_versions: list[list[int]] = []
 
     @property
     def prompt_len(self) -> int:
@@ -81,6 +83,13 @@ class Req:
     def wants_prompt_logprobs(self) -> bool:
         """Prompt log-probs still to compute (these requests skip the prefix cache)."""
         return self.sampling.return_prompt_logprobs and len(self.input_logprobs) < self.prompt_len
+
+    def add_token_version(self, version: int) -> None:
+        """Record that the newest output token was sampled under weight `version`."""
+        if self.output_versions and self.output_versions[-1][0] == version:
+            self.output_versions[-1][1] += 1
+        else:
+            self.output_versions.append([version, 1])
 
     def finish(self, kind: str, matched: int | str | None = None, message: str | None = None) -> None:
         """Record why the request ended (SGLang's finish_reason)."""

@@ -206,6 +206,15 @@ class RolloutManagerActor:
         self._start_health_checks()
         return await self.manager.generate(step)
 
+    async def next_batch(self, step: int, version: int) -> RolloutBatch:
+        """--async-mode fully: the next ready groups within --max-staleness of the trainer's weight `version`."""
+        self._start_health_checks()
+        return await self.manager.next_batch(step, version)
+
+    async def stop_stream(self) -> None:
+        """--async-mode fully: stop generating (abort what is in flight)."""
+        await self.manager.stop_stream()
+
     async def evaluate(self) -> dict[str, float]:
         """Metrics over every eval set (eval/... for --eval-prompt-data, eval/<name>/... for --eval-config's)."""
         self._start_health_checks()

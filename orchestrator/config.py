@@ -29,7 +29,12 @@ class RunConfig:
     colocate: bool = True
     """Trainers and engines share the devices and take turns holding memory."""
     async_rollout: bool = False
-    """Overlap the rollout of step k+1 with training of step k (staleness 1, TIS on; needs --no-colocate)."""
+    """Overlap the rollout of step k+1 with training of step k (staleness 1, TIS on; needs --no-colocate); the same
+    as --async-mode one-step."""
+    async_mode: Literal["off", "one-step", "fully"] = "off"
+    """off: rollout, then train; one-step: = --async-rollout; fully: engines generate continuously from the prompt
+    stream while the trainer consumes ready groups within --max-staleness (one policy, --no-colocate, TIS on;
+    docs/async.md)."""
     actor_num_nodes: int = 1
     """Nodes of each policy's trainer ranks."""
     actor_num_gpus_per_node: int = 1
@@ -107,11 +112,21 @@ class RunConfig:
             raise ValueError(f"RunConfig.max_engine_restarts = {self.max_engine_restarts!r}: expected an integer >= 0")
         if self.rollout_client not in ("http", "ray"):
             raise ValueError(f"RunConfig.rollout_client = {self.rollout_client!r}: expected 'http' or 'ray'")
-        if self.async_rollout and self.colocate:
-            raise ValueError("--async-rollout needs --no-colocate: colocated engines give up their memory while "
-                             "the trainers train, so rollout cannot overlap training")
-        if self.async_rollout and (self.debug_rollout_only or self.debug_train_only):
-            raise ValueError("--async-rollout does not apply to --debug-rollout-only / --debug-train-only")
+        if self.async_mode not in ("off", "one-step", "fully"):
+            raise ValueError(f"RunConfig.async_mode = {self.async_mode!r}: expected 'off', 'one-step' or 'fully'")
+        if self.async_rollout and self.async_mode == "fully":
+            raise ValueError("--async-rollout is --async-mode one-step; it cannot be combined with --async-mode fully")
+        if self.async_rollout:
+            self.async_mode = "one-step"
+        self.async_rollout = self.async_mode == "one-step"
+        flag = "--async-rollout" if self.async_rollout else f"--async-mode {self.async_mode}"
+        if self.async_mode != "off" and self.colocate:
+            raise ValueError(f"{flag} needs --no-colocate: colocated engines give up their memory while the trainers "
+                             f"train, so rollout cannot overlap training (colocated: --partial-rollout; docs/async.md)")
+        if self.async_mode != "off" and (self.debug_rollout_only or self.debug_train_only):
+            raise ValueError(f"{flag} does not apply to --debug-rollout-only / --debug-train-only")
+        if self.async_mode == "fully" and len(self.policies) > 1:
+            raise ValueError("--async-mode fully trains one policy; drop --policies or use --async-mode one-step")
         self.policy_paths()
         check_positive(self, "save_interval", allow_none=True)
         check_positive(self, "eval_interval", allow_none=True)

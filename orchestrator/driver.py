@@ -5,6 +5,8 @@ its samples -> push each policy's weights into its engines -> (trainers offload,
 -> eval every --eval-interval steps -> checkpoint every --save-interval steps -> one log line.
 With --async-rollout the rollout of step k+1 runs while step k trains (staleness 1, TIS on).
 Step k (1-based, as logged) trains on rollout k-1 and leaves the engines at weight_version k.
+With --async-mode fully the engines generate continuously and each step takes the next ready groups within
+--max-staleness versions (docs/async.md); weight pushes do not drain the engines.
 Fault tolerance (docs/architecture.md): after each rollout every engine's health is checked; a dead or
 stalled one is restarted on its bundle, gets the step's weight push (checksums verified) and only then
 serves again.
@@ -39,6 +41,7 @@ from rollout.config import DataConfig, EnvConfig, RolloutConfig
 from rollout.data import check_source
 from rollout.eval_config import EvalConfigError, eval_sets
 from rollout.manager import DataExhausted, RolloutBatch, RolloutManager
+from rollout.staleness import version_lag_metrics
 from trainer.config import TrainerConfig
 from weight_sync import WeightSyncConfig
 
@@ -154,6 +157,21 @@ def _check_opd_teacher(run: RunConfig, trainer: TrainerConfig) -> None:
     if served and (run.opd_teacher_url is None) == (trainer.opd_teacher_load is None):
         raise ConfigError("--use-opd --opd-type engine needs one teacher: --opd-teacher-url URL (an engine already "
                           "served) or --opd-teacher-load HF_DIR (served by this run on a device of its own)")
+
+
+def _offpolicy_correction(values: dict[str, Any]) -> None:
+    """Turn TIS on where samples hold tokens of older weights that are importance-corrected (docs/async.md):
+    --async-mode fully, and --partial-rollout with --offpolicy-tokens correct; ConfigError if --no-use-tis."""
+    mode = values.get("async-mode", RunConfig.async_mode)
+    partial = values.get("partial-rollout") and values.get("offpolicy-tokens", "correct") == "correct"
+    if mode != "fully" and not partial:
+        return
+    if values.get("use-tis") is False:
+        why = ("--async-mode fully trains on tokens up to --max-staleness versions old" if mode == "fully" else
+               "--partial-rollout resumes samples with tokens of older weights (--offpolicy-tokens correct)")
+        raise ConfigError(f"{why}; the decoupled objective needs TIS (drop --no-use-tis"
+                          f"{'' if mode == 'fully' else ', or set --offpolicy-tokens mask'})")
+    values["use-tis"] = True
 
 
 def _fp8_corrections(values: dict[str, Any]) -> None:
@@ -698,6 +716,11 @@ class Driver:
                 log.log(step + 1, metrics)
                 self.history.append({"step": step + 1, **metrics})
         finally:
+            if self.manager is not None and run.async_mode == "fully":
+                try:
+                    ray.get(self.manager.stop_stream.remote())
+                except Exception as e:  # noqa: BLE001 - tear-down goes on (and a run's own error stays the one raised)
+                    logger.warning("the rollout stream did not stop cleanly: %r", e)
             log.close()
         return self.history
 
@@ -714,6 +737,8 @@ class Driver:
     def _launch_rollout(self, step: int) -> Any:
         if self.manager is None:
             return None
+        if self.cfg.run.async_mode == "fully":   # the stream runs on its own; _wait_rollout takes the next batch
+            return "stream"
         return self.manager.generate.remote(step)
 
     def _wait_rollout(self, pending: Any, step: int) -> RolloutBatch:
@@ -721,6 +746,8 @@ class Driver:
 
         if pending is None:  # --debug-train-only
             return RolloutManager.load_debug(self.cfg.rollout.load_debug_rollout_data.format(step=step))
+        if pending == "stream":
+            return ray.get(self.manager.next_batch.remote(step, next(iter(self.weight_versions.values()))))
         return ray.get(pending)
 
     def _train_and_push(self, batch: RolloutBatch, step: int, timing: dict[str, float]) -> dict[str, float]:
@@ -734,15 +761,14 @@ class Driver:
             ray.get([ref for g in self.trainers.values() for ref in g.remote("onload")])
             timing["timing/onload_s"] = time.perf_counter() - start
         start = time.perf_counter()
+        trained_versions = dict(self.weight_versions)   # the trainers' weights the batch is trained against
         metrics = self._train(batch)
         timing["timing/train_s"] = time.perf_counter() - start
         if engines:
             start = time.perf_counter()
             metrics.update(self._push_weights(step + 1))
             timing["timing/push_s"] = time.perf_counter() - start
-            versions = [s.weight_version for s in batch.samples]
-            if versions:
-                metrics["rollout/weight_version_lag"] = step - min(versions)
+            metrics.update(version_lag_metrics(batch.samples, trained_versions))
         if self.colocated:
             start = time.perf_counter()
             ray.get([ref for g in self.trainers.values() for ref in g.remote("offload")])

@@ -88,6 +88,13 @@ class RolloutConfig:
     """Extra sampling rounds allowed per step to refill groups dropped by filters or failures."""
     partial_rollout: bool = False
     """Keep samples aborted at the step's end (batch full or deadline) and resume them next step."""
+    offpolicy_tokens: Literal["correct", "mask"] = "correct"
+    """Tokens sampled by older weights than their sample's newest ones (earlier --partial-rollout segments, tokens
+    before an in-flight weight push): 'correct' trains them with TIS importance weights from the engine's log-probs;
+    'mask' leaves them out of the loss (slime's --mask-offpolicy-in-partial-rollout). docs/async.md."""
+    max_staleness: int = 1
+    """--async-mode fully: a group is trained only if the trainer's weight version minus its oldest token's is at
+    most this (staler groups are dropped and counted); generation runs at most this many batches ahead."""
     rollout_deadline: float | None = None
     """Seconds after which a step aborts what is still generating; None = no deadline."""
     abort_grace: float = 5.0
@@ -147,6 +154,11 @@ class RolloutConfig:
             _import_path(self, name)
         for name in ("reward_timeout", "rollout_deadline", "sample_timeout"):
             check_positive_seconds(self, name)
+        if self.offpolicy_tokens not in ("correct", "mask"):
+            raise ValueError(f"RolloutConfig.offpolicy_tokens = {self.offpolicy_tokens!r}: "
+                             "expected 'correct' or 'mask'")
+        if not isinstance(self.max_staleness, int) or isinstance(self.max_staleness, bool) or self.max_staleness < 0:
+            raise ValueError(f"RolloutConfig.max_staleness = {self.max_staleness!r}: expected an integer >= 0")
         if self.abort_grace < 0:
             raise ValueError(f"RolloutConfig.abort_grace = {self.abort_grace}: expected >= 0")
         if self.save_debug_rollout_data and self.load_debug_rollout_data:

@@ -80,13 +80,34 @@ def response_tokens(response: dict[str, Any], where: str = "engine response") ->
     return list(ids), [float(entry[0]) for entry in entries]
 
 
+def token_weight_versions(response: dict[str, Any], where: str = "engine response") -> list[list[int]] | int | None:
+    """The weight versions of an engine response's output tokens: its runs [[version, count], ...], else (an
+    engine that does not report them) its one `weight_version`, else None; EngineError naming `where` if the runs
+    do not cover the output ids."""
+    meta = response.get("meta_info") or {}
+    runs = meta.get("output_token_weight_versions")
+    if runs is None:
+        version = meta.get("weight_version")
+        return int(version) if version is not None else None
+    if not all(isinstance(r, (list, tuple)) and len(r) == 2 for r in runs) or \
+            sum(int(n) for _, n in runs) != len(response.get("output_ids") or []):
+        raise EngineError(f"{where}: output_token_weight_versions {str(runs)[:80]} do not cover the "
+                          f"{len(response.get('output_ids') or [])} output ids")
+    return [[int(v), int(n)] for v, n in runs]
+
+
 def append_response(sample: Sample, response: dict[str, Any], *, loss_mask: int = 1) -> Sample:
-    """Append an engine response to `sample` (`Sample.append`); its status from finish_reason, its weight version."""
-    ids, logprobs = response_tokens(response, f"sample {sample.index}")
+    """Append an engine response to `sample` (`Sample.append`): its tokens with their log-probs and per-token weight
+    versions, its status from finish_reason; `sample.weight_version` becomes the newest version (earlier segments of
+    a resumed sample keep theirs in `token_weight_versions`)."""
+    where = f"sample {sample.index}"
+    ids, logprobs = response_tokens(response, where)
     meta = response["meta_info"]
     status = finish_status(meta)
+    versions = token_weight_versions(response, where)
     routed = meta.get("routed_experts")   # asked for with sampling param return_routed_experts (MoE policies)
     sample.append(ids, logprobs if loss_mask == 1 else None, loss_mask=loss_mask, text=response.get("text", ""),
+                  weight_versions=versions if loss_mask == 1 else None,
                   routed_experts=routed_experts.decode(routed) if routed is not None and loss_mask == 1 else None)
     sample.status = status
     sample.weight_version = meta.get("weight_version", sample.weight_version)

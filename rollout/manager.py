@@ -8,7 +8,13 @@ is full or --rollout-deadline passes, the engines abort what is still running; t
 groups go back to a buffer and are served first next step -- with --partial-rollout they
 keep their tokens (the engine continues from prompt + partial response), otherwise they
 restart from the prompt. Multi-agent samples of one prompt leave with a group_index per role
-(group baselines compare a role only with itself). The driver wraps this class in a Ray actor.
+(group baselines compare a role only with itself). Resumed samples keep each token's weight version;
+with --offpolicy-tokens mask the tokens older than a sample's newest leave the loss.
+
+--async-mode fully (docs/async.md): `start_stream` / `next_batch` / `stop_stream` replace `generate`: groups are
+generated continuously, at most --max-staleness batches ahead of the trainer, and a ready group is handed out only
+while its oldest token is within --max-staleness versions of the trainer's. The driver wraps this class in a Ray
+actor.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from kiln_common.logs import progress_bar
 from kiln_common.plugins import load_function
 from rollout.rewards import RewardScorer
 from rollout.router import Router
+from rollout.staleness import mask_offpolicy_tokens, staleness
 from kiln_common.sample import DEFAULT_POLICY, Sample, Status
 
 
@@ -98,6 +105,25 @@ class _Group:
     samples: list[Sample]  # its trajectories: n, or more when a generate function returns lists
 
 
+@dataclass
+class _Stream:
+    """--async-mode fully: the producer task, the groups in flight and ready, the trainer's weight version."""
+
+    version: int   # the trainer's weight version as of the last next_batch
+    start_version: int
+    task: asyncio.Task | None = None
+    launched: int = 0   # groups launched and not dropped (failed, filtered, stale): what the staleness bound counts
+    inflight: dict[asyncio.Future, _Group] = field(default_factory=dict)
+    ready: list[_Group] = field(default_factory=list)   # scored groups, in the order they finished
+    failed: list[Sample] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: {"dropped_filter": 0, "dropped_failed": 0,
+                                                            "dropped_stale": 0})
+    changed: asyncio.Event = field(default_factory=asyncio.Event)   # a group finished or the stream ended
+    capacity: asyncio.Event = field(default_factory=asyncio.Event)   # the bound may allow another launch
+    exhausted: bool = False
+    last_batch: float = field(default_factory=time.monotonic)
+
+
 def _fresh(prompt: Sample, index: int) -> Sample:
     sample = copy.deepcopy(prompt)
     sample.index = index
@@ -144,6 +170,7 @@ class RolloutManager:
         self._buffer: list[_Group] = []  # groups left over from the last step, served first
         self._stopping = False
         self._inflight: set[asyncio.Task] = set()
+        self._stream: _Stream | None = None   # --async-mode fully
         self._failures_logged = 0   # this step's; beyond FAILURE_LOG_LIMIT they are only counted
         self.eval_tasks: dict[str, _EvalTask] = {}
         pairs = ([(EvalSet(DEFAULT_EVAL_SET, ""), eval_data)] if eval_data is not None else []) + list(eval_sets)
@@ -221,14 +248,143 @@ class RolloutManager:
             logger.warning("step %d: only %d of %d groups (dropped %d by the filter, %d for failures, %d rounds)",
                            step, len(accepted), target, counts["dropped_filter"], counts["dropped_failed"],
                            counts["rounds"])
+        return self._make_batch(step, accepted, failed, counts, time.monotonic() - start)
+
+    def _make_batch(self, step: int, accepted: list[_Group], failed: list[Sample], counts: dict[str, int],
+                    elapsed: float) -> RolloutBatch:
+        """The step's RolloutBatch of accepted groups: ordered, off-policy tokens masked (--offpolicy-tokens mask),
+        roles separated, metrics; saved with --save-debug-rollout-data."""
+        cfg = self.config
         accepted.sort(key=lambda g: g.prompt.group_index)
         samples = [s for g in accepted for s in sorted(g.samples, key=lambda s: s.index)]
-        metrics = self._metrics(samples, failed, counts, time.monotonic() - start)
+        masked = sum(mask_offpolicy_tokens(s) for s in samples) if cfg.offpolicy_tokens == "mask" else 0
+        metrics = self._metrics(samples, failed, counts, elapsed)
+        metrics["rollout/offpolicy_masked_tokens"] = masked
         self._separate_roles(samples)
         batch = RolloutBatch(step=step, samples=samples, failed=failed, metrics=metrics)
         if cfg.save_debug_rollout_data:
             self.save_debug(batch, cfg.save_debug_rollout_data.format(step=step))
         return batch
+
+    # ---- fully asynchronous: a continuous stream of groups ----------------------------------------------------
+
+    async def start_stream(self, version: int) -> None:
+        """--async-mode fully: start generating groups continuously (at most --max-staleness batches ahead of the
+        trainer at weight `version`); `next_batch` takes them."""
+        if self._stream is not None:
+            raise RuntimeError("the rollout stream is already running")
+        if self.data is None and not self._buffer:
+            raise ValueError("RolloutManager has no prompt data (pass a PromptDataset)")
+        for router in self.routers.values():
+            if not all(router.healthy):
+                await router.check_health()
+            router.take_stats()
+        self._stream = st = _Stream(version=version, start_version=version)
+        st.task = asyncio.ensure_future(self._produce(st))
+        st.task.add_done_callback(lambda _: st.changed.set())   # a producer that failed wakes next_batch to raise
+
+    async def _produce(self, st: "_Stream") -> None:
+        """Launch groups while fewer than (version - start_version + max_staleness + 1) x batch size have been
+        launched and not dropped (AReaL's bound: a group starts at most max_staleness versions before it is due)."""
+        cfg = self.config
+        sem = asyncio.Semaphore(cfg.rollout_concurrency)
+        pbar = progress_bar(0, "rollout stream", "sample", False)
+        while True:
+            while st.launched >= (st.version - st.start_version + cfg.max_staleness + 1) * cfg.rollout_batch_size:
+                st.capacity.clear()
+                await st.capacity.wait()
+            groups = self._take_groups(1)
+            if not groups:
+                st.exhausted = True
+                st.changed.set()
+                return
+            st.launched += 1
+            task = asyncio.ensure_future(self._run_group(groups[0], sem, pbar))
+            st.inflight[task] = groups[0]
+            task.add_done_callback(self._settle_streamed)
+
+    def _settle_streamed(self, task: asyncio.Future) -> None:
+        """A streamed group finished: ready, or failed / filtered (dropped, and a replacement may start)."""
+        st = self._stream
+        if st is None or task not in st.inflight:
+            return
+        group = st.inflight.pop(task)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            error = task.exception()
+            for s in group.samples:
+                self._failed(s, f"{type(error).__name__}: {error}")
+        samples = group.samples
+        if any(s.status == Status.FAILED for s in samples):
+            st.counts["dropped_failed"] += 1
+            st.failed.extend(s for s in samples if s.status == Status.FAILED)
+            st.launched -= 1
+        elif not all(s.status in _DONE for s in samples):
+            return   # aborted by stop_stream
+        elif not self._has_scalar_rewards(group, st.failed):
+            st.counts["dropped_failed"] += 1
+            st.launched -= 1
+        elif self.filter_fn is not None and not self._keep(group, st.failed, st.counts):
+            st.counts["dropped_filter"] += 1
+            st.launched -= 1
+        else:
+            st.ready.append(group)
+        st.changed.set()
+        st.capacity.set()
+
+    async def next_batch(self, step: int, version: int) -> RolloutBatch:
+        """The next --rollout-batch-size ready groups whose every sample is within --max-staleness of the trainer's
+        weight `version` (staler groups are dropped: rollout/stale_dropped_groups); starts the stream if needed."""
+        cfg = self.config
+        if self._stream is None:
+            await self.start_stream(version)
+        st = self._stream
+        st.version = version
+        st.capacity.set()
+        start = time.monotonic()
+        while True:
+            for group in [g for g in st.ready if any(staleness(s, version) > cfg.max_staleness for s in g.samples)]:
+                st.ready.remove(group)
+                st.counts["dropped_stale"] += 1
+                st.launched -= 1
+                st.capacity.set()
+            if len(st.ready) >= cfg.rollout_batch_size:
+                break
+            if st.task.done() and st.task.exception() is not None:
+                raise st.task.exception()
+            if st.exhausted and not st.inflight:
+                if not st.ready:
+                    raise DataExhausted(f"the prompt data is exhausted after "
+                                        f"{self.data.epoch if self.data else 0} epoch(s)")
+                logger.warning("step %d: only %d of %d groups (the prompt data is exhausted)", step, len(st.ready),
+                               cfg.rollout_batch_size)
+                break
+            st.changed.clear()
+            await st.changed.wait()
+        accepted, st.ready = st.ready[:cfg.rollout_batch_size], st.ready[cfg.rollout_batch_size:]
+        counts = {**st.counts, "returned_to_buffer": 0, "resumed": 0, "rounds": 0}
+        failed, st.failed = st.failed, []
+        st.counts = dict.fromkeys(st.counts, 0)
+        now = time.monotonic()
+        batch = self._make_batch(step, accepted, failed, counts, now - st.last_batch)
+        st.last_batch = now
+        batch.metrics.update({"rollout/time_s": now - start, "rollout/stale_dropped_groups": counts["dropped_stale"],
+                              "rollout/ready_groups": len(st.ready), "rollout/inflight_groups": len(st.inflight)})
+        return batch
+
+    async def stop_stream(self) -> None:
+        """Stop the stream: abort the engines' requests, cancel what is left; ready groups are discarded."""
+        st, self._stream = self._stream, None
+        if st is None:
+            return
+        st.task.cancel()
+        pending = set(st.inflight)
+        st.inflight.clear()
+        if pending:
+            await self._stop(pending)
+        self._stopping = False
+        await asyncio.gather(st.task, return_exceptions=True)
 
     def _separate_roles(self, samples: list[Sample]) -> None:
         """Give each role of a prompt's group its own group_index, so group baselines (GRPO, RLOO) never mix roles.
@@ -478,11 +634,18 @@ class RolloutManager:
     # ---- state and debug data -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Data position, index counters and the leftover groups (for exact resumption)."""
+        """Data position, index counters and the leftover groups (for exact resumption); a running stream's groups
+        (in flight or ready) are recorded as fresh groups of their prompts, generated again on resume."""
+        buffer = list(self._buffer)
+        if self._stream is not None:
+            pending = [*self._stream.inflight.values(), *self._stream.ready]
+            n = self.config.n_samples_per_prompt
+            buffer += [_Group(g.prompt, [_fresh(g.prompt, s.index) for s in g.samples[:n]])
+                       for g in sorted(pending, key=lambda g: g.prompt.group_index)]
         return {"data": self.data.state_dict() if self.data is not None else None,
                 "next_index": self._next_index, "next_group": self._next_group,
                 "buffer": [{"prompt": g.prompt.to_dict(), "samples": [s.to_dict() for s in g.samples]}
-                           for g in self._buffer]}
+                           for g in buffer]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`."""

@@ -7,7 +7,8 @@ response, so an aborted generation resumed from prompt + partial output ends as 
 uninterrupted one would. With `script`, the response is a given text (encoded with
 `tokenizer`, EOS appended). It emits one token per `token_delay` seconds (a number or
 a function of the input ids), honours `abort_all`, simulates a prefix cache
-(`cached_tokens`) and records concurrency.
+(`cached_tokens`) and records concurrency. Each token carries the `weight_version` the client has when it
+is emitted (`meta_info.output_token_weight_versions`), so a test changes it mid-generation like a push.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class FakeEngineClient:
             plan = self._plan(input_ids)
             budget = sampling_params.get("max_new_tokens", len(plan))
             out: list[int] = []
+            versions: list[list[int]] = []  # the weight version at each token's emission, run-length
             finish = "stop"
             for tok in plan:
                 if self._abort.is_set():
@@ -116,6 +118,10 @@ class FakeEngineClient:
                         finish = "abort"
                         break
                 out.append(tok)
+                if versions and versions[-1][0] == self.weight_version:
+                    versions[-1][1] += 1
+                else:
+                    versions.append([self.weight_version, 1])
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -126,7 +132,7 @@ class FakeEngineClient:
             text = "".join(f"<{t}>" for t in out if t != self.eos_id)
         meta = {"prompt_tokens": len(input_ids), "completion_tokens": len(out), "cached_tokens": cached,
                 "finish_reason": {"type": finish, "matched": self.eos_id if finish == "stop" else None},
-                "weight_version": self.weight_version}
+                "weight_version": self.weight_version, "output_token_weight_versions": versions}
         if return_logprob:
             meta["output_token_logprobs"] = [(-0.01 * (k + 1), t, None) for k, t in enumerate(out)]
         return {"text": text, "output_ids": out, "meta_info": meta}

@@ -34,9 +34,10 @@ class LaunchedStep:
     top_logprobs: torch.Tensor | None  # [B, k] float32, host
     top_ids: torch.Tensor | None  # [B, k] int64, host
     done: torch.cuda.Event | None  # recorded after the copies (CUDA); None: the copies were synchronous
+    weight_version: int = 0  # of the weights the step ran with (a weight update waits for launched steps)
 
     @classmethod
-    def start(cls, reqs: list[Req], out: SampleOutput) -> "LaunchedStep":
+    def start(cls, reqs: list[Req], out: SampleOutput, weight_version: int = 0) -> "LaunchedStep":
         """Queue the device -> host copies of out without waiting for them."""
         def host(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to("cpu", non_blocking=True)  # pinned destination on CUDA
@@ -46,7 +47,7 @@ class LaunchedStep:
         if out.tokens.is_cuda:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(out.tokens.device))
-        return cls(reqs, *copies, done)
+        return cls(reqs, *copies, done, weight_version)
 
     def wait(self) -> None:
         """Block until the copies are complete (the one device -> host wait of a step)."""
@@ -77,6 +78,7 @@ class OutputProcessor:
             try:
                 tok = tokens[i]
                 req.output_ids.append(tok)
+                req.add_token_version(launched.weight_version)
                 if req.return_logprob:
                     req.output_logprobs.append(logprobs[i])
                     if req.sampling.top_logprobs_num:
