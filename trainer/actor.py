@@ -20,7 +20,8 @@ from kiln_common.sample import Sample, Status
 from trainer import attention, bridge, megatron_compat, moe
 from trainer.advantages import (compute_advantages, compute_gae, custom_advantages, load_custom_advantage_function,
                                 opd_penalty, overlong_penalty)
-from trainer.batching import MicroBatch, data_parallel_shares, pack_micro_batches, split_global_batches
+from trainer.batching import (CostModel, MicroBatch, data_parallel_shares, pack_micro_batches,
+                              plan_micro_batches, split_global_batches)
 from trainer.config import TrainerConfig
 from trainer.critic import ValueModel, critic_optimizer_config, drop_output_layer
 from trainer.logprobs import chunked_logprobs
@@ -115,6 +116,7 @@ class TrainerActor:
         self.autocast = on_gpu and not cfg.bf16  # fp32 parameters computing in bf16
         self.pipeline = PipelineSchedule(self.pp_group, dtype=self.params_dtype, device=self.device)
         self.spec = bridge.load_spec(cfg.hf_checkpoint)
+        self.cost_model = CostModel.for_model(self.spec)  # balance_data: a sequence's compute ~ n + w n^2
         self.model = self._build(cfg.hf_checkpoint, trainable=True)
         self.replay = moe.install_routing_replay(self.model, self.spec) if cfg.use_routing_replay else None
         if cfg.use_reference:
@@ -242,6 +244,12 @@ class TrainerActor:
     # forward
     # ------------------------------------------------------------------------------------------
 
+    def _plan(self, indices: list[int], samples: list[Sample]) -> tuple[list[MicroBatch], dict[str, float]]:
+        """This rank's micro-batches of samples[indices] (balanced with balance_data), and the imbalance metrics."""
+        return plan_micro_batches(indices, [s.tokens for s in samples], [s.response_length for s in samples],
+                                  dp_size=self.dp_size, dp_rank=self.dp_rank, max_tokens=self.cfg.max_tokens_per_gpu,
+                                  packed=self.cfg.pack_sequences, balance=self.cfg.balance_data, cost=self.cost_model)
+
     def _stage_output(self, model, mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor:
         """This stage's output for `mb` [width, rows, H] (final-norm hidden states on the last stage)."""
         tokens = to_device(mb.tokens, self.device)  # packed [1, total] or padded [rows, max_len]
@@ -305,7 +313,7 @@ class TrainerActor:
         lengths = [s.response_length for s in samples]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
         flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)  # [all response tokens]
-        share = data_parallel_shares([len(s.tokens) for s in samples], self.dp_size)[self.dp_rank]
+        micro_batches, _ = self._plan(list(range(len(samples))), samples)
 
         def forward(mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor | None:
             if model is self.model:
@@ -318,9 +326,7 @@ class TrainerActor:
                 flat[offsets[i]:offsets[i + 1]] = piece
             return None
 
-        self.pipeline.forward_only(pack_micro_batches(share, [s.tokens for s in samples], lengths,
-                                                      self.cfg.max_tokens_per_gpu, packed=self.cfg.pack_sequences),
-                                   forward, self._activation_shape)
+        self.pipeline.forward_only(micro_batches, forward, self._activation_shape)
         if self.pipeline.size > 1:  # only the last stage filled it: a sum shares it
             dist.all_reduce(flat, group=self.pp_group)
         if self.dp_size > 1:  # shares are disjoint: a sum gathers them
@@ -480,8 +486,7 @@ class TrainerActor:
         cfg = self.cfg
         num_tokens = max(1, int(sum(per_sample["mask"][i].sum() for i in chunk)))
         num_seqs = len(chunk)
-        share = data_parallel_shares([len(batch[i].tokens) for i in chunk], self.dp_size)[self.dp_rank]
-        share = [chunk[j] for j in share]
+        micro_batches, balance_metrics = self._plan(chunk, batch)
         sums: dict[str, torch.Tensor] = {}
         padded = 0
         self.optimizer.zero_grad()
@@ -509,10 +514,7 @@ class TrainerActor:
             padded += mb.padded_tokens
             return loss
 
-        self.pipeline.forward_backward(pack_micro_batches(share, [s.tokens for s in batch],
-                                                          [s.response_length for s in batch], cfg.max_tokens_per_gpu,
-                                                          packed=cfg.pack_sequences),
-                                       forward, self._activation_shape)
+        self.pipeline.forward_backward(micro_batches, forward, self._activation_shape)
         keys = self._metric_keys(sums, per_sample)
         reduced = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=self.device)
                                for k in keys] + [torch.tensor(float(padded), device=self.device)])
@@ -524,6 +526,7 @@ class TrainerActor:
         out = dict(zip(keys, reduced[:-1].tolist()))
         real = sum(len(batch[i].tokens) for i in chunk)
         out.update(grad_norm=grad_norm, lr=lr, padding_fraction=1.0 - real / max(1.0, reduced[-1].item()))
+        out.update(balance_metrics)
         return out
 
     def _metric_keys(self, sums: dict, per_sample: dict) -> list[str]:

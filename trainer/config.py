@@ -48,6 +48,7 @@ class TrainerConfig:
     recompute: str = "none"  # activation recomputation: none, selective (MLPs), full (each layer)
     use_distributed_optimizer: bool = False  # ZeRO-1: fp32 master weights and AdamW moments sharded over the DP ranks
     optimizer_cpu_offload: bool = False  # masters and moments in pinned host memory, AdamW on the device in chunks
+    balance_data: bool = False  # balance DP shares and micro-batches by tokens and attention cost (sum of len^2)
     # RL
     temperature: float = 1.0  # rollout sampling temperature (log-probs are of logits / temperature)
     advantage_estimator: str = "grpo"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import TrainerConfig
+
+logger = logging.getLogger(__name__)
 
 
 def lr_at(step: int, cfg: TrainerConfig) -> float:
@@ -358,7 +361,12 @@ class ShardedOptimizer:
         state_device = torch.device("cpu") if cpu_offload else self.device
 
         def empty() -> torch.Tensor:
-            return torch.zeros(self.layout.shard_numel, dtype=torch.float32, device=state_device, pin_memory=host)
+            try:
+                return torch.zeros(self.layout.shard_numel, dtype=torch.float32, device=state_device, pin_memory=host)
+            except RuntimeError as e:  # pinning is refused (locked-memory limit): pageable memory, slower copies
+                logger.warning("optimizer_cpu_offload: pinned host memory refused (%s); using pageable memory",
+                               str(e).splitlines()[0])
+                return torch.zeros(self.layout.shard_numel, dtype=torch.float32, device=state_device)
 
         self.master, self.exp_avg, self.exp_avg_sq = empty(), empty(), empty()
         with torch.no_grad():
@@ -366,6 +374,7 @@ class ShardedOptimizer:
                 for index, p_off, off, length in _segments(self.bounds, g, g + n):
                     self.master[s + off:s + off + length].copy_(
                         self.model_params[index].detach().view(-1)[p_off:p_off + length])
+        self._streams: tuple | None = None  # offload on CUDA: (upload, download) copy streams
         self.grad_buffer: torch.Tensor | None = None  # [padded_numel] fp32 between the first backward and step()
         self._grad_views: list[torch.Tensor] = []
         for i, p in enumerate(self.model_params):
@@ -442,20 +451,60 @@ class ShardedOptimizer:
                                 (self.cfg.clip_grad / (norm + 1e-6)).clamp(max=1.0))
         lr = lr_at(self.step_count, self.cfg)
         self.step_count += 1
-        for bucket in range(len(self.layout.buckets)):
-            self._update_bucket(bucket, lr)
-        if self.cpu_offload and self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()  # the host copies of the states have landed
+        self._update(lr)
         self.zero_grad()
         return float(norm), lr
 
-    def _update_bucket(self, bucket: int, lr: float) -> None:
-        """AdamW on this rank's slice of `bucket`, then the new values into every rank's parameters."""
+    def _states(self, bucket: int) -> list[torch.Tensor]:
+        """This rank's slices of bucket `bucket` in the master weights and both moments (where they live)."""
+        _, s, n = self.my_ranges[bucket]
+        return [t[s:s + n] for t in (self.master, self.exp_avg, self.exp_avg_sq)]
+
+    def _update(self, lr: float) -> None:
+        """AdamW bucket by bucket. Offloaded on CUDA: bucket k+1 goes up on one side stream while k is updated on
+        the compute stream and k-1 comes down on another, so the copies both ways overlap the arithmetic."""
+        buckets = range(len(self.layout.buckets))
+        if not self.cpu_offload:
+            for k in buckets:
+                self._update_bucket(k, lr, self._states(k))
+            return
+        if self.device.type != "cuda":  # the same chunked path with plain copies (CPU tests)
+            for k in buckets:
+                work = [t.clone() for t in self._states(k)]
+                self._update_bucket(k, lr, work)
+                for host, dev in zip(self._states(k), work):
+                    host.copy_(dev)
+            return
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        up, down = self._streams
+        compute = torch.cuda.current_stream(self.device)
+
+        def upload(k: int) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+            with torch.cuda.stream(up):
+                work = [t.to(self.device, non_blocking=True) for t in self._states(k)]
+            return work, up.record_event()
+
+        pending = upload(0)
+        for k in buckets:
+            work, ready = pending
+            if k + 1 < len(buckets):
+                pending = upload(k + 1)
+            compute.wait_event(ready)
+            for t in work:
+                t.record_stream(compute)  # allocated on `up`, used here and on `down`
+            self._update_bucket(k, lr, work)
+            down.wait_event(compute.record_event())
+            with torch.cuda.stream(down):
+                for host, t in zip(self._states(k), work):
+                    host.copy_(t, non_blocking=True)
+                    t.record_stream(down)
+        down.synchronize()  # the host copies have landed before anyone reads them
+
+    def _update_bucket(self, bucket: int, lr: float, work: list[torch.Tensor]) -> None:
+        """AdamW on `work` (this rank's master / moment slices of `bucket`), then the new values into the params."""
         cfg = self.cfg
         _, s, n = self.my_ranges[bucket]
-        states = [t[s:s + n] for t in (self.master, self.exp_avg, self.exp_avg_sq)]
-        work = [t.to(self.device, non_blocking=True) if t.device != self.device else
-                (t.clone() if self.cpu_offload else t) for t in states]  # offload: a device copy of the chunk
         master, exp_avg, exp_avg_sq = work
         if cfg.weight_decay > 0:
             pieces = [master[o - s:o - s + length] for o, length in self.decay_pieces if s <= o < s + n]
@@ -463,9 +512,6 @@ class ShardedOptimizer:
                 torch._foreach_mul_(pieces, 1 - lr * cfg.weight_decay)
         _adamw_(master, self._shard_grad(bucket), exp_avg, exp_avg_sq, step=self.step_count, lr=lr,
                 beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps)
-        if self.cpu_offload:
-            for host, dev in zip(states, work):
-                host.copy_(dev, non_blocking=True)
         self._gather_into_params(bucket, master)
 
     @torch.no_grad()
