@@ -53,6 +53,7 @@ class ModelRunner:
             raise ValueError(f"context_length {self.context_length} exceeds the model's max_position_embeddings "
                              f"{self.spec.max_position_embeddings}")
         self.workers: TPWorkers | None = None  # rank 0 of tp_size > 1 only
+        self._read_stream: torch.cuda.Stream | None = None  # routed-experts reads beside the step in flight
         if tp is None and config.tp_size > 1:
             self.workers = TPWorkers(config)
             tp = self.workers.group
@@ -145,13 +146,23 @@ class ModelRunner:
         """Load this rank's shard of full HF-named tensors (each rank got them on its own); returns names loaded."""
         return self.weight_plan.load(named_tensors)
 
-    def routed_experts(self, slots: list[int]) -> torch.Tensor:
-        """The experts recorded for the tokens in these KV slots, [len(slots), moe layers, top_k], on the host."""
+    def routed_experts(self, slots: list[int], forward_done: bool = True) -> torch.Tensor:
+        """The experts recorded for the tokens in these KV slots, [len(slots), moe layers, top_k], on the host.
+
+        forward_done: the steps that forwarded these tokens have completed (their tokens were read back), so on
+        CUDA the read runs on a side stream and does not wait for the step in flight (overlap scheduling), which
+        writes other slots only; else it waits for the device like any read."""
         buffer = self.kv_pool.routed_experts
         if buffer is None:
             raise ValueError(f"routed experts were asked for, but {self.config.model_path!r} is a dense "
                              f"{self.spec.family} model (no mixture-of-experts layers)")
-        return buffer[torch.tensor(slots, dtype=torch.int64, device=self.device)].cpu()
+        index = torch.tensor(slots, dtype=torch.int64)
+        if self.device.type != "cuda" or not forward_done:
+            return buffer[index.to(self.device)].cpu()
+        if self._read_stream is None:
+            self._read_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._read_stream):
+            return buffer[index.to(self.device)].cpu()
 
     def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Engine weights under HF names, unfused (views with one rank; full tensors gathered from every tp rank)."""
