@@ -23,6 +23,7 @@ perf/throughput).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -281,6 +282,8 @@ def driver_flags(args, model_dir: Path, data: Path, out_dir: Path, on_gpu: bool)
                                  else out_dir / "metrics.jsonl")}   # the driver's per-step lines, as they come
     if on_gpu:
         flags.update(GPU_FLAGS)
+    if importlib.util.find_spec("uvicorn") is None:   # the GPU machine carries no HTTP server: Ray-call the engines
+        flags["rollout-client"] = "ray"
     for item in args.set:
         key, _, value = item.partition("=")
         flags[key.lstrip("-")] = yaml_value(value)
