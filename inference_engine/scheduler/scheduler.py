@@ -54,6 +54,7 @@ class SchedulerStats:
     generated_tokens: int = 0
     finished_requests: int = 0
     failed_batches: int = 0
+    weight_update_requeues: int = 0  # running requests whose KV a weight update dropped (re-prefilled)
 
 
 class Scheduler:
@@ -114,6 +115,18 @@ class Scheduler:
         """Empty the radix cache (locked prefixes of running requests are freed when those finish)."""
         self.tree.reset()
 
+    def requeue_running(self) -> int:
+        """Drop the KV of every running request (computed with the weights just replaced) and queue it again, first,
+        with its generated tokens: its next step re-prefills prompt + output with the new weights, so every token
+        sampled after a weight update is the new weights' exactly. Call it after `sync` and `flush_cache`; returns
+        how many."""
+        running = sorted(self.running, key=lambda r: r.admitted)
+        for req in running:
+            self.admission.release(req, cache=False)
+        self.waiting.extendleft(reversed(running))
+        self.stats.weight_update_requeues += len(running)
+        return len(running)
+
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the recent steps."""
         if len(self._token_times) < 2:
@@ -170,7 +183,7 @@ class Scheduler:
             else:
                 sampled = sample(rows.logits, sb)
             self.token_buf[sample_reqs_rows] = sampled.tokens  # where the next step reads them before the host does
-            launched = LaunchedStep.start(reqs, sampled)
+            launched = LaunchedStep.start(reqs, sampled, self.weight_version)
             for req in reqs:
                 req.pending += 1
         for req in prefill_only:
