@@ -1,9 +1,10 @@
 """Trainer at scale on CPU (issue 20): the sharded (ZeRO-1) optimizer, its offloaded chunked path, resharding
 checkpoints across DP sizes, and balanced micro-batches.
 
-Two spawns: DP=2 (two gloo ranks: sharded optimizer for 3 steps with a checkpoint after 2, and TP=2 sharded vs
-TP=2 replicated), then DP=1 (one rank: the replicated reference, the sharded + offloaded optimizer, and a resume
-from the DP=2 checkpoint). Buckets are shrunk so every path runs over several of them.
+Two spawns: DP=2 (two gloo ranks: sharded optimizer for 3 steps with a checkpoint after 2, the same with balanced
+micro-batches, and TP=2 / PP=2 sharded vs replicated), then DP=1 (one rank: the replicated reference, the sharded
+and the offloaded optimizer, and a resume from the DP=2 checkpoint). Buckets are shrunk so every path runs over
+several of them.
 """
 
 import copy
@@ -67,6 +68,9 @@ def _dp2_worker(rank, world, models, out_dir):
     for sharded in (True, False):  # TP=2 (DP=1): q/k-norm partial grads and TP-sharded norms through the shards
         cfg = _config(models["qwen2"], tensor_parallel_size=2, use_distributed_optimizer=sharded)
         res[f"tp2_{sharded}"] = _train(cfg, rank, world, samples, 2)
+    for sharded in (True, False):  # PP=2 (DP=1): the tied embedding's copies on the first and last stage
+        cfg = _config(models["qwen3"], pipeline_parallel_size=2, use_distributed_optimizer=sharded)
+        res[f"pp2_{sharded}"] = _train(cfg, rank, world, samples, 2)
     return res
 
 
@@ -145,6 +149,14 @@ def test_tp2_sharded_equals_tp2_replicated(results):
     assert _max_diff(dp2[0]["tp2_True"]["weights"], dp2[0]["tp2_False"]["weights"]) < 2e-5
     for mine, ref in zip(dp2[0]["tp2_True"]["metrics"], dp2[0]["tp2_False"]["metrics"]):
         assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+
+
+def test_pp2_sharded_equals_pp2_replicated(results):
+    dp2, _ = results
+    assert _max_diff(dp2[0]["pp2_True"]["weights"], dp2[0]["pp2_False"]["weights"]) < 2e-5
+    for mine, ref in zip(dp2[0]["pp2_True"]["metrics"], dp2[0]["pp2_False"]["metrics"]):
+        assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5)
 
 
 def test_balanced_micro_batches_train_like_the_plain_plan(results):
