@@ -35,11 +35,12 @@ def test_spec_reads_qwen3_moe(moe_models):
     assert spec.moe_layers == (0, 2) and spec.norm_topk_prob and spec.qk_norm and spec.is_moe
     plain = bridge.load_spec(moe_models["plain"])
     assert plain.moe_layers == (0, 1) and not plain.norm_topk_prob and plain.moe_top_k == 3
-    rows = {m.hf[0] for m in bridge.weight_mappings(spec)}
-    assert "model.layers.1.mlp.gate_proj.weight" in rows and "model.layers.0.mlp.gate.weight" in rows
-    assert "model.layers.2.mlp.experts.7.gate_proj.weight" in rows and "model.layers.1.mlp.gate.weight" not in rows
-    local = bridge.weight_mappings(spec, experts=range(4, 8))  # expert-parallel rank 1 of 2
-    assert any(m.megatron.endswith("local_experts.0.linear_fc1.weight") and "experts.4." in m.hf[0] for m in local)
+    names = {n for m in bridge.weight_mappings(spec) for n in m.hf}
+    assert "model.layers.1.mlp.gate_proj.weight" in names and "model.layers.0.mlp.gate.weight" in names
+    assert "model.layers.2.mlp.experts.7.up_proj.weight" in names and "model.layers.1.mlp.gate.weight" not in names
+    local = {n for m in bridge.weight_mappings(spec, experts=range(4, 8)) for n in m.hf}  # EP rank 1 of 2
+    assert {f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(8)} & local == \
+        {f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(4, 8)}
 
 
 def test_config_refuses_what_moe_cannot_do(moe_models, qwen3_model):
@@ -130,6 +131,17 @@ def _moe_worker(rank, world_size, models, out_dir):
             out["padded_err"] = max((x - y).abs().max().item()
                                     for x, y in zip(padded.compute_log_probs(perturbed), replayed))
             padded.shutdown()
+            grouped, moe.grouped_experts = moe.grouped_experts, lambda: False  # megatron's SequentialMLP experts
+            try:
+                sequential = actor(path, use_routing_replay=True)
+                out["sequential_err"] = max((x - y).abs().max().item()
+                                            for x, y in zip(sequential.compute_log_probs(perturbed), replayed))
+                out["sequential_exported"] = {}
+                for bucket in sequential.iter_hf_weight_buckets(bucket_bytes=40_000):
+                    out["sequential_exported"].update({n: t.clone() for n, t in bucket})
+                sequential.shutdown()
+            finally:
+                moe.grouped_experts = grouped
         if rank == 0:
             out["hf_err"] = max((x.double() - hf_response_logprobs(hf32, s, TEMPERATURE)[0]).abs().max().item()
                                 for x, s in zip(base, samples))
@@ -198,6 +210,15 @@ def test_replayed_experts_give_the_forced_reference(moe_results, name):
 
 def test_padded_micro_batches_replay_the_same_experts(moe_results):
     assert moe_results["renorm"]["padded_err"] < 1e-5
+
+
+def test_sequential_experts_equal_the_grouped_ones(moe_results, moe_models):
+    """Without torch's grouped matmul the experts are megatron's SequentialMLP: same weights, same log-probs."""
+    r = moe_results["renorm"]
+    assert r["sequential_err"] < 1e-5
+    original = load_file(moe_models["renorm"] / "model.safetensors")
+    assert sorted(r["sequential_exported"]) == sorted(original)
+    assert all(torch.equal(r["sequential_exported"][k], t) for k, t in original.items())
 
 
 @pytest.mark.parametrize("name", ["renorm", "plain"])

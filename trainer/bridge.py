@@ -14,9 +14,14 @@ Megatron layouts handled here:
 - column / row: plain split of dim 0 / dim 1; replicated: same on every rank.
 
 Qwen3-MoE layers (`trainer.moe`) add the router (`mlp.router.weight` <- `mlp.gate.weight`, replicated)
-and per expert megatron's SequentialMLP pair (`mlp.experts.local_experts.{e}.linear_fc1/fc2`, the
-gate_up / row layouts) <- HF's `mlp.experts.{e}.{gate,up,down}_proj`; with expert parallelism a rank
-holds experts [ep_rank * E / ep, (ep_rank + 1) * E / ep) under local indices.
+and the experts, HF's `mlp.experts.{e}.{gate,up,down}_proj`:
+- experts_gate_up / experts_down: Kiln's grouped-GEMM experts (where torch has `_grouped_mm`) stack a
+  rank's experts in `mlp.experts.weight1` [experts, 2 * ffn, hidden] (per expert [gate; up]) and
+  `mlp.experts.weight2` [experts, hidden, ffn]; one row per layer (per expert-parallel rank's block
+  of experts in whole-model tables);
+- otherwise megatron's SequentialMLP pair `mlp.experts.local_experts.{e}.linear_fc1/fc2` (gate_up / row).
+With expert parallelism a rank holds experts [ep_rank * E / ep, (ep_rank + 1) * E / ep), numbered from
+0 on the megatron side. MoE layers train with TP = 1, so the expert layouts are not split further.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from kiln_common.model_spec import FAMILIES
-LAYOUTS = ("replicated", "column", "row", "qkv", "gate_up", "vocab")
+LAYOUTS = ("replicated", "column", "row", "qkv", "gate_up", "vocab", "experts_gate_up", "experts_down")
 
 
 @dataclass(frozen=True)
@@ -328,6 +333,15 @@ MOE_EXPERT = (
     WeightMapping(_E + "linear_fc1.weight", (_HE + "gate_proj.weight", _HE + "up_proj.weight"), "gate_up"),
     WeightMapping(_E + "linear_fc2.weight", (_HE + "down_proj.weight",), "row"),
 )
+
+
+def _grouped_expert_rows(experts: range) -> list[WeightMapping]:
+    """The stacked rows of a block of experts ({layer} not yet filled): weight1 <- gate/up, weight2 <- down."""
+    gate_up = tuple(_HE.replace("{expert}", str(e)) + name for e in experts
+                    for name in ("gate_proj.weight", "up_proj.weight"))
+    down = tuple(_HE.replace("{expert}", str(e)) + "down_proj.weight" for e in experts)
+    return [WeightMapping(_L + "mlp.experts.weight1", gate_up, "experts_gate_up"),
+            WeightMapping(_L + "mlp.experts.weight2", down, "experts_down")]
 _LAYER_FAMILY = {
     "llama": (),
     "qwen2": (WeightMapping(_L + "self_attention.linear_qkv.bias",
@@ -350,31 +364,42 @@ def layer_mappings(family: str) -> tuple[WeightMapping, ...]:
     return _LAYER_COMMON + _LAYER_FAMILY[family]
 
 
-def spec_layer_mappings(spec: MegatronSpec, layer: int, experts: range | None = None) -> list[WeightMapping]:
+def spec_layer_mappings(spec: MegatronSpec, layer: int, experts: range | None = None,
+                        expert_blocks: int = 1) -> list[WeightMapping]:
     """The rows of global layer `layer` ({layer} not yet filled): dense, or router and `experts` (all by default).
 
     Expert rows number the experts from 0 on the megatron side (a rank's local experts) and by
-    their global index on the HF side.
+    their global index on the HF side. Grouped experts get one stacked row pair per block of
+    `experts` (`expert_blocks` equal blocks: the expert-parallel ranks' shares in a whole-model table).
     """
+    from trainer import moe
+
     if layer not in spec.moe_layers:
         return list(layer_mappings(spec.family))
     experts = range(spec.num_experts) if experts is None else experts
     rows = list(_LAYER_ATTENTION + _LAYER_FAMILY[spec.family]) + [MOE_ROUTER]
+    if moe.grouped_experts():
+        size = len(experts) // expert_blocks
+        for start in range(0, len(experts), size):
+            rows += _grouped_expert_rows(experts[start:start + size])
+        return rows
     for local, global_ in enumerate(experts):
         rows += [m.at_expert(local, global_) for m in MOE_EXPERT]
     return rows
 
 
 def weight_mappings(spec: MegatronSpec, *, layers: range | None = None, pre_process: bool = True,
-                    post_process: bool = True, experts: range | None = None) -> list[WeightMapping]:
+                    post_process: bool = True, experts: range | None = None,
+                    expert_blocks: int = 1) -> list[WeightMapping]:
     """The table for one pipeline stage: its layers (global indices `layers`), embedding, head.
 
-    `experts`: the global experts this rank holds in each MoE layer (all by default).
+    `experts`: the global experts this rank holds in each MoE layer (all by default), in
+    `expert_blocks` blocks (`spec_layer_mappings`).
     """
     layers = range(spec.num_layers) if layers is None else layers
     rows = [EMBEDDING] if pre_process else []
     for local, global_ in enumerate(layers):
-        rows += [m.at_layer(local, global_) for m in spec_layer_mappings(spec, global_, experts)]
+        rows += [m.at_layer(local, global_) for m in spec_layer_mappings(spec, global_, experts, expert_blocks)]
     if post_process:
         rows.append(FINAL_NORM)
         if not spec.tie_embeddings:
@@ -425,6 +450,10 @@ def to_shard(m: WeightMapping, hf: list[torch.Tensor], spec: MegatronSpec, *, tp
     if m.layout == "gate_up":
         gate, up = hf
         return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+    if m.layout == "experts_gate_up":  # [experts, 2 * ffn, hidden], per expert [gate; up]
+        return torch.stack([torch.cat([gate, up]) for gate, up in zip(hf[0::2], hf[1::2])])
+    if m.layout == "experts_down":  # [experts, hidden, ffn]
+        return torch.stack(hf)
     q, k, v = hf  # qkv: [groups, (heads_per_group + 2) * head_dim, ...] then whole groups per rank
     groups, d = spec.num_kv_heads, spec.head_dim
     rest = tuple(q.shape[1:])
@@ -455,6 +484,10 @@ def from_shards(m: WeightMapping, shards: list[torch.Tensor], spec: MegatronSpec
     if m.layout == "gate_up":
         halves = [s.chunk(2, dim=0) for s in shards]
         return [_joined([g for g, _ in halves], 0), _joined([u for _, u in halves], 0)]
+    if m.layout == "experts_gate_up":  # experts are not tensor-parallel: one shard
+        return [half for expert in shards[0] for half in expert.chunk(2, dim=0)]
+    if m.layout == "experts_down":
+        return list(shards[0].unbind(0))
     groups, d = spec.num_kv_heads, spec.head_dim
     rest = tuple(shards[0].shape[1:])
     fused = _joined(shards, 0).reshape((groups, -1) + rest)  # [groups, (hpg + 2) * d, ...]
@@ -557,10 +590,11 @@ def load_hf_checkpoint(model, spec: MegatronSpec, hf_dir: str | os.PathLike) -> 
     load_hf_tensors(model, spec, get_hf)
 
 
-def _bucket_plan(spec: MegatronSpec, bucket_bytes: int, element_size: int) -> list[list[WeightMapping]]:
+def _bucket_plan(spec: MegatronSpec, bucket_bytes: int, element_size: int,
+                 ep_size: int = 1) -> list[list[WeightMapping]]:
     """Whole-model mappings grouped into buckets of about `bucket_bytes` (same on every rank)."""
     buckets, current, size = [], [], 0
-    for m in weight_mappings(spec):
+    for m in weight_mappings(spec, expert_blocks=ep_size):
         nbytes = sum(int(torch.Size(s).numel()) for s in hf_shapes(spec, m)) * element_size
         if current and size + nbytes > bucket_bytes:
             buckets.append(current)
@@ -596,8 +630,8 @@ def iter_hf_tensors(model, spec: MegatronSpec, bucket_bytes: int = 512 << 20
     params = dict(model.named_parameters())
     dtype = next(iter(params.values())).dtype
     element_size = torch.empty((), dtype=dtype).element_size()
-    plan = _bucket_plan(spec, bucket_bytes, element_size)
     ep_size = parallel_state.get_expert_model_parallel_world_size() if spec.is_moe else 1
+    plan = _bucket_plan(spec, bucket_bytes, element_size, ep_size)
     if parallel_state.get_data_parallel_rank() != 0:
         if ep_size > 1 and parallel_state.get_expert_data_parallel_rank() == 0:
             yield from _send_local_experts(model, spec, plan)  # experts held by expert-parallel ranks > 0
@@ -617,8 +651,9 @@ def iter_hf_tensors(model, spec: MegatronSpec, bucket_bytes: int = 512 << 20
     pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
     held = _global_mapping_names(model, spec)
     stage_names = {m.hf[0] for m in weight_mappings(spec, layers=_stage_layers(model), pre_process=model.pre_process,
-                                                    post_process=model.post_process)} if ep_size > 1 else set()
-    owner_of = _stage_owners(spec, pp_size) if pp_size > 1 else None
+                                                    post_process=model.post_process, expert_blocks=ep_size)
+                   } if ep_size > 1 else set()
+    owner_of = _stage_owners(spec, pp_size, ep_size) if pp_size > 1 else None
     is_rank0 = dist.get_rank() == 0
     for bucket in plan:
         out = []
@@ -686,12 +721,12 @@ def local_device(params: dict[str, torch.nn.Parameter]) -> torch.device:
     return next(iter(params.values())).device
 
 
-def _stage_owners(spec: MegatronSpec, pp_size: int) -> dict[str, int]:
+def _stage_owners(spec: MegatronSpec, pp_size: int, ep_size: int = 1) -> dict[str, int]:
     """Pipeline stage holding each mapping (keyed by first HF name), as megatron splits layers evenly."""
     per_stage = spec.num_layers // pp_size
     owners = {EMBEDDING.hf[0]: 0, FINAL_NORM.hf[0]: pp_size - 1, OUTPUT_LAYER.hf[0]: pp_size - 1}
     for layer in range(spec.num_layers):
-        for m in spec_layer_mappings(spec, layer):
+        for m in spec_layer_mappings(spec, layer, expert_blocks=ep_size):
             owners[m.at_layer(layer, layer).hf[0]] = layer // per_stage
     return owners
 

@@ -3,9 +3,12 @@
 A sparse layer is megatron-core's `MoELayer` in the local spec: `TopKRouter` (softmax over the
 experts in fp32, top-k; with `norm_topk_prob` the k probabilities are renormalised, which is
 megatron's softmax over the k chosen logits, `moe_router_pre_softmax=False`; without it they are
-the full softmax's, `pre_softmax=True`), the all-to-all token dispatcher, and `SequentialMLP`
-experts (one SwiGLU MLP per expert; megatron's grouped-GEMM experts need the `grouped_gemm`
-package or Transformer Engine, neither of which Kiln installs). The load-balancing loss is off
+the full softmax's, `pre_softmax=True`), the all-to-all token dispatcher, and the experts:
+`KilnGroupedExperts` where torch has `_grouped_mm` (every expert's tokens in one grouped GEMM for
+gate/up, fused SwiGLU times the routing weight, one grouped GEMM for down; on CPU and CUDA, bf16 on
+CUDA), else megatron's `SequentialMLP` (one MLP per expert in a loop; megatron's own grouped-GEMM
+experts need the `grouped_gemm` package or Transformer Engine, neither of which Kiln installs).
+The load-balancing loss is off
 unless `moe_aux_loss_coeff > 0`. Expert parallelism is megatron's (`expert_model_parallel_size`,
 carved out of data parallelism); MoE layers need TP = 1 (megatron trains MoE under TP only with
 sequence parallelism, which Kiln's trainer does not use).
@@ -24,6 +27,7 @@ also counts how many replayed (token, slot) pairs its own top-k would not have c
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import torch
@@ -56,16 +60,72 @@ def transformer_config_fields(spec, *, ep_size: int = 1, aux_loss_coeff: float =
     )
 
 
+def grouped_experts() -> bool:
+    """Whether the experts run as Kiln's grouped GEMM (torch has `_grouped_mm`) rather than megatron's SequentialMLP.
+
+    The bridge reads the same answer to lay out the expert weights.
+    """
+    return hasattr(torch, "_grouped_mm")
+
+
+@functools.cache
+def grouped_experts_class():
+    """KilnGroupedExperts: a MoE layer's local experts as two stacked weights and torch's grouped matmul."""
+    from megatron.core.transformer.module import MegatronModule
+
+    from trainer import fused
+
+    class KilnGroupedExperts(MegatronModule):
+        """Local experts: weight1 [experts, 2 * ffn, hidden] (per expert [gate; up]), weight2 [experts, hidden, ffn].
+
+        Takes the dispatcher's tokens sorted by local expert; each grouped GEMM covers every expert
+        (`offs`: where each expert's tokens end). Parameters are marked like megatron's expert
+        weights (`allreduce=False` under expert parallelism: gradients over the expert-data-parallel
+        group). On CUDA the GEMMs run in bf16 (torch's grouped kernel), casting fp32 parameters.
+        """
+
+        def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None):
+            super().__init__(config=config)
+            self.num_local_experts = num_local_experts
+            ffn, hidden = config.moe_ffn_hidden_size, config.hidden_size
+            device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+            self.weight1 = torch.nn.Parameter(torch.empty(num_local_experts, 2 * ffn, hidden,
+                                                          dtype=config.params_dtype, device=device))
+            self.weight2 = torch.nn.Parameter(torch.empty(num_local_experts, hidden, ffn, dtype=config.params_dtype,
+                                                          device=device))
+            for weight in (self.weight1, self.weight2):
+                weight.allreduce = config.expert_model_parallel_size == 1
+
+        def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
+            """hidden [N, H] sorted by expert, tokens_per_expert [experts], probs [N] -> ([N, H], None)."""
+            w1, w2, x = self.weight1, self.weight2, hidden
+            if x.is_cuda and x.dtype != torch.bfloat16:
+                w1, w2, x = w1.bfloat16(), w2.bfloat16(), x.bfloat16()
+            counts = torch.as_tensor(tokens_per_expert)
+            offs = counts.to(device=x.device, non_blocking=True).cumsum(0).to(torch.int32)  # [experts]
+            gate_up = torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)  # [N, 2 * ffn]
+            act = (fused.swiglu_op(gate_up) * probs.unsqueeze(-1)).to(x.dtype)  # [N, ffn]
+            return torch._grouped_mm(act, w2.transpose(1, 2), offs=offs).to(hidden.dtype), None  # [N, H]
+
+        def backward_dw(self):
+            """Nothing deferred (megatron's delayed weight-gradient hook)."""
+
+    return KilnGroupedExperts
+
+
 def moe_mlp_spec():
-    """ModuleSpec of a sparse MLP: megatron's MoELayer with TopKRouter and SequentialMLP experts (local linears)."""
+    """ModuleSpec of a sparse MLP: megatron's MoELayer with TopKRouter and Kiln's grouped (or sequential) experts."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    experts = ModuleSpec(module=SequentialMLP,
-                         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    if grouped_experts():
+        experts = ModuleSpec(module=grouped_experts_class())
+    else:
+        experts = ModuleSpec(module=SequentialMLP,
+                             submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     return ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts))
 
 
