@@ -49,6 +49,8 @@ def write_model(out_dir: Path, layers: int, widths: dict, device: str, seed: int
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.save_pretrained(out_dir, safe_serialization=True)
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out_dir
 
 
