@@ -11,6 +11,7 @@ import bisect
 import functools
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -284,6 +285,28 @@ def _segments(bounds: list[int], start: int, end: int) -> list[tuple[int, int, i
     return out
 
 
+def _pin_in_place(t: torch.Tensor) -> bool:
+    """Page-lock `t`'s host memory where it is (cudaHostRegister), so device copies of it run asynchronously.
+
+    Not `pin_memory=True`: PyTorch's pinned allocator rounds every block up to a power of two (a 30.5 GiB
+    state would take 32 GiB). If the driver refuses (locked-memory limit), `t` stays pageable, with a warning.
+    """
+    cudart = torch.cuda.cudart()
+    code = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+    if code != 0:
+        if hasattr(cudart, "cudaGetLastError"):
+            cudart.cudaGetLastError()  # not to be reported by the next kernel launch check
+        logger.warning("optimizer_cpu_offload: page-locking %.1f GiB of host memory failed (cudaError %d); the "
+                       "optimizer state stays pageable (slower copies)", t.numel() * t.element_size() / 2**30, code)
+    return code == 0
+
+
+def _unpin(tensors: list[torch.Tensor]) -> None:
+    """Undo `_pin_in_place` (before the memory goes back to the system)."""
+    for t in tensors:
+        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
 def _adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
             step: int, lr: float, beta1: float, beta2: float, eps: float) -> None:
     """One AdamW update of flat fp32 tensors in place (torch.optim.AdamW's arithmetic; weight decay applied before)."""
@@ -360,15 +383,17 @@ class ShardedOptimizer:
         host = cpu_offload and self.device.type == "cuda"
         state_device = torch.device("cpu") if cpu_offload else self.device
 
+        pinned: list[torch.Tensor] = []
+
         def empty() -> torch.Tensor:
-            try:
-                return torch.zeros(self.layout.shard_numel, dtype=torch.float32, device=state_device, pin_memory=host)
-            except RuntimeError as e:  # pinning is refused (locked-memory limit): pageable memory, slower copies
-                logger.warning("optimizer_cpu_offload: pinned host memory refused (%s); using pageable memory",
-                               str(e).splitlines()[0])
-                return torch.zeros(self.layout.shard_numel, dtype=torch.float32, device=state_device)
+            t = torch.zeros(self.layout.shard_numel, dtype=torch.float32, device=state_device)
+            if host and _pin_in_place(t):
+                pinned.append(t)
+            return t
 
         self.master, self.exp_avg, self.exp_avg_sq = empty(), empty(), empty()
+        if pinned:  # unpinned before the memory is freed
+            weakref.finalize(self, _unpin, pinned)
         with torch.no_grad():
             for g, s, n in self.my_ranges:
                 for index, p_off, off, length in _segments(self.bounds, g, g + n):
