@@ -1,6 +1,7 @@
 """Fully asynchronous vs synchronous RL on one CPU workload with long-tailed response lengths (issue #19).
 
     nice -n 10 python -m benchmarks.async_rl --out /tmp/async_rl.json        # CPU, both modes, a few minutes
+    python -m benchmarks.async_rl --gpu --shape qwen3-0.6b ...                 # 2 GPUs: scripts/async_rl_gpu.sh
 
 Both runs are the real driver (`Driver(resolve(flags))`, what train.py runs), disaggregated (one trainer bundle,
 one engine bundle, HTTP rollout client), on the tiny random Qwen3 of benchmarks/rl_step.py, GRPO with TIS, the
@@ -13,8 +14,11 @@ benchmarks.rl_step's parity reward (share of odd token ids in the response), whi
 - fully: `--async-mode fully --max-staleness K`: the engine generates continuously; each step takes the next
   ready groups within K versions; pushes land mid-generation (docs/async.md).
 
-Reported side by side: samples/s and tokens/s (trained samples and response tokens over the wall seconds of the
-steps, set-up excluded), the final reward (mean rollout reward of the last --final-steps steps), the mean reward
+Reported side by side: samples/s and tokens/s (trained samples and their response tokens over the wall seconds
+of the steps after --warmup, by the driver's timing/step_s: in fully async mode a step is the time between two
+consumed batches), the number of groups the fully async run dropped past the bound (a dropped group is
+generated work not trained, and it is mostly the long tail: compare tokens/s too), the final reward (mean
+rollout reward of the last --final-steps steps), the mean reward
 over all steps, and the lag metrics. One process runs both, one after the other, so they share the machine's state.
 """
 
@@ -65,6 +69,10 @@ def driver_flags(args: argparse.Namespace, model_dir: Path, data: Path, out_dir:
              "metrics-file": str(out_dir / f"metrics_{mode}.jsonl")}
     if mode == "fully":
         flags.update({"async-mode": "fully", "max-staleness": args.max_staleness})
+    if args.gpu:   # one GPU for the trainer, one for the engine
+        from benchmarks.rl_step import GPU_FLAGS
+
+        flags.update({**GPU_FLAGS, "context-length": args.prompt_len + args.long_len})
     return flags
 
 
@@ -82,13 +90,15 @@ def run_mode(args: argparse.Namespace, model_dir: Path, data: Path, work: Path, 
         run_s = time.perf_counter() - start
     finally:
         driver.shutdown()
-    samples = sum(h.get("train/num_samples", 0) for h in history)
-    tokens = sum(h.get("rollout/response_len_mean", 0) * h.get("rollout/num_samples", 0) for h in history)
+    measured = history[args.warmup:]   # the first steps carry start-up costs (first requests, first train step)
+    seconds = sum(h["timing/step_s"] for h in measured)
+    samples = sum(h.get("train/num_samples", 0) for h in measured)
+    tokens = sum(h.get("rollout/response_len_mean", 0) * h.get("rollout/num_samples", 0) for h in measured)
     rewards = [h["rollout/reward_mean"] for h in history]
     tail = rewards[-args.final_steps:]
     lags = [h.get("rollout/weight_version_lag_max", 0) for h in history]
-    return {"mode": mode, "steps": len(history), "setup_s": setup_s, "run_s": run_s, "samples": samples,
-            "samples_per_s": samples / run_s, "tokens_per_s": tokens / run_s,
+    return {"mode": mode, "steps": len(history), "setup_s": setup_s, "run_s": run_s, "measured_s": seconds,
+            "samples": samples, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
             "final_reward": sum(tail) / len(tail), "mean_reward": sum(rewards) / len(rewards), "rewards": rewards,
             "lag_max": max(lags), "lag_mean": sum(h.get("rollout/weight_version_lag_mean", 0) for h in history)
             / len(history), "stale_dropped_groups": sum(h.get("rollout/stale_dropped_groups", 0) for h in history),
@@ -104,7 +114,8 @@ def table(result: dict) -> str:
         lines.append(f"| {r['mode']} | {r['steps']} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['final_reward']:.3f} | {r['mean_reward']:.3f} | {r['lag_max']:.0f} | {r['lag_mean']:.2f} | "
                      f"{r['stale_dropped_groups']:.0f} |")
-    lines.append(f"speed-up (fully / sync samples/s): {result['speedup']:.2f}x")
+    lines.append(f"speed-up (fully / sync): samples/s {result['speedup']:.2f}x, "
+                 f"tokens/s {result['token_speedup']:.2f}x")
     return "\n".join(lines)
 
 
@@ -112,17 +123,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of samples/s and tokens/s")
     ap.add_argument("--short-len", type=int, default=SHORT_LEN)
     ap.add_argument("--long-len", type=int, default=LONG_LEN)
     ap.add_argument("--p-long", type=float, default=P_LONG)
-    ap.add_argument("--max-staleness", type=int, default=2)
+    ap.add_argument("--max-staleness", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=64, help="--rollout-concurrency")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--final-steps", type=int, default=3, help="the final reward averages these last steps")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--modes", nargs="+", default=["sync", "fully"], choices=["sync", "fully"])
+    ap.add_argument("--gpu", action="store_true", help="run on GPUs (2: trainer and engine); default: CPU only")
+    ap.add_argument("--shape", default="tiny", help="model shape of benchmarks.rl_step (tiny, qwen3-0.6b, ...)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     return ap.parse_args(argv)
 
@@ -132,7 +146,8 @@ def main(argv=None) -> dict:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""   # a CPU benchmark, also where a GPU is
+    if not args.gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""   # a CPU benchmark, also where a GPU is
     os.environ.update({"KILN_ASYNC_BENCH_SHORT": str(args.short_len), "KILN_ASYNC_BENCH_LONG": str(args.long_len),
                        "KILN_ASYNC_BENCH_P_LONG": str(args.p_long)})   # read by long_tail_length in the actors
     from benchmarks.rl_step import build_model, write_prompts
@@ -142,19 +157,25 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="kiln_async_rl_"))
     model_dir = work / "model"
     model_dir.mkdir()
-    build_model("tiny", model_dir)
+    build_model(args.shape, model_dir)
     data = work / "prompts.jsonl"
     write_prompts(model_dir, data, args.prompts * (args.steps + 2 * args.max_staleness + 4), args.prompt_len)
     runs = [run_mode(args, model_dir, data, work, mode) for mode in args.modes]
     by_mode = {r["mode"]: r for r in runs}
-    speedup = (by_mode["fully"]["samples_per_s"] / by_mode["sync"]["samples_per_s"]
-               if {"sync", "fully"} <= set(by_mode) else float("nan"))
+    both = {"sync", "fully"} <= set(by_mode)
+    speedup = by_mode["fully"]["samples_per_s"] / by_mode["sync"]["samples_per_s"] if both else float("nan")
+    token_speedup = by_mode["fully"]["tokens_per_s"] / by_mode["sync"]["tokens_per_s"] if both else float("nan")
     lengths = [long_tail_length(i) for i in range(args.prompts * args.samples * args.steps)]
-    result = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
+    from benchmarks.rl_step import device_name
+
+    machine = f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})"
+    result = {"machine": f"{device_name(True)} x2, {machine}" if args.gpu else machine, "shape": args.shape,
               "workload": f"{args.prompts} prompts x {args.samples} samples, {args.steps} steps, response length "
                           f"{args.long_len} with p={args.p_long} else <= {args.short_len} (mean "
-                          f"{sum(lengths) / len(lengths):.1f}), max staleness {args.max_staleness}",
-              "args": vars(args), "runs": runs, "speedup": speedup}
+                          f"{sum(lengths) / len(lengths):.1f}), max staleness {args.max_staleness}, "
+                          f"{args.warmup} warm-up steps",
+              "args": vars(args), "runs": runs, "speedup": speedup,
+              "token_speedup": token_speedup}
     print(table(result), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
