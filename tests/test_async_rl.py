@@ -219,6 +219,34 @@ async def test_a_group_past_the_bound_is_dropped_and_counted(tok):
     assert "1" not in labels and dropped == 1   # prompt 0's group: tokens of version 0, 3 versions old
 
 
+# ---- configuration: what is supported where ---------------------------------------------------------------------
+
+def test_async_modes_resolve_and_refuse(qwen3_model, tiny_models):
+    from orchestrator.cli import ConfigError
+    from orchestrator.driver import resolve
+
+    base = {"hf-checkpoint": str(qwen3_model), "prompt-data": "x.jsonl"}
+    cfg = resolve({**base, "async-mode": "fully", "max-staleness": 3, "colocate": False})
+    assert cfg.run.async_mode == "fully" and not cfg.run.async_rollout and cfg.rollout.max_staleness == 3
+    assert cfg.trainer.loss.use_tis and cfg.trainer.recompute_old_logprobs   # the decoupled objective
+    assert resolve({**base, "async-rollout": True, "colocate": False}).run.async_mode == "one-step"
+    partial = resolve({**base, "partial-rollout": True})   # colocated partial rollout: corrected by TIS
+    assert partial.trainer.loss.use_tis and partial.rollout.offpolicy_tokens == "correct"
+    masked = resolve({**base, "partial-rollout": True, "offpolicy-tokens": "mask", "use-tis": False})
+    assert not masked.trainer.loss.use_tis
+    two = [f"a={tiny_models['qwen3']}", f"b={tiny_models['llama']}"]
+    for extra, message in (
+            ({"async-mode": "fully"}, "--async-mode fully needs --no-colocate"),
+            ({"async-mode": "fully", "colocate": False, "use-tis": False}, "needs TIS"),
+            ({"partial-rollout": True, "use-tis": False}, "or set --offpolicy-tokens mask"),
+            ({"async-mode": "fully", "async-rollout": True, "colocate": False}, "cannot be combined"),
+            ({"async-mode": "fully", "colocate": False, "policies": two, "hf-checkpoint": ""}, "trains one policy"),
+            ({"max-staleness": -1}, "max_staleness = -1"),
+            ({"offpolicy-tokens": "drop"}, "offpolicy_tokens = 'drop'")):
+        with pytest.raises((ConfigError, ValueError), match=message):
+            resolve({**base, **extra})
+
+
 # ---- a fully-async run through the driver (train.py's code path) -----------------------------------------------
 
 def test_fully_async_run_trains_within_the_staleness_bound(local_ray, qwen3_model, data_dir, tmp_path):  # noqa: F811
