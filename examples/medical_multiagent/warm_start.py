@@ -198,14 +198,14 @@ def sft_examples(samples: Sequence[Sample]) -> list[tuple[list[int], list[int]]]
 
 
 def sft(model_dir: str | Path, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
-        batch_size: int, seed: int, log_every: int = 100, name: str = "sft") -> list[float]:
+        batch_size: int, seed: int, log_every: int = 100, name: str = "sft", device: str = "cpu") -> list[float]:
     """Train the HF model in `model_dir` in place on the examples (AdamW, cosine to lr/10); the losses per step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(steps, 1))).item()))
@@ -221,7 +221,7 @@ def sft(model_dir: str | Path, examples: list[tuple[list[int], list[int]]], *, s
             ids[i, :len(seq)] = torch.tensor(seq)
             labels[i, :len(lab)] = torch.tensor(lab)
             mask[i, :len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -231,14 +231,15 @@ def sft(model_dir: str | Path, examples: list[tuple[list[int], list[int]]], *, s
         if (step + 1) % log_every == 0 or step + 1 == steps:
             print(f"{name} step {step + 1}/{steps}: loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}",
                   flush=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
+    model.cpu().save_pretrained(model_dir, safe_serialization=True)
     return losses
 
 
 def warm_start(out_dir: str | Path, *, conditions: str | Sequence[str] = "cpu", n_dialogues: int = 2000,
                n_train: int = 2000, n_test: int = 200, steps: int = 500, patient_steps: int | None = None,
                lr: float = 2e-3, batch_size: int = 16, hidden_size: int = 128, layers: int = 2,
-               vocab_size: int = 2048, seed: int = 0, case_seed: int = 0, brief: bool = True) -> dict[str, Path]:
+               vocab_size: int = 2048, seed: int = 0, case_seed: int = 0, brief: bool = True,
+               device: str = "cpu") -> dict[str, Path]:
     """Write data, tokenizer and the SFT doctor and patient under `out_dir`; their paths by name."""
     from inference_engine.testing import make_tiny_model
 
@@ -272,7 +273,7 @@ def warm_start(out_dir: str | Path, *, conditions: str | Sequence[str] = "cpu", 
                                     init_std=0.02, max_position_embeddings=CONTEXT)
         role_steps = steps if role == DOCTOR or patient_steps is None else patient_steps
         losses = sft(model_dir, sft_examples(by_role[role]), steps=role_steps, lr=lr, batch_size=batch_size,
-                     seed=seed + k, name=f"sft {role}")
+                     seed=seed + k, name=f"sft {role}", device=device)
         stats[f"{role}_final_loss"] = sum(losses[-20:]) / max(len(losses[-20:]), 1)
         paths[role] = model_dir
     stats["seconds"] = time.perf_counter() - start
@@ -296,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2, help="transformer layers")
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scripted doctor, model init and SFT order")
+    parser.add_argument("--device", default="cpu", help="device of the SFT (cpu, cuda)")
     parser.add_argument("--full-prompts", action="store_true",
                         help="the full system prompts (tool schema, patient rules) instead of the brief ones; "
                              "RL and eval then need env_kwargs brief_prompts false")
@@ -310,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warm_start(ns.out_dir, conditions=ns.conditions, n_dialogues=ns.n_dialogues, n_train=ns.n_train,
                n_test=ns.n_test, steps=ns.steps, patient_steps=ns.patient_steps, lr=ns.lr, batch_size=ns.batch_size,
                hidden_size=ns.hidden_size, layers=ns.layers, vocab_size=ns.vocab_size, seed=ns.seed,
-               brief=not ns.full_prompts)
+               brief=not ns.full_prompts, device=ns.device)
 
 
 if __name__ == "__main__":

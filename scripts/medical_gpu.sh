@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The medical example's three-arm experiment at GPU size, in one device call (issue #18):
+#   warm start (all 47 conditions, a wider model, SFT on the GPU) -> per seed: (a) doctor vs the fixed SFT
+#   patient, (b) doctor and patient co-trained, (c) doctor vs the rule-based patient -> held-out evaluation
+#   -> table.md, results.json, curves.png.
+# Arms (a) and (b) hold two policies, each colocated on its own GPU: run it on a 2-GPU machine
+# (device kind nvidia-h100-x2). Models and runs go to runs/medical/gpu; the table, results.json, curves.png,
+# the logs and the GPU names are copied to $OUT (the device call's folder that comes back) when it is set.
+# Knobs: SEEDS ("0 1 2"), STEPS (60), N_EVAL (300), WARM_ARGS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/medical/gpu}
+PY=${PY:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline} \
+       RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_DEDUP_LOGS=0
+mkdir -p "$RUN"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$RUN/gpus.csv"
+WARM_ARGS=${WARM_ARGS:---conditions all --n-dialogues 8000 --n-train 8000 --n-test 400 --steps 3000 \
+--patient-steps 2000 --batch-size 64 --hidden-size 384 --layers 6 --lr 1e-3 --vocab-size 4096 --device cuda}
+# shellcheck disable=SC2086
+"$PY" -m examples.medical_multiagent.experiment "$RUN" --config examples/medical_multiagent/config_gpu_rl.yaml \
+  --seeds ${SEEDS:-0 1 2} --steps "${STEPS:-60}" --n-eval "${N_EVAL:-300}" --device cuda \
+  --warm-args "$WARM_ARGS" 2>&1 | tee "$RUN/experiment.log" || status=$?
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT/medical_gpu"
+  cp "$RUN"/{gpus.csv,experiment.log,table.md,results.json,curves.png,warm/warm_start.json} "$OUT/medical_gpu/" 2>/dev/null || true
+  for log in "$RUN"/*/train.log; do cp "$log" "$OUT/medical_gpu/$(basename "$(dirname "$log")").train.log"; done
+fi
+echo "medical_gpu: ${SECONDS}s in all; table: $RUN/table.md"
+exit "${status:-0}"
