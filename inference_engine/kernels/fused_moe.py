@@ -179,7 +179,7 @@ def align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_xt, stride_we,
                     stride_wn, stride_ot, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """out[pair, n] = silu(x[t] . w[e, n]) * (x[t] . w[e, N + n]) for the pairs of one block and BLOCK_N columns."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -204,8 +204,12 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pair
         a = tl.load(x_ptrs + k0, mask=valid[:, None] & k_mask[None, :], other=0.0)
         g = tl.load(g_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         u = tl.load(u_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+        if IEEE:  # float32 operands without TF32 rounding
+            acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
     gate = acc_g.to(dt).to(tl.float32)  # each projection rounded like the reference's linear
     up = acc_u.to(dt).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
@@ -216,7 +220,7 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pair
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_ht,
                  stride_we, stride_wn, stride_ot, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """out[pair, n] = weight[pair] * (h[pair] . w[e, n]) for the pairs of one block and BLOCK_N columns."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -238,7 +242,10 @@ def _down_kernel(h_ptr, w_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr
         k_mask = (k0 + offs_k) < K
         a = tl.load(h_ptrs + k0, mask=valid[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
     weight = tl.load(weights_ptr + safe, mask=valid, other=0.0).to(tl.float32)
     y = acc.to(dt).to(tl.float32) * weight[:, None]
     out_ptrs = out_ptr + pair[:, None] * stride_ot + offs_n[None, :]
@@ -265,16 +272,16 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     sorted_pairs, block_expert = align(ids, num_experts, block_m)
     blocks = block_expert.numel()
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # silu(gate) * up by pair
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # float32 engines: no TF32 rounding of the inputs
+    ieee = x.dtype == torch.float32  # float32 engines: no TF32 rounding of the inputs
     _gate_up_kernel[(blocks, triton.cdiv(inter, block_n))](
         x, w13, h, sorted_pairs, block_expert, pairs, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
         h.stride(0), TOP_K=top_k, NUM_EXPERTS=num_experts, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=min(block_k, triton.next_power_of_2(hidden)), PRECISION=precision, num_warps=warps,
+        BLOCK_K=min(block_k, triton.next_power_of_2(hidden)), IEEE=ieee, num_warps=warps,
         num_stages=stages)
     flat_out = out.view(pairs, hidden)
     _down_kernel[(blocks, triton.cdiv(hidden, block_n))](
         h, w2, weights.contiguous().view(-1), flat_out, sorted_pairs, block_expert, pairs, hidden, inter, h.stride(0),
         w2.stride(0), w2.stride(1), flat_out.stride(0), NUM_EXPERTS=num_experts, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(inter))), PRECISION=precision,
+        BLOCK_N=block_n, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(inter))), IEEE=ieee,
         num_warps=warps, num_stages=stages)
     return out.sum(1) if top_k > 1 else out.view(tokens, hidden)
