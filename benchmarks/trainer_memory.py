@@ -3,6 +3,7 @@
     python -m benchmarks.trainer_memory --shape tiny                     # CPU smoke run (bytes, no device stats)
     python -m benchmarks.trainer_memory --shape qwen3-8b --optimizers offload --recompute full --steps 2
     python -m benchmarks.trainer_memory --shape qwen3-0.6b --optimizers replicated,sharded,offload
+    python -m benchmarks.trainer_memory --shape qwen3-0.6b --optimizers replicated,sharded --dp 2   # 2 GPUs
 
 For each optimizer (`replicated`: PolicyOptimizer, fp32 master + main grad per parameter and AdamW
 state, all on the device; `sharded`: ShardedOptimizer, here at DP=1 so the same bytes through the flat
@@ -15,7 +16,9 @@ trained for `--steps` steps through the trainer's own pieces: packed micro-batch
   peak of each phase of the last step (forward + backward over all micro-batches, optimizer step);
 - the optimizer's own bytes (states on device / on host, gradient buffer) and the process's host RSS;
 - step seconds and tokens/s over the steps after the first (the first warms up kernels and allocator).
-An optimizer that runs out of device memory gets a row with the error.
+An optimizer that runs out of device memory gets a row with the error. With `--dp N` the N ranks
+(one GPU each, spawned here) train their own samples of the same size and the optimizers reduce over
+all of them; rank 0's rows are printed (sharded vs replicated step time = the cost of sharding).
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ def run(kind: str, args, spec, cfg_path: Path, samples: list[dict], device: torc
     model.train()
     phases.end("build")
     phases.start()
-    groups = dict(dp_group=None, tp_group=None, tp_rank=0)
+    world = torch.distributed.get_world_size()
+    groups = dict(dp_group=torch.distributed.group.WORLD if world > 1 else None, tp_group=None, tp_rank=0)
     optimizer = (PolicyOptimizer(model, cfg, **groups) if kind == "replicated" else
                  ShardedOptimizer(model, cfg, cpu_offload=kind == "offload", **groups))
     phases.end("optimizer_init")
@@ -127,33 +131,18 @@ def run(kind: str, args, spec, cfg_path: Path, samples: list[dict], device: torc
     return row
 
 
-def main() -> None:
+def bench_rank(rank: int, world: int, port: int, args) -> list[dict]:
+    """One rank of the benchmark (DP = world): every optimizer of --optimizers in turn; rank 0's rows."""
     from megatron.core import parallel_state
 
-    from kiln_common.net import free_port
     from trainer import bridge, megatron_compat
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    ap.add_argument("--optimizers", default="replicated,sharded,offload",
-                    help=f"comma-separated, of {', '.join(OPTIMIZERS)}")
-    ap.add_argument("--tokens", type=int, default=16384, help="tokens per micro-batch")
-    ap.add_argument("--micro-batches", type=int, default=2)
-    ap.add_argument("--min-len", type=int, default=512)
-    ap.add_argument("--max-len", type=int, default=4096)
-    ap.add_argument("--recompute", choices=("none", "selective", "full"), default="full")
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=None, help="also write the rows to this JSON file")
-    args = ap.parse_args()
-    kinds = args.optimizers.split(",")
-    if any(k not in OPTIMIZERS for k in kinds):
-        ap.error(f"--optimizers {args.optimizers}: each must be one of {', '.join(OPTIMIZERS)}")
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        args.min_len, args.max_len, args.tokens = 8, 64, 256
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                         init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank) if on_gpu else torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=world)
     megatron_compat.apply()
     parallel_state.initialize_model_parallel(1, 1)
     megatron_compat.model_parallel_manual_seed(0)
@@ -162,22 +151,54 @@ def main() -> None:
         path = write_config(args.shape, Path(tmp))
         spec = bridge.load_spec(path)
         lengths = sample_lengths(args.tokens * args.micro_batches, args.min_len, args.max_len)
-        g = torch.Generator().manual_seed(1)
+        g = torch.Generator().manual_seed(1 + rank)  # each rank its own samples, the same token count
         samples = [{"tokens": torch.randint(0, spec.vocab_size, (n,), generator=g).tolist(),
                     "response_length": max(1, (3 * n) // 4)} for n in lengths]
-        for kind in kinds:
+        for kind in args.optimizers.split(","):
             try:
                 row = run(kind, args, spec, path, samples, device)
             except torch.OutOfMemoryError as e:
                 row = {"optimizer": kind, "shape": args.shape, "error": f"out of memory: {str(e).splitlines()[0]}"}
-            if device.type == "cuda":
+            if on_gpu:
                 torch.cuda.empty_cache()
+            row["dp"] = world
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out is not None:
-        args.out.write_text(json.dumps(rows, indent=1))
+            if rank == 0:
+                print(json.dumps(row), flush=True)
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
+    return rows
+
+
+def main() -> None:
+    from kiln_common.net import free_port
+    from trainer.testing import run_ranks
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--optimizers", default="replicated,sharded,offload",
+                    help=f"comma-separated, of {', '.join(OPTIMIZERS)}")
+    ap.add_argument("--dp", type=int, default=1, help="data-parallel ranks (one GPU each), spawned here")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per micro-batch")
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--min-len", type=int, default=512)
+    ap.add_argument("--max-len", type=int, default=4096)
+    ap.add_argument("--recompute", choices=("none", "selective", "full"), default="full")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args()
+    if any(k not in OPTIMIZERS for k in args.optimizers.split(",")):
+        ap.error(f"--optimizers {args.optimizers}: each must be one of {', '.join(OPTIMIZERS)}")
+    if args.dp < 1 or (torch.cuda.is_available() and args.dp > torch.cuda.device_count()):
+        ap.error(f"--dp {args.dp}: needs 1 <= dp <= {torch.cuda.device_count()} (the GPUs here)")
+    if not torch.cuda.is_available():
+        args.min_len, args.max_len, args.tokens = 8, 64, 256
+    if args.dp == 1:
+        rows = bench_rank(0, 1, free_port(), args)
+    else:
+        rows = run_ranks(bench_rank, args.dp, args)[0]
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,23 @@
 # for 2 steps with --optimizer-cpu-offload: tokens/s and peak memory. Logs and JSON rows in $OUT.
 #   run(kind="nvidia-h100-x1", carry=[".whl", ".fi_cache"], timeout_s=600,
 #       command="bash scripts/trainer_scale_gpu.sh")
-# The 8B row needs ~92 GiB of host memory for the pinned optimizer state (3 x 4 bytes x 8.2e9).
+# The 8B row needs ~92 GiB of host memory for the page-locked optimizer state (3 x 4 bytes x 8.2e9).
+# With DP=2 (on a 2-GPU kind, e.g. nvidia-h100-x2) it runs only the sharding overhead: replicated vs sharded
+# optimizer at DP=2 on the Qwen3-0.6B shape, step time and memory per rank:
+#   run(kind="nvidia-h100-x2", carry=[".whl", ".fi_cache"], timeout_s=400,
+#       command="DP=2 bash scripts/trainer_scale_gpu.sh")
 set -u
 OUT=${OUT:-/tmp/kiln_trainer_scale}
 mkdir -p "$OUT"
 source scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 free -g | tee -a "$OUT/device.txt"
+if [ "${DP:-1}" -gt 1 ]; then
+  timeout 360 python3 -m benchmarks.trainer_memory --shape qwen3-0.6b --optimizers replicated,sharded \
+    --dp "$DP" --recompute none --steps 4 --out "$OUT/memory_dp$DP.json" 2>&1 | grep -v -i warn \
+    | tee "$OUT/memory_dp$DP.log"
+  exit 0
+fi
 timeout 120 python3 -m pytest -m gpu tests/test_trainer_scale.py -q -p no:cacheprovider 2>&1 | tail -5 \
   | tee "$OUT/pytest.log"
 timeout 150 python3 -m benchmarks.trainer_memory --shape qwen3-0.6b --optimizers replicated,sharded,offload \
