@@ -16,6 +16,10 @@ the newest older one that does (or, if the pointer itself is missing or garbage,
 `iter_*` folder), warning once about what was wrong. A folder without a manifest (written by a Kiln
 before manifests) is used, unverified, if its driver.json reads and every .pt file is a whole zip
 archive (the form torch.save writes; a truncated one has lost its end-of-archive record).
+
+The rank files may be resumed by a run with another data-parallel size (same TP and PP): each trainer rank
+reads the file of its TP/PP coordinates and, with `--use-distributed-optimizer`, reshards the optimizer state
+from all of the saving DP ranks' files (`TrainerActor.load_checkpoint`, docs/trainer.md).
 """
 
 from __future__ import annotations
