@@ -269,3 +269,31 @@ def test_bf16_trainer_on_gpu_matches_hf_and_replays(moe_models):
     r = run_distributed(_gpu_worker, 1, moe_models["renorm"])[0]
     assert r["base_err"] < 0.05 and r["replay_err"] < 0.05  # mean |error|: bf16 model vs fp32 HF, as the dense ones
     assert r["disagreement"] < 0.05  # bf16 router logits flip only near-ties of fp32 HF's choice
+
+
+def _recompute_worker(rank, world_size, path):
+    """A replayed train step (several micro-batches) with and without full activation recomputation."""
+    from trainer.actor import TrainerActor
+    from trainer.config import TrainerConfig
+
+    out = {}
+    for recompute in ("none", "full"):
+        a = TrainerActor(TrainerConfig(hf_checkpoint=str(path), temperature=TEMPERATURE, max_tokens_per_gpu=32,
+                                       use_routing_replay=True, recompute=recompute, lr=1e-3),
+                         rank, world_size, "127.0.0.1", 0)
+        a.init()
+        samples = make_samples(6, vocab_size=a.spec.vocab_size, seed=1)
+        rng = np.random.default_rng(0)
+        for s in samples:  # random recorded experts: most differ from the routers' own
+            order = np.argsort(rng.random((len(s.tokens) - 1, a.spec.num_moe_layers, a.spec.num_experts)), -1)
+            s.routed_experts = order[..., :a.spec.moe_top_k].astype(np.uint8)
+        m = a.train_step(samples)
+        out[recompute] = (m["loss"], m["grad_norm"], m["routing_disagreement"], m["routing_replayed_slots"])
+        a.shutdown()
+    return out
+
+
+def test_recomputed_layers_replay_their_own_micro_batch(moe_models):
+    """Full recomputation re-runs each router in backward: it must replay the same micro-batch, counted once."""
+    r = run_distributed(_recompute_worker, 1, moe_models["renorm"])[0]
+    assert r["full"] == r["none"] and r["none"][2] > 0.5
