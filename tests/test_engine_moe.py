@@ -108,6 +108,27 @@ def test_routing_of_a_prefix_cache_hit_is_the_recorded_one(qwen3_moe_model):
     assert (route_c[:28] == 255).all() and np.array_equal(route_c[28:], route_b[28:])  # cached rows from the slots
 
 
+def test_routing_survives_retraction_and_n_samples(qwen3_moe_model):
+    """A pool too small for the batch retracts requests (their KV to the radix cache, re-prefilled later); n > 1
+    samples fork off their prompt's cached prefill: every request still returns the routing of all its tokens."""
+    model = hf_model(qwen3_moe_model)
+    sp = {**GREEDY, "max_new_tokens": 24, "return_routed_experts": True}
+    with Engine(model_path=str(qwen3_moe_model), page_size=4, max_total_tokens=96, context_length=64,
+                chunked_prefill_size=16) as engine:
+        outs = engine.generate(input_ids=[p[:20] for p in PROMPTS[:1] + PROMPTS[2:]] + [PROMPTS[1]],
+                               sampling_params=sp)
+        assert engine.metrics()["retractions_total"] > 0
+        forks = engine.generate(input_ids=PROMPTS[2][:30], sampling_params={
+            "max_new_tokens": 5, "temperature": 1.0, "seed": 1, "n": 2, "return_routed_experts": True})
+    for prompt, out in zip([p[:20] for p in PROMPTS[:1] + PROMPTS[2:]] + [PROMPTS[1]], outs):
+        assert_routing_matches(routed_experts.decode(out["meta_info"]["routed_experts"]), model,
+                               prompt + out["output_ids"])
+    assert all(f["meta_info"]["cached_tokens"] > 0 for f in forks)
+    for fork in forks:
+        assert_routing_matches(routed_experts.decode(fork["meta_info"]["routed_experts"]), model,
+                               PROMPTS[2][:30] + fork["output_ids"])
+
+
 def test_routing_across_the_turns_of_a_sample(qwen3_moe_model):
     """Turn 1, environment tokens (loss_mask 0), turn 2 from the whole context: Sample.routed_experts covers every
     token but the last, equal to HF's routing of the final sequence."""
