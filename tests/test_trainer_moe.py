@@ -142,6 +142,14 @@ def _moe_worker(rank, world_size, models, out_dir):
                 sequential.shutdown()
             finally:
                 moe.grouped_experts = grouped
+        if name == "plain":  # two pipeline stages of one MoE layer each: replay by global layer, metrics over PP
+            pp = actor(path, use_routing_replay=True, pipeline_parallel_size=2)
+            out["pp_err"] = max((x - y).abs().max().item() for x, y in zip(pp.compute_log_probs(perturbed), replayed))
+            out["pp_exported"] = {}
+            for bucket in pp.iter_hf_weight_buckets(bucket_bytes=40_000):
+                out["pp_exported"].update({n: t.clone() for n, t in bucket})
+            out["pp_metrics"] = pp.train_step(copy.deepcopy(perturbed))
+            pp.shutdown()
         if rank == 0:
             out["hf_err"] = max((x.double() - hf_response_logprobs(hf32, s, TEMPERATURE)[0]).abs().max().item()
                                 for x, s in zip(base, samples))
@@ -210,6 +218,16 @@ def test_replayed_experts_give_the_forced_reference(moe_results, name):
 
 def test_padded_micro_batches_replay_the_same_experts(moe_results):
     assert moe_results["renorm"]["padded_err"] < 1e-5
+
+
+def test_pipeline_stages_replay_and_export_like_one_stage(moe_results, moe_models):
+    r = moe_results["plain"]
+    assert r["pp_err"] < 1e-5
+    original = load_file(moe_models["plain"] / "model.safetensors")
+    assert sorted(r["pp_exported"]) == sorted(original)
+    assert all(torch.equal(r["pp_exported"][k], t) for k, t in original.items())
+    for key in ("routing_disagreement", "routing_replayed_slots", "loss", "grad_norm"):
+        assert r["pp_metrics"][key] == pytest.approx(r["metrics"][key], rel=1e-5), key
 
 
 def test_sequential_experts_equal_the_grouped_ones(moe_results, moe_models):
