@@ -675,7 +675,8 @@ class Driver:
                 try:
                     batch = self._wait_rollout(pending, step)
                 except DataExhausted as e:
-                    logger.info("stopping before step %d: %s", step + 1, e)
+                    logger.info("stopping before step %d: %s", step + 1,
+                                _last_line(getattr(e, "cause", None) or e))   # the message, not Ray's traceback
                     break
                 timing["timing/rollout_wait_s"] = time.perf_counter() - start
                 if self.engines:

@@ -195,9 +195,13 @@ def _tiny_run_args(model: Path, tmp_path: Path) -> list[str]:
 
 def test_log_file_has_no_progress_bars_or_colour_codes(qwen3_model, tmp_path):
     """stdout and stderr into a file, --progress given: no bar (not even a fragment), no ANSI escape, step lines;
-    slime's --skip-eval-before-train leaves out the step-0 evaluation (the terminal run below has it)."""
+    slime's --skip-eval-before-train leaves out the step-0 evaluation (the terminal run below has it); prompt data
+    that runs out before step 2 stops the run with one line, not Ray's traceback."""
     log = tmp_path / "train.log"
-    args = [*_tiny_run_args(qwen3_model, tmp_path), "--skip-eval-before-train"]
+    args = _tiny_run_args(qwen3_model, tmp_path)
+    rows = (tmp_path / "data" / "train.jsonl").read_text().splitlines()[:8]   # one step's prompts
+    (tmp_path / "data" / "eight.jsonl").write_text("\n".join(rows) + "\n")
+    args += ["--skip-eval-before-train", "--prompt-data", str(tmp_path / "data" / "eight.jsonl")]
     with log.open("w") as out:
         done = subprocess.run([sys.executable, str(REPO / "train.py"), *args],
                               cwd=tmp_path, env=ENV, stdout=out, stderr=subprocess.STDOUT, timeout=600)
@@ -205,9 +209,11 @@ def test_log_file_has_no_progress_bars_or_colour_codes(qwen3_model, tmp_path):
     assert done.returncode == 0, text[-3000:]
     assert "\r" not in text and "\x1b" not in text, text[-3000:]
     assert "%|" not in text and "sample/s]" not in text and "rollout 1:" not in text, text[-3000:]
-    assert "INFO step 2/2 | reward" in text and "(RolloutManagerActor pid=" in text
+    assert "INFO step 1/2 | reward" in text and "(RolloutManagerActor pid=" in text
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2] and "step 0 | eval" not in text   # step 2's eval is in step 2's line
+    assert steps == [1] and "step 0 | eval" not in text
+    assert "INFO stopping before step 2: the prompt data is exhausted after 1 epoch(s)\n" in text
+    assert "Traceback" not in text and "ray::" not in text
 
 
 def test_terminal_gets_the_rollout_bar_drawn_by_the_driver(qwen3_model, tmp_path):
