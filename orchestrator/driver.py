@@ -786,7 +786,7 @@ class Driver:
                          f"v{self.weight_versions[p]}" for p in policies) if self.trainers else "rollout only"
         failed = int(m.get("rollout/failed_samples", 0))
         line = (f"step {step + 1}/{self.cfg.run.num_rollout} | reward {_fmt(m, 'rollout/reward_mean')} | "
-                f"eval {_fmt(m, 'eval/reward_mean')} | len {_fmt(m, 'rollout/response_len_mean', '.1f')} | "
+                f"eval {eval_rewards(m)} | len {_fmt(m, 'rollout/response_len_mean', '.1f')} | "
                 f"{train} | failed {failed} (groups dropped {int(m.get('rollout/dropped_groups_failed', 0))}, "
                 f"bad rows {int(m.get('rollout/skipped_rows', 0))}) | rollout {m.get('timing/rollout_wait_s', 0):.2f}s "
                 f"train {m.get('timing/train_s', 0):.2f}s push {m.get('timing/push_s', 0):.2f}s "

@@ -273,3 +273,16 @@ def test_yaml_typo_suggests_underscore_keys(tmp_path, model):
     (tmp_path / "run.yaml").write_text(f"hf-checkpoint: {model}\nprompt-data: x.jsonl\nkl-los-coef: 0.1\n")
     code, lines, text = run(["--config", "run.yaml"], tmp_path)
     assert_one_line_error(code, lines, text, "unknown key 'kl-los-coef'; did you mean kl_loss_coef")
+
+
+def test_step_line_names_each_eval_set(model, caplog):
+    from orchestrator.driver import Driver, resolve
+
+    driver = Driver(resolve({"hf-checkpoint": str(model), "prompt-data": "x.jsonl", "num-rollout": 5}))
+    batch = SimpleNamespace(samples=[SimpleNamespace(response_length=50)] * 8, failed=[])
+    with caplog.at_level(logging.INFO, logger="kiln.driver"):
+        driver._log_step(1, batch, {"timing/step_s": 2.0, "eval/a/reward_mean": 0.25, "eval/b/reward_mean": 0.5})
+        driver._log_step(2, batch, {"timing/step_s": 2.0, "eval/reward_mean": 0.75})
+        driver._log_step(3, batch, {"timing/step_s": 2.0})
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert "| eval a 0.250 b 0.500 |" in lines[0] and "| eval 0.750 |" in lines[1] and "| eval - |" in lines[2]
