@@ -42,11 +42,11 @@ def routed_experts_dtype(num_experts: int) -> torch.dtype:
 
 
 class _PairSlice(WeightSlice):
-    """The stacked gate_up tensor [E, 2I, hidden] of a tp rank: its gate rows and its up rows, as one [E, 2, I/tp]
-    view (`dim` 2 of the [E, 2, I, hidden] source)."""
+    """A tp rank's gate rows and up rows of the stacked gate_up tensor [E, 2I, hidden], as one [E, 2, I/tp, hidden]
+    view: rows [start, start + length) of each half of `dim` 1 (never the whole tensor, so the loader narrows)."""
 
     def source(self, loaded: torch.Tensor) -> torch.Tensor:
-        return loaded.unflatten(1, (2, -1)).narrow(self.dim, self.start, self.length)
+        return loaded.unflatten(1, (2, -1)).narrow(2, self.start, self.length)
 
 
 class Experts(nn.Module):
@@ -74,7 +74,7 @@ class Experts(nn.Module):
             _check_shape("experts.gate_up_proj", (e, 2 * i, h), shape)
             if self.tp_size == 1:
                 return WeightSlice(param.data)
-            return _PairSlice(param.data.unflatten(1, (2, r)), 2, start, r)
+            return _PairSlice(param.data.unflatten(1, (2, r)), 1, start, r)
         if shard_id is None:
             _check_shape("experts.down_proj", (e, h, i), shape)
             return WeightSlice(param.data, 2, start, r)
