@@ -94,7 +94,7 @@ class RolloutConfig:
     'mask' leaves them out of the loss (slime's --mask-offpolicy-in-partial-rollout). docs/async.md."""
     max_staleness: int = 1
     """--async-mode fully: a group is trained only if the trainer's weight version minus its oldest token's is at
-    most this (staler groups are dropped and counted); generation runs at most this many batches ahead."""
+    most this (the trainer waits for groups about to pass it); generation runs at most this many batches ahead."""
     rollout_deadline: float | None = None
     """Seconds after which a step aborts what is still generating; None = no deadline."""
     abort_grace: float = 5.0

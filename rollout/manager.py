@@ -12,8 +12,9 @@ restart from the prompt. Multi-agent samples of one prompt leave with a group_in
 with --offpolicy-tokens mask the tokens older than a sample's newest leave the loss.
 
 --async-mode fully (docs/async.md): `start_stream` / `next_batch` / `stop_stream` replace `generate`: groups are
-generated continuously, at most --max-staleness batches ahead of the trainer, and a ready group is handed out only
-while its oldest token is within --max-staleness versions of the trainer's. The driver wraps this class in a Ray
+generated continuously, at most --max-staleness batches ahead of the trainer, and handed out earliest deadline first
+(a group launched at version u is due by u + --max-staleness; the trainer waits for due groups still generating), so
+every trained token is within --max-staleness versions of the trainer's. The driver wraps this class in a Ray
 actor.
 """
 
@@ -114,6 +115,7 @@ class _Stream:
     task: asyncio.Task | None = None
     launched: int = 0   # groups launched and not dropped (failed, filtered, stale): what the staleness bound counts
     inflight: dict[asyncio.Future, _Group] = field(default_factory=dict)
+    started: dict[int, int] = field(default_factory=dict)   # group_index -> the version current at its launch
     ready: list[_Group] = field(default_factory=list)   # scored groups, in the order they finished
     failed: list[Sample] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"dropped_filter": 0, "dropped_failed": 0,
@@ -301,6 +303,7 @@ class RolloutManager:
             st.launched += 1
             task = asyncio.ensure_future(self._run_group(groups[0], sem, pbar))
             st.inflight[task] = groups[0]
+            st.started[groups[0].prompt.group_index] = st.version
             task.add_done_callback(self._settle_streamed)
 
     def _settle_streamed(self, task: asyncio.Future) -> None:
@@ -319,23 +322,27 @@ class RolloutManager:
         if any(s.status == Status.FAILED for s in samples):
             st.counts["dropped_failed"] += 1
             st.failed.extend(s for s in samples if s.status == Status.FAILED)
-            st.launched -= 1
         elif not all(s.status in _DONE for s in samples):
             return   # aborted by stop_stream
         elif not self._has_scalar_rewards(group, st.failed):
             st.counts["dropped_failed"] += 1
-            st.launched -= 1
         elif self.filter_fn is not None and not self._keep(group, st.failed, st.counts):
             st.counts["dropped_filter"] += 1
-            st.launched -= 1
         else:
             st.ready.append(group)
+            st.changed.set()
+            return
+        st.launched -= 1   # dropped: a replacement may start
+        st.started.pop(group.prompt.group_index, None)
         st.changed.set()
         st.capacity.set()
 
     async def next_batch(self, step: int, version: int) -> RolloutBatch:
-        """The next --rollout-batch-size ready groups whose every sample is within --max-staleness of the trainer's
-        weight `version` (staler groups are dropped: rollout/stale_dropped_groups); starts the stream if needed."""
+        """The next --rollout-batch-size ready groups, oldest launches first, whose every sample is within
+        --max-staleness of the trainer's weight `version`; waits for the groups in flight that were launched
+        --max-staleness or more versions ago (the next version would put them past the bound), so that groups are
+        not dropped; one past the bound all the same is dropped and counted (rollout/stale_dropped_groups). Starts
+        the stream if needed."""
         cfg = self.config
         if self._stream is None:
             await self.start_stream(version)
@@ -344,12 +351,14 @@ class RolloutManager:
         st.capacity.set()
         start = time.monotonic()
         while True:
+            ready = {id(g) for g in st.ready}
             for group in [g for g in st.ready if any(staleness(s, version) > cfg.max_staleness for s in g.samples)]:
-                st.ready.remove(group)
+                st.ready.remove(group)   # a safety net: the wait below keeps groups from getting this old
+                st.started.pop(group.prompt.group_index, None)
                 st.counts["dropped_stale"] += 1
                 st.launched -= 1
                 st.capacity.set()
-            if len(st.ready) >= cfg.rollout_batch_size:
+            if len(st.ready) >= cfg.rollout_batch_size and all(id(g) in ready for g in self._urgent(st, version)):
                 break
             if st.task.done() and st.task.exception() is not None:
                 raise st.task.exception()
@@ -362,7 +371,10 @@ class RolloutManager:
                 break
             st.changed.clear()
             await st.changed.wait()
+        st.ready.sort(key=lambda g: st.started.get(g.prompt.group_index, version))   # earliest deadlines first
         accepted, st.ready = st.ready[:cfg.rollout_batch_size], st.ready[cfg.rollout_batch_size:]
+        for group in accepted:
+            st.started.pop(group.prompt.group_index, None)
         counts = {**st.counts, "returned_to_buffer": 0, "resumed": 0, "rounds": 0}
         failed, st.failed = st.failed, []
         st.counts = dict.fromkeys(st.counts, 0)
@@ -372,6 +384,24 @@ class RolloutManager:
         batch.metrics.update({"rollout/time_s": now - start, "rollout/stale_dropped_groups": counts["dropped_stale"],
                               "rollout/ready_groups": len(st.ready), "rollout/inflight_groups": len(st.inflight)})
         return batch
+
+    def _urgent(self, st: _Stream, version: int) -> list[_Group]:
+        """The groups this batch must hold so that no group passes the bound later (earliest deadline first).
+
+        A group launched at version u must be trained by version u + K (its deadline). If the k-th earliest
+        deadline d_k among the groups not yet trained leaves fewer batches (d_k - version + 1) than it needs
+        (k / batch size), this batch takes the k - (d_k - version) x batch earliest ones; the launch bound keeps
+        that at most one batch. Ties: ready groups first (no wait for an in-flight group that a ready one can
+        stand in for)."""
+        cfg, size = self.config, self.config.rollout_batch_size
+        ready = {id(g) for g in st.ready}
+        pending = sorted([*st.ready, *st.inflight.values()],
+                         key=lambda g: (st.started.get(g.prompt.group_index, version), id(g) not in ready))
+        need = 0
+        for k, g in enumerate(pending, start=1):
+            deadline = st.started.get(g.prompt.group_index, version) + cfg.max_staleness
+            need = max(need, k - (deadline - version) * size)
+        return pending[:need]
 
     async def stop_stream(self) -> None:
         """Stop the stream: abort the engines' requests, cancel what is left; ready groups are discarded."""
