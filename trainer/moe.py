@@ -8,13 +8,12 @@ the full softmax's, `pre_softmax=True`), the all-to-all token dispatcher, and th
 gate/up, fused SwiGLU times the routing weight, one grouped GEMM for down; on CPU and CUDA, bf16 on
 CUDA), else megatron's `SequentialMLP` (one MLP per expert in a loop; megatron's own grouped-GEMM
 experts need the `grouped_gemm` package or Transformer Engine, neither of which Kiln installs).
-The load-balancing loss is off
-unless `moe_aux_loss_coeff > 0`. Expert parallelism is megatron's (`expert_model_parallel_size`,
-carved out of data parallelism); MoE layers need TP = 1 (megatron trains MoE under TP only with
-sequence parallelism, which Kiln's trainer does not use).
+The load-balancing loss is off unless `moe_aux_loss_coeff > 0`. Expert parallelism is megatron's
+(`expert_model_parallel_size`, carved out of data parallelism); MoE layers need TP = 1 (megatron
+trains MoE under TP only with sequence parallelism, which Kiln's trainer does not use).
 
 Routing replay (R3, as slime's and verl's): the engine records, for every token it forwarded, the
-top-k experts of every sparse layer (`Sample.routed_experts` [len(tokens) - 1, moe_layers, k]).
+top-k experts of every sparse layer (`Sample.routed_experts` [rows <= len(tokens) - 1, moe_layers, k]).
 With replay on, each router takes those experts instead of its own top-k for the rollout tokens,
 and the combine weights are recomputed from the trainer's logits over the replayed experts (the
 gather of megatron's replay hook), so gradients still reach the router weights. The last token of
@@ -163,27 +162,21 @@ class RoutingReplay:
     """The replayed experts of the micro-batch being forwarded, shared by one model's routers, and their tallies.
 
     `set_micro_batch` installs [moe_layers, tokens, k] expert ids (tokens in megatron's [s, b]
-    order) and a [tokens] mask of the rows to replay; `clear` returns the routers to their own
-    top-k. Disagreement is tallied once per micro-batch and layer (activation recomputation
-    re-runs the routers) until `reset_counts`.
+    order) and a [tokens] mask of the rows to replay (the others keep the router's own top-k).
+    Disagreement is tallied once per micro-batch and layer (activation recomputation re-runs the
+    routers) until `reset_counts`.
     """
 
-    def __init__(self, spec, moe_layers_here: list[int]):
-        self.spec = spec
+    def __init__(self):
         self.indices: torch.Tensor | None = None  # [moe_layers, tokens, k] int64
         self.valid: torch.Tensor | None = None  # [tokens] bool
         self.mismatched = self.total = None  # 0-d device tensors while counting
-        self._counted: set[int] = set()
-        self.moe_layers_here = moe_layers_here  # MoE-layer indices this pipeline stage holds
+        self._counted: set[int] = set()  # MoE layers tallied for the current micro-batch
 
     def set_micro_batch(self, indices: torch.Tensor, valid: torch.Tensor) -> None:
         """Replay `indices` [moe_layers, tokens, k] on the rows where `valid` [tokens] is True."""
         self.indices, self.valid = indices, valid
         self._counted = set()
-
-    def clear(self) -> None:
-        """Back to the routers' own top-k."""
-        self.indices = self.valid = None
 
     def reset_counts(self) -> None:
         """Start a new tally of (mismatched, total) replayed slots."""
@@ -232,13 +225,11 @@ def install_routing_replay(model, spec) -> RoutingReplay:
 
     while hasattr(model, "module"):
         model = model.module
-    here = []
-    replay = RoutingReplay(spec, here)
+    replay = RoutingReplay()
     for layer in model.decoder.layers:
         if isinstance(layer.mlp, MoELayer):
             moe_index = spec.moe_layers.index(layer.layer_number - 1)  # layer_number is global, from 1
             layer.mlp.router.router_replay = _RouterHook(replay, moe_index)
-            here.append(moe_index)
     return replay
 
 
