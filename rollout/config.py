@@ -60,8 +60,6 @@ class RolloutConfig:
     """Generate past EOS: every response has exactly --rollout-max-response-len tokens (benchmarks)."""
     use_routing_replay: bool = False
     """MoE policies: the engines return the experts they chose (Sample.routed_experts) for the trainer to replay."""
-    use_routing_replay: bool = False
-    """MoE policies: the engines return the experts they chose (Sample.routed_experts) for the trainer to replay."""
     sampling_seed: int | None = None
     """If set, request i is sampled with seed sampling_seed + sample index (reproducible rollouts)."""
     custom_generate_function_path: str = "rollout.generate:generate"
@@ -179,8 +177,6 @@ class RolloutConfig:
             params["stop_token_ids"] = list(self.rollout_stop_token_ids)
         if self.rollout_ignore_eos and not evaluation:
             params["ignore_eos"] = True
-        if self.use_routing_replay and not evaluation:
-            params["return_routed_experts"] = True
         if self.use_routing_replay and not evaluation:
             params["return_routed_experts"] = True
         return params
