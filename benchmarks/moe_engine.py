@@ -104,8 +104,8 @@ def moe_layer_rows(spec, batches: list[int], bandwidth: float, report) -> None:
     gate, w13, w2 = layer.gate.weight, layer.experts.gate_up_proj, layer.experts.down_proj
     k, experts = spec.num_experts_per_tok, spec.num_experts
     per_expert = 3 * spec.hidden_size * spec.moe_intermediate_size * 2
-    configs = {"small": kernels.SMALL, "large": kernels.LARGE, "small bn64": (16, 64, 128, 4, 4),
-               "small bk256": (16, 32, 256, 4, 3), "mid": (32, 64, 64, 4, 3)}
+    configs = {"small": kernels.SMALL, "large": kernels.LARGE, "small bn16": (16, 16, 256, 4, 4),
+               "small bn64": (16, 64, 128, 4, 4), "small bk256": (16, 32, 256, 4, 3), "mid": (32, 64, 64, 4, 3)}
     for bs in batches:
         x = torch.randn(bs, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
 
