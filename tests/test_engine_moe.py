@@ -374,6 +374,17 @@ def test_fused_moe_kernel_on_gpu_matches_reference():
         args = _kernel_case(tokens, 128, 8, 2048, 768, torch.bfloat16, "cuda", seed=tokens)
         want = moe_reference(*[a.float() if a.is_floating_point() else a for a in args])
         torch.testing.assert_close(kernels.fused_moe(*args).float(), want, atol=3e-2, rtol=0.02)
+    from inference_engine.ops import pdl  # programmatic dependent launch (sm90+) changes no bit
+
+    logits = torch.randn(args[0].shape[0], 128, device="cuda", dtype=torch.bfloat16)
+    saved, results = pdl.ENABLED, []
+    try:
+        for pdl.ENABLED in (False, True):
+            weights, ids = kernels.route(logits, 8, True, torch.bfloat16)
+            results.append((weights, ids, kernels.fused_moe(*args[:3], weights, ids)))
+    finally:
+        pdl.ENABLED = saved
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.gpu

@@ -15,7 +15,8 @@ activation and the weighted output in the activation dtype), so results agree up
 Nothing reads device values on the host and every shape depends on T only, so a decode step with these kernels
 can be captured in a CUDA graph: the grids cover the most blocks T tokens can need, cdiv(T k, BLOCK_M) +
 min(E, T k), and the empty ones exit. A decode step's MoE layer is six launches: the router GEMV, `route`,
-`align`, the two GEMMs and the top-k sum.
+`align`, the two GEMMs and the top-k sum. The four kernels here keep `ops/pdl.py`'s contract (launch the next
+kernel, then wait for the previous one, before any load or store) and launch with PDL where it is on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from inference_engine.ops import pdl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # triton < 3.4: pdl.enabled() is False, so no kernel traces the calls
+    gdc_launch_dependents = gdc_wait = None
 
 ONE_HOT_MAX_PAIRS = 4096  # torch align: up to this many pairs positions come from a one-hot cumsum, else a sort
 ALIGN_KERNEL_MAX_PAIRS = 8192  # up to this many pairs `align` runs the one-program kernel
@@ -45,8 +53,11 @@ def default_config(pairs: int, num_experts: int) -> tuple[int, int, int, int, in
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, record_ptr, loc_ptr, stride_l, stride_slot, record_offset,
                   num_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, RECORD: tl.constexpr):
+                  RENORMALIZE: tl.constexpr, RECORD: tl.constexpr, USE_PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
+    if USE_PDL:  # see ops/pdl.py: let the next kernel launch, then wait for the previous one's writes
+        gdc_launch_dependents()
+        gdc_wait()
     offs = tl.arange(0, BLOCK_E)
     mask = offs < num_experts
     x = tl.load(logits_ptr + t * stride_l + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -93,13 +104,17 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtyp
         _route_kernel[(tokens,)](logits, weights, ids, buffer_ptr, loc_ptr, logits.stride(0), stride_slot, offset,
                                  experts, TOP_K=top_k,
                                  BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=triton.next_power_of_2(top_k),
-                                 RENORMALIZE=renormalize, RECORD=record is not None, num_warps=4)
+                                 RENORMALIZE=renormalize, RECORD=record is not None, num_warps=4,
+                                 **pdl.launch(logits.device))
     return weights, ids
 
 
 @triton.jit
 def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_pairs, num_blocks, num_experts, BLOCK_M: tl.constexpr,
-                  BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+                  BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     offs_e = tl.arange(0, BLOCK_E)
     e_mask = offs_e < num_experts
     lanes = tl.arange(0, CHUNK)
@@ -146,7 +161,7 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
     block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
     _align_kernel[(1,)](ids.reshape(-1).to(torch.int32), sorted_pairs, block_expert, pairs, blocks, num_experts,
                         BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), CHUNK=ALIGN_CHUNK,
-                        num_warps=8)
+                        num_warps=8, **pdl.launch(ids.device))
     return sorted_pairs, block_expert
 
 
@@ -179,10 +194,13 @@ def align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_xt, stride_we,
                     stride_wn, stride_ot, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
     """out[pair, n] = silu(x[t] . w[e, n]) * (x[t] . w[e, N + n]) for the pairs of one block and BLOCK_N columns."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert >= NUM_EXPERTS:
         return
@@ -220,10 +238,13 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pair
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_ht,
                  stride_we, stride_wn, stride_ot, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
     """out[pair, n] = weight[pair] * (h[pair] . w[e, n]) for the pairs of one block and BLOCK_N columns."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert >= NUM_EXPERTS:
         return
@@ -277,11 +298,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         x, w13, h, sorted_pairs, block_expert, pairs, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
         h.stride(0), TOP_K=top_k, NUM_EXPERTS=num_experts, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=min(block_k, triton.next_power_of_2(hidden)), IEEE=ieee, num_warps=warps,
-        num_stages=stages)
+        num_stages=stages, **pdl.launch(x.device))
     flat_out = out.view(pairs, hidden)
     _down_kernel[(blocks, triton.cdiv(hidden, block_n))](
         h, w2, weights.contiguous().view(-1), flat_out, sorted_pairs, block_expert, pairs, hidden, inter, h.stride(0),
         w2.stride(0), w2.stride(1), flat_out.stride(0), NUM_EXPERTS=num_experts, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(inter))), IEEE=ieee,
-        num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, **pdl.launch(x.device))
     return out.sum(1) if top_k > 1 else out.view(tokens, hidden)
