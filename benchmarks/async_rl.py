@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT_LEN, LONG_LEN, P_LONG = 8, 96, 0.1   # the defaults of --short-len, --long-len, --p-long
+SHORT_LEN, LONG_LEN, P_LONG = 16, 384, 0.05   # the defaults of --short-len, --long-len, --p-long
 
 
 def long_tail_length(index: int) -> int:
@@ -132,8 +132,8 @@ def table(result: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
-    ap.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of samples/s and tokens/s")
     ap.add_argument("--short-len", type=int, default=SHORT_LEN)
     ap.add_argument("--long-len", type=int, default=LONG_LEN)
