@@ -187,8 +187,11 @@ def convert(model: nn.Module, layout: Fp8Layout) -> int:
     if device.type == "cuda":  # probed now, eagerly, not inside a graph capture
         gemm = "torch._scaled_mm (blockwise)" if _use_scaled_mm(device, block) else "triton blockwise GEMM"
         gemm += f"; up to {GEMV_MAX_ROWS} row(s) the triton FP8 GEMV"
+    fp8_head = any(isinstance(m, ParallelLMHead) for m in model.modules()) and layout.lm_head
+    head_note = "fp8" if fp8_head else ("tied to the embedding, kept in the model dtype" if layout.lm_head
+                                        else "kept in the model dtype")
     log.info("fp8 weights: %d linears in e4m3 with %dx%d block scales (LM head %s); GEMM: %s", converted, block,
-             block, "fp8" if layout.lm_head else "kept in the model dtype", gemm)
+             block, head_note, gemm)
     return converted
 
 
