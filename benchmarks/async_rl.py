@@ -17,8 +17,8 @@ benchmarks.rl_step's parity reward (share of odd token ids in the response), whi
 Reported side by side: samples/s and tokens/s (trained samples and their response tokens over the wall seconds
 of the steps after --warmup, by the driver's timing/step_s: in fully async mode a step is the time between two
 consumed batches), the number of groups the fully async run dropped past the bound (a dropped group is
-generated work not trained, and it is mostly the long tail: compare tokens/s too), samples/s without the
-backlog (fully: minus the finished groups the stream already held when measuring began, generated during the
+generated work not trained, and it is mostly the long tail: compare tokens/s too), generated samples/s (fully:
+trained samples minus the finished groups the stream already held when measuring began, generated during the
 warm-up, plus those it holds at the end), the final reward (mean
 rollout reward of the last --final-steps steps), the mean reward
 over all steps, and the lag metrics. One process runs both, one after the other, so they share the machine's state.
@@ -116,7 +116,7 @@ def run_mode(args: argparse.Namespace, model_dir: Path, data: Path, work: Path, 
 def table(result: dict) -> str:
     rows = result["runs"]
     lines = [f"async_rl on {result['machine']}: {result['workload']}",
-             "| mode | steps | samples/s | samples/s w/o backlog | tokens/s | final reward | mean reward | max lag "
+             "| mode | steps | samples/s | generated samples/s | tokens/s | final reward | mean reward | max lag "
              "| mean lag | stale drops |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -124,7 +124,7 @@ def table(result: dict) -> str:
                      f"{r['samples_per_s_without_backlog']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['final_reward']:.3f} | {r['mean_reward']:.3f} | {r['lag_max']:.0f} | {r['lag_mean']:.2f} | "
                      f"{r['stale_dropped_groups']:.0f} |")
-    lines.append(f"speed-up (fully / sync): samples/s {result['speedup']:.2f}x, without the backlog "
+    lines.append(f"speed-up (fully / sync): samples/s {result['speedup']:.2f}x, generated samples/s "
                  f"{result['speedup_without_backlog']:.2f}x, tokens/s {result['token_speedup']:.2f}x")
     return "\n".join(lines)
 
