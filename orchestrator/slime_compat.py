@@ -104,6 +104,8 @@ ALIASES: tuple[Alias, ...] = (
     Alias("rollout-health-check-interval", "health-check-interval"),
     Alias("rollout-health-check-timeout", "engine-health-timeout"),
     Alias("check-weight-update-equal", "check-weight-update"),
+    Alias("use-rollout-routing-replay", "use-routing-replay", const=True,
+          note="the engine's recorded experts replayed in the trainer (R3); Kiln has no trainer-side R2"),
     # trainer parallelism and memory
     Alias("tensor-model-parallel-size", "tensor-parallel-size"),
     Alias("pipeline-model-parallel-size", "pipeline-parallel-size"),
@@ -142,6 +144,12 @@ IGNORED: tuple[Ignored, ...] = (
         "no-masked-softmax-fusion", "no-bias-gelu-fusion", "no-bias-swiglu-fusion", "no-bias-dropout-fusion",
         "no-rope-fusion", "use-flash-attn", "overlap-grad-reduce", "overlap-param-gather", "sequence-parallel")),
     Ignored("transformer-impl", 1, _FUSION),
+    *(Ignored(name, 0, _FUSION) for name in ("moe-grouped-gemm", "moe-permute-fusion")),
+    Ignored("moe-token-dispatcher-type", 1, "Kiln's MoE layer dispatches with all-to-all"),
+    Ignored("moe-router-dtype", 1, "Kiln's MoE router runs in float32", accepts=("fp32",),
+            refuse="Kiln's MoE router runs in float32; drop the flag or pass fp32"),
+    Ignored("moe-router-score-function", 1, "Kiln's MoE router is a softmax (Qwen3-MoE)", accepts=("softmax",),
+            refuse="Kiln's MoE router is a softmax top-k (Qwen3-MoE); sigmoid routers are not supported"),
     Ignored("megatron-to-hf-mode", 1, "Kiln's trainer is built from the HF checkpoint; there is no conversion"),
     Ignored("ref-load", 1, "a Megatron torch_dist copy of the model: Kiln's reference model is --hf-checkpoint "
             "(give --ref-checkpoint HF_DIR for another one)"),
@@ -190,7 +198,6 @@ REJECTED: tuple[Rejected, ...] = (
     Rejected("disable-rewards-normalization", 0, "Kiln's group-relative estimators always subtract the group "
              "mean; pick another --advantage-estimator (e.g. reinforce_plus_plus)"),
     Rejected("use-opsm", 0, "Kiln has no off-policy sequence masking"),
-    Rejected("use-rollout-routing-replay", 0, "Kiln has no MoE routing replay"),
     Rejected("keep-old-actor", 0, "Kiln's old log-probs come from the trainer's current weights before the update "
              "(or the rollout with --no-recompute-old-logprobs)"),
     Rejected("ref-update-interval", 1, "Kiln's reference model is frozen"),
