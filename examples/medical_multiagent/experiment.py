@@ -64,7 +64,17 @@ def start_ray(num_cpus: int | None) -> None:
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    for attempt in range(3):  # on a loaded machine a local Ray node can time out while it starts
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+            return
+        except Exception as e:  # noqa: BLE001 - retried, then raised
+            print(f"local Ray did not start ({type(e).__name__}: {str(e)[:120]}); attempt {attempt + 1} of 3",
+                  flush=True)
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(10)
 
 
 def train_arm(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config: Path) -> float:
@@ -155,7 +165,9 @@ def tables(results: dict[str, Any]) -> str:
              "Doctor with the rule-based patient (the same yardstick for every arm):", "",
              *rows("rule", ["sft", "fixed", "cotrain", "rule"], DOCTOR_COLUMNS), "",
              "Doctor with its LLM patient (SFT doctor + SFT patient; (a) + the SFT patient; (b) + its co-trained "
-             "patient):", "", *rows("llm", ["sft", "fixed", "cotrain"], PATIENT_COLUMNS), ""]
+             "patient):", "", *rows("llm", ["sft", "fixed", "cotrain"], PATIENT_COLUMNS), "",
+             "The patients questioned by the SFT doctor (SFT patient; (b)'s co-trained patient):", "",
+             *rows("llm", ["sft"], PATIENT_COLUMNS)[:3], *rows("sft_doctor", ["cotrain"], PATIENT_COLUMNS)[2:], ""]
     diffs = {}
     for setting in ("rule", "llm"):
         by_seed = {(r["arm"], r["seed"]): r["report"]["accuracy"] for r in evals if r["setting"] == setting}
@@ -232,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warm-args", default="", help="extra warm_start arguments, e.g. '--steps 600'")
     parser.add_argument("--device", default="cpu", help="device of the evaluation engines (cpu, cuda)")
     parser.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="train nothing: evaluate the runs already trained (e.g. by other runs of this script "
+                             "into the same folder) and write the table")
     ns = parser.parse_args(argv)
     if ns.steps < 1 or ns.n_eval < 1:
         parser.error("--steps and --n-eval must be >= 1")
@@ -271,12 +286,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         timing[f"eval_{arm}_{seed}_{setting}_s"] = saved["seconds"]
         results["evals"].append({"arm": arm, "seed": seed, "setting": setting, "report": saved["report"]})
 
-    start_ray(ns.ray_num_cpus)
+    if not ns.eval_only:
+        start_ray(ns.ray_num_cpus)
     record("sft", None, "rule", warm / "sft-doctor", None)
     record("sft", None, "llm", warm / "sft-doctor", warm / "sft-patient")
     for seed in ns.seeds:
         for arm in ns.arms:
             run_dir = out / f"{arm}-s{seed}"
+            if ns.eval_only and not (run_dir / "hf" / DOCTOR / "config.json").is_file():
+                print(f"[{arm} seed {seed}] not trained: left out", flush=True)
+                continue
             timing[f"train_{arm}_{seed}_s"] = train_arm(arm, warm, run_dir, seed, ns.steps, config)
             results["curves"][f"{arm}-s{seed}"] = curves(run_dir / "metrics.jsonl")
             results_file.write_text(json.dumps(results, indent=1))
@@ -284,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if arm != "rule":
                 patient = run_dir / "hf" / PATIENT if arm == "cotrain" else warm / "sft-patient"
                 record(arm, seed, "llm", run_dir / "hf" / DOCTOR, patient)
+            if arm == "cotrain":  # the co-trained patient questioned by the SFT doctor (which asks questions)
+                record(arm, seed, "sft_doctor", warm / "sft-doctor", run_dir / "hf" / PATIENT)
     timing["total_s"] = time.perf_counter() - start
     results_file.write_text(json.dumps(results, indent=1))
     table = tables(results)

@@ -1,6 +1,6 @@
 """Warm start of the medical example: a shared medical tokenizer and SFT doctor and patient models, from scratch.
 
-    python -m examples.medical_multiagent.warm_start runs/medical/warm --n-dialogues 2000 --steps 500
+    python -m examples.medical_multiagent.warm_start runs/medical/warm    # 1500 consultations, 400 + 150 SFT steps
 
 1. Cases of a subset of conditions (`CPU_CONDITIONS`, 14 conditions in three look-alike clusters on CPU;
    `--conditions all` for the full table), the fixed hash split (`cases.split_of`): train and test rows
@@ -235,9 +235,10 @@ def sft(model_dir: str | Path, examples: list[tuple[list[int], list[int]]], *, s
     return losses
 
 
-def warm_start(out_dir: str | Path, *, conditions: str | Sequence[str] = "cpu", n_dialogues: int = 2000,
-               n_train: int = 2000, n_test: int = 200, steps: int = 500, patient_steps: int | None = None,
-               lr: float = 2e-3, batch_size: int = 16, hidden_size: int = 128, layers: int = 2,
+def warm_start(out_dir: str | Path, *, conditions: str | Sequence[str] = "cpu", n_dialogues: int = 1500,
+               n_train: int = 2000, n_test: int = 200, steps: int = 400, patient_steps: int | None = 150,
+               lr: float = 3e-3, batch_size: int = 16, patient_batch_size: int | None = 8, hidden_size: int = 128,
+               layers: int = 2,
                vocab_size: int = 2048, seed: int = 0, case_seed: int = 0, brief: bool = True,
                device: str = "cpu") -> dict[str, Path]:
     """Write data, tokenizer and the SFT doctor and patient under `out_dir`; their paths by name."""
@@ -272,7 +273,8 @@ def warm_start(out_dir: str | Path, *, conditions: str | Sequence[str] = "cpu", 
                                     hidden_size=hidden_size, num_layers=layers, intermediate_size=4 * hidden_size,
                                     init_std=0.02, max_position_embeddings=CONTEXT)
         role_steps = steps if role == DOCTOR or patient_steps is None else patient_steps
-        losses = sft(model_dir, sft_examples(by_role[role]), steps=role_steps, lr=lr, batch_size=batch_size,
+        role_batch = batch_size if role == DOCTOR or patient_batch_size is None else patient_batch_size
+        losses = sft(model_dir, sft_examples(by_role[role]), steps=role_steps, lr=lr, batch_size=role_batch,
                      seed=seed + k, name=f"sft {role}", device=device)
         stats[f"{role}_final_loss"] = sum(losses[-20:]) / max(len(losses[-20:]), 1)
         paths[role] = model_dir
@@ -286,13 +288,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder for data/, tokenizer/, sft-doctor/, sft-patient/")
     parser.add_argument("--conditions", default="cpu", help="'cpu' (14 conditions), 'all', or comma-separated names")
-    parser.add_argument("--n-dialogues", type=int, default=2000, help="scripted consultations for SFT")
+    parser.add_argument("--n-dialogues", type=int, default=1500, help="scripted consultations for SFT")
     parser.add_argument("--n-train", type=int, default=2000, help="train cases written to data/train.jsonl")
     parser.add_argument("--n-test", type=int, default=200, help="held-out cases written to data/test.jsonl")
-    parser.add_argument("--steps", type=int, default=500, help="SFT steps of the doctor")
-    parser.add_argument("--patient-steps", type=int, default=None, help="SFT steps of the patient (default --steps)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per SFT step")
+    parser.add_argument("--steps", type=int, default=400, help="SFT steps of the doctor")
+    parser.add_argument("--patient-steps", type=int, default=150, help="SFT steps of the patient")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per SFT step of the doctor")
+    parser.add_argument("--patient-batch-size", type=int, default=8, help="sequences per SFT step of the patient")
     parser.add_argument("--hidden-size", type=int, default=128, help="model width")
     parser.add_argument("--layers", type=int, default=2, help="transformer layers")
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary")
@@ -311,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(e))
     warm_start(ns.out_dir, conditions=ns.conditions, n_dialogues=ns.n_dialogues, n_train=ns.n_train,
                n_test=ns.n_test, steps=ns.steps, patient_steps=ns.patient_steps, lr=ns.lr, batch_size=ns.batch_size,
+               patient_batch_size=ns.patient_batch_size,
                hidden_size=ns.hidden_size, layers=ns.layers, vocab_size=ns.vocab_size, seed=ns.seed,
                brief=not ns.full_prompts, device=ns.device)
 

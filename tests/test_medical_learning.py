@@ -1,0 +1,257 @@
+"""The medical example learns: SFT warm start from scratch, a co-trained RL run in which both policies update,
+token exactness of a whole co-trained episode played by the SFT models, the MTMedDialog loader, the judge reward."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from envs.generate import EnvConfig
+from examples.medical_multiagent.cases import generate_case
+from examples.medical_multiagent.dialogue import GREETING
+from examples.medical_multiagent.doctor_env import case_sample
+from examples.medical_multiagent.eval import eval_args, load_samples, report, run_cases
+from examples.medical_multiagent.generate import generate_dialogue
+from examples.medical_multiagent.judge import judge_reward, parse_judge_scores
+from examples.medical_multiagent.make_data import make_data
+from examples.medical_multiagent.mtmed import dialogue_messages, load_mtmed, to_case
+from examples.medical_multiagent.rewards import DIAGNOSIS_LINE, patient_reward
+from examples.medical_multiagent.warm_start import warm_start
+from kiln_common.sample import Status
+from rollout.client import LocalEngineClient
+from rollout.testing import FakeEngineClient
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mtmed_dialogues.json"
+REPO = Path(__file__).resolve().parents[1]
+BRIEF = EnvConfig(env_max_turns=6, env_max_total_tokens=1024, env_kwargs={"brief_prompts": True})
+
+
+# ---------------------------------------------------------------- MTMedDialog loader
+
+def test_mtmed_loader_reads_turns_roles_labels_and_skips_bad_rows(tmp_path):
+    records, skipped = load_mtmed(FIXTURE)
+    assert [r.index for r in records] == [0, 4]
+    assert [i for i, _ in skipped] == [1, 2, 3, 5]
+    reasons = dict(skipped)
+    assert "'dialogue' must be a non-empty list" in reasons[1]
+    assert "'diagnosis' must be a non-empty string" in reasons[2]
+    assert "expected an object, got str" in reasons[3] and "turn 0 patient_response" in reasons[5]
+    first, second = records
+    assert first.self_report == "I've had a bad cough and a fever for three days."
+    assert [role for role, _ in first.turns] == ["doctor", "patient", "doctor", "doctor", "patient"]
+    assert first.turns[3] == ("doctor", "Are you short of breath?")
+    assert (first.diagnosis, first.category) == ("Community-acquired pneumonia", "respiratory")
+    assert first.recommendation.startswith("Chest x-ray") and first.description.startswith("A 52-year-old smoker")
+    assert [role for role, _ in second.turns] == ["doctor", "patient", "doctor", "patient", "patient"]
+    assert (second.diagnosis, second.recommendation) == ("food allergy", "")
+    # the reference consultation from the doctor's side: same-role turns joined, the diagnosis last
+    messages = dialogue_messages(first)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert messages[3]["content"] == "Does it hurt when you breathe in?\nAre you short of breath?"
+    assert messages[-1]["content"] == "Diagnosis: Community-acquired pneumonia"
+    assert dialogue_messages(second)[-2]["content"] == "A little swelling of the lips.\nIt started an hour ago."
+    # as a Case: a table diagnosis gets its synonyms, free-text findings, rewards work on it
+    case = to_case(first)
+    assert case.condition == "pneumonia" and "chest infection" in case.diagnosis_names
+    assert {"fever", "productive_cough", "shortness_of_breath"} <= case.symptom_keys()
+    allergy = to_case(second)
+    assert allergy.condition == "food allergy" and allergy.diagnosis_names == ("food allergy",)
+    assert patient_reward(case, [("Any fever?", "Yes, I've had a fever.")])[1]["faithfulness"] == 1.0
+    assert patient_reward(case, [("Any fever?", "No fever at all.")])[1]["faithfulness"] == 0.0
+    # JSON lines too, with a line that does not parse; make_data --mtmed writes the split rows
+    lines = tmp_path / "mtmed.jsonl"
+    rows = json.loads(FIXTURE.read_text())
+    lines.write_text(json.dumps(rows[0]) + "\n{not json\n" + json.dumps(rows[4]) + "\n")
+    records, skipped = load_mtmed(lines)
+    assert [r.diagnosis for r in records] == ["Community-acquired pneumonia", "food allergy"]
+    assert [i for i, _ in skipped] == [1] and skipped[0][1].startswith("not JSON")
+    splits = make_data(tmp_path / "data", n_train=10, n_test=10, mtmed=FIXTURE)
+    written = [json.loads(line) for split in ("train", "test")
+               for line in (tmp_path / "data" / f"{split}.jsonl").read_text().splitlines()]
+    assert sorted(r["metadata"]["case_id"] for r in written) == ["mtmed-0000000", "mtmed-0000004"]
+    assert sum(len(v) for v in splits.values()) == 2
+    assert next(r for r in written if r["label"]["condition"] == "pneumonia")["prompt"] == first.self_report
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_mtmed(tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------- judge reward
+
+def test_judge_reply_parsing_and_aggregation():
+    assert parse_judge_scores("information_control: 8\ncompleteness: 6\nfactual_conflict: 1") == {
+        "information_control": 8.0, "completeness": 6.0, "factual_conflict": 1.0}
+    # other spellings, values clipped to [0, 10], the last value of a repeated score counts
+    assert parse_judge_scores("Information Control = 12\ncompleteness: 3.5 completeness: 4\nFACTUAL_CONFLICT: 0") == {
+        "information_control": 10.0, "completeness": 4.0, "factual_conflict": 0.0}
+    assert parse_judge_scores("information_control: 8\ncompleteness: 6") is None  # one missing
+    replies = ["information_control: 8\ncompleteness: 6\nfactual_conflict: 2",
+               "information_control: 4 completeness: 10 factual_conflict: 6", "I cannot judge this."]
+    reward, parts = judge_reward(replies)
+    # means over the two replies that parse: ic 6, completeness 8, conflict 4 -> (6 + 8 - 4) / 20
+    assert reward == pytest.approx(0.5) and parts["judge_unparsed"] == pytest.approx(1 / 3)
+    assert (parts["judge_information_control"], parts["judge_completeness"], parts["judge_factual_conflict"]) == (
+        6.0, 8.0, 4.0)
+    assert judge_reward(["nothing"]) == (0.0, {"judge_unparsed": 1.0, "judge_reward": 0.0})
+
+
+async def test_judge_adds_to_the_patient_reward_in_a_dialogue(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    case = next(c for c in (generate_case(i, 5, "migraine") for i in range(100))
+                if "nausea" in {f.key for f in c.symptoms})
+    doctor_turns = ["Do you feel sick?", "Diagnosis: migraine"]
+    patient_turns = ["My head is pounding on one side.", "Yes, I feel sick."]
+    queues = {"doctor": list(doctor_turns), "patient": list(patient_turns)}
+    judged = []
+
+    def judge(ids):
+        judged.append(tok.decode(ids))
+        return "information_control: 9\ncompleteness: 7\nfactual_conflict: 0" if len(judged) == 1 else "no idea"
+
+    clients = {name: FakeEngineClient(name, script=lambda ids, n=name: queues[n].pop(0), tokenizer=tok,
+                                      eos_id=tok.eos_token_id) for name in ("doctor", "patient")}
+    clients["judge"] = FakeEngineClient("judge", script=judge, tokenizer=tok, eos_id=tok.eos_token_id)
+    config = EnvConfig(env_kwargs={"patient_judge": "judge", "patient_judge_weight": 0.5})
+    doctor, patient = await generate_dialogue(eval_args(clients, tok, config), case_sample(case), {})
+    rule, _ = patient_reward(case, [(GREETING, patient_turns[0]), (doctor_turns[0], patient_turns[1])])
+    assert len(judged) == 2 and "Doctor: Do you feel sick?" in "".join(judged)  # one request per exchange
+    assert patient.reward == pytest.approx(rule + 0.5 * (9 + 7 - 0) / 20)
+    parts = patient.metadata["reward_breakdown"]
+    assert parts["judge_unparsed"] == 0.5 and parts["total"] == pytest.approx(patient.reward)
+    assert doctor.reward == doctor.metadata["reward_breakdown"]["total"]  # the doctor's is untouched
+    queues.update(doctor=list(doctor_turns), patient=list(patient_turns))
+    with pytest.raises(ValueError, match=r"patient_judge names policy 'nobody'; policies: \['doctor', 'judge'"):
+        await generate_dialogue(eval_args(clients, tok, EnvConfig(env_kwargs={"patient_judge": "nobody"})),
+                                case_sample(case), {})  # the manager fails the sample with this message
+
+
+# ---------------------------------------------------------------- warm start, RL, token exactness
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """A small warm start: 300 scripted consultations, tokenizer, SFT doctor and patient (hidden 64)."""
+    out = tmp_path_factory.mktemp("warm")
+    torch.set_num_threads(2)
+    warm_start(out, n_dialogues=300, n_train=64, n_test=24, steps=150, patient_steps=120, lr=3e-3, batch_size=8,
+               patient_batch_size=8, hidden_size=64, layers=2, vocab_size=1024, seed=0)
+    return out
+
+
+def test_sft_doctor_writes_parsable_diagnosis_lines(warm):
+    from inference_engine import Engine
+
+    stats = json.loads((warm / "warm_start.json").read_text())
+    assert 0.2 <= stats["scripted_accuracy"] <= 0.45  # the scripted doctor is right about 30% of the time
+    tok = AutoTokenizer.from_pretrained(warm / "tokenizer")
+    samples = load_samples(str(warm / "data" / "test.jsonl"), 24, seed=0)
+    assert all(json.loads(json.dumps(s.label))["case_id"] for s in samples)
+    with Engine(str(warm / "sft-doctor"), device="cpu") as engine:
+        args = eval_args({"doctor": LocalEngineClient(engine)}, tok, BRIEF)
+        episodes = asyncio.run(run_cases(args, samples, llm_patient=False,
+                                         sampling_params={"max_new_tokens": 48, "temperature": 0.0}))
+    result = report(episodes, "rule")
+    assert result.failed == 0 and result.format_rate >= 0.75, result.summary()
+    last_turns = [e[0].metadata["messages"][-1]["content"] for e in episodes]
+    assert sum(bool(DIAGNOSIS_LINE.search(t)) for t in last_turns) >= 0.75 * len(episodes)
+
+
+class Recorder:
+    """An engine client that records each request's input ids and the ids it generated."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    async def generate(self, input_ids, sampling_params, return_logprob=True, session_id=None):
+        out = await self.inner.generate(input_ids=input_ids, sampling_params=sampling_params,
+                                        return_logprob=return_logprob, session_id=session_id)
+        entries = out["meta_info"]["output_token_logprobs"]  # (log-prob, token id, text) per output token
+        assert [e[1] for e in entries] == list(out["output_ids"])
+        self.calls.append((list(input_ids), list(out["output_ids"]), [float(e[0]) for e in entries]))
+        return out
+
+
+def test_token_exactness_of_a_co_trained_episode(warm):
+    """Each role's Sample holds exactly what its engine saw and generated: every generated run (loss mask 1, the
+    engine's log-probs) is one engine output, the tokens before it are that request's prompt, and the rest
+    (loss mask 0, log-prob 0) is the chat template's rendering of the other role's turns."""
+    from inference_engine import Engine
+
+    tok = AutoTokenizer.from_pretrained(warm / "tokenizer")
+    case = generate_case(3, 0, "influenza")
+    with Engine(str(warm / "sft-doctor"), device="cpu") as d, Engine(str(warm / "sft-patient"), device="cpu") as p:
+        clients = {"doctor": Recorder(LocalEngineClient(d)), "patient": Recorder(LocalEngineClient(p))}
+        args = eval_args(clients, tok, BRIEF)
+        samples = asyncio.run(generate_dialogue(args, case_sample(case), {"max_new_tokens": 48, "temperature": 1.0,
+                                                                          "seed": 7}))
+    assert {s.metadata["role"] for s in samples} == {"doctor", "patient"}
+    for s in samples:
+        calls = clients[s.policy].calls
+        assert s.status in (Status.COMPLETED, Status.TRUNCATED) and len(calls) == s.metadata["turns"] >= 1
+        runs, start, pos = [], s.prompt_length, 0
+        for i, m in enumerate(s.loss_mask):
+            if m and (i == 0 or not s.loss_mask[i - 1]):
+                pos = i
+            if m and (i + 1 == len(s.loss_mask) or not s.loss_mask[i + 1]):
+                runs.append((pos, i + 1))
+        assert len(runs) == len(calls)
+        for (a, b), (prompt, output, logprobs) in zip(runs, calls):
+            assert s.tokens[:start + a] == prompt  # what the engine saw
+            assert s.tokens[start + a:start + b] == output  # what it generated, all of it, nothing else
+            assert s.rollout_logprobs[a:b] == pytest.approx(logprobs)
+        masked = [i for i, m in enumerate(s.loss_mask) if not m]
+        assert all(s.rollout_logprobs[i] == 0.0 for i in masked)
+        rendered = tok.apply_chat_template(s.metadata["messages"], tokenize=False)
+        text = tok.decode(s.tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        assert rendered.startswith(text.rstrip("\n")) and len(rendered) - len(text) <= 2  # only a closing newline
+        s.validate()
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_short_co_trained_run_updates_both_policies(warm, tmp_path):
+    """Two steps of train.py's driver with the SFT doctor and patient co-trained: both losses non-zero, both
+    policies' weights change (their exports differ from the SFT weights), the engines follow."""
+    ray = pytest.importorskip("ray")
+    from orchestrator.driver import Driver, resolve
+
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    driver = Driver(resolve({
+        "policies": [f"doctor={warm / 'sft-doctor'}", f"patient={warm / 'sft-patient'}"],
+        "prompt-data": str(warm / "data" / "train.jsonl"), "metadata-key": "metadata", "rollout-client": "ray",
+        "progress": False, "custom-generate-function-path": "examples.medical_multiagent.generate:generate_dialogue",
+        "rollout-batch-size": 4, "n-samples-per-prompt": 4, "rollout-max-response-len": 48, "num-rollout": 2,
+        "global-batch-size": 16, "lr": 1e-3, "env-max-turns": 6, "env-max-total-tokens": 1024,
+        "env-kwargs": {"brief_prompts": True}, "rollout-temperature": 1.0, "seed": 3,
+        "metrics-file": str(tmp_path / "metrics.jsonl")}))
+    try:
+        driver.setup()
+        history = driver.run()
+        exported = driver.export_hf(tmp_path / "hf")
+    finally:
+        driver.shutdown()
+        ray.shutdown()
+    assert [h["step"] for h in history] == [1, 2]
+    for policy in ("doctor", "patient"):
+        losses = [h[f"train/{policy}/loss"] for h in history]
+        assert all(math.isfinite(v) for v in losses) and any(abs(v) > 1e-6 for v in losses), (policy, losses)
+        before, after = _weights(warm / f"sft-{policy}"), _weights(exported[policy])
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert len(changed) >= len(before) // 2, (policy, len(changed), len(before))
+    assert history[-1]["weight_version/doctor/engine"] == history[-1]["weight_version/patient/engine"] == 2
+    assert all(h["rollout/failed_samples"] == 0 for h in history)
+    # the SFT doctor diagnoses in the RL rollouts too: most doctor turns counts are below the limit
+    assert history[0]["rollout/doctor/turns_mean"] < 6
