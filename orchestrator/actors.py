@@ -166,10 +166,11 @@ class RolloutManagerActor:
                  tokenizer_path: str, env_config: EnvConfig | None = None,
                  health_check_interval: float = 10.0, api_key: str | None = None,
                  health_timeout: float = 10.0, engine_prompt_limit: int | None = None,
-                 eval_sets: list[EvalSet] | None = None) -> None:
+                 eval_sets: list[EvalSet] | None = None, stall_window: float = 300.0) -> None:
         """`engines` maps each policy to its engines: HTTP base URLs (reached with `api_key`, the run's token), or
-        EngineActor handles (Ray calls). An engine that does not answer a health check within `health_timeout`
-        seconds leaves its router's rotation (its requests move to the others). `eval_sets`: the --eval-config
+        EngineActor handles (Ray calls). A health probe unanswered within `health_timeout` seconds is slow (the
+        engine stays in rotation); an engine dead, not ok, or silent for `stall_window` seconds while it holds
+        requests leaves its router's rotation (its requests move to the others). `eval_sets`: the --eval-config
         sets (None: read from `data.eval_config`), evaluated beside --eval-prompt-data (the set 'default')."""
         from transformers import AutoTokenizer
 
@@ -181,7 +182,7 @@ class RolloutManagerActor:
             clients = [self._client(policy, i, t) for i, t in enumerate(targets)]
             self.routers[policy] = Router(clients, page_size=rollout.router_page_size,
                                           balance_threshold=rollout.router_balance_threshold,
-                                          health_timeout=health_timeout)
+                                          health_timeout=health_timeout, stall_window=stall_window)
         limit = engine_prompt_limit  # rows with longer prompts are dropped at load, not failed every epoch
         dataset = PromptDataset(data, self.tokenizer, engine_prompt_limit=limit) if data.prompt_data else None
         eval_data = (PromptDataset(data, self.tokenizer, data.eval_prompt_data, engine_prompt_limit=limit)

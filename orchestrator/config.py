@@ -48,7 +48,11 @@ class RunConfig:
     health_check_interval: float = 10.0
     """Seconds between the router's engine health checks."""
     engine_health_timeout: float = 10.0
-    """Seconds an engine has to answer a health check (the router's and the driver's); no answer = stalled."""
+    """Seconds a health probe of an engine may take (the router's and the driver's); a probe that takes longer is
+    counted and logged as slow, and the engine is kept: a slow engine is not a dead one."""
+    engine_stall_window: float = 300.0
+    """Seconds without any sign of life (an answered probe, a finished request) from an engine that holds requests
+    (router) or owes the driver's check its answer before it counts as stalled and is restarted."""
     fault_tolerance: bool = True
     """After each rollout, restart engines that died or stalled (same placement bundle, weights re-pushed and
     checksum-verified before they serve again); --no-fault-tolerance stops the run instead."""
@@ -105,8 +109,12 @@ class RunConfig:
                      "update_weight_buffer_size"):
             check_positive(self, name)
         check_positive(self, "ray_num_cpus", allow_none=True)
-        for name in ("cpus_per_device", "health_check_interval", "weight_sync_timeout", "engine_health_timeout"):
+        for name in ("cpus_per_device", "health_check_interval", "weight_sync_timeout", "engine_health_timeout",
+                     "engine_stall_window"):
             check_positive_seconds(self, name)
+        if self.engine_stall_window < self.engine_health_timeout:
+            raise ValueError(f"RunConfig.engine_stall_window = {self.engine_stall_window:g}: expected at least "
+                             f"--engine-health-timeout ({self.engine_health_timeout:g} s)")
         if not isinstance(self.max_engine_restarts, int) or isinstance(self.max_engine_restarts, bool) \
                 or self.max_engine_restarts < 0:
             raise ValueError(f"RunConfig.max_engine_restarts = {self.max_engine_restarts!r}: expected an integer >= 0")

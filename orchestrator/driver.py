@@ -370,6 +370,7 @@ class Driver:
             self.manager = ray.remote(RolloutManagerActor).options(num_cpus=0).remote(
                 cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), cfg.env, run.health_check_interval,
                 self._engine_options["token"], health_timeout=run.engine_health_timeout,
+                stall_window=run.engine_stall_window,
                 engine_prompt_limit=cfg.engine.context_length - 1 if cfg.engine.context_length else None)
         if train and cfg.trainer.use_opd and cfg.trainer.opd_type == "engine":
             self.teacher = self._start_teacher(use_gpu)
@@ -497,20 +498,38 @@ class Driver:
     # ---- fault tolerance --------------------------------------------------------------------------------------
 
     def _engine_faults(self) -> list[tuple[str, int, str]]:
-        """(policy, index, reason) of every engine that died, did not answer a health check within
-        --engine-health-timeout (stalled), or reported itself not ok."""
+        """(policy, index, reason) of every engine that died, reported itself not ok (a dead scheduler thread or tp
+        worker, a stall the engine measured), or left its health check unanswered for --engine-stall-window
+        seconds. One unanswered after --engine-health-timeout is slow, not failed: logged, and waited for."""
+        import ray
+
+        run = self.cfg.run
+        refs = {(policy, i): h.health.remote() for policy, handles in self.engines.items()
+                for i, h in enumerate(handles)}
+        ready, waiting = ray.wait(list(refs.values()), num_returns=len(refs), timeout=run.engine_health_timeout)
+        if waiting:   # a loaded machine answers late; only a silence over the stall window is a stall
+            for (policy, i), ref in refs.items():
+                if ref in waiting:
+                    logger.warning("engine %s: slow health check (no answer within --engine-health-timeout %gs); "
+                                   "waiting up to --engine-stall-window %gs before calling it stalled",
+                                   self.engine_name(policy, i), run.engine_health_timeout, run.engine_stall_window)
+            more, _ = ray.wait(waiting, num_returns=len(waiting),
+                               timeout=run.engine_stall_window - run.engine_health_timeout)
+            ready = ready + more
+        return self._classify_health(refs, set(ready))
+
+    def _classify_health(self, refs: dict[tuple[str, int], Any], answered: set) -> list[tuple[str, int, str]]:
+        """The failed engines among the health probes `refs` ({(policy, index): ObjectRef}), `answered` the refs
+        that answered within the stall window."""
         import ray
         from ray.exceptions import RayActorError
 
-        timeout = self.cfg.run.engine_health_timeout
-        refs = {(policy, i): h.health.remote() for policy, handles in self.engines.items()
-                for i, h in enumerate(handles)}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
-        answered = set(ready)
+        window = self.cfg.run.engine_stall_window
         faults = []
         for (policy, i), ref in refs.items():
             if ref not in answered:
-                faults.append((policy, i, f"no answer to a health check within {timeout:g}s (stalled)"))
+                faults.append((policy, i, f"stalled: no answer to a health check for {window:g}s "
+                                          "(--engine-stall-window)"))
                 continue
             try:
                 report = ray.get(ref)

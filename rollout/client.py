@@ -28,6 +28,11 @@ class EngineUnavailableError(EngineError):
     """The engine could not be reached or is overloaded (another engine may serve the request)."""
 
 
+class EngineTimeoutError(EngineUnavailableError):
+    """The engine did not answer in time: slow (a loaded machine), not known dead. A router retries the request
+    and keeps the engine in rotation (`rollout.router`)."""
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     """What generate functions, envs (`envs.multiturn`, `envs.multiagent`) and the router need from an engine.
@@ -187,10 +192,10 @@ class HttpEngineClient:
                     logger.warning("%s%s: %s; retry %d/%d", self.base_url, path, e, attempt + 1, self.max_retries)
                     await asyncio.sleep(self.retry_backoff * 2 ** attempt)
                     continue
-                raise EngineUnavailableError(
-                    f"engine {self.base_url} unreachable at {path} after {attempts} attempt(s): {e!r}") from e
+                error = EngineTimeoutError if isinstance(e, httpx.ConnectTimeout) else EngineUnavailableError
+                raise error(f"engine {self.base_url} unreachable at {path} after {attempts} attempt(s): {e!r}") from e
             except httpx.TimeoutException as e:
-                raise EngineUnavailableError(f"engine {self.base_url}{path} timed out: {e!r}") from e
+                raise EngineTimeoutError(f"engine {self.base_url}{path} timed out: {e!r}") from e
             except httpx.HTTPError as e:
                 raise EngineUnavailableError(f"engine {self.base_url}{path} failed: {e!r}") from e
             if response.status_code in (502, 503, 504):
@@ -216,9 +221,12 @@ class HttpEngineClient:
 
     async def health(self) -> bool:
         """GET /health answers 200 (Kiln's engines: with a report whose "ok" is true; a body without a report, as
-        SGLang's, counts as ok); 503, any other error or no answer: False."""
+        SGLang's, counts as ok); 503 or any other error: False. No answer within the HTTP timeout raises
+        `EngineTimeoutError` (slow, not known dead: a router keeps the engine in rotation)."""
         try:
             response = await self._request("GET", "/health", retry=False)
+        except EngineTimeoutError:
+            raise
         except EngineError:
             return False
         try:

@@ -593,6 +593,8 @@ class RolloutManager:
             "rollout/completion_tokens": completion_tokens,
             "rollout/tokens_per_s": completion_tokens / elapsed if elapsed > 0 else 0.0,
             "rollout/time_s": elapsed,
+            "rollout/engine_slow_probes": sum(s.slow_probes for s in stats),   # engines kept: slow, not dead
+            "rollout/engine_request_timeouts": sum(s.timeouts for s in stats),   # requests retried after a timeout
         }
         if self.data is not None:
             metrics["rollout/data_epoch"] = self.data.epoch

@@ -7,10 +7,15 @@ is `balance_threshold` requests busier than the least-loaded one; otherwise the
 engine with the fewest requests in flight. An engine that fails to answer leaves the
 rotation (the request is retried on another) until a health check passes again.
 
-Health checks have their own short timeout (`health_timeout`): an engine that does not
-answer one in time (stopped, hung, partitioned) leaves the rotation, and the requests it
-holds are cancelled and retried on the other engines, so a stalled engine costs a run at
-most one health period plus that timeout, not the HTTP client's long request timeout.
+Health checks tell a slow engine from a dead one (docs/architecture.md, *Fault tolerance*). A probe that
+does not answer within `health_timeout` is a *slow probe*: counted (`EngineStats.slow_probes`) and logged,
+and the engine stays in rotation with its requests, which finish there. A request that times out
+(`EngineTimeoutError`) is retried, on another engine if one is in rotation, else on the same one. An engine
+leaves the rotation only when it is dead or says so: a request fails with `EngineUnavailableError`
+(connection refused, actor died), its probe answers not ok (scheduler thread gone, a stall the engine
+measured itself), or a stall is confirmed here: no sign of life (an answered probe or a finished request)
+for `stall_window` seconds while it holds requests. Then its requests are cancelled and retried on the
+other engines, or fail with `NoHealthyEngineError` when none is left.
 `replace_client(i, client)` puts a restarted engine back in engine i's place. Every change of the rotation
 is logged here and kept for `take_events()`, so a caller in another process (the rollout manager's
 driver) can log it too.
@@ -24,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rollout.client import EngineClient, EngineUnavailableError
+from rollout.client import EngineClient, EngineTimeoutError, EngineUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ class EngineStats:
     cached_tokens: int = 0
     completion_tokens: int = 0
     failures: int = 0
+    slow_probes: int = 0   # health probes without an answer within the probe timeout (the engine stayed in rotation)
+    timeouts: int = 0      # requests that timed out and were retried (the engine stayed in rotation)
 
 
 def page_hashes(input_ids: Sequence[int], page_size: int) -> list[int]:
@@ -58,14 +65,23 @@ class Router:
 
     def __init__(self, clients: Sequence[EngineClient], *, page_size: int = 16, balance_threshold: int = 16,
                  max_prefixes_per_engine: int = 65536, max_sessions: int = 65536,
-                 health_timeout: float = 10.0) -> None:
+                 health_timeout: float = 10.0, stall_window: float = 300.0,
+                 clock: Any = None) -> None:
+        """`health_timeout`: seconds a health probe may take before it counts as slow (the engine stays in
+        rotation). `stall_window`: seconds without any sign of life from an engine holding requests before it
+        counts as stalled and leaves the rotation. `clock`: a monotonic clock in seconds (default: the running
+        event loop's time; tests pass a controllable one)."""
         if not clients:
             raise ValueError("Router needs at least one engine client")
         if page_size < 1:
             raise ValueError(f"page_size = {page_size}: expected >= 1")
         if not health_timeout > 0:
             raise ValueError(f"health_timeout = {health_timeout}: expected seconds > 0")
+        if not stall_window >= health_timeout:
+            raise ValueError(f"stall_window = {stall_window}: expected seconds >= health_timeout ({health_timeout})")
         self.health_timeout = health_timeout
+        self.stall_window = stall_window
+        self._clock = clock
         self.clients = list(clients)
         self.page_size = page_size
         self.balance_threshold = balance_threshold
@@ -82,6 +98,16 @@ class Router:
         self._inflight: list[set[asyncio.Future]] = [set() for _ in range(n)]  # requests each engine holds
         self._evicted: set[asyncio.Future] = set()  # cancelled because their engine left the rotation
         self._events: list[dict[str, Any]] = []  # rotation changes since the last take_events()
+        self._last_alive: list[float | None] = [None] * n  # clock time of each engine's last sign of life
+        self.unanswered = [0] * n  # health probes in a row without an answer, per engine
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    def _alive(self, i: int) -> None:
+        """Engine i gave a sign of life now (a probe answered, a request finished)."""
+        self._last_alive[i] = self._now()
+        self.unanswered[i] = 0
 
     def name(self, i: int) -> str:
         """A printable name of engine i."""
@@ -151,6 +177,8 @@ class Router:
         for session in [s for s, engine in self._sessions.items() if engine == i]:
             del self._sessions[session]
         self.healthy[i] = True
+        self._last_alive[i] = None   # its silence is counted from its next probe
+        self.unanswered[i] = 0
         self._event(i, True, f"{self.name(i)} is in rotation (restarted)")
 
     def _event(self, engine: int, in_rotation: bool, message: str) -> None:
@@ -166,7 +194,8 @@ class Router:
 
     async def generate(self, input_ids: Sequence[int], sampling_params: dict[str, Any],
                        return_logprob: bool = True, session_id: str | None = None) -> dict[str, Any]:
-        """Route one request; on an unreachable engine, retry on the others."""
+        """Route one request; on an unreachable engine, retry on the others; on a timeout, retry (on another engine
+        in rotation if there is one, else on the same)."""
         hashes = page_hashes(input_ids, self.page_size)  # once per request: it hashes the whole prompt
         tried: set[int] = set()
         while True:
@@ -179,6 +208,14 @@ class Router:
             self._inflight[i].add(request)
             try:
                 response = await request
+            except EngineTimeoutError as e:   # slow, not dead: it stays in rotation
+                self.stats[i].timeouts += 1
+                others = [j for j in range(len(self.clients)) if self.healthy[j] and j not in tried]
+                logger.warning("%s: %s; retrying the request on %s", self.name(i), e,
+                               "another engine" if others else "the same engine (the only one in rotation)")
+                if not others:
+                    tried.discard(i)
+                continue
             except EngineUnavailableError as e:
                 self.stats[i].failures += 1
                 self.mark_unhealthy(i, str(e))
@@ -193,6 +230,7 @@ class Router:
                 self.outstanding[i] -= 1
                 self._inflight[i].discard(request)
                 self._evicted.discard(request)
+            self._alive(i)
             meta = response.get("meta_info", {})
             stats = self.stats[i]
             stats.requests += 1
@@ -202,23 +240,46 @@ class Router:
             return response
 
     async def check_health(self) -> list[bool]:
-        """Ask every engine (each answer within `health_timeout`); failing ones leave the rotation, recovered
-        ones return. Returns the health list."""
+        """Probe every engine (each answer awaited `health_timeout` seconds): an ok answer keeps or brings it back
+        in rotation; a not-ok answer or an error takes it out; no answer in time is a slow probe, counted and
+        logged, and the engine stays in rotation unless a stall is confirmed (it holds requests and has given no
+        sign of life for `stall_window` seconds). Returns the health list."""
         async def ask(client: EngineClient) -> Any:
             return await asyncio.wait_for(client.health(), self.health_timeout)
 
         results = await asyncio.gather(*(ask(c) for c in self.clients), return_exceptions=True)
         for i, ok in enumerate(results):
             if ok is True:
+                self._alive(i)
                 if not self.healthy[i]:
                     self._event(i, True, f"{self.name(i)} is back in rotation")
                     self.healthy[i] = True
-            elif isinstance(ok, asyncio.TimeoutError):
-                self.mark_unhealthy(i, f"no answer to a health check within {self.health_timeout:g}s (stalled?)")
+            elif isinstance(ok, (asyncio.TimeoutError, EngineTimeoutError)):
+                self._slow_probe(i)
             else:
                 why = f"{type(ok).__name__}: {ok}" if isinstance(ok, BaseException) else f"answered {ok!r}"
                 self.mark_unhealthy(i, f"health check failed ({why})")
         return list(self.healthy)
+
+    def _slow_probe(self, i: int) -> None:
+        """Engine i's probe got no answer within `health_timeout`: count it; take the engine out of rotation only
+        for a confirmed stall (requests held and no sign of life for `stall_window` seconds)."""
+        now = self._now()
+        if self._last_alive[i] is None:   # silent since the router started (or it was replaced): count from here
+            self._last_alive[i] = now
+        self.stats[i].slow_probes += 1
+        self.unanswered[i] += 1
+        silent = now - self._last_alive[i]
+        if not self.healthy[i]:
+            return
+        if self.outstanding[i] > 0 and silent >= self.stall_window:
+            self.mark_unhealthy(i, f"stalled: no answer to {self.unanswered[i]} health check(s) in a row and no "
+                                   f"finished request for {silent:.0f}s while it holds {self.outstanding[i]} "
+                                   f"request(s) (stall window {self.stall_window:g}s)")
+            return
+        logger.warning("%s: slow health check (no answer within %gs; %d in a row, last sign of life %.0fs ago, "
+                       "%d request(s) held); kept in rotation (stall window %gs)", self.name(i), self.health_timeout,
+                       self.unanswered[i], silent, self.outstanding[i], self.stall_window)
 
     async def health(self) -> bool:
         """True if at least one engine is healthy."""

@@ -45,6 +45,8 @@ class FakeEngineClient:
         self.healthy = True  # health() answer
         self.down = False  # generate raises EngineUnavailableError
         self.stalled = False  # generate and health never answer (a stopped or hung engine)
+        self.slow_probes = False  # health never answers, generate still serves (a loaded machine)
+        self.gate: asyncio.Event | None = None  # when set: generate waits for it before answering (a slow engine)
         self.aborts = 0
         self._abort = asyncio.Event()
         self._seen: list[tuple[int, ...]] = []
@@ -92,6 +94,8 @@ class FakeEngineClient:
             raise EngineUnavailableError(f"{self.name} is down")
         if self.stalled:
             await asyncio.Event().wait()
+        if self.gate is not None:
+            await self.gate.wait()
         if not input_ids:
             raise EngineError(f"{self.name}: empty input_ids")
         cached = self._cached(input_ids)
@@ -138,8 +142,8 @@ class FakeEngineClient:
         return {"text": text, "output_ids": out, "meta_info": meta}
 
     async def health(self) -> bool:
-        """The `healthy` attribute (never answers while `stalled`)."""
-        if self.stalled:
+        """The `healthy` attribute (never answers while `stalled` or `slow_probes`)."""
+        if self.stalled or self.slow_probes:
             await asyncio.Event().wait()
         return self.healthy and not self.down
 

@@ -27,7 +27,7 @@ from kiln_common.errors import EngineNotServingError
 from kiln_common.net import free_port
 from orchestrator.cli import ConfigError
 from orchestrator.driver import Driver, EngineFailureError, parse_args, resolve
-from rollout.client import EngineUnavailableError, HttpEngineClient, LocalEngineClient
+from rollout.client import EngineTimeoutError, EngineUnavailableError, HttpEngineClient, LocalEngineClient
 from rollout.router import Router
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ async def test_a_sigstopped_engine_server_is_reported_within_the_health_timeout_
                 assert server.poll() is None, f"engine server exited with {server.returncode}"
                 assert time.monotonic() < deadline, "engine server did not come up"
                 await asyncio.sleep(0.5)
-        router = Router(clients, page_size=4, health_timeout=2.0)
+        router = Router(clients, page_size=4, health_timeout=2.0, stall_window=2.0)
         await router.generate([5, 6, 7], GREEDY, session_id="episode")   # the episode's engine: round robin, 0
         home = router._sessions["episode"]
         stopped = servers[home]
@@ -185,15 +185,17 @@ async def test_a_sigstopped_engine_server_is_reported_within_the_health_timeout_
         start = loop.time()
         healthy = await router.check_health()
         assert loop.time() - start < router.health_timeout + 1.0   # reported within the health timeout
-        assert healthy == [i != home for i in range(2)]
+        assert healthy == [i != home for i in range(2)]   # silent > the 2 s stall window while holding a request
         out = await asyncio.wait_for(stuck, 60)   # cancelled on the stopped engine, answered by the other
         assert len(out["output_ids"]) == 4 and router._sessions["episode"] == 1 - home
         more = await asyncio.gather(*(router.generate([9, k], GREEDY) for k in range(4)))
         assert all(len(o["output_ids"]) == 4 for o in more) and router.stats[1 - home].requests == 5
-        assert "leaves the rotation: no answer to a health check within 2s (stalled?)" in caplog.text
-        assert [e["message"] for e in router.take_events()] == [
-            f"engine {home} ({clients[home].name}) leaves the rotation: no answer to a health check within 2s "
-            "(stalled?)"]
+        [event] = router.take_events()
+        assert event["message"].startswith(
+            f"engine {home} ({clients[home].name}) leaves the rotation: stalled: no answer to 1 health check(s) in a "
+            "row and no finished request for ")
+        assert event["message"].endswith("while it holds 1 request(s) (stall window 2s)")
+        assert event["message"] in caplog.text
     finally:
         if stopped is not None:
             os.kill(stopped.pid, signal.SIGCONT)
@@ -264,3 +266,92 @@ def test_fault_tolerance_flags(qwen3_model):
         parse_args(base + ["--max-engine-restarts", "-1"])
     with pytest.raises((ConfigError, ValueError), match=r"engine_health_timeout = 0.0: expected a number of seconds"):
         parse_args(base + ["--engine-health-timeout", "0"])
+
+
+class _Probe:
+    """A fake Ray ObjectRef of one engine's health() call: `answer` (a report, or an exception ray.get raises),
+    given `when`: 'now' (within --engine-health-timeout), 'late' (after it, within --engine-stall-window) or
+    'never'."""
+
+    def __init__(self, answer, when="now"):
+        self.answer, self.when = answer, when
+
+
+class _ProbedEngine:
+    def __init__(self, probe):
+        self.health = type("Method", (), {"remote": staticmethod(lambda: probe)})()
+
+
+def _fake_ray(monkeypatch):
+    """ray.wait / ray.get over _Probe refs: the first wait (the probe timeout) sees the 'now' answers, the second
+    (the rest of the stall window) the 'late' ones too. Returns the timeouts the driver waited with."""
+    ray = pytest.importorskip("ray")
+    timeouts = []
+
+    def wait(refs, num_returns, timeout):
+        timeouts.append(timeout)
+        ready = [r for r in refs if r.when == "now" or (r.when == "late" and len(timeouts) > 1)]
+        return ready, [r for r in refs if r not in ready]
+
+    def get(ref):
+        if isinstance(ref.answer, BaseException):
+            raise ref.answer
+        return ref.answer
+    monkeypatch.setattr(ray, "wait", wait)
+    monkeypatch.setattr(ray, "get", get)
+    return timeouts
+
+
+OK = {"ok": True, "reason": None}
+
+
+def test_the_engine_check_keeps_a_slow_engine_and_restarts_only_dead_or_stalled_ones(qwen3_model, monkeypatch,
+                                                                                     caplog):
+    from ray.exceptions import ActorDiedError
+
+    timeouts = _fake_ray(monkeypatch)
+    driver = _driver(qwen3_model, **{"engine-health-timeout": 10, "engine-stall-window": 120})
+    driver.engines = {"default": [_ProbedEngine(_Probe(OK)), _ProbedEngine(_Probe(OK, "late")),
+                                  _ProbedEngine(_Probe(ActorDiedError())),
+                                  _ProbedEngine(_Probe({"ok": False, "reason": "the scheduler thread is not running"})),
+                                  _ProbedEngine(_Probe(OK, "never"))]}
+    restarted = []
+    monkeypatch.setattr(Driver, "_restart_engines", lambda self, step, failed: restarted.extend(failed))
+    caplog.set_level(logging.WARNING, logger="orchestrator.driver")
+    driver._handle_engine_faults(0, driver._engine_faults())
+    assert timeouts == [10, 110]   # the probe timeout, then the rest of the stall window for the slow ones
+    assert restarted == [("default", 2), ("default", 3), ("default", 4)]   # not engine 1: slow, alive
+    assert f"engine {driver.engine_name('default', 1)}: slow health check (no answer within " \
+           "--engine-health-timeout 10s); waiting up to --engine-stall-window 120s" in caplog.text
+    assert "the actor died (ActorDiedError" in caplog.text
+    assert "it reports itself unhealthy: the scheduler thread is not running" in caplog.text
+    assert "stalled: no answer to a health check for 120s (--engine-stall-window)" in caplog.text
+
+
+def test_the_engine_check_does_not_restart_the_only_engine_when_its_probe_is_slow(qwen3_model, monkeypatch):
+    timeouts = _fake_ray(monkeypatch)
+    driver = _driver(qwen3_model)
+    driver.engines = {"default": [_ProbedEngine(_Probe(OK, "late"))]}
+    assert driver._engine_faults() == [] and timeouts == [10.0, 290.0]   # the defaults: 10 s probe, 300 s window
+
+
+def test_engine_stall_window_flag(qwen3_model):
+    base = ["--hf-checkpoint", str(qwen3_model), "--prompt-data", "x.jsonl"]
+    assert parse_args(base).run.engine_stall_window == 300.0
+    assert parse_args(base + ["--engine-stall-window", "45"]).run.engine_stall_window == 45.0
+    with pytest.raises((ConfigError, ValueError), match=r"engine_stall_window = 5: expected at least "
+                                                        r"--engine-health-timeout \(10 s\)"):
+        parse_args(base + ["--engine-stall-window", "5"])
+
+
+async def test_an_http_health_probe_that_times_out_is_slow_not_unhealthy():
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("the engine is busy", request=request)
+    client = HttpEngineClient("http://engine", transport=httpx.MockTransport(handler), max_retries=0)
+    with pytest.raises(EngineTimeoutError, match=r"http://engine/health timed out"):
+        await client.health()
+    with pytest.raises(EngineTimeoutError):
+        await client.generate([1, 2], GREEDY)
+    router = Router([client], page_size=4, health_timeout=5.0, stall_window=60.0)
+    assert await router.check_health() == [True] and router.stats[0].slow_probes == 1   # kept in rotation
+    await client.aclose()

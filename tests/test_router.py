@@ -1,9 +1,12 @@
-"""Router: sticky sessions, prefix affinity, least-load balancing, health and fail-over (fake engine clients)."""
+"""Router: sticky sessions, prefix affinity, least-load balancing, health and fail-over, slow engines kept and dead
+ones evicted (fake engine clients, a hand-moved clock for the stall window)."""
 
 import asyncio
+import logging
 
 import pytest
 
+from rollout.client import EngineTimeoutError
 from rollout.router import NoHealthyEngineError, Router, page_hashes
 from rollout.testing import FakeEngineClient
 
@@ -128,24 +131,152 @@ async def test_abort_all_and_flush_reach_every_engine():
     assert router.choose([1, 2, 3, 4, 5]) in (0, 1) and not any(router._prefixes)
 
 
-async def test_a_stalled_engine_is_reported_within_the_health_timeout_and_its_requests_move(caplog):
-    router, clients = make_router(2, health_timeout=0.2)
+class Clock:
+    """A monotonic clock the test moves by hand (the router's stall window is measured on it)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_a_stalled_engine_leaves_the_rotation_after_the_stall_window_and_its_requests_move(caplog):
+    clock = Clock()
+    router, clients = make_router(2, health_timeout=0.05, stall_window=60, clock=clock)
     clients[0].stalled = True
     first = asyncio.ensure_future(router.generate([1], PARAMS))  # least loaded, round robin: e0 (stalled)
     await asyncio.sleep(0.05)
     assert router.outstanding == [1, 0]
     second = asyncio.ensure_future(router.generate([2], PARAMS))  # e1
     assert (await second)["meta_info"]["finish_reason"]["type"] == "length"  # max_new_tokens 4 < the fake's 6
-    assert not first.done()  # stuck on the stalled engine ...
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    assert await router.check_health() == [False, True]  # ... until a health check times out on it
-    assert loop.time() - start < 1.0  # bounded by the health timeout, not a request timeout
+    assert await router.check_health() == [True, True]  # no answer: a slow probe, kept (silence counted from here)
+    clock.t += 59
+    assert await router.check_health() == [True, True]  # silent 59 s < the stall window: still kept
+    assert not first.done() and router.stats[0].slow_probes == 2
+    clock.t += 1
+    assert await router.check_health() == [False, True]  # silent 60 s holding a request: a confirmed stall
     out = await asyncio.wait_for(first, 2.0)  # moved to e1 and answered there
     assert out["meta_info"]["finish_reason"]["type"] == "length" and len(out["output_ids"]) == 4
     assert [c["input_ids"] for c in clients[1].calls] == [[2], [1]]
     assert router.outstanding == [0, 0]
-    assert "no answer to a health check within 0.2s" in caplog.text
+    assert ("engine 0 (e0) leaves the rotation: stalled: no answer to 3 health check(s) in a row and no finished "
+            "request for 60s while it holds 1 request(s) (stall window 60s)") in caplog.text
+
+
+async def test_a_slow_probe_keeps_the_only_engine_in_rotation_and_serving(caplog):
+    caplog.set_level(logging.WARNING, logger="rollout.router")
+    router, clients = make_router(1, health_timeout=0.05, stall_window=60, clock=Clock())
+    clients[0].slow_probes = True   # a loaded machine: the probe does not answer in time, generation goes on
+    for _ in range(3):
+        assert await router.check_health() == [True]
+    out = await router.generate([1, 2, 3], PARAMS)
+    assert len(out["output_ids"]) == 4 and router.healthy == [True]
+    assert router.unanswered == [0]   # the finished request was a sign of life
+    assert router.take_events() == [] and router.take_stats()[0].slow_probes == 3
+    assert "engine 0 (e0): slow health check (no answer within 0.05s; 3 in a row" in caplog.text
+    assert "kept in rotation (stall window 60s)" in caplog.text
+
+
+class HoldsOne(FakeEngineClient):
+    """A fake that keeps the request for `held_prompt` until `release` is set; the others it serves."""
+
+    held_prompt = [7, 7]
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.release = asyncio.Event()
+
+    async def generate(self, input_ids, sampling_params, return_logprob=True, session_id=None):
+        if list(input_ids) == self.held_prompt:
+            await self.release.wait()
+        return await super().generate(input_ids, sampling_params, return_logprob, session_id)
+
+
+async def test_an_engine_slow_to_answer_probes_but_making_progress_is_kept_and_its_samples_finish():
+    clock = Clock()
+    slow, other = HoldsOne("e0"), FakeEngineClient("e1")
+    router = Router([slow, other], page_size=4, health_timeout=0.05, stall_window=60, clock=clock)
+    slow.slow_probes = True   # no probe of it is ever answered in time
+    held = asyncio.ensure_future(router.generate([7, 7], PARAMS, session_id="on-e0"))   # round robin: e0
+    await asyncio.sleep(0.01)
+    assert router.outstanding == [1, 0] and router._sessions["on-e0"] == 0
+    for k in range(10):   # ten stall windows of slow probes while requests keep finishing on it every 50 s
+        clock.t += 50
+        await router.generate([k + 1], PARAMS, session_id="on-e0")   # the session keeps it on e0
+        assert await router.check_health() == [True, True]
+    assert len(slow.calls) == 10 and not held.done()
+    slow.release.set()
+    assert len((await held)["output_ids"]) == 4   # finished on the slow engine, not cancelled or moved
+    assert other.calls == [] and router.stats[0].slow_probes == 10 and router.take_events() == []
+
+
+async def test_a_held_request_on_the_only_slow_engine_waits_for_it_through_slow_probes():
+    clock = Clock()
+    router, clients = make_router(1, health_timeout=0.05, stall_window=60, clock=clock)
+    clients[0].slow_probes = True
+    clients[0].gate = asyncio.Event()
+    held = asyncio.ensure_future(router.generate([1, 2], PARAMS))
+    await asyncio.sleep(0.01)
+    for _ in range(3):   # within the stall window: a slow engine, kept; its request is neither cancelled nor failed
+        clock.t += 19
+        assert await router.check_health() == [True]
+    assert not held.done()
+    clients[0].gate.set()
+    assert len((await held)["output_ids"]) == 4 and router.healthy == [True]
+
+
+async def test_an_idle_engine_with_unanswered_probes_is_kept():
+    clock = Clock()
+    router, clients = make_router(1, health_timeout=0.05, stall_window=60, clock=clock)
+    clients[0].slow_probes = True
+    for _ in range(5):   # silent for longer than the stall window, but it holds no request: nothing is stalled
+        assert await router.check_health() == [True]
+        clock.t += 30
+    assert len((await router.generate([3], PARAMS))["output_ids"]) == 4
+
+
+async def test_a_dead_engine_leaves_the_rotation_at_once_and_is_replaced():
+    router, clients = make_router(2, health_timeout=0.05, stall_window=60, clock=Clock())
+    clients[0].healthy = False   # it answers: not ok (a dead scheduler thread, a stall it measured itself)
+    assert await router.check_health() == [False, True]
+    assert router.take_events()[0]["message"] == "engine 0 (e0) leaves the rotation: health check failed " \
+                                                 "(answered False)"
+    fresh = FakeEngineClient("e0-restarted")
+    router.replace_client(0, fresh)
+    assert await router.check_health() == [True, True]
+    await asyncio.gather(*(router.generate([k], PARAMS) for k in range(4)))
+    assert len(fresh.calls) == 2
+
+
+class TimesOutOnce(FakeEngineClient):
+    """A fake whose first request times out (EngineTimeoutError: slow, not dead)."""
+
+    async def generate(self, input_ids, sampling_params, return_logprob=True, session_id=None):
+        if not self.calls:
+            self.calls.append({"input_ids": list(input_ids)})
+            raise EngineTimeoutError(f"{self.name}/generate timed out")
+        return await super().generate(input_ids, sampling_params, return_logprob, session_id)
+
+
+async def test_a_timed_out_request_is_retried_on_the_only_engine_which_stays_in_rotation():
+    client = TimesOutOnce("slow")
+    router = Router([client], page_size=4)
+    out = await router.generate([1, 2], PARAMS)
+    assert len(out["output_ids"]) == 4 and router.healthy == [True]
+    assert len(client.calls) == 2 and router.stats[0].timeouts == 1 and router.stats[0].failures == 0
+
+
+async def test_a_timed_out_request_moves_to_another_engine_in_rotation():
+    slow, other = TimesOutOnce("slow"), FakeEngineClient("other")
+    router = Router([slow, other], page_size=4)
+    out = await router.generate([1, 2], PARAMS)
+    assert len(out["output_ids"]) == 4 and router.healthy == [True, True] and len(other.calls) == 1
+
+
+def test_the_stall_window_is_at_least_the_probe_timeout():
+    with pytest.raises(ValueError, match=r"stall_window = 5: expected seconds >= health_timeout \(10.0\)"):
+        Router([FakeEngineClient()], health_timeout=10.0, stall_window=5)
 
 
 async def test_cancelling_a_request_cancels_it_on_the_engine():
@@ -174,16 +305,17 @@ async def test_replace_client_puts_a_restarted_engine_back_without_its_old_route
 
 
 async def test_rotation_changes_are_kept_for_the_caller_to_log():
-    router, clients = make_router(2, health_timeout=0.2)
+    clock = Clock()
+    router, clients = make_router(2, health_timeout=0.05, stall_window=60, clock=clock)
     assert router.take_events() == []
-    clients[0].stalled = True
+    clients[0].healthy = False
     assert await router.check_health() == [False, True]
-    clients[0].stalled = False
+    clients[0].healthy = True
     assert await router.check_health() == [True, True]
     router.replace_client(1, type(clients[0])("e1-restarted"))
     assert router.take_events() == [
         {"engine": 0, "in_rotation": False,
-         "message": "engine 0 (e0) leaves the rotation: no answer to a health check within 0.2s (stalled?)"},
+         "message": "engine 0 (e0) leaves the rotation: health check failed (answered False)"},
         {"engine": 0, "in_rotation": True, "message": "engine 0 (e0) is back in rotation"},
         {"engine": 1, "in_rotation": False, "message": "engine 1 (e1) leaves the rotation: replaced"},
         {"engine": 1, "in_rotation": True, "message": "engine 1 (e1-restarted) is in rotation (restarted)"}]
