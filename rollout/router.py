@@ -100,6 +100,7 @@ class Router:
         self._events: list[dict[str, Any]] = []  # rotation changes since the last take_events()
         self._last_alive: list[float | None] = [None] * n  # clock time of each engine's last sign of life
         self.unanswered = [0] * n  # health probes in a row without an answer, per engine
+        self._down_reason: list[str | None] = [None] * n  # why each engine left the rotation (for failed samples)
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -122,7 +123,7 @@ class Router:
         """`choose` for a request whose page hashes are `hashes`."""
         candidates = [i for i in range(len(self.clients)) if self.healthy[i] and i not in exclude]
         if not candidates:
-            down = ", ".join(self.name(i) for i in range(len(self.clients)))
+            down = ", ".join(f"{self.name(i)}: {self._down_reason[i] or 'excluded'}" for i in range(len(self.clients)))
             raise NoHealthyEngineError(f"no healthy engine left to serve the request: {down}")
         least = min(self.outstanding[i] for i in candidates)
         if session_id is not None and self._sessions.get(session_id) in candidates:
@@ -162,6 +163,7 @@ class Router:
         """Take engine i out of rotation, forget what it cached, and move its requests to other engines."""
         if self.healthy[i]:
             self._event(i, False, f"{self.name(i)} leaves the rotation: {reason}")
+            self._down_reason[i] = reason
         self.healthy[i] = False
         self._prefixes[i].clear()
         for request in list(self._inflight[i]):
@@ -177,6 +179,7 @@ class Router:
         for session in [s for s, engine in self._sessions.items() if engine == i]:
             del self._sessions[session]
         self.healthy[i] = True
+        self._down_reason[i] = None
         self._last_alive[i] = None   # its silence is counted from its next probe
         self.unanswered[i] = 0
         self._event(i, True, f"{self.name(i)} is in rotation (restarted)")
@@ -254,6 +257,7 @@ class Router:
                 if not self.healthy[i]:
                     self._event(i, True, f"{self.name(i)} is back in rotation")
                     self.healthy[i] = True
+                self._down_reason[i] = None
             elif isinstance(ok, (asyncio.TimeoutError, EngineTimeoutError)):
                 self._slow_probe(i)
             else:

@@ -164,6 +164,24 @@ async def test_a_stalled_engine_leaves_the_rotation_after_the_stall_window_and_i
             "request for 60s while it holds 1 request(s) (stall window 60s)") in caplog.text
 
 
+async def test_a_request_on_the_only_engine_fails_with_the_reason_once_its_stall_is_confirmed():
+    clock = Clock()
+    router, clients = make_router(1, health_timeout=0.05, stall_window=60, clock=clock)
+    clients[0].stalled = True   # hung: neither probes nor requests answer
+    held = asyncio.ensure_future(router.generate([1, 2], PARAMS))
+    await asyncio.sleep(0.01)
+    assert await router.check_health() == [True] and not held.done()   # slow so far: kept, waited for
+    clock.t += 60
+    assert await router.check_health() == [False]   # 60 s silent while holding the request: a confirmed stall
+    with pytest.raises(NoHealthyEngineError) as failure:
+        await held
+    assert str(failure.value) == (
+        "no healthy engine left to serve the request: engine 0 (e0): stalled: no answer to 2 health check(s) in a "
+        "row and no finished request for 60s while it holds 1 request(s) (stall window 60s)")
+    clients[0].stalled = False   # it answers again (e.g. SIGCONT): back in rotation
+    assert await router.check_health() == [True]
+
+
 async def test_a_slow_probe_keeps_the_only_engine_in_rotation_and_serving(caplog):
     caplog.set_level(logging.WARNING, logger="rollout.router")
     router, clients = make_router(1, health_timeout=0.05, stall_window=60, clock=Clock())
