@@ -161,9 +161,9 @@ IGNORED: tuple[Ignored, ...] = (
     Ignored("use-dynamic-batch-size", 0, "Kiln always packs micro-batches by --max-tokens-per-gpu"),
     Ignored("recompute-method", 1, "Kiln's --recompute full recomputes every layer (slime's uniform, 1 layer)"),
     Ignored("recompute-num-layers", 1, "Kiln's --recompute full recomputes every layer (slime's uniform, 1 layer)"),
-    *(Ignored(name, 1, "Kiln's trainer has no such parallelism", accepts=("1",),
-              refuse="Kiln's trainer has tensor and pipeline parallelism only; pass 1 or drop the flag")
-      for name in ("context-parallel-size", "expert-tensor-parallel-size")),
+    Ignored("expert-tensor-parallel-size", 1, "Kiln's trainer has no such parallelism", accepts=("1",),
+            refuse="Kiln's trainer splits experts over data-parallel ranks only (--expert-model-parallel-size); "
+                   "pass 1 or drop the flag"),
     Ignored("tis-clip-low", 1, "Kiln's TIS caps from above only", accepts=("0",),
             refuse="Kiln's TIS has an upper cap only (--tis-cap); drop the flag or pass 0"),
     Ignored("eval-top-p", 1, "Kiln evaluates with top-p 1", accepts=("1",),

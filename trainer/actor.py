@@ -23,6 +23,7 @@ from trainer.advantages import (compute_advantages, compute_gae, custom_advantag
 from trainer.batching import (CostModel, MicroBatch, data_parallel_shares, pack_micro_batches,
                               plan_micro_batches, split_global_batches)
 from trainer.config import TrainerConfig
+from trainer.context_parallel import ContextParallel, gather_shards
 from trainer.critic import ValueModel, critic_optimizer_config, drop_output_layer
 from trainer.logprobs import chunked_logprobs
 from trainer.losses import compute_loss, compute_value_loss, kl_estimate, load_custom_loss_function
@@ -71,9 +72,9 @@ class TrainerActor:
     def __init__(self, config: TrainerConfig, rank: int, world_size: int, master_addr: str, master_port: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        mp = config.tensor_parallel_size * config.pipeline_parallel_size
+        mp = config.tensor_parallel_size * config.pipeline_parallel_size * config.context_parallel_size
         if world_size % mp:
-            raise ValueError(f"world_size {world_size} is not a multiple of TP*PP = {mp}")
+            raise ValueError(f"world_size {world_size} is not a multiple of TP*PP*CP = {mp}")
         self.cfg = config
         self.rank, self.world_size = rank, world_size
         self.master_addr, self.master_port = master_addr, int(master_port)
@@ -104,6 +105,7 @@ class TrainerActor:
                                     f"{self.master_port}", rank=self.rank, world_size=self.world_size)
         megatron_compat.apply()
         parallel_state.initialize_model_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
+                                                 context_parallel_size=cfg.context_parallel_size,
                                                  expert_model_parallel_size=cfg.expert_model_parallel_size)
         megatron_compat.model_parallel_manual_seed(cfg.seed)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -112,6 +114,11 @@ class TrainerActor:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.cp_group = parallel_state.get_context_parallel_group()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.cp_size = cfg.context_parallel_size
+        # gradients are partial over the CP ranks (each holds part of every sequence): reduce over DP x CP
+        self.grad_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.params_dtype = torch.bfloat16 if on_gpu and cfg.bf16 else torch.float32
         self.autocast = on_gpu and not cfg.bf16  # fp32 parameters computing in bf16
         self.pipeline = PipelineSchedule(self.pp_group, dtype=self.params_dtype, device=self.device)
@@ -136,10 +143,10 @@ class TrainerActor:
         embedding_group = parallel_state.get_embedding_group(check_initialized=False)
         if cfg.use_critic:
             self.critic = self._build_critic(cfg.critic.critic_load or cfg.hf_checkpoint)
-            self.critic_optimizer = PolicyOptimizer(self.critic, critic_optimizer_config(cfg), dp_group=self.dp_group,
+            self.critic_optimizer = PolicyOptimizer(self.critic, critic_optimizer_config(cfg), dp_group=self.grad_group,
                                                     tp_group=self.tp_group, tp_rank=self.tp_rank,
                                                     pp_group=self.pp_group, embedding_group=embedding_group)
-        self.optimizer = build_optimizer(self.model, cfg, dp_group=self.dp_group, tp_group=self.tp_group,
+        self.optimizer = build_optimizer(self.model, cfg, dp_group=self.grad_group, tp_group=self.tp_group,
                                          tp_rank=self.tp_rank, pp_group=self.pp_group,
                                          embedding_group=embedding_group)
         self.vocab_start = self.tp_rank * (self.model.vocab_size // cfg.tensor_parallel_size)
@@ -211,7 +218,7 @@ class TrainerActor:
         bad = [t for t in s.tokens if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise ValueError(f"sample {s.index}: token ids {bad[:5]} outside [0, {self.spec.vocab_size})")
-        limit = min(self.cfg.max_tokens_per_gpu, self.spec.max_position_embeddings)
+        limit = min(self.cfg.max_tokens_per_gpu * self.cfg.context_parallel_size, self.spec.max_position_embeddings)
         if len(s.tokens) > limit:
             raise ValueError(f"sample {s.index}: {len(s.tokens)} tokens exceed the limit {limit} "
                              "(max_tokens_per_gpu / max_position_embeddings)")
@@ -247,17 +254,32 @@ class TrainerActor:
     def _plan(self, indices: list[int], samples: list[Sample]) -> tuple[list[MicroBatch], dict[str, float]]:
         """This rank's micro-batches of samples[indices] (balanced with balance_data), and the imbalance metrics."""
         return plan_micro_batches(indices, [s.tokens for s in samples], [s.response_length for s in samples],
-                                  dp_size=self.dp_size, dp_rank=self.dp_rank, max_tokens=self.cfg.max_tokens_per_gpu,
+                                  dp_size=self.dp_size, dp_rank=self.dp_rank,
+                                  max_tokens=self.cfg.max_tokens_per_gpu * self.cfg.context_parallel_size,
                                   packed=self.cfg.pack_sequences, balance=self.cfg.balance_data, cost=self.cost_model)
 
     def _stage_output(self, model, mb: MicroBatch, input_tensor: torch.Tensor | None) -> torch.Tensor:
         """This stage's output for `mb` [width, rows, H] (final-norm hidden states on the last stage)."""
-        tokens = to_device(mb.tokens, self.device)  # packed [1, total] or padded [rows, max_len]
-        positions = to_device(mb.position_ids(), self.device)
-        packed = attention.packed_seq_params(mb.lengths, self.device) if mb.packed else None
+        cp = self._context_parallel(mb)
+        if cp is not None:  # this CP rank's two chunks of every sequence
+            tokens = to_device(cp.local_tokens(mb.tokens), self.device)  # [1, T_local]
+            positions = to_device(cp.positions.unsqueeze(0), self.device)
+            packed = attention.packed_seq_params(mb.lengths, self.device, context_parallel=cp)
+        else:
+            tokens = to_device(mb.tokens, self.device)  # packed [1, total] or padded [rows, max_len]
+            positions = to_device(mb.position_ids(), self.device)
+            packed = attention.packed_seq_params(mb.lengths, self.device) if mb.packed else None
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with amp:
             return bridge.stage_forward(model, tokens, positions, packed, input_tensor)
+
+    def _context_parallel(self, mb: MicroBatch) -> ContextParallel | None:
+        """This CP rank's share of the packed micro-batch `mb`, or None without context parallelism."""
+        if self.cp_size == 1:
+            return None
+        if not mb.packed:
+            raise ValueError("context parallelism needs packed micro-batches (pack_sequences=True)")
+        return ContextParallel.build(mb.lengths, self.cp_group, self.cp_size, self.cp_rank)
 
     def _replay_routing(self, mb: MicroBatch, samples: list[Sample]) -> None:
         """With routing replay, hand the policy's routers the recorded experts of `mb`'s samples (trainer.moe)."""
@@ -290,12 +312,24 @@ class TrainerActor:
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (and entropy) of the micro-batch's response tokens, flat [T]; logits only for those tokens."""
         weight = bridge.output_weight(model)  # [V_local, H]
-        hidden = self._response_hidden(mb, hidden).to(weight.dtype)  # [T, H]
-        return chunked_logprobs(hidden, weight, to_device(mb.response_targets(), self.device),
-                                vocab_start=self.vocab_start, vocab_size=self.spec.vocab_size,
-                                temperature=self.cfg.temperature,
-                                group=self.tp_group, with_entropy=with_entropy,
-                                chunk_tokens=self.cfg.logprob_chunk_tokens)
+        cp = self._context_parallel(mb)
+        targets = mb.response_targets()
+        if cp is not None:  # the response tokens predicted from this rank's positions, then summed over CP
+            local, places = cp.split_positions(mb.response_positions())
+            hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])[to_device(local, self.device)]
+            targets = targets[places]
+        else:
+            hidden = self._response_hidden(mb, hidden)  # [T, H]
+        logp, entropy = chunked_logprobs(hidden.to(weight.dtype), weight, to_device(targets, self.device),
+                                         vocab_start=self.vocab_start, vocab_size=self.spec.vocab_size,
+                                         temperature=self.cfg.temperature,
+                                         group=self.tp_group, with_entropy=with_entropy,
+                                         chunk_tokens=self.cfg.logprob_chunk_tokens)
+        if cp is not None:
+            total = sum(mb.response_lengths)
+            logp = gather_shards(logp, places, total, cp)
+            entropy = None if entropy is None else gather_shards(entropy, places, total, cp)
+        return logp, entropy
 
     def _log_probs_all(self, model, samples: list[Sample]) -> list[torch.Tensor]:
         """Per-sample response log-probs of `samples` (all valid), computed in DP shares and shared with every rank."""
@@ -673,6 +707,9 @@ class TrainerActor:
             if state["layout"] != layout:
                 raise ValueError(f"checkpoint layout {state['layout']} differs from this run's {layout}")
             return file, state
+        if saved.get("cp", 1) > 1 or layout.get("cp", 1) > 1:
+            raise ValueError(f"checkpoint layout {saved} differs from this run's {layout}: with context parallelism "
+                             "resuming needs the same world size and parallel sizes")
         if (saved["tp"], saved["pp"]) != (layout["tp"], layout["pp"]):
             raise ValueError(f"checkpoint layout {saved} differs from this run's {layout}: resuming needs the same "
                              "tensor and pipeline parallel sizes (only the data-parallel size may change)")
@@ -693,8 +730,11 @@ class TrainerActor:
         return file, state
 
     def _layout(self) -> dict[str, int]:
-        return {"world_size": self.world_size, "tp": self.cfg.tensor_parallel_size,
-                "pp": self.cfg.pipeline_parallel_size, "rank": self.rank}
+        layout = {"world_size": self.world_size, "tp": self.cfg.tensor_parallel_size,
+                  "pp": self.cfg.pipeline_parallel_size, "rank": self.rank}
+        if self.cfg.context_parallel_size > 1:  # absent at CP=1: earlier checkpoints keep their layout
+            layout["cp"] = self.cfg.context_parallel_size
+        return layout
 
     def export_hf(self, out_dir: str | os.PathLike) -> None:
         """Write the current policy as an HF folder (config, safetensors, tokenizer); collective."""

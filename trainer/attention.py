@@ -15,6 +15,9 @@ over ragged inputs (`aten._cudnn_attention_forward` with `cum_seq_q`) ran 100x s
 wrong gradients; cuDNN's dense SDPA once per sequence was faster forward (359 vs 294 TFLOP/s) but
 slower backward (191 vs 225). FlashAttention-2 stays.
 
+With context parallelism (`trainer.context_parallel`) the packed params carry this CP rank's chunks
+of every sequence; the core attention then attends them to their whole sequences (K/V all-gathered).
+
 Padded batches (one sequence per row, right-padded) use causal SDPA, which picks the flash or
 cuDNN kernel on GPU. With Transformer Engine installed, megatron's TE spec is used instead.
 """
@@ -59,24 +62,34 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 class _FlashVarlen(torch.autograd.Function):
-    """FlashAttention-2 varlen forward/backward (PyTorch's aten kernels), causal, no dropout."""
+    """FlashAttention-2 varlen forward/backward (PyTorch's aten kernels), causal (aligned at the end of each key
+    range when it is longer than the query's), no dropout."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, scale: float):
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng_state, unused)
+        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, rng_state, unused = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
+            grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k,
             0.0, True, rng_state, unused, scale=ctx.scale)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                 max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """The flash varlen kernel with separate query / key ranges (context parallelism); error if unsupported."""
+    if not flash_varlen_supported(q, k):
+        raise ValueError(f"flash varlen needs CUDA sm80+, bf16/fp16, head_dim % 8 == 0 and <= 256; got "
+                         f"{q.device} {q.dtype} head_dim {q.shape[-1]}")
+    return _FlashVarlen.apply(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale)
 
 
 def flash_varlen_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -105,10 +118,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         backend = "flash" if flash_varlen_supported(q, k) else "reference"
     if backend == "reference":
         return varlen_attention_reference(q, k, v, cu_seqlens, scale)
-    if not flash_varlen_supported(q, k):
-        raise ValueError(f"flash varlen needs CUDA sm80+, bf16/fp16, head_dim % 8 == 0 and <= 256; got "
-                         f"{q.device} {q.dtype} head_dim {q.shape[-1]}")
-    return _FlashVarlen.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)
+    return flash_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale)
 
 
 def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -149,6 +159,12 @@ def _core_attention_class():
             if packed_seq_params is not None:
                 if packed_seq_params.qkv_format != "thd":
                     raise ValueError(f"packed_seq_params.qkv_format={packed_seq_params.qkv_format!r}; valid: 'thd'")
+                cp = getattr(packed_seq_params, "context_parallel", None)
+                if cp is not None:  # this rank's chunks of each sequence, against the whole sequence
+                    from trainer.context_parallel import context_parallel_attention
+
+                    out = context_parallel_attention(query, key, value, cp, self.softmax_scale)
+                    return out.reshape(out.shape[0], -1)
                 out = varlen_attention(query, key, value, packed_seq_params.cu_seqlens_q,
                                        packed_seq_params.max_seqlen_q, self.softmax_scale)  # [t, np, hn]
                 return out.reshape(out.shape[0], -1)
@@ -169,23 +185,34 @@ def _packed_seq_params_class():
 
         positions: torch.Tensor | None = None  # [T] int64
         rope_cache: dict = field(default_factory=dict)  # cos/sin tables of this micro-batch (trainer.fused)
+        context_parallel: object = None  # trainer.context_parallel.ContextParallel: this CP rank's chunks
 
     return KilnPackedSeqParams
 
 
-def packed_seq_params(lengths: list[int], device: torch.device | str):
+def packed_seq_params(lengths: list[int], device: torch.device | str, context_parallel=None):
     """megatron PackedSeqParams (THD) for one packed row of sequences of `lengths`, with per-token RoPE positions.
 
-    Built on the host and sent in one asynchronous copy: no device sync.
+    Built on the host and sent in one asynchronous copy: no device sync. With `context_parallel` (a
+    `trainer.context_parallel.ContextParallel` of these lengths) it describes this CP rank's chunks:
+    two per sequence, at their global positions.
     """
     if not lengths or min(lengths) < 1:
         raise ValueError(f"packed sequences need lengths >= 1, got {lengths}")
-    host = torch.cat([cu_seqlens_from_lengths(lengths).long()] + [torch.arange(n) for n in lengths])  # [seqs+1+T]
-    staged = to_device(host, device)
-    cu, positions = staged[:len(lengths) + 1].int(), staged[len(lengths) + 1:]  # [seqs + 1] int32, [T] int64
-    longest = max(lengths)
+    cp = context_parallel
+    if cp is not None:
+        local = [2 * p // (2 * cp.size) for p in cp.padded]
+        host = torch.cat([cu_seqlens_from_lengths(local).long(), cp.positions])
+        longest = max(cp.padded)  # megatron sizes its RoPE table from max_seqlen: the global positions
+    else:
+        local = lengths
+        host = torch.cat([cu_seqlens_from_lengths(lengths).long()] + [torch.arange(n) for n in lengths])
+        longest = max(lengths)
+    staged = to_device(host, device)  # [seqs + 1 + T]
+    cu, positions = staged[:len(local) + 1].int(), staged[len(local) + 1:]  # [seqs + 1] int32, [T] int64
     return _packed_seq_params_class()(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                                      max_seqlen_kv=longest, positions=positions)
+                                      max_seqlen_kv=longest, positions=positions,
+                                      context_parallel=None if cp is None else cp.to(device))
 
 
 def gpt_layer_spec(qk_norm: bool):

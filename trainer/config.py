@@ -25,6 +25,7 @@ class TrainerConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     expert_model_parallel_size: int = 1  # MoE: each MoE layer's experts split over this many data-parallel ranks
+    context_parallel_size: int = 1  # each packed sequence split over this many ranks (docs/trainer.md)
     seed: int = 1234
     # optimisation
     lr: float = 1e-6
@@ -82,7 +83,8 @@ class TrainerConfig:
             raise ValueError(f"hf_checkpoint {self.hf_checkpoint!r} is not an HF model folder (no config.json)")
         if self.ref_checkpoint is not None and not (Path(self.ref_checkpoint) / "config.json").exists():
             raise ValueError(f"ref_checkpoint {self.ref_checkpoint!r} is not an HF model folder (no config.json)")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "global_batch_size", "max_tokens_per_gpu",
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "context_parallel_size", "global_batch_size",
+                     "max_tokens_per_gpu",
                      "vocab_pad_multiple", "logprob_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; must be >= 1")
@@ -96,6 +98,7 @@ class TrainerConfig:
             raise ValueError("optimizer_cpu_offload keeps the sharded optimizer's state on the host; add "
                              "--use-distributed-optimizer")
         self._check_moe()
+        self._check_context_parallel()
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"lr={self.lr}, min_lr={self.min_lr}; need lr > 0 and 0 <= min_lr <= lr")
         if self.lr_warmup_steps < 0:
@@ -165,6 +168,23 @@ class TrainerConfig:
             raise ValueError("loss.use_tis needs recompute_old_logprobs=True (TIS reweights old vs rollout log-probs)")
         if not self.recompute_old_logprobs and self.loss.use_mis:
             raise ValueError("loss.use_mis needs recompute_old_logprobs=True (MIS compares old vs rollout log-probs)")
+
+    def _check_context_parallel(self) -> None:
+        """The combinations context parallelism supports: packed dense policies without PP, critic or TE."""
+        if self.context_parallel_size == 1:
+            return
+        from trainer.megatron_compat import has_transformer_engine
+
+        hf = json.loads((Path(self.hf_checkpoint) / "config.json").read_text())
+        refused = [(self.pipeline_parallel_size > 1, "pipeline_parallel_size > 1"),
+                   (not self.pack_sequences, "pack_sequences=False (padded micro-batches)"),
+                   (hf.get("model_type") == "qwen3_moe", "a mixture-of-experts model"),
+                   (self.use_critic, "advantage_estimator='gae' (a critic)"),
+                   (has_transformer_engine(), "Transformer Engine installed (its attention replaces Kiln's)")]
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"context_parallel_size={self.context_parallel_size} with {what} is not supported; "
+                                 "use context_parallel_size=1 (docs/trainer.md, 'Context parallelism')")
 
     def _check_moe(self) -> None:
         """The MoE settings against the model: experts to split, no TP, replay only of a MoE model."""

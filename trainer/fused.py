@@ -143,6 +143,9 @@ def layer_classes():
                                           inference_context=inference_context, inference_params=inference_params,
                                           rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
                                           rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias):
+                if getattr(packed_seq_params, "context_parallel", None) is not None:
+                    raise ValueError("context parallelism needs the fused q/k-norm + RoPE path (RoPE at the global "
+                                     "positions); this layer takes megatron's own")
                 return super().forward(hidden_states, attention_mask, key_value_states, inference_context,
                                        rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
                                        attention_bias, packed_seq_params, sequence_len_offset,
