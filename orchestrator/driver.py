@@ -142,6 +142,12 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
     if run.eval_interval is not None and not data.eval_prompt_data and not data.eval_config:
         raise ConfigError(f"--eval-interval {run.eval_interval} needs --eval-prompt-data or --eval-config")
     _check_opd_teacher(run, trainer)
+    ranks, split = run.actor_num_nodes * run.actor_num_gpus_per_node, (
+        trainer.tensor_parallel_size * trainer.pipeline_parallel_size * trainer.context_parallel_size)
+    if trainer.context_parallel_size > 1 and ranks % split:
+        raise ConfigError(f"--context-parallel-size {trainer.context_parallel_size}: the {ranks} trainer ranks "
+                          f"(--actor-num-nodes x --actor-num-gpus-per-node) are not a multiple of TP x PP x CP = "
+                          f"{split}")
     try:   # the eval sets' files, keys and values, before Ray starts
         eval_sets(data, rollout)
     except EvalConfigError as e:

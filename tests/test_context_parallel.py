@@ -75,6 +75,13 @@ def _cp_worker(rank, world, model):
         res[f"cp{cp}_weights"] = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
         res[f"cp{cp}_logp_after"] = actor.compute_log_probs(samples)
         actor.shutdown()
+    # the sharded optimizer shards over DP x CP: here the two CP ranks
+    actor = TrainerActor(_config(model, context_parallel_size=2, max_tokens_per_gpu=40, use_distributed_optimizer=True),
+                         rank, world, "127.0.0.1", 0)
+    actor.init()
+    res["sharded_metrics"] = actor.train_step(samples)
+    res["sharded_weights"] = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
+    actor.shutdown()
     return res
 
 
@@ -106,6 +113,15 @@ def test_cp2_loss_grads_and_step_equal_cp1(results):
         assert torch.equal(w, results[1]["cp2_weights"][name])  # both CP ranks hold the same model
     for a, b in zip(res["cp2_logp_after"], res["cp1_logp_after"]):
         assert (a - b).abs().max().item() < 1e-5
+
+
+def test_cp2_with_the_sharded_optimizer_equals_cp1(results):
+    res = results[0]
+    for key in ("loss", "grad_norm"):
+        assert res["sharded_metrics"][key] == pytest.approx(res["cp1_metrics"][key], rel=1e-4, abs=1e-6), key
+    for name, w in res["sharded_weights"].items():
+        assert (w - res["cp1_weights"][name]).abs().max().item() < 1e-5, name
+        assert torch.equal(w, results[1]["sharded_weights"][name])
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -179,3 +195,18 @@ def test_cp2_equals_cp1_on_two_gpus(qwen3_model):
             assert (a - b).abs().max().item() < 5e-2
     for key in ("loss", "pg_loss", "entropy", "grad_norm"):
         assert res["cp2_metrics"][key] == pytest.approx(res["cp1_metrics"][key], rel=2e-2, abs=1e-3), key
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"context-parallel-size": 2}, "not a multiple of TP x PP x CP = 2"),
+    ({"context-parallel-size": 2, "actor-num-gpus-per-node": 2, "pack-sequences": False}, "pack_sequences=False"),
+])
+def test_driver_refuses_before_ray(qwen3_model, extra, message):
+    from orchestrator.cli import ConfigError
+    from orchestrator.driver import resolve
+
+    with pytest.raises(ConfigError, match=message):
+        resolve({"hf-checkpoint": str(qwen3_model), "prompt-data": "x.jsonl", **extra})
+    cfg = resolve({"hf-checkpoint": str(qwen3_model), "prompt-data": "x.jsonl", "context-parallel-size": 2,
+                   "actor-num-gpus-per-node": 2})
+    assert cfg.trainer.context_parallel_size == 2
