@@ -190,7 +190,6 @@ REJECTED: tuple[Rejected, ...] = (
     Rejected("rollout-function-path", 1, "Kiln's rollout loop is fixed; customise it with "
              "--custom-generate-function-path (per sample) and --dynamic-sampling-filter-path (per group)"),
     Rejected("custom-convert-samples-to-train-data-path", 1, "Kiln trains on Sample objects directly"),
-    Rejected("custom-reward-post-process-path", 1, "Kiln has no reward post-process hook; do it in --custom-rm-path"),
     Rejected("custom-megatron-init-path", 1, "Kiln's trainer is not Megatron-LM"),
     Rejected("custom-model-provider-path", 1, "Kiln's trainer builds the model from the HF config"),
     Rejected("normalize-advantages", 0, "Kiln normalizes advantages per group (--normalize-advantages-std), "

@@ -78,6 +78,9 @@ class RolloutConfig:
     """When rewards are dicts, the key of the scalar that filters, metrics and training use."""
     reward_timeout: float | None = 60.0
     """Seconds a reward call may take before the sample is marked failed; None = no limit."""
+    custom_reward_post_process_path: str | None = None
+    """Batch reward hook 'pkg.mod:fn' `fn(args, samples) -> list[float]`: the rewards training uses, one per sample
+    of the step's batch (e.g. normalised across the batch); the scorer's reward is kept in metadata['raw_reward']."""
     dynamic_sampling_filter_path: str | None = None
     """Group filter 'pkg.mod:fn' `fn(args, samples) -> bool`; e.g. rollout.filters:nonzero_reward_std."""
     over_sampling_batch_size: int | None = None
@@ -148,7 +151,8 @@ class RolloutConfig:
                 raise ValueError(f"RolloutConfig.format_reward_pattern = {self.format_reward_pattern!r}: {e}") from e
         if self.group_rm and self.custom_rm_path is None:
             raise ValueError("RolloutConfig.group_rm needs --custom-rm-path (a batched reward function)")
-        for name in ("custom_generate_function_path", "custom_rm_path", "dynamic_sampling_filter_path"):
+        for name in ("custom_generate_function_path", "custom_rm_path", "custom_reward_post_process_path",
+                     "dynamic_sampling_filter_path"):
             _import_path(self, name)
         for name in ("reward_timeout", "rollout_deadline", "sample_timeout"):
             check_positive_seconds(self, name)

@@ -167,6 +167,8 @@ class RolloutManager:
         self.scorer = RewardScorer(config, self.args)
         self.filter_fn = (load_function(config.dynamic_sampling_filter_path)
                           if config.dynamic_sampling_filter_path else None)
+        self.post_process_fn = (load_function(config.custom_reward_post_process_path)
+                                if config.custom_reward_post_process_path else None)
         self._next_index = 0
         self._next_group = 0
         self._buffer: list[_Group] = []  # groups left over from the last step, served first
@@ -260,7 +262,14 @@ class RolloutManager:
         accepted.sort(key=lambda g: g.prompt.group_index)
         samples = [s for g in accepted for s in sorted(g.samples, key=lambda s: s.index)]
         masked = sum(mask_offpolicy_tokens(s) for s in samples) if cfg.offpolicy_tokens == "mask" else 0
-        metrics = self._metrics(samples, failed, counts, elapsed)
+        metrics = self._metrics(samples, failed, counts, elapsed)   # the scorer's rewards
+        if self.post_process_fn is not None and samples:
+            post = self._post_process_rewards(samples)
+            if post is None:  # the hook failed: so did this step's samples (marked), the run goes on
+                failed, samples = failed + samples, []
+                metrics = self._metrics(samples, failed, counts, elapsed)
+            else:
+                metrics["rollout/post_processed_reward_mean"] = post
         metrics["rollout/offpolicy_masked_tokens"] = masked
         self._separate_roles(samples)
         batch = RolloutBatch(step=step, samples=samples, failed=failed, metrics=metrics)
@@ -448,6 +457,26 @@ class RolloutManager:
                 s.status, s.error = Status.FAILED, message
             failed.extend(group.samples)
             return False
+
+    def _post_process_rewards(self, samples: list[Sample]) -> float | None:
+        """--custom-reward-post-process-path over the batch: each sample's reward becomes the hook's value (the
+        scorer's kept in metadata['raw_reward']); the mean, or None (samples marked failed) if the hook raised or
+        did not answer one finite number per sample."""
+        path = self.config.custom_reward_post_process_path
+        try:
+            rewards = [float(r) for r in self.post_process_fn(self.args, samples)]
+            if len(rewards) != len(samples) or not all(math.isfinite(r) for r in rewards):
+                raise ValueError(f"it must return one finite number per sample: got {len(rewards)} values for "
+                                 f"{len(samples)} samples{'' if len(rewards) != len(samples) else ', not all finite'}")
+        except Exception as e:  # noqa: BLE001 - a broken hook fails the step's samples, not the run
+            message = f"reward post-process {path} raised {type(e).__name__}: {e}"
+            logger.warning("%s; the %d samples of this batch are marked failed", message, len(samples))
+            for s in samples:
+                s.status, s.error = Status.FAILED, message
+            return None
+        for s, r in zip(samples, rewards):
+            s.metadata["raw_reward"], s.reward = s.reward, r
+        return sum(rewards) / len(rewards)
 
     def _keep(self, group: _Group, failed: list[Sample], counts: dict[str, int]) -> bool:
         """The dynamic sampling filter's verdict; a filter that raises drops the group as failed."""

@@ -357,3 +357,36 @@ async def test_reward_dict_without_reward_key_fails_the_group(tok):
                               custom_rm_path=f"{MODULE}:dict_reward", reward_key="accuracy")
     batch = await manager.generate(0)
     assert batch.metrics["rollout/reward_mean"] == 1.0 and batch.samples[0].reward == {"accuracy": 1.0}
+
+
+def centre_rewards(args, samples):
+    """A batch-level reward hook: rewards minus the batch mean, plus the number of samples (so the call is visible)."""
+    mean = sum(s.reward for s in samples) / len(samples)
+    return [s.reward - mean + len(samples) for s in samples]
+
+
+def broken_post_process(args, samples):
+    return [1.0]  # one value for the whole batch: wrong length
+
+
+async def test_reward_post_process_replaces_rewards_and_keeps_the_raw_ones(tok):
+    client = FakeEngineClient(script=alternating_answers(tok), tokenizer=tok, eos_id=tok.eos_token_id)
+    manager, _ = make_manager(tok, rows(8), client, rollout_batch_size=3, n_samples_per_prompt=2,
+                              custom_reward_post_process_path="tests.test_rollout_manager:centre_rewards")
+    batch = await manager.generate(0)
+    raw = [s.metadata["raw_reward"] for s in batch.samples]
+    assert len(batch.samples) == 6 and sorted(set(raw)) == [0.0, 1.0]
+    mean = sum(raw) / 6
+    assert [s.reward for s in batch.samples] == pytest.approx([r - mean + 6 for r in raw])
+    assert batch.metrics["rollout/post_processed_reward_mean"] == pytest.approx(6.0)
+
+
+async def test_broken_reward_post_process_fails_the_batch_not_the_run(tok):
+    client = FakeEngineClient(script=alternating_answers(tok), tokenizer=tok, eos_id=tok.eos_token_id)
+    manager, _ = make_manager(tok, rows(8), client, rollout_batch_size=2, n_samples_per_prompt=2,
+                              custom_reward_post_process_path="tests.test_rollout_manager:broken_post_process")
+    batch = await manager.generate(0)
+    assert batch.samples == [] and len(batch.failed) == 4
+    assert all(s.status == Status.FAILED and "got 1 values for 4 samples" in s.error for s in batch.failed)
+    batch = await manager.generate(1)  # the manager goes on with the next step
+    assert len(batch.failed) == 4
