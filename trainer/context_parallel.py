@@ -135,7 +135,8 @@ class _GatherRows(torch.autograd.Function):
             out = grad.new_empty((ctx.rows,) + tuple(grad.shape[1:]))
             dist.reduce_scatter_tensor(out, grad, group=ctx.group)
             return out, None, None, None
-        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter
+        grad = grad.clone()  # autograd's incoming gradient is not ours to change in place
+        dist.all_reduce(grad, group=ctx.group)  # gloo: all-reduce and keep this rank's rows
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].clone(), None, None, None
 
 
