@@ -131,6 +131,8 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
         _fp8_corrections(values)
     if values.get("attention-backend") == "flashinfer":  # a CUDA-only backend: validated as on the GPU the
         values["device"] = "cuda"                         # placement will give it (checked in setup)
+    if "engine-stall-window" not in values and values.get("engine-health-timeout", 0) > RunConfig.engine_stall_window:
+        values["engine-stall-window"] = values["engine-health-timeout"]   # a longer probe widens the window
     run, rollout, data, trainer, engine, env = instantiate(CONFIG_CLASSES, values)
     if len(policies) > 1 and trainer.ref_checkpoint is not None:
         raise ConfigError("--ref-checkpoint is ambiguous with several --policies; each policy's reference is its "

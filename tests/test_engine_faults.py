@@ -355,3 +355,13 @@ async def test_an_http_health_probe_that_times_out_is_slow_not_unhealthy():
     router = Router([client], page_size=4, health_timeout=5.0, stall_window=60.0)
     assert await router.check_health() == [True] and router.stats[0].slow_probes == 1   # kept in rotation
     await client.aclose()
+
+
+def test_a_probe_timeout_longer_than_the_default_stall_window_widens_it(qwen3_model):
+    """slime's --rollout-health-check-timeout 600 alone is a valid run: the stall window follows the probe timeout
+    unless it is given; given and shorter, it is refused."""
+    driver = _driver(qwen3_model, **{"engine-health-timeout": 600})
+    assert driver.cfg.run.engine_stall_window == 600
+    assert _driver(qwen3_model).cfg.run.engine_stall_window == 300
+    with pytest.raises(ConfigError, match="engine_stall_window = 60: expected at least --engine-health-timeout"):
+        _driver(qwen3_model, **{"engine-health-timeout": 600, "engine-stall-window": 60})
