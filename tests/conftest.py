@@ -1,6 +1,7 @@
 """Session fixtures: tiny random HF model folders (Llama, Qwen2, Qwen3) with a locally trained BPE tokenizer."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +55,18 @@ def qwen3_moe_model(tmp_path_factory, tokenizer_dir):
     """A tiny random Qwen3MoeForCausalLM: 3 layers (layer 1 a dense MLP), 8 experts, top-2, renormalised."""
     return make_tiny_model(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe", seed=7, tokenizer_dir=tokenizer_dir,
                            num_layers=3, mlp_only_layers=(1,))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs for one test module (the driver's end-to-end runs); actors import tests/ and the repo."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    tests = Path(__file__).resolve().parent
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {"PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)]), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 
@@ -14,20 +12,6 @@ from inference_engine.testing import make_tiny_model
 from orchestrator.driver import Driver, resolve
 
 ray = pytest.importorskip("ray")
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_two_policies_co_train_and_advance(local_ray, tmp_path, tokenizer_dir):

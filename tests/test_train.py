@@ -22,23 +22,12 @@ from kiln_common.net import free_port
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 # wall-clock figures, and the engine-vs-trainer log-prob gap (engine batching changes the last float bits)
 # metrics that depend on timing, not on the run's state: speeds, which requests shared a prefill (cache hit rate),
 # and the engine's float rounding under different batch compositions (rollout log-probs)
 UNSTABLE = ("timing/", "rollout/time_s", "rollout/tokens_per_s", "push/gb_per_s", "train/train_rollout_logp_absdiff",
             "train/train_rollout_kl", "rollout/cache_hit_rate", "rollout/engine_slow_probes",
             "rollout/engine_request_timeouts")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ optimizer and balanced micro-batches trains, offloads / onloads around the rollo
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,18 +13,6 @@ from examples.quickstart.make_data import write_dataset
 from orchestrator.driver import Driver, resolve
 
 ray = pytest.importorskip("ray")
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_colocated_run_with_sharded_offloaded_optimizer_and_balanced_batches(local_ray, tiny_models, tmp_path):
