@@ -13,7 +13,7 @@ from trainer.config import TrainerConfig
 from trainer.logprobs import vocab_parallel_logprobs
 from trainer.losses import LossConfig
 from trainer.optimizer import lr_at
-from trainer.testing import hf_response_logprobs, make_samples, run_distributed
+from trainer.testing import hf_response_logprobs, hf_weights, make_samples, run_distributed
 
 TEMPERATURE = 0.8
 
@@ -22,13 +22,6 @@ def _config(path, **overrides) -> TrainerConfig:
     base = dict(hf_checkpoint=str(path), lr=1e-2, temperature=TEMPERATURE, global_batch_size=8,
                 max_tokens_per_gpu=256, vocab_pad_multiple=96, clip_grad=10.0, seed=3)
     return TrainerConfig(**{**base, **overrides})
-
-
-def _weights(actor) -> dict:
-    out = {}
-    for bucket in actor.iter_hf_weight_buckets(1 << 20):
-        out.update({k: v.clone() for k, v in bucket})
-    return out
 
 
 def _run(actor_cls, cfg, rank, world, steps, samples):
@@ -47,7 +40,7 @@ def _trainer_worker(rank, world, models, out_dir):
     for tp in (2, 1):
         cfg = _config(models["qwen2"], tensor_parallel_size=tp, adam_eps=1e-3)  # eps: Adam's g/|g| would amplify noise
         actor, m = _run(TrainerActor, cfg, rank, world, 1, samples)
-        res[f"tp{tp}_weights"], res[f"tp{tp}_metrics"] = _weights(actor), m[0]
+        res[f"tp{tp}_weights"], res[f"tp{tp}_metrics"] = hf_weights(actor), m[0]
         actor.shutdown()
 
     # Packing invariance at TP=2: one micro-batch vs three.
@@ -60,7 +53,7 @@ def _trainer_worker(rank, world, models, out_dir):
                                                     [s.response_length for s in samples], b)) == 3)
         cfg = _config(models["qwen3"], tensor_parallel_size=2, max_tokens_per_gpu=budget, adam_eps=1e-3)
         actor, _ = _run(TrainerActor, cfg, rank, world, 1, samples)
-        res[f"pack_{name}"] = _weights(actor)
+        res[f"pack_{name}"] = hf_weights(actor)
         actor.shutdown()
 
     # Learning, bit-exact resume, export (TP=2): rewards 1/0 inside each group of two.
@@ -77,7 +70,7 @@ def _trainer_worker(rank, world, models, out_dir):
     res["logp_after"] = actor.compute_log_probs(learn)
     actor.save_checkpoint(out_dir / "ckpt")
     res["next_metrics"] = actor.train_step(learn)
-    res["next_weights"] = _weights(actor)
+    res["next_weights"] = hf_weights(actor)
     res["offload_bytes"], res["onload_bytes"] = actor.offload(), actor.onload()
     actor.export_hf(out_dir / "export")
     res["trainer_logp_export"] = actor.compute_log_probs(learn)
@@ -86,7 +79,7 @@ def _trainer_worker(rank, world, models, out_dir):
     actor.init()
     actor.load_checkpoint(out_dir / "ckpt")
     res["resumed_metrics"] = actor.train_step(learn)
-    res["resumed_weights"] = _weights(actor)
+    res["resumed_weights"] = hf_weights(actor)
 
     # Bad input: out-of-vocab token, missing reward, wrong loss_mask length; the rest still trains.
     bad = [Sample(index=100, tokens=[1, 2, 10_000, 3], response_length=2, loss_mask=[1, 1], reward=1.0),

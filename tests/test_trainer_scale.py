@@ -17,7 +17,7 @@ from trainer.batching import (CostModel, balanced_micro_batches, balanced_partit
                               pack_micro_batches, plan_micro_batches)
 from trainer.config import TrainerConfig
 from trainer.optimizer import ShardLayout, copy_between_layouts
-from trainer.testing import make_samples, run_distributed
+from trainer.testing import hf_weights, make_samples, run_distributed
 
 BUCKET = 4099  # elements per rank per bucket: the tiny models span many buckets, and bucket edges cut parameters
 STEPS = 3
@@ -27,13 +27,6 @@ def _config(path, **overrides) -> TrainerConfig:
     base = dict(hf_checkpoint=str(path), lr=1e-2, temperature=0.8, global_batch_size=8, max_tokens_per_gpu=256,
                 vocab_pad_multiple=96, clip_grad=1.0, seed=3, adam_eps=1e-3, weight_decay=0.1)
     return TrainerConfig(**{**base, **overrides})
-
-
-def _weights(actor) -> dict:
-    out = {}
-    for bucket in actor.iter_hf_weight_buckets(1 << 20):
-        out.update({k: v.clone() for k, v in bucket})
-    return out
 
 
 def _train(cfg, rank, world, samples, steps, *, save=None, load=None):
@@ -51,7 +44,7 @@ def _train(cfg, rank, world, samples, steps, *, save=None, load=None):
         metrics.append(actor.train_step(samples))
         if save is not None and step == 1:
             actor.save_checkpoint(save)
-    out = {"metrics": metrics, "weights": _weights(actor), "kind": type(actor.optimizer).__name__,
+    out = {"metrics": metrics, "weights": hf_weights(actor), "kind": type(actor.optimizer).__name__,
            "params": torch.cat([p.detach().reshape(-1) for p in actor.model.parameters()])}
     if hasattr(actor.optimizer, "memory_bytes"):
         out["memory"] = actor.optimizer.memory_bytes()

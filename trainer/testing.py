@@ -86,6 +86,14 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     return run_ranks(_gloo_rank, world_size, fn, *args, timeout_s=timeout)
 
 
+def hf_weights(actor) -> dict[str, torch.Tensor]:
+    """A copy of every weight of a TrainerActor, by HF name (what export and the weight push send)."""
+    out = {}
+    for bucket in actor.iter_hf_weight_buckets(1 << 20):
+        out.update({k: v.clone() for k, v in bucket})
+    return out
+
+
 def make_samples(num: int, *, vocab_size: int, seed: int = 0, min_len: int = 6, max_len: int = 24,
                  group_size: int = 2) -> list[Sample]:
     """Random prompt+response samples with rewards, loss masks (some 0s) and rollout log-probs."""
