@@ -22,7 +22,7 @@ from rollout.manager import RolloutManager
 from rollout.staleness import mask_offpolicy_tokens, staleness, version_lag_metrics
 from rollout.testing import FakeEngineClient
 
-from test_train import assert_same_weights, data_dir, engine_tensors, local_ray, run, trainer_tensors, values  # noqa: F401
+from test_train import assert_same_weights, data_dir, engine_tensors, run, trainer_tensors, values  # noqa: F401
 
 PROMPT = "What is 3 + 4? The answer is"
 NEW = 40

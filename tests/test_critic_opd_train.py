@@ -9,7 +9,7 @@ import torch
 
 from orchestrator.cli import ConfigError
 from orchestrator.driver import resolve
-from test_train import data_dir, local_ray, run, values  # noqa: F401 - fixtures and helpers of the driver tests
+from test_train import data_dir, run, values  # noqa: F401 - fixtures and helpers of the driver tests
 
 ray = pytest.importorskip("ray")
 

@@ -6,7 +6,7 @@ import json
 import ray
 import torch
 
-from test_train import data_dir, local_ray, run, trainer_tensors, values  # noqa: F401 - fixtures
+from test_train import data_dir, run, trainer_tensors, values  # noqa: F401 - fixtures
 from weight_sync import compare_checksums
 from weight_sync.checksum import TensorChecksum, checksums
 from weight_sync.fp8 import Fp8Layout
