@@ -10,6 +10,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 DECODE_ATTENTION = ("flashinfer", "triton", "auto")
 WEIGHT_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class EngineConfig:
     # activations quantised per token and fp8_block_size group (docs/engine.md "FP8 rollout"); CUDA sm_89+ or CPU
     fp8_block_size: int = 128  # weight blocks are this square, activation groups this wide (16, 32, 64 or 128)
     fp8_lm_head: bool = False  # with weight_dtype "fp8": the (untied) LM head in FP8 too; default: kept in `dtype`
+    kv_cache_dtype: str = "auto"  # "auto": the KV cache in `dtype`; "fp8_e4m3": e4m3 with a float32 scale per
+    # (layer, kv head) derived from the weights, ~2x the tokens in the same memory (docs/engine.md "FP8 KV cache");
+    # CUDA sm_89+ or CPU
     stall_timeout_s: float = 60.0  # health() is not ok (HTTP /health 503) once the scheduler has had work but
     # made no step for this many seconds (stuck in a step, e.g. a collective whose peer is gone)
 
@@ -113,6 +117,16 @@ class EngineConfig:
             raise ValueError(f"fp8_block_size {self.fp8_block_size!r} is not supported; expected 16, 32, 64 or 128")
         if self.fp8_lm_head and self.weight_dtype != "fp8":
             raise ValueError("fp8_lm_head applies to weight_dtype 'fp8' (--rollout-dtype fp8) only")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; expected one of "
+                             f"{KV_CACHE_DTYPES}")
+        if self.kv_cache_dtype != "auto":
+            from inference_engine.attention import get_backend_class
+
+            if not get_backend_class(self.attention_backend).supports_fp8_kv:
+                raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r}: attention_backend "
+                                 f"{self.attention_backend!r} cannot read an fp8 KV cache; use 'torch', 'triton' or "
+                                 "'flashinfer'")
         if self.base_gpu_id and self.device != "cuda":
             raise ValueError(f"base_gpu_id {self.base_gpu_id} applies to device 'cuda' only, not {self.device!r} "
                              "(with 'cuda:N' the ranks start at N)")
@@ -134,10 +148,17 @@ class EngineConfig:
 
     @property
     def torch_dtype(self):
-        """The torch dtype of weights and KV cache."""
+        """The torch dtype of weights and activations (and of the KV cache unless kv_cache_dtype says otherwise)."""
         import torch
 
         return getattr(torch, self.dtype)
+
+    @property
+    def kv_torch_dtype(self):
+        """The torch dtype the KV cache stores: `torch_dtype`, or float8_e4m3fn with kv_cache_dtype "fp8_e4m3"."""
+        from inference_engine.kv_cache import KV_CACHE_DTYPES as STORAGE
+
+        return STORAGE.get(self.kv_cache_dtype, self.torch_dtype)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -5,11 +5,47 @@ Layout (fixed; the triton kernels rely on it): per layer k_buffer and v_buffer o
 Page 0 is never handed out: it is the padding target of padded kernels.
 A mixture-of-experts model also gets `routed_experts` [num_slots, moe layers, top_k]: the experts each token's
 forward chose, kept with its KV (so prefix-cache hits keep theirs).
+
+FP8 KV cache (EngineConfig.kv_cache_dtype "fp8_e4m3"): the buffers hold float8_e4m3fn and the pool holds one
+float32 scale per (layer, kv head) for K and for V (`k_scale`, `v_scale` [num_layers, num_kv_heads], with their
+float32 reciprocals `k_inv_scale`, `v_inv_scale`). A value x is stored as `e4m3(clamp(x * inv_scale, -448, 448))`
+(round to nearest even) and read as `q * scale` (`quantize_kv` / `dequantize_kv`, the definition every kernel
+follows). The scales live at fixed addresses (CUDA graphs read them) and change only with the weights
+(`models/kv_scales.py`), when no cached KV survives.
 """
 
 from __future__ import annotations
 
 import torch
+
+KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}  # EngineConfig.kv_cache_dtype -> storage dtype ("auto": `dtype`)
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether a KV buffer of this dtype holds e4m3 values that need their scales."""
+    return dtype == torch.float8_e4m3fn
+
+
+def quantize_kv(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 [..., KVH, D] of x [..., KVH, D] with float32 inv_scale [KVH]: e4m3(clamp(x * inv_scale, +-448)), RNE."""
+    return (x.float() * inv_scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values [..., KVH, D] (in dtype) that e4m3 q [..., KVH, D] with float32 scale [KVH] stands for."""
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V of one token over all layers (an e4m3 cache: one byte an element; its scales are per head)."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+
+
+def kv_slots_for_memory(free_bytes: int, fraction: float, num_layers: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+    """KV slots that `fraction` of `free_bytes` holds (the pool's size on a GPU when max_total_tokens is unset)."""
+    return int(free_bytes * fraction) // kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
 
 
 class KVPool:
@@ -29,6 +65,11 @@ class KVPool:
         self.k_buffer: list[torch.Tensor] = []
         self.v_buffer: list[torch.Tensor] = []
         self.routed_experts: torch.Tensor | None = None
+        # fp8: per (layer, kv head) scales, allocated once (never freed with the buffers: graphs hold their address)
+        self.k_scale = self.v_scale = self.k_inv_scale = self.v_inv_scale = None
+        if is_fp8(dtype):
+            ones = [torch.ones(num_layers, num_kv_heads, dtype=torch.float32, device=device) for _ in range(4)]
+            self.k_scale, self.v_scale, self.k_inv_scale, self.v_inv_scale = ones
         self.allocate_buffers()
         self.clear()
 
@@ -36,6 +77,32 @@ class KVPool:
     def capacity(self) -> int:
         """Slots that can be handed out (all pages but the padding page)."""
         return (self.num_pages - 1) * self.page_size
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the buffers hold e4m3 values read through `k_scale` / `v_scale`."""
+        return self.k_scale is not None
+
+    def layer_scales(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(k_scale, v_scale) [KVH] float32 of a layer (views at fixed addresses), or None for an unscaled cache."""
+        return None if self.k_scale is None else (self.k_scale[layer_id], self.v_scale[layer_id])
+
+    def layer_inv_scales(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(1 / k_scale, 1 / v_scale) [KVH] float32 of a layer, what the store path multiplies by; None if unscaled."""
+        return None if self.k_scale is None else (self.k_inv_scale[layer_id], self.v_inv_scale[layer_id])
+
+    def set_scales(self, layer_ids: list[int], k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+        """Set the scales [len(layer_ids), KVH] of these layers in place (and their float32 reciprocals).
+
+        Only while no KV stored with the old scales will be read again (the engine changes them with the weights,
+        whose update drops every cached and running request's KV)."""
+        index = torch.tensor(layer_ids, dtype=torch.int64, device=self.device)
+        k_scale = k_scale.to(self.device, torch.float32)
+        v_scale = v_scale.to(self.device, torch.float32)
+        self.k_scale.index_copy_(0, index, k_scale)
+        self.v_scale.index_copy_(0, index, v_scale)
+        self.k_inv_scale.index_copy_(0, index, 1.0 / k_scale)
+        self.v_inv_scale.index_copy_(0, index, 1.0 / v_scale)
 
     def allocate_buffers(self) -> None:
         """(Re)create the zeroed K/V buffers."""
@@ -52,7 +119,7 @@ class KVPool:
     @property
     def bytes(self) -> int:
         """Memory the K/V buffers take when allocated."""
-        return 2 * self.num_layers * self.num_slots * self.shape[1] * self.shape[2] * self.dtype.itemsize
+        return self.num_slots * kv_bytes_per_token(self.num_layers, self.shape[1], self.shape[2], self.dtype)
 
     def clear(self) -> None:
         """Mark every page but the padding page free."""

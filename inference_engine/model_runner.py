@@ -12,12 +12,14 @@ from typing import Iterable
 
 import torch
 
+from inference_engine import ops
 from inference_engine.attention import get_backend_class
 from inference_engine.config import EngineConfig
 from inference_engine.cuda_graph import CudaGraphRunner, ForwardOutput
 from inference_engine.forward_batch import ForwardBatch
-from inference_engine.kv_cache import KVPool, ReqToTokenPool
+from inference_engine.kv_cache import KVPool, ReqToTokenPool, is_fp8, kv_slots_for_memory
 from inference_engine.models import CausalLM, fp8, named_hf_tensors, read_spec
+from inference_engine.models.kv_scales import compute_kv_scales, layers_touched
 from inference_engine.models.loader import WeightPlan, expected_hf_names, iter_safetensors
 from inference_engine.models.moe import routed_experts_dtype, stacked_expert_names
 from inference_engine.parallel import TPGroup, check_tp_shape, rank_device
@@ -25,6 +27,16 @@ from inference_engine.tp_worker import TPWorkers
 
 log = logging.getLogger(__name__)
 CPU_DEFAULT_KV_TOKENS = 16384
+
+
+def check_fp8_kv_device(device: torch.device) -> None:
+    """ValueError unless an fp8 KV cache works on device: any CPU (dequantised in torch), CUDA of compute capability
+    8.9 or later with triton (the store kernel converts to e4m3)."""
+    if device.type == "cpu":
+        return
+    if device.type != "cuda" or not ops.runs_triton(device) or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"kv_cache_dtype 'fp8_e4m3' needs a CUDA GPU of compute capability 8.9 or later with triton "
+                         f"(or device 'cpu'); {device} is not one")
 
 
 class ModelRunner:
@@ -48,6 +60,10 @@ class ModelRunner:
                              f"{torch.cuda.device_count()} are visible")
         check_tp_shape(self.spec.num_heads, self.spec.num_kv_heads, config.tp_size)
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.kv_torch_dtype
+        if is_fp8(self.kv_dtype):
+            check_fp8_kv_device(self.device)
+        self.kv_pool: KVPool | None = None
         self.context_length = config.context_length or self.spec.max_position_embeddings
         if self.context_length > self.spec.max_position_embeddings:
             raise ValueError(f"context_length {self.context_length} exceeds the model's max_position_embeddings "
@@ -84,7 +100,8 @@ class ModelRunner:
         routed = ((self.spec.num_moe_layers, self.spec.num_experts_per_tok, routed_experts_dtype(self.spec.num_experts))
                   if self.spec.num_moe_layers else None)
         self.kv_pool = KVPool(num_slots, config.page_size, self.spec.num_layers, attn.num_kv_heads,
-                              self.spec.head_dim, self.dtype, self.device, routed)
+                              self.spec.head_dim, self.kv_dtype, self.device, routed)
+        self._refresh_kv_scales(list(range(self.spec.num_layers)))
         if self.kv_pool.capacity < -(-self.context_length // config.page_size) * config.page_size:
             raise ValueError(f"KV pool of {self.kv_pool.capacity} tokens cannot hold one request of context_length "
                              f"{self.context_length}; raise max_total_tokens or lower context_length")
@@ -99,9 +116,11 @@ class ModelRunner:
             self.tp.check_same("KV pool tokens, context length and decode graph batch sizes",
                                (self.kv_pool.capacity, self.context_length,
                                 None if self.graph_runner is None else self.graph_runner.batch_sizes))
-        log.info("model %s (%s) on %s %s, tp rank %d of %d: KV pool %d tokens (%.1f MiB), page %d, context %d",
+        log.info("model %s (%s) on %s %s, tp rank %d of %d: KV pool %d tokens (%.1f MiB, %s), page %d, context %d",
                  config.model_path, self.spec.family, self.device, config.dtype, self.tp_rank, config.tp_size,
-                 self.kv_pool.capacity, self.kv_pool.bytes / 2**20, config.page_size, self.context_length)
+                 self.kv_pool.capacity, self.kv_pool.bytes / 2**20,
+                 "fp8 e4m3, per-head scales" if self.kv_pool.quantized else config.dtype, config.page_size,
+                 self.context_length)
 
     def _kv_slots(self, num_kv_heads: int) -> int:
         if self.config.max_total_tokens is not None:
@@ -109,8 +128,13 @@ class ModelRunner:
         if self.device.type != "cuda":
             return CPU_DEFAULT_KV_TOKENS
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_token = 2 * self.spec.num_layers * num_kv_heads * self.spec.head_dim * self.dtype.itemsize
-        return int(free * self.config.mem_fraction_static) // per_token
+        return kv_slots_for_memory(free, self.config.mem_fraction_static, self.spec.num_layers, num_kv_heads,
+                                   self.spec.head_dim, self.kv_dtype)
+
+    def _refresh_kv_scales(self, layer_ids: list[int]) -> None:
+        """Recompute the fp8 KV scales of these layers from their weights (nothing for an unscaled cache)."""
+        if layer_ids and self.kv_pool is not None and self.kv_pool.quantized:
+            self.kv_pool.set_scales(layer_ids, *compute_kv_scales(self.model, layer_ids))
 
     def tell_workers(self, name: str, *args) -> None:
         """Have the tp workers run operation `name` (see tp_worker); nothing with one rank or on a worker."""
@@ -143,8 +167,12 @@ class ModelRunner:
         return self.load_weights_local(named_tensors)
 
     def load_weights_local(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        """Load this rank's shard of full HF-named tensors (each rank got them on its own); returns names loaded."""
-        return self.weight_plan.load(named_tensors)
+        """Load this rank's shard of full HF-named tensors (each rank got them on its own); returns names loaded.
+
+        An fp8 KV cache's scales follow the weights they are derived from (every update also drops all KV)."""
+        names = self.weight_plan.load(named_tensors)
+        self._refresh_kv_scales(layers_touched(names, self.spec.num_layers))
+        return names
 
     def routed_experts(self, slots: list[int], forward_done: bool = True) -> torch.Tensor:
         """The experts recorded for the tokens in these KV slots, [len(slots), moe layers, top_k], on the host.

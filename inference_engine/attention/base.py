@@ -18,7 +18,13 @@ class AttentionBackend(ABC):
     for each captured batch size and `init_graph_metadata(fb, capture=False)` before each replay. fb is
     then the graph runner's static, padded batch; the metadata must live in tensors whose addresses
     stay fixed between capture and replay, and `forward` must not read device values on the host.
+
+    FP8 KV cache (`fb.kv_pool.quantized`): the buffers hold e4m3 and `fb.kv_pool.layer_scales(layer_id)` the
+    per-kv-head float32 scales; a backend that reads such a pool sets `supports_fp8_kv` (EngineConfig refuses
+    the combination otherwise) and attends over `dequantize_kv(buffer, scale)` (kv_cache.py).
     """
+
+    supports_fp8_kv = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
                  page_size: int = 1, dtype: torch.dtype = torch.float32, triton_decode_max_bs: int = 0):

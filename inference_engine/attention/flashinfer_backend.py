@@ -20,6 +20,13 @@ the captured size decides) skip flashinfer and run Kiln's triton split-KV kernel
 backend's own functions: it sizes its splits from each request's length inside the kernel, so it needs
 no plan, and at small batches it beats flashinfer's graph decode, which pads its split grid to the
 whole GPU and then merges (docs/benchmarks.md). Prefill and extend batches always run flashinfer.
+
+FP8 KV cache: the wrappers are planned with kv_data_type float8_e4m3fn (q and output stay in the model dtype).
+flashinfer takes one k_scale / v_scale per call, the pool has one per kv head, so the K scale is folded into
+q (each query head times its kv head's scale) and the V scale into the output (`_scaled`); both are device
+tensors read inside the step, so graphs see new scales without a recapture. Every extend runs the paged
+wrapper over the pool (no ragged path over the new tokens' unquantised k/v), so a prompt attends to the same
+e4m3 values whether it was computed now or found in the radix cache.
 """
 
 from __future__ import annotations
@@ -73,6 +80,8 @@ def page_table(fb: ForwardBatch, page_size: int) -> PageTable:
 class FlashInferAttentionBackend(AttentionBackend):
     """flashinfer decode / prefill wrappers, planned once per batch (CUDA, bfloat16 or float16 only)."""
 
+    supports_fp8_kv = True
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
                  page_size: int = 1, dtype: torch.dtype = torch.bfloat16, triton_decode_max_bs: int = 0):
         super().__init__(num_heads, num_kv_heads, head_dim, device, page_size, dtype, triton_decode_max_bs)
@@ -108,9 +117,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         wrapper.plan(*args, **kwargs)
         self.planned.record(torch.cuda.current_stream(self.device))
 
-    def _plan_decode(self, wrapper, pages: PageTable) -> None:
+    def _plan_decode(self, wrapper, pages: PageTable, kv_dtype: torch.dtype) -> None:
         self._plan(wrapper, pages.indptr, pages.indices, pages.last_page_len, self.num_heads, self.num_kv_heads,
-                   self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype,
+                   self.head_dim, self.page_size, q_data_type=self.dtype, kv_data_type=kv_dtype,
                    sm_scale=self.sm_scale)
 
     def decodes_with_triton(self, batch_size: int) -> bool:
@@ -122,12 +131,13 @@ class FlashInferAttentionBackend(AttentionBackend):
         if fb.is_decode and self.decodes_with_triton(fb.batch_size):
             fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device)
             return
+        kv_dtype = fb.kv_pool.dtype
         if fb.is_decode:
-            self._plan_decode(self.decode_wrapper, page_table(fb, self.page_size))
+            self._plan_decode(self.decode_wrapper, page_table(fb, self.page_size), kv_dtype)
             fb.attn_metadata = FlashInferMetadata("decode", self.decode_wrapper)
             return
         qo_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), extend_lens.cumsum(0, dtype=torch.int32)])
-        if torch.equal(fb.seq_lens_cpu, extend_lens.long()):  # no request has earlier KV
+        if not fb.kv_pool.quantized and torch.equal(fb.seq_lens_cpu, extend_lens.long()):  # no earlier KV
             self._plan(self.ragged_wrapper, qo_indptr, qo_indptr, self.num_heads, self.num_kv_heads, self.head_dim,
                        causal=True, sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
             fb.attn_metadata = FlashInferMetadata("ragged", self.ragged_wrapper)
@@ -135,7 +145,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         pages = page_table(fb, self.page_size)
         self._plan(self.paged_wrapper, qo_indptr, pages.indptr, pages.indices, pages.last_page_len, self.num_heads,
                    self.num_kv_heads, self.head_dim, self.page_size, causal=True, sm_scale=self.sm_scale,
-                   q_data_type=self.dtype, kv_data_type=self.dtype)
+                   q_data_type=self.dtype, kv_data_type=kv_dtype)
         fb.attn_metadata = FlashInferMetadata("paged", self.paged_wrapper)
 
     def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
@@ -162,7 +172,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             last = ((fb.seq_lens_cpu - 1) % self.page_size + 1).to(torch.int32)  # [bs]
             self.graph_last_page_len[bs].copy_(to_device(last, self.device))
             return
-        self._plan_decode(self.graph_wrappers[bs], page_table(fb, self.page_size))
+        self._plan_decode(self.graph_wrappers[bs], page_table(fb, self.page_size), fb.kv_pool.dtype)
         self.graph_planned_bs = None if capture else bs
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
@@ -173,4 +183,18 @@ class FlashInferAttentionBackend(AttentionBackend):
         if md.kind == "ragged":
             return md.wrapper.run(q, k.contiguous(), v.contiguous())  # v is a strided view of the qkv output
         paged_shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)  # [num_pages, P, KVH, D]
-        return md.wrapper.run(q, (k_buf.view(paged_shape), v_buf.view(paged_shape)))
+        scales = fb.kv_pool.layer_scales(layer.layer_id)
+        if scales is None:
+            return md.wrapper.run(q, (k_buf.view(paged_shape), v_buf.view(paged_shape)))
+        k_scale, v_scale = (self._per_head(s) for s in scales)  # [1, H, 1] each
+        out = md.wrapper.run(self._scaled(q, k_scale), (k_buf.view(paged_shape), v_buf.view(paged_shape)))
+        return self._scaled(out, v_scale)
+
+    def _per_head(self, kv_scale: torch.Tensor) -> torch.Tensor:
+        """A per-kv-head scale [KVH] repeated for the query heads of each group, shaped [1, H, 1]."""
+        return kv_scale.repeat_interleave(self.num_heads // self.num_kv_heads)[None, :, None]
+
+    @staticmethod
+    def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] times a float32 per-head scale, multiplied in float32 and rounded to x's dtype once."""
+        return (x.float() * scale).to(x.dtype)

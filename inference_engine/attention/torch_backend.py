@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from inference_engine.attention.base import AttentionBackend
 from inference_engine.forward_batch import ForwardBatch
+from inference_engine.kv_cache import dequantize_kv
 
 
 @dataclass
@@ -31,7 +32,10 @@ def _decode_slots(fb: ForwardBatch, requests: list[int] | slice, max_kv: int) ->
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Gathers each request's K/V from the pool by slot id and calls scaled_dot_product_attention."""
+    """Gathers each request's K/V from the pool by slot id and calls scaled_dot_product_attention (an fp8 pool's
+    rows dequantised to float32 first: the reference of the fused kernels)."""
+
+    supports_fp8_kv = True
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         qo = [0]
@@ -66,19 +70,25 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
         k_buf, v_buf = fb.kv_pool.k_buffer[layer.layer_id], fb.kv_pool.v_buffer[layer.layer_id]  # k, v stored
+        scales = fb.kv_pool.layer_scales(layer.layer_id)
         md: TorchMetadata = fb.attn_metadata
         out = torch.empty_like(q)  # [T, H, D]
         f32 = torch.float32  # scores and softmax in float32, like the fused kernels (bf16 SDPA rounds the scores)
+
+        def rows(buf: torch.Tensor, slots: torch.Tensor, which: int) -> torch.Tensor:
+            """buf[slots] [..., KVH, D] in float32 (dequantised for an fp8 pool)."""
+            return buf[slots].to(f32) if scales is None else dequantize_kv(buf[slots], scales[which])
+
         if md.decode_rows.numel():
             qd = q[md.decode_rows][:, :, None, :].to(f32)  # [Bd, H, 1, D]
-            kd = k_buf[md.decode_slots].transpose(1, 2).to(f32)  # [Bd, KVH, max_kv, D]
-            vd = v_buf[md.decode_slots].transpose(1, 2).to(f32)
+            kd = rows(k_buf, md.decode_slots, 0).transpose(1, 2)  # [Bd, KVH, max_kv, D]
+            vd = rows(v_buf, md.decode_slots, 1).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask, scale=layer.scaling,
                                                 enable_gqa=True)
             out[md.decode_rows] = od[:, :, 0, :].to(q.dtype)
         for start, end, slots, mask in md.extends:
             qe = q[start:end].transpose(0, 1).to(f32)  # [H, q, D]
-            ke, ve = k_buf[slots].transpose(0, 1).to(f32), v_buf[slots].transpose(0, 1).to(f32)  # [KVH, kv, D]
+            ke, ve = rows(k_buf, slots, 0).transpose(0, 1), rows(v_buf, slots, 1).transpose(0, 1)  # [KVH, kv, D]
             oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask, scale=layer.scaling, enable_gqa=True)
             out[start:end] = oe.transpose(0, 1).to(q.dtype)
         return out

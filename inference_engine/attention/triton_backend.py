@@ -37,16 +37,19 @@ def triton_metadata(fb: ForwardBatch, num_kv_heads: int, device: torch.device) -
 def triton_attention(q: torch.Tensor, layer, fb: ForwardBatch, md: TritonMetadata) -> torch.Tensor:
     """Attention output [T, H, D] of q [T, H, D] over the pool through the triton kernels (k, v already stored)."""
     k_buf, v_buf = fb.kv_pool.k_buffer[layer.layer_id], fb.kv_pool.v_buffer[layer.layer_id]  # [slots, KVH, D]
+    kv_scale = fb.kv_pool.layer_scales(layer.layer_id)  # fp8 cache: applied inside the kernels
     out = torch.empty_like(q)  # [T, H, D]
     if md.decode:
         return decode_attention(q, k_buf, v_buf, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
-                                num_kv_splits=md.num_kv_splits)
+                                num_kv_splits=md.num_kv_splits, kv_scale=kv_scale)
     return extend_attention(q, k_buf, v_buf, fb.qo_indptr, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
-                            max_q_len=md.max_q_len)
+                            max_q_len=md.max_q_len, kv_scale=kv_scale)
 
 
 class TritonAttentionBackend(AttentionBackend):
     """Paged attention over the pool's [num_slots, KVH, D] buffers, indexed by ForwardBatch.kv_indices."""
+
+    supports_fp8_kv = True
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device)

@@ -81,9 +81,12 @@ def decode_attention(
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
+    kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Attention of one new token per request, q [B, H, D], over its KV slots (its own included) -> [B, H, D]."""
-    check_attention_args(q, k_buffer, v_buffer, None, kv_indptr, kv_indices, out)
+    """Attention of one new token per request, q [B, H, D], over its KV slots (its own included) -> [B, H, D].
+
+    e4m3 buffers come with kv_scale = (k_scale, v_scale) [KVH] float32, applied inside the kernel."""
+    check_attention_args(q, k_buffer, v_buffer, None, kv_indptr, kv_indices, out, kv_scale)
     batch = q.shape[0]
     if kv_indptr.numel() != batch + 1:
         raise ValueError(f"decode q has {batch} requests but kv_indptr has {kv_indptr.numel()} entries; "
@@ -93,12 +96,13 @@ def decode_attention(
     scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
     if not runs_triton(q.device):
         qo_indptr = torch.arange(batch + 1, dtype=kv_indptr.dtype, device=q.device)
-        return attention_reference(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out)
+        return attention_reference(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out, kv_scale)
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(batch, k_buffer.shape[1], q.device)
     decode = _triton_kernels()[0]
     out = torch.empty_like(q) if out is None else out
-    return decode.triton_decode_attention(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale, out, num_kv_splits)
+    return decode.triton_decode_attention(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale, out, num_kv_splits,
+                                          kv_scale)
 
 
 def extend_attention(
@@ -111,22 +115,24 @@ def extend_attention(
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
+    kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens q [Nq, H, D] over cached prefix + themselves -> [Nq, H, D].
 
     max_q_len bounds every request's new-token count; leave it None only outside CUDA graph
-    capture (it is then read from qo_indptr, a host sync).
+    capture (it is then read from qo_indptr, a host sync). e4m3 buffers come with kv_scale =
+    (k_scale, v_scale) [KVH] float32, applied inside the kernel.
     """
-    check_attention_args(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, out)
+    check_attention_args(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, out, kv_scale)
     if max_q_len is not None and (not isinstance(max_q_len, int) or max_q_len < 0):
         raise ValueError("max_q_len must be None or a non-negative int bounding every request's new tokens, "
                          f"got {max_q_len!r}")
     scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
     if not runs_triton(q.device):
-        return attention_reference(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out)
+        return attention_reference(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out, kv_scale)
     if max_q_len is None:
         max_q_len = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if qo_indptr.numel() > 1 else 0
     extend = _triton_kernels()[1]
     out = torch.empty_like(q) if out is None else out
     return extend.triton_extend_attention(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out,
-                                          max_q_len)
+                                          max_q_len, kv_scale)

@@ -10,6 +10,10 @@ num_kv_splits, all known on the host. Each program reads its request's KV length
 kv_indptr inside the kernel and sizes its split from it (split_len = cdiv(kv_len, splits)),
 so a captured launch replays correctly when the engine rewrites kv_indptr/kv_indices in
 place for the next step; splits that get no keys write lse = -inf and drop out of the merge.
+
+FP8 KV cache (KV_FP8): the buffers hold e4m3, converted to q's dtype as they are loaded (exact: every e4m3
+value is a bf16 / fp16 / fp32 value); the kv head's K scale folds into the logit scale and its V scale
+multiplies the split's normalised output, so the kernel attends over `buffer * scale` (kv_cache.dequantize_kv).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def _decode_split_kernel(
     v_ptr,  # [num_slots, H_kv, D]
     kv_indptr_ptr,  # [B + 1]
     kv_indices_ptr,  # [total_kv]
+    k_scale_ptr,  # [H_kv] fp32 (KV_FP8 only)
+    v_scale_ptr,  # [H_kv] fp32 (KV_FP8 only)
     part_out_ptr,  # [B, H, NUM_SPLITS, BLOCK_D] fp32
     part_lse_ptr,  # [B, H, NUM_SPLITS] fp32
     qk_scale,  # sm_scale * log2(e)
@@ -47,6 +53,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -75,6 +82,11 @@ def _decode_split_kernel(
         other=0.0,
     )  # [BLOCK_H, BLOCK_D]
 
+    v_scale = 1.0
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
+
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
@@ -86,7 +98,7 @@ def _decode_split_kernel(
             k_ptr + slots[None, :] * stride_ks + kv_head * stride_kh + offs_d[:, None],
             mask=mask_n[None, :] & mask_d[:, None],
             other=0.0,
-        )  # [BLOCK_D, BLOCK_N]
+        ).to(q.dtype)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N], base-2 logits
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -96,13 +108,13 @@ def _decode_split_kernel(
             v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
             mask=mask_n[:, None] & mask_d[None, :],
             other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
+        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
     has_keys = l_i > 0
-    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    out = tl.where(has_keys[:, None], acc * (v_scale / tl.where(has_keys, l_i, 1.0))[:, None], 0.0)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     row = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [BLOCK_H]
     tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_h[:, None])
@@ -152,8 +164,10 @@ def triton_decode_attention(
     sm_scale: float,
     out: torch.Tensor,
     num_kv_splits: int,
+    kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Launch both decode stages for q [B, H, D] into out [B, H, D] (arguments already checked)."""
+    """Launch both decode stages for q [B, H, D] into out [B, H, D] (arguments already checked); e4m3 buffers come
+    with kv_scale = (k_scale, v_scale) [KVH] float32."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     group = num_heads // num_kv_heads
@@ -169,12 +183,13 @@ def triton_decode_attention(
     part_out = torch.empty((batch, num_heads, num_kv_splits, block_d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((batch, num_heads, num_kv_splits), dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    k_scale, v_scale = kv_scale if kv_scale is not None else (part_lse, part_lse)  # unread unless KV_FP8
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
-        q, k_buffer, v_buffer, kv_indptr, kv_indices, part_out, part_lse,
+        q, k_buffer, v_buffer, kv_indptr, kv_indices, k_scale, v_scale, part_out, part_lse,
         sm_scale * _LOG2E,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, KV_FP8=kv_scale is not None,
         **({"num_warps": 4, "num_stages": 2} if on_gpu else {}), **pdl.launch(q.device),
     )  # fmt: skip
     _decode_merge_kernel[(batch, num_heads)](

@@ -7,6 +7,9 @@ already be in the buffers: keys come only from kv_indices, prefix and new alike.
 CUDA-graph safety: the grid is (B, H, cdiv(max_q_len, BLOCK_M)) with max_q_len an upper
 bound passed by the caller; programs past their request's q_len exit at once, and each
 program reads its lengths from qo_indptr/kv_indptr inside the kernel.
+
+FP8 KV cache (KV_FP8): e4m3 keys and values are converted to q's dtype as they are loaded (exact); the kv
+head's K scale folds into the logit scale and its V scale multiplies the normalised output.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _attend_key_block(
     slots = tl.load(indices_ptr + pos, mask=mask_n, other=0).to(tl.int64)
     k = tl.load(
         k_head_ptr + slots[None, :] * stride_ks + offs_d[:, None], mask=mask_n[None, :] & mask_d[:, None], other=0.0
-    )  # [BLOCK_D, BLOCK_N]
+    ).to(q.dtype)  # [BLOCK_D, BLOCK_N] (an e4m3 cache: converted, exactly)
     s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
     if CAUSAL:
         s = tl.where(mask_n[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -58,7 +61,7 @@ def _attend_key_block(
     p = tl.exp2(s - m_new[:, None])
     v = tl.load(
         v_head_ptr + slots[:, None] * stride_vs + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
-    )  # [BLOCK_N, BLOCK_D]
+    ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     l_i = l_i * alpha + tl.sum(p, 1)
     return acc, l_i, m_new
@@ -73,6 +76,8 @@ def _extend_kernel(
     qo_indptr_ptr,  # [B + 1]
     kv_indptr_ptr,  # [B + 1]
     kv_indices_ptr,  # [total_kv]
+    k_scale_ptr,  # [H_kv] fp32 (KV_FP8 only)
+    v_scale_ptr,  # [H_kv] fp32 (KV_FP8 only)
     qk_scale,  # sm_scale * log2(e)
     stride_qt,
     stride_qh,
@@ -88,6 +93,7 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -101,6 +107,10 @@ def _extend_kernel(
     kv_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
     kv_len = tl.load(kv_indptr_ptr + b + 1).to(tl.int64) - kv_start
     prefix_len = kv_len - q_len
+    v_scale = 1.0
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
 
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the request
     offs_d = tl.arange(0, BLOCK_D)
@@ -134,7 +144,7 @@ def _extend_kernel(
             HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION, CAUSAL=True,
         )  # fmt: skip
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(
         out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -161,8 +171,10 @@ def triton_extend_attention(
     sm_scale: float,
     out: torch.Tensor,
     max_q_len: int,
+    kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Launch the extend kernel for packed q [Nq, H, D] into out [Nq, H, D] (arguments already checked)."""
+    """Launch the extend kernel for packed q [Nq, H, D] into out [Nq, H, D] (arguments already checked); e4m3
+    buffers come with kv_scale = (k_scale, v_scale) [KVH] float32."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     batch = qo_indptr.numel() - 1
     if batch == 0 or max_q_len == 0 or q.shape[0] == 0:
@@ -174,13 +186,14 @@ def triton_extend_attention(
     block_m, block_n, launch_options = _block_config(block_d, q.is_cuda)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (batch, num_heads, triton.cdiv(max_q_len, block_m))
+    k_scale, v_scale = kv_scale if kv_scale is not None else (qo_indptr, qo_indptr)  # unread unless KV_FP8
     _extend_kernel[grid](
-        q, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices,
+        q, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices, k_scale, v_scale,
         sm_scale * _LOG2E,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), out.stride(0), out.stride(1),
         GROUP=num_heads // k_buffer.shape[1], HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, KV_FP8=kv_scale is not None,
         **launch_options,
     )  # fmt: skip
     return out

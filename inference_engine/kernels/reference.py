@@ -1,7 +1,8 @@
 """Pure-torch paged attention: the specification of the triton kernels and their CPU fallback.
 
 KV layout (shared with the engine's KV pool): per layer `k_buffer`, `v_buffer` of shape
-[num_slots, num_kv_heads, head_dim]. Request b owns the slots
+[num_slots, num_kv_heads, head_dim], in q's dtype or in e4m3 with float32 `k_scale`, `v_scale` [num_kv_heads]
+(an fp8 KV cache: the keys and values are `buffer * scale`, kv_cache.dequantize_kv). Request b owns the slots
 `kv_indices[kv_indptr[b]:kv_indptr[b + 1]]`, in order of position. Its new (query) tokens are
 `q[qo_indptr[b]:qo_indptr[b + 1]]`; they are the LAST q_len_b of its kv_len_b positions (their
 K/V is already written), so query i sits at position kv_len_b - q_len_b + i and attends to
@@ -26,8 +27,11 @@ def check_attention_args(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     out: torch.Tensor | None,
+    kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Check shapes, dtypes and devices (never values, so no host sync); raise ValueError naming the bad one."""
+    """Check shapes, dtypes and devices (never values, so no host sync); raise ValueError naming the bad one.
+
+    kv_scale = (k_scale, v_scale) [num_kv_heads] float32 goes with e4m3 buffers, and only with them."""
     if q.dim() != 3:
         raise ValueError(f"q must be [tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
     if k_buffer.dim() != 3 or v_buffer.shape != k_buffer.shape:
@@ -35,8 +39,12 @@ def check_attention_args(
             f"k_buffer {tuple(k_buffer.shape)} and v_buffer {tuple(v_buffer.shape)} "
             "must both be [num_slots, num_kv_heads, head_dim]"
         )
+    fp8 = k_buffer.dtype == torch.float8_e4m3fn
+    if fp8 != (kv_scale is not None):
+        raise ValueError(f"KV buffers of {k_buffer.dtype} take kv_scale " +
+                         ("(k_scale, v_scale) [num_kv_heads] float32" if fp8 else "None"))
     for name, buf in (("k_buffer", k_buffer), ("v_buffer", v_buffer)):
-        if buf.dtype != q.dtype:
+        if buf.dtype != (torch.float8_e4m3fn if fp8 else q.dtype):
             raise ValueError(f"{name} dtype {buf.dtype} differs from q dtype {q.dtype}; cast one of them")
         if buf.device != q.device:
             raise ValueError(f"{name} is on {buf.device} but q is on {q.device}")
@@ -44,6 +52,10 @@ def check_attention_args(
         raise ValueError(f"q dtype {q.dtype} is not supported; use one of {_FLOAT_DTYPES}")
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buffer.shape[1]
+    for name, scale in zip(("k_scale", "v_scale"), kv_scale or ()):
+        if scale.shape != (num_kv_heads,) or scale.dtype != torch.float32 or scale.device != q.device:
+            raise ValueError(f"{name} must be [{num_kv_heads}] float32 on {q.device}, got {tuple(scale.shape)} "
+                             f"{scale.dtype} on {scale.device}")
     if k_buffer.shape[2] != head_dim:
         raise ValueError(f"q head_dim {head_dim} differs from the KV buffers' head_dim {k_buffer.shape[2]}")
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
@@ -100,9 +112,12 @@ def attention_reference(
     kv_indices: torch.Tensor,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
+    kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Causal paged attention of packed queries q [Nq, H, D] over their requests' KV slots -> [Nq, H, D]."""
-    check_attention_args(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, out)
+    """Causal paged attention of packed queries q [Nq, H, D] over their requests' KV slots -> [Nq, H, D].
+
+    e4m3 buffers come with kv_scale = (k_scale, v_scale) [num_kv_heads] and are dequantised first."""
+    check_attention_args(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, out, kv_scale)
     check_kv_metadata(qo_indptr, kv_indptr, kv_indices, k_buffer.shape[0], q.shape[0])
     num_heads, head_dim = q.shape[1], q.shape[2]
     group = num_heads // k_buffer.shape[1]
@@ -117,8 +132,11 @@ def attention_reference(
             continue
         slots = kv_indices[kv_ptr[b] : kv_ptr[b + 1]].long()
         qb = q[q_ptr[b] : q_ptr[b + 1]].to(compute_dtype).transpose(0, 1)  # [H, q_len, D]
-        kb = k_buffer[slots].to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)  # [H, kv_len, D]
-        vb = v_buffer[slots].to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)  # [H, kv_len, D]
+        kb, vb = k_buffer[slots].to(compute_dtype), v_buffer[slots].to(compute_dtype)  # [kv_len, KVH, D]
+        if kv_scale is not None:
+            kb, vb = kb * kv_scale[0][:, None].to(compute_dtype), vb * kv_scale[1][:, None].to(compute_dtype)
+        kb = kb.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, kv_len, D]
+        vb = vb.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, kv_len, D]
         scores = torch.matmul(qb, kb.transpose(1, 2)) * scale  # [H, q_len, kv_len]
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
         kv_pos = torch.arange(kv_len, device=q.device)

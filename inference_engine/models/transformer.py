@@ -36,8 +36,9 @@ class Attention(nn.Module):
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None)
         kv_cache = (fb.kv_pool.k_buffer[self.layer_id], fb.kv_pool.v_buffer[self.layer_id], fb.out_cache_loc)
         q, k, v = ops.qk_norm_rope(self.qkv_proj(x), fb.positions, rotary.cos, rotary.sin, self.num_heads,
-                                   self.num_kv_heads, self.head_dim, *norms,
-                                   kv_cache=kv_cache)  # [T, H, D], [T, KVH, D], [T, KVH, D]; k, v in the cache
+                                   self.num_kv_heads, self.head_dim, *norms, kv_cache=kv_cache,
+                                   kv_inv_scale=fb.kv_pool.layer_inv_scales(self.layer_id)
+                                   )  # [T, H, D], [T, KVH, D], [T, KVH, D]; k, v in the cache (fp8: quantised)
         out = fb.attn_backend.forward(q, k, v, self, fb)  # [T, H, D]
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 

@@ -15,6 +15,7 @@ from types import ModuleType
 
 import torch
 
+from inference_engine.kv_cache import is_fp8
 from inference_engine.ops import reference
 
 __all__ = ["GEMV_MAX_ROWS", "context_slots", "greedy", "linear", "linear_greedy", "qk_norm_rope", "reference",
@@ -61,16 +62,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                  num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None = None,
                  k_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                 kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 kv_inv_scale: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, H, D], k [T, KVH, D] (RMSNorm per head when weights are given, then RoPE at positions [T]) and v of qkv.
 
-    kv_cache = (k_buffer, v_buffer [slots, KVH, D], loc [T]): k and v are also written to the cache at slots loc."""
+    kv_cache = (k_buffer, v_buffer [slots, KVH, D], loc [T]): k and v are also written to the cache at slots loc;
+    an e4m3 cache takes kv_inv_scale = (1 / k_scale, 1 / v_scale) [KVH] float32 (kv_cache.quantize_kv)."""
     if (q_weight is None) != (k_weight is None):
         raise ValueError("qk_norm_rope needs both q_weight and k_weight, or neither")
+    if kv_cache is not None and (kv_inv_scale is not None) != is_fp8(kv_cache[0].dtype):
+        raise ValueError(f"a KV cache of {kv_cache[0].dtype} takes kv_inv_scale "
+                         f"{'(1 / k_scale, 1 / v_scale)' if is_fp8(kv_cache[0].dtype) else 'None'}")
     impl = _triton_ops() if runs_triton(qkv.device) else reference
     return impl.qk_norm_rope(qkv, positions, cos_table, sin_table, num_heads, num_kv_heads, head_dim, q_weight,
-                             k_weight, eps, kv_cache)
+                             k_weight, eps, kv_cache, kv_inv_scale)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from inference_engine.kv_cache import quantize_kv
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * RMSNorm(x) over the last dim, normalised in float32 and cast back before the weight."""
@@ -34,11 +36,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                  num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None,
                  k_weight: torch.Tensor | None, eps: float,
-                 kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 kv_inv_scale: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split qkv [T, (H + 2 KVH) * D] into q [T, H, D], k [T, KVH, D] (per-head RMSNorm if weights, then RoPE) and v.
 
-    kv_cache = (k_buffer, v_buffer [slots, KVH, D], loc [T]): also store each token's k and v at slot loc."""
+    kv_cache = (k_buffer, v_buffer [slots, KVH, D], loc [T]): also store each token's k and v at slot loc
+    (quantised to e4m3 with kv_inv_scale = (1 / k_scale, 1 / v_scale) [KVH] for an fp8 cache)."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q = q.view(-1, num_heads, head_dim)  # [T, H, D]
@@ -50,8 +54,12 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Te
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     if kv_cache is not None:
         k_buffer, v_buffer, loc = kv_cache
-        k_buffer[loc] = k.to(k_buffer.dtype)
-        v_buffer[loc] = v.to(v_buffer.dtype)
+        if kv_inv_scale is not None:
+            k_buffer[loc] = quantize_kv(k, kv_inv_scale[0])
+            v_buffer[loc] = quantize_kv(v, kv_inv_scale[1])
+        else:
+            k_buffer[loc] = k.to(k_buffer.dtype)
+            v_buffer[loc] = v.to(v_buffer.dtype)
     return q, k, v
 
 

@@ -46,10 +46,17 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _to_e4m3(x):
+    """float32 x clamped to e4m3's finite range and rounded to nearest even (kv_cache.quantize_kv)."""
+    return tl.minimum(tl.maximum(x, -448.0), 448.0).to(tl.float8e4nv)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, loc_ptr, k_cache_ptr,
-                         v_cache_ptr, stride_t, stride_table, stride_slot, eps, NUM_HEADS: tl.constexpr,
-                         NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
-                         HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr):
+                         v_cache_ptr, k_inv_ptr, v_inv_ptr, stride_t, stride_table, stride_slot, eps,
+                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         HALF: tl.constexpr, BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr,
+                         KV_FP8: tl.constexpr, USE_PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     if USE_PDL:
         gdc_launch_dependents()
@@ -91,10 +98,18 @@ def _qk_norm_rope_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_p
         k_cache = k_cache_ptr + slot * stride_slot + kv_head * HEAD_DIM
         v_cache = v_cache_ptr + slot * stride_slot + v_head * HEAD_DIM
         v_mask = offs < tl.where(is_v, HALF, 0)
-        tl.store(k_cache + offs, out1, mask=k_mask)
-        tl.store(k_cache + HALF + offs, out2, mask=k_mask)
-        tl.store(v_cache + offs, raw1.to(dt), mask=v_mask)
-        tl.store(v_cache + HALF + offs, raw2.to(dt), mask=v_mask)
+        if KV_FP8:  # e4m3 of the values rounded to dt, times the head's float32 1 / scale
+            k_inv = tl.load(k_inv_ptr + kv_head)
+            v_inv = tl.load(v_inv_ptr + v_head)
+            tl.store(k_cache + offs, _to_e4m3(out1.to(tl.float32) * k_inv), mask=k_mask)
+            tl.store(k_cache + HALF + offs, _to_e4m3(out2.to(tl.float32) * k_inv), mask=k_mask)
+            tl.store(v_cache + offs, _to_e4m3(raw1.to(dt).to(tl.float32) * v_inv), mask=v_mask)
+            tl.store(v_cache + HALF + offs, _to_e4m3(raw2.to(dt).to(tl.float32) * v_inv), mask=v_mask)
+        else:
+            tl.store(k_cache + offs, out1, mask=k_mask)
+            tl.store(k_cache + HALF + offs, out2, mask=k_mask)
+            tl.store(v_cache + offs, raw1.to(dt), mask=v_mask)
+            tl.store(v_cache + HALF + offs, raw2.to(dt), mask=v_mask)
 
 
 @triton.jit
@@ -142,9 +157,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                  num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None,
                  k_weight: torch.Tensor | None, eps: float,
-                 kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 kv_inv_scale: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused per-head q/k RMSNorm and RoPE (and the KV-cache write) in one launch; see reference.qk_norm_rope."""
+    """Fused per-head q/k RMSNorm and RoPE (and the KV-cache write, quantised to e4m3 with kv_inv_scale) in one
+    launch; see reference.qk_norm_rope."""
     qkv = _rows(qkv)
     tokens = qkv.shape[0]
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)  # [T, H, D]
@@ -153,18 +170,20 @@ def qk_norm_rope(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Te
     has_norm = q_weight is not None
     if kv_cache is not None:
         k_cache, v_cache, loc = kv_cache
-        if k_cache.dtype != qkv.dtype or k_cache.stride(-1) != 1 or k_cache.stride(-2) != head_dim:
-            raise ValueError(f"KV cache buffers must be [slots, {num_kv_heads}, {head_dim}] {qkv.dtype} with unit "
+        cache_dtype = torch.float8_e4m3fn if kv_inv_scale is not None else qkv.dtype
+        if k_cache.dtype != cache_dtype or k_cache.stride(-1) != 1 or k_cache.stride(-2) != head_dim:
+            raise ValueError(f"KV cache buffers must be [slots, {num_kv_heads}, {head_dim}] {cache_dtype} with unit "
                              f"strides inside a slot, got {k_cache.dtype} strides {k_cache.stride()}")
     else:
         k_cache = v_cache = loc = qkv
+    k_inv, v_inv = kv_inv_scale if kv_inv_scale is not None else (qkv, qkv)
     if tokens:
         _qk_norm_rope_kernel[(tokens, num_heads + num_kv_heads * (2 if kv_cache is not None else 1))](
             qkv, positions, cos_table, sin_table, q_weight if has_norm else qkv, k_weight if has_norm else qkv,
-            q, k, loc, k_cache, v_cache, qkv.stride(0), cos_table.stride(0),
+            q, k, loc, k_cache, v_cache, k_inv, v_inv, qkv.stride(0), cos_table.stride(0),
             k_cache.stride(0) if kv_cache is not None else 0, eps, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             HEAD_DIM=head_dim, HALF=half, BLOCK=triton.next_power_of_2(half), HAS_NORM=has_norm,
-            WRITE_KV=kv_cache is not None, num_warps=1, **pdl.launch(qkv.device))
+            WRITE_KV=kv_cache is not None, KV_FP8=kv_inv_scale is not None, num_warps=1, **pdl.launch(qkv.device))
     kv_start = (num_heads + num_kv_heads) * head_dim
     v = qkv[:, kv_start:kv_start + num_kv_heads * head_dim].view(-1, num_kv_heads, head_dim)
     return q, k, v
