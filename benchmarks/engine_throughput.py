@@ -310,17 +310,28 @@ def main() -> None:
                     help="comma list of the engine's linear weights, each measured in turn on the same model: bf16, "
                          "fp8 (EngineConfig.weight_dtype 'fp8', e4m3 with 128x128 block scales); with both, fp8 / "
                          "bf16 ratios of every decode and offline row follow")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="comma list of KV caches, each measured in turn (after --rollout-dtype, for each of its "
+                         "values): auto (the model dtype), fp8_e4m3 (EngineConfig.kv_cache_dtype, e4m3 with per-head "
+                         "scales); with both, the KV pool sizes and fp8 KV / auto KV ratios of every decode and "
+                         "offline row follow")
     ap.add_argument("--mismatch", default="", help="N x output_len: N rollouts of 128-token prompts sampled by the "
                                                    "first engine (T = 1), scored teacher-forced by each engine; "
-                                                   "reports the fp8-vs-bf16 log-prob gap ('' skips)")
+                                                   "reports the fp8-vs-bf16 (weights) and fp8-vs-auto (KV cache) "
+                                                   "log-prob gaps ('' skips)")
     ap.add_argument("--profile-name", default="profile", help="the profile's tables go to $OUT/<name>_bs<B>.txt")
     args = ap.parse_args()
     rollout_dtypes = args.rollout_dtype.split(",")
     if not set(rollout_dtypes) <= {"bf16", "fp8"}:
         ap.error(f"--rollout-dtype {args.rollout_dtype!r}: expected a comma list of bf16, fp8")
+    kv_dtypes = args.kv_cache_dtype.split(",")
+    if not set(kv_dtypes) <= {"auto", "fp8_e4m3"}:
+        ap.error(f"--kv-cache-dtype {args.kv_cache_dtype!r}: expected a comma list of auto, fp8_e4m3")
+    variants = [(rollout, kv) for rollout in rollout_dtypes for kv in kv_dtypes]  # one engine each, in this order
 
     from inference_engine import Engine, ops
     from inference_engine.config import DECODE_ATTENTION
+    from inference_engine.kv_cache import kv_bytes_per_token
     from inference_engine.ops import pdl
 
     unknown = [mode for mode in args.decode_attention.split(",") if mode not in DECODE_ATTENTION]
@@ -379,20 +390,27 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     sequences: list[list[int]] = []  # --mismatch: the rollouts every engine scores teacher-forced
-    logprobs: dict[str, torch.Tensor] = {}
+    logprobs: dict[tuple[str, str], torch.Tensor] = {}
 
-    def engine_rows(rollout: str) -> dict[str, float]:
-        """The engine's rows with `rollout` weights (bf16 or fp8); {row: tok/s} of its decode and offline rows."""
+    def variant_tag(rollout: str, kv: str) -> str:
+        """' [fp8]', ' [fp8_e4m3 KV]', ' [bf16, fp8_e4m3 KV]' or '': what tells this engine's rows apart."""
+        parts = ([rollout] if len(rollout_dtypes) > 1 else []) + ([f"{kv} KV"] if len(kv_dtypes) > 1 else [])
+        return f" [{', '.join(parts)}]" if parts else ""
+
+    def engine_rows(rollout: str, kv: str) -> dict[str, float]:
+        """The engine's rows with `rollout` weights (bf16 or fp8) and a `kv` cache (auto or fp8_e4m3); {row: tok/s} of
+        its decode and offline rows."""
         results: dict[str, float] = {}
 
         def tagged_report(name: str, value: str) -> None:
-            report(name + (f" [{rollout}]" if len(rollout_dtypes) > 1 else ""), value)
+            report(name + variant_tag(rollout, kv), value)
 
         start = time.perf_counter()
         engine = Engine(model_path=str(folder), device="cuda", dtype="bfloat16", attention_backend=args.backend,
                         page_size=args.page_size, context_length=4096, max_running_requests=256,
                         chunked_prefill_size=8192, disable_cuda_graph=args.disable_cuda_graph,
-                        decode_attention=decode_modes[0], weight_dtype="fp8" if rollout == "fp8" else "auto")
+                        decode_attention=decode_modes[0], weight_dtype="fp8" if rollout == "fp8" else "auto",
+                        kv_cache_dtype=kv)
         tagged_report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, "
                                       f"decode attention {decode_modes[0]}, "
                                f"GEMV up to {ops.GEMV_MAX_ROWS} rows, "
@@ -408,7 +426,11 @@ def main() -> None:
         if rollout == "fp8":  # the FP8 linears' block scales are read too (counted above); so is nothing else new
             tagged_report("FP8 weights", f"{weight_bytes / 1e9:.2f} GB read per step (bf16: "
                                          f"{sum(p.numel() for p in params.values()) * 2 / 1e9:.2f} GB of parameters)")
-        kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
+        pool = engine.runner.kv_pool
+        kv_per_token = kv_bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, pool.dtype)
+        results["KV pool tokens"] = pool.capacity
+        tagged_report("KV pool", f"{pool.capacity} tokens in {pool.bytes / 2**30:.1f} GiB ({pool.dtype}, "
+                                 f"{kv_per_token} bytes a token; mem_fraction_static 0.85 of free memory)")
 
         def modes(choice: str) -> list[bool]:
             return {"on": [True], "off": [False], "both": [False, True]}[choice]
@@ -483,24 +505,34 @@ def main() -> None:
             outs = engine.generate(input_ids=sequences, sampling_params={"max_new_tokens": 1, "temperature": 1.0,
                                                                          "return_prompt_logprobs": True},
                                    return_logprob=True)
-            logprobs[rollout] = torch.tensor([[lp for lp, _, _ in o["meta_info"]["input_token_logprobs"][128:]]
-                                              for o in outs], dtype=torch.float64)  # [n, n_out] response tokens
+            logprobs[rollout, kv] = torch.tensor([[lp for lp, _, _ in o["meta_info"]["input_token_logprobs"][128:]]
+                                                  for o in outs], dtype=torch.float64)  # [n, n_out] response tokens
         engine.shutdown()
         del engine
         torch.cuda.empty_cache()
         return results
 
-    rates = {rollout: engine_rows(rollout) for rollout in rollout_dtypes}
-    if {"bf16", "fp8"} <= set(rates):
-        for name, rate in rates["fp8"].items():
-            if rates["bf16"].get(name):
-                report(f"fp8 / bf16, {name}", f"{rate / rates['bf16'][name]:.2f}x tok/s")
-    if {"bf16", "fp8"} <= set(logprobs):
-        diff = logprobs["fp8"] - logprobs["bf16"]  # per response token: log p_fp8 - log p_bf16 (same tokens)
-        report(f"log-prob mismatch, fp8 vs bf16 engine, teacher-forced ({args.mismatch}, T = 1 rollouts of bf16)",
-               f"mean |diff| {diff.abs().mean():.4f}, max |diff| {diff.abs().max():.3f}, mean diff {diff.mean():+.4f}, "
-               f"KL(bf16 || fp8) k3 estimate {(torch.expm1(diff) - diff).mean():.5f}, "  # tokens sampled from bf16
-               f"p99 |diff| {diff.abs().flatten().quantile(0.99):.3f}")
+    rates = {variant: engine_rows(*variant) for variant in variants}
+    # ((measured, baseline), label): fp8 weights vs bf16 with each KV cache, fp8 KV vs auto with each weight dtype
+    pairs = ([((("fp8", kv), ("bf16", kv)), f"fp8 / bf16{f' [{kv} KV]' if len(kv_dtypes) > 1 else ''}")
+              for kv in kv_dtypes] +
+             [(((rollout, "fp8_e4m3"), (rollout, "auto")), f"fp8 KV / auto KV"
+               f"{f' [{rollout}]' if len(rollout_dtypes) > 1 else ''}") for rollout in rollout_dtypes])
+    for (measured, baseline), label in pairs:
+        if measured in rates and baseline in rates:
+            for name, rate in rates[measured].items():
+                if rates[baseline].get(name):
+                    unit = "tokens" if name == "KV pool tokens" else "tok/s"
+                    report(f"{label}, {name}", f"{rate / rates[baseline][name]:.2f}x {unit}")
+        if measured in logprobs and baseline in logprobs:
+            diff = logprobs[measured] - logprobs[baseline]  # per response token: log p_measured - log p_baseline
+            # the k3 estimate is KL(baseline || measured) where the baseline sampled the tokens (the first engine)
+            kl = (f"KL(baseline || measured) k3 estimate {(torch.expm1(diff) - diff).mean():.5f}, "
+                  if baseline == variants[0] else "")
+            report(f"log-prob mismatch, {label.replace(' / ', ' vs ')} engine, teacher-forced ({args.mismatch}, "
+                   f"T = 1 rollouts of the {variants[0][0]} weights, {variants[0][1]} KV engine)",
+                   f"mean |diff| {diff.abs().mean():.4f}, max |diff| {diff.abs().max():.3f}, "
+                   f"mean diff {diff.mean():+.4f}, {kl}p99 |diff| {diff.abs().flatten().quantile(0.99):.3f}")
 
     print("\n| measure | result |\n| --- | --- |")
     for name, value in rows:
