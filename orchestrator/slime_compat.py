@@ -97,6 +97,7 @@ ALIASES: tuple[Alias, ...] = (
     Alias("sglang-disable-overlap-schedule", "disable-overlap-schedule"),
     Alias("sglang-random-seed", "random-seed"),
     Alias("sglang-dtype", "dtype"),
+    Alias("sglang-kv-cache-dtype", "kv-cache-dtype", note="`auto` or `fp8_e4m3` (per-head scales from the weights)"),
     Alias("sglang-served-model-name", "served-model-name"),
     Alias("sglang-attention-backend", "attention-backend", values={"torch_native": "torch"}),
     Alias("mask-offpolicy-in-partial-rollout", "offpolicy-tokens", const="mask"),

@@ -282,6 +282,7 @@ def test_kv_cache_dtype_flag_reaches_the_engine_and_a_bad_value_is_one_line(qwen
     base = ["--hf-checkpoint", str(qwen3_model), "--prompt-data", "x.jsonl"]
     assert parse_args(base + ["--kv-cache-dtype", "fp8_e4m3"]).engine.kv_cache_dtype == "fp8_e4m3"
     assert parse_args(base).engine.kv_cache_dtype == "auto"
+    assert parse_args(base + ["--sglang-kv-cache-dtype", "fp8_e4m3"]).engine.kv_cache_dtype == "fp8_e4m3"  # slime's
     with pytest.raises(SystemExit) as exit_:
         main(base + ["--kv-cache-dtype", "fp8"])
     err = capsys.readouterr().err.splitlines()

@@ -31,7 +31,7 @@ VALUES = {
     "cuda-graph-max-bs": "8", "random-seed": "5", "dtype": "bfloat16", "served-model-name": "m",
     "attention-backend": "triton", "health-check-interval": "3.5", "engine-health-timeout": "4.5",
     "tensor-parallel-size": "2", "recompute": "full", "logprob-chunk-tokens": "64", "lr-warmup-steps": "3",
-    "lr-decay-steps": "5", "kl-coef": "0.01", "dual-clip-c": "3.0", "tis-cap": "1.5",
+    "lr-decay-steps": "5", "kl-coef": "0.01", "dual-clip-c": "3.0", "tis-cap": "1.5", "kv-cache-dtype": "fp8_e4m3",
 }
 _FLAGS = {name for cls in CONFIG_CLASSES for name in build_parser([cls], compat=False)._option_string_actions}
 
