@@ -171,11 +171,12 @@ def _logprobs(out: dict) -> torch.Tensor:
     return torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]])
 
 
-@pytest.mark.parametrize("family,backend", [("qwen3", "torch"), ("llama", "triton"), ("qwen2", "torch")])
-def test_fp8_kv_engine_matches_hf_with_fake_quantised_kv(tiny_models, family, backend):
+@pytest.mark.parametrize("family,backend", [("qwen3", "torch"), ("llama", "triton"), ("qwen2", "torch"),
+                                            ("qwen3_moe", "torch")])
+def test_fp8_kv_engine_matches_hf_with_fake_quantised_kv(tiny_models, request, family, backend):
     """Greedy tokens equal HF's with its K/V fake-quantised by the same scales; log-probs within float32 noise; and
     the drift from the float32-KV engine is stated (mean |d log p| < 0.1 per token on these random models)."""
-    path = tiny_models[family]
+    path = tiny_models[family] if family in tiny_models else request.getfixturevalue("qwen3_moe_model")
     with Engine(model_path=str(path), max_total_tokens=2048, page_size=4, chunked_prefill_size=5,
                 attention_backend=backend, kv_cache_dtype="fp8_e4m3") as engine:
         outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
@@ -207,6 +208,20 @@ def test_prefix_cache_hits_read_the_same_quantised_kv(qwen3_model):
     for hit, fresh in zip(results[True], results[False]):
         assert hit["output_ids"] == fresh["output_ids"]
         assert torch.allclose(_logprobs(hit), _logprobs(fresh), atol=1e-5)
+
+
+def test_tensor_parallel_ranks_scale_their_own_heads(tiny_models):
+    """tp 2 (one kv head a rank, each rank's scales from its own k/v rows) answers as tp 1 does."""
+    path = tiny_models["llama"]
+    args = dict(max_total_tokens=1024, page_size=4, chunked_prefill_size=8, kv_cache_dtype="fp8_e4m3")
+    with Engine(model_path=str(path), **args) as tp1:
+        want = tp1.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
+        scales = tp1.runner.kv_pool.k_scale.clone()
+    with Engine(model_path=str(path), tp_size=2, **args) as tp2:
+        got = tp2.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
+        assert torch.equal(tp2.runner.kv_pool.k_scale, scales[:, :1])  # rank 0 holds kv head 0
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert all(torch.allclose(_logprobs(g), _logprobs(w), atol=1e-4) for g, w in zip(got, want))
 
 
 def test_fp8_pool_holds_twice_the_tokens(qwen3_model, monkeypatch):
