@@ -327,7 +327,7 @@ def main() -> None:
     kv_dtypes = args.kv_cache_dtype.split(",")
     if not set(kv_dtypes) <= {"auto", "fp8_e4m3"}:
         ap.error(f"--kv-cache-dtype {args.kv_cache_dtype!r}: expected a comma list of auto, fp8_e4m3")
-    variants = [(rollout, kv) for rollout in rollout_dtypes for kv in kv_dtypes]  # one engine each, in this order
+    engines = [(rollout, kv) for rollout in rollout_dtypes for kv in kv_dtypes]  # one engine each, in this order
 
     from inference_engine import Engine, ops
     from inference_engine.config import DECODE_ATTENTION
@@ -512,7 +512,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         return results
 
-    rates = {variant: engine_rows(*variant) for variant in variants}
+    rates = {variant: engine_rows(*variant) for variant in engines}
     # ((measured, baseline), label): fp8 weights vs bf16 with each KV cache, fp8 KV vs auto with each weight dtype
     pairs = ([((("fp8", kv), ("bf16", kv)), f"fp8 / bf16{f' [{kv} KV]' if len(kv_dtypes) > 1 else ''}")
               for kv in kv_dtypes] +
@@ -528,9 +528,9 @@ def main() -> None:
             diff = logprobs[measured] - logprobs[baseline]  # per response token: log p_measured - log p_baseline
             # the k3 estimate is KL(baseline || measured) where the baseline sampled the tokens (the first engine)
             kl = (f"KL(baseline || measured) k3 estimate {(torch.expm1(diff) - diff).mean():.5f}, "
-                  if baseline == variants[0] else "")
+                  if baseline == engines[0] else "")
             report(f"log-prob mismatch, {label.replace(' / ', ' vs ')} engine, teacher-forced ({args.mismatch}, "
-                   f"T = 1 rollouts of the {variants[0][0]} weights, {variants[0][1]} KV engine)",
+                   f"T = 1 rollouts of the {engines[0][0]} weights, {engines[0][1]} KV engine)",
                    f"mean |diff| {diff.abs().mean():.4f}, max |diff| {diff.abs().max():.3f}, "
                    f"mean diff {diff.mean():+.4f}, {kl}p99 |diff| {diff.abs().flatten().quantile(0.99):.3f}")
 
