@@ -8,6 +8,8 @@ on average, 0.12 at most (the float32 CPU engine, fp8 vs float32 KV, on the same
 their own rounding, so fp8 vs bf16 KV must stay within mean 0.08 and max 0.5.
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -163,11 +165,17 @@ def test_fp8_kv_engine_agrees_with_the_cpu_reference_engine(models):
     assert diff.mean() < 0.05
 
 
+def _pool_capacity(path, kv: str) -> int:
+    """Tokens of the KV pool an engine sizes from free memory (mem_fraction_static), not from max_total_tokens."""
+    with Engine(model_path=str(path), device="cuda", dtype="bfloat16", context_length=256, mem_fraction_static=0.2,
+                disable_cuda_graph=True, kv_cache_dtype=kv) as engine:
+        return engine.runner.kv_pool.capacity
+
+
 def test_fp8_pool_holds_about_twice_the_tokens(models):
     capacity = {}
-    for kv in ("auto", "fp8_e4m3"):  # sized from free memory (mem_fraction_static), not max_total_tokens
-        with Engine(model_path=str(models["llama"]), device="cuda", dtype="bfloat16", context_length=256,
-                    mem_fraction_static=0.2, disable_cuda_graph=True, kv_cache_dtype=kv) as engine:
-            capacity[kv] = engine.runner.kv_pool.capacity
+    for kv in ("auto", "fp8_e4m3"):
+        capacity[kv] = _pool_capacity(models["llama"], kv)
+        gc.collect()  # the engine and its pool gone before the next one measures free memory
         torch.cuda.empty_cache()
     assert 1.9 < capacity["fp8_e4m3"] / capacity["auto"] < 2.1, capacity
