@@ -273,7 +273,7 @@ def test_weight_update_recomputes_the_scales(qwen3_model, tmp_path):
     assert [o["output_ids"] for o in after] != [o["output_ids"] for o in before]
 
 
-def test_fp8_kv_config_errors(qwen3_model):
+def test_fp8_kv_config_errors(qwen3_model, monkeypatch):
     from inference_engine.attention import register_backend
     from inference_engine.attention import _BACKENDS
 
@@ -286,6 +286,16 @@ def test_fp8_kv_config_errors(qwen3_model):
             EngineConfig(model_path=str(qwen3_model), attention_backend="no_fp8", kv_cache_dtype="fp8_e4m3")
     finally:
         del _BACKENDS["no_fp8"]
+    # a GPU without e4m3 conversion (sm_80) is refused when the engine starts (no GPU needed to check the rule)
+    from inference_engine import model_runner
+
+    monkeypatch.setattr(model_runner.ops, "runs_triton", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp8_e4m3' needs a CUDA GPU of compute capability 8.9"):
+        model_runner.check_fp8_kv_device(torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    model_runner.check_fp8_kv_device(torch.device("cuda:0"))
+    model_runner.check_fp8_kv_device(torch.device("cpu"))
     assert EngineConfig(model_path=str(qwen3_model), kv_cache_dtype="fp8_e4m3").kv_torch_dtype == torch.float8_e4m3fn
     assert EngineConfig(model_path=str(qwen3_model), dtype="bfloat16").kv_torch_dtype == torch.bfloat16
 
