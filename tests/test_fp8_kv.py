@@ -317,6 +317,34 @@ def test_kv_cache_dtype_flag_reaches_the_engine_and_a_bad_value_is_one_line(qwen
     assert engine_config.kv_cache_dtype == "fp8_e4m3"
 
 
+def test_flashinfer_fold_of_per_head_scales_into_q_and_output():
+    """flashinfer takes one k / v scale per call: the backend multiplies each query head by its kv head's K scale and
+    each output head by its V scale around a kernel that reads the raw e4m3 values. Checked with a stand-in kernel
+    (the torch reference over the undequantised cache) against attention over the dequantised cache."""
+    from inference_engine.attention.flashinfer_backend import FlashInferAttentionBackend, FlashInferMetadata
+    from inference_engine.kernels import attention_reference
+
+    case = _kernel_cases()
+    heads, kvh, d, page = 4, 2, 16, 1
+    qo, kv_indptr, kv_indices = case["extend_qo"], case["extend_indptr"], case["kv_indices"]
+
+    class RawKernel:  # flashinfer with k_scale = v_scale = None: attention over the e4m3 values as they are
+        def run(self, q, paged):
+            k, v = (t.view(-1, kvh, d).float() for t in paged)
+            return attention_reference(q.float(), k, v, qo, kv_indptr, kv_indices, 0.3).to(q.dtype)
+
+    backend = object.__new__(FlashInferAttentionBackend)
+    backend.num_heads, backend.num_kv_heads, backend.head_dim, backend.page_size = heads, kvh, d, page
+    pool = SimpleNamespace(k_buffer=[case["k"]], v_buffer=[case["v"]],
+                           layer_scales=lambda layer: (case["k_scale"], case["v_scale"]))
+    fb = SimpleNamespace(kv_pool=pool, attn_metadata=FlashInferMetadata("paged", RawKernel()))
+    q = case["q_extend"]
+    got = backend.forward(q, None, None, SimpleNamespace(layer_id=0), fb)
+    want = attention_reference(q, dequantize_kv(case["k"], case["k_scale"]), dequantize_kv(case["v"], case["v_scale"]),
+                               qo, kv_indptr, kv_indices, 0.3)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- triton kernels under the interpreter
 
 def _kernel_cases() -> dict:
