@@ -10,8 +10,8 @@
 # SKIP_TESTS=1 / SKIP_PUSH=1 / SKIP_BENCH=1 / SKIP_KV=1 skip a part. OFFLINE (default 300x1024x1024) is the offline
 # row, run by both engines: the 1000x(1024 in, 1024 out) needs about 180 s (bf16) + 120 s (fp8), so give it
 # a call of its own: SKIP_TESTS=1 SKIP_PUSH=1 SKIP_KV=1 OFFLINE=1000x1024x1024 BENCH_TIMEOUT=560 bash scripts/fp8_gpu.sh
-# The KV part's offline row (KV_OFFLINE, default 300x1024x1024: 614k tokens of context, more than a bf16 pool of the
-# 8B shape holds on an 80 GB card) is where the doubled capacity shows.
+# The KV part's offline row (KV_OFFLINE, default 300x1024x1024: up to 256 requests of 2048 tokens at once, more than
+# a bf16 pool of the 8B shape holds on an 80 GB card) is where the doubled capacity should show.
 set -u
 OUT=${OUT:-/tmp/kiln_fp8_gpu}
 mkdir -p "$OUT"
