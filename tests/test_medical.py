@@ -213,6 +213,9 @@ def test_doctor_reward_correct_wrong_and_format(appendicitis):
     many = [order.replace("CT abdomen and pelvis", t) for t in ("cbc", "crp", "ecg", "cxr", "tsh")]
     spam, parts = doctor_reward(appendicitis, many + ["Diagnosis: appendicitis"], cfg)
     assert parts["excess_tests"] == 2.0 and parts["diagnostic_test"] == 1.0
+    # the test bonus (like speed) counts only with the right diagnosis; the breakdown still records the test
+    wrong_with_test, parts = doctor_reward(appendicitis, [order, "Diagnosis: gastroenteritis"], cfg)
+    assert parts["diagnostic_test"] == 1.0 and parts["efficiency"] == 0.0 and wrong_with_test == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -224,15 +227,21 @@ def test_parse_diagnosis(text, expected):
 
 
 def test_patient_reward_faithful_leaked_hallucinated_off_topic(appendicitis):
-    truthful = [("", "Hi doctor, my stomach hurts low down on the right."),
+    truthful = [("", "Hi doctor, I have pain in my lower right abdomen."),
                 ("Do you feel sick?", "Yes, I've felt sick to my stomach."),
                 ("Any blood in your urine?", "No, I haven't had blood in my urine.")]
     total, parts = patient_reward(appendicitis, truthful)
     assert parts["faithfulness"] == 1.0 and parts["answered"] == 1.0 and parts["leaked"] == 0.0
-    assert total == pytest.approx(1.5)
+    assert parts["complaint"] == 1.0 and total == pytest.approx(2.0)
     leaked = truthful + [("What do you think it is?", "My friend said it sounds like appendicitis.")]
     total, parts = patient_reward(appendicitis, leaked)
-    assert parts["leaked"] == 1.0 and total == pytest.approx(0.5)
+    assert parts["leaked"] == 1.0 and total == pytest.approx(1.0)
+    # opening without the chief complaint: nothing claimed is nothing unfaithful, but the complaint term is lost
+    silent = [("", "Hello doctor.")] + truthful[1:]
+    total, parts = patient_reward(appendicitis, silent)
+    assert parts["faithfulness"] == 1.0 and parts["complaint"] == 0.0 and total == pytest.approx(1.5)
+    vague = [("", "Hi doctor, I've felt sick to my stomach.")] + truthful[1:]  # true, but not the complaint
+    assert patient_reward(appendicitis, vague)[1]["complaint"] == 0.0
     invented = truthful + [("Any headache?", "Yes, a terrible headache and I've been coughing up blood.")]
     total, parts = patient_reward(appendicitis, invented)
     assert parts["hallucinated"] == 2.0 and parts["claims"] == 5.0
@@ -284,3 +293,26 @@ async def test_doctor_episode_through_run_episode(appendicitis, tokenizer_dir):
     assert out.reward == pytest.approx(doctor_reward(appendicitis, turns)[0])
     text = tok.decode(out.tokens)
     assert appendicitis.tests["ct abdomen"] in text and out.loss_mask.count(1) < len(out.loss_mask)
+
+
+def test_shared_opening_opens_with_a_symptom_the_look_alikes_share():
+    """`--opening shared`: the chief complaint becomes the case's own symptom that the most of the conditions
+    share; everything else about the case stays; the typical opening is the generator's."""
+    from collections import Counter
+
+    from examples.medical_multiagent.warm_start import CPU_CONDITIONS, SHARED_FREQUENCY, subset_cases
+
+    share = Counter(k for name in CPU_CONDITIONS for k, f in CONDITIONS[name].symptoms.items()
+                    if f >= SHARED_FREQUENCY)
+    typical = subset_cases(60, "train", CPU_CONDITIONS)
+    shared = subset_cases(60, "train", CPU_CONDITIONS, opening="shared")
+    assert [c.case_id for c in typical] == [c.case_id for c in shared]
+    moved = 0
+    for t, s in zip(typical, shared):
+        assert s.chief_complaint in t.symptoms and s.symptoms == t.symptoms and s.tests == t.tests
+        assert share[s.chief_complaint.key] == max(share[f.key] for f in t.symptoms)
+        moved += s.chief_complaint != t.chief_complaint
+    assert moved >= 20  # most typical openings name a symptom few conditions have
+    assert RuleBasedPatient(shared[0]).opening().endswith(f"I've {shared[0].chief_complaint.text}.")
+    with pytest.raises(ValueError, match="opening='rare'"):
+        subset_cases(1, "train", CPU_CONDITIONS, opening="rare")

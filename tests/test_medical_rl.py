@@ -174,3 +174,19 @@ async def test_eval_reports_accuracy_turns_and_faithfulness(tok):
                 {"role": "user", "content": "<tool_response>x</tool_response>"},
                 {"role": "assistant", "content": "Fever?"}, {"role": "user", "content": "No."}]
     assert patient_exchanges(messages) == [(GREETING, "hi"), ("Fever?", "No.")]
+
+
+async def test_reward_weights_from_env_kwargs(tok, appendicitis):
+    """`env_kwargs: {doctor_reward: {...}}` sets the doctor's weights (here: no speed bonus, a double format
+    bonus); an unknown weight fails the sample with a message that names it."""
+    turns = ["Do you feel sick?", "Diagnosis: acute appendicitis"]
+    weights = {"efficiency": 0.0, "format": 0.2}
+    out = await generate_doctor(args_for(tok, {"doctor": scripted(tok, {"doctor": turns})},
+                                         env_max_turns=8, env_kwargs={"doctor_reward": weights}),
+                                case_sample(appendicitis), {"max_new_tokens": 64})
+    expected, _ = doctor_reward(appendicitis, turns, DoctorRewardConfig(max_turns=8, **weights))
+    assert out.reward == pytest.approx(expected) == pytest.approx(1.0 + 0.2)
+    with pytest.raises(ValueError, match=r"env_kwargs.patient_reward: unknown weight\(s\) \['faithful'\]"):
+        await generate_dialogue(args_for(tok, {"doctor": scripted(tok, {"doctor": turns})},
+                                         env_kwargs={"patient_reward": {"faithful": 1.0}}),
+                                case_sample(appendicitis), {"max_new_tokens": 64})

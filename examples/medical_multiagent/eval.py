@@ -68,6 +68,7 @@ class EvalReport:
     tests_ordered: float = 0.0  # per consultation
     specific_test_rate: float = 0.0  # consultations with a test specific to the condition
     patient_answered: float = 0.0  # questions the patient answered on topic (answer relevance)
+    patient_complaint: float = 0.0  # episodes whose patient opening states the chief complaint
 
     def summary(self) -> str:
         """The lines eval prints."""
@@ -83,6 +84,7 @@ class EvalReport:
             f"patient faithful    {self.patient_faithfulness:.3f}",
             f"patient leak rate   {self.patient_leak_rate:.3f}",
             f"patient relevance   {self.patient_answered:.3f}",
+            f"patient complaint   {self.patient_complaint:.3f}",
         ])
 
     def row(self) -> dict[str, float]:
@@ -191,7 +193,8 @@ def report(episodes: list[list[Sample]], patient: str) -> EvalReport:
         positive_rate=yes_qs / max(symptom_qs, 1),
         tests_ordered=sum(b.get("tests_ordered", 0.0) for b in breakdowns) / k,
         specific_test_rate=sum(b.get("diagnostic_test", 0.0) for b in breakdowns) / k,
-        patient_answered=sum(p.get("answered", 0.0) for p in patient_parts) / k)
+        patient_answered=sum(p.get("answered", 0.0) for p in patient_parts) / k,
+        patient_complaint=sum(p.get("complaint", 0.0) for p in patient_parts) / k)
 
 
 def curves(metrics_file: str | Path) -> dict[str, list[tuple[int, float]]]:

@@ -1,6 +1,6 @@
 """The three-arm experiment: what RL and co-training buy the doctor, on held-out cases.
 
-    nice -n 10 python -m examples.medical_multiagent.experiment runs/medical/cpu --seeds 0 1 2 --steps 30 --n-eval 50
+    nice -n 10 python -m examples.medical_multiagent.experiment runs/medical/cpu --seeds 0 1 2 --steps 40 --n-eval 50
 
 1. Warm start (`warm_start.py`, skipped when OUT/warm holds it): data, tokenizer, SFT doctor and patient.
 2. For each seed, three `train.py` runs (its driver, in this process, on one local Ray) with the same settings,
@@ -142,6 +142,7 @@ DOCTOR_COLUMNS = [("accuracy", "accuracy (any name)"), ("accuracy_exact", "top-1
                   ("tests_ordered", "tests"), ("specific_test_rate", "specific test")]
 PATIENT_COLUMNS = [("accuracy", "doctor accuracy"), ("patient_faithfulness", "patient faithful"),
                    ("patient_leak_rate", "leak rate"), ("patient_answered", "answer relevance"),
+                   ("patient_complaint", "states complaint"),
                    ("positive_rate", "yes to symptom qs")]
 
 
@@ -234,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder for everything (e.g. runs/medical/cpu)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RL seeds (each arm runs each)")
-    parser.add_argument("--steps", type=int, default=30, help="RL steps per arm")
+    parser.add_argument("--steps", type=int, default=40, help="RL steps per arm")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to train")
     parser.add_argument("--config", default=str(Path(__file__).with_name("config_cpu_rl.yaml")),
                         help="train.py config shared by the arms")

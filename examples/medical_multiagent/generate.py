@@ -23,7 +23,7 @@ from envs.multiturn import run_episode
 from examples.medical_multiagent.dialogue import DOCTOR, PATIENT, MedicalDialogue, case_of
 from examples.medical_multiagent.doctor_env import DoctorEnv
 from examples.medical_multiagent.judge import JudgeConfig, judge_patient
-from examples.medical_multiagent.rewards import DoctorRewardConfig, doctor_reward
+from examples.medical_multiagent.rewards import DoctorRewardConfig, PatientRewardConfig, doctor_reward
 from kiln_common.sample import Sample, Status
 from rollout.generate import GenerateArgs, check_args
 
@@ -33,11 +33,34 @@ def brief_prompts(config: EnvConfig) -> bool:
     return bool(config.env_kwargs.get("brief_prompts", False))
 
 
+def _weights(config: EnvConfig, key: str, cls: type, **fixed: Any) -> Any:
+    """`cls(**env_kwargs[key], **fixed)`: reward weights from the run's config, e.g. `env_kwargs:
+    {doctor_reward: {efficiency: 0.0}}` (an unknown or bad weight raises, naming it)."""
+    given = config.env_kwargs.get(key) or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"env_kwargs.{key} must be a mapping of weights, got {given!r}")
+    known = set(cls.__dataclass_fields__) - set(fixed)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"env_kwargs.{key}: unknown weight(s) {unknown}; known: {sorted(known)}")
+    return cls(**given, **fixed)
+
+
+def doctor_reward_config(config: EnvConfig) -> DoctorRewardConfig:
+    """The doctor's reward weights: `env_kwargs["doctor_reward"]` over the defaults; max_turns from the env."""
+    return _weights(config, "doctor_reward", DoctorRewardConfig, max_turns=config.env_max_turns)
+
+
+def patient_reward_config(config: EnvConfig) -> PatientRewardConfig:
+    """The patient's reward weights: `env_kwargs["patient_reward"]` over the defaults."""
+    return _weights(config, "patient_reward", PatientRewardConfig)
+
+
 async def generate_doctor(args: GenerateArgs, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
     """One consultation of the doctor policy with the rule-based patient; reward and breakdown from `doctor_reward`."""
     config = check_args(args, "generate_doctor").env_config
     sample.policy = resolve_policy(args.clients, DOCTOR)
-    reward_config = DoctorRewardConfig(max_turns=config.env_max_turns)
+    reward_config = doctor_reward_config(config)
     env = DoctorEnv(case_of(sample), reward_config, brief_prompt=brief_prompts(config))
     episode_id = new_episode_id(sample)
     sample.metadata.update(episode_id=episode_id, role=DOCTOR)
@@ -53,7 +76,8 @@ async def generate_doctor(args: GenerateArgs, sample: Sample, sampling_params: d
 async def generate_dialogue(args: GenerateArgs, sample: Sample, sampling_params: dict[str, Any]) -> list[Sample]:
     """One consultation between the doctor and the LLM patient: the doctor's Sample and the patient's, rewarded."""
     config = check_args(args, "generate_dialogue").env_config
-    env = MedicalDialogue(DoctorRewardConfig(max_turns=config.env_max_turns), brief_prompts=brief_prompts(config))
+    env = MedicalDialogue(doctor_reward_config(config), patient_reward_config(config),
+                          brief_prompts=brief_prompts(config))
     samples = await run_dialogue(env, sample, tokenizer=args.tokenizer, clients=args.clients, policies=None,
                                  sampling_params=sampling_params, max_turns=2 * config.env_max_turns + 1,
                                  max_total_tokens=config.env_max_total_tokens, step_timeout=config.env_step_timeout,

@@ -10,7 +10,7 @@ from functools import lru_cache
 from envs.tools import ToolCall, parse_tool_calls
 from examples.medical_multiagent.cases import Case
 from examples.medical_multiagent.conditions import CONDITIONS, CONDITIONS_LIST
-from examples.medical_multiagent.lexicon import (NEGATION, SYMPTOM_MATCHER, PhraseMatcher, normalize,
+from examples.medical_multiagent.lexicon import (NEGATION, SYMPTOM_MATCHER, SYMPTOMS, PhraseMatcher, normalize,
                                                  resolve_test, symptom_mentions, with_implied)
 
 DIAGNOSIS_LINE = re.compile(r"^[\s*_#>-]*diagnosis[\s*_]*:[\s*_]*(.*?)[\s*_.]*$", re.I | re.M)
@@ -60,7 +60,7 @@ class DoctorRewardConfig:
     correct: float = 1.0
     format: float = 0.1
     efficiency: float = 0.2  # x (1 - turns / max_turns), only for a correct diagnosis
-    diagnostic_test: float = 0.1  # ordered a test whose result is specific to the true condition
+    diagnostic_test: float = 0.1  # ordered a test specific to the true condition, only for a correct diagnosis
     free_tests: int = 3
     excess_test_penalty: float = 0.05  # per test beyond `free_tests`
     max_turns: int = 10
@@ -87,8 +87,11 @@ def doctor_reward(case: Case, doctor_turns: Sequence[str],
     specific = set(CONDITIONS[case.condition].tests) if case.condition in CONDITIONS else set()
     diagnostic = float(any(t in specific for t in ordered))
     excess = max(0, len(ordered) - config.free_tests)
+    # The shaping terms (speed, a specific test) count only with the right diagnosis: ungated, a group in which no
+    # doctor is right is ranked by them alone, and GRPO's std normalisation blows that up to full-size advantages
+    # (the doctors then learn to order tests and stop asking instead of diagnosing better).
     total = (config.correct * correct + config.format * well_formed + config.efficiency * efficiency
-             + config.diagnostic_test * diagnostic - config.excess_test_penalty * excess)
+             + config.diagnostic_test * diagnostic * correct - config.excess_test_penalty * excess)
     return total, {"correct": float(correct), "format": float(well_formed), "efficiency": efficiency,
                    "diagnostic_test": diagnostic, "tests_ordered": float(len(ordered)),
                    "excess_tests": float(excess), "turns": float(turns), "total": total}
@@ -100,6 +103,7 @@ class PatientRewardConfig:
 
     faithfulness: float = 1.0  # x the fraction of symptom claims that agree with the case
     answered: float = 0.5  # x the fraction of questions answered on topic
+    complaint: float = 0.5  # the first answer (to the greeting) states the chief complaint
     leak_penalty: float = 1.0  # if the diagnosis (or a synonym) is ever named
 
     def __post_init__(self):
@@ -117,12 +121,25 @@ def _answers_question(question: str, answer: str, mentioned: set[str]) -> bool:
     return bool(answer.strip())
 
 
+def states_complaint(case: Case, answer: str) -> bool:
+    """True if `answer` asserts the case's chief complaint (or a more specific kind of it); for a free-text
+    complaint (MTMedDialog, DDXPlus) not in the lexicon: half or more of its content words appear."""
+    chief = case.chief_complaint
+    if chief.key in SYMPTOMS:
+        return any(asserted and chief.key in with_implied([k]) for k, asserted in symptom_mentions(answer))
+    words = {w for w in re.findall(r"[a-z]+", chief.text.lower()) if len(w) > 3}
+    said = set(re.findall(r"[a-z]+", answer.lower()))
+    return bool(words) and len(words & said) >= len(words) / 2
+
+
 def patient_reward(case: Case, exchanges: Sequence[tuple[str, str]],
                    config: PatientRewardConfig = PatientRewardConfig()) -> tuple[float, dict[str, float]]:
     """Reward and breakdown of a patient's answers, given as (doctor question, patient answer) pairs.
 
     Every symptom the patient asserts must be in the case and every symptom it denies must not be;
-    it must never name its diagnosis; each answer must address the symptoms (or onset) asked about.
+    it must never name its diagnosis; each answer must address the symptoms (or onset) asked about; the first
+    answer (to the doctor's greeting) must state the chief complaint. Without that last term a patient trained on
+    the others learns to open with "Hello doctor." and say nothing: no claim is an unfaithful claim.
     """
     if not exchanges:
         raise ValueError("patient_reward needs at least one (question, answer) exchange")
@@ -140,7 +157,10 @@ def patient_reward(case: Case, exchanges: Sequence[tuple[str, str]],
             answered += _answers_question(question, answer, {k for k, _ in mentions})
     faithful = 1.0 - (hallucinated + contradicted) / claims if claims else 1.0
     on_topic = answered / questions if questions else 1.0
-    total = config.faithfulness * faithful + config.answered * on_topic - config.leak_penalty * (leaks > 0)
-    return total, {"faithfulness": faithful, "answered": on_topic, "leaked": float(leaks > 0),
+    complaint = states_complaint(case, exchanges[0][1])
+    total = (config.faithfulness * faithful + config.answered * on_topic + config.complaint * complaint
+             - config.leak_penalty * (leaks > 0))
+    return total, {"faithfulness": faithful, "answered": on_topic, "complaint": float(complaint),
+                   "leaked": float(leaks > 0),
                    "claims": float(claims), "hallucinated": float(hallucinated), "contradicted": float(contradicted),
                    "total": total}
