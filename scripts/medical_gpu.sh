@@ -6,11 +6,14 @@
 # Arms (a) and (b) hold two policies, each colocated on its own GPU: run it on a 2-GPU machine
 # (device kind nvidia-h100-x2). Models and runs go to runs/medical/gpu; the table, results.json, curves.png,
 # the logs and the GPU names are copied to $OUT (the device call's folder that comes back) when it is set.
-# Knobs: SEEDS ("0 1 2"), STEPS (60), N_EVAL (300), WARM_ARGS.
+#   run(kind="nvidia-h100-x2", carry=[".whl", ".fi_cache"], timeout_s=600, command="bash scripts/medical_gpu.sh")
+# Knobs: SEEDS ("0 1 2"), STEPS (60), N_EVAL (300), WARM_ARGS; PY (default python3: the device's copy of the tree
+# has no .venv; on a machine of your own, PY=.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -f .whl/install.sh ]; then source scripts/device_env.sh; fi   # a device call: the carried wheels
 RUN=${RUN:-runs/medical/gpu}
-PY=${PY:-.venv/bin/python}
+PY=${PY:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline} \
        RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_DEDUP_LOGS=0
 mkdir -p "$RUN"
