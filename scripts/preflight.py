@@ -404,7 +404,7 @@ def _run_main(job: dict, tmp: Path) -> str:
     import runpy
 
     kind, target, cwd = job["kind"], job["target"], Path(job["cwd"])
-    if kind == "module":
+    if "/" not in target:   # a module name (a file's target is its path)
         try:
             spec = importlib.util.find_spec(target)
         except ImportError as e:

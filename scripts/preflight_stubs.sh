@@ -1,8 +1,9 @@
 # BASH_ENV of scripts/preflight.py's dry runs of the device scripts on the CPU (never sourced on the device).
 # Each python / python3 / .venv/bin/python invocation is written to $KILN_PREFLIGHT_LOG (the device script's file
 # and line, the folder, the interpreter, its arguments, and its stdin for `python3 -`) instead of running; commands
-# that need the device, start work, or write outside $OUT (nvidia-smi, ray, timeout's child aside, tar, git, cp,
-# rm, mkdir, mktemp, tee) are stand-ins, and `source .whl/install.sh` exports what it would without installing.
+# that need the device, install, wait, or write outside $OUT (nvidia-smi, ray, tar, git, cp, rm, mkdir, mktemp,
+# tee, pip, apt-get, sleep) are stand-ins, `timeout` checks its duration and runs its command through the stubs,
+# and `source .whl/install.sh` exports what it would without installing.
 # The script's own logic (defaults, loops, branches, arrays, `set -u`) runs for real.
 
 _pf_stubs_file=${BASH_SOURCE[0]}
@@ -62,14 +63,16 @@ nvidia-smi() {  # a plausible H100 answer to the queries the scripts make
   esac
 }
 
-source() {  # .whl/install.sh (the carried wheels): its exports, nothing installed; any other file is sourced
-  if [ "${1:-}" = .whl/install.sh ]; then
+_pf_source() {  # .whl/install.sh (the carried wheels): its exports, nothing installed; any other file is sourced
+  if [ "${1:-}" = .whl/install.sh ] || [ "${1:-}" = ./.whl/install.sh ]; then
     export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PATH NCCL_NVLS_ENABLE=0 \
       TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     return 0
   fi
   builtin source "$@"
 }
+source() { _pf_source "$@"; }
+.() { _pf_source "$@"; }
 
 cd() { builtin cd "$@" 2>/dev/null || true; }   # a folder made on the device: stay in the tree
 tee() { cat; }
@@ -81,3 +84,7 @@ cp() { :; }
 rm() { :; }
 mkdir() { :; }
 free() { echo "Mem: 2015 20 1990 0 5 1990"; }
+pip() { :; }
+pip3() { :; }
+apt-get() { :; }
+sleep() { :; }
