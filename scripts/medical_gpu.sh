@@ -7,7 +7,10 @@
 # (device kind nvidia-h100-x2). Models and runs go to runs/medical/gpu; the table, results.json, curves.png,
 # the logs and the GPU names are copied to $OUT (the device call's folder that comes back) when it is set.
 #   run(kind="nvidia-h100-x2", carry=[".whl", ".fi_cache"], timeout_s=600, command="bash scripts/medical_gpu.sh")
-# Knobs: SEEDS ("0 1 2"), STEPS (60), N_EVAL (300), WARM_ARGS; PY (default python3: the device's copy of the tree
+# One seed per call by default (a device call is at most 600 s; the time per RL step at this size is not measured
+# yet): then SEEDS="0 1" and SEEDS="0 1 2" on the same warm machine; each reuses runs/medical/gpu/warm and the
+# arms and evaluations already done, trains the new seed, and writes the table of the seeds it names.
+# Knobs: SEEDS ("0"), STEPS (40), N_EVAL (300), WARM_ARGS; PY (default python3: the device's copy of the tree
 # has no .venv; on a machine of your own, PY=.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +25,7 @@ WARM_ARGS=${WARM_ARGS:---conditions all --n-dialogues 8000 --n-train 8000 --n-te
 --patient-steps 2000 --batch-size 64 --hidden-size 384 --layers 6 --lr 1e-3 --vocab-size 4096 --device cuda}
 # shellcheck disable=SC2086
 "$PY" -m examples.medical_multiagent.experiment "$RUN" --config examples/medical_multiagent/config_gpu_rl.yaml \
-  --seeds ${SEEDS:-0 1 2} --steps "${STEPS:-60}" --n-eval "${N_EVAL:-300}" --device cuda \
+  --seeds ${SEEDS:-0} --steps "${STEPS:-40}" --n-eval "${N_EVAL:-300}" --device cuda \
   --warm-args "$WARM_ARGS" 2>&1 | tee "$RUN/experiment.log" || status=$?
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/medical_gpu"
