@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         """Evaluate once: the report is kept in <run>/eval_<setting>.json (the SFT doctor's in warm/), so runs of
         this script for other seeds into the same OUT (in parallel too) and reruns share the evaluations."""
         where = (warm if arm == "sft" else out / f"{arm}-s{seed}") / f"eval_{setting}.json"
-        if not where.is_file():
+        if not where.is_file() or json.loads(where.read_text()).get("n_cases") != ns.n_eval:
             t = time.perf_counter()
             rep = evaluate(doctor, patient, data, ns.n_eval, **ev)
             seconds = time.perf_counter() - t
