@@ -157,8 +157,8 @@ def tables(results: dict[str, Any]) -> str:
         for arm in arms:
             runs = [r for r in evals if r["arm"] == arm and r["setting"] == setting]
             if runs:
-                out.append(f"| {ARM_TITLES[arm]} | {len(runs)} | "
-                           + " | ".join(_mean_sd([r["report"][key] for r in runs]) for key, _ in columns) + " |")
+                cells = [_mean_sd([r["report"][key] for r in runs if key in r["report"]]) for key, _ in columns]
+                out.append(f"| {ARM_TITLES[arm]} | {len(runs)} | " + " | ".join(cells) + " |")
         return out
 
     lines = [f"Held-out cases: {results['n_cases']} (hash split), greedy; seeds {results['seeds']}; "
