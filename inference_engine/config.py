@@ -46,6 +46,9 @@ class EngineConfig:
     # (default: the host schedules and launches step k+1 while the device runs step k, and reads k's tokens after)
     tp_size: int = 1  # tensor-parallel ranks: rank 0 in the Engine's process, the others in worker processes
     base_gpu_id: int = 0  # with device "cuda", tp rank r runs on cuda:(base_gpu_id + r); "cuda:N" starts at N
+    ep_size: int = 1  # MoE models: expert parallelism inside the tp group (SGLang's --ep-size), a divisor of
+    # tp_size; the tp ranks form ep_size groups, each holding num_experts / ep_size whole experts (their width split
+    # over the group's tp_size / ep_size ranks) instead of a 1/tp_size slice of every expert; 1: experts sliced by tp
     random_seed: int = 0  # seeds the sampling of requests that set no seed of their own
     served_model_name: str | None = None  # the name /v1/models reports; None: the folder name
     weight_dtype: str = field(default="auto", metadata={"flag": "rollout-dtype"})  # "auto": linears in `dtype`;
@@ -106,6 +109,8 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.ep_size != 1:
+            self._check_ep()
         if self.base_gpu_id < 0:
             raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
         if not (isinstance(self.stall_timeout_s, (int, float)) and self.stall_timeout_s > 0):
@@ -130,6 +135,25 @@ class EngineConfig:
         if self.base_gpu_id and self.device != "cuda":
             raise ValueError(f"base_gpu_id {self.base_gpu_id} applies to device 'cuda' only, not {self.device!r} "
                              "(with 'cuda:N' the ranks start at N)")
+
+    def _check_ep(self) -> None:
+        """ep_size > 1: a mixture-of-experts model whose experts (and expert width) split over the ranks."""
+        import json
+
+        from kiln_common.model_spec import ModelSpec
+
+        if not isinstance(self.ep_size, int) or self.ep_size < 1:
+            raise ValueError(f"ep_size must be an integer >= 1, got {self.ep_size!r}")
+        if self.tp_size % self.ep_size:
+            raise ValueError(f"ep_size {self.ep_size} must divide tp_size {self.tp_size}: experts are split over "
+                             "the engine's tensor-parallel ranks (raise --tp-size or lower --ep-size)")
+        spec = ModelSpec.from_hf_config(json.loads(Path(self.model_path, "config.json").read_text()))
+        if not spec.num_experts:
+            raise ValueError(f"ep_size {self.ep_size} needs a mixture-of-experts model; {self.model_path!r} is a "
+                             f"dense {spec.family} model (use ep_size 1)")
+        from inference_engine.parallel import check_ep_shape
+
+        check_ep_shape(spec.num_experts, spec.moe_intermediate_size, self.tp_size, self.ep_size)
 
     @property
     def triton_decode_max_bs(self) -> int:

@@ -83,7 +83,7 @@ class ModelRunner:
 
     def _build(self, config: EngineConfig) -> None:
         with torch.device(self.device):
-            self.model = CausalLM(self.spec, self.tp)
+            self.model = CausalLM(self.spec, self.tp, config.ep_size)
         for p in self.model.parameters():  # buffers (RoPE tables) stay float32
             p.data = p.data.to(self.dtype)
         if config.fp8_layout is not None:
@@ -116,8 +116,9 @@ class ModelRunner:
             self.tp.check_same("KV pool tokens, context length and decode graph batch sizes",
                                (self.kv_pool.capacity, self.context_length,
                                 None if self.graph_runner is None else self.graph_runner.batch_sizes))
-        log.info("model %s (%s) on %s %s, tp rank %d of %d: KV pool %d tokens (%.1f MiB, %s), page %d, context %d",
+        log.info("model %s (%s) on %s %s, tp rank %d of %d%s: KV pool %d tokens (%.1f MiB, %s), page %d, context %d",
                  config.model_path, self.spec.family, self.device, config.dtype, self.tp_rank, config.tp_size,
+                 f" (ep {config.ep_size})" if config.ep_size > 1 else "",
                  self.kv_pool.capacity, self.kv_pool.bytes / 2**20,
                  "fp8 e4m3, per-head scales" if self.kv_pool.quantized else config.dtype, config.page_size,
                  self.context_length)

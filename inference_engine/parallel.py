@@ -38,6 +38,18 @@ def check_tp_shape(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
                          "(kv heads are split over ranks, or each is replicated on tp_size / num_kv_heads ranks)")
 
 
+def check_ep_shape(num_experts: int, intermediate_size: int, tp_size: int, ep_size: int) -> None:
+    """ValueError unless ep_size divides tp_size and num_experts, and each ep group's tp / ep ranks split I evenly."""
+    if ep_size < 1 or tp_size % ep_size:
+        raise ValueError(f"ep_size {ep_size} must divide tp_size {tp_size} (the experts are split over the tp ranks)")
+    if num_experts % ep_size:
+        raise ValueError(f"ep_size {ep_size} does not divide num_experts {num_experts}; expected a divisor of "
+                         f"{num_experts}")
+    if intermediate_size % (tp_size // ep_size):
+        raise ValueError(f"moe_intermediate_size {intermediate_size} is not divisible by tp_size / ep_size "
+                         f"{tp_size // ep_size}")
+
+
 def _wire(x: torch.Tensor) -> torch.Tensor:
     """x as the collectives carry it: float8 tensors (FP8 weights) as uint8 views, which gloo also has."""
     return x.view(torch.uint8) if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else x

@@ -83,6 +83,7 @@ ALIASES: tuple[Alias, ...] = (
     # placement and engines
     Alias("rollout-num-gpus-per-engine", "tp-size", note="with `--colocate`: only 1 (Kiln's colocated engines span "
           "one device; rejected otherwise)"),
+    Alias("sglang-ep-size", "ep-size", note="MoE experts split over each engine's tp ranks (a divisor of `--tp-size`)"),
     Alias("sglang-mem-fraction-static", "mem-fraction-static"),
     Alias("sglang-context-length", "context-length"),
     Alias("rollout-max-context-len", "context-length", note="the engine's context length"),

@@ -32,7 +32,9 @@ VALUES = {
     "attention-backend": "triton", "health-check-interval": "3.5", "engine-health-timeout": "4.5",
     "tensor-parallel-size": "2", "recompute": "full", "logprob-chunk-tokens": "64", "lr-warmup-steps": "3",
     "lr-decay-steps": "5", "kl-coef": "0.01", "dual-clip-c": "3.0", "tis-cap": "1.5", "kv-cache-dtype": "fp8_e4m3",
+    "ep-size": "2",
 }
+EXTRA = {"ep-size": ["--tp-size", "2"]}  # flags an alias's test value needs beside it
 _FLAGS = {name for cls in CONFIG_CLASSES for name in build_parser([cls], compat=False)._option_string_actions}
 
 
@@ -52,7 +54,7 @@ def _layers(model) -> str:
     return str(json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"])
 
 
-MOE_ONLY = {"use-routing-replay"}
+MOE_ONLY = {"use-routing-replay", "ep-size"}
 
 
 @pytest.mark.parametrize("alias", slime_compat.ALIASES, ids=lambda a: a.slime)
@@ -60,7 +62,7 @@ def test_alias_sets_kiln_field(alias, qwen3_model, request, tmp_path):
     assert f"--{alias.kiln}" in _FLAGS, f"{alias.slime} names a Kiln flag that does not exist"
     if alias.kiln in MOE_ONLY:  # refused on a dense model
         qwen3_model = request.getfixturevalue("qwen3_moe_model")
-    base = _base(qwen3_model)
+    base = _base(qwen3_model) + EXTRA.get(alias.kiln, [])
     default = parse_args(base).flag_values()[alias.kiln]
     if not alias.takes_value:
         values = parse_args(base + [f"--{alias.slime}"]).flag_values()

@@ -274,23 +274,33 @@ def _down_kernel(h_ptr, w_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-              config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+              config: tuple[int, int, int, int, int] | None = None, expert_offset: int | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j]: [T, hidden] of x [T, hidden],
-    w13 [E, 2I, hidden] (gate rows, then up rows), w2 [E, hidden, I], weights [T, k] (x's dtype), ids [T, k]."""
+    w13 [E, 2I, hidden] (gate rows, then up rows), w2 [E, hidden, I], weights [T, k] (x's dtype), ids [T, k].
+
+    expert_offset (expert parallelism): w13 / w2 hold experts [expert_offset, expert_offset + E) of the model's;
+    pairs routed elsewhere are grouped into one more expert, E, whose blocks the GEMMs skip (their rows stay zero:
+    another rank computes them). Still no host read, so CUDA graphs capture it."""
     tokens, top_k = ids.shape
     num_experts, two_i, hidden = w13.shape
     inter = two_i // 2
     if w2.shape != (num_experts, hidden, inter) or x.shape[-1] != hidden:
         raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit "
                          "x [T, hidden], w13 [E, 2I, hidden], w2 [E, hidden, I]")
-    out = torch.empty(tokens, top_k, hidden, dtype=x.dtype, device=x.device)
+    groups = num_experts
+    if expert_offset is not None:  # other ranks' pairs: group E, skipped, their rows left zero
+        local = ids.to(torch.int32) - expert_offset
+        ids = torch.where((local >= 0) & (local < num_experts), local, num_experts)
+        groups = num_experts + 1
+    alloc = torch.empty if expert_offset is None else torch.zeros
+    out = alloc(tokens, top_k, hidden, dtype=x.dtype, device=x.device)
     if tokens == 0:
         return out.sum(1)
     x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
     pairs = tokens * top_k
     block_m, block_n, block_k, warps, stages = config or default_config(pairs, num_experts)
-    sorted_pairs, block_expert = align(ids, num_experts, block_m)
+    sorted_pairs, block_expert = align(ids, groups, block_m)
     blocks = block_expert.numel()
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # silu(gate) * up by pair
     ieee = x.dtype == torch.float32  # float32 engines: no TF32 rounding of the inputs

@@ -1,7 +1,8 @@
 """Building blocks that own their (fused, tensor-parallel-sharded) parameters and know how to load HF tensors into them.
 
 Every parameter carries a `weight_target(param, hf_shape, shard_id=None) -> WeightSlice` (which view of
-it takes which slice of the full HF tensor) and `weight_loader(param, hf_tensor, shard_id=None)`, which
+it takes which slice of the full HF tensor; None after the checks when another rank holds all of it, as an
+expert of another expert-parallel rank) and `weight_loader(param, hf_tensor, shard_id=None)`, which
 applies it; the model loader maps HF names to (parameter, shard_id) and plans each update from the
 targets once (`loader.WeightPlan`), at start-up and for RL weight updates.
 Its inverse, `unshard(pieces, shard_id=None)`, rebuilds the full HF tensor from every rank's piece.

@@ -119,7 +119,8 @@ class WeightPlan:
         self._kept: dict[int, tuple[weakref.ref, WeightCopies]] = {}   # id(StableBucket) -> (its weak ref, copies)
 
     def target(self, hf_name: str, shape: Sequence[int]) -> WeightSlice | None:
-        """The slice an HF tensor of this name and shape fills (None: skipped, e.g. a tied lm_head); bad ones raise."""
+        """The slice an HF tensor of this name and shape fills (None: skipped, e.g. a tied lm_head or another expert
+    parallel rank's expert); bad ones raise."""
         resolved = self._resolve(hf_name, shape)
         return None if resolved is None else resolved.slice
 
@@ -132,8 +133,9 @@ class WeightPlan:
         if param is not None:
             param.hf_name = hf_name
             target = getattr(param, "weight_target", default_weight_target)(param, torch.Size(shape), shard_id)
-            whole = target.dim is None or (target.start == 0 and target.length == shape[target.dim])
-            resolved = _Target(target, param, whole)
+            if target is not None:  # None: checked, but held by another rank (an expert of another ep rank)
+                whole = target.dim is None or (target.start == 0 and target.length == shape[target.dim])
+                resolved = _Target(target, param, whole)
         self._targets[key] = resolved
         return resolved
 
@@ -246,15 +248,19 @@ def _local_hf_pieces(model: CausalLM) -> Iterator[tuple[str, torch.nn.Parameter,
 
 def named_hf_tensors(model: CausalLM, tp: TPGroup | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under HF names, fused parameters split back (views, or with tp ranks the full tensors
-    rebuilt from every rank's piece: a collective that every rank must iterate together)."""
+    rebuilt from every rank's piece: a collective that every rank must iterate together). Under expert parallelism
+    each rank iterates its own experts; one all-gather of a local expert's piece gives that expert of every ep
+    rank (`Experts.gather_hf`)."""
     for name, param, shard_id, piece in _local_hf_pieces(model):
         unshard = getattr(param, "unshard", replicated_unshard)
         if tp is None or tp.size == 1 or unshard is replicated_unshard:
             yield name, piece
+        elif hasattr(param, "gather_hf"):
+            yield from param.gather_hf(name, shard_id, tp.all_gather(piece))
         else:
             yield name, unshard(tp.all_gather(piece), shard_id)
 
 
 def expected_hf_names(model: CausalLM) -> set[str]:
-    """Every HF name a complete checkpoint of this model must provide."""
+    """Every HF name a complete checkpoint of this model must provide to this rank (its own experts only)."""
     return {name for name, _, _, _ in _local_hf_pieces(model)}

@@ -2,13 +2,19 @@
 
 Parameters of `SparseMoE` (HF prefix `model.layers.{i}.mlp.`):
 - `gate.weight` [E, hidden]: the router, replicated on every tp rank;
-- `experts.gate_up_proj` [E, 2 I / tp, hidden]: each expert's gate rows then up rows (this rank's share of I);
-- `experts.down_proj` [E, hidden, I / tp]: each expert's down projection (this rank's input columns).
+- `experts.gate_up_proj` [E / ep, 2 I / (tp / ep), hidden]: each of this rank's experts' gate rows then up rows
+  (its share of I);
+- `experts.down_proj` [E / ep, hidden, I / (tp / ep)]: their down projections (this rank's input columns).
 The stacked names and layouts are transformers >= 5's Qwen3MoeExperts, so a full stacked tensor loads in one copy
 (the fast path of a weight push); the per-expert HF names of transformers 4 checkpoints
 (`mlp.experts.{e}.{gate,up,down}_proj.weight`) load into their expert's rows (`resolve_expert`). Tensor
 parallelism shards moe_intermediate_size: each rank computes every token's experts on its I / tp columns and
-the layer's output is all-reduced, like a dense MLP's row-parallel down projection.
+the layer's output is all-reduced, like a dense MLP's row-parallel down projection. Expert parallelism
+(`ep_size`, a divisor of tp_size, as SGLang's `--ep-size`) splits the experts instead: the tp ranks form ep
+groups of tp / ep consecutive ranks, group g holds experts [g E / ep, (g + 1) E / ep) and shards their I over its
+tp / ep ranks (ep = tp: whole experts). The router runs on every rank (the hidden states are replicated after
+attention), each rank computes only the (token, expert) pairs of its own experts, and the same all-reduce sums
+the partial outputs; a rank's weight targets take only its experts' tensors (the others are skipped).
 
 Each forward writes the experts it chose for every token into the KV pool's routed-experts buffer at the
 token's slot (`KVPool.routed_experts` [slots, moe layers, top_k]), so a request can return the routing of all
@@ -25,6 +31,7 @@ from torch import nn
 
 from inference_engine import ops
 from inference_engine.models.layers import WeightSlice, _check_shape, _rank_size, default_weight_loader
+from inference_engine.parallel import check_ep_shape
 
 if TYPE_CHECKING:
     from inference_engine.forward_batch import ForwardBatch
@@ -41,6 +48,23 @@ def routed_experts_dtype(num_experts: int) -> torch.dtype:
     return torch.uint8 if num_experts <= 256 else torch.int16
 
 
+class _OwnExperts(WeightSlice):
+    """Expert parallelism: this rank's experts [start, start + length) of a stacked HF tensor (dim 0), then, when
+    `cut` = (dim, start, length) is set, their slice of I (of each half of dim 1 for gate_up: `pairs`)."""
+
+    def __new__(cls, dst: torch.Tensor, first: int, count: int, pairs: bool = False,
+                cut: tuple[int, int, int] | None = None):
+        self = super().__new__(cls, dst, 0, first, count)
+        self.pairs, self.cut = pairs, cut
+        return self
+
+    def source(self, loaded: torch.Tensor) -> torch.Tensor:
+        own = loaded.narrow(0, self.start, self.length)
+        if self.pairs:
+            own = own.unflatten(1, (2, -1))  # [n, 2, I, hidden]: gate rows, up rows
+        return own if self.cut is None else own.narrow(*self.cut)
+
+
 class _PairSlice(WeightSlice):
     """A tp rank's gate rows and up rows of the stacked gate_up tensor [E, 2I, hidden], as one [E, 2, I/tp, hidden]
     view: rows [start, start + length) of each half of `dim` 1 (never the whole tensor, so the loader narrows)."""
@@ -50,66 +74,102 @@ class _PairSlice(WeightSlice):
 
 
 class Experts(nn.Module):
-    """num_experts SwiGLU MLPs stacked: gate_up_proj [E, 2 I/tp, hidden], down_proj [E, hidden, I/tp]."""
+    """This rank's SwiGLU experts stacked: gate_up_proj [n, 2 r, hidden], down_proj [n, hidden, r], where n =
+    num_experts / ep_size experts from `first` on and r = intermediate_size / (tp_size / ep_size) columns of each."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp: TPGroup | None):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, tp: TPGroup | None,
+                 ep_size: int = 1):
         super().__init__()
         self.tp_rank, self.tp_size = _rank_size(tp)
-        if intermediate_size % self.tp_size:
-            raise ValueError(f"moe_intermediate_size {intermediate_size} is not divisible by tp_size {self.tp_size}")
+        check_ep_shape(num_experts, intermediate_size, self.tp_size, ep_size)
+        self.ep_size, self.moe_tp_size = ep_size, self.tp_size // ep_size  # ranks per ep group share I
+        self.ep_rank, self.moe_tp_rank = divmod(self.tp_rank, self.moe_tp_size)
         self.num_experts, self.hidden_size = num_experts, hidden_size
-        self.rows = intermediate_size // self.tp_size  # this rank's share of I
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.rows, hidden_size), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.rows), requires_grad=False)
+        self.local_experts = num_experts // ep_size
+        self.first = self.ep_rank * self.local_experts  # this rank's experts: [first, first + local_experts)
+        self.rows = intermediate_size // self.moe_tp_size  # this rank's share of I
+        n = self.local_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * self.rows, hidden_size), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(n, hidden_size, self.rows), requires_grad=False)
         for param in (self.gate_up_proj, self.down_proj):
             param.weight_target, param.weight_loader = self.weight_target, self.weight_loader
-            param.unshard = self.unshard
+            param.unshard, param.gather_hf = self.unshard, self.gather_hf
 
-    def weight_target(self, param: nn.Parameter, shape: torch.Size, shard_id=None) -> WeightSlice:
+    def owns(self, expert: int) -> bool:
+        """Whether global expert id `expert` is one of this rank's."""
+        return self.first <= expert < self.first + self.local_experts
+
+    def weight_target(self, param: nn.Parameter, shape: torch.Size, shard_id=None) -> WeightSlice | None:
         """Where an HF tensor goes: shard_id None is the whole stacked tensor; (expert, part) one expert's gate (0),
-        up (1) or down ("down") projection [I, hidden] / [hidden, I]."""
-        e, i, h, r = self.num_experts, self.rows * self.tp_size, self.hidden_size, self.rows
-        start = self.tp_rank * r
+        up (1) or down ("down") projection [I, hidden] / [hidden, I]; None for an expert of another rank (after
+        the same checks)."""
+        e, i, h, r = self.num_experts, self.rows * self.moe_tp_size, self.hidden_size, self.rows
+        start = self.moe_tp_rank * r
+        sliced = self.moe_tp_size > 1
         if shard_id is None and param is self.gate_up_proj:
             _check_shape("experts.gate_up_proj", (e, 2 * i, h), shape)
+            if self.ep_size > 1:
+                dst = param.data.unflatten(1, (2, r)) if sliced else param.data
+                return _OwnExperts(dst, self.first, self.local_experts, sliced, (2, start, r) if sliced else None)
             if self.tp_size == 1:
                 return WeightSlice(param.data)
             return _PairSlice(param.data.unflatten(1, (2, r)), 1, start, r)
         if shard_id is None:
             _check_shape("experts.down_proj", (e, h, i), shape)
+            if self.ep_size > 1:
+                return _OwnExperts(param.data, self.first, self.local_experts, False, (2, start, r) if sliced else None)
             return WeightSlice(param.data, 2, start, r)
         expert, part = shard_id
         if not 0 <= expert < e:
             raise ValueError(f"expert {expert} does not exist; this model has {e} experts per layer")
         if part == "down":
             _check_shape(f"experts.{expert}.down_proj", (h, i), shape)
-            return WeightSlice(param.data[expert], 1, start, r)
-        _check_shape(f"experts.{expert}.{('gate', 'up')[part]}_proj", (i, h), shape)
-        return WeightSlice(param.data[expert].narrow(0, part * r, r), 0, start, r)
+        else:
+            _check_shape(f"experts.{expert}.{('gate', 'up')[part]}_proj", (i, h), shape)
+        if not self.owns(expert):
+            return None  # another ep rank's expert
+        local = expert - self.first
+        if part == "down":
+            return WeightSlice(param.data[local], 1, start, r)
+        return WeightSlice(param.data[local].narrow(0, part * r, r), 0, start, r)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        """Load an HF tensor (see `weight_target`)."""
-        self.weight_target(param, loaded.shape, shard_id).load(loaded)
+        """Load an HF tensor (see `weight_target`; another rank's expert is skipped)."""
+        target = self.weight_target(param, loaded.shape, shard_id)
+        if target is not None:
+            target.load(loaded)
 
     def unshard(self, pieces: list[torch.Tensor], shard_id=None) -> torch.Tensor:
-        """One expert's full HF projection from every rank's piece: gate / up rows, down columns, in rank order."""
+        """One expert's full HF projection from its ep group's pieces: gate / up rows, down columns, in rank order."""
         return torch.cat(pieces, dim=1 if shard_id[1] == "down" else 0)
 
+    def gather_hf(self, hf_name: str, shard_id: tuple,
+                  pieces: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) of the expert projection at this rank's local index of `shard_id`, on every ep
+        rank, from every tp rank's piece (`pieces`, in rank order, as `loader.named_hf_tensors` all-gathers them)."""
+        expert, part = shard_id
+        local, m = expert - self.first, self.moe_tp_size
+        for g in range(self.ep_size):
+            owner = g * self.local_experts + local
+            name = hf_name.replace(f".experts.{expert}.", f".experts.{owner}.", 1)
+            yield name, self.unshard(pieces[g * m:(g + 1) * m], (owner, part))
+
     def hf_pieces(self, prefix: str) -> Iterator[tuple[str, nn.Parameter, tuple, torch.Tensor]]:
-        """(per-expert HF name, parameter, shard_id, this rank's piece as a view) of every expert projection."""
+        """(per-expert HF name, parameter, shard_id, this rank's piece as a view) of this rank's expert projections."""
         r = self.rows
-        for e in range(self.num_experts):
+        for local in range(self.local_experts):
+            e = self.first + local
             for part, proj in ((0, "gate"), (1, "up")):
                 yield (f"{prefix}.{e}.{proj}_proj.weight", self.gate_up_proj, (e, part),
-                       self.gate_up_proj.data[e].narrow(0, part * r, r))
-            yield f"{prefix}.{e}.down_proj.weight", self.down_proj, (e, "down"), self.down_proj.data[e]
+                       self.gate_up_proj.data[local].narrow(0, part * r, r))
+            yield f"{prefix}.{e}.down_proj.weight", self.down_proj, (e, "down"), self.down_proj.data[local]
 
 
 class SparseMoE(nn.Module):
     """Router + experts of one sparse layer: softmax over the router logits in float32, top-k, renormalised when
     norm_topk_prob, weights cast to the activation dtype (HF's order), then the experts' weighted sum."""
 
-    def __init__(self, spec: ModelSpec, moe_index: int, tp: TPGroup | None):
+    def __init__(self, spec: ModelSpec, moe_index: int, tp: TPGroup | None, ep_size: int = 1):
         super().__init__()
         self.tp = tp
         self.moe_index = moe_index  # this layer's row in the routed-experts buffer
@@ -117,7 +177,9 @@ class SparseMoE(nn.Module):
         self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
         self.gate.weight.requires_grad_(False)
         self.gate.weight.weight_loader = default_weight_loader
-        self.experts = Experts(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size, tp)
+        self.experts = Experts(spec.num_experts, spec.hidden_size, spec.moe_intermediate_size, tp, ep_size)
+        # expert parallelism: the experts below hold [offset, offset + E / ep); None: all of them
+        self.expert_offset = self.experts.first if ep_size > 1 else None
 
     def forward(self, x: torch.Tensor, fb: ForwardBatch | None = None) -> torch.Tensor:
         """Mixture output [T, hidden] of x [T, hidden]; with fb, the chosen experts go to their tokens' KV slots."""
@@ -130,13 +192,13 @@ class SparseMoE(nn.Module):
             from inference_engine.kernels import fused_moe as kernels
 
             weights, ids = kernels.route(logits, self.top_k, self.renormalize, x.dtype, record)
-            out = kernels.fused_moe(x, w13, w2, weights, ids)
+            out = kernels.fused_moe(x, w13, w2, weights, ids, expert_offset=self.expert_offset)
         else:
             weights, ids = route_reference(logits, self.top_k, self.renormalize, x.dtype)
             if record is not None:
                 buffer, loc, layer = record  # [slots, moe layers, k]
                 buffer[loc, layer] = ids.to(buffer.dtype)
-            out = moe_reference(x, w13, w2, weights, ids)
+            out = moe_reference(x, w13, w2, weights, ids, self.expert_offset or 0)
         return out if self.tp is None or self.tp.size == 1 else self.tp.all_reduce(out)
 
 
@@ -152,16 +214,19 @@ def route_reference(logits: torch.Tensor, top_k: int, renormalize: bool,
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor) -> torch.Tensor:
+                  ids: torch.Tensor, expert_offset: int = 0) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) [T, hidden] for x [T, hidden], w13 [E, 2I, hidden] (gate rows,
     then up rows), w2 [E, hidden, I]: the torch specification of `kernels.fused_moe.fused_moe`, rounding as HF's
     Qwen3MoeSparseMoeBlock (each expert's output in x's dtype, times its weight, summed over the token's experts in
-    expert order); reads the counts on the host."""
+    expert order); reads the counts on the host. Expert parallelism: w13 / w2 hold experts [expert_offset,
+    expert_offset + E) of the model's, and pairs routed to any other expert add nothing (another rank's)."""
     tokens, k = ids.shape
-    flat = ids.reshape(-1)  # [T k]
+    experts = w13.shape[0]
+    flat = ids.reshape(-1) - expert_offset  # [T k] local expert ids
+    flat = torch.where((flat >= 0) & (flat < experts), flat, experts)  # other ranks' pairs: one bucket, after ours
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in token order inside each expert
     token_of = order // k  # [T k] the token of each sorted pair
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=experts + 1)[:experts].tolist()
     out = torch.zeros_like(x)
     start = 0
     for e, n in enumerate(counts):

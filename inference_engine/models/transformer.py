@@ -58,13 +58,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; each residual add is fused into the norm that follows it."""
 
-    def __init__(self, spec: ModelSpec, layer_id: int, tp: TPGroup | None):
+    def __init__(self, spec: ModelSpec, layer_id: int, tp: TPGroup | None, ep_size: int = 1):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = Attention(spec, layer_id, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         sparse = layer_id in spec.moe_layers
-        self.mlp = SparseMoE(spec, spec.moe_layers.index(layer_id), tp) if sparse else MLP(spec, tp)
+        self.mlp = SparseMoE(spec, spec.moe_layers.index(layer_id), tp, ep_size) if sparse else MLP(spec, tp)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, fb: ForwardBatch,
                 rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,20 +80,23 @@ class DecoderLayer(nn.Module):
 class DecoderBody(nn.Module):
     """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, spec: ModelSpec, tp: TPGroup | None):
+    def __init__(self, spec: ModelSpec, tp: TPGroup | None, ep_size: int = 1):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, tp) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, tp, ep_size) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    """The full model: token ids of a ForwardBatch in, hidden states out; `logits` projects chosen rows."""
+    """The full model: token ids of a ForwardBatch in, hidden states out; `logits` projects chosen rows.
 
-    def __init__(self, spec: ModelSpec, tp: TPGroup | None = None):
+    ep_size > 1 (MoE models, a divisor of the tp size): the sparse layers' experts are split over the tp ranks
+    (`moe.Experts`) instead of every expert's width."""
+
+    def __init__(self, spec: ModelSpec, tp: TPGroup | None = None, ep_size: int = 1):
         super().__init__()
         self.spec = spec
-        self.model = DecoderBody(spec, tp)
+        self.model = DecoderBody(spec, tp, ep_size)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
         self.lm_head = None if spec.tie_word_embeddings else ParallelLMHead(spec.vocab_size, spec.hidden_size, tp)
 
