@@ -7,7 +7,11 @@ import json
 from pathlib import Path
 
 
-def plot_rewards(metrics_file: str | Path, out_png: str | Path) -> dict[str, list[tuple[int, float]]]:
+TITLE = "Kiln quickstart: GRPO on a + b (operands 0-19)"
+
+
+def plot_rewards(metrics_file: str | Path, out_png: str | Path,
+                 title: str = TITLE) -> dict[str, list[tuple[int, float]]]:
     """Write a PNG of rollout/reward_mean and eval/reward_mean by step; the plotted series."""
     import matplotlib
 
@@ -30,7 +34,7 @@ def plot_rewards(metrics_file: str | Path, out_png: str | Path) -> dict[str, lis
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Kiln quickstart: GRPO on a + b (operands 0-19)")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
@@ -44,8 +48,9 @@ def main() -> None:
                         help="train.py's --metrics-file (default %(default)s)")
     parser.add_argument("out_png", nargs="?", default="runs/quickstart/reward_curve.png",
                         help="the plot to write (default %(default)s)")
+    parser.add_argument("--title", default=TITLE, help="the plot's title (default: the CPU quickstart's)")
     a = parser.parse_args()
-    series = plot_rewards(a.metrics_file, a.out_png)
+    series = plot_rewards(a.metrics_file, a.out_png, title=a.title)
     rollout = [r for _, r in series["rollout/reward_mean"]]
     evals = series["eval/reward_mean"]
     if rollout:
