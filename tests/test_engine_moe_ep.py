@@ -154,6 +154,17 @@ def test_ep2_generates_what_tp1_and_tp2_generate(qwen3_moe_model):
     assert not any(p.is_alive() for p in workers) and multiprocessing.active_children() == []
 
 
+def test_ep2_inside_tp4_generates_what_tp1_generates(qwen3_moe_model):
+    """ep < tp: two ep groups of two ranks, each group holding 4 experts with half of their width per rank."""
+    with Engine(model_path=str(qwen3_moe_model), **ARGS) as tp1:
+        expected = _run(tp1)
+    with Engine(model_path=str(qwen3_moe_model), tp_size=4, ep_size=2, **ARGS) as engine:
+        experts = engine.runner.model.model.layers[2].mlp.experts
+        assert (experts.first, experts.gate_up_proj.shape, experts.down_proj.shape) == (0, (4, 32, 64), (4, 64, 16))
+        _assert_same(_run(engine), expected)
+        _assert_holds(engine, qwen3_moe_model)
+
+
 @pytest.fixture(scope="module")
 def other_moe(tmp_path_factory, tokenizer_dir):
     return make_tiny_model(tmp_path_factory.mktemp("ep_other_moe"), "qwen3_moe", seed=11, tokenizer_dir=tokenizer_dir,
