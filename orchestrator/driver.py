@@ -403,7 +403,7 @@ class Driver:
         if run.opd_teacher_url is not None:
             return run.opd_teacher_url
         config = dataclasses.replace(self.cfg.engine, model_path=self.cfg.trainer.opd_teacher_load,
-                                     device="cuda" if use_gpu else "cpu")
+                                     device="cuda" if use_gpu else "cpu", tp_size=1, ep_size=1)  # one device
         resources = {"num_gpus": 1, "num_cpus": run.cpus_per_device} if use_gpu else {"num_cpus": run.cpus_per_device}
         handle = ray.remote(EngineActor).options(**resources, max_concurrency=1000,
                                                  name=f"kiln-opd-teacher-{self.run_id}").remote(config, False)
