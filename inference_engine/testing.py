@@ -174,3 +174,27 @@ def make_engine(model_path: str, device: str = "cpu", dtype: str = "float32", ma
 
     return Engine(model_path=model_path, device=device, dtype=dtype, max_total_tokens=max_total_tokens,
                   context_length=context_length, disable_cuda_graph=True)
+
+
+def greedy_and_prompt_logprobs(engine, prompts: list[list[int]], params: dict) -> tuple[list[dict], dict]:
+    """The engine's outputs (with log-probs) for `prompts` under sampling `params`, and the first prompt's
+    prompt log-probs over 2 new tokens: what the tp / ep equivalence tests compare between engines."""
+    outs = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+    prompt_lp = engine.generate(input_ids=prompts[0], sampling_params={**params, "max_new_tokens": 2,
+                                                                       "return_prompt_logprobs": True},
+                                return_logprob=True)
+    return outs, prompt_lp
+
+
+def run_under_triton_interpreter(argv: list[str], timeout: float = 600):
+    """`python *argv` with TRITON_INTERPRET=1 (triton kernels run on CPU), one OpenMP thread and the repository
+    on PYTHONPATH, from the repository root; the CompletedProcess (text output captured)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *argv], env=env, cwd=repo, capture_output=True, text=True,
+                          timeout=timeout)

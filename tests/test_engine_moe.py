@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from inference_engine import Engine
 from inference_engine.models.moe import moe_reference, route_reference, stacked_expert_names
-from inference_engine.testing import make_tiny_model
+from inference_engine.testing import make_tiny_model, run_under_triton_interpreter
 from kiln_common import routed_experts
 from kiln_common.sample import Sample
 from rollout.generate import append_response
@@ -356,9 +356,7 @@ def _check_layer(device: str, dtype: torch.dtype, atol: float) -> None:
 
 def test_fused_moe_kernel_under_the_triton_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_under_triton_interpreter([__file__])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fused moe interpreter checks passed" in proc.stdout
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from inference_engine import Engine
 from inference_engine.config import EngineConfig
 from inference_engine.models.moe import Experts, moe_reference
-from inference_engine.testing import make_tiny_model
+from inference_engine.testing import greedy_and_prompt_logprobs, make_tiny_model, run_under_triton_interpreter
 from weight_sync import FlatLayout, WeightUpdateGroup, bucket_named_tensors, compare_checksums
 from weight_sync.checksum import checksums
 from kiln_common.net import free_port
@@ -105,11 +105,7 @@ def test_a_wrong_expert_or_shape_is_refused_on_every_rank_even_when_not_its_own(
 
 
 def _run(engine):
-    outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
-    prompt_lp = engine.generate(input_ids=PROMPTS[0], sampling_params={**GREEDY, "max_new_tokens": 2,
-                                                                       "return_prompt_logprobs": True},
-                                return_logprob=True)
-    return outs, prompt_lp
+    return greedy_and_prompt_logprobs(engine, PROMPTS, GREEDY)
 
 
 def _lps(out, key="output_token_logprobs"):
@@ -269,9 +265,7 @@ def test_train_flag_and_slime_alias_reach_the_engine_config(qwen3_moe_model, qwe
 
 def test_fused_moe_expert_parallel_path_under_the_triton_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_under_triton_interpreter([__file__])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fused moe expert-parallel checks passed" in proc.stdout
 

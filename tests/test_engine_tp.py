@@ -15,7 +15,7 @@ from inference_engine import Engine
 from inference_engine.models.layers import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                             VocabParallelEmbedding)
 from inference_engine.parallel import TPGroup, rank_device
-from inference_engine.testing import make_tiny_model
+from inference_engine.testing import greedy_and_prompt_logprobs, make_tiny_model
 
 PROMPTS = [[5, 17, 99, 230, 41, 7, 8, 9, 10, 11], [300, 2, 2, 64], [77, 401, 12, 9, 150, 151, 152, 153, 154]]
 GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
@@ -104,11 +104,7 @@ def test_rank_devices_and_bad_tp_sizes(qwen3_model):
 
 
 def _run(engine):
-    outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
-    prompt_lp = engine.generate(input_ids=PROMPTS[0], sampling_params={**GREEDY, "max_new_tokens": 2,
-                                                                       "return_prompt_logprobs": True},
-                                return_logprob=True)
-    return outs, prompt_lp
+    return greedy_and_prompt_logprobs(engine, PROMPTS, GREEDY)
 
 
 def _assert_same(a, b):
