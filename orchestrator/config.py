@@ -28,6 +28,10 @@ class RunConfig:
     """Seed of model init and everything not seeded elsewhere."""
     colocate: bool = True
     """Trainers and engines share the devices and take turns holding memory."""
+    policies_share_devices: bool = False
+    """Several policies (--policies), colocated on one set of devices: trainer i and engine i of every policy on
+    device i, each policy's trainers onloaded in turn for its update and the engines' KV pools splitting the
+    memory; default: each policy its own devices."""
     async_rollout: bool = False
     """Overlap the rollout of step k+1 with training of step k (staleness 1, TIS on; needs --no-colocate); the same
     as --async-mode one-step."""
@@ -131,6 +135,9 @@ class RunConfig:
         if self.async_mode != "off" and self.colocate:
             raise ValueError(f"{flag} needs --no-colocate: colocated engines give up their memory while the trainers "
                              f"train, so rollout cannot overlap training (colocated: --partial-rollout; docs/async.md)")
+        if self.policies_share_devices and not self.colocate:
+            raise ValueError("--policies-share-devices needs --colocate: policies that share devices take turns "
+                             "holding their memory")
         if self.async_mode != "off" and (self.debug_rollout_only or self.debug_train_only):
             raise ValueError(f"{flag} does not apply to --debug-rollout-only / --debug-train-only")
         if self.async_mode == "fully" and len(self.policies) > 1:

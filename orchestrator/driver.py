@@ -1,7 +1,9 @@
 """The RL driver: configs from flags/YAML, Ray placement, trainer groups, engines, and the step loop.
 
 One step: rollout -> (colocated: engines release memory, trainers onload) -> train each policy on
-its samples -> push each policy's weights into its engines -> (trainers offload, engines resume)
+its samples -> push each policy's weights into its engines -> (trainers offload, engines resume).
+Policies that share devices (--policies-share-devices) take the middle part in turn: onload, train,
+push and offload one policy, then the next, so one policy's training state is on the device at a time.
 -> eval every --eval-interval steps -> checkpoint every --save-interval steps -> one log line.
 With --async-rollout the rollout of step k+1 runs while step k trains (staleness 1, TIS on).
 Step k (1-based, as logged) trains on rollout k-1 and leaves the engines at weight_version k.
@@ -302,6 +304,7 @@ class Driver:
         self.run_id = uuid.uuid4().hex[:8]   # in the engine actors' names (`engine_name`)
         self.engine_restarts = 0   # over the whole run, all policies
         self._plan: Any = None
+        self._turns: list[list[str]] = [list(config.policies)]   # set by setup()
         self._engine_options: dict[str, Any] = {}   # device, serve_http, token: how engines are started
         self._sync: dict[str, WeightSyncConfig] = {}   # each policy's weight-sync settings
         self._to_return: list[tuple[str, int]] = []   # restarted engines waiting for their weights and the check
@@ -349,8 +352,11 @@ class Driver:
         plan = plan_placement(list(cfg.policies), num_trainers=run.actor_num_nodes * run.actor_num_gpus_per_node,
                               num_engines=run.num_engines, colocate=run.colocate, use_gpu=use_gpu,
                               cpus_per_device=run.cpus_per_device, train=train, rollout=rollout,
-                              engine_devices=cfg.engine.tp_size)
+                              engine_devices=cfg.engine.tp_size, share_devices=run.policies_share_devices)
         self.colocated = run.colocate and train and rollout
+        # the policies whose trainers hold device memory together: one at a time when they share devices
+        self._turns = ([[name] for name in cfg.policies] if run.policies_share_devices and self.colocated
+                       else [list(cfg.policies)])
         logger.info("placement: %d bundles of %s for policies %s (%s, %s)", len(plan.bundles), plan.bundles[0],
                     list(cfg.policies), "colocated" if self.colocated else "disaggregated", "GPU" if use_gpu else "CPU")
         self.pg = create_placement_group(plan)
@@ -358,12 +364,13 @@ class Driver:
             for name, path in cfg.policies.items():
                 tcfg = dataclasses.replace(cfg.trainer, hf_checkpoint=path)
                 self.trainers[name] = TrainerGroup(name, tcfg, self.pg, plan.policies[name].trainers)
-            ray.get([ref for g in self.trainers.values() for ref in g.remote("init")])
-            if self.checkpoint is not None:
-                ray.get([ref for name, g in self.trainers.items()
-                         for ref in g.remote("load_checkpoint", str(self.checkpoint / f"policy_{name}"))])
-            if self.colocated:
-                ray.get([ref for g in self.trainers.values() for ref in g.remote("offload")])
+            for names in self._turns:   # built (and offloaded) in turn when they share devices
+                ray.get([ref for name in names for ref in self.trainers[name].remote("init")])
+                if self.checkpoint is not None:
+                    ray.get([ref for name in names for ref in self.trainers[name].remote(
+                        "load_checkpoint", str(self.checkpoint / f"policy_{name}"))])
+                if self.colocated:
+                    ray.get([ref for name in names for ref in self.trainers[name].remote("offload")])
         if rollout:
             import secrets
 
@@ -372,8 +379,13 @@ class Driver:
             self._engine_options = {"device": "cuda" if use_gpu else "cpu", "serve_http": serve_http,
                                     # this run's key to its engines' HTTP routes
                                     "token": secrets.token_urlsafe(32) if serve_http else None}
-            for name in cfg.policies:
-                self.engines[name] = [self._start_engine(name, i) for i in range(len(plan.policies[name].engines))]
+            # engines that share a device and size their KV pools from its free memory start one after another
+            in_turn = run.policies_share_devices and use_gpu and cfg.engine.max_total_tokens is None
+            for position, name in enumerate(cfg.policies):
+                self.engines[name] = [self._start_engine(name, i, position)
+                                      for i in range(len(plan.policies[name].engines))]
+                if in_turn:
+                    ray.get([h.health.remote() for h in self.engines[name]])   # waits until it has loaded
             targets = {name: [self._engine_target(h) for h in handles] for name, handles in self.engines.items()}
             self.manager = ray.remote(RolloutManagerActor).options(num_cpus=0).remote(
                 cfg.rollout, cfg.data, targets, next(iter(cfg.policies.values())), cfg.env, run.health_check_interval,
@@ -430,17 +442,25 @@ class Driver:
         """The Ray actor name of engine `index` of `policy` (`ray.get_actor(name)` finds it; kept across restarts)."""
         return f"kiln-engine-{policy}-{index}-{self.run_id}"
 
-    def _start_engine(self, policy: str, index: int) -> Any:
+    def _start_engine(self, policy: str, index: int, position: int | None = None) -> Any:
         """Start engine `index` of `policy`: a named EngineActor in its slot of the placement group (at set-up, and
-        to restart a failed engine on the same bundle). Returns the handle at once; the engine loads meanwhile."""
+        to restart a failed engine on the same bundle). Returns the handle at once; the engine loads meanwhile.
+
+        Policies that share devices: the engine is the `position`-th to start on its device (None: a restart,
+        which starts beside all the others) and takes its equal share of the KV memory (`shared_kv_fraction`)."""
         import ray
 
         from orchestrator.actors import EngineActor
-        from orchestrator.placement import actor_options
+        from orchestrator.placement import actor_options, shared_kv_fraction
 
         opts = self._engine_options
         slot = self._plan.policies[policy].engines[index]
         config = dataclasses.replace(self.cfg.engine, model_path=self.cfg.policies[policy], device=opts["device"])
+        sharing = len(self.cfg.policies) if self.cfg.run.policies_share_devices else 1
+        if sharing > 1:
+            fraction = shared_kv_fraction(config.mem_fraction_static, sharing,
+                                          sharing - 1 if position is None else position)
+            config = dataclasses.replace(config, mem_fraction_static=fraction)
         options = {**actor_options(self.pg, slot), "max_concurrency": 1000, "name": self.engine_name(policy, index)}
         deadline = time.monotonic() + 60.0
         while True:
@@ -488,12 +508,14 @@ class Driver:
 
     # ---- phases -----------------------------------------------------------------------------------------------
 
-    def _push_weights(self, version: int) -> dict[str, float]:
-        """Push every policy's weights into its engines as `version`; timing and size metrics."""
+    def _push_weights(self, version: int, policies: list[str] | None = None) -> dict[str, float]:
+        """Push every policy's (or these policies') weights into its engines as `version`; timing and size
+        metrics."""
         import ray
 
         verify = {policy for policy, _ in self._to_return}   # a restarted engine's weights are checked once
-        refs = {name: g.remote("push_weights", version, name in verify) for name, g in self.trainers.items()}
+        names = list(self.trainers) if policies is None else policies
+        refs = {name: self.trainers[name].remote("push_weights", version, name in verify) for name in names}
         results = {name: ray.get(rs)[0] for name, rs in refs.items()}  # rank 0 reports; every rank takes part
         ray.get([self.manager.flush_cache.remote(name) for name in refs])
         metrics = {}
@@ -633,14 +655,15 @@ class Driver:
     def _key(self, prefix: str, policy: str, name: str) -> str:
         return f"{prefix}/{name}" if len(self.cfg.policies) == 1 else f"{prefix}/{policy}/{name}"
 
-    def _train(self, batch: RolloutBatch) -> dict[str, float]:
-        """Each policy's train step on its samples (policies in parallel); metrics by policy."""
+    def _train(self, batch: RolloutBatch, policies: list[str] | None = None) -> dict[str, float]:
+        """Each policy's (or these policies') train step on its samples, in parallel; metrics by policy."""
         import ray
 
         by_policy = batch.by_policy()
         metrics: dict[str, float] = {}
         work = {}
-        for name, group in self.trainers.items():
+        for name in list(self.trainers) if policies is None else policies:
+            group = self.trainers[name]
             samples = by_policy.get(name, [])
             if not samples:
                 logger.warning("step %d: no samples for policy %r; it is not updated", batch.step + 1, name)
@@ -782,26 +805,38 @@ class Driver:
         """Memory hand-over (colocated), train, push weights, hand memory back; train and push metrics."""
         import ray
 
+        def timed(key: str, start: float) -> None:
+            timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
+
         engines = [h for handles in self.engines.values() for h in handles]
         if self.colocated:
             start = time.perf_counter()
             ray.get([h.release_memory.remote() for h in engines])
-            ray.get([ref for g in self.trainers.values() for ref in g.remote("onload")])
-            timing["timing/onload_s"] = time.perf_counter() - start
-        start = time.perf_counter()
+            timed("timing/onload_s", start)
         trained_versions = dict(self.weight_versions)   # the trainers' weights the batch is trained against
-        metrics = self._train(batch)
-        timing["timing/train_s"] = time.perf_counter() - start
-        if engines:
+        metrics: dict[str, float] = {}
+        for names in self._turns:   # every policy at once, or one after another when they share devices
+            if self.colocated:
+                start = time.perf_counter()
+                ray.get([ref for name in names for ref in self.trainers[name].remote("onload")])
+                timed("timing/onload_s", start)
             start = time.perf_counter()
-            metrics.update(self._push_weights(step + 1))
-            timing["timing/push_s"] = time.perf_counter() - start
+            metrics.update(self._train(batch, names))
+            timed("timing/train_s", start)
+            if engines:
+                start = time.perf_counter()
+                metrics.update(self._push_weights(step + 1, names))
+                timed("timing/push_s", start)
+            if self.colocated:
+                start = time.perf_counter()
+                ray.get([ref for name in names for ref in self.trainers[name].remote("offload")])
+                timed("timing/offload_s", start)
+        if engines:
             metrics.update(version_lag_metrics(batch.samples, trained_versions))
         if self.colocated:
             start = time.perf_counter()
-            ray.get([ref for g in self.trainers.values() for ref in g.remote("offload")])
             ray.get([h.resume_memory.remote() for h in engines])
-            timing["timing/offload_s"] = time.perf_counter() - start
+            timed("timing/offload_s", start)
         if self._to_return:
             self._return_engines(step)
         return metrics

@@ -4,18 +4,26 @@ A "device" is a GPU, or on a machine without GPUs a slice of `cpus_per_device` C
 policy gets its own devices. Colocated: a policy's trainers and engines share its devices
 (trainer i and engine i take half of bundle i each, by fractional GPU or CPU). Disaggregated:
 the trainers' devices come first, then one bundle per engine of `engine_devices` devices (its
-tp_size). The same plan serves CPU and GPU; only the bundle's resource name differs.
+tp_size). Policies that share devices (`share_devices`, colocated, one-device engines): one set of
+bundles for all, trainer i and engine i of every policy on bundle i, each actor an equal share of it.
+The same plan serves CPU and GPU; only the bundle's resource name differs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
 
 COLOCATED_SHARE = 0.5  # of a device, for each of the trainer and the engine that share it
+
+
+def _share(actors: int) -> float:
+    """An equal share of a device for each of `actors` actors, rounded down to Ray's 1e-4 resource precision."""
+    return math.floor(10_000 / actors) / 10_000
 
 
 @dataclass(frozen=True)
@@ -46,11 +54,12 @@ class PlacementPlan:
 
 def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: int, colocate: bool,
                    use_gpu: bool, cpus_per_device: float = 1.0, train: bool = True,
-                   rollout: bool = True, engine_devices: int = 1) -> PlacementPlan:
+                   rollout: bool = True, engine_devices: int = 1, share_devices: bool = False) -> PlacementPlan:
     """Bundles and slots for `policies`, each with `num_trainers` trainer ranks and `num_engines` engines.
 
     `engine_devices` is each engine's tp_size: its actor takes that many devices of one bundle and its tp
-    workers (processes it spawns) use them.
+    workers (processes it spawns) use them. `share_devices`: every policy on the same bundles (see the module
+    docstring; one-device engines only).
     """
     if not policies:
         raise ValueError("plan_placement needs at least one policy")
@@ -66,6 +75,8 @@ def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: i
     if shared and engine_devices > 1:
         raise ValueError(f"colocated engines span one device, but tp_size is {engine_devices}; run engines with "
                          f"tp_size > 1 disaggregated (--no-colocate)")
+    if share_devices and engine_devices > 1:
+        raise ValueError(f"policies that share devices run one-device engines, but tp_size is {engine_devices}")
     bundles: list[dict[str, float]] = []
     placements: dict[str, PolicyPlacement] = {}
 
@@ -76,6 +87,13 @@ def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: i
     def slot(index: int, share: float) -> Slot:
         return Slot(index, cpus_per_device * share, share if use_gpu else 0.0)
 
+    if share_devices:
+        share = _share(len(policies) * ((trainers > 0) + (engines > 0)))
+        bundles.extend(device_bundle(1) for _ in range(max(trainers, engines)))
+        for name in policies:
+            placements[name] = PolicyPlacement(tuple(slot(i, share) for i in range(trainers)),
+                                               tuple(slot(i, share) for i in range(engines)))
+        return PlacementPlan(tuple(bundles), placements, use_gpu)
     for name in policies:
         base = len(bundles)
         if shared:
@@ -89,6 +107,15 @@ def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: i
             engine_slots = [slot(base + trainers + i, float(engine_devices)) for i in range(engines)]
         placements[name] = PolicyPlacement(tuple(trainer_slots), tuple(engine_slots))
     return PlacementPlan(tuple(bundles), placements, use_gpu)
+
+
+def shared_kv_fraction(fraction: float, engines: int, position: int) -> float:
+    """The share of the free device memory that the `position`-th (from 0) of `engines` engines starting one after
+    another on a device gives its KV pool, so that each pool gets `fraction / engines` of the memory free before
+    the first: the k-th sees about (1 - k fraction / engines) of it free. A restart starts last (engines - 1)."""
+    if not 0 <= position < engines:
+        raise ValueError(f"position {position} of {engines} engines")
+    return fraction / (engines - position * fraction)
 
 
 def create_placement_group(plan: PlacementPlan, timeout_s: float = 120.0) -> Any:

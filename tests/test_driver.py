@@ -15,7 +15,7 @@ from envs.generate import EnvConfig
 from orchestrator.cli import ConfigError
 from orchestrator.driver import parse_args, resolve
 from rollout.generate import generate as default_generate
-from orchestrator.placement import plan_placement
+from orchestrator.placement import plan_placement, shared_kv_fraction
 from kiln_common.sample import Sample, Status
 
 # ---- plugins used by tests/test_train.py (loaded inside Ray actors) ---------------------------------------------
@@ -129,6 +129,7 @@ def test_seeds_policies_and_async(qwen3_model, tiny_models):
     ({"eval-interval": 2}, "--eval-interval 2 needs --eval-prompt-data"),
     ({"debug-train-only": True}, "set --load-debug-rollout-data"),
     ({"rollout-client": "grpc"}, "rollout_client = 'grpc': expected 'http' or 'ray'"),
+    ({"policies-share-devices": True, "colocate": False}, "--policies-share-devices needs --colocate"),
 ])
 def test_inconsistent_configs_are_rejected(qwen3_model, extra, message):
     with pytest.raises((ConfigError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -165,6 +166,35 @@ def test_colocated_placement_shares_each_device():
     assert [s.bundle for s in a.trainers] == [0, 1] and [s.bundle for s in a.engines] == [0]
     assert [s.bundle for s in b.trainers] == [2, 3] and [s.bundle for s in b.engines] == [2]
     assert a.trainers[0].num_gpus + a.engines[0].num_gpus == 1.0 and a.trainers[0].num_cpus == 2.0
+
+
+def test_policies_that_share_devices_share_one_set_of_bundles():
+    plan = plan_placement(["a", "b"], num_trainers=2, num_engines=1, colocate=True, use_gpu=True, cpus_per_device=4,
+                          share_devices=True)
+    assert plan.bundles == ({"CPU": 4.0, "GPU": 1.0},) * 2
+    for p in ("a", "b"):
+        slots = plan.policies[p]
+        assert [s.bundle for s in slots.trainers] == [0, 1] and [s.bundle for s in slots.engines] == [0]
+        assert all(s.num_gpus == 0.25 and s.num_cpus == 1.0 for s in slots.trainers + slots.engines)
+    three = plan_placement(["a", "b", "c"], num_trainers=1, num_engines=1, colocate=True, use_gpu=True,
+                           share_devices=True)
+    gpus = [s.num_gpus for p in three.policies.values() for s in p.trainers + p.engines]
+    assert gpus == [0.1666] * 6 and sum(gpus) <= 1.0   # Ray takes 1e-4 steps; rounded down so all six fit
+    with pytest.raises(ValueError, match="one-device engines, but tp_size is 2"):
+        plan_placement(["a", "b"], num_trainers=1, num_engines=1, colocate=True, use_gpu=True, engine_devices=2,
+                       share_devices=True, train=False)   # rollout only: no trainer shares the device
+
+
+@pytest.mark.parametrize("fraction, engines", [(0.85, 2), (0.9, 3), (0.5, 4), (1.0, 2)])
+def test_engines_that_share_a_device_get_equal_kv_memory(fraction, engines):
+    free, pools = 1.0, []
+    for position in range(engines):   # each measures what the ones before it left free
+        pools.append(free * shared_kv_fraction(fraction, engines, position))
+        free -= pools[-1]
+    assert pools == pytest.approx([fraction / engines] * engines)
+    # a restart starts beside all the others, which hold their pools: it gets the same share
+    restart = shared_kv_fraction(fraction, engines, engines - 1)
+    assert (1 - (engines - 1) * fraction / engines) * restart == pytest.approx(fraction / engines)
 
 
 def test_disaggregated_and_cpu_placement():

@@ -214,13 +214,18 @@ def test_a_killed_engine_is_restarted_and_the_run_loses_no_sample(local_ray, qwe
         driver.shutdown()
 
 
-def test_two_policies_each_get_their_weights(local_ray, tiny_models, data_dir, tmp_path):
+@pytest.mark.parametrize("share_devices", [False, True])
+def test_two_policies_each_get_their_weights(local_ray, tiny_models, data_dir, tmp_path, share_devices):
     vals = values(tiny_models["qwen3"], data_dir, tmp_path, **{
         "policies": [f"speaker={tiny_models['qwen3']}", f"listener={tiny_models['llama']}"],
-        "custom-generate-function-path": "test_driver:two_policy_generate", "rollout-client": "ray"})
+        "custom-generate-function-path": "test_driver:two_policy_generate", "rollout-client": "ray",
+        "policies-share-devices": share_devices})
     del vals["hf-checkpoint"]
     driver, history = run(vals)
     try:
+        # shared: both policies' trainer and engine on the one device, trained in turn; else a device each
+        assert len(driver._plan.bundles) == (1 if share_devices else 2)
+        assert driver._turns == ([["speaker"], ["listener"]] if share_devices else [["speaker", "listener"]])
         last = history[-1]
         assert last["weight_version/speaker/engine"] == 2 and last["weight_version/listener/engine"] == 2
         assert last["train/speaker/num_samples"] == 8 and last["train/listener/num_samples"] == 8
