@@ -3,10 +3,10 @@
 #   warm start (all 47 conditions, a wider model, SFT on the GPU) -> per seed: (a) doctor vs the fixed SFT
 #   patient, (b) doctor and patient co-trained, (c) doctor vs the rule-based patient -> held-out evaluation
 #   -> table.md, results.json, curves.png.
-# Arms (a) and (b) hold two policies, each colocated on its own GPU: run it on a 2-GPU machine
-# (device kind nvidia-h100-x2). Models and runs go to runs/medical/gpu; the table, results.json, curves.png,
+# One GPU: in arms (a) and (b) the two policies share it (config_gpu_rl.yaml: policies_share_devices), so any
+# single-GPU device kind runs it. Models and runs go to runs/medical/gpu; the table, results.json, curves.png,
 # the logs and the GPU names are copied to $OUT (the device call's folder that comes back) when it is set.
-#   run(kind="nvidia-h100-x2", carry=[".whl", ".fi_cache"], timeout_s=600, command="bash scripts/medical_gpu.sh")
+#   run(carry=[".whl", ".fi_cache"], timeout_s=600, command="bash scripts/medical_gpu.sh")
 # One seed per call by default (a device call is at most 600 s; the time per RL step at this size is not measured
 # yet): then SEEDS="0 1" and SEEDS="0 1 2" on the same warm machine; each reuses runs/medical/gpu/warm and the
 # arms and evaluations already done, trains the new seed, and writes the table of the seeds it names.
