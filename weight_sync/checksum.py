@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,25 @@ def tensor_checksum(t: torch.Tensor) -> TensorChecksum:
 def checksums(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, TensorChecksum]:
     """{hf_name: checksum} of a stream of named tensors."""
     return {name: tensor_checksum(t) for name, t in named_tensors}
+
+
+_STACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up|down)_proj(_scale_inv)?$")
+
+
+def per_expert(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors with every stacked expert tensor (transformers >= 5's `mlp.experts.{gate_up,down}_proj` [E, ...],
+    or an FP8 stack's `..._scale_inv`) split into the per-expert HF tensors (`mlp.experts.{e}.{gate,up,down}_proj
+    .weight[_scale_inv]`) that engines report: the names their checksums are compared under."""
+    for name, tensor in named_tensors:
+        match = _STACKED_EXPERTS.match(name)
+        if match is None or tensor.dim() != 3:
+            yield name, tensor
+            continue
+        prefix, stack, suffix = match.groups()
+        projs = ("gate", "up") if stack == "gate_up" else ("down",)
+        for e in range(tensor.shape[0]):
+            for proj, part in zip(projs, tensor[e].chunk(len(projs))):  # gate_up: gate rows, then up rows
+                yield f"{prefix}.{e}.{proj}_proj.weight{suffix or ''}", part
 
 
 def checksum_report(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, dict]:

@@ -6,10 +6,13 @@ elements are `e4m3(clamp(w * (1 / scale), -448, 448))`, rounded to nearest even,
 rounded to float32 once per block (a multiply per element instead of a division, since the kernels that
 quantise activations on the fly repeat it in every program; within 2 float32 ulps of `w / scale`). The
 scales are float32 `[ceil(N/B), ceil(K/B)]`, stored under `<name>_scale_inv` (the HF / DeepSeek-V3 FP8
-checkpoint convention: dequantised `w ~ q * scale_inv`). Activations: the same per row and group of `block`
-columns (`1 x block`), done on the fly by the engine. Everything here is plain torch, bit-identical on CPU
-and CUDA (IEEE division and multiplication, one rounding to e4m3), so the sender can quantise before the
-wire, the engine at load, and the checksums of both agree bit for bit.
+checkpoint convention: dequantised `w ~ q * scale_inv`). A stack of expert matrices `[E, N, K]` (a
+mixture-of-experts layer's `mlp.experts.{gate_up,down}_proj`) is quantised matrix by matrix, scales
+`[E, ceil(N/B), ceil(K/B)]`: expert e's blocks and scales are bit for bit those of `quantize_weight(w[e])`.
+Activations: the same per row and group of `block` columns (`1 x block`), done on the fly by the engine.
+Everything here is plain torch, bit-identical on CPU and CUDA (IEEE division and multiplication, one rounding
+to e4m3), so the sender can quantise before the wire, the engine at load, and the checksums of both agree bit
+for bit.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 TINY = 1e-30  # a block with amax at most this gets scale 1 (its values round to 0): 1 / scale stays finite
 BLOCK_SIZES = (16, 32, 64, 128)
 SCALE_SUFFIX = "_scale_inv"
-# the HF names of the linears that run in FP8 (the LM head only when asked): attention and MLP projections
+# the HF names of the linears that run in FP8 (the LM head only when asked): attention and MLP projections (also
+# the per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` of a mixture-of-experts layer)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# a mixture-of-experts layer's expert stacks [E, N, K] under their transformers >= 5 names
+STACKED_EXPERT_NAMES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
 
 
 def check_block(block: int) -> int:
@@ -39,37 +45,39 @@ def check_block(block: int) -> int:
 
 
 def _blocks(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """t [N, K] zero-padded to whole blocks and viewed as [N/rows, rows, K/cols, cols]."""
-    n, k = t.shape
+    """t [..., N, K] zero-padded to whole blocks and viewed as [..., N/rows, rows, K/cols, cols]."""
+    n, k = t.shape[-2:]
     pad_n, pad_k = -n % rows, -k % cols
     if pad_n or pad_k:
         t = F.pad(t, (0, pad_k, 0, pad_n))
-    return t.reshape((n + pad_n) // rows, rows, (k + pad_k) // cols, cols)
+    return t.reshape(*t.shape[:-2], (n + pad_n) // rows, rows, (k + pad_k) // cols, cols)
 
 
 def _quantize(t: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n, k = t.shape
+    n, k = t.shape[-2:]
     blocks = _blocks(t, rows, cols)
-    amax = blocks.abs().amax(dim=(1, 3)).float()  # [N/rows, K/cols]
+    amax = blocks.abs().amax(dim=(-3, -1)).float()  # [..., N/rows, K/cols]
     scale = torch.where(amax > TINY, amax / FP8_MAX, torch.ones_like(amax))
     inv = 1.0 / scale  # rounded to float32 once per block
-    q = (blocks.float() * inv[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    q = q.reshape(blocks.shape[0] * rows, blocks.shape[2] * cols)[:n, :k]
+    q = (blocks.float() * inv[..., :, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.reshape(*blocks.shape[:-4], blocks.shape[-4] * rows, blocks.shape[-2] * cols)[..., :n, :k]
     return q.contiguous(), scale
 
 
 def quantize_weight(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 [N, K], float32 scale_inv [ceil(N/B), ceil(K/B)]) of a weight [N, K] in `block x block` blocks."""
-    if w.dim() != 2:
-        raise ValueError(f"quantize_weight takes a [N, K] weight, got shape {tuple(w.shape)}")
+    """(e4m3 [..., N, K], float32 scale_inv [..., ceil(N/B), ceil(K/B)]) of a weight [N, K] in `block x block`
+    blocks, or of each matrix of a stack [..., N, K] (experts) on its own."""
+    if w.dim() < 2:
+        raise ValueError(f"quantize_weight takes a [..., N, K] weight, got shape {tuple(w.shape)}")
     return _quantize(w, block, block)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: int,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight [N, K] (in dtype) that e4m3 q [N, K] with scale_inv [ceil(N/B), ceil(K/B)] stands for."""
-    n, k = q.shape
-    full = scale.repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]  # [N, K]
+    """The weight [..., N, K] (in dtype) that e4m3 q [..., N, K] with scale_inv [..., ceil(N/B), ceil(K/B)] stands
+    for."""
+    n, k = q.shape[-2:]
+    full = scale.repeat_interleave(block, -2)[..., :n, :].repeat_interleave(block, -1)[..., :k]  # [..., N, K]
     return (q.float() * full).to(dtype)
 
 
@@ -94,7 +102,8 @@ def scale_name(weight_name: str) -> str:
 class Fp8Layout:
     """Which HF tensors an FP8 engine holds as e4m3 + scale_inv, and in which blocks.
 
-    Every 2-D `*.{q,k,v,o,gate,up,down}_proj.weight`; `lm_head.weight` too when `lm_head`.
+    Every 2-D `*.{q,k,v,o,gate,up,down}_proj.weight` (per-expert ones included), every 3-D expert stack
+    `*.mlp.experts.{gate_up,down}_proj`; `lm_head.weight` too when `lm_head`. The router (`mlp.gate`) is not.
     """
 
     block: int = 128
@@ -105,6 +114,8 @@ class Fp8Layout:
 
     def quantized(self, name: str, tensor: torch.Tensor | None = None) -> bool:
         """Whether the engine holds HF tensor `name` in FP8."""
+        if name.endswith(STACKED_EXPERT_NAMES):
+            return tensor is None or tensor.dim() == 3
         if tensor is not None and tensor.dim() != 2:
             return False
         if name == "lm_head.weight":

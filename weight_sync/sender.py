@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from weight_sync.buckets import FlatLayout, NamedTensors, tensor_bytes
-from weight_sync.checksum import TensorChecksum, checksums
+from weight_sync.checksum import TensorChecksum, checksums, per_expert
 from weight_sync.colocated import ColocatedChannel
 from weight_sync.config import WeightSyncConfig
 from weight_sync.errors import WeightSyncError, raise_engine_errors
@@ -83,7 +83,8 @@ class WeightSender:
         push) are read by the engines in place; the others go through persistent staging buffers. `pause` /
         `resume` ride along with the first / last message (colocated only: the distributed transport's
         engines are paused and resumed by the caller). With `check_weight_update` the checksum of every
-        tensor sent is kept in `sent_checksums`.
+        tensor sent is kept in `sent_checksums` (stacked expert tensors under the per-expert names engines
+        report, `checksum.per_expert`).
         """
         self.sent_checksums = {}
         counts = SentCounts()
@@ -94,7 +95,7 @@ class WeightSender:
         def count(bucket: NamedTensors, nbytes: int) -> None:
             if self.config.check_weight_update:   # over what the engines will hold
                 held = layout.quantize_bucket(bucket) if layout is not None and not on_sender else bucket
-                self.sent_checksums.update(checksums(held))
+                self.sent_checksums.update(checksums(per_expert(held)))
             counts.buckets += 1
             counts.tensors += len(bucket)
             counts.bytes += nbytes

@@ -12,6 +12,17 @@ multiplies those by the expert's down projection, scales each row by its routing
 by pair; the top_k rows of a token are summed last. Rounding follows `models.moe.moe_reference` (products, the
 activation and the weighted output in the activation dtype), so results agree up to float32 accumulation order.
 
+FP8 experts (`scales` given: e4m3 w13 / w2 with a float32 scale per `block x block` block of each expert matrix,
+`weight_sync.fp8`): both GEMMs read the e4m3 weights and quantise their activation tiles on the fly, per token (or
+pair) and `block` group of k, with `weight_sync.fp8`'s numerics (`kernels.fp8_gemm._quant_group`): the K loop
+steps one scale block at a time, multiplies e4m3 x e4m3 on the FP8 tensor cores (blocks under 32 through bf16,
+which holds every e4m3 value exactly) and adds the float32 product times the token's activation scale and the
+weight block's scale. This and not bf16 activations times dequantised weights: it is the numerics of the dense
+FP8 linears and of the CPU specification (`models.moe.moe_reference` with scales, which fake-quantises x and
+silu(gate) * up per token and group), so the kernel equals the specification up to float32 summation order, and
+it needs no extra launch or buffer (a program requantises its BLOCK_M x block tile of x or h per k step, from
+L2). Rounding is otherwise unchanged: the projections, the activation and the weighted output in x's dtype.
+
 Nothing reads device values on the host and every shape depends on T only, so a decode step with these kernels
 can be captured in a CUDA graph: the grids cover the most blocks T tokens can need, cdiv(T k, BLOCK_M) +
 min(E, T k), and the empty ones exit. A decode step's MoE layer is six launches: the router GEMV, `route`,
@@ -26,6 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from inference_engine.kernels.fp8_gemm import _quant_group
 from inference_engine.ops import pdl
 
 try:
@@ -42,6 +54,9 @@ ALIGN_CHUNK = 64  # pairs per step of the align kernel
 # are read about once either way); not yet tuned on a GPU (benchmarks/moe_engine.py times the alternatives)
 SMALL = (16, 32, 128, 4, 4)
 LARGE = (64, 128, 64, 8, 3)
+# FP8 experts: e4m3 clamp bound and the amax below which a group's scale is 1 (weight_sync.fp8.FP8_MAX / TINY)
+_FP8_MAX = tl.constexpr(448.0)
+_TINY = tl.constexpr(1e-30)
 
 
 def default_config(pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
@@ -192,10 +207,24 @@ def align_reference(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_xt, stride_we,
-                    stride_wn, stride_ot, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
-    """out[pair, n] = silu(x[t] . w[e, n]) * (x[t] . w[e, N + n]) for the pairs of one block and BLOCK_N columns."""
+def _fp8_dot(a, w, w_scale, acc, QBLOCK: tl.constexpr):
+    """acc + (a quantised per row, e4m3) . w (e4m3 [QBLOCK, BN]) * row scales * w_scale [BN]: one k block of an FP8
+    GEMM, a [BM, QBLOCK] in float32 (zeros where masked: their scale is 1 and they add nothing)."""
+    aq, a_scale = _quant_group(a, _FP8_MAX, _TINY)
+    if QBLOCK < 32:  # below the FP8 MMA's k: float32 operands (TF32 holds every e4m3 value exactly)
+        prod = tl.dot(aq.to(tl.float32), w.to(tl.float32))
+    else:
+        prod = tl.dot(aq, w)
+    return acc + prod * a_scale[:, None] * w_scale[None, :]
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_xt, stride_we,
+                    stride_wn, stride_wse, stride_wsn, stride_ot, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
+                    IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    """out[pair, n] = silu(x[t] . w[e, n]) * (x[t] . w[e, N + n]) for the pairs of one block and BLOCK_N columns.
+    QBLOCK > 0: w is e4m3 with scales ws [E, 2N / QBLOCK, K / QBLOCK], x quantised on the fly (BLOCK_K == QBLOCK)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if USE_PDL:
@@ -222,7 +251,14 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pair
         a = tl.load(x_ptrs + k0, mask=valid[:, None] & k_mask[None, :], other=0.0)
         g = tl.load(g_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         u = tl.load(u_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if IEEE:  # float32 operands without TF32 rounding
+        if QBLOCK:  # FP8: this k block's weight scales (gate rows' blocks, then up rows' blocks)
+            gs_ptrs = ws_ptr + expert * stride_wse + (offs_n // QBLOCK).to(tl.int64) * stride_wsn + k0 // QBLOCK
+            g_s = tl.load(gs_ptrs, mask=n_mask, other=0.0)
+            u_s = tl.load(gs_ptrs + (N // QBLOCK) * stride_wsn, mask=n_mask, other=0.0)
+            a = a.to(tl.float32)
+            acc_g = _fp8_dot(a, g, g_s, acc_g, QBLOCK)
+            acc_u = _fp8_dot(a, u, u_s, acc_u, QBLOCK)
+        elif IEEE:  # float32 operands without TF32 rounding
             acc_g = tl.dot(a, g, acc_g, input_precision="ieee")
             acc_u = tl.dot(a, u, acc_u, input_precision="ieee")
         else:
@@ -236,10 +272,12 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pair
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_ht,
-                 stride_we, stride_wn, stride_ot, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
-    """out[pair, n] = weight[pair] * (h[pair] . w[e, n]) for the pairs of one block and BLOCK_N columns."""
+def _down_kernel(h_ptr, w_ptr, ws_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_ht,
+                 stride_we, stride_wn, stride_wse, stride_wsn, stride_ot, NUM_EXPERTS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
+                 IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    """out[pair, n] = weight[pair] * (h[pair] . w[e, n]) for the pairs of one block and BLOCK_N columns.
+    QBLOCK > 0: w is e4m3 with scales ws [E, N / QBLOCK, K / QBLOCK], h quantised on the fly (BLOCK_K == QBLOCK)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if USE_PDL:
@@ -263,7 +301,11 @@ def _down_kernel(h_ptr, w_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr
         k_mask = (k0 + offs_k) < K
         a = tl.load(h_ptrs + k0, mask=valid[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if IEEE:
+        if QBLOCK:  # FP8: this k block's weight scales
+            w_s = tl.load(ws_ptr + expert * stride_wse + (offs_n // QBLOCK).to(tl.int64) * stride_wsn + k0 // QBLOCK,
+                          mask=n_mask, other=0.0)
+            acc = _fp8_dot(a.to(tl.float32), w, w_s, acc, QBLOCK)
+        elif IEEE:
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
@@ -274,19 +316,34 @@ def _down_kernel(h_ptr, w_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-              config: tuple[int, int, int, int, int] | None = None, expert_offset: int | None = None) -> torch.Tensor:
+              config: tuple[int, int, int, int, int] | None = None, expert_offset: int | None = None,
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None, block: int = 0) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j]: [T, hidden] of x [T, hidden],
     w13 [E, 2I, hidden] (gate rows, then up rows), w2 [E, hidden, I], weights [T, k] (x's dtype), ids [T, k].
 
     expert_offset (expert parallelism): w13 / w2 hold experts [expert_offset, expert_offset + E) of the model's;
     pairs routed elsewhere are grouped into one more expert, E, whose blocks the GEMMs skip (their rows stay zero:
-    another rank computes them). Still no host read, so CUDA graphs capture it."""
+    another rank computes them). Still no host read, so CUDA graphs capture it.
+
+    scales = (w13 scale_inv [E, 2I/B, ceil(hidden/B)], w2 scale_inv [E, ceil(hidden/B), I/B]), block B: FP8 experts
+    (w13 / w2 e4m3, I a multiple of B), activations quantised per token and B group inside the GEMMs (module
+    docstring); config's BLOCK_K is B then."""
     tokens, top_k = ids.shape
     num_experts, two_i, hidden = w13.shape
     inter = two_i // 2
     if w2.shape != (num_experts, hidden, inter) or x.shape[-1] != hidden:
         raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit "
                          "x [T, hidden], w13 [E, 2I, hidden], w2 [E, hidden, I]")
+    if scales is not None:
+        s13, s2 = (s.contiguous() for s in scales)
+        hb = triton.cdiv(hidden, block)
+        if inter % block or s13.shape != (num_experts, 2 * inter // block, hb) or \
+                s2.shape != (num_experts, hb, inter // block) or w13.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"fused_moe: fp8 block {block}, e4m3 w13 {tuple(w13.shape)} ({w13.dtype}) with scales "
+                             f"{tuple(s13.shape)}, w2 {tuple(w2.shape)} with {tuple(s2.shape)}: expected scales "
+                             f"[E, 2I/B, ceil(hidden/B)] and [E, ceil(hidden/B), I/B], I a multiple of B")
+    else:
+        s13, s2, block = w13, w2, 0  # not read
     groups = num_experts
     if expert_offset is not None:  # other ranks' pairs: group E, skipped, their rows left zero
         local = ids.to(torch.int32) - expert_offset
@@ -304,15 +361,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     blocks = block_expert.numel()
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # silu(gate) * up by pair
     ieee = x.dtype == torch.float32  # float32 engines: no TF32 rounding of the inputs
+    fp8 = block > 0
     _gate_up_kernel[(blocks, triton.cdiv(inter, block_n))](
-        x, w13, h, sorted_pairs, block_expert, pairs, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
-        h.stride(0), TOP_K=top_k, NUM_EXPERTS=num_experts, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=min(block_k, triton.next_power_of_2(hidden)), IEEE=ieee, num_warps=warps,
-        num_stages=stages, **pdl.launch(x.device))
+        x, w13, s13, h, sorted_pairs, block_expert, pairs, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
+        s13.stride(0) if fp8 else 0, s13.stride(1) if fp8 else 0, h.stride(0), TOP_K=top_k, NUM_EXPERTS=num_experts,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block if fp8 else min(block_k, triton.next_power_of_2(hidden)),
+        QBLOCK=block, IEEE=ieee, num_warps=warps, num_stages=stages, **pdl.launch(x.device))
     flat_out = out.view(pairs, hidden)
     _down_kernel[(blocks, triton.cdiv(hidden, block_n))](
-        h, w2, weights.contiguous().view(-1), flat_out, sorted_pairs, block_expert, pairs, hidden, inter, h.stride(0),
-        w2.stride(0), w2.stride(1), flat_out.stride(0), NUM_EXPERTS=num_experts, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(inter))), IEEE=ieee,
+        h, w2, s2, weights.contiguous().view(-1), flat_out, sorted_pairs, block_expert, pairs, hidden, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if fp8 else 0, s2.stride(1) if fp8 else 0,
+        flat_out.stride(0), NUM_EXPERTS=num_experts, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block if fp8 else min(block_k, max(16, triton.next_power_of_2(inter))), QBLOCK=block, IEEE=ieee,
         num_warps=warps, num_stages=stages, **pdl.launch(x.device))
     return out.sum(1) if top_k > 1 else out.view(tokens, hidden)

@@ -3,9 +3,10 @@
 `convert(model, layout)` turns a built model's linears (qkv, o, gate_up, down; the untied LM head when
 `layout.lm_head`) into FP8: each `weight` becomes float8_e4m3fn and gets a `weight_scale_inv` parameter
 [ceil(rows/B), ceil(cols/B)] beside it, with weight targets in block units so that the loader places HF
-`*_scale_inv` tensors the way it places weights (fused parts, tp shards). A full-precision HF weight loaded
-into an FP8 weight is quantised on the way in (`quantize_into`); an e4m3 weight with its scale (a sender
-that quantised before the wire, an FP8 checkpoint) is copied as it is. Numerics: `weight_sync.fp8`.
+`*_scale_inv` tensors the way it places weights (fused parts, tp shards). A mixture-of-experts layer's expert
+stacks get the same per expert matrix (`moe.Experts.make_fp8`). A full-precision HF weight loaded into an FP8
+weight is quantised on the way in (`quantize_into`); an e4m3 weight with its scale (a sender that quantised
+before the wire, an FP8 checkpoint) is copied as it is. Numerics: `weight_sync.fp8`.
 
 `linear` is the FP8 x @ W^T: the activations are quantised per row and `block` group on the fly. On CUDA
 the triton kernels run (`kernels/fp8_gemm.py`: the GEMV for decode rows, the blockwise GEMM or
@@ -159,12 +160,18 @@ class _ScaleTarget:
 
 
 def convert(model: nn.Module, layout: Fp8Layout) -> int:
-    """Make the model's linears FP8 (see the module docstring); returns how many. Call before loading weights."""
+    """Make the model's linears and expert stacks FP8 (see the module docstring); returns how many. Call before
+    loading weights."""
     from inference_engine.models.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear)
+    from inference_engine.models.moe import Experts
 
     block = layout.block
-    converted = 0
+    converted = stacks = 0
     for name, module in model.named_modules():
+        if isinstance(module, Experts):  # both stacks, per-expert block scales (the router stays as it is)
+            module.make_fp8(block, name)
+            stacks += 2
+            continue
         head = isinstance(module, ParallelLMHead)
         if not (isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or (head and layout.lm_head)):
             continue
@@ -190,14 +197,27 @@ def convert(model: nn.Module, layout: Fp8Layout) -> int:
     fp8_head = any(isinstance(m, ParallelLMHead) for m in model.modules()) and layout.lm_head
     head_note = "fp8" if fp8_head else ("tied to the embedding, kept in the model dtype" if layout.lm_head
                                         else "kept in the model dtype")
-    log.info("fp8 weights: %d linears in e4m3 with %dx%d block scales (LM head %s); GEMM: %s", converted, block,
-             block, head_note, gemm)
-    return converted
+    experts = ""
+    if stacks:
+        experts = f", {stacks} expert stacks (" + ("fused triton MoE, e4m3 x e4m3" if device.type == "cuda"
+                                                   else "CPU reference") + ")"
+    log.info("fp8 weights: %d linears%s in e4m3 with %dx%d block scales (LM head %s); GEMM: %s", converted, experts,
+             block, block, head_note, gemm)
+    return converted + stacks
 
 
 def is_fp8_weight(param: nn.Parameter) -> bool:
     """Whether param is an FP8 linear weight (that takes full-precision HF tensors by quantising them)."""
     return param.dtype == FP8_DTYPE and getattr(param, "fp8_module", None) is not None
+
+
+def scale_view(param: nn.Parameter, target, shape: torch.Size, shard_id=None) -> torch.Tensor:
+    """The view of FP8 weight `param`'s scale parameter that goes with its weight target `target` (a WeightSlice)
+    of an HF tensor of `shape` and `shard_id`: a stack of experts' is the same target in block units."""
+    module = param.fp8_module
+    if hasattr(module, "scale_target"):  # moe.Experts
+        return module.scale_target(param, torch.Size(shape), shard_id).dst
+    return scale_dst(param, target.dst)
 
 
 def scale_dst(param: nn.Parameter, weight_dst: torch.Tensor) -> torch.Tensor:
@@ -211,7 +231,8 @@ def scale_dst(param: nn.Parameter, weight_dst: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_into(src: torch.Tensor, weight_dst: torch.Tensor, scale: torch.Tensor, block: int) -> None:
-    """Quantise the full-precision rows `src` [n, K] into the e4m3 view `weight_dst` and its scale rows `scale`."""
+    """Quantise the full-precision rows `src` [..., n, K] (a stack of expert matrices: each on its own) into the e4m3
+    view `weight_dst` and its scale rows `scale`."""
     q, s = quantize_weight(src.to(weight_dst.device), block)
     weight_dst.copy_(q)
     scale.copy_(s)

@@ -80,6 +80,7 @@ class _Target(NamedTuple):
     slice: WeightSlice
     param: torch.nn.Parameter
     whole: bool   # the source is the HF tensor itself (no narrow): this rank holds all of it
+    scale: torch.Tensor | None = None   # an FP8 weight's: the view of its scale parameter that goes with the slice
 
 
 @dataclass
@@ -135,7 +136,8 @@ class WeightPlan:
             target = getattr(param, "weight_target", default_weight_target)(param, torch.Size(shape), shard_id)
             if target is not None:  # None: checked, but held by another rank (an expert of another ep rank)
                 whole = target.dim is None or (target.start == 0 and target.length == shape[target.dim])
-                resolved = _Target(target, param, whole)
+                scale = fp8.scale_view(param, target, shape, shard_id) if fp8.is_fp8_weight(param) else None
+                resolved = _Target(target, param, whole, scale)
         self._targets[key] = resolved
         return resolved
 
@@ -193,7 +195,7 @@ class WeightPlan:
             dst = target.slice.dst
             if fp8.is_fp8_weight(target.param) and tensor.dtype != dst.dtype:  # full precision into FP8: quantise
                 block = target.param.fp8_module.fp8_block
-                quantized.append((target.slice.source(tensor), dst, fp8.scale_dst(target.param, dst), block))
+                quantized.append((target.slice.source(tensor), dst, target.scale, block))
                 names.append(fp8.scale_hf_name(name))
                 continue
             src = tensor if target.whole else target.slice.source(tensor)
@@ -228,12 +230,12 @@ def load_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tenso
 def _local_hf_pieces(model: CausalLM) -> Iterator[tuple[str, torch.nn.Parameter, object, torch.Tensor]]:
     """(hf_name, parameter, shard_id, this rank's piece of that HF tensor as a view), fused parameters split back."""
     for name, param in model.named_parameters():
-        if name.endswith(".experts.down_proj"):
-            continue  # yielded with gate_up_proj, expert by expert
         if name.endswith(".experts.gate_up_proj"):
             experts: Experts = model.get_submodule(name.rsplit(".", 1)[0])
             yield from experts.hf_pieces(name.rsplit(".", 1)[0])
             continue
+        if ".experts." in name:
+            continue  # down_proj and the FP8 scales: yielded with gate_up_proj, expert by expert
         fused = next((f for f in ("qkv_proj", "gate_up_proj") if f".{f}." in name), None)
         if fused is None:
             yield name, param, None, param.data
