@@ -336,6 +336,26 @@ def test_fp8_moe_tp2_engine_generates_what_tp1_does_and_takes_a_push(qwen3_moe_m
         _assert_holds_quantised(dict(engine.named_hf_tensors()), load_file(other_moe / "model.safetensors"), block)
 
 
+def test_benchmark_script_runs_bf16_and_fp8_engines_side_by_side_on_cpu(tmp_path):
+    """benchmarks/moe_engine.py --rollout-dtype bf16,fp8 end to end on the tiny smoke shape (what scripts/moe_gpu.sh
+    FP8=1 runs on the GPU, minus the GPU-only rows): both engines' rows, tagged, and the fp8 / bf16 ratios."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.moe_engine", "--smoke", "--rollout-dtype", "bf16,fp8",
+                           "--out", str(tmp_path / "r.json")], cwd=repo, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert {"decode batch 1 (16 in) [bf16]", "decode batch 4 (16 in) [fp8]", "decode batch 4 fp8 / bf16",
+            "offline 8 x (16 in, 8 out) fp8 / bf16"} <= set(rows)
+    assert "fp8 weights (32^2 blocks)" in rows["model [fp8]"] and "fp8" not in rows["model [bf16]"]
+
+
 # ---------------------------------------------------------------- the FP8 fused kernel
 # (tokens, experts, top_k, hidden, intermediate, block, tile config): decode and prefill sizes, ragged hidden (a
 # partial k block of x, a partial row block of down), blocks under the FP8 MMA's k (16) and at it
