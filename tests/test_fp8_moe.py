@@ -253,6 +253,30 @@ def test_misaligned_expert_width_is_a_clear_error(tmp_path, tokenizer_dir):
         Experts(8, 64, 32, _RankStub(1, 2)).make_fp8(32)
 
 
+@pytest.mark.parametrize("experts", ["per_expert", "stacked"])
+def test_an_fp8_checkpoint_loads_as_it_is(tmp_path, qwen3_moe_model, experts):
+    """A folder of e4m3 weights + `*_scale_inv` (the HF FP8 checkpoint names; experts per expert or stacked as
+    transformers 5 stores them, scales stacked alike) starts an FP8 engine that holds exactly those tensors and
+    generates what the engine that quantised the full-precision checkpoint itself generates."""
+    from safetensors.torch import save_file
+
+    for f in qwen3_moe_model.iterdir():
+        if f.suffix != ".safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    full = load_file(qwen3_moe_model / "model.safetensors")
+    tensors = _stacked(full) if experts == "stacked" else full
+    quantised = dict(Fp8Layout(BLOCK).quantize_bucket(sorted(tensors.items())))
+    if experts == "stacked":
+        assert quantised["model.layers.0.mlp.experts.gate_up_proj_scale_inv"].shape == (8, 2, 2)
+    save_file(quantised, tmp_path / "model.safetensors")
+    with Engine(model_path=str(qwen3_moe_model), weight_dtype="fp8", fp8_block_size=BLOCK, **ARGS) as engine:
+        want = [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+    with Engine(model_path=str(tmp_path), weight_dtype="fp8", fp8_block_size=BLOCK, **ARGS) as engine:
+        assert [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)] == want
+        held = dict(engine.named_hf_tensors())
+    assert _assert_holds_quantised(held, full, BLOCK) == 2 * 8 * 3
+
+
 @pytest.fixture(scope="module")
 def other_moe(tmp_path_factory, tokenizer_dir):
     return make_tiny_model(tmp_path_factory.mktemp("fp8_other_moe"), "qwen3_moe", seed=11,
@@ -408,6 +432,7 @@ def _check_fp8_kernel(device: str, dtype: torch.dtype, atol: float, rtol: float)
 def _check_fp8_layer(device: str, dtype: torch.dtype, atol: float, rtol: float) -> None:
     """SparseMoE with FP8 experts on its triton path (route, align, FP8 GEMMs) against the torch specification of
     the same layer, as the engine calls it."""
+    from inference_engine import ops
     from inference_engine.kernels import fused_moe as kernels
     from inference_engine.models.moe import SparseMoE
     from inference_engine.testing import tiny_config
@@ -423,7 +448,7 @@ def _check_fp8_layer(device: str, dtype: torch.dtype, atol: float, rtol: float) 
     for tokens in (1, 7, 100):  # the last one in the LARGE tiles
         x = torch.randn(tokens, spec.hidden_size, generator=g).to(device=device, dtype=dtype)
         got = layer(x)
-        logits = torch.nn.functional.linear(x, layer.gate.weight)
+        logits = ops.linear(x, layer.gate.weight)  # the layer's own router product: the same logits
         weights, ids = kernels.route(logits, spec.num_experts_per_tok, True, dtype)
         want = moe_reference(x.cpu(), layer.experts.gate_up_proj.cpu(), layer.experts.down_proj.cpu(),
                              weights.cpu(), ids.cpu().long(), scales=tuple(s.cpu() for s in layer.experts.scales()),
