@@ -14,14 +14,15 @@ activation and the weighted output in the activation dtype), so results agree up
 
 FP8 experts (`scales` given: e4m3 w13 / w2 with a float32 scale per `block x block` block of each expert matrix,
 `weight_sync.fp8`): both GEMMs read the e4m3 weights and quantise their activation tiles on the fly, per token (or
-pair) and `block` group of k, with `weight_sync.fp8`'s numerics (`kernels.fp8_gemm._quant_group`): the K loop
-steps one scale block at a time, multiplies e4m3 x e4m3 on the FP8 tensor cores (blocks under 32 through bf16,
-which holds every e4m3 value exactly) and adds the float32 product times the token's activation scale and the
-weight block's scale. This and not bf16 activations times dequantised weights: it is the numerics of the dense
-FP8 linears and of the CPU specification (`models.moe.moe_reference` with scales, which fake-quantises x and
-silu(gate) * up per token and group), so the kernel equals the specification up to float32 summation order, and
-it needs no extra launch or buffer (a program requantises its BLOCK_M x block tile of x or h per k step, from
-L2). Rounding is otherwise unchanged: the projections, the activation and the weighted output in x's dtype.
+pair) and `block` group of k, with `weight_sync.fp8`'s numerics (`kernels.fp8_gemm._quant_group`): the K loop steps
+one scale block at a time, multiplies e4m3 x e4m3 on the FP8 tensor cores (blocks under 32, the FP8 MMA's k, through
+float32 operands, whose TF32 rounding keeps every e4m3 value exact) and adds the float32 product times the token's
+activation scale and the weight block's scale. This and not bf16 activations times dequantised weights: it is the
+numerics of the dense FP8 linears and of the CPU specification (`models.moe.moe_reference` with scales, which
+fake-quantises x and silu(gate) * up per token and group), so the kernel equals the specification up to float32
+summation order, and it needs no extra launch or buffer (a program requantises its BLOCK_M x block tile of x or h
+per k step, from L2). Rounding is otherwise unchanged: the projections, the activation and the weighted output in
+x's dtype.
 
 Nothing reads device values on the host and every shape depends on T only, so a decode step with these kernels
 can be captured in a CUDA graph: the grids cover the most blocks T tokens can need, cdiv(T k, BLOCK_M) +
