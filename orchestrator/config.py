@@ -22,6 +22,10 @@ class RunConfig:
     policies: list[str] = field(default_factory=list)
     """Several policies trained together, as NAME=PATH (e.g. doctor=/m/a patient=/m/b); default: one policy
     'default' = --hf-checkpoint. Each gets its own trainers, engines and weight pushes."""
+    frozen_policies: list[str] = field(default_factory=list)
+    """Policies of --policies that are served but never trained (e.g. a fixed partner in a multi-agent run): their
+    engines serve their --policies checkpoint at weight version 0; no trainer, no weight push, no checkpoint or HF
+    export; samples of theirs are not trained (rollout/<policy>/frozen_samples counts them)."""
     num_rollout: int = 100
     """Training steps (one rollout + one policy update each)."""
     seed: int = 1234
@@ -142,7 +146,7 @@ class RunConfig:
             raise ValueError(f"{flag} does not apply to --debug-rollout-only / --debug-train-only")
         if self.async_mode == "fully" and len(self.policies) > 1:
             raise ValueError("--async-mode fully trains one policy; drop --policies or use --async-mode one-step")
-        self.policy_paths()
+        self.check_frozen_policies()
         check_positive(self, "save_interval", allow_none=True)
         check_positive(self, "eval_interval", allow_none=True)
         if self.save_interval is not None and not self.save:
@@ -153,6 +157,21 @@ class RunConfig:
                              f"(a folder)")
         if self.debug_rollout_only and self.debug_train_only:
             raise ValueError("--debug-rollout-only and --debug-train-only cannot both be set")
+
+    def check_frozen_policies(self) -> None:
+        """ValueError unless every --frozen-policies name is one of --policies and at least one policy is trained."""
+        names = list(self.policy_paths())
+        unknown = [name for name in self.frozen_policies if name not in names]
+        if unknown:
+            raise ValueError(f"--frozen-policies names {unknown[0]!r}, which is not one of --policies "
+                             f"({', '.join(names)})")
+        if self.frozen_policies and set(names) <= set(self.frozen_policies) and not self.debug_rollout_only:
+            raise ValueError(f"--frozen-policies freezes every policy ({', '.join(names)}), so nothing is trained; "
+                             f"to only generate rollouts use --debug-rollout-only")
+
+    def trained_policies(self) -> list[str]:
+        """The names of policy_paths() that are trained (not in --frozen-policies), in order."""
+        return [name for name in self.policy_paths() if name not in self.frozen_policies]
 
     def policy_paths(self) -> dict[str, str]:
         """{policy name: HF folder}, in the order given; {'default': --hf-checkpoint} without --policies."""

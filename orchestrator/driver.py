@@ -4,6 +4,8 @@ One step: rollout -> (colocated: engines release memory, trainers onload) -> tra
 its samples -> push each policy's weights into its engines -> (trainers offload, engines resume).
 Policies that share devices (--policies-share-devices) take the middle part in turn: onload, train,
 push and offload one policy, then the next, so one policy's training state is on the device at a time.
+Frozen policies (--frozen-policies) are served but have no trainer: they take no part in the middle part
+(their engines, if they share a device with trainers, release and resume memory with the others).
 -> eval every --eval-interval steps -> checkpoint every --save-interval steps -> one log line.
 With --async-rollout the rollout of step k+1 runs while step k trains (staleness 1, TIS on).
 Step k (1-based, as logged) trains on rollout k-1 and leaves the engines at weight_version k.
@@ -282,6 +284,22 @@ def _last_line(e: BaseException) -> str:
     return text.splitlines()[-1][:300] if text else type(e).__name__
 
 
+def _reward_mean(samples: Sequence[Any]) -> float:
+    """The mean of the samples' scalar rewards (0.0 without any)."""
+    rewards = [s.reward for s in samples if isinstance(s.reward, (int, float))]
+    return sum(rewards) / max(len(rewards), 1)
+
+
+def check_checkpoint_frozen(checkpoint: Path, frozen: Sequence[str]) -> None:
+    """CheckpointError unless the checkpoint's frozen policies (driver.json; none before frozen policies existed)
+    are this run's: a policy frozen there has no trainer state to resume, one trained there would lose it."""
+    state = json.loads((checkpoint / "driver.json").read_text())
+    saved = sorted(state.get("frozen_policies", []))
+    if saved != sorted(set(frozen)):
+        raise CheckpointError(f"checkpoint {checkpoint} was saved with --frozen-policies {saved or 'none'}, this run "
+                              f"has {sorted(set(frozen)) or 'none'}; resume with the same frozen policies")
+
+
 def _fmt(metrics: dict[str, Any], key: str, spec: str = ".3f") -> str:
     value = metrics.get(key)
     return "-" if value is None else format(value, spec)
@@ -343,6 +361,8 @@ class Driver:
 
         cfg, run = self.cfg, self.cfg.run
         self.checkpoint = choose_checkpoint(run.load) if run.load else None  # CheckpointError before anything costly
+        if self.checkpoint is not None:
+            check_checkpoint_frozen(self.checkpoint, run.frozen_policies)
         self._init_ray()
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         if not use_gpu and cfg.engine.device != "cpu":
@@ -352,17 +372,19 @@ class Driver:
         plan = plan_placement(list(cfg.policies), num_trainers=run.actor_num_nodes * run.actor_num_gpus_per_node,
                               num_engines=run.num_engines, colocate=run.colocate, use_gpu=use_gpu,
                               cpus_per_device=run.cpus_per_device, train=train, rollout=rollout,
-                              engine_devices=cfg.engine.tp_size, share_devices=run.policies_share_devices)
+                              engine_devices=cfg.engine.tp_size, share_devices=run.policies_share_devices,
+                              frozen=run.frozen_policies)
         self.colocated = run.colocate and train and rollout
+        trained = run.trained_policies()
         # the policies whose trainers hold device memory together: one at a time when they share devices
-        self._turns = ([[name] for name in cfg.policies] if run.policies_share_devices and self.colocated
-                       else [list(cfg.policies)])
-        logger.info("placement: %d bundles of %s for policies %s (%s, %s)", len(plan.bundles), plan.bundles[0],
-                    list(cfg.policies), "colocated" if self.colocated else "disaggregated", "GPU" if use_gpu else "CPU")
+        self._turns = [[name] for name in trained] if run.policies_share_devices and self.colocated else [trained]
+        logger.info("placement: %d bundles of %s for policies %s (%s, %s)%s", len(plan.bundles), plan.bundles[0],
+                    list(cfg.policies), "colocated" if self.colocated else "disaggregated", "GPU" if use_gpu else "CPU",
+                    f"; frozen (served, not trained): {run.frozen_policies}" if run.frozen_policies else "")
         self.pg = create_placement_group(plan)
         if train:
-            for name, path in cfg.policies.items():
-                tcfg = dataclasses.replace(cfg.trainer, hf_checkpoint=path)
+            for name in trained:
+                tcfg = dataclasses.replace(cfg.trainer, hf_checkpoint=cfg.policies[name])
                 self.trainers[name] = TrainerGroup(name, tcfg, self.pg, plan.policies[name].trainers)
             for names in self._turns:   # built (and offloaded) in turn when they share devices
                 ray.get([ref for name in names for ref in self.trainers[name].remote("init")])
@@ -503,7 +525,7 @@ class Driver:
                                                                    weights_only=False)))
         if self.trainers and self.engines:
             self._push_weights(self.start_step)
-        self.weight_versions = {name: self.start_step for name in self.cfg.policies}
+        self.weight_versions.update({name: self.start_step for name in self.trainers})   # frozen ones stay at 0
         logger.info("resumed from %s at step %d", checkpoint, self.start_step)
 
     # ---- phases -----------------------------------------------------------------------------------------------
@@ -648,7 +670,8 @@ class Driver:
                                          f"{version} after the push, not {self.weight_versions[policy]}")
             ray.get(self.manager.replace_engine.remote(policy, i, self._engine_target(handle)))
             logger.info("step %d: engine %s is back in rotation at weight version %d%s", step + 1,
-                        self.engine_name(policy, i), version, " (checksums verified)" if self.trainers else "")
+                        self.engine_name(policy, i), version,
+                        " (checksums verified)" if policy in self.trainers else "")
         self._to_return = []
         self._log_engine_events(step)
 
@@ -673,8 +696,19 @@ class Driver:
             for key, value in ray.get(refs)[0].items():
                 metrics[self._key("train", name, key)] = value
             if len(self.cfg.policies) > 1:
-                rewards = [s.reward for s in by_policy[name] if isinstance(s.reward, (int, float))]
-                metrics[f"rollout/{name}/reward_mean"] = sum(rewards) / max(len(rewards), 1)
+                metrics[f"rollout/{name}/reward_mean"] = _reward_mean(by_policy[name])
+        return metrics
+
+    def _frozen_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """rollout/<policy>/frozen_samples (samples returned for a frozen policy, which are not trained) and
+        rollout/<policy>/reward_mean of each frozen policy."""
+        by_policy = batch.by_policy()
+        metrics: dict[str, float] = {}
+        for name in self.cfg.run.frozen_policies:
+            samples = by_policy.get(name, [])
+            metrics[f"rollout/{name}/frozen_samples"] = float(len(samples))
+            if samples:
+                metrics[f"rollout/{name}/reward_mean"] = _reward_mean(samples)
         return metrics
 
     def _evaluate(self) -> dict[str, float]:
@@ -697,6 +731,7 @@ class Driver:
         if self.manager is not None and rollout_state is None:
             rollout_state = ray.get(self.manager.state_dict.remote())
         state = {"next_step": step + 1, "policies": self.cfg.policies, "weight_versions": self.weight_versions,
+                 "frozen_policies": sorted(self.cfg.run.frozen_policies),
                  "seeds": {"seed": self.cfg.run.seed, "rollout_seed": self.cfg.data.rollout_seed,
                            "sampling_seed": self.cfg.rollout.sampling_seed},
                  "config": self.cfg.flag_values()}
@@ -743,6 +778,7 @@ class Driver:
                     metrics.update(self._score_teacher(batch))
                 if self.trainers:
                     metrics.update(self._train_and_push(batch, step, timing))
+                    metrics.update(self._frozen_metrics(batch))
                 if not run.async_rollout and step + 1 < run.num_rollout:
                     pending = self._launch_rollout(step + 1)
                 if self.manager is not None and run.eval_interval and (step + 1) % run.eval_interval == 0:
@@ -809,9 +845,13 @@ class Driver:
             timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
 
         engines = [h for handles in self.engines.values() for h in handles]
+        # the engines beside trainers: all of them when the policies share devices, else the trained policies' (a
+        # frozen policy's engines have devices of their own and keep their memory and cache)
+        beside = [h for policy, handles in self.engines.items() for h in handles
+                  if policy in self.trainers or self.cfg.run.policies_share_devices]
         if self.colocated:
             start = time.perf_counter()
-            ray.get([h.release_memory.remote() for h in engines])
+            ray.get([h.release_memory.remote() for h in beside])
             timed("timing/onload_s", start)
         trained_versions = dict(self.weight_versions)   # the trainers' weights the batch is trained against
         metrics: dict[str, float] = {}
@@ -832,10 +872,11 @@ class Driver:
                 ray.get([ref for name in names for ref in self.trainers[name].remote("offload")])
                 timed("timing/offload_s", start)
         if engines:
-            metrics.update(version_lag_metrics(batch.samples, trained_versions))
+            metrics.update(version_lag_metrics([s for s in batch.samples if s.policy in self.trainers],
+                                               trained_versions))
         if self.colocated:
             start = time.perf_counter()
-            ray.get([h.resume_memory.remote() for h in engines])
+            ray.get([h.resume_memory.remote() for h in beside])
             timed("timing/offload_s", start)
         if self._to_return:
             self._return_engines(step)
@@ -845,7 +886,8 @@ class Driver:
         policies = list(self.cfg.policies)
         train = " ".join(f"{p}: loss {_fmt(m, self._key('train', p, 'loss'), '.4f')} "
                          f"kl {_fmt(m, self._key('train', p, 'ppo_kl'), '.2e')} "
-                         f"v{self.weight_versions[p]}" for p in policies) if self.trainers else "rollout only"
+                         f"v{self.weight_versions[p]}" if p in self.trainers else f"{p}: frozen"
+                         for p in policies) if self.trainers else "rollout only"
         failed = int(m.get("rollout/failed_samples", 0))
         line = (f"step {step + 1}/{self.cfg.run.num_rollout} | reward {_fmt(m, 'rollout/reward_mean')} | "
                 f"eval {eval_rewards(m)} | len {_fmt(m, 'rollout/response_len_mean', '.1f')} | "

@@ -5,7 +5,10 @@ policy gets its own devices. Colocated: a policy's trainers and engines share it
 (trainer i and engine i take half of bundle i each, by fractional GPU or CPU). Disaggregated:
 the trainers' devices come first, then one bundle per engine of `engine_devices` devices (its
 tp_size). Policies that share devices (`share_devices`, colocated, one-device engines): one set of
-bundles for all, trainer i and engine i of every policy on bundle i, each actor an equal share of it.
+bundles for all, trainer i and engine i of every policy on bundle i, each actor on a bundle an equal
+share of it. A frozen policy (served, never trained) has engines and no trainers: colocated, its engine
+i takes a whole device of its own (or, sharing devices, its share of bundle i beside the others);
+disaggregated, its engines' bundles only.
 The same plan serves CPU and GPU; only the bundle's resource name differs.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +57,13 @@ class PlacementPlan:
 
 def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: int, colocate: bool,
                    use_gpu: bool, cpus_per_device: float = 1.0, train: bool = True,
-                   rollout: bool = True, engine_devices: int = 1, share_devices: bool = False) -> PlacementPlan:
+                   rollout: bool = True, engine_devices: int = 1, share_devices: bool = False,
+                   frozen: Collection[str] = ()) -> PlacementPlan:
     """Bundles and slots for `policies`, each with `num_trainers` trainer ranks and `num_engines` engines.
 
     `engine_devices` is each engine's tp_size: its actor takes that many devices of one bundle and its tp
     workers (processes it spawns) use them. `share_devices`: every policy on the same bundles (see the module
-    docstring; one-device engines only).
+    docstring; one-device engines only). `frozen`: policies without trainers (their engines only).
     """
     if not policies:
         raise ValueError("plan_placement needs at least one policy")
@@ -69,9 +73,12 @@ def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: i
         raise ValueError(f"cpus_per_device={cpus_per_device}: expected a number of CPUs > 0")
     if not isinstance(engine_devices, int) or engine_devices < 1:
         raise ValueError(f"engine_devices={engine_devices!r}: expected an integer >= 1 (the engines' tp_size)")
-    trainers = num_trainers if train else 0
+    unknown = sorted(set(frozen) - set(policies))
+    if unknown:
+        raise ValueError(f"frozen policies {unknown} are not among the policies {list(policies)}")
     engines = num_engines if rollout else 0
-    shared = colocate and trainers > 0 and engines > 0
+    trainers = {name: num_trainers if train and name not in frozen else 0 for name in policies}
+    shared = colocate and engines > 0 and any(trainers.values())
     if shared and engine_devices > 1:
         raise ValueError(f"colocated engines span one device, but tp_size is {engine_devices}; run engines with "
                          f"tp_size > 1 disaggregated (--no-colocate)")
@@ -88,23 +95,25 @@ def plan_placement(policies: Sequence[str], *, num_trainers: int, num_engines: i
         return Slot(index, cpus_per_device * share, share if use_gpu else 0.0)
 
     if share_devices:
-        share = _share(len(policies) * ((trainers > 0) + (engines > 0)))
-        bundles.extend(device_bundle(1) for _ in range(max(trainers, engines)))
+        devices = max([engines, *trainers.values()])
+        # the actors on bundle i: trainer i of each policy that has one, engine i of each policy
+        actors = [sum(i < n for n in trainers.values()) + len(policies) * (i < engines) for i in range(devices)]
+        bundles.extend(device_bundle(1) for _ in range(devices))
         for name in policies:
-            placements[name] = PolicyPlacement(tuple(slot(i, share) for i in range(trainers)),
-                                               tuple(slot(i, share) for i in range(engines)))
+            placements[name] = PolicyPlacement(tuple(slot(i, _share(actors[i])) for i in range(trainers[name])),
+                                               tuple(slot(i, _share(actors[i])) for i in range(engines)))
         return PlacementPlan(tuple(bundles), placements, use_gpu)
     for name in policies:
-        base = len(bundles)
-        if shared:
-            bundles.extend(device_bundle(1) for _ in range(max(trainers, engines)))
-            trainer_slots = [slot(base + i, COLOCATED_SHARE) for i in range(trainers)]
+        base, ranks = len(bundles), trainers[name]
+        if shared and ranks:
+            bundles.extend(device_bundle(1) for _ in range(max(ranks, engines)))
+            trainer_slots = [slot(base + i, COLOCATED_SHARE) for i in range(ranks)]
             engine_slots = [slot(base + i, COLOCATED_SHARE) for i in range(engines)]
-        else:
-            bundles.extend(device_bundle(1) for _ in range(trainers))
+        else:   # disaggregated, or a policy without trainers: its engines alone on their devices
+            bundles.extend(device_bundle(1) for _ in range(ranks))
             bundles.extend(device_bundle(engine_devices) for _ in range(engines))
-            trainer_slots = [slot(base + i, 1.0) for i in range(trainers)]
-            engine_slots = [slot(base + trainers + i, float(engine_devices)) for i in range(engines)]
+            trainer_slots = [slot(base + i, 1.0) for i in range(ranks)]
+            engine_slots = [slot(base + ranks + i, float(engine_devices)) for i in range(engines)]
         placements[name] = PolicyPlacement(tuple(trainer_slots), tuple(engine_slots))
     return PlacementPlan(tuple(bundles), placements, use_gpu)
 

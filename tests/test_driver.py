@@ -136,6 +136,41 @@ def test_inconsistent_configs_are_rejected(qwen3_model, extra, message):
         resolve(_values(qwen3_model, **extra))
 
 
+def test_frozen_policies_must_be_served_policies_and_not_all(tiny_models):
+    two = [f"a={tiny_models['qwen3']}", f"b={tiny_models['llama']}"]
+    cfg = parse_args(["--policies", *two, "--frozen-policies", "b", "--prompt-data", "x.jsonl"])
+    assert cfg.run.frozen_policies == ["b"] and cfg.run.trained_policies() == ["a"] and list(cfg.policies) == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"--frozen-policies names 'c', which is not one of --policies \(a, b\)"):
+        resolve({"prompt-data": "x.jsonl", "policies": two, "frozen-policies": ["c"]})
+    with pytest.raises(ConfigError, match=r"freezes every policy \(a, b\).*use --debug-rollout-only"):
+        resolve({"prompt-data": "x.jsonl", "policies": two, "frozen-policies": ["b", "a"]})
+    with pytest.raises(ConfigError, match=r"freezes every policy \(default\)"):
+        resolve(_values(tiny_models["qwen3"], **{"frozen-policies": ["default"]}))
+
+
+def test_a_bad_frozen_policy_exits_2_before_ray_starts(tiny_models, tmp_path, capsys, caplog):
+    import ray
+
+    from orchestrator.checkpoint import begin_checkpoint, finish_checkpoint
+    from orchestrator.driver import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1 + 1?", "label": "2"}) + "\n")
+    flags = ["--policies", f"a={tiny_models['qwen3']}", f"b={tiny_models['llama']}", "--prompt-data", str(data)]
+    with pytest.raises(SystemExit) as e:
+        main([*flags, "--frozen-policies", "x"])
+    assert e.value.code == 2 and not ray.is_initialized()
+    assert capsys.readouterr().err.strip() == ("train.py: error: --frozen-policies names 'x', which is not one of "
+                                               "--policies (a, b)")
+    # a checkpoint saved with other frozen policies: its trainer state does not match this run's trainers
+    begin_checkpoint(tmp_path / "ckpt", 1)
+    finish_checkpoint(tmp_path / "ckpt", 1, {}, None, {"next_step": 1, "policies": {}, "frozen_policies": []})
+    with pytest.raises(SystemExit) as e:
+        main([*flags, "--frozen-policies", "b", "--load", str(tmp_path / "ckpt")])
+    assert e.value.code == 2 and not ray.is_initialized()
+    assert "was saved with --frozen-policies none, this run has ['b']" in caplog.text
+
+
 def test_yaml_config_sets_driver_flags(qwen3_model, tmp_path):
     from orchestrator.driver import parse_args
 
@@ -175,7 +210,9 @@ def test_policies_that_share_devices_share_one_set_of_bundles():
     for p in ("a", "b"):
         slots = plan.policies[p]
         assert [s.bundle for s in slots.trainers] == [0, 1] and [s.bundle for s in slots.engines] == [0]
-        assert all(s.num_gpus == 0.25 and s.num_cpus == 1.0 for s in slots.trainers + slots.engines)
+        # device 0: two trainers and two engines, a quarter each; device 1: the two trainers, a half each
+        assert [(s.num_gpus, s.num_cpus) for s in slots.trainers + slots.engines] == [(0.25, 1.0), (0.5, 2.0),
+                                                                                      (0.25, 1.0)]
     three = plan_placement(["a", "b", "c"], num_trainers=1, num_engines=1, colocate=True, use_gpu=True,
                            share_devices=True)
     gpus = [s.num_gpus for p in three.policies.values() for s in p.trainers + p.engines]
@@ -195,6 +232,30 @@ def test_engines_that_share_a_device_get_equal_kv_memory(fraction, engines):
     # a restart starts beside all the others, which hold their pools: it gets the same share
     restart = shared_kv_fraction(fraction, engines, engines - 1)
     assert (1 - (engines - 1) * fraction / engines) * restart == pytest.approx(fraction / engines)
+
+
+def test_a_frozen_policy_takes_devices_for_its_engines_only():
+    # colocated: b's engines alone on a device each, a's trainer i and engine i sharing device i
+    plan = plan_placement(["a", "b"], num_trainers=2, num_engines=2, colocate=True, use_gpu=True, cpus_per_device=4,
+                          frozen=["b"])
+    assert plan.bundles == ({"CPU": 4.0, "GPU": 1.0},) * 4
+    a, b = plan.policies["a"], plan.policies["b"]
+    assert [(s.bundle, s.num_gpus) for s in a.trainers + a.engines] == [(0, 0.5), (1, 0.5), (0, 0.5), (1, 0.5)]
+    assert b.trainers == () and [(s.bundle, s.num_gpus, s.num_cpus) for s in b.engines] == [(2, 1.0, 4.0),
+                                                                                            (3, 1.0, 4.0)]
+    # sharing devices (the medical GPU arm (a)): a's trainer and engine and b's engine, a third of the GPU each
+    shared = plan_placement(["a", "b"], num_trainers=1, num_engines=1, colocate=True, use_gpu=True, frozen=["b"],
+                            share_devices=True)
+    slots = shared.policies["a"].trainers + shared.policies["a"].engines + shared.policies["b"].engines
+    assert shared.bundles == ({"CPU": 1.0, "GPU": 1.0},) and shared.policies["b"].trainers == ()
+    assert [s.num_gpus for s in slots] == [0.3333] * 3 and sum(s.num_gpus for s in slots) <= 1.0
+    # disaggregated: b's engines' bundles (tp_size devices each), no trainer bundles
+    apart = plan_placement(["a", "b"], num_trainers=2, num_engines=1, colocate=False, use_gpu=True, engine_devices=2,
+                           frozen=["b"])
+    assert apart.bundles == ({"CPU": 1.0, "GPU": 1.0},) * 2 + ({"CPU": 2.0, "GPU": 2.0},) * 2
+    assert apart.policies["b"].trainers == () and [s.bundle for s in apart.policies["b"].engines] == [3]
+    with pytest.raises(ValueError, match=r"frozen policies \['c'\] are not among the policies"):
+        plan_placement(["a", "b"], num_trainers=1, num_engines=1, colocate=True, use_gpu=False, frozen=["c"])
 
 
 def test_disaggregated_and_cpu_placement():

@@ -236,6 +236,52 @@ def test_two_policies_each_get_their_weights(local_ray, tiny_models, data_dir, t
         driver.shutdown()
 
 
+def test_a_frozen_policy_is_served_but_never_trained(local_ray, tiny_models, data_dir, tmp_path, caplog):
+    """--frozen-policies listener: the listener's engine serves its checkpoint at weight version 0, no trainer, no
+    push, no checkpoint files; its samples are counted, not trained. Saved with the policies sharing one device,
+    resumed on a device each."""
+    listener_folder = tiny_models["llama"]
+    vals = values(tiny_models["qwen3"], data_dir, tmp_path / "a", **{
+        "policies": [f"speaker={tiny_models['qwen3']}", f"listener={listener_folder}"],
+        "frozen-policies": ["listener"], "custom-generate-function-path": "test_driver:two_policy_generate",
+        "rollout-client": "ray", "policies-share-devices": True, "save": str(tmp_path / "ckpt")})
+    del vals["hf-checkpoint"]
+    checkpoint_weights = load_file(listener_folder / "model.safetensors")
+
+    def check(driver, history, version):
+        assert set(driver.trainers) == {"speaker"} and driver._plan.policies["listener"].trainers == ()
+        last = history[-1]
+        assert last["weight_version/speaker/engine"] == version and last["weight_version/listener/engine"] == 0
+        assert last["train/speaker/num_samples"] == 8 and not any(k.startswith("train/listener/") for k in last)
+        assert last["rollout/listener/frozen_samples"] == 8 and "rollout/listener/reward_mean" in last
+        assert ray.get(driver.engines["speaker"][0].weight_version.remote()) == version
+        assert ray.get(driver.engines["listener"][0].weight_version.remote()) == 0
+        trained = trainer_tensors(driver, tmp_path / f"export{version}", "speaker")
+        assert_same_weights(engine_tensors(driver, "speaker"), trained)
+        assert_same_weights(engine_tensors(driver, "listener"), checkpoint_weights)
+
+    with caplog.at_level("WARNING", logger="kiln.driver"):
+        driver, history = run(vals)
+    try:
+        # one device: the speaker's trainer and engine and the listener's engine, a third of it each
+        assert len(driver._plan.bundles) == 1 and driver._turns == [["speaker"]]
+        check(driver, history, 2)
+        assert "no samples for policy" not in caplog.text
+    finally:
+        driver.shutdown()
+    saved = tmp_path / "ckpt" / "iter_0000002"
+    assert (saved / "policy_speaker").is_dir() and not (saved / "policy_listener").exists()
+    assert json.loads((saved / "driver.json").read_text())["frozen_policies"] == ["listener"]
+    resumed, rest = run({**vals, "load": str(tmp_path / "ckpt"), "num-rollout": 3, "policies-share-devices": False,
+                         "metrics-file": str(tmp_path / "b" / "metrics.jsonl")})
+    try:
+        assert [h["step"] for h in rest] == [3]
+        assert [s.num_cpus for s in resumed._plan.policies["listener"].engines] == [1.0]   # a device of its own
+        check(resumed, rest, 3)
+    finally:
+        resumed.shutdown()
+
+
 def test_async_disaggregated_run_trains_one_step_stale(local_ray, qwen3_model, data_dir, tmp_path):
     driver, history = run(values(qwen3_model, data_dir, tmp_path, **{
         "async-rollout": True, "colocate": False, "num-rollout": 3, "check-weight-update": True}))
