@@ -258,19 +258,22 @@ def test_short_co_trained_run_updates_both_policies(warm, tmp_path):
 
 
 def test_every_gpu_experiment_arm_takes_one_gpu(warm, tmp_path):
-    """scripts/medical_gpu.sh's arms, as train.py parses them: the two-policy arms share the one GPU."""
+    """scripts/medical_gpu.sh's arms, as train.py parses them: the two-policy arms share the one GPU (arm (a)'s
+    patient frozen: its engine only)."""
     from examples.medical_multiagent.experiment import arm_flags
     from orchestrator.driver import parse_args
     from orchestrator.placement import plan_placement
 
     config = REPO / "examples" / "medical_multiagent" / "config_gpu_rl.yaml"
-    for arm, policies in (("fixed", 2), ("cotrain", 2), ("rule", 1)):
+    for arm, policies, frozen in (("fixed", 2, ["patient"]), ("cotrain", 2, []), ("rule", 1, [])):
         cfg = parse_args(arm_flags(arm, warm, tmp_path, 0, 40, config))
         run = cfg.run
         assert len(cfg.policies) == policies and run.colocate and run.policies_share_devices
+        assert run.frozen_policies == frozen
         plan = plan_placement(list(cfg.policies), num_trainers=run.actor_num_nodes * run.actor_num_gpus_per_node,
                               num_engines=run.num_engines, colocate=run.colocate, use_gpu=True,
-                              engine_devices=cfg.engine.tp_size, share_devices=run.policies_share_devices)
+                              engine_devices=cfg.engine.tp_size, share_devices=run.policies_share_devices,
+                              frozen=run.frozen_policies)
         assert sum(b["GPU"] for b in plan.bundles) == 1.0, (arm, plan.bundles)
         slots = [s for p in plan.policies.values() for s in p.trainers + p.engines]
-        assert len(slots) == 2 * policies and sum(s.num_gpus for s in slots) <= 1.0
+        assert len(slots) == 2 * policies - len(frozen) and sum(s.num_gpus for s in slots) <= 1.0

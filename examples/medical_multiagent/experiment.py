@@ -6,7 +6,7 @@
 2. For each seed, three `train.py` runs (its driver, in this process, on one local Ray) with the same settings,
    seed and step budget (`--config`, default config_cpu_rl.yaml):
    (a) fixed   -- the doctor trained against the SFT patient, which plays but is not trained
-                  (`generate_dialogue_fixed_patient`);
+                  (`--frozen-policies patient`: served, no trainer; `generate_dialogue_fixed_patient`);
    (b) cotrain -- doctor and patient trained together (`--policies doctor=... patient=...`, `generate_dialogue`);
    (c) rule    -- the doctor trained against the rule-based patient (`generate_doctor`).
 3. Evaluation on the held-out cases (OUT/warm/data/test.jsonl, the hash split), greedy: every doctor (and the
@@ -48,7 +48,8 @@ def arm_flags(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config
     policies = [f"doctor={warm / 'sft-doctor'}"]
     if arm != "rule":
         policies.append(f"patient={warm / 'sft-patient'}")
-    return ["--config", str(config), "--policies", *policies, "--custom-generate-function-path", ARMS[arm],
+    frozen = ["--frozen-policies", "patient"] if arm == "fixed" else []   # served, never trained: no trainer
+    return ["--config", str(config), "--policies", *policies, *frozen, "--custom-generate-function-path", ARMS[arm],
             "--prompt-data", str(warm / "data" / "train.jsonl"), "--num-rollout", str(steps),
             "--seed", str(seed), "--rollout-seed", str(seed), "--sampling-seed", str(1000 * seed),
             "--metrics-file", str(run_dir / "metrics.jsonl"), "--save-hf", str(run_dir / "hf")]

@@ -3,7 +3,8 @@
     --custom-generate-function-path examples.medical_multiagent.generate:generate_doctor     (one policy)
     --custom-generate-function-path examples.medical_multiagent.generate:generate_dialogue   (co-training)
     --custom-generate-function-path examples.medical_multiagent.generate:generate_dialogue_fixed_patient
-        (doctor trained against an LLM patient that is served but not trained: only the doctor's Samples return)
+        (doctor trained against an LLM patient that is served but not trained, `--frozen-policies patient`: only
+        the doctor's Samples return)
 
 The dialogue's roles are played by the policies named "doctor" and "patient" when the run has them
 (two models), else by the run's one policy (one shared model; the role is in each system prompt).
@@ -100,9 +101,10 @@ async def generate_dialogue_fixed_patient(args: GenerateArgs, sample: Sample,
                                           sampling_params: dict[str, Any]) -> list[Sample]:
     """As `generate_dialogue`, but only the doctor's Sample comes back: the patient policy plays, is never trained.
 
-    With `--policies doctor=D patient=P` the patient policy gets no samples, so the driver leaves it as it is
-    (its weights stay those of P; the driver logs that it has no samples each step). The patient's reward
-    breakdown is kept in the doctor Sample's `metadata["patient_breakdown"]`.
+    Meant for `--policies doctor=D patient=P --frozen-policies patient` (the experiment's arm (a)): the patient is
+    served from P and has no trainer. (Without --frozen-policies the patient's trainer gets no samples and is not
+    updated; the driver logs that each step.) The patient's reward breakdown is kept in the doctor Sample's
+    `metadata["patient_breakdown"]`.
     """
     samples = await generate_dialogue(args, sample, sampling_params)
     doctor = [s for s in samples if s.metadata.get("role") == DOCTOR]
