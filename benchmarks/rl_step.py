@@ -254,14 +254,14 @@ class Probe:
             self.enter("onload")
             return batch
 
-        def train_(batch):
+        def train_(batch, policies=None):
             self.enter("train")
-            out = train(batch)
+            out = train(batch, policies)
             self.enter("push")
             return out
 
-        def push_weights(version):
-            out = push(version)
+        def push_weights(version, policies=None):
+            out = push(version, policies)
             self.enter("offload")
             return out
 
