@@ -14,10 +14,11 @@ Per step, the driver's own timing metrics: rollout (rollout_wait_s), engine heal
 memory + trainer onloads), train (train_s: old log-prob recompute by the trainer + forward/backward + optimizer;
 no reference model, KL is off), weight push, offload (trainer offloads + engine resumes memory), other = step_s -
 their sum. Peak memory per phase: torch.cuda.max_memory_allocated on the engine and trainer actors (read and reset
-at each phase boundary by thin wrappers around the driver's own methods; its code path is unchanged) and the
-device's used memory sampled by nvidia-smi in this process. The engine's KV pool (tokens) and its peak usage during
-the rollout. tokens/s/GPU = (prompt + response tokens of the step's samples) / step seconds / GPUs (verl's
-perf/throughput).
+at each phase boundary by thin wrappers around the driver's own methods; its code path is unchanged; the engine's
+KV pool is CUDA virtual memory outside torch's allocator, so it is not in the engine's figure) and the device's
+used memory sampled by nvidia-smi in this process (everything, the KV pool included). The engine's KV pool (tokens)
+and its peak usage during the rollout. tokens/s/GPU = (prompt + response tokens of the step's samples) / step
+seconds / GPUs (verl's perf/throughput).
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ class EngineConfig:
     # (docs/benchmarks.md); under graphs the captured size decides
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
     disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
+    disable_memory_saver: bool = False  # CUDA: KV pool in ordinary allocations, decode graphs recaptured on resume
+    # default: the KV pool is virtual memory whose physical pages release_memory gives back and resume_memory maps
+    # again at the same addresses, so the decode graphs survive a release (no recapture)
     disable_overlap_schedule: bool = False  # read each step's sampled tokens before scheduling the next
     # (default: the host schedules and launches step k+1 while the device runs step k, and reads k's tokens after)
     tp_size: int = 1  # tensor-parallel ranks: rank 0 in the Engine's process, the others in worker processes

@@ -12,11 +12,19 @@ float32 reciprocals `k_inv_scale`, `v_inv_scale`). A value x is stored as `e4m3(
 (round to nearest even) and read as `q * scale` (`quantize_kv` / `dequantize_kv`, the definition every kernel
 follows). The scales live at fixed addresses (CUDA graphs read them) and change only with the weights
 (`models/kv_scales.py`), when no cached KV survives.
+
+Memory: every buffer is a view of one flat allocation (`vmm.Buffer`). On CUDA it is virtual memory whose physical
+pages `free_buffers` gives back and `allocate_buffers` maps again at the same addresses (`stable_addresses`), so
+the engine keeps its decode graphs across release_memory / resume_memory instead of capturing them again.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from inference_engine.vmm import Buffer
 
 KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}  # EngineConfig.kv_cache_dtype -> storage dtype ("auto": `dtype`)
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -53,7 +61,7 @@ class KVPool:
 
     def __init__(self, num_slots: int, page_size: int, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device,
-                 routed_experts: tuple[int, int, torch.dtype] | None = None):
+                 routed_experts: tuple[int, int, torch.dtype] | None = None, use_vmm: bool = True):
         self.page_size = page_size
         self.num_pages = num_slots // page_size
         if self.num_pages < 2:
@@ -70,8 +78,29 @@ class KVPool:
         if is_fp8(dtype):
             ones = [torch.ones(num_layers, num_kv_heads, dtype=torch.float32, device=device) for _ in range(4)]
             self.k_scale, self.v_scale, self.k_inv_scale, self.v_inv_scale = ones
+        self._layout = self._plan_layout()
+        self._memory = Buffer(self._layout[-1][0], device, use_vmm)
         self.allocate_buffers()
         self.clear()
+
+    def _plan_layout(self) -> list[tuple[int, tuple[int, ...], torch.dtype]]:
+        """(byte offset, shape, dtype) of every buffer in the flat allocation (each 256-byte aligned): K of every
+        layer, V of every layer, then the routed experts; a last entry (total bytes, (), uint8) closes it."""
+        entries = [(self.shape, self.dtype)] * (2 * self.num_layers)
+        if self.routed_shape is not None:
+            layers, top_k, id_dtype = self.routed_shape
+            entries.append(((self.num_slots, layers, top_k), id_dtype))
+        layout, offset = [], 0
+        for shape, dtype in entries + [((), torch.uint8)]:
+            layout.append((offset, shape, dtype))
+            offset += -(-math.prod(shape) * dtype.itemsize // 256) * 256
+        return layout
+
+    @property
+    def stable_addresses(self) -> bool:
+        """Whether the buffers come back at the same addresses after free_buffers / allocate_buffers (CUDA virtual
+        memory), so graphs captured over them stay valid."""
+        return self._memory.stable
 
     @property
     def capacity(self) -> int:
@@ -105,16 +134,17 @@ class KVPool:
         self.v_inv_scale.index_copy_(0, index, 1.0 / v_scale)
 
     def allocate_buffers(self) -> None:
-        """(Re)create the zeroed K/V buffers."""
-        self.k_buffer = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v_buffer = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        if self.routed_shape is not None:
-            layers, top_k, id_dtype = self.routed_shape
-            self.routed_experts = torch.zeros(self.num_slots, layers, top_k, dtype=id_dtype, device=self.device)
+        """(Re)create the zeroed K/V buffers (views of one flat allocation, see `stable_addresses`)."""
+        flat = self._memory.allocate()
+        views = [flat[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                 for offset, shape, dtype in self._layout[:-1]]
+        self.k_buffer, self.v_buffer = views[:self.num_layers], views[self.num_layers:2 * self.num_layers]
+        self.routed_experts = views[-1] if self.routed_shape is not None else None
 
     def free_buffers(self) -> None:
-        """Drop the K/V buffers (release_memory); the allocator state must be empty."""
+        """Drop the K/V buffers and give their memory back (release_memory); the allocator state must be empty."""
         self.k_buffer, self.v_buffer, self.routed_experts = [], [], None
+        self._memory.free()
 
     @property
     def bytes(self) -> int:

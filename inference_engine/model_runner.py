@@ -100,7 +100,8 @@ class ModelRunner:
         routed = ((self.spec.num_moe_layers, self.spec.num_experts_per_tok, routed_experts_dtype(self.spec.num_experts))
                   if self.spec.num_moe_layers else None)
         self.kv_pool = KVPool(num_slots, config.page_size, self.spec.num_layers, attn.num_kv_heads,
-                              self.spec.head_dim, self.kv_dtype, self.device, routed)
+                              self.spec.head_dim, self.kv_dtype, self.device, routed,
+                              use_vmm=not config.disable_memory_saver)
         self._refresh_kv_scales(list(range(self.spec.num_layers)))
         if self.kv_pool.capacity < -(-self.context_length // config.page_size) * config.page_size:
             raise ValueError(f"KV pool of {self.kv_pool.capacity} tokens cannot hold one request of context_length "
@@ -219,9 +220,14 @@ class ModelRunner:
                                             self.device)
 
     def release_memory(self, weights: bool) -> None:
-        """Free the KV pool and the graphs (and move weights to CPU when weights=True), on every tp rank."""
+        """Free the KV pool (and move weights to CPU when weights=True), on every tp rank.
+
+        The decode graphs are kept when only the KV pool goes and it comes back at the same addresses (its memory is
+        CUDA virtual memory, `KVPool.stable_addresses`); otherwise they are freed too and captured again on resume.
+        """
         self.tell_workers("release_memory", weights)
-        self.drop_cuda_graphs()
+        if weights or not self.kv_pool.stable_addresses:
+            self.drop_cuda_graphs()
         self.kv_pool.clear()
         self.kv_pool.free_buffers()
         if weights:
@@ -231,15 +237,16 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def resume_memory(self, weights: bool, kv_cache: bool) -> None:
-        """Bring weights back first (if they were released), then the KV pool, then recapture the graphs (every tp
-        rank)."""
+        """Bring weights back first (if they were released), then the KV pool, then capture the graphs if they were
+        freed (every tp rank)."""
         self.tell_workers("resume_memory", weights, kv_cache)
         if weights:
             self.model.to(self.device)
             self.weight_plan = WeightPlan(self.model)
         if kv_cache:
             self.kv_pool.allocate_buffers()
-        self.capture_cuda_graphs()
+        if self.graph_runner is None:
+            self.capture_cuda_graphs()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of hidden rows [N, hidden] (each tp rank computes its vocabulary share)."""

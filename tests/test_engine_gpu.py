@@ -199,6 +199,11 @@ def test_auto_decode_attention_splits_graphs_by_size(gpu_models):
         assert [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] == pytest.approx(f, abs=2e-2)
 
 
+def _free_bytes() -> int:
+    torch.cuda.synchronize()
+    return torch.cuda.mem_get_info()[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
 def test_release_resume_frees_memory_and_keeps_outputs(gpu_models, backend):
@@ -207,12 +212,39 @@ def test_release_resume_frees_memory_and_keeps_outputs(gpu_models, backend):
         assert engine.runner.graph_runner is not None
         before = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
         kv_bytes = engine.runner.kv_pool.bytes
-        allocated = torch.cuda.memory_allocated()
+        free = _free_bytes()
         engine.release_memory(weights=True)
-        released = torch.cuda.memory_allocated()
         weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
-        assert allocated - released >= kv_bytes + weight_bytes
+        released = _free_bytes()
+        assert released - free >= kv_bytes + weight_bytes  # device-wide: the KV pool is not torch's memory
         engine.resume_memory()
-        assert torch.cuda.memory_allocated() >= released + kv_bytes
+        assert _free_bytes() <= released - kv_bytes - weight_bytes
+        after = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
+    _assert_close(after, before, 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("memory_saver", [True, False])
+def test_kv_release_keeps_graphs_only_with_stable_addresses(gpu_models, memory_saver):
+    """The colocated hand-over (KV pool only): with the memory saver (default) the pool's physical memory goes back
+    to the device and returns at the same addresses, so the captured graphs are kept and replay correctly; without
+    it the graphs are freed and captured again. Outputs equal before and after either way."""
+    with Engine(model_path=str(gpu_models["qwen3"]), max_total_tokens=65536, context_length=512, page_size=16,
+                cuda_graph_max_bs=8, disable_memory_saver=not memory_saver, **BACKENDS["flashinfer"], **GPU) as engine:
+        runner = engine.runner
+        assert runner.kv_pool.stable_addresses == memory_saver
+        graphs = runner.graph_runner
+        addresses = [t.data_ptr() for t in runner.kv_pool.k_buffer + runner.kv_pool.v_buffer]
+        before = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
+        free = _free_bytes()
+        for _ in range(3):  # repeated hand-overs: no growth, same addresses each time
+            engine.release_memory()
+            assert _free_bytes() - free >= runner.kv_pool.bytes
+            engine.resume_memory()
+            assert runner.kv_pool.k_buffer[0].abs().sum() == 0  # fresh pages are zeroed like a new pool
+        assert (runner.graph_runner is graphs) == memory_saver
+        if memory_saver:
+            assert [t.data_ptr() for t in runner.kv_pool.k_buffer + runner.kv_pool.v_buffer] == addresses
+        assert _free_bytes() >= free - 2**25  # no growth over the hand-overs (the pool is 128 MiB)
         after = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
     _assert_close(after, before, 1e-3)

@@ -1,5 +1,6 @@
 """Paged KV pool: page-aware slot allocation, freeing, and the buffer layout the kernels rely on."""
 
+import pytest
 import torch
 
 from inference_engine.kv_cache import KVPool, ReqToTokenPool
@@ -41,3 +42,52 @@ def test_req_to_token_rows():
     assert {a, b} == {0, 1} and table.alloc() is None
     table.free(a)
     assert table.available() == 1
+
+
+def test_buffers_are_disjoint_views_of_one_allocation():
+    """K, V of every layer and the routed experts tile one flat allocation without overlap (fp8 and int16 included),
+    each contiguous and 256-byte aligned; writes land only in their own buffer."""
+    pool = KVPool(num_slots=24, page_size=4, num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float8_e4m3fn,
+                  device=torch.device("cpu"), routed_experts=(2, 3, torch.int16))
+    buffers = pool.k_buffer + pool.v_buffer + [pool.routed_experts]
+    assert pool.routed_experts.shape == (24, 2, 3) and pool.routed_experts.dtype == torch.int16
+    base = pool._memory.tensor.data_ptr()  # CUDA allocations are 256-byte aligned, CPU ones only 64
+    assert all(b.is_contiguous() and (b.data_ptr() - base) % 256 == 0 for b in buffers)
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in buffers)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+    assert not pool.stable_addresses  # CPU: an ordinary allocation, new after every free
+    for i, b in enumerate(buffers):
+        b.view(torch.uint8).fill_(i + 1)
+    assert [int(b.view(torch.uint8).min()) for b in buffers] == [int(b.view(torch.uint8).max()) for b in buffers] \
+        == list(range(1, len(buffers) + 1))
+    pool.free_buffers()
+    assert pool.routed_experts is None
+    pool.allocate_buffers()
+    assert all(int(b.view(torch.uint8).abs().max()) == 0 for b in pool.k_buffer + pool.v_buffer + [pool.routed_experts])
+
+
+@pytest.mark.gpu
+def test_vmm_buffer_returns_memory_at_the_same_address():
+    """CUDA virtual memory: free gives the physical pages back to the device (another allocation can use them),
+    allocate maps fresh zeroed pages at the same address; torch reads and writes the view like any tensor."""
+    from inference_engine.vmm import Buffer
+
+    device = torch.device("cuda")
+    nbytes = 256 * 2**20
+    buffer = Buffer(nbytes, device)
+    assert buffer.stable
+    view = buffer.allocate().view(torch.float32)
+    address = view.data_ptr()
+    view.fill_(3.0)
+    assert float(view.sum()) == 3.0 * view.numel()
+    torch.cuda.synchronize()
+    free = torch.cuda.mem_get_info()[0]
+    buffer.free()
+    assert torch.cuda.mem_get_info()[0] - free >= nbytes
+    other = torch.empty(nbytes, dtype=torch.uint8, device=device)  # the trainer's turn: the pages are usable
+    del other
+    torch.cuda.empty_cache()
+    again = buffer.allocate().view(torch.float32)
+    assert again.data_ptr() == address and int(again.count_nonzero()) == 0
+    assert torch.cuda.mem_get_info()[0] <= free + 2**21
+    buffer.region.close()
