@@ -44,8 +44,9 @@ SHAPES = {  # public configs (Qwen/Qwen3-*/config.json); qwen3-0.6b as in benchm
     "qwen3-1.7b": dict(QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
     "qwen3-4b": dict(QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
     # the smoke model: vocabulary larger than the local tokenizer's (as with the public shapes)
-    "tiny": dict(QWEN3, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=1024, max_position_embeddings=2048),
+    "tiny": dict(QWEN3, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=128, vocab_size=1024, max_position_embeddings=2048),  # flashinfer:
+    # head_dim 64, 128 or 256 only
 }
 PHASES = (("rollout", "timing/rollout_wait_s"), ("engine_check", "timing/engine_check_s"),
           ("onload", "timing/onload_s"), ("train", "timing/train_s"), ("push", "timing/push_s"),

@@ -99,13 +99,19 @@ class ModelSpec:
         )
 
 
+def hf_num_experts(cfg: dict[str, Any]) -> int:
+    """Routed experts of an HF config dict: `num_experts` (the Hub's Qwen3-MoE configs, transformers 4) or
+    `num_local_experts` (what newer transformers may write); 0 when neither is set."""
+    return int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+
+
 def _moe_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """The MoE fields of a Qwen3-MoE config: experts, top-k, expert width, renormalisation, sparse layers.
 
     As transformers' Qwen3MoeDecoderLayer: layer i is sparse unless it is in `mlp_only_layers` or
     (i + 1) is not a multiple of `decoder_sparse_step`.
     """
-    experts, top_k = int(cfg.get("num_experts") or 0), int(cfg.get("num_experts_per_tok") or 0)
+    experts, top_k = hf_num_experts(cfg), int(cfg.get("num_experts_per_tok") or 0)
     if experts < 1 or not 1 <= top_k <= experts:
         raise ValueError(f"qwen3_moe needs num_experts >= 1 and 1 <= num_experts_per_tok <= num_experts; got "
                          f"{experts} and {top_k}")

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln_common.model_spec import hf_num_experts
 from trainer.advantages import ESTIMATORS, load_custom_advantage_function
 from trainer.critic import CriticConfig
 from trainer.losses import LossConfig
@@ -189,7 +190,7 @@ class TrainerConfig:
     def _check_moe(self) -> None:
         """The MoE settings against the model: experts to split, no TP, replay only of a MoE model."""
         hf = json.loads((Path(self.hf_checkpoint) / "config.json").read_text())
-        experts = int(hf.get("num_experts") or 0) if hf.get("model_type") == "qwen3_moe" else 0
+        experts = hf_num_experts(hf) if hf.get("model_type") == "qwen3_moe" else 0
         if self.expert_model_parallel_size < 1:
             raise ValueError(f"expert_model_parallel_size={self.expert_model_parallel_size}; must be >= 1")
         if not self.moe_aux_loss_coeff >= 0:

@@ -57,7 +57,9 @@ def _quantize(t: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torc
     n, k = t.shape[-2:]
     blocks = _blocks(t, rows, cols)
     amax = blocks.abs().amax(dim=(-3, -1)).float()  # [..., N/rows, K/cols]
-    scale = torch.where(amax > TINY, amax / FP8_MAX, torch.ones_like(amax))
+    # IEEE division by a tensor: CUDA torch turns `tensor / python_scalar` into a multiply by the scalar's reciprocal,
+    # which is not the correctly rounded quotient the kernels and the CPU compute
+    scale = torch.where(amax > TINY, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
     inv = 1.0 / scale  # rounded to float32 once per block
     q = (blocks.float() * inv[..., :, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q = q.reshape(*blocks.shape[:-4], blocks.shape[-4] * rows, blocks.shape[-2] * cols)[..., :n, :k]
