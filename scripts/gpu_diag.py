@@ -89,3 +89,31 @@ with tempfile.TemporaryDirectory() as d:
         free0 = torch.cuda.mem_get_info()[0]
         torch.cuda.empty_cache()
         print("free after release", free0 / 2**20, "MiB; pool", engine.runner.kv_pool.bytes / 2**20, "MiB")
+
+# 5: the FP8 engine on the GPU vs its CPU reference, next to what FP8 and bf16 each move the log-probs by
+with tempfile.TemporaryDirectory() as d:
+    from inference_engine import Engine
+
+    path = make_tiny_model(Path(d) / "f", "qwen3", hidden_size=256, num_heads=2, num_kv_heads=1,
+                           intermediate_size=512, tie_word_embeddings=False, init_std=0.05)
+    prompt = [5, 17, 42, 99, 3, 7, 250, 11, 64]
+    with Engine(model_path=str(path), device="cuda", dtype="bfloat16", max_total_tokens=2048, context_length=256,
+                weight_dtype="fp8") as gpu:
+        out = gpu.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 16,
+                                                              "ignore_eos": True}, return_logprob=True)
+    ids = prompt + out["output_ids"]
+
+    def scored(**options):
+        with Engine(model_path=str(path), max_total_tokens=2048, context_length=256, **options) as e:
+            r = e.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "return_prompt_logprobs": True},
+                           return_logprob=True)
+        return torch.tensor([lp for lp, _, _ in r["meta_info"]["input_token_logprobs"][len(prompt):]])
+
+    gpu_lp = torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]])
+    runs = {"cpu fp8 fp32": scored(weight_dtype="fp8"), "cpu fp32": scored(),
+            "gpu bf16": scored(device="cuda", dtype="bfloat16"), "cpu fp8 bf16": scored(weight_dtype="fp8",
+                                                                                       dtype="bfloat16")}
+    for name, lp in runs.items():
+        print(f"mean |gpu fp8 - {name}| = {float((gpu_lp - lp).abs().mean()):.4f}")
+    print(f"mean |cpu fp8 - cpu fp32| = {float((runs['cpu fp8 fp32'] - runs['cpu fp32']).abs().mean()):.4f}; "
+          f"mean |gpu bf16 - cpu fp32| = {float((runs['gpu bf16'] - runs['cpu fp32']).abs().mean()):.4f}")
