@@ -18,6 +18,6 @@ fi
 left=$(( ${LIMIT_S:-580} - SECONDS - 10 ))
 timeout "$left" python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_engine_gpu.py tests/test_kv_pool.py \
   tests/test_engine_moe.py tests/test_fp8_moe.py tests/test_trainer_moe.py tests/test_fp8_gpu.py tests/test_rl_step.py \
-  -k "release or vmm or moe or fp8 or silu or gemm or activation or colocated" 2>&1 > "$OUT/pytest.log"
+  -k "release or vmm or moe or fp8 or silu or gemm or activation or colocated" > "$OUT/pytest.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | cut -c1-300
 echo "triage: $SECONDS s"
