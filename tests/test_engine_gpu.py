@@ -7,6 +7,8 @@ bfloat16 (greedy tokens equal on a short horizon, log-probs within 2e-2), CUDA-g
 release -> resume memory.
 """
 
+import weakref
+
 import pytest
 import torch
 
@@ -234,7 +236,7 @@ def test_kv_release_keeps_graphs_only_with_stable_addresses(gpu_models, memory_s
                 cuda_graph_max_bs=8, disable_memory_saver=not memory_saver, **BACKENDS["flashinfer"], **GPU) as engine:
         runner = engine.runner
         assert runner.kv_pool.stable_addresses == memory_saver
-        graphs = runner.graph_runner
+        graphs = weakref.ref(runner.graph_runner)  # a strong reference would keep freed graphs' memory alive
         addresses = [t.data_ptr() for t in runner.kv_pool.k_buffer + runner.kv_pool.v_buffer]
         before = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
         resumed = []
@@ -245,7 +247,7 @@ def test_kv_release_keeps_graphs_only_with_stable_addresses(gpu_models, memory_s
             engine.resume_memory()
             resumed.append(_free_bytes())
             assert runner.kv_pool.k_buffer[0].abs().sum() == 0  # fresh pages are zeroed like a new pool
-        assert (runner.graph_runner is graphs) == memory_saver
+        assert (runner.graph_runner is graphs()) == memory_saver
         if memory_saver:
             assert [t.data_ptr() for t in runner.kv_pool.k_buffer + runner.kv_pool.v_buffer] == addresses
         assert max(resumed) - min(resumed) <= 2**22, resumed  # no growth from one hand-over to the next
