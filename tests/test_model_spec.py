@@ -58,3 +58,22 @@ def test_trainer_limits_on_the_shared_reading(tiny_models):
     cfg["num_key_value_heads"] = 3  # 4 heads
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         ModelSpec.from_hf_config(cfg)
+
+
+def test_moe_expert_count_in_both_spellings(tmp_path):
+    """Newer transformers writes a Qwen3-MoE config with `num_local_experts` (its alias of the Hub's `num_experts`):
+    the engine's spec and the trainer's MoE checks read either spelling alike."""
+    from inference_engine.testing import make_tiny_model
+    from trainer.config import TrainerConfig
+
+    folder = make_tiny_model(tmp_path / "moe", "qwen3_moe", num_experts=4, num_experts_per_tok=2)
+    cfg = _config(folder)
+    experts = cfg.pop("num_experts", None) or cfg.pop("num_local_experts")
+    assert experts == 4
+    for key in ("num_experts", "num_local_experts"):
+        renamed = {**cfg, key: experts}
+        assert ModelSpec.from_hf_config(renamed).num_experts == 4
+        Path(folder, "config.json").write_text(json.dumps(renamed))
+        TrainerConfig(hf_checkpoint=str(folder), use_routing_replay=True)  # a MoE model: replay is allowed
+    with pytest.raises(ValueError, match="num_experts >= 1"):
+        ModelSpec.from_hf_config(cfg)  # neither spelling: not read as a dense model silently
