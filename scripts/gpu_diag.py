@@ -9,6 +9,7 @@
 4. With ordinary allocations (memory saver off): what still holds the KV pool after release_memory.
 """
 
+import argparse
 import gc
 import json
 import sys
@@ -23,6 +24,7 @@ from inference_engine.kernels import fp8_gemm  # noqa: E402
 from inference_engine.testing import make_tiny_model  # noqa: E402
 from weight_sync.fp8 import dequantize_weight, quantize_activation, quantize_weight  # noqa: E402
 
+argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
 print("torch", torch.__version__, "tf32 matmul", torch.backends.cuda.matmul.allow_tf32,
       "precision", torch.get_float32_matmul_precision())
 
