@@ -1,6 +1,8 @@
 """RL control surface: weight updates (tensor / disk), versions, HF-named export, pause / continue, release / resume."""
 
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
@@ -92,8 +94,11 @@ def test_pause_keeps_requests_and_continue_finishes_them(qwen3_model):
 def test_release_and_resume_memory_leave_outputs_unchanged(qwen3_model, weights):
     with Engine(model_path=str(qwen3_model), max_total_tokens=1024) as engine:
         before = engine.generate(PROMPT, sampling_params=SP)
+        pool_memory = weakref.ref(engine.runner.kv_pool._memory.tensor)  # every K/V view keeps it alive (`_base`)
         engine.release_memory(weights=weights)
         assert engine.runner.kv_pool.k_buffer == []
+        gc.collect()
+        assert pool_memory() is None  # nothing in the engine still holds the released pool
         engine.resume_memory()
         after = engine.generate(PROMPT, sampling_params=SP)
     assert after["output_ids"] == before["output_ids"]
