@@ -78,23 +78,23 @@ class KVPool:
         if is_fp8(dtype):
             ones = [torch.ones(num_layers, num_kv_heads, dtype=torch.float32, device=device) for _ in range(4)]
             self.k_scale, self.v_scale, self.k_inv_scale, self.v_inv_scale = ones
-        self._layout = self._plan_layout()
-        self._memory = Buffer(self._layout[-1][0], device, use_vmm)
+        self._layout, nbytes = self._plan_layout()
+        self._memory = Buffer(nbytes, device, use_vmm)
         self.allocate_buffers()
         self.clear()
 
-    def _plan_layout(self) -> list[tuple[int, tuple[int, ...], torch.dtype]]:
-        """(byte offset, shape, dtype) of every buffer in the flat allocation (each 256-byte aligned): K of every
-        layer, V of every layer, then the routed experts; a last entry (total bytes, (), uint8) closes it."""
+    def _plan_layout(self) -> tuple[list[tuple[int, tuple[int, ...], torch.dtype]], int]:
+        """([(byte offset, shape, dtype)] of every buffer in the flat allocation, each 256-byte aligned: K of every
+        layer, V of every layer, then the routed experts; the allocation's total bytes)."""
         entries = [(self.shape, self.dtype)] * (2 * self.num_layers)
         if self.routed_shape is not None:
             layers, top_k, id_dtype = self.routed_shape
             entries.append(((self.num_slots, layers, top_k), id_dtype))
         layout, offset = [], 0
-        for shape, dtype in entries + [((), torch.uint8)]:
+        for shape, dtype in entries:
             layout.append((offset, shape, dtype))
             offset += -(-math.prod(shape) * dtype.itemsize // 256) * 256
-        return layout
+        return layout, offset
 
     @property
     def stable_addresses(self) -> bool:
@@ -137,7 +137,7 @@ class KVPool:
         """(Re)create the zeroed K/V buffers (views of one flat allocation, see `stable_addresses`)."""
         flat = self._memory.allocate()
         views = [flat[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-                 for offset, shape, dtype in self._layout[:-1]]
+                 for offset, shape, dtype in self._layout]
         self.k_buffer, self.v_buffer = views[:self.num_layers], views[self.num_layers:2 * self.num_layers]
         self.routed_experts = views[-1] if self.routed_shape is not None else None
 

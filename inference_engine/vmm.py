@@ -99,7 +99,7 @@ class _DevicePointer:
 
 class Region:
     """`nbytes` (rounded up to the allocation granularity) of virtual addresses on a CUDA device, mapped to physical
-    memory while `mapped`. `tensor` is a uint8 view of the whole range, valid (same address) across unmap / map;
+    memory while `handle` is set. `tensor` is a uint8 view of the whole range, valid (same address) across unmap / map;
     touching it while unmapped is an illegal address on the device, so callers drop their views first."""
 
     def __init__(self, nbytes: int, device: torch.device):
@@ -121,10 +121,6 @@ class Region:
         self.handle: int | None = None
         self.map()
         self.tensor = torch.as_tensor(_DevicePointer(self.ptr, self.nbytes), device=self.device)
-
-    @property
-    def mapped(self) -> bool:
-        return self.handle is not None
 
     def map(self) -> None:
         """Back the range with fresh physical memory (contents undefined); nothing if already mapped."""
