@@ -26,6 +26,15 @@ from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kv_cache import KVPool
 
 log = logging.getLogger(__name__)
+_warmup_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per device on which every capture warms up. A new stream per capture would cost memory
+    on each re-capture: torch keeps a cuBLAS workspace per (handle, stream) for the life of the process."""
+    if device not in _warmup_streams:
+        _warmup_streams[device] = torch.cuda.Stream(device)
+    return _warmup_streams[device]
 
 
 class ForwardOutput(NamedTuple):
@@ -88,7 +97,7 @@ class CudaGraphRunner:
             self.batches[bs] = fb
             if not cuda:
                 continue
-            side = torch.cuda.Stream(self.device)
+            side = warmup_stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: triton / JIT compilation and autotuning happen outside capture
                 for _ in range(2):

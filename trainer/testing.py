@@ -112,6 +112,14 @@ def make_samples(num: int, *, vocab_size: int, seed: int = 0, min_len: int = 6, 
     return samples
 
 
+def _hf_expert(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e of an HF Qwen3-MoE block on rows x: a ModuleList of MLPs (transformers 4.x) or stacked weights (5.x)."""
+    if isinstance(experts, torch.nn.ModuleList):
+        return experts[e](x)
+    gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+
 @torch.no_grad()
 def hf_moe_response_logprobs(hf_model, sample: Sample, temperature: float, experts=None
                              ) -> tuple[torch.Tensor, "np.ndarray"]:
@@ -129,24 +137,31 @@ def hf_moe_response_logprobs(hf_model, sample: Sample, temperature: float, exper
     own: list[torch.Tensor] = []
 
     def forced(block: Qwen3MoeSparseMoeBlock, index: int, hidden: torch.Tensor):
+        # transformers 4.x: the gate is an nn.Linear, the block holds top_k / norm_topk_prob, experts are a
+        # ModuleList of MLPs and the block returns (out, router logits); 5.x: the gate is a top-k router holding
+        # them, the experts one module of stacked [E, 2I, H] / [E, H, I] weights, and the block returns out only.
+        hf4 = isinstance(block.gate, torch.nn.Linear)
+        router = block if hf4 else block.gate
         batch, seq, width = hidden.shape
         x = hidden.view(-1, width)  # [n, H]
-        logits = block.gate(x)  # [n, E]
+        logits = torch.nn.functional.linear(x, block.gate.weight)  # [n, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        chosen = torch.topk(probs, block.top_k, dim=-1).indices  # [n, k]
+        chosen = torch.topk(probs, router.top_k, dim=-1).indices  # [n, k]
         own.append(chosen)
         if experts is not None:
             chosen = chosen.clone()
             chosen[:len(experts)] = torch.as_tensor(np.asarray(experts[:, index], dtype=np.int64))
         weights = probs.gather(1, chosen)
-        if block.norm_topk_prob:
+        if router.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
         out = torch.zeros_like(x)
-        for e in range(block.num_experts):
+        for e in range(logits.shape[-1]):
             token, slot = torch.where(chosen == e)
             if len(token):
-                out.index_add_(0, token, block.experts[e](x[token]) * weights[token, slot, None].to(x.dtype))
-        return out.view(batch, seq, width), logits
+                expert = _hf_expert(block.experts, e, x[token])
+                out.index_add_(0, token, expert * weights[token, slot, None].to(x.dtype))
+        out = out.view(batch, seq, width)
+        return (out, logits) if hf4 else out
 
     for i, b in enumerate(blocks):  # an instance attribute shadows the class's forward until deleted
         b.forward = lambda hidden, b=b, i=i: forced(b, i, hidden)
