@@ -320,8 +320,21 @@ def summarize(history: list[dict], probe: Probe, sampler: DeviceSampler, gpus: i
                      "tokens_per_s_per_gpu": tokens / step_s / gpus if step_s > 0 else 0.0,
                      "peak_memory": memory, "kv_pool_tokens": probe.kv_pool.get(step),
                      "kv_usage_peak": sampler.kv_usage.get(step), "reward_mean": h.get("rollout/reward_mean"),
-                     "train_loss": h.get("train/loss"), "grad_norm": h.get("train/grad_norm")})
+                     "train_loss": h.get("train/loss"), "grad_norm": h.get("train/grad_norm"),
+                     "train_split_s": train_split(h)})
     return rows
+
+
+TRAIN_SPLIT = (("passes", "old/ref log-prob passes + advantages"), ("fwd_bwd", "forward/backward"),
+               ("optimizer", "optimizer step"))
+
+
+def train_split(h: dict) -> dict:
+    """The train phase's parts (the trainer's own timings, slowest rank): {part: s}, or {} without them."""
+    if "train/time_update_s" not in h:
+        return {}
+    return {"passes": h["train/time_passes_s"], "fwd_bwd": h["train/time_update_s"] - h["train/time_optimizer_s"],
+            "optimizer": h["train/time_optimizer_s"]}
 
 
 def mean_row(rows: list[dict]) -> dict:
@@ -329,7 +342,9 @@ def mean_row(rows: list[dict]) -> dict:
     n = len(measured)
     out = {"steps": [r["step"] for r in measured], "step_s": sum(r["step_s"] for r in measured) / n,
            "phases_s": {k: sum(r["phases_s"][k] for r in measured) / n for k in measured[0]["phases_s"]},
-           "tokens_per_s_per_gpu": sum(r["tokens_per_s_per_gpu"] for r in measured) / n}
+           "tokens_per_s_per_gpu": sum(r["tokens_per_s_per_gpu"] for r in measured) / n,
+           "train_split_s": {k: sum(r["train_split_s"][k] for r in measured) / n
+                             for k in measured[0].get("train_split_s", {})}}
     peaks = {}
     for phase in MEMORY_PHASES:
         peaks[phase] = {}
@@ -349,9 +364,13 @@ def table(result: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     for name in [p for p, _ in PHASES] + ["other"]:
-        label = "train (old logp recompute + fwd/bwd + optimizer)" if name == "train" else name
+        label = "train (fwd/bwd + optimizer, + old logp pass if taken)" if name == "train" else name
         lines.append(f"| {label} s | " + " | ".join(fmt(r["phases_s"][name]) for r in rows)
                      + f" | {fmt(mean['phases_s'][name])} |")
+        if name == "train" and mean.get("train_split_s"):
+            for part, what in TRAIN_SPLIT:
+                lines.append(f"| - of which {what} s | " + " | ".join(
+                    fmt(r["train_split_s"].get(part)) for r in rows) + f" | {fmt(mean['train_split_s'][part])} |")
     lines.append("| **step s** | " + " | ".join(fmt(r["step_s"]) for r in rows) + f" | **{fmt(mean['step_s'])}** |")
     lines.append("| **tokens/s/GPU** | " + " | ".join(fmt(r["tokens_per_s_per_gpu"], ".0f") for r in rows)
                  + f" | **{fmt(mean['tokens_per_s_per_gpu'], '.0f')}** |")
@@ -444,9 +463,10 @@ def main(argv=None) -> dict:
                            "max_tokens_per_gpu": args.max_tokens_per_gpu, "warmup": args.warmup,
                            "steps": args.steps},
               "flags": flags, "build_s": build_s, "setup_s": setup_s,
-              "train_s_contains": "old log-prob recompute (recompute_old_logprobs, the trainer's own pass) + "
-                                  "forward/backward of every packed micro-batch + optimizer step; no reference "
-                                  "model (KL off)",
+              "train_s_contains": "forward/backward of every packed micro-batch + optimizer step, and the old "
+                                  "log-prob pass unless the old log-probs come from the update's forward "
+                                  f"(old_logprobs_from_update={flags.get('old-logprobs-from-update', True)}); no "
+                                  "reference model (KL off)",
               "steps": steps, "mean": mean_row(steps)}
     print(table(result), flush=True)
     if args.out:

@@ -77,7 +77,34 @@ def _worker(rank, world, model):
                                              if (i + t) % 3 == 0) / sum(sum(s.loss_mask) for s in samples),
                          status=[s.status for s in samples])
         actor.shutdown()
+    res["old_logprobs"] = _old_logprobs_runs(model, rank, world)
     return res
+
+
+def _old_logprobs_runs(model, rank, world) -> dict:
+    """Two train steps with the old log-probs from the update's forward, and with the separate recompute pass (TIS
+    and MIS on, so they use them too); then two optimizer steps per train step, where the recompute is needed."""
+    from trainer.actor import TrainerActor
+
+    out = {}
+    for name, overrides in {"from_update": {}, "recompute": dict(old_logprobs_from_update=False),
+                            "two_updates": dict(global_batch_size=4)}.items():
+        actor = TrainerActor(_config(model, loss=LossConfig(use_tis=True, use_mis=True), **overrides), rank, world,
+                             "127.0.0.1", 0)
+        actor.init()
+        passes = []
+        separate = actor._log_probs_all
+        actor._log_probs_all = lambda m, b: passes.append(len(b)) or separate(m, b)
+        metrics = []
+        for step in range(2):
+            samples = make_samples(8, vocab_size=500, seed=11 + step)
+            lp = separate(actor.model, samples)
+            for s, v in zip(samples, lp):  # the engine's log-probs: the trainer's, one token in three off by 1
+                s.rollout_logprobs = [x + (1.0 if t % 3 == 0 else -0.1) for t, x in enumerate(v.tolist())]
+            metrics.append(actor.train_step(samples))
+        out[name] = dict(metrics=metrics, weights=_weights(actor), passes=passes)
+        actor.shutdown()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +150,29 @@ def test_dapo_shaping_and_custom_advantages(results):
     assert any(p < 0 for p in penalties) and any(p == 0 for p in penalties)
     assert r["calls"] == [("adv", 8, list(range(8)))]
     assert "mis_reject_frac" in r["metrics"]
+
+
+def test_old_logprobs_from_the_update_equal_the_recompute_pass(results):
+    """One optimizer step per train step: the old log-probs come from the update's own forward (no separate pass over
+    the rollout), and the step is the one the separate recompute gives: the same weights after two steps, the same
+    loss, TIS / MIS and train-vs-rollout metrics; ppo_kl is exactly 0 (the ratio is exactly 1)."""
+    runs = results[0]["old_logprobs"]
+    fast, slow = runs["from_update"], runs["recompute"]
+    assert fast["passes"] == [] and slow["passes"] == [8, 8]  # one pass over the rollout per step
+    for a, b in zip(fast["metrics"], slow["metrics"]):
+        for key in ("loss", "pg_loss", "train_rollout_logp_absdiff", "train_rollout_kl", "tis_clipfrac",
+                    "mis_reject_frac", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        assert a["ppo_kl"] == 0.0 and abs(b["ppo_kl"]) < 1e-6
+        assert 0 < a["mis_reject_frac"] < 1 and a["train_rollout_logp_absdiff"] > 0.1
+    for name, w in fast["weights"].items():
+        torch.testing.assert_close(w, slow["weights"][name], rtol=1e-4, atol=1e-6)
+    for m in fast["metrics"] + slow["metrics"]:  # the train phase's split (the slowest rank's, equal on every rank)
+        assert 0 <= m["time_optimizer_s"] < m["time_update_s"] and m["time_passes_s"] >= 0
+    # two optimizer steps per train step: the second update's old policy is the weights before the first, so the
+    # separate pass is still taken
+    assert runs["two_updates"]["passes"] == [8, 8]
+    assert runs["two_updates"]["metrics"][0]["optimizer_steps"] == 2
 
 
 def test_trainer_config_makes_gspo_and_hooks_explicit(tiny_models):

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class TrainerActor:
             raise ValueError(f"world_size {world_size} is not a multiple of TP*PP*CP = {mp}")
         self.cfg = config
         self.rank, self.world_size = rank, world_size
+        self._optimizer_s = 0.0  # seconds in optimizer steps during the current train_step
         self.master_addr, self.master_port = master_addr, int(master_port)
         self.model = self.ref_model = self.optimizer = None
         self.critic = self.critic_optimizer = self.teacher_model = None
@@ -403,10 +405,17 @@ class TrainerActor:
 
         if self.replay is not None:
             self.replay.reset_counts()
+        start = self._clock()
         self.model.eval()
         old = ref = advantages = values = returns = None
+        global_batches = [list(r) for r in split_global_batches(len(batch), cfg.global_batch_size)]
+        old_from_update = (not sft and cfg.recompute_old_logprobs and cfg.old_logprobs_from_update
+                           and len(global_batches) == 1 and not cfg.kl_in_reward and not cfg.use_opd)
         if not sft:
-            old = self._log_probs_all(self.model, batch) if cfg.recompute_old_logprobs else rollout
+            if old_from_update:
+                old = None  # the update's forward: logp.detach() (_train_global_batch)
+            else:
+                old = self._log_probs_all(self.model, batch) if cfg.recompute_old_logprobs else rollout
             ref = self._log_probs_all(self.ref_model, batch) if self.ref_model is not None else None
             if self.critic is not None:
                 self.critic.eval()
@@ -415,20 +424,31 @@ class TrainerActor:
             if cfg.use_opd:
                 advantages = self._opd(batch, masks, old, advantages, metrics)
         per_sample = {"old": old, "adv": advantages, "mask": masks, "ref": ref, "rollout": rollout,
-                      "values": values, "returns": returns}
+                      "values": values, "returns": returns, "old_from_update": old_from_update}
 
+        passes_done = self._clock()
         self.model.train()
         train_policy = self.critic is None or self.step >= cfg.critic.num_critic_only_steps
         step_metrics = []
-        for r in split_global_batches(len(batch), cfg.global_batch_size):
-            m = self._train_global_batch(batch, list(r), per_sample) if train_policy else {}
+        self._optimizer_s = 0.0
+        for r in global_batches:
+            m = self._train_global_batch(batch, r, per_sample) if train_policy else {}
             if self.critic is not None:
                 self.critic.train()
-                m.update(self._train_critic_batch(batch, list(r), per_sample))
+                m.update(self._train_critic_batch(batch, r, per_sample))
             step_metrics.append(m)
         for key in step_metrics[0]:
             values = [m[key] for m in step_metrics]
             metrics[key] = values[-1] if key in ("lr", "critic_lr") else sum(values) / len(values)
+        # where the train phase went (this rank; CUDA synchronised at each boundary): the passes before the update
+        # (old log-probs unless from the update, reference, critic values) with the advantages, then the update
+        # (forward / backward of every micro-batch and the optimizer steps, of which the optimizer alone)
+        updated = self._clock()
+        times = torch.tensor([passes_done - start, updated - passes_done, self._optimizer_s], dtype=torch.float64,
+                             device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:  # the slowest rank's, the same on every rank
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        metrics.update(zip(("time_passes_s", "time_update_s", "time_optimizer_s"), times.tolist()))
         metrics["optimizer_steps"] = float(len(step_metrics))
         metrics["tokens"] = float(sum(len(s.tokens) for s in batch))
         if self.replay is not None:
@@ -538,8 +558,9 @@ class TrainerActor:
             if not self.pipeline.is_last:
                 return hidden
             logp, entropy = self._log_probs(self.model, mb, hidden, with_entropy=True)
+            old_logp = logp.detach() if per_sample.get("old_from_update") else flat(mb, "old")
             loss, parts = compute_loss(
-                logp, flat(mb, "old"), flat(mb, "adv"), flat(mb, "mask"),
+                logp, old_logp, flat(mb, "adv"), flat(mb, "mask"),
                 torch.tensor(mb.response_lengths), cfg.loss, ref_logp=flat(mb, "ref"),
                 rollout_logp=flat(mb, "rollout"), entropy=entropy if cfg.loss.entropy_coef > 0 else entropy.detach(),
                 global_num_tokens=num_tokens, global_num_seqs=num_seqs, custom_fn=self.custom_loss)
@@ -556,12 +577,20 @@ class TrainerActor:
             dist.all_reduce(reduced, group=self.pp_group)
         if self.dp_size > 1:
             dist.all_reduce(reduced, group=self.dp_group)
+        before_step = self._clock()
         grad_norm, lr = self.optimizer.step()
+        self._optimizer_s += self._clock() - before_step
         out = dict(zip(keys, reduced[:-1].tolist()))
         real = sum(len(batch[i].tokens) for i in chunk)
         out.update(grad_norm=grad_norm, lr=lr, padding_fraction=1.0 - real / max(1.0, reduced[-1].item()))
         out.update(balance_metrics)
         return out
+
+    def _clock(self) -> float:
+        """Seconds, once the device has finished the work queued so far (a phase boundary of the step's timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _metric_keys(self, sums: dict, per_sample: dict) -> list[str]:
         """The metric names every rank reduces, in one order (a rank without micro-batches has no sums)."""

@@ -61,6 +61,11 @@ class TrainerConfig:
     lambd: float = 1.0  # GAE lambda (advantage_estimator='gae'): 1 = Monte-Carlo returns minus values, 0 = TD(0)
     reward_key: str | None = None  # which entry of a dict reward to train on
     recompute_old_logprobs: bool = True  # False: the engine's rollout log-probs serve as the old policy
+    old_logprobs_from_update: bool = True
+    """With recompute_old_logprobs, when the step is one optimizer step and nothing needs the old log-probs before
+    it (no KL in the reward, no OPD): take them from the update's own forward (detached) instead of a separate
+    forward pass over the rollout. The weights are the same, so the values are those of the recompute and its cost
+    (a forward over every token, ~1/4 of the train phase) is saved. False: always the separate pass."""
     # mixture of experts (docs/trainer.md "Mixture of experts")
     moe_aux_loss_coeff: float = 0.0  # load-balancing loss weight of the MoE routers; 0: off (RL's usual choice)
     use_routing_replay: bool = False  # MoE: routers replay the engine's experts (Sample.routed_experts), R3
