@@ -9,5 +9,5 @@ OUT=${OUT:-/tmp/kiln_context_parallel}
 mkdir -p "$OUT"
 source scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-timeout 360 python3 -m pytest -m gpu tests/test_context_parallel.py -q -p no:cacheprovider -rs 2>&1 | tail -15 \
+timeout -s INT -k 15 360 python3 -m pytest -m gpu tests/test_context_parallel.py -q -p no:cacheprovider -rs 2>&1 | tail -15 \
   | tee "$OUT/pytest.log"

@@ -21,7 +21,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu tests/test_fp8_gpu.py -q -p no:cacheprovider -rs \
+  timeout -s INT -k 15 "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu tests/test_fp8_gpu.py -q -p no:cacheprovider -rs \
     --durations=5 2>&1 | tee "$OUT/pytest_fp8.log"
   tests_rc=${PIPESTATUS[0]}
 fi
@@ -44,7 +44,7 @@ fi
 kv_tests_rc=skipped
 kv_bench_rc=skipped
 if [ "${SKIP_KV:-0}" != 1 ]; then
-  timeout "${KV_TEST_TIMEOUT:-260}" python3 -m pytest -m gpu tests/test_fp8_kv_gpu.py -q -p no:cacheprovider -rs \
+  timeout -s INT -k 15 "${KV_TEST_TIMEOUT:-260}" python3 -m pytest -m gpu tests/test_fp8_kv_gpu.py -q -p no:cacheprovider -rs \
     --durations=5 2>&1 | tee "$OUT/pytest_fp8_kv.log"
   kv_tests_rc=${PIPESTATUS[0]}
   timeout "${KV_BENCH_TIMEOUT:-300}" python3 -m benchmarks.engine_throughput --shape qwen3-8b \

@@ -16,7 +16,7 @@ python3 -c "import torch, triton, transformers, flashinfer; print('torch', torch
 
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -m gpu tests/test_engine_gpu.py tests/test_ops.py \
+  timeout -s INT -k 15 "${TEST_TIMEOUT:-330}" python3 -m pytest -m gpu tests/test_engine_gpu.py tests/test_ops.py \
     -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
   tests_rc=${PIPESTATUS[0]}
 fi

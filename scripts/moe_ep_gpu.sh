@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # no NVLink multicast, ever
 source scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu tests/test_engine_moe_ep.py -q -rs -p no:cacheprovider 2>&1 \
+timeout -s INT -k 15 "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu tests/test_engine_moe_ep.py -q -rs -p no:cacheprovider 2>&1 \
   | tee "$OUT/pytest_moe_ep.log"
 rc=${PIPESTATUS[0]}
 echo

@@ -24,7 +24,7 @@ fi
 
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu "$TEST_FILE" -q -p no:cacheprovider -rs --durations=5 2>&1 \
+  timeout -s INT -k 15 "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu "$TEST_FILE" -q -p no:cacheprovider -rs --durations=5 2>&1 \
     | tee "$OUT/pytest_moe.log"
   tests_rc=${PIPESTATUS[0]}
 fi

@@ -15,7 +15,7 @@ LAYERS=${LAYERS:-$([ "${mem_mib:-0}" -ge 100000 ] && echo 8 || echo 4)}
 
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -m gpu tests/test_trainer_moe.py -q -p no:cacheprovider 2>&1 \
+  timeout -s INT -k 15 "${TEST_TIMEOUT:-120}" python3 -m pytest -m gpu tests/test_trainer_moe.py -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest_moe_trainer.log"
   tests_rc=${PIPESTATUS[0]}
 fi

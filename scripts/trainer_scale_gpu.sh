@@ -22,7 +22,7 @@ if [ "${DP:-1}" -gt 1 ]; then
     | tee "$OUT/memory_dp$DP.log"
   exit 0
 fi
-timeout 120 python3 -m pytest -m gpu tests/test_trainer_scale.py -q -p no:cacheprovider 2>&1 | tail -5 \
+timeout -s INT -k 15 120 python3 -m pytest -m gpu tests/test_trainer_scale.py -q -p no:cacheprovider 2>&1 | tail -5 \
   | tee "$OUT/pytest.log"
 timeout 150 python3 -m benchmarks.trainer_memory --shape qwen3-0.6b --optimizers replicated,sharded,offload \
   --recompute none --steps 3 --out "$OUT/memory_0.6b.json" 2>&1 | grep -v -i warn | tee "$OUT/memory_0.6b.log"

@@ -19,7 +19,7 @@ fi
 timeout 150 python3 -m benchmarks.train_step $ARGS --profile-steps 1 --out "$OUT" 2>&1 | grep -v -i warn \
   | tee "$OUT/after.log"
 left=$(( ${LIMIT_S:-350} - SECONDS - 10 ))  # the tests get what the call's limit leaves, at most 200 s
-timeout $(( left < 200 ? left : 200 )) python3 -m pytest -m gpu tests/test_trainer_gpu.py tests/test_packed_attention.py \
+timeout -s INT -k 15 $(( left < 200 ? left : 200 )) python3 -m pytest -m gpu tests/test_trainer_gpu.py tests/test_packed_attention.py \
   tests/test_chunked_logprobs.py tests/test_trainer_fused.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
 if [ "$SECONDS" -lt "${BIG_AFTER_S:-190}" ]; then
   timeout $((${BUDGET_S:-280} - SECONDS)) python3 -m benchmarks.train_step --shape qwen3-8b --tokens 16384 \

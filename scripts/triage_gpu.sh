@@ -17,7 +17,7 @@ if [ "${SKIP_RL:-0}" != 1 ]; then
 fi
 left=$(( ${LIMIT_S:-580} - SECONDS - 10 ))
 [ "$left" -lt 30 ] && { echo "triage: no time left for the tests ($SECONDS s)"; exit 0; }
-timeout "$left" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_engine_gpu.py tests/test_kv_pool.py \
+timeout -s INT -k 15 "$left" python3 -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/test_engine_gpu.py tests/test_kv_pool.py \
   tests/test_engine_moe.py tests/test_fp8_moe.py tests/test_trainer_moe.py tests/test_fp8_gpu.py tests/test_rl_step.py \
   -k "release or vmm or moe or fp8 or silu or gemm or activation or colocated" > "$OUT/pytest.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | cut -c1-300
