@@ -131,8 +131,10 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
             raise ConfigError("--async-rollout trains on samples one version stale; it needs TIS (drop --no-use-tis)")
         values["use-tis"] = True
     _offpolicy_correction(values)
-    if values.get("rollout-dtype") == "fp8":   # FP8 rollout widens the engine/trainer gap: corrected unless told not
-        _fp8_corrections(values)
+    fp8 = [f"--{flag} {values[flag]}" for flag in ("rollout-dtype", "kv-cache-dtype")
+           if str(values.get(flag) or "").startswith("fp8")]
+    if fp8:   # FP8 weights or KV widen the engine/trainer gap: corrected unless told not to
+        _fp8_corrections(values, " and ".join(fp8))
     if values.get("attention-backend") == "flashinfer":  # a CUDA-only backend: validated as on the GPU the
         values["device"] = "cuda"                         # placement will give it (checked in setup)
     if "engine-stall-window" not in values and values.get("engine-health-timeout", 0) > RunConfig.engine_stall_window:
@@ -186,17 +188,18 @@ def _offpolicy_correction(values: dict[str, Any]) -> None:
     values["use-tis"] = True
 
 
-def _fp8_corrections(values: dict[str, Any]) -> None:
-    """Turn TIS and MIS on for FP8 rollout where the flags leave them unset, and say so in one log line."""
+def _fp8_corrections(values: dict[str, Any], why: str) -> None:
+    """Turn TIS and MIS on for FP8 rollout (weights or KV cache, `why`) where the flags leave them unset, and say so
+    in one log line."""
     unset = [flag for flag in ("use-tis", "use-mis") if values.get(flag) is None]
     if values.get("recompute-old-logprobs") is False:
-        logger.info("--rollout-dtype fp8: TIS / MIS stay off (they need the trainer's recomputed log-probs, and "
-                    "--no-recompute-old-logprobs is set); the mismatch is still reported (train_rollout_kl)")
+        logger.info("%s: TIS / MIS stay off (they need the trainer's recomputed log-probs, and "
+                    "--no-recompute-old-logprobs is set); the mismatch is still reported (train_rollout_kl)", why)
         return
     for flag in unset:
         values[flag] = True
     kept = [f"--{flag} {values[flag]}" for flag in ("use-tis", "use-mis") if flag not in unset]
-    logger.info("--rollout-dtype fp8: %s (importance correction of the FP8 engine's log-probs)%s",
+    logger.info("%s: %s (importance correction of the FP8 engine's log-probs)%s", why,
                 " and ".join(f"--{flag}" for flag in unset) + " turned on" if unset else "nothing turned on",
                 f"; kept as set: {', '.join(kept)}" if kept else "")
 

@@ -237,6 +237,13 @@ def test_fp8_rollout_turns_tis_and_mis_on_unless_disabled(qwen3_model, caplog):
     assert cfg.trainer.loss.use_tis and not cfg.trainer.loss.use_mis
     cfg = parse_args(base)
     assert cfg.engine.weight_dtype == "auto" and not cfg.trainer.loss.use_tis and not cfg.trainer.loss.use_mis
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kiln.driver"):  # an FP8 KV cache moves the engine's log-probs too
+        cfg = parse_args(base + ["--kv-cache-dtype", "fp8_e4m3", "--no-use-tis"])
+    assert cfg.engine.kv_cache_dtype == "fp8_e4m3" and not cfg.trainer.loss.use_tis and cfg.trainer.loss.use_mis
+    assert [r.getMessage() for r in caplog.records if "fp8" in r.getMessage()] == [
+        "--kv-cache-dtype fp8_e4m3: --use-mis turned on (importance correction of the FP8 engine's log-probs); "
+        "kept as set: --use-tis False"]
 
 
 @pytest.mark.parametrize("quantize_on", ["engine", "sender"])
