@@ -10,7 +10,7 @@
 # of 512 x 1024 tokens takes minutes, so it may well be cut: its per-step lines are printed as each step ends);
 # STEPS_06 / STEPS_17: Kiln's measured steps after one warm-up; T06 / T17: timeouts of the two Kiln runs (the first
 # includes flashinfer's JIT build, ~110 s, unless .fi_cache/ is carried); SKIP_17=1 leaves out the 1.7B shape (so that
-# the 0.6B shape and TRL's step fit one call); SKIP_KILN=1 or SKIP_TRL=1 runs one side
+# the 0.6B shape and TRL's step fit one call), SKIP_06=1 the 0.6B shape; SKIP_KILN=1 or SKIP_TRL=1 runs one side
 # only (SKIP_KILN=1 LIMIT_S=590 gives TRL a call of its own).
 set -u
 OUT=${OUT:-/tmp/kiln_rl_step_check}
@@ -21,9 +21,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 MODELS=/tmp/kiln_models   # random-weight folders, kept while the machine is warm (not under $OUT: GBs)
 mkdir -p "$MODELS"
 if [ "${SKIP_KILN:-0}" != 1 ]; then
-  timeout "${T06:-260}" python3 -m benchmarks.rl_step --shape qwen3-0.6b --steps "${STEPS_06:-3}" \
-    --model-dir "$MODELS/qwen3-0.6b" --out "$OUT/rl_step_qwen3-0.6b.json" 2>&1 | tee "$OUT/rl_step_qwen3-0.6b.log"
-  ray stop --force >/dev/null 2>&1   # a run cut by its timeout leaves no Ray worker holding the GPU
+  if [ "${SKIP_06:-0}" != 1 ]; then
+    timeout "${T06:-260}" python3 -m benchmarks.rl_step --shape qwen3-0.6b --steps "${STEPS_06:-3}" \
+      --model-dir "$MODELS/qwen3-0.6b" --out "$OUT/rl_step_qwen3-0.6b.json" 2>&1 | tee "$OUT/rl_step_qwen3-0.6b.log"
+    ray stop --force >/dev/null 2>&1   # a run cut by its timeout leaves no Ray worker holding the GPU
+  fi
   if [ "${SKIP_17:-0}" != 1 ]; then
     timeout "${T17:-230}" python3 -m benchmarks.rl_step --shape qwen3-1.7b --steps "${STEPS_17:-2}" \
       --model-dir "$MODELS/qwen3-1.7b" --out "$OUT/rl_step_qwen3-1.7b.json" 2>&1 | tee "$OUT/rl_step_qwen3-1.7b.log"
