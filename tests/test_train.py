@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 # wall-clock figures, and the engine-vs-trainer log-prob gap (engine batching changes the last float bits)
 # metrics that depend on timing, not on the run's state: speeds, which requests shared a prefill (cache hit rate),
 # and the engine's float rounding under different batch compositions (rollout log-probs)
-UNSTABLE = ("timing/", "rollout/time_s", "rollout/tokens_per_s", "push/gb_per_s", "train/train_rollout_logp_absdiff",
-            "train/train_rollout_kl", "rollout/cache_hit_rate", "rollout/engine_slow_probes",
-            "rollout/engine_request_timeouts")
+UNSTABLE = ("timing/", "train/time_", "rollout/time_s", "rollout/tokens_per_s", "push/gb_per_s",
+            "train/train_rollout_logp_absdiff", "train/train_rollout_kl", "rollout/cache_hit_rate",
+            "rollout/engine_slow_probes", "rollout/engine_request_timeouts")
 
 
 @pytest.fixture(scope="module")
