@@ -440,7 +440,7 @@ class TrainerActor:
         for key in step_metrics[0]:
             values = [m[key] for m in step_metrics]
             metrics[key] = values[-1] if key in ("lr", "critic_lr") else sum(values) / len(values)
-        # where the train phase went (this rank; CUDA synchronised at each boundary): the passes before the update
+        # where the train phase went (CUDA synchronised at each boundary): the passes before the update
         # (old log-probs unless from the update, reference, critic values) with the advantages, then the update
         # (forward / backward of every micro-batch and the optimizer steps, of which the optimizer alone)
         updated = self._clock()
