@@ -13,7 +13,7 @@ from trainer.config import TrainerConfig
 from trainer.logprobs import vocab_parallel_logprobs
 from trainer.losses import LossConfig
 from trainer.optimizer import lr_at
-from trainer.testing import hf_response_logprobs, hf_weights, make_samples, run_distributed
+from trainer.testing import hf_response_logprobs, hf_weights, make_samples, run_distributed, without_timings
 
 TEMPERATURE = 0.8
 
@@ -140,7 +140,7 @@ def test_repeated_steps_raise_log_prob_of_positive_advantage_samples(results):
 
 def test_resume_is_bit_identical(results):
     res, _ = results
-    assert res["resumed_metrics"] == res["next_metrics"]
+    assert without_timings(res["resumed_metrics"]) == without_timings(res["next_metrics"])
     assert all(torch.equal(res["resumed_weights"][k], v) for k, v in res["next_weights"].items())
 
 

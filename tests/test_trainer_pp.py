@@ -11,7 +11,7 @@ import torch
 
 from trainer.config import TrainerConfig
 from trainer.pipeline import PipelineSchedule
-from trainer.testing import hf_response_logprobs, make_samples, run_distributed
+from trainer.testing import hf_response_logprobs, make_samples, run_distributed, without_timings
 
 TEMPERATURE = 0.8
 BUDGET = 48  # tokens per micro-batch: 8 samples of 6..24 tokens -> 4..6 packed micro-batches
@@ -143,7 +143,7 @@ def test_pp2_export_equals_pp1_export_and_loads_in_transformers(results):
 
 def test_pp2_resume_is_bit_identical(results):
     res, _ = results
-    assert res["resumed_metrics"] == res["next_metrics"]
+    assert without_timings(res["resumed_metrics"]) == without_timings(res["next_metrics"])
     assert all(torch.equal(res["resumed_weights"][k], v) for k, v in res["next_weights"].items())
 
 

@@ -94,6 +94,11 @@ def hf_weights(actor) -> dict[str, torch.Tensor]:
     return out
 
 
+def without_timings(metrics: dict) -> dict:
+    """A train step's metrics without its timings (`time_*`: how long, not what): what two equal steps share."""
+    return {k: v for k, v in metrics.items() if not k.startswith("time_")}
+
+
 def make_samples(num: int, *, vocab_size: int, seed: int = 0, min_len: int = 6, max_len: int = 24,
                  group_size: int = 2) -> list[Sample]:
     """Random prompt+response samples with rewards, loss masks (some 0s) and rollout log-probs."""
