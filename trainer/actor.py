@@ -411,6 +411,12 @@ class TrainerActor:
         global_batches = [list(r) for r in split_global_batches(len(batch), cfg.global_batch_size)]
         old_from_update = (not sft and cfg.recompute_old_logprobs and cfg.old_logprobs_from_update
                            and len(global_batches) == 1 and not cfg.kl_in_reward and not cfg.use_opd)
+        if not sft and self.step == 0 and self.rank == 0 and cfg.recompute_old_logprobs:
+            logger.info("old log-probs: %s", "from the update's own forward (one optimizer step per train step)"
+                        if old_from_update else "a separate pass over the rollout before the update (" + (
+                            "--no-old-logprobs-from-update" if not cfg.old_logprobs_from_update else
+                            f"{len(global_batches)} optimizer steps per train step" if len(global_batches) > 1
+                            else "needed before the update: KL in the reward or OPD") + ")")
         if not sft:
             if old_from_update:
                 old = None  # the update's forward: logp.detach() (_train_global_batch)
