@@ -78,7 +78,6 @@ class TrainerActor:
             raise ValueError(f"world_size {world_size} is not a multiple of TP*PP*CP = {mp}")
         self.cfg = config
         self.rank, self.world_size = rank, world_size
-        self._optimizer_s = 0.0  # seconds in optimizer steps during the current train_step
         self.master_addr, self.master_port = master_addr, int(master_port)
         self.model = self.ref_model = self.optimizer = None
         self.critic = self.critic_optimizer = self.teacher_model = None
@@ -412,14 +411,18 @@ class TrainerActor:
         old_from_update = (not sft and cfg.recompute_old_logprobs and cfg.old_logprobs_from_update
                            and len(global_batches) == 1 and not cfg.kl_in_reward and not cfg.use_opd)
         if not sft and self.step == 0 and self.rank == 0 and cfg.recompute_old_logprobs:
-            logger.info("old log-probs: %s", "from the update's own forward (one optimizer step per train step)"
-                        if old_from_update else "a separate pass over the rollout before the update (" + (
-                            "--no-old-logprobs-from-update" if not cfg.old_logprobs_from_update else
-                            f"{len(global_batches)} optimizer steps per train step" if len(global_batches) > 1
-                            else "needed before the update: KL in the reward or OPD") + ")")
+            if old_from_update:
+                source = "from the update's own forward (one optimizer step per train step)"
+            elif not cfg.old_logprobs_from_update:
+                source = "a separate pass over the rollout (--no-old-logprobs-from-update)"
+            elif len(global_batches) > 1:
+                source = f"a separate pass over the rollout ({len(global_batches)} optimizer steps per train step)"
+            else:
+                source = "a separate pass over the rollout (needed before the update: KL in the reward or OPD)"
+            logger.info("old log-probs: %s", source)
         if not sft:
             if old_from_update:
-                old = None  # the update's forward: logp.detach() (_train_global_batch)
+                old = None  # the update's forward gives them: logp.detach() (_train_global_batch)
             else:
                 old = self._log_probs_all(self.model, batch) if cfg.recompute_old_logprobs else rollout
             ref = self._log_probs_all(self.ref_model, batch) if self.ref_model is not None else None
@@ -430,19 +433,19 @@ class TrainerActor:
             if cfg.use_opd:
                 advantages = self._opd(batch, masks, old, advantages, metrics)
         per_sample = {"old": old, "adv": advantages, "mask": masks, "ref": ref, "rollout": rollout,
-                      "values": values, "returns": returns, "old_from_update": old_from_update}
+                      "values": values, "returns": returns}
 
         passes_done = self._clock()
         self.model.train()
         train_policy = self.critic is None or self.step >= cfg.critic.num_critic_only_steps
         step_metrics = []
-        self._optimizer_s = 0.0
         for r in global_batches:
             m = self._train_global_batch(batch, r, per_sample) if train_policy else {}
             if self.critic is not None:
                 self.critic.train()
                 m.update(self._train_critic_batch(batch, r, per_sample))
             step_metrics.append(m)
+        optimizer_s = sum(m.pop("time_optimizer_s", 0.0) for m in step_metrics)  # summed, not averaged
         for key in step_metrics[0]:
             values = [m[key] for m in step_metrics]
             metrics[key] = values[-1] if key in ("lr", "critic_lr") else sum(values) / len(values)
@@ -450,7 +453,7 @@ class TrainerActor:
         # (old log-probs unless from the update, reference, critic values) with the advantages, then the update
         # (forward / backward of every micro-batch and the optimizer steps, of which the optimizer alone)
         updated = self._clock()
-        times = torch.tensor([passes_done - start, updated - passes_done, self._optimizer_s], dtype=torch.float64,
+        times = torch.tensor([passes_done - start, updated - passes_done, optimizer_s], dtype=torch.float64,
                              device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:  # the slowest rank's, the same on every rank
             dist.all_reduce(times, op=dist.ReduceOp.MAX)
@@ -544,6 +547,7 @@ class TrainerActor:
     def _train_global_batch(self, batch: list[Sample], chunk: list[int], per_sample: dict) -> dict[str, float]:
         """Accumulate gradients over this rank's micro-batches of `chunk`, then one optimizer step."""
         cfg = self.cfg
+        sft = cfg.loss.loss_type == "sft"
         num_tokens = max(1, int(sum(per_sample["mask"][i].sum() for i in chunk)))
         num_seqs = len(chunk)
         micro_batches, balance_metrics = self._plan(chunk, batch)
@@ -564,7 +568,9 @@ class TrainerActor:
             if not self.pipeline.is_last:
                 return hidden
             logp, entropy = self._log_probs(self.model, mb, hidden, with_entropy=True)
-            old_logp = logp.detach() if per_sample.get("old_from_update") else flat(mb, "old")
+            old_logp = flat(mb, "old")
+            if old_logp is None and not sft:  # train_step's old_from_update: this forward's own log-probs
+                old_logp = logp.detach()
             loss, parts = compute_loss(
                 logp, old_logp, flat(mb, "adv"), flat(mb, "mask"),
                 torch.tensor(mb.response_lengths), cfg.loss, ref_logp=flat(mb, "ref"),
@@ -585,10 +591,11 @@ class TrainerActor:
             dist.all_reduce(reduced, group=self.dp_group)
         before_step = self._clock()
         grad_norm, lr = self.optimizer.step()
-        self._optimizer_s += self._clock() - before_step
+        optimizer_s = self._clock() - before_step
         out = dict(zip(keys, reduced[:-1].tolist()))
         real = sum(len(batch[i].tokens) for i in chunk)
-        out.update(grad_norm=grad_norm, lr=lr, padding_fraction=1.0 - real / max(1.0, reduced[-1].item()))
+        out.update(grad_norm=grad_norm, lr=lr, padding_fraction=1.0 - real / max(1.0, reduced[-1].item()),
+                   time_optimizer_s=optimizer_s)
         out.update(balance_metrics)
         return out
 
