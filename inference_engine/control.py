@@ -83,12 +83,14 @@ class EngineControl(Protocol):
     def named_hf_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """The engine's weights under HF names, unfused (views: clone to keep)."""
 
-    def release_memory(self, weights: bool = False) -> None:
-        """Free the KV pool (and with weights=True move the weights to CPU); only while no request is queued or
-        running."""
+    def release_memory(self, weights: bool = False, keep_weights: bool = True) -> None:
+        """Free the KV pool (and with weights=True the weights' device memory, their contents kept in host memory,
+        or discarded with keep_weights=False when every weight is pushed before the next request); only while no
+        request is queued or running."""
 
-    def resume_memory(self) -> None:
-        """Bring the weights back (if released) first, then re-allocate the KV pool."""
+    def resume_memory(self, weights: bool = True, kv_cache: bool = True) -> None:
+        """Take back what was released of the weights and / or the KV pool (weights alone first to push into them,
+        then the KV pool); requests are served again once both are back."""
 
     # ---------------------------------------------------------------- information
     def metrics(self) -> dict:

@@ -157,6 +157,11 @@ class Engine:
         self._check_open()
         if self._released:
             raise EngineNotServingError(RELEASED_MESSAGE)
+        missing = self.runner.unfilled
+        if missing:
+            raise EngineNotServingError(f"the engine's weights were discarded (release_memory(keep_weights=False)) "
+                                        f"and {len(missing)} weight(s) have not been loaded since, e.g. "
+                                        f"{sorted(missing)[:3]}; push every weight first")
 
     @staticmethod
     def _raise_if_refused(outputs: list[Req]) -> None:
@@ -528,24 +533,31 @@ class Engine:
         """{hf_name: checksum dict} of the engine's full weights (weight_sync's verification)."""
         return checksum_report(self.named_hf_tensors())
 
-    def release_memory(self, weights: bool = False) -> None:
-        """Free the KV pool (and with weights=True move weights to CPU); only while no request is queued or running."""
+    def release_memory(self, weights: bool = False, keep_weights: bool = True) -> None:
+        """Free the KV pool (and with weights=True the weights' device memory); only while no request is queued or
+        running.
+
+        keep_weights=False discards the weights instead of keeping them in host memory: the caller pushes every
+        weight before the engine generates again (requests are refused until it has, saying which are missing)."""
         def release():
             if self.scheduler.has_work():
                 raise RuntimeError(f"cannot release memory with {len(self.scheduler.running)} running and "
                                    f"{len(self.scheduler.waiting)} queued requests; wait or abort them first")
             self.scheduler.flush_cache()
-            self.runner.release_memory(weights)
+            self.runner.release_memory(weights, keep_weights)
             self._released["kv_cache"] = True
             if weights:
                 self._released["weights"] = True
         self._call(release)
 
-    def resume_memory(self) -> None:
-        """Bring weights back (if released) first, then re-allocate the KV pool."""
+    def resume_memory(self, weights: bool = True, kv_cache: bool = True) -> None:
+        """Take back what was released of the weights and / or the KV pool (weights first: the RL loop resumes them
+        alone to push into them, then the KV pool); requests are served again once both are back."""
         def resume():
-            if self._released:
-                self.runner.resume_memory(self._released.pop("weights", False), self._released.pop("kv_cache", False))
+            back = {"weights": weights and self._released.pop("weights", False),
+                    "kv_cache": kv_cache and self._released.pop("kv_cache", False)}
+            if any(back.values()):
+                self.runner.resume_memory(**back)
         self._call(resume)
 
     # ----------------------------------------------------------------- info
@@ -581,13 +593,14 @@ class Engine:
         return {"ok": not reasons, "status": "unhealthy" if reasons else "ok", "reason": "; ".join(reasons) or None,
                 "scheduler_alive": alive, "tp_workers_alive": workers_alive, "stall_s": round(stall, 3),
                 "stall_timeout_s": self.config.stall_timeout_s, "memory_released": bool(self._released),
-                "weights_released": bool(self._released.get("weights")), "paused": self._paused,
+                "weights_released": bool(self._released.get("weights")),
+                "weights_missing": len(self.runner.unfilled), "paused": self._paused,
                 "weight_version": self.weight_version, "running": len(s.running), "queued": len(s.waiting)}
 
     def metrics(self) -> dict:
         """Load and cache numbers (read without locking: a snapshot, possibly a step old)."""
         s = self.scheduler
-        pool = self.runner.kv_pool
+        pool, store = self.runner.kv_pool, self.runner.param_store
         return {
             "num_running_requests": len(s.running),
             "num_queued_requests": len(s.waiting),
@@ -605,6 +618,8 @@ class Engine:
             "weight_version": s.weight_version,
             "weight_sync_storages_open": self._receiver.shared.open_count(),   # colocated senders' storages mapped
             "weight_sync_handles_opened_total": self._receiver.shared.opened_total,
+            "weights_kept_releases_total": store.releases["kept"] if store else 0,   # weights to host memory
+            "weights_discarded_releases_total": store.releases["discarded"] if store else 0,   # refilled by a push
             "paused": self._paused,
             "weight_update_phases_s": dict(self._update_phases),   # the last update call's seconds per phase
         }

@@ -24,6 +24,7 @@ from inference_engine.models.loader import WeightPlan, expected_hf_names, iter_s
 from inference_engine.models.moe import routed_experts_dtype, stacked_expert_names
 from inference_engine.parallel import TPGroup, check_tp_shape, rank_device
 from inference_engine.tp_worker import TPWorkers
+from inference_engine.vmm import ParamStore
 
 log = logging.getLogger(__name__)
 CPU_DEFAULT_KV_TOKENS = 16384
@@ -64,6 +65,8 @@ class ModelRunner:
         if is_fp8(self.kv_dtype):
             check_fp8_kv_device(self.device)
         self.kv_pool: KVPool | None = None
+        self.param_store: ParamStore | None = None  # the weights in one releasable buffer, from their first release
+        self.unfilled: set[str] = set()  # HF names not loaded since the weights were discarded (rank 0 tracks)
         self.context_length = config.context_length or self.spec.max_position_embeddings
         if self.context_length > self.spec.max_position_embeddings:
             raise ValueError(f"context_length {self.context_length} exceeds the model's max_position_embeddings "
@@ -174,6 +177,9 @@ class ModelRunner:
         An fp8 KV cache's scales follow the weights they are derived from (every update also drops all KV)."""
         names = self.weight_plan.load(named_tensors)
         self._refresh_kv_scales(layers_touched(names, self.spec.num_layers))
+        if self.unfilled:
+            self.unfilled -= {name for stacked in names
+                              for name in stacked_expert_names(stacked, self.spec.num_experts)}
         return names
 
     def routed_experts(self, slots: list[int], forward_done: bool = True) -> torch.Tensor:
@@ -219,34 +225,52 @@ class ModelRunner:
         self.graph_runner = CudaGraphRunner(self.model, self.attn_backend, self.kv_pool, max_bs, self.context_length,
                                             self.device)
 
-    def release_memory(self, weights: bool) -> None:
-        """Free the KV pool (and move weights to CPU when weights=True), on every tp rank.
+    def release_memory(self, weights: bool, keep_weights: bool = True) -> None:
+        """Free the KV pool (and with weights=True the weights' device memory), on every tp rank.
 
-        The decode graphs are kept when only the KV pool goes and it comes back at the same addresses (its memory is
-        CUDA virtual memory, `KVPool.stable_addresses`); otherwise they are freed too and captured again on resume.
+        The weights live in one `ParamStore` from their first release on: their contents go to pinned host memory
+        (`keep_weights`) or are discarded (the caller loads every weight before generating again: the RL loop's
+        push). Decode graphs are kept when what is released comes back at the same addresses (CUDA virtual memory,
+        `KVPool.stable_addresses`, `ParamStore.stable`); otherwise they are freed and captured again on resume.
+        The first weights release moves the parameters (one copy on the device) and so captures once more.
         """
-        self.tell_workers("release_memory", weights)
-        if weights or not self.kv_pool.stable_addresses:
+        self.tell_workers("release_memory", weights, keep_weights)
+        moving = weights and self.param_store is None   # the graphs hold the parameters' addresses from before
+        if moving or not self.kv_pool.stable_addresses or (weights and not self.param_store.stable):
             self.drop_cuda_graphs()
         self.kv_pool.clear()
         self.kv_pool.free_buffers()
+        if moving:   # after the KV pool is gone: the move needs room for a second copy of the weights
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.param_store = ParamStore(list(self.model.parameters()), self.device,
+                                          use_vmm=not self.config.disable_memory_saver)
+            self.weight_plan = WeightPlan(self.model)   # the old plan's views point at the parameters' old storage
         if weights:
-            self.model.to(torch.device("cpu"))
-            self.weight_plan = WeightPlan(self.model)  # the old plan's views point at freed device memory
+            if not keep_weights and not self.param_store.released:
+                self.unfilled = expected_hf_names(self.model)
+            self.param_store.release(keep=keep_weights)
+            if not self.param_store.stable:   # its views would keep the freed buffer alive
+                self.weight_plan = WeightPlan(self.model)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def resume_memory(self, weights: bool, kv_cache: bool) -> None:
-        """Bring weights back first (if they were released), then the KV pool, then capture the graphs if they were
-        freed (every tp rank)."""
+        """Take the weights' memory back (if released; their kept contents or zeros), then the KV pool, on every tp
+        rank; the decode graphs are captured again once both are back, if they were freed."""
         self.tell_workers("resume_memory", weights, kv_cache)
         if weights:
-            self.model.to(self.device)
-            self.weight_plan = WeightPlan(self.model)
+            self.param_store.resume()
+            if not self.param_store.stable:
+                self.weight_plan = WeightPlan(self.model)  # the old plan's views point at freed memory
         if kv_cache:
             self.kv_pool.allocate_buffers()
-        if self.graph_runner is None:
+        if self.graph_runner is None and self.kv_pool.k_buffer and not self.weights_released:
             self.capture_cuda_graphs()
+
+    @property
+    def weights_released(self) -> bool:
+        return self.param_store is not None and self.param_store.released
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of hidden rows [N, hidden] (each tp rank computes its vocabulary share)."""

@@ -189,15 +189,19 @@ async def _unless_client_left(request: Request, config: ServerConfig, work: Awai
         task.cancel()
 
 
-def _release_tags(body: dict) -> dict:
-    """SGLang's {"tags": ["kv_cache", "weights"]} as release_memory's `weights`."""
+def _memory_tags(body: dict, resume: bool) -> dict:
+    """SGLang's {"tags": ["kv_cache", "weights"]} as release_memory's `weights` / resume_memory's `weights` and
+    `kv_cache` (no tags: the KV pool on release, everything on resume)."""
     if "tags" not in body:
         return body
     body = dict(body)
-    tags = body.pop("tags") or ["kv_cache"]
+    what = "resume" if resume else "release"
+    tags = body.pop("tags") or (["kv_cache", "weights"] if resume else ["kv_cache"])
     if not isinstance(tags, list) or not all(t in ("kv_cache", "weights") for t in tags):
-        raise ValueError(f"release_memory_occupation: field 'tags' = {tags!r}; expected a list of 'kv_cache' / "
+        raise ValueError(f"{what}_memory_occupation: field 'tags' = {tags!r}; expected a list of 'kv_cache' / "
                          "'weights'")
+    if resume:
+        return {**body, "weights": "weights" in tags, "kv_cache": "kv_cache" in tags}
     return {**body, "weights": "weights" in tags}
 
 
@@ -213,7 +217,8 @@ def _prometheus(metrics: dict) -> PlainTextResponse:
 
 
 # SGLang's request bodies that differ from the member's arguments, and responses that are not {"success": ...}
-REQUESTS: dict[str, Callable[[dict], dict]] = {"release_memory": _release_tags}
+REQUESTS: dict[str, Callable[[dict], dict]] = {"release_memory": lambda b: _memory_tags(b, resume=False),
+                                               "resume_memory": lambda b: _memory_tags(b, resume=True)}
 RESPONSES: dict[str, Callable[[Engine, Any], Any]] = {
     "metrics": lambda engine, result: _prometheus(result),
     "get_model_info": lambda engine, result: result,

@@ -183,7 +183,8 @@ class Buffer:
             try:
                 self.region = Region(nbytes, device)
             except (RuntimeError, TypeError) as e:  # e.g. a driver that refuses this size: still a working pool
-                log.warning("KV pool in ordinary device memory (graphs recaptured after each release): %s", e)
+                log.warning("%.2f GiB buffer in ordinary device memory (graphs recaptured after each release): %s",
+                            nbytes / 2**30, e)
         self.tensor: torch.Tensor | None = None
         self._pool = None  # the ordinary CUDA allocation's private torch memory pool (see allocate)
         self.allocate()
@@ -216,3 +217,73 @@ class Buffer:
         self._pool = None  # a released pool's segments go back to the device at the next empty_cache()
         if self.region is not None:
             self.region.unmap()
+
+
+class ParamStore:
+    """A model's parameters moved into one `Buffer`, so that their device memory can be given back while a colocated
+    trainer runs and taken again before the next weight push.
+
+    On a CUDA device with virtual memory management the parameters come back at the same addresses, so decode graphs
+    captured after the move stay valid; elsewhere (CPU, memory saver off) they are views of a new allocation after
+    each `resume()` (callers re-capture graphs and re-resolve weight views then, as after any move).
+
+    `release(keep=True)` first copies the bytes to (pinned) host memory and `resume()` copies them back;
+    `release(keep=False)` discards them: the memory comes back zeroed, for a caller that is about to load every
+    parameter anyway (the RL loop's push after each train step), which saves a device-host round trip of the weights.
+    """
+
+    ALIGN = 256  # bytes: every parameter starts on a boundary the GEMM and attention kernels are happy with
+
+    def __init__(self, params: list[torch.nn.Parameter], device: torch.device, use_vmm: bool = True):
+        self.params = list(dict.fromkeys(params))   # tied parameters once
+        self.layout: list[tuple[int, int, torch.dtype, torch.Size]] = []   # (offset, bytes, dtype, shape) each
+        offset = 0
+        for p in self.params:
+            nbytes = p.numel() * p.element_size()
+            self.layout.append((offset, nbytes, p.dtype, p.shape))
+            offset += -(-nbytes // self.ALIGN) * self.ALIGN
+        self.buffer = Buffer(max(offset, self.ALIGN), device, use_vmm)
+        self.backup: torch.Tensor | None = None
+        self.released = False
+        self.releases = {"kept": 0, "discarded": 0}   # counts, for the engine's metrics
+        for p, view in zip(self.params, self._views()):
+            view.copy_(p.data)
+            p.data = view   # the old storage goes back to torch's cache (empty_cache gives it to the device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    @property
+    def stable(self) -> bool:
+        return self.buffer.stable
+
+    def _views(self) -> list[torch.Tensor]:
+        flat = self.buffer.tensor
+        return [flat[offset:offset + nbytes].view(dtype).view(shape) for offset, nbytes, dtype, shape in self.layout]
+
+    def release(self, keep: bool = True) -> None:
+        """Give the parameters' device memory back (their contents to host memory first when `keep`)."""
+        if self.released:
+            return
+        if keep:
+            pin = self.buffer.device.type == "cuda"
+            self.backup = torch.empty(self.buffer.nbytes, dtype=torch.uint8, pin_memory=pin)
+            self.backup.copy_(self.buffer.tensor)
+        for p in self.params:   # no parameter may keep a view of the freed memory
+            p.data = torch.empty(0, dtype=p.dtype, device=self.buffer.device)
+        self.buffer.free()
+        self.released = True
+        self.releases["kept" if keep else "discarded"] += 1
+
+    def resume(self) -> None:
+        """Take the memory again (zeroed, or the kept contents) and point every parameter back into it."""
+        if not self.released:
+            return
+        flat = self.buffer.allocate()
+        if self.backup is not None:
+            flat.copy_(self.backup)
+            self.backup = None
+        for p, view in zip(self.params, self._views()):
+            p.data = view
+        self.released = False

@@ -36,6 +36,11 @@ class RunConfig:
     """Several policies (--policies), colocated on one set of devices: trainer i and engine i of every policy on
     device i, each policy's trainers onloaded in turn for its update and the engines' KV pools splitting the
     memory; default: each policy its own devices."""
+    release_engine_weights: bool = False
+    """Colocated: the engines give back their weights' device memory, not only their KV pool, while the trainers
+    train (room for a larger policy, or for the activations); a trained policy's engines discard them (the push
+    after training fills every weight again, so nothing is copied to the host), a frozen policy's keep them in host
+    memory. Off by default until its GPU check has passed (docs/benchmarks.md, "Device calls not yet run")."""
     async_rollout: bool = False
     """Overlap the rollout of step k+1 with training of step k (staleness 1, TIS on; needs --no-colocate); the same
     as --async-mode one-step."""

@@ -850,11 +850,15 @@ class Driver:
         engines = [h for handles in self.engines.values() for h in handles]
         # the engines beside trainers: all of them when the policies share devices, else the trained policies' (a
         # frozen policy's engines have devices of their own and keep their memory and cache)
-        beside = [h for policy, handles in self.engines.items() for h in handles
+        beside = [(policy, h) for policy, handles in self.engines.items() for h in handles
                   if policy in self.trainers or self.cfg.run.policies_share_devices]
+        # colocated, the engines' weights leave the device too (--release-engine-weights); a trained policy's are
+        # discarded and come back empty just before its push fills them, a frozen policy's go to host memory
+        weights = self.colocated and self.cfg.run.release_engine_weights
         if self.colocated:
             start = time.perf_counter()
-            ray.get([h.release_memory.remote() for h in beside])
+            ray.get([h.release_memory.remote(weights=weights, keep_weights=policy not in self.trainers)
+                     for policy, h in beside])
             timed("timing/onload_s", start)
         trained_versions = dict(self.weight_versions)   # the trainers' weights the batch is trained against
         metrics: dict[str, float] = {}
@@ -866,6 +870,11 @@ class Driver:
             start = time.perf_counter()
             metrics.update(self._train(batch, names))
             timed("timing/train_s", start)
+            if weights:
+                start = time.perf_counter()
+                ray.get([h.resume_memory.remote(weights=True, kv_cache=False) for name in names
+                         for h in self.engines.get(name, [])])
+                timed("timing/onload_s", start)
             if engines:
                 start = time.perf_counter()
                 metrics.update(self._push_weights(step + 1, names))
@@ -879,7 +888,7 @@ class Driver:
                                                trained_versions))
         if self.colocated:
             start = time.perf_counter()
-            ray.get([h.resume_memory.remote() for h in beside])
+            ray.get([h.resume_memory.remote() for _, h in beside])
             timed("timing/offload_s", start)
         if self._to_return:
             self._return_engines(step)

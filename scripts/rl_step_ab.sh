@@ -7,7 +7,8 @@
 # Then, with the time left (LIMIT_S, default 590), the engine alone on the rollout's batch (issue #17's "rollout phase
 # vs the engine alone" row): benchmarks/engine_throughput.py's GRPO row, 64 prompts x n=8, 256 in, 1024 out, T=1, on
 # the same model folder, the engine sized from an empty GPU (the RL step's engine from what the trainer leaves).
-# SHAPE (qwen3-0.6b), STEPS (2 measured after one warm-up), T_RUN (timeout of each run, s), SKIP_ALONE=1.
+# SHAPE (qwen3-0.6b), STEPS (2 measured after one warm-up), T_RUN (timeout of each run, s; 300: the first run of a
+# fresh machine took 280 s to its last step on 2026-12-06, flashinfer JIT included), SKIP_ALONE=1.
 set -u
 OUT=${OUT:-/tmp/kiln_rl_step_ab}
 mkdir -p "$OUT"
@@ -22,7 +23,7 @@ for side in A B; do
   args=()
   for s in $sets; do args+=(--set "$s"); done
   echo "== $side: $sets =="
-  timeout "${T_RUN:-280}" python3 -m benchmarks.rl_step --shape "$SHAPE" --steps "${STEPS:-2}" \
+  timeout "${T_RUN:-300}" python3 -m benchmarks.rl_step --shape "$SHAPE" --steps "${STEPS:-2}" \
     --model-dir "/tmp/kiln_models/$SHAPE" --out "$OUT/rl_step_$side.json" "${args[@]}" 2>&1 \
     | grep -v -E "Writing model|socket.cpp" | tail -22 | tee "$OUT/rl_step_$side.log"
   ray stop --force >/dev/null 2>&1

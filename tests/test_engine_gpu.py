@@ -214,9 +214,9 @@ def test_release_resume_frees_memory_and_keeps_outputs(gpu_models, backend):
         assert engine.runner.graph_runner is not None
         before = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
         kv_bytes = engine.runner.kv_pool.bytes
+        weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
         free = _free_bytes()
         engine.release_memory(weights=True)
-        weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
         released = _free_bytes()
         # device-wide (the KV pool is not torch's memory); torch's allocator may keep a few weights' segments shared
         assert released - free >= kv_bytes + weight_bytes // 2
@@ -224,6 +224,42 @@ def test_release_resume_frees_memory_and_keeps_outputs(gpu_models, backend):
         assert _free_bytes() <= released - kv_bytes - weight_bytes // 2
         after = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
     _assert_close(after, before, 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("memory_saver", [True, False])
+def test_discarded_weights_come_back_at_the_same_addresses_and_a_push_refills_them(gpu_models, memory_saver):
+    """The colocated RL hand-over with the weights (`--release-engine-weights`): KV pool and weights released, the
+    weights discarded, taken back and refilled by a push (here: the checkpoint's tensors), then the KV pool. With the
+    memory saver the weights come back at the same addresses and the graphs captured after the first release are
+    kept; device memory is freed by at least the KV pool and the weights each time, with no growth."""
+    from safetensors.torch import load_file
+
+    weights = load_file(gpu_models["qwen3"] / "model.safetensors")
+    with Engine(model_path=str(gpu_models["qwen3"]), max_total_tokens=65536, context_length=512, page_size=16,
+                cuda_graph_max_bs=8, disable_memory_saver=not memory_saver, **BACKENDS["flashinfer"], **GPU) as engine:
+        runner = engine.runner
+        before = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
+        weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        resumed, graphs, addresses = [], None, None
+        for step in range(3):
+            free = _free_bytes()
+            engine.release_memory(weights=True, keep_weights=False)
+            assert _free_bytes() - free >= runner.kv_pool.bytes + weight_bytes * (step > 0)   # first: the move
+            engine.resume_memory(kv_cache=False)
+            engine.update_weights_from_tensor(list(weights.items()), weight_version=step + 1)
+            engine.resume_memory()
+            resumed.append(_free_bytes())
+            if step == 0:
+                graphs = weakref.ref(runner.graph_runner)
+                addresses = [p.data_ptr() for p in runner.model.parameters()]
+            elif memory_saver:
+                assert runner.graph_runner is graphs()
+                assert [p.data_ptr() for p in runner.model.parameters()] == addresses
+            after = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY, return_logprob=True)
+            _assert_close(after, before, 1e-3)
+        assert runner.param_store.stable == memory_saver
+        assert max(resumed[1:]) - min(resumed[1:]) <= 2**22, resumed   # no growth from one hand-over to the next
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference_engine import Engine
 from inference_engine.testing import make_tiny_model
+from kiln_common.errors import EngineNotServingError
 
 SP = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
 PROMPT = "What is 3 + 4? The answer is"
@@ -103,6 +104,85 @@ def test_release_and_resume_memory_leave_outputs_unchanged(qwen3_model, weights)
         after = engine.generate(PROMPT, sampling_params=SP)
     assert after["output_ids"] == before["output_ids"]
     assert after["meta_info"]["cached_tokens"] == 0
+
+
+def _same_address_buffers(monkeypatch) -> None:
+    """A CPU stand-in for CUDA virtual memory (`vmm.Buffer` on a GPU): the buffer comes back at the same address after
+    free / allocate, its contents lost (garbage written at free, zeros at allocate), so anything still pointing at
+    memory from before a move, or reading it across a release, shows up in the outputs."""
+    from inference_engine import vmm
+
+    def free(self):
+        self.tensor.fill_(0x5A)
+        self._mapped, self.tensor = self.tensor, None
+
+    def allocate(self):
+        if self.tensor is None:
+            mapped = getattr(self, "_mapped", None)
+            self.tensor = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device) if mapped is None else mapped
+            self.tensor.zero_()
+        return self.tensor
+
+    monkeypatch.setattr(vmm.Buffer, "stable", property(lambda self: True))
+    monkeypatch.setattr(vmm.Buffer, "free", free)
+    monkeypatch.setattr(vmm.Buffer, "allocate", allocate)
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["new-addresses", "same-addresses"])
+@pytest.mark.parametrize("case", ["qwen3", "qwen3_moe", "llama_fp8"])
+def test_discarded_weights_are_refused_until_every_weight_is_pushed_again(request, tiny_models, case, stable,
+                                                                         monkeypatch):
+    """The RL loop's colocated hand-over: weights discarded (not copied to the host) at release, taken back empty,
+    filled by a push; until every weight has been loaded the engine refuses requests and says which are missing.
+    Dense, MoE (stacked experts) and FP8 (weights quantised at load, their scales refilled too); the weights' buffer
+    at new addresses after each release (CPU, memory saver off) or at the same ones (CUDA virtual memory)."""
+    if stable:
+        _same_address_buffers(monkeypatch)
+    path = request.getfixturevalue("qwen3_moe_model") if case == "qwen3_moe" else tiny_models[case.split("_")[0]]
+    fp8 = {"weight_dtype": "fp8", "fp8_block_size": 16} if case.endswith("fp8") else {}
+    with Engine(model_path=str(path), max_total_tokens=1024, **fp8) as engine:
+        before = engine.generate(PROMPT, sampling_params=SP)
+        weights = load_file(path / "model.safetensors")
+        for _ in range(2):   # the second hand-over reuses the weights' buffer
+            engine.release_memory(weights=True, keep_weights=False)
+            missing = engine.health()["weights_missing"]   # with FP8: the scales too (filled with their weights)
+            assert engine.health()["weights_released"] and missing >= len(weights)
+            engine.resume_memory(kv_cache=False)   # weights back (zeros), the KV pool still released
+            assert all(not p.view(torch.uint8).any() for p in engine.runner.model.parameters())   # zeroed
+            with pytest.raises(EngineNotServingError, match="memory is released"):
+                engine.generate(PROMPT, sampling_params=SP)
+            names = sorted(weights)
+            engine.update_weights_from_tensor([(n, weights[n]) for n in names[:3]], weight_version=1)
+            engine.resume_memory()
+            left = engine.health()["weights_missing"]
+            assert 0 < left <= missing - 3
+            with pytest.raises(EngineNotServingError, match=f"{left} weight\\(s\\) have not been loaded"):
+                engine.generate(PROMPT, sampling_params=SP)
+            engine.update_weights_from_tensor([(n, weights[n]) for n in names[3:]], weight_version=2)
+            after = engine.generate(PROMPT, sampling_params=SP)
+            assert after["output_ids"] == before["output_ids"] and after["meta_info"]["weight_version"] == 2
+            assert engine.health()["weights_missing"] == 0
+
+
+@pytest.mark.parametrize("stable", [False, True], ids=["new-addresses", "same-addresses"])
+def test_weights_kept_at_release_come_back_from_host_memory(qwen3_model, stable, monkeypatch):
+    if stable:
+        _same_address_buffers(monkeypatch)
+    with Engine(model_path=str(qwen3_model), max_total_tokens=1024) as engine:
+        before = {n: t.clone() for n, t in engine.named_hf_tensors()}
+        out = engine.generate(PROMPT, sampling_params=SP)
+        for step in range(2):
+            memory = engine.runner.param_store.buffer.tensor.untyped_storage() if step else None
+            engine.release_memory(weights=True)
+            assert all(p.numel() == 0 for p in engine.runner.model.parameters())   # no view of the freed memory
+            if step and not stable:
+                gc.collect()   # nothing in the engine (parameters, weight plan) holds the freed buffer: only `memory`
+                assert torch._C._storage_Use_Count(memory._cdata) == 1
+            engine.resume_memory()
+            after = {n: t.clone() for n, t in engine.named_hf_tensors()}
+            assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+            engine.update_weights_from_tensor(list(before.items()), weight_version=step + 1)   # the plan resolves views
+            assert engine.generate(PROMPT, sampling_params=SP)["output_ids"] == out["output_ids"]
 
 
 def test_release_refuses_while_requests_run(qwen3_model):

@@ -345,6 +345,20 @@ def test_flashinfer_fold_of_per_head_scales_into_q_and_output():
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_per_kv_head_scaling_is_the_float32_product_rounded_once():
+    """The one-kernel scaling of q and of the output equals multiplying in float32 by each query head's kv-head scale
+    (query head h belongs to kv head h // group) and rounding to bf16 once, bit for bit, also on a strided q."""
+    from inference_engine.attention.flashinfer_backend import scale_by_kv_head
+
+    gen = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(7, 8 + 2 + 2, 32, generator=gen) * 4).to(torch.bfloat16)   # [T, H + 2 KVH, D]
+    q = qkv[:, :8]   # a strided view, as the fused qkv output gives
+    kv_scale = torch.rand(2, generator=gen) * 0.05 + 1e-3
+    want = (q.float() * kv_scale.repeat_interleave(4)[None, :, None]).to(torch.bfloat16)
+    got = scale_by_kv_head(q, kv_scale)
+    assert got.shape == q.shape and torch.equal(got, want)
+
+
 # ---------------------------------------------------------------- triton kernels under the interpreter
 
 def _kernel_cases() -> dict:

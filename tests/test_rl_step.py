@@ -44,16 +44,18 @@ def test_rl_step_smoke_reports_every_phase(tmp_path):
 @pytest.mark.gpu
 def test_two_colocated_gpu_steps_keep_weights_memory_and_logprobs(tmp_path):
     """Issue #17's GPU check, through the real driver (benchmarks/rl_step.py): colocated on one GPU with every GPU
-    feature on (bf16, flashinfer, CUDA graphs, CUDA-IPC push, trainer offload / engine memory release), 1 warm-up + 2
-    steps. Every push is checksum-verified (--check-weight-update: a mismatch fails the run); the first step is
-    on-policy (ppo_kl 0); the engine-vs-trainer log-prob gap on the rollout tokens stays under a stated bf16 bound;
-    the device's peak memory in the rollout phase does not grow from one measured step to the next."""
+    feature on (bf16, flashinfer, CUDA graphs, CUDA-IPC push, trainer offload / engine memory release, the engine's
+    weights released too and refilled by each push), 1 warm-up + 2 steps. Every push is checksum-verified
+    (--check-weight-update: a mismatch fails the run); the first step is on-policy (ppo_kl 0); the engine-vs-trainer
+    log-prob gap on the rollout tokens stays under a stated bf16 bound; the device's peak memory in the rollout phase
+    does not grow from one measured step to the next."""
     out = tmp_path / "rl_step.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", RAY_AUTH_MODE="disabled")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.rl_step", "--shape", "tiny", "--prompts", "16",
                            "--samples", "4", "--prompt-len", "64", "--response-len", "128", "--warmup", "1",
-                           "--steps", "2", "--set", "check-weight-update=true", "--out", str(out)],
+                           "--steps", "2", "--set", "check-weight-update=true", "--set", "release-engine-weights=true",
+                           "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -133,6 +133,16 @@ async def test_rl_endpoints(client, engine, qwen3_model):
     assert (await client.post("/resume_memory_occupation")).json()["success"]
     after = (await client.post("/generate", json={"text": "the doctor", "sampling_params": GREEDY})).json()
     assert after["output_ids"] == before["output_ids"] and after["meta_info"]["weight_version"] == 3
+    # the RL loop's hand-over over HTTP: weights discarded, taken back alone, refilled from disk, then the KV pool
+    body = {"weights": True, "keep_weights": False}
+    assert (await client.post("/release_memory_occupation", json=body)).json()["success"]
+    assert (await client.post("/resume_memory_occupation", json={"tags": ["weights"]})).json()["success"]
+    assert engine.health()["memory_released"] and not engine.health()["weights_released"]
+    r = await client.post("/update_weights_from_disk", json={"model_path": str(qwen3_model), "weight_version": 3})
+    assert r.json()["weight_version"] == 3 and engine.health()["weights_missing"] == 0
+    assert (await client.post("/resume_memory_occupation", json={"tags": ["kv_cache"]})).json()["success"]
+    again = (await client.post("/generate", json={"text": "the doctor", "sampling_params": GREEDY})).json()
+    assert again["output_ids"] == before["output_ids"]
     r = await client.post("/update_weights_from_disk", json={"model_path": "/nonexistent", "weight_version": 4})
     assert r.status_code == 400 and "/nonexistent" in r.json()["error"]["message"]
     assert (await client.post("/abort_request", json={"rid": "nothing-running"})).json()["success"]

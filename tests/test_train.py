@@ -77,7 +77,8 @@ def assert_same_weights(engine: dict, trainer: dict):
 
 def test_colocated_two_steps_push_the_trained_weights(local_ray, qwen3_model, data_dir, tmp_path):
     # --context-length reaches the prompt data as its limit (every quickstart prompt fits in 255 tokens)
-    driver, history = run(values(qwen3_model, data_dir, tmp_path, **{"context-length": 256}))
+    driver, history = run(values(qwen3_model, data_dir, tmp_path, **{"context-length": 256,
+                                                                     "release-engine-weights": True}))
     try:
         assert [h["step"] for h in history] == [1, 2]
         lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -85,6 +86,10 @@ def test_colocated_two_steps_push_the_trained_weights(local_ray, qwen3_model, da
         assert all(0 <= line["rollout/reward_mean"] <= 1 and line["rollout/num_samples"] == 8 for line in lines)
         assert all(line["train/num_samples"] == 8 and line["train/grad_norm"] > 0 for line in lines)
         assert ray.get(driver.engines["default"][0].weight_version.remote()) == 2
+        engine_metrics = ray.get(driver.engines["default"][0].metrics.remote())
+        # --release-engine-weights: the engine's weights left the device at both steps, refilled by the push
+        assert engine_metrics["weights_discarded_releases_total"] == 2
+        assert engine_metrics["weights_kept_releases_total"] == 0
         assert lines[-1]["weight_version/engine"] == 2
         engine = engine_tensors(driver)
         initial = load_file(qwen3_model / "model.safetensors")
@@ -219,7 +224,7 @@ def test_two_policies_each_get_their_weights(local_ray, tiny_models, data_dir, t
     vals = values(tiny_models["qwen3"], data_dir, tmp_path, **{
         "policies": [f"speaker={tiny_models['qwen3']}", f"listener={tiny_models['llama']}"],
         "custom-generate-function-path": "test_driver:two_policy_generate", "rollout-client": "ray",
-        "policies-share-devices": share_devices})
+        "policies-share-devices": share_devices, "release-engine-weights": True})
     del vals["hf-checkpoint"]
     driver, history = run(vals)
     try:
@@ -244,7 +249,8 @@ def test_a_frozen_policy_is_served_but_never_trained(local_ray, tiny_models, dat
     vals = values(tiny_models["qwen3"], data_dir, tmp_path / "a", **{
         "policies": [f"speaker={tiny_models['qwen3']}", f"listener={listener_folder}"],
         "frozen-policies": ["listener"], "custom-generate-function-path": "test_driver:two_policy_generate",
-        "rollout-client": "ray", "policies-share-devices": True, "save": str(tmp_path / "ckpt")})
+        "rollout-client": "ray", "policies-share-devices": True, "save": str(tmp_path / "ckpt"),
+        "release-engine-weights": True})
     del vals["hf-checkpoint"]
     checkpoint_weights = load_file(listener_folder / "model.safetensors")
 
@@ -256,6 +262,9 @@ def test_a_frozen_policy_is_served_but_never_trained(local_ray, tiny_models, dat
         assert last["rollout/listener/frozen_samples"] == 8 and "rollout/listener/reward_mean" in last
         assert ray.get(driver.engines["speaker"][0].weight_version.remote()) == version
         assert ray.get(driver.engines["listener"][0].weight_version.remote()) == 0
+        if driver.cfg.run.policies_share_devices:   # beside the speaker's trainer: its weights went to host memory
+            released = ray.get(driver.engines["listener"][0].metrics.remote())
+            assert released["weights_kept_releases_total"] == 2 and released["weights_discarded_releases_total"] == 0
         trained = trainer_tensors(driver, tmp_path / f"export{version}", "speaker")
         assert_same_weights(engine_tensors(driver, "speaker"), trained)
         assert_same_weights(engine_tensors(driver, "listener"), checkpoint_weights)

@@ -186,15 +186,16 @@ class FlashInferAttentionBackend(AttentionBackend):
         scales = fb.kv_pool.layer_scales(layer.layer_id)
         if scales is None:
             return md.wrapper.run(q, (k_buf.view(paged_shape), v_buf.view(paged_shape)))
-        k_scale, v_scale = (self._per_head(s) for s in scales)  # [1, H, 1] each
-        out = md.wrapper.run(self._scaled(q, k_scale), (k_buf.view(paged_shape), v_buf.view(paged_shape)))
-        return self._scaled(out, v_scale)
+        k_scale, v_scale = scales
+        out = md.wrapper.run(scale_by_kv_head(q, k_scale), (k_buf.view(paged_shape), v_buf.view(paged_shape)))
+        return scale_by_kv_head(out, v_scale)
 
-    def _per_head(self, kv_scale: torch.Tensor) -> torch.Tensor:
-        """A per-kv-head scale [KVH] repeated for the query heads of each group, shaped [1, H, 1]."""
-        return kv_scale.repeat_interleave(self.num_heads // self.num_kv_heads)[None, :, None]
 
-    @staticmethod
-    def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] times a float32 per-head scale, multiplied in float32 and rounded to x's dtype once."""
-        return (x.float() * scale).to(x.dtype)
+def scale_by_kv_head(x: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] times the float32 scale [KVH] of each query head's kv head (heads grouped per kv head, as GQA
+    lays them out), multiplied in float32 and rounded to x's dtype once; one kernel (the scale broadcast over the
+    group, no repeated copy of it), as each decode step runs this twice per layer."""
+    grouped = x.unflatten(1, (kv_scale.shape[0], -1))   # [T, KVH, G, D], a view
+    out = torch.empty(grouped.shape, dtype=x.dtype, device=x.device)
+    torch.mul(grouped, kv_scale[None, :, None, None], out=out)
+    return out.flatten(1, 2)
