@@ -72,6 +72,8 @@ def _trainer_worker(rank, world, models, out_dir):
     res["next_metrics"] = actor.train_step(learn)
     res["next_weights"] = hf_weights(actor)
     res["offload_bytes"], res["onload_bytes"] = actor.offload(), actor.onload()
+    res["grads_after_offload"] = sum(t.grad is not None for t in [*actor.model.parameters(),
+                                                                  *getattr(actor.optimizer, "params", [])])
     actor.export_hf(out_dir / "export")
     res["trainer_logp_export"] = actor.compute_log_probs(learn)
     actor.shutdown()
@@ -156,9 +158,10 @@ def test_export_hf_loads_in_transformers_with_trainer_log_probs(results):
         assert (trainer_logp.double() - ref).abs().max().item() < 1e-4
 
 
-def test_offload_on_cpu_moves_nothing(results):
+def test_offload_on_cpu_moves_nothing_and_drops_the_gradients(results):
     res, _ = results
     assert res["offload_bytes"] == 0 and res["onload_bytes"] == 0
+    assert res["grads_after_offload"] == 0   # dropped, not moved: the next step starts from zero anyway
 
 
 def test_bad_samples_are_marked_failed_and_the_step_goes_on(results):

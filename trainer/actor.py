@@ -669,7 +669,11 @@ class TrainerActor:
         return moved
 
     def offload(self) -> int:
-        """Move params, grads and optimizer state to CPU (colocated rollout phase); returns bytes moved."""
+        """Drop the gradients (every global batch starts from zero: nothing reads them after the optimizer step),
+        then move params and optimizer state to CPU (colocated rollout phase); returns bytes moved."""
+        for optimizer in (self.optimizer, self.critic_optimizer):
+            if optimizer is not None:
+                optimizer.zero_grad()
         return self._move_all(torch.device("cpu"))
 
     def onload(self) -> int:
