@@ -40,6 +40,10 @@ class EngineConfig:
     decode_attention_auto_max_bs: int = 64  # "auto" sends decode batches up to this size to the triton kernel
     # on an H100 (8B shape, 160 tokens of context) triton was faster at batch 1 and 64, the sizes measured
     # (docs/benchmarks.md); under graphs the captured size decides
+    decode_tensor_cores: str = "auto"  # flashinfer decode on tensor cores: on, off, auto (on for an e4m3 KV cache)
+    # "auto": on with an e4m3 KV cache, as SGLang does (the CUDA-core decode kernel is the likely reason the 0.6B RL
+    # rollout ran 7% slower with FP8 KV than with bf16 on 2026-12-06, before this existed; not measured yet), off for
+    # bf16 / fp16 caches (SGLang also turns it on for GQA groups of 4 or more; not measured here)
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
     disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
     disable_memory_saver: bool = False  # CUDA: KV pool in ordinary allocations, decode graphs recaptured on resume
@@ -106,6 +110,8 @@ class EngineConfig:
             raise ValueError(f"decode_attention {self.decode_attention!r} chooses among the flashinfer backend's "
                              f"decode kernels; attention_backend {self.attention_backend!r} takes only 'auto' "
                              "(the default)")
+        if self.decode_tensor_cores not in ("auto", "on", "off"):
+            raise ValueError(f"decode_tensor_cores {self.decode_tensor_cores!r} is unknown; expected auto, on or off")
         if self.decode_attention_auto_max_bs < 1:
             raise ValueError(f"decode_attention_auto_max_bs must be >= 1, got {self.decode_attention_auto_max_bs}")
         if self.cuda_graph_max_bs < 1:
@@ -165,6 +171,13 @@ class EngineConfig:
             return 0
         return {"flashinfer": 0, "triton": self.max_running_requests,
                 "auto": self.decode_attention_auto_max_bs}[self.decode_attention]
+
+    @property
+    def use_decode_tensor_cores(self) -> bool:
+        """Whether the flashinfer backend's decode wrappers use its tensor-core kernels (see decode_tensor_cores)."""
+        if self.decode_tensor_cores != "auto":
+            return self.decode_tensor_cores == "on"
+        return self.kv_cache_dtype != "auto"   # an e4m3 cache
 
     @property
     def fp8_layout(self):

@@ -345,6 +345,21 @@ def test_flashinfer_fold_of_per_head_scales_into_q_and_output():
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_tensor_cores_follow_the_kv_cache_unless_set(qwen3_model):
+    """flashinfer's decode on tensor cores: on by default with an e4m3 cache only; on / off override; the choice
+    reaches the attention backend the engine builds."""
+    def use(**kwargs) -> bool:
+        return EngineConfig(model_path=str(qwen3_model), **kwargs).use_decode_tensor_cores
+
+    assert not use() and use(kv_cache_dtype="fp8_e4m3")
+    assert use(decode_tensor_cores="on") and not use(kv_cache_dtype="fp8_e4m3", decode_tensor_cores="off")
+    with pytest.raises(ValueError, match="decode_tensor_cores 'yes' is unknown; expected auto, on or off"):
+        EngineConfig(model_path=str(qwen3_model), decode_tensor_cores="yes")
+    with Engine(model_path=str(qwen3_model), max_total_tokens=256, context_length=64,
+                kv_cache_dtype="fp8_e4m3") as engine:
+        assert engine.runner.attn_backend.decode_tensor_cores is True
+
+
 def test_per_kv_head_scaling_is_the_float32_product_rounded_once():
     """The one-kernel scaling of q and of the output equals multiplying in float32 by each query head's kv-head scale
     (query head h belongs to kv head h // group) and rounding to bf16 once, bit for bit, also on a strided q."""

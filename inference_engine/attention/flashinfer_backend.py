@@ -83,8 +83,10 @@ class FlashInferAttentionBackend(AttentionBackend):
     supports_fp8_kv = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
-                 page_size: int = 1, dtype: torch.dtype = torch.bfloat16, triton_decode_max_bs: int = 0):
-        super().__init__(num_heads, num_kv_heads, head_dim, device, page_size, dtype, triton_decode_max_bs)
+                 page_size: int = 1, dtype: torch.dtype = torch.bfloat16, triton_decode_max_bs: int = 0,
+                 decode_tensor_cores: bool = False):
+        super().__init__(num_heads, num_kv_heads, head_dim, device, page_size, dtype, triton_decode_max_bs,
+                         decode_tensor_cores)
         if torch.device(device).type != "cuda":
             raise ValueError(f"attention_backend 'flashinfer' needs a CUDA device, got {device!r}; "
                              "use 'torch' or 'triton'")
@@ -97,7 +99,8 @@ class FlashInferAttentionBackend(AttentionBackend):
                              "(pip install 'kiln[gpu]')") from exc
         self.fi = flashinfer
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                          use_tensor_cores=decode_tensor_cores)
         self.paged_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                           backend=PREFILL_BACKEND)
         self.ragged_wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD",
@@ -163,7 +166,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         if capture:
             self.graph_last_page_len[bs] = torch.zeros(bs, dtype=torch.int32, device=self.device)
             self.graph_wrappers[bs] = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True,
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.decode_tensor_cores,
                 paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=self.device),
                 paged_kv_indices_buffer=self.graph_indices,
                 paged_kv_last_page_len_buffer=self.graph_last_page_len[bs])
