@@ -564,7 +564,8 @@ def trainer_tp(setup: Setup, report: Report) -> None:
 # two engines behind the router
 # ---------------------------------------------------------------------------------------------------------------------
 
-IN_FLIGHT = 256  # requests in flight over all engines, as RolloutConfig.rollout_concurrency's default
+IN_FLIGHT = 256  # requests in flight over both engines (the figures of 2026-11 were measured so;
+# RolloutConfig.rollout_concurrency is per engine since 2026-12-06, which would allow 512 here)
 
 
 def start_ray(setup: Setup) -> None:

@@ -89,6 +89,7 @@ ALIASES: tuple[Alias, ...] = (
     Alias("rollout-max-context-len", "context-length", note="the engine's context length"),
     Alias("sglang-chunked-prefill-size", "chunked-prefill-size"),
     Alias("sglang-max-running-requests", "max-running-requests"),
+    Alias("sglang-server-concurrency", "rollout-concurrency", note="generate calls in flight per engine"),
     Alias("sglang-max-total-tokens", "max-total-tokens"),
     Alias("sglang-page-size", "page-size"),
     Alias("sglang-schedule-policy", "schedule-policy"),

@@ -103,7 +103,8 @@ class RolloutConfig:
     sample_timeout: float | None = None
     """Seconds one generate call may take before its sample is marked failed; None = no limit."""
     rollout_concurrency: int = 256
-    """Most generate calls in flight at once."""
+    """Most generate calls in flight per engine: the manager keeps up to this many times the number of engines
+    serving the run in flight (slime's --sglang-server-concurrency)."""
     router_page_size: int = 16
     """Tokens per page in the router's prefix-affinity hashing."""
     router_balance_threshold: int = 16

@@ -1,7 +1,7 @@
 """RolloutManager: one step of rollouts -- prompts x n samples through the generate function, rewards, filters.
 
 A step launches groups (a prompt sampled n times, sharing a group_index) with at most
---rollout-concurrency generate calls in flight, scores each finished group, and keeps it
+--rollout-concurrency generate calls in flight per engine, scores each finished group, and keeps it
 unless a sample failed or the dynamic sampling filter drops it; dropped groups are
 refilled by further sampling rounds (at most --max-oversampling-rounds). When the batch
 is full or --rollout-deadline passes, the engines abort what is still running; those
@@ -183,6 +183,11 @@ class RolloutManager:
                 raise ValueError(f"eval set {spec.name!r} is given twice")
             self.eval_tasks[spec.name] = self._eval_task(spec, dataset)
 
+    @property
+    def max_in_flight(self) -> int:
+        """Generate calls in flight at most: --rollout-concurrency per engine, over every policy's engines."""
+        return self.config.rollout_concurrency * sum(len(router.clients) for router in self.routers.values())
+
     # ---- one step -------------------------------------------------------------------------------------------
 
     async def generate(self, step: int) -> RolloutBatch:
@@ -199,7 +204,7 @@ class RolloutManager:
             router.take_stats()
         deadline = start + cfg.rollout_deadline if cfg.rollout_deadline else None
         target = cfg.rollout_batch_size
-        sem = asyncio.Semaphore(cfg.rollout_concurrency)
+        sem = asyncio.Semaphore(self.max_in_flight)
         accepted: list[_Group] = []
         failed: list[Sample] = []
         counts = {"dropped_filter": 0, "dropped_failed": 0, "returned_to_buffer": 0, "rounds": 0,
@@ -298,7 +303,7 @@ class RolloutManager:
         """Launch groups while fewer than (version - start_version + max_staleness + 1) x batch size have been
         launched and not dropped (AReaL's bound: a group starts at most max_staleness versions before it is due)."""
         cfg = self.config
-        sem = asyncio.Semaphore(cfg.rollout_concurrency)
+        sem = asyncio.Semaphore(self.max_in_flight)
         pbar = progress_bar(0, "rollout stream", "sample", False)
         while True:
             while st.launched >= (st.version - st.start_version + cfg.max_staleness + 1) * cfg.rollout_batch_size:
@@ -647,7 +652,7 @@ class RolloutManager:
             tasks = list(self.eval_tasks.values())
         if not tasks:
             raise ValueError("no evaluation data: pass eval_data / eval_sets or set --eval-prompt-data / --eval-config")
-        sem = asyncio.Semaphore(self.config.rollout_concurrency)
+        sem = asyncio.Semaphore(self.max_in_flight)
         self._failures_logged = 0
         metrics: dict[str, float] = {}
         for result in await asyncio.gather(*(self._evaluate_set(task, sem) for task in tasks)):

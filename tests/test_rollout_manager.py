@@ -137,6 +137,25 @@ async def test_concurrency_limit_is_respected(tok):
     assert len(batch.samples) == 16 and client.max_in_flight == 3
 
 
+async def test_concurrency_limit_is_per_engine(tok):
+    """--rollout-concurrency is per engine (slime's --sglang-server-concurrency): two engines, 3 each, 6 in flight."""
+    clients = [FakeEngineClient(name=f"e{i}", token_delay=0.002, eos_id=tok.eos_token_id) for i in range(2)]
+    state = {"now": 0, "peak": 0}
+    for client in clients:
+        async def counted(*args, _inner=client.generate, **kwargs):
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            try:
+                return await _inner(*args, **kwargs)
+            finally:
+                state["now"] -= 1
+        client.generate = counted
+    cfg = RolloutConfig(progress=False, rollout_batch_size=8, n_samples_per_prompt=4, rollout_concurrency=3)
+    manager = RolloutManager(cfg, PromptDataset(DataConfig(), tok, rows(8)), clients, tok)
+    batch = await manager.generate(0)
+    assert len(batch.samples) == 32 and manager.max_in_flight == 6 and state["peak"] == 6
+
+
 def alternating_answers(tok):
     """Groups of even a: every answer right (zero variance); odd a: right and wrong in turn."""
     count = {}

@@ -32,7 +32,7 @@ VALUES = {
     "attention-backend": "triton", "health-check-interval": "3.5", "engine-health-timeout": "4.5",
     "tensor-parallel-size": "2", "recompute": "full", "logprob-chunk-tokens": "64", "lr-warmup-steps": "3",
     "lr-decay-steps": "5", "kl-coef": "0.01", "dual-clip-c": "3.0", "tis-cap": "1.5", "kv-cache-dtype": "fp8_e4m3",
-    "ep-size": "2",
+    "ep-size": "2", "rollout-concurrency": "64",
 }
 EXTRA = {"ep-size": ["--tp-size", "2"]}  # flags an alias's test value needs beside it
 _FLAGS = {name for cls in CONFIG_CLASSES for name in build_parser([cls], compat=False)._option_string_actions}
