@@ -66,7 +66,9 @@ def layer_kv_bounds(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def scale_of_bound(bound: torch.Tensor) -> torch.Tensor:
     """The e4m3 scale that maps |x| <= bound onto [-448, 448] (1 where the bound is 0)."""
-    return torch.where(bound > TINY, bound / FP8_MAX, torch.ones_like(bound))
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal, a last-bit difference from
+    # the CPU's true division (as in weight_sync/fp8.py)
+    return torch.where(bound > TINY, bound / torch.full_like(bound, FP8_MAX), torch.ones_like(bound))
 
 
 @torch.no_grad()
