@@ -204,6 +204,12 @@ def test_tp2_weight_updates_equal_a_fresh_tp2_engine(qwen3_model, other_qwen3):
         engine.release_memory(weights=True)
         engine.resume_memory()
         _assert_same(_run(engine), expected_other)
+        # the RL loop's hand-over: every rank discards its shard, takes the memory back empty, the push refills it
+        engine.release_memory(weights=True, keep_weights=False)
+        engine.resume_memory(kv_cache=False)
+        assert engine.update_weights_from_tensor(load_file(other_qwen3 / "model.safetensors").items(), 2) == 2
+        engine.resume_memory()
+        _assert_same(_run(engine), expected_other)
         assert engine.update_weights_from_disk(str(qwen3_model), weight_version=7) == 7
         _assert_same(_run(engine), original)
         out = engine.generate(input_ids=PROMPTS[1], sampling_params=GREEDY)
