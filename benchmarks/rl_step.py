@@ -223,6 +223,8 @@ class Probe:
         self.spans: dict[int, dict[str, float]] = {}
         self.batches: dict[int, dict[str, float]] = {}
         self.kv_pool: dict[int, int | None] = {}
+        self.engine_idle: dict[int, float] = {}   # seconds the engines waited with nothing to step on, per rollout
+        self._idle_at_launch = 0.0
 
     def engine_handles(self) -> list:
         return [h for hs in self.driver.engines.values() for h in hs]
@@ -232,6 +234,12 @@ class Probe:
 
     def step_of_phase(self) -> int:
         return self.step + 1 if self.phase == "rollout" else self.step  # a rollout belongs to the step it feeds
+
+    def _idle_seconds(self) -> float:
+        """The engines' idle_seconds_total, summed (Engine.metrics)."""
+        import ray
+
+        return sum(m["idle_seconds_total"] for m in ray.get([h.metrics.remote() for h in self.engine_handles()]))
 
     def _peaks(self, handles: list) -> int | None:
         import ray
@@ -257,10 +265,12 @@ class Probe:
 
         def launch_rollout(step):
             self.enter("rollout")
+            self._idle_at_launch = self._idle_seconds()
             return launch(step)
 
         def wait_rollout(pending, step):
             batch = wait(pending, step)
+            self.engine_idle[self.step + 1] = self._idle_seconds() - self._idle_at_launch
             samples = batch.samples
             self.batches[self.step + 1] = {
                 "samples": len(samples), "prompt_tokens": sum(s.prompt_length for s in samples),
@@ -337,7 +347,7 @@ def summarize(history: list[dict], probe: Probe, sampler: DeviceSampler, gpus: i
                      "peak_memory": memory, "kv_pool_tokens": probe.kv_pool.get(step),
                      "kv_usage_peak": sampler.kv_usage.get(step), "reward_mean": h.get("rollout/reward_mean"),
                      "train_loss": h.get("train/loss"), "grad_norm": h.get("train/grad_norm"),
-                     "train_split_s": train_split(h)})
+                     "train_split_s": train_split(h), "rollout_engine_idle_s": probe.engine_idle.get(step)})
     return rows
 
 
@@ -361,6 +371,8 @@ def mean_row(rows: list[dict]) -> dict:
            "tokens_per_s_per_gpu": sum(r["tokens_per_s_per_gpu"] for r in measured) / n,
            "train_split_s": {k: sum(r["train_split_s"][k] for r in measured) / n
                              for k in measured[0].get("train_split_s", {})}}
+    idle = [r["rollout_engine_idle_s"] for r in measured if r.get("rollout_engine_idle_s") is not None]
+    out["rollout_engine_idle_s"] = sum(idle) / len(idle) if idle else None
     peaks = {}
     for phase in MEMORY_PHASES:
         peaks[phase] = {}
@@ -383,6 +395,9 @@ def table(result: dict) -> str:
         label = "train (fwd/bwd + optimizer, + old logp pass if taken)" if name == "train" else name
         lines.append(f"| {label} s | " + " | ".join(fmt(r["phases_s"][name]) for r in rows)
                      + f" | {fmt(mean['phases_s'][name])} |")
+        if name == "rollout":
+            lines.append("| - of which the engines idle (no request to step on) s | " + " | ".join(
+                fmt(r.get("rollout_engine_idle_s")) for r in rows) + f" | {fmt(mean.get('rollout_engine_idle_s'))} |")
         if name == "train" and mean.get("train_split_s"):
             for part, what in TRAIN_SPLIT:
                 lines.append(f"| - of which {what} s | " + " | ".join(

@@ -70,6 +70,9 @@ class Engine:
         self._paused = False
         self._update_phases: dict[str, float] = {}   # seconds of the last weight update's phases, for metrics()
         self._released: dict[str, bool] = {}
+        # (seconds the loop waited with nothing to step on, start of the wait in progress or None): one tuple, replaced
+        # whole, so that metrics() read from another thread sees a consistent pair
+        self._idle: tuple[float, float | None] = (0.0, None)
         self._closed = False
         self._last_progress = time.monotonic()   # the last step, or the last moment without runnable work (health)
         device = self.runner.device
@@ -96,10 +99,15 @@ class Engine:
             busy = self._runnable()
             if not busy:
                 self._last_progress = time.monotonic()
+            if not busy:
+                self._idle = (self._idle[0], time.perf_counter())
             try:
                 item = self._inbox.get(block=not busy, timeout=None if busy else IDLE_WAIT_S)
             except queue.Empty:
                 item = None
+            if not busy:
+                total, since = self._idle
+                self._idle = (total + time.perf_counter() - since, None)
             while item is not None:
                 if item[0] != "add":  # control operations see every request up to date (overlap: none in flight)
                     self.scheduler.sync()
@@ -601,6 +609,7 @@ class Engine:
         """Load and cache numbers (read without locking: a snapshot, possibly a step old)."""
         s = self.scheduler
         pool, store = self.runner.kv_pool, self.runner.param_store
+        idle, since = self._idle
         return {
             "num_running_requests": len(s.running),
             "num_queued_requests": len(s.waiting),
@@ -615,6 +624,8 @@ class Engine:
             "finished_requests_total": s.stats.finished_requests,
             "retractions_total": s.stats.num_retractions,
             "weight_update_requeues_total": s.stats.weight_update_requeues,
+            "idle_seconds_total": idle + (time.perf_counter() - since if since is not None else 0.0),   # waits
+            # with nothing to step on (no request, paused or released): a rollout's wall time minus it is the engine's
             "weight_version": s.weight_version,
             "weight_sync_storages_open": self._receiver.shared.open_count(),   # colocated senders' storages mapped
             "weight_sync_handles_opened_total": self._receiver.shared.opened_total,

@@ -185,6 +185,22 @@ def test_weights_kept_at_release_come_back_from_host_memory(qwen3_model, stable,
             assert engine.generate(PROMPT, sampling_params=SP)["output_ids"] == out["output_ids"]
 
 
+def test_idle_seconds_count_the_waits_with_nothing_to_step_on(qwen3_model):
+    """Engine.metrics()["idle_seconds_total"]: time the loop waited with nothing runnable (here: paused with a request
+    queued), which a rollout's wall time minus it turns into the engine's active time."""
+    with Engine(model_path=str(qwen3_model), max_total_tokens=1024) as engine:
+        engine.pause_generation()
+        start = engine.metrics()["idle_seconds_total"]
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(out=engine.generate(PROMPT, sampling_params=SP)))
+        thread.start()
+        thread.join(0.5)   # queued, not stepped: the engine waits (the wait in progress counted too)
+        assert thread.is_alive() and engine.metrics()["idle_seconds_total"] - start >= 0.4
+        engine.continue_generation()
+        thread.join()
+    assert len(result["out"]["output_ids"]) == SP["max_new_tokens"]
+
+
 def test_release_refuses_while_requests_run(qwen3_model):
     with Engine(model_path=str(qwen3_model), max_total_tokens=1024) as engine:
         engine.pause_generation()

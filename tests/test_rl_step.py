@@ -36,6 +36,7 @@ def test_rl_step_smoke_reports_every_phase(tmp_path):
         assert s["tokens"] == 4 * (16 + 8)
         assert set(s["peak_memory"]) == {"rollout", "onload", "train", "push", "offload"}
         assert s["kv_pool_tokens"] > 0
+        assert 0 <= s["rollout_engine_idle_s"] <= s["phases_s"]["rollout"]   # the engine's gaps within the rollout
     mean = result["mean"]
     assert mean["steps"] == [2] and set(mean["phases_s"]) == set(PHASES) and mean["tokens_per_s_per_gpu"] > 0
     assert "| **tokens/s/GPU** |" in proc.stdout
