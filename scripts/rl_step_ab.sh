@@ -33,7 +33,7 @@ import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-print("| run | flags | step s | rollout | train | push | onload+offload | tokens/s/GPU |")
+print("| run | flags | step s | rollout (engines idle) | train | push | onload+offload | tokens/s/GPU |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for side, sets in (("A", sys.argv[2]), ("B", sys.argv[3])):
     f = out / f"rl_step_{side}.json"
@@ -42,7 +42,9 @@ for side, sets in (("A", sys.argv[2]), ("B", sys.argv[3])):
         continue
     m = json.loads(f.read_text())["mean"]
     p = m["phases_s"]
-    print(f"| {side} | {sets} | {m['step_s']:.2f} | {p['rollout']:.2f} | {p['train']:.2f} | {p['push']:.2f} | "
+    idle = m.get("rollout_engine_idle_s")
+    idle = "-" if idle is None else f"{idle:.2f}"
+    print(f"| {side} | {sets} | {m['step_s']:.2f} | {p['rollout']:.2f} ({idle}) | {p['train']:.2f} | {p['push']:.2f} | "
           f"{p['onload'] + p['offload']:.2f} | {m['tokens_per_s_per_gpu']:.0f} |")
 PY
 left=$(( ${LIMIT_S:-590} - SECONDS - 10 ))
