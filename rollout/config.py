@@ -102,9 +102,10 @@ class RolloutConfig:
     """Seconds to wait for engines to return aborted requests before cancelling them."""
     sample_timeout: float | None = None
     """Seconds one generate call may take before its sample is marked failed; None = no limit."""
-    rollout_concurrency: int = 256
+    rollout_concurrency: int = 512
     """Most generate calls in flight per engine: the manager keeps up to this many times the number of engines
-    serving the run in flight (slime's --sglang-server-concurrency)."""
+    serving the run in flight (slime's --sglang-server-concurrency, whose default this is): more than an engine
+    runs at once (--max-running-requests), so that the next requests wait in its queue, not in the manager."""
     router_page_size: int = 16
     """Tokens per page in the router's prefix-affinity hashing."""
     router_balance_threshold: int = 16
