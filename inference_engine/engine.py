@@ -99,7 +99,6 @@ class Engine:
             busy = self._runnable()
             if not busy:
                 self._last_progress = time.monotonic()
-            if not busy:
                 self._idle = (self._idle[0], time.perf_counter())
             try:
                 item = self._inbox.get(block=not busy, timeout=None if busy else IDLE_WAIT_S)

@@ -158,8 +158,7 @@ class ModelRunner:
         self._load_checkpoint(model_path)
 
     def _load_checkpoint(self, model_path: str) -> None:
-        loaded = {name for stacked in self.load_weights_local(iter_safetensors(model_path))
-                  for name in stacked_expert_names(stacked, self.spec.num_experts)}
+        loaded = self._per_expert_names(self.load_weights_local(iter_safetensors(model_path)))
         missing = sorted(expected_hf_names(self.model) - loaded)
         if missing:
             raise ValueError(f"checkpoint {model_path!r} lacks {len(missing)} weight(s), e.g. {missing[:3]}")
@@ -179,9 +178,13 @@ class ModelRunner:
         names = self.weight_plan.load(named_tensors)
         self._refresh_kv_scales(layers_touched(names, self.spec.num_layers))
         if self.unfilled:
-            self.unfilled -= {name for stacked in names
-                              for name in stacked_expert_names(stacked, self.spec.num_experts)}
+            self.unfilled -= self._per_expert_names(names)
         return names
+
+    def _per_expert_names(self, names: list[str]) -> set[str]:
+        """Loaded HF names with each stacked expert tensor as the per-expert names it covers (`expected_hf_names`'
+        terms)."""
+        return {name for stacked in names for name in stacked_expert_names(stacked, self.spec.num_experts)}
 
     def routed_experts(self, slots: list[int], forward_done: bool = True) -> torch.Tensor:
         """The experts recorded for the tokens in these KV slots, [len(slots), moe layers, top_k], on the host.
@@ -246,13 +249,13 @@ class ModelRunner:
                 torch.cuda.empty_cache()
             self.param_store = ParamStore(list(self.model.parameters()), self.device,
                                           use_vmm=not self.config.disable_memory_saver)
-            self.weight_plan = WeightPlan(self.model)   # the old plan's views point at the parameters' old storage
         if weights:
             if not keep_weights and not self.param_store.released:
                 self.unfilled = expected_hf_names(self.model)
             self.param_store.release(keep=keep_weights)
-            if not self.param_store.stable:   # its views would keep the freed buffer alive
-                self.weight_plan = WeightPlan(self.model)
+            if moving or not self.param_store.stable:   # the plan's views point at storage that moved or is freed
+                self.weight_plan = WeightPlan(self.model)   # (they would also keep a freed buffer alive); it
+                # resolves its views again at the next load, after resume_memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -262,8 +265,6 @@ class ModelRunner:
         self.tell_workers("resume_memory", weights, kv_cache)
         if weights:
             self.param_store.resume()
-            if not self.param_store.stable:
-                self.weight_plan = WeightPlan(self.model)  # the old plan's views point at freed memory
         if kv_cache:
             self.kv_pool.allocate_buffers()
         if self.graph_runner is None and self.kv_pool.k_buffer and not self.weights_released:
