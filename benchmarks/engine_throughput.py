@@ -318,6 +318,9 @@ def main() -> None:
     ap.add_argument("--decode-tensor-cores", default="auto", choices=["auto", "on", "off"],
                     help="flashinfer's decode on its tensor-core kernels (EngineConfig.decode_tensor_cores; auto: on "
                          "for an e4m3 KV cache)")
+    ap.add_argument("--shared-prefix-decode", default="off", choices=["on", "off"],
+                    help="decode requests that share a cached prefix read it once per chunk (EngineConfig."
+                         "shared_prefix_decode): the GRPO row's n samples of a prompt; run twice to compare")
     ap.add_argument("--mismatch", default="", help="N x output_len: N rollouts of 128-token prompts sampled by the "
                                                    "first engine (T = 1), scored teacher-forced by each engine; "
                                                    "reports the fp8-vs-bf16 (weights) and fp8-vs-auto (KV cache) "
@@ -413,10 +416,12 @@ def main() -> None:
                         page_size=args.page_size, context_length=4096, max_running_requests=256,
                         chunked_prefill_size=8192, disable_cuda_graph=args.disable_cuda_graph,
                         decode_attention=decode_modes[0], weight_dtype="fp8" if rollout == "fp8" else "auto",
-                        kv_cache_dtype=kv, decode_tensor_cores=args.decode_tensor_cores)
+                        kv_cache_dtype=kv, decode_tensor_cores=args.decode_tensor_cores,
+                        shared_prefix_decode=args.shared_prefix_decode == "on")
         tagged_report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, "
                                       f"decode attention {decode_modes[0]}, tensor cores "
                                       f"{'on' if engine.config.use_decode_tensor_cores else 'off'}, "
+                                      f"shared-prefix decode {args.shared_prefix_decode}, "
                                f"GEMV up to {ops.GEMV_MAX_ROWS} rows, "
                                f"PDL {'on' if pdl.enabled(torch.device('cuda')) else 'off'}, "
                                f"page {args.page_size}, "

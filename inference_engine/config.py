@@ -44,6 +44,9 @@ class EngineConfig:
     # "auto": on with an e4m3 KV cache, as SGLang does (the CUDA-core decode kernel is the likely reason the 0.6B RL
     # rollout ran 7% slower with FP8 KV than with bf16 on 2026-12-06, before this existed; not measured yet), off for
     # bf16 / fp16 caches (SGLang also turns it on for GQA groups of 4 or more; not measured here)
+    shared_prefix_decode: bool = False  # decode requests that share a cached prefix (GRPO's samples of one prompt)
+    # read it once per chunk of up to 8 of them instead of once each (attention/shared_prefix.py; triton and
+    # flashinfer backends); off by default until measured on a GPU
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
     disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
     disable_memory_saver: bool = False  # CUDA: KV pool in ordinary allocations, decode graphs recaptured on resume
@@ -110,6 +113,9 @@ class EngineConfig:
             raise ValueError(f"decode_attention {self.decode_attention!r} chooses among the flashinfer backend's "
                              f"decode kernels; attention_backend {self.attention_backend!r} takes only 'auto' "
                              "(the default)")
+        if self.shared_prefix_decode and self.attention_backend not in ("triton", "flashinfer"):
+            raise ValueError(f"shared_prefix_decode needs attention_backend 'triton' or 'flashinfer', got "
+                             f"{self.attention_backend!r}")
         if self.decode_tensor_cores not in ("auto", "on", "off"):
             raise ValueError(f"decode_tensor_cores {self.decode_tensor_cores!r} is unknown; expected auto, on or off")
         if self.decode_attention_auto_max_bs < 1:

@@ -36,6 +36,9 @@ class ForwardBatch:
     attn_metadata: Any = field(default=None)  # whatever the backend precomputed in init_forward_metadata
     same_pages: bool = False  # decode of the previous step's requests, in order, none of them starting a page:
     # the paged layout is unchanged, only every length grew by one (a backend may keep its plan)
+    prefix_keys: list[int] | None = None  # decode with EngineConfig.shared_prefix_decode: per request, the id of
+    # the radix-tree node that ends its cached prefix (requests with the same key hold the same slots up to it)
+    prefix_lens: list[int] | None = None  # and that prefix's length in tokens (attention/shared_prefix.py)
 
     @property
     def batch_size(self) -> int:

@@ -114,7 +114,7 @@ class ModelRunner:
         self.attn_backend = get_backend_class(config.attention_backend)(
             attn.num_heads, attn.num_kv_heads, self.spec.head_dim, self.device,
             page_size=config.page_size, dtype=self.dtype, triton_decode_max_bs=config.triton_decode_max_bs,
-            decode_tensor_cores=config.use_decode_tensor_cores)
+            decode_tensor_cores=config.use_decode_tensor_cores, shared_prefix_decode=config.shared_prefix_decode)
         self.graph_runner: CudaGraphRunner | None = None
         self.capture_cuda_graphs()
         if self.tp is not None:  # ranks that differ here would issue different collectives for one batch and hang

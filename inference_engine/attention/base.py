@@ -28,7 +28,7 @@ class AttentionBackend(ABC):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
                  page_size: int = 1, dtype: torch.dtype = torch.float32, triton_decode_max_bs: int = 0,
-                 decode_tensor_cores: bool = False):
+                 decode_tensor_cores: bool = False, shared_prefix_decode: bool = False):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.device, self.page_size, self.dtype = device, page_size, dtype
         # decode batches of at most this many requests run Kiln's triton split-KV kernel instead of the backend's
@@ -36,6 +36,8 @@ class AttentionBackend(ABC):
         self.triton_decode_max_bs = triton_decode_max_bs
         # the backend's own decode through its tensor-core kernels (EngineConfig.decode_tensor_cores; flashinfer)
         self.decode_tensor_cores = decode_tensor_cores
+        # decode requests sharing a cached prefix attend to it once per chunk (EngineConfig.shared_prefix_decode)
+        self.shared_prefix_decode = shared_prefix_decode
 
     @abstractmethod
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:

@@ -27,6 +27,11 @@ q (each query head times its kv head's scale) and the V scale into the output (`
 tensors read inside the step, so graphs see new scales without a recapture. Every extend runs the paged
 wrapper over the pool (no ragged path over the new tokens' unquantised k/v), so a prompt attends to the same
 e4m3 values whether it was computed now or found in the radix cache.
+
+Shared-prefix decode (EngineConfig.shared_prefix_decode, attention/shared_prefix.py): the decode wrapper is planned
+over each request's pages after its group's prefix (whole pages: a prefix ends at a tree node) and returns its
+log-sum-exp; `shared_prefix_attention` then attends each chunk of the group to the prefix once and merges the two.
+Under graphs the chunks live in fixed buffers, refilled with the plan.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from dataclasses import dataclass
 import torch
 
 from inference_engine.attention.base import AttentionBackend
+from inference_engine.attention.shared_prefix import PrefixChunks, PrefixMetadata, SharedPrefixState
 from inference_engine.attention.triton_backend import TritonMetadata, triton_attention, triton_metadata
 from inference_engine.forward_batch import ForwardBatch
+from inference_engine.kernels import shared_prefix_attention
 from kiln_common.tensors import to_device
 
 WORKSPACE_BYTES = 128 * 2**20  # flashinfer's recommended float workspace, shared by all wrappers
@@ -59,17 +66,25 @@ class FlashInferMetadata:
 
     kind: str  # "decode", "ragged" or "paged"
     wrapper: object
+    prefix: PrefixMetadata | None = None  # decode only: shared-prefix chunks
 
 
-def page_table(fb: ForwardBatch, page_size: int) -> PageTable:
-    """Page ids of each request's context, gathered from fb.kv_indices on the device (no host sync)."""
+def page_table(fb: ForwardBatch, page_size: int, skip: torch.Tensor | None = None) -> PageTable:
+    """Page ids of each request's context, gathered from fb.kv_indices on the device (no host sync); with skip
+    ([B] host int32, whole pages), each request's pages after its first skip[b] tokens."""
     seq_lens = fb.seq_lens_cpu  # [B] host
+    start = fb.kv_indptr[:-1]
+    if skip is not None:
+        if bool((skip % page_size).any()):
+            raise ValueError(f"a shared prefix must be whole pages of {page_size}, got {skip.tolist()}")
+        seq_lens = seq_lens - skip
+        start = start + to_device(skip, start.device)
     num_pages = (seq_lens + page_size - 1) // page_size
     indptr = torch.cat([torch.zeros(1, dtype=torch.int64), num_pages.cumsum(0)])
     total = int(indptr[-1])
     dev = fb.kv_indices.device
     pages_d = num_pages.to(dev, non_blocking=True)
-    first = fb.kv_indptr[:-1].repeat_interleave(pages_d, output_size=total)  # each page's request start
+    first = start.repeat_interleave(pages_d, output_size=total)  # each page's request start
     page_no = torch.arange(total, device=dev) - indptr[:-1].to(dev, non_blocking=True).repeat_interleave(
         pages_d, output_size=total)
     indices = (fb.kv_indices[first + page_no * page_size] // page_size).to(torch.int32)
@@ -84,9 +99,9 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
                  page_size: int = 1, dtype: torch.dtype = torch.bfloat16, triton_decode_max_bs: int = 0,
-                 decode_tensor_cores: bool = False):
+                 decode_tensor_cores: bool = False, shared_prefix_decode: bool = False):
         super().__init__(num_heads, num_kv_heads, head_dim, device, page_size, dtype, triton_decode_max_bs,
-                         decode_tensor_cores)
+                         decode_tensor_cores, shared_prefix_decode)
         if torch.device(device).type != "cuda":
             raise ValueError(f"attention_backend 'flashinfer' needs a CUDA device, got {device!r}; "
                              "use 'torch' or 'triton'")
@@ -110,6 +125,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.graph_planned_bs: int | None = None  # the graph wrapper whose plan the shared index buffer holds
         self.sm_scale = head_dim ** -0.5
         self.planned = torch.cuda.Event()  # recorded after each plan's copies (see _plan)
+        self.shared = SharedPrefixState(num_heads, num_kv_heads, torch.device(device)) if shared_prefix_decode else None
 
     def _plan(self, wrapper, *args, **kwargs) -> None:
         """wrapper.plan(...), once the previous plan's copy out of its pinned buffer has run.
@@ -129,15 +145,21 @@ class FlashInferAttentionBackend(AttentionBackend):
         """Whether a decode batch of batch_size requests (a graph's captured size) runs the triton split-KV kernel."""
         return batch_size <= self.triton_decode_max_bs
 
+    def _chunks(self, fb: ForwardBatch) -> PrefixChunks | None:
+        return self.shared.chunks(fb) if self.shared is not None else None
+
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         extend_lens = torch.tensor(fb.extend_lens, dtype=torch.int32)
+        chunks = self._chunks(fb) if fb.is_decode else None
+        prefix = None if chunks is None else self.shared.metadata(chunks)
         if fb.is_decode and self.decodes_with_triton(fb.batch_size):
-            fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device)
+            fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device, prefix)
             return
         kv_dtype = fb.kv_pool.dtype
         if fb.is_decode:
-            self._plan_decode(self.decode_wrapper, page_table(fb, self.page_size), kv_dtype)
-            fb.attn_metadata = FlashInferMetadata("decode", self.decode_wrapper)
+            pages = page_table(fb, self.page_size, None if chunks is None else chunks.skip)
+            self._plan_decode(self.decode_wrapper, pages, kv_dtype)
+            fb.attn_metadata = FlashInferMetadata("decode", self.decode_wrapper, prefix)
             return
         qo_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), extend_lens.cumsum(0, dtype=torch.int32)])
         if not fb.kv_pool.quantized and torch.equal(fb.seq_lens_cpu, extend_lens.long()):  # no earlier KV
@@ -156,12 +178,17 @@ class FlashInferAttentionBackend(AttentionBackend):
         # shared: one replay at a time
         self.graph_indices = torch.zeros(max_pages, dtype=torch.int32, device=self.device)
         self.graph_wrappers, self.graph_last_page_len, self.graph_planned_bs = {}, {}, None
+        if self.shared is not None:
+            self.shared.init_graph_state(max_bs)
 
     def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:
         bs = fb.batch_size
+        prefix = self.shared.graph_metadata(bs) if self.shared is not None and capture else None
         if self.decodes_with_triton(bs):  # fixed per batch size: the kernel reads the graph's kv_indptr / kv_indices
             if capture:
-                fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device)
+                fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device, prefix)
+            elif self.shared is not None:
+                self.shared.fill_graph(self._chunks(fb), bs)
             return
         if capture:
             self.graph_last_page_len[bs] = torch.zeros(bs, dtype=torch.int32, device=self.device)
@@ -170,12 +197,16 @@ class FlashInferAttentionBackend(AttentionBackend):
                 paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=self.device),
                 paged_kv_indices_buffer=self.graph_indices,
                 paged_kv_last_page_len_buffer=self.graph_last_page_len[bs])
-            fb.attn_metadata = FlashInferMetadata("decode", self.graph_wrappers[bs])
+            fb.attn_metadata = FlashInferMetadata("decode", self.graph_wrappers[bs], prefix)
         elif fb.same_pages and self.graph_planned_bs == bs:  # same pages, each one token longer: keep the plan
             last = ((fb.seq_lens_cpu - 1) % self.page_size + 1).to(torch.int32)  # [bs]
             self.graph_last_page_len[bs].copy_(to_device(last, self.device))
-            return
-        self._plan_decode(self.graph_wrappers[bs], page_table(fb, self.page_size), fb.kv_pool.dtype)
+            return  # the same requests in the same order: the same shared-prefix chunks too
+        chunks = None if capture else self._chunks(fb)
+        if self.shared is not None and not capture:
+            self.shared.fill_graph(chunks, bs)
+        pages = page_table(fb, self.page_size, None if chunks is None else chunks.skip)
+        self._plan_decode(self.graph_wrappers[bs], pages, fb.kv_pool.dtype)
         self.graph_planned_bs = None if capture else bs
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
@@ -187,6 +218,13 @@ class FlashInferAttentionBackend(AttentionBackend):
             return md.wrapper.run(q, k.contiguous(), v.contiguous())  # v is a strided view of the qkv output
         paged_shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)  # [num_pages, P, KVH, D]
         scales = fb.kv_pool.layer_scales(layer.layer_id)
+        if md.prefix is not None:  # the suffixes (planned so), then each chunk's shared prefix merged in
+            paged = (k_buf.view(paged_shape), v_buf.view(paged_shape))
+            out, lse = md.wrapper.run(q if scales is None else scale_by_kv_head(q, scales[0]), paged, return_lse=True)
+            if scales is not None:
+                out = scale_by_kv_head(out, scales[1])
+            return shared_prefix_attention(q, k_buf, v_buf, fb.kv_indptr, fb.kv_indices, md.prefix.members,
+                                           md.prefix.lens, self.sm_scale, out, lse, scales)
         if scales is None:
             return md.wrapper.run(q, (k_buf.view(paged_shape), v_buf.view(paged_shape)))
         k_scale, v_scale = scales

@@ -5,6 +5,10 @@ so this backend also runs (slowly) on CPU. Decode batches use `decode_attention`
 multi-token request uses `extend_attention` for all of its requests. `triton_metadata` and
 `triton_attention` are also what the flashinfer backend calls for the decode batches it hands to
 the triton split-KV kernel (EngineConfig.decode_attention).
+
+Shared-prefix decode (EngineConfig.shared_prefix_decode, attention/shared_prefix.py): the decode kernel skips each
+grouped request's prefix and returns its log-sum-exp, and `shared_prefix_attention` attends each chunk of the
+group to the prefix once and merges the two.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from inference_engine.attention.base import AttentionBackend
+from inference_engine.attention.shared_prefix import PrefixMetadata, SharedPrefixState
 from inference_engine.forward_batch import ForwardBatch
-from inference_engine.kernels import decode_attention, default_num_kv_splits, extend_attention
+from inference_engine.kernels import decode_attention, default_num_kv_splits, extend_attention, shared_prefix_attention
 
 
 @dataclass
@@ -25,12 +30,15 @@ class TritonMetadata:
     decode: bool
     num_kv_splits: int  # decode only
     max_q_len: int  # extend only
+    prefix: PrefixMetadata | None = None  # decode only: shared-prefix chunks
 
 
-def triton_metadata(fb: ForwardBatch, num_kv_heads: int, device: torch.device) -> TritonMetadata:
-    """The kernels' metadata of batch fb; for decode it depends on the batch size only, so a graph captures it."""
+def triton_metadata(fb: ForwardBatch, num_kv_heads: int, device: torch.device,
+                    prefix: PrefixMetadata | None = None) -> TritonMetadata:
+    """The kernels' metadata of batch fb; for decode it depends on the batch size only (and the shared-prefix chunks,
+    held in fixed buffers under a graph), so a graph captures it."""
     if fb.is_decode:
-        return TritonMetadata(True, default_num_kv_splits(fb.batch_size, num_kv_heads, device), 1)
+        return TritonMetadata(True, default_num_kv_splits(fb.batch_size, num_kv_heads, device), 1, prefix)
     return TritonMetadata(False, 1, max(fb.extend_lens))
 
 
@@ -39,6 +47,12 @@ def triton_attention(q: torch.Tensor, layer, fb: ForwardBatch, md: TritonMetadat
     k_buf, v_buf = fb.kv_pool.k_buffer[layer.layer_id], fb.kv_pool.v_buffer[layer.layer_id]  # [slots, KVH, D]
     kv_scale = fb.kv_pool.layer_scales(layer.layer_id)  # fp8 cache: applied inside the kernels
     out = torch.empty_like(q)  # [T, H, D]
+    if md.decode and md.prefix is not None:  # the suffixes, then each chunk's shared prefix merged in
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        decode_attention(q, k_buf, v_buf, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
+                         num_kv_splits=md.num_kv_splits, kv_scale=kv_scale, kv_skip=md.prefix.skip, lse=lse)
+        return shared_prefix_attention(q, k_buf, v_buf, fb.kv_indptr, fb.kv_indices, md.prefix.members,
+                                       md.prefix.lens, layer.scaling, out, lse, kv_scale)
     if md.decode:
         return decode_attention(q, k_buf, v_buf, fb.kv_indptr, fb.kv_indices, layer.scaling, out,
                                 num_kv_splits=md.num_kv_splits, kv_scale=kv_scale)
@@ -51,12 +65,26 @@ class TritonAttentionBackend(AttentionBackend):
 
     supports_fp8_kv = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shared = (SharedPrefixState(self.num_heads, self.num_kv_heads, torch.device(self.device))
+                       if self.shared_prefix_decode else None)
+
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
-        fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device)
+        chunks = self.shared.chunks(fb) if self.shared is not None and fb.is_decode else None
+        fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device,
+                                           None if chunks is None else self.shared.metadata(chunks))
+
+    def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
+        if self.shared is not None:
+            self.shared.init_graph_state(max_bs)
 
     def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:
         if capture:  # the split count depends on the batch size only, so it is fixed per graph
-            self.init_forward_metadata(fb)
+            prefix = self.shared.graph_metadata(fb.batch_size) if self.shared is not None else None
+            fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device, prefix)
+        elif self.shared is not None:
+            self.shared.fill_graph(self.shared.chunks(fb), fb.batch_size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
         return triton_attention(q, layer, fb, fb.attn_metadata)

@@ -11,6 +11,7 @@ are passed explicitly; `check_kv_metadata` validates index values once per batch
 from __future__ import annotations
 
 import functools
+import itertools
 import importlib.util
 import math
 import os
@@ -18,7 +19,12 @@ from types import ModuleType
 
 import torch
 
-from inference_engine.kernels.reference import attention_reference, check_attention_args, check_kv_metadata
+from inference_engine.kernels.reference import (
+    attention_reference,
+    check_attention_args,
+    check_kv_metadata,
+    shared_prefix_reference,
+)
 
 __all__ = [
     "attention_reference",
@@ -27,21 +33,22 @@ __all__ = [
     "default_num_kv_splits",
     "extend_attention",
     "runs_triton",
+    "shared_prefix_attention",
 ]
 
 MAX_KV_SPLITS = 64
 
 
 @functools.cache
-def _triton_kernels() -> tuple[ModuleType, ModuleType, bool] | None:
-    """(decode module, extend module, interpreted?) or None when triton is not installed."""
+def _triton_kernels() -> tuple[ModuleType, ModuleType, ModuleType, bool] | None:
+    """(decode module, extend module, shared-prefix module, interpreted?) or None when triton is not installed."""
     if importlib.util.find_spec("triton") is None:
         return None
     from triton.runtime import JITFunction
 
-    from inference_engine.kernels import decode, extend
+    from inference_engine.kernels import decode, extend, shared_prefix
 
-    return decode, extend, not isinstance(decode._decode_split_kernel, JITFunction)
+    return decode, extend, shared_prefix, not isinstance(decode._decode_split_kernel, JITFunction)
 
 
 def runs_triton(device: torch.device | str) -> bool:
@@ -54,7 +61,7 @@ def runs_triton(device: torch.device | str) -> bool:
     kernels = _triton_kernels()
     if kernels is None:
         return False
-    interpreted = kernels[2]
+    interpreted = kernels[3]
     return interpreted or device.type == "cuda"
 
 
@@ -82,10 +89,14 @@ def decode_attention(
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
     kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_skip: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per request, q [B, H, D], over its KV slots (its own included) -> [B, H, D].
 
-    e4m3 buffers come with kv_scale = (k_scale, v_scale) [KVH] float32, applied inside the kernel."""
+    e4m3 buffers come with kv_scale = (k_scale, v_scale) [KVH] float32, applied inside the kernel. kv_skip [B]
+    int32 leaves out each request's first kv_skip[b] slots (a shared prefix, `shared_prefix_attention`); lse [B, H]
+    float32, if given, gets each row's base-2 log-sum-exp (what `shared_prefix_attention` merges with)."""
     check_attention_args(q, k_buffer, v_buffer, None, kv_indptr, kv_indices, out, kv_scale)
     batch = q.shape[0]
     if kv_indptr.numel() != batch + 1:
@@ -95,14 +106,44 @@ def decode_attention(
         raise ValueError(f"num_kv_splits must be an int in [1, {MAX_KV_SPLITS}] or None, got {num_kv_splits!r}")
     scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
     if not runs_triton(q.device):
+        if kv_skip is not None:  # the slots after each request's skipped prefix, gathered on the host
+            ptr, skip = kv_indptr.tolist(), kv_skip.tolist()
+            kv_indices = torch.cat([kv_indices[ptr[b] + skip[b]:ptr[b + 1]] for b in range(batch)])
+            kv_indptr = torch.tensor([0, *itertools.accumulate(ptr[b + 1] - ptr[b] - skip[b] for b in range(batch))],
+                                     dtype=kv_indptr.dtype, device=q.device)
         qo_indptr = torch.arange(batch + 1, dtype=kv_indptr.dtype, device=q.device)
-        return attention_reference(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out, kv_scale)
+        return attention_reference(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale, out, kv_scale,
+                                   lse)
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(batch, k_buffer.shape[1], q.device)
     decode = _triton_kernels()[0]
     out = torch.empty_like(q) if out is None else out
     return decode.triton_decode_attention(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale, out, num_kv_splits,
-                                          kv_scale)
+                                          kv_scale, kv_skip, lse)
+
+
+def shared_prefix_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    members: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    sm_scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Merge shared-prefix attention into a decode batch's suffix attention, in place: chunk c's requests
+    members[c] (int32 [C, M], -1 padding) attend to the first prefix_lens[c] (int32 [C], 0 = padding chunk) slots of
+    members[c][0]'s context, and out [B, H, D] / lse [B, H] (their attention to the rest, `decode_attention` with
+    kv_skip and lse) become the attention to the whole context. See kernels/shared_prefix.py."""
+    if not runs_triton(q.device):
+        return shared_prefix_reference(q, k_buffer, v_buffer, kv_indptr, kv_indices, members, prefix_lens, sm_scale,
+                                       out, lse, kv_scale)
+    return _triton_kernels()[2].triton_shared_prefix_attention(q, k_buffer, v_buffer, kv_indptr, kv_indices, members,
+                                                               prefix_lens, sm_scale, out, lse, kv_scale)
 
 
 def extend_attention(

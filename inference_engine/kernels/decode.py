@@ -35,6 +35,7 @@ def _decode_split_kernel(
     v_ptr,  # [num_slots, H_kv, D]
     kv_indptr_ptr,  # [B + 1]
     kv_indices_ptr,  # [total_kv]
+    kv_skip_ptr,  # [B] int32: leading slots of each request not attended here (HAS_SKIP only)
     k_scale_ptr,  # [H_kv] fp32 (KV_FP8 only)
     v_scale_ptr,  # [H_kv] fp32 (KV_FP8 only)
     part_out_ptr,  # [B, H, NUM_SPLITS, BLOCK_D] fp32
@@ -54,6 +55,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -65,6 +67,10 @@ def _decode_split_kernel(
 
     kv_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
     kv_len = tl.load(kv_indptr_ptr + b + 1).to(tl.int64) - kv_start
+    if HAS_SKIP:  # a shared prefix attended by shared_prefix.py: only the slots after it
+        skip = tl.load(kv_skip_ptr + b).to(tl.int64)
+        kv_start += skip
+        kv_len -= skip
     split_len = tl.cdiv(kv_len, NUM_SPLITS)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_len)
@@ -126,12 +132,15 @@ def _decode_merge_kernel(
     part_out_ptr,  # [B, H, NUM_SPLITS, BLOCK_D] fp32
     part_lse_ptr,  # [B, H, NUM_SPLITS] fp32
     out_ptr,  # [B, H, D]
+    lse_ptr,  # [B, H] fp32: the base-2 log-sum-exp of all the splits (HAS_LSE only)
     stride_ob,
     stride_oh,
+    stride_lb,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -153,6 +162,9 @@ def _decode_merge_kernel(
     out = tl.sum(w[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
     tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
+    if HAS_LSE:
+        tl.store(lse_ptr + b * stride_lb + head, tl.where(total > 0, m + tl.log2(tl.where(total > 0, total, 1.0)),
+                                                          float("-inf")))
 
 
 def triton_decode_attention(
@@ -165,9 +177,12 @@ def triton_decode_attention(
     out: torch.Tensor,
     num_kv_splits: int,
     kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_skip: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch both decode stages for q [B, H, D] into out [B, H, D] (arguments already checked); e4m3 buffers come
-    with kv_scale = (k_scale, v_scale) [KVH] float32."""
+    with kv_scale = (k_scale, v_scale) [KVH] float32. kv_skip [B] int32: leading slots of each request left out;
+    lse [B, H] float32: written with each row's base-2 log-sum-exp."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     group = num_heads // num_kv_heads
@@ -185,16 +200,18 @@ def triton_decode_attention(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     k_scale, v_scale = kv_scale if kv_scale is not None else (part_lse, part_lse)  # unread unless KV_FP8
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
-        q, k_buffer, v_buffer, kv_indptr, kv_indices, k_scale, v_scale, part_out, part_lse,
+        q, k_buffer, v_buffer, kv_indptr, kv_indices, part_lse if kv_skip is None else kv_skip, k_scale, v_scale,
+        part_out, part_lse,
         sm_scale * _LOG2E,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, KV_FP8=kv_scale is not None,
-        **({"num_warps": 4, "num_stages": 2} if on_gpu else {}), **pdl.launch(q.device),
+        HAS_SKIP=kv_skip is not None, **({"num_warps": 4, "num_stages": 2} if on_gpu else {}), **pdl.launch(q.device),
     )  # fmt: skip
     _decode_merge_kernel[(batch, num_heads)](
-        part_out, part_lse, out, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
-        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_D=block_d, **pdl.launch(q.device),
+        part_out, part_lse, out, part_lse if lse is None else lse, out.stride(0), out.stride(1),
+        0 if lse is None else lse.stride(0), HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
+        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_D=block_d, HAS_LSE=lse is not None,
+        **pdl.launch(q.device),
     )  # fmt: skip
     return out

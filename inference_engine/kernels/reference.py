@@ -113,10 +113,12 @@ def attention_reference(
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
     kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of packed queries q [Nq, H, D] over their requests' KV slots -> [Nq, H, D].
 
-    e4m3 buffers come with kv_scale = (k_scale, v_scale) [num_kv_heads] and are dequantised first."""
+    e4m3 buffers come with kv_scale = (k_scale, v_scale) [num_kv_heads] and are dequantised first. lse [Nq, H]
+    float32, if given, gets each row's log-sum-exp in base 2 of the logits times scale (the kernels' convention)."""
     check_attention_args(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, out, kv_scale)
     check_kv_metadata(qo_indptr, kv_indptr, kv_indices, k_buffer.shape[0], q.shape[0])
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -142,5 +144,46 @@ def attention_reference(
         kv_pos = torch.arange(kv_len, device=q.device)
         scores = scores.masked_fill(kv_pos[None, :] > q_pos[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
+        if lse is not None:
+            lse[q_ptr[b] : q_ptr[b + 1]] = (torch.logsumexp(scores, dim=-1) / math.log(2)).transpose(0, 1).float()
         out[q_ptr[b] : q_ptr[b + 1]] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)  # [q_len, H, D]
+    return out
+
+
+def shared_prefix_reference(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    members: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    sm_scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The specification of kernels/shared_prefix.py: for each chunk c (members[c] request indices, -1 padding;
+    prefix_lens[c] tokens, 0 for padding), attend its decode queries q [B, H, D] to the first prefix_lens[c] slots
+    of its first member's context and merge that with their suffix attention (out [B, H, D], lse [B, H] base 2) in
+    place."""
+    group = q.shape[1] // k_buffer.shape[1]
+    kv_ptr = kv_indptr.tolist()
+    for chunk, n in zip(members.tolist(), prefix_lens.tolist()):
+        reqs = [r for r in chunk if r >= 0]
+        if n == 0 or not reqs:
+            continue
+        slots = kv_indices[kv_ptr[reqs[0]] : kv_ptr[reqs[0]] + n].long()
+        kb, vb = k_buffer[slots].float(), v_buffer[slots].float()  # [n, KVH, D]
+        if kv_scale is not None:
+            kb, vb = kb * kv_scale[0][:, None], vb * kv_scale[1][:, None]
+        kb, vb = kb.repeat_interleave(group, dim=1), vb.repeat_interleave(group, dim=1)  # [n, H, D]
+        index = torch.tensor(reqs, device=q.device)
+        scores = torch.einsum("mhd,nhd->mhn", q[index].float(), kb) * sm_scale  # [M, H, n]
+        lse_p = torch.logsumexp(scores, dim=-1) / math.log(2)  # [M, H] base 2
+        o_p = torch.einsum("mhn,nhd->mhd", torch.softmax(scores, dim=-1), vb)
+        lse_s = lse[index]
+        m = torch.maximum(lse_p, lse_s)
+        w_p, w_s = torch.exp2(lse_p - m)[..., None], torch.exp2(lse_s - m)[..., None]
+        out[index] = ((w_p * o_p + w_s * out[index].float()) / (w_p + w_s)).to(out.dtype)
     return out

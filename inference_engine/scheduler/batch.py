@@ -38,6 +38,7 @@ class BatchBuilder:
         self.token_buf = token_buf  # [max_running_requests] by row: the latest sampled token (overlap)
         self.seed_stream = random.Random(config.random_seed)  # seeds of the rows whose request has none
         self._last_decode: list[int] | None = None  # admission ids of the previous step's decode batch
+        self.shared_prefix_decode = config.shared_prefix_decode
 
     def forward_batch(self, batch: list[tuple[Req, int]], sampling: list[tuple[Req, int]]
                       ) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
@@ -94,6 +95,9 @@ class BatchBuilder:
             attn_backend=self.runner.attn_backend,
             same_pages=same_pages,
         )
+        if self.shared_prefix_decode and num_tokens == bs:  # the prefixes decode requests share (shared_prefix.py)
+            fb.prefix_keys = [id(req.last_node) for req, _ in batch]
+            fb.prefix_lens = [req.prefix_len for req, _ in batch]
         return fb, sample_rows, sample_req_rows
 
     def sampling_batch(self, reqs: list[Req]) -> SamplingBatch:
