@@ -29,6 +29,44 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def attend_slots(q, k_ptr, v_ptr, slots_ptr, lo, hi, kv_head, qk_scale, stride_ks, stride_kh, stride_vs, stride_vh,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of the query rows q [R, BLOCK_D] over kv head kv_head's keys and values at the slots
+    slots_ptr[lo:hi]: (acc [R, BLOCK_D] unnormalised, l [R] its normaliser, m [R] the running max), logits in base 2
+    (qk_scale = sm_scale * log2(e), times the K scale of an FP8 cache); l = 0 for rows of an empty range. Shared by the
+    decode and shared-prefix kernels."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    m_i = tl.full([q.shape[0]], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([q.shape[0]], dtype=tl.float32)
+    acc = tl.zeros([q.shape[0], BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n  # [BLOCK_N]
+        mask_n = pos < hi
+        slots = tl.load(slots_ptr + pos, mask=mask_n, other=0).to(tl.int64)
+        k = tl.load(
+            k_ptr + slots[None, :] * stride_ks + kv_head * stride_kh + offs_d[:, None],
+            mask=mask_n[None, :] & mask_d[:, None],
+            other=0.0,
+        ).to(q.dtype)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [R, BLOCK_N], base-2 logits
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        v = tl.load(
+            v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [B, H, D]
     k_ptr,  # [num_slots, H_kv, D]
@@ -77,7 +115,6 @@ def _decode_split_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + offs_h  # [BLOCK_H]
     mask_h = offs_h < GROUP
     mask_d = offs_d < HEAD_DIM
@@ -93,31 +130,8 @@ def _decode_split_kernel(
         qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
         v_scale = tl.load(v_scale_ptr + kv_head)
 
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + offs_n  # [BLOCK_N]
-        mask_n = pos < hi
-        slots = tl.load(kv_indices_ptr + kv_start + pos, mask=mask_n, other=0).to(tl.int64)
-        k = tl.load(
-            k_ptr + slots[None, :] * stride_ks + kv_head * stride_kh + offs_d[:, None],
-            mask=mask_n[None, :] & mask_d[:, None],
-            other=0.0,
-        ).to(q.dtype)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N], base-2 logits
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        v = tl.load(
-            v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
-        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    acc, l_i, m_i = attend_slots(q, k_ptr, v_ptr, kv_indices_ptr + kv_start, lo, hi, kv_head, qk_scale, stride_ks,
+                                 stride_kh, stride_vs, stride_vh, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
 
     has_keys = l_i > 0
     out = tl.where(has_keys[:, None], acc * (v_scale / tl.where(has_keys, l_i, 1.0))[:, None], 0.0)

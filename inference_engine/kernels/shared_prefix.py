@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inference_engine.kernels.decode import attend_slots
+
 _LOG2E = 1.4426950408889634
 
 
@@ -63,7 +65,6 @@ def _shared_prefix_kernel(
     if prefix_len > 0:
         offs_m = tl.arange(0, BLOCK_M)  # row = member * GROUP + head in the kv head's group
         offs_d = tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
         member = offs_m // GROUP
         req = tl.load(members_ptr + chunk * MEMBERS + member, mask=member < MEMBERS, other=-1).to(tl.int64)
         valid = req >= 0
@@ -81,25 +82,8 @@ def _shared_prefix_kernel(
             qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
             v_scale = tl.load(v_scale_ptr + kv_head)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(0, prefix_len, BLOCK_N):
-            pos = start + offs_n
-            mask_n = pos < prefix_len
-            slots = tl.load(kv_indices_ptr + kv_start + pos, mask=mask_n, other=0).to(tl.int64)
-            k = tl.load(k_ptr + slots[None, :] * stride_ks + kv_head * stride_kh + offs_d[:, None],
-                        mask=mask_n[None, :] & mask_d[:, None], other=0.0).to(q.dtype)  # [BLOCK_D, BLOCK_N]
-            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 logits
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            v = tl.load(v_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+        acc, l_i, m_i = attend_slots(q, k_ptr, v_ptr, kv_indices_ptr + kv_start, 0, prefix_len, kv_head, qk_scale,
+                                     stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
 
         lse_p = m_i + tl.log2(l_i)  # prefix_len > 0: every row has keys
         o_p = acc * (v_scale / l_i)[:, None]
