@@ -227,11 +227,22 @@ def test_split_equals_whole_context_attention_cuda_bf16(name):
     torch.testing.assert_close(split_attention(case, splits=4).double().cpu(), naive(case), atol=2e-2, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def head_dim_128_model(tmp_path_factory, tokenizer_dir):
+    """Head dim 128, what flashinfer's kernels are built for (the tiny models' 16 is not), as in test_engine_gpu.py."""
+    from inference_engine.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("gpu_qwen3"), "qwen3", seed=7, init_std=0.02,
+                           tokenizer_dir=tokenizer_dir, hidden_size=512, num_heads=4, num_kv_heads=2,
+                           intermediate_size=1024, num_layers=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flashinfer", "triton"])
 @pytest.mark.parametrize("graphs", [True, False])
-def test_engine_cuda_decodes_the_same_tokens_with_shared_prefixes(qwen3_model, monkeypatch, backend, graphs):
+def test_engine_cuda_decodes_the_same_tokens_with_shared_prefixes(head_dim_128_model, monkeypatch, backend, graphs):
     pytest.importorskip(backend)
+    qwen3_model = head_dim_128_model
     options = dict(device="cuda", dtype="bfloat16", attention_backend=backend, page_size=16,
                    disable_cuda_graph=not graphs, decode_attention="flashinfer" if backend == "flashinfer" else "auto")
     tokens_off, logprobs_off, _ = run_engine(qwen3_model, False, **options)
