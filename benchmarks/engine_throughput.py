@@ -182,10 +182,11 @@ def reconfigure(engine, mode: str, use_pdl: bool) -> None:
 
 
 def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_dir: Path, stem: str,
-                   prompt_len: int = 128) -> None:
+                   prompt_len: int = 128, n: int = 1, after: int = 2) -> None:
     """Where a decode step's time goes: host spans of the scheduler's parts, and device kernels, per batch size.
 
-    B requests decode in the background; once all of them are decoding, `steps` scheduler steps run
+    B requests decode in the background (B / n prompts, each sent n times: GRPO-shaped, their prompt shared in the
+    radix cache, when n > 1); once all of them have more than `after` output tokens, `steps` scheduler steps run
     on the scheduler thread under torch.profiler (CPU + CUDA), with wall-clock timers around the
     scheduler's parts. Then the graph of that size is replayed alone (device time per replay, CUDA
     events) and the model forward runs eagerly once under the profiler to name its kernels.
@@ -213,10 +214,12 @@ def profile_decode(engine, batch_sizes: list[int], vocab: int, steps: int, out_d
     if runner.graph_runner is not None:
         targets.append((runner.graph_runner, "replay"))
     for bs in batch_sizes:
-        worker = threading.Thread(target=timed_generate,
-                                  args=(engine, prompts(bs, prompt_len, vocab, seed=700 + bs), 3000))
+        worker = threading.Thread(target=timed_generate, args=(engine, prompts(bs // n, prompt_len, vocab,
+                                                                               seed=700 + bs), after + 3000),
+                                  kwargs={"n": n} if n > 1 else {})
         worker.start()
-        while not engine._call(lambda: len(sched.running) == bs and all(len(r.output_ids) > 2 for r in sched.running)):
+        while not engine._call(lambda: len(sched.running) == bs and all(len(r.output_ids) > after
+                                                                        for r in sched.running)):
             time.sleep(0.01)
 
         def run_profile():
@@ -306,6 +309,10 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="batch sizes to profile after the decode rows (e.g. 1,256)")
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--profile-prompt-len", type=int, default=128, help="prompt tokens of the profiled requests")
+    ap.add_argument("--profile-n", type=int, default=1, help="the profiled batch is B / n prompts sent n times each "
+                                                             "(GRPO-shaped: shared prompts, --shared-prefix-decode)")
+    ap.add_argument("--profile-after", type=int, default=2, help="profile once every request has more output tokens "
+                                                                 "than this (longer contexts, e.g. 512 for W1's mean)")
     ap.add_argument("--rollout-dtype", default="bf16",
                     help="comma list of the engine's linear weights, each measured in turn on the same model: bf16, "
                          "fp8 (EngineConfig.weight_dtype 'fp8', e4m3 with 128x128 block scales); with both, fp8 / "
@@ -482,7 +489,7 @@ def main() -> None:
         if args.profile:  # after the decode rows, before the long offline run
             out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp(prefix="kiln_profile_")))
             profile_decode(engine, [int(b) for b in args.profile.split(",")], vocab, args.profile_steps, out_dir,
-                           args.profile_name, args.profile_prompt_len)
+                           args.profile_name, args.profile_prompt_len, args.profile_n, args.profile_after)
 
         for overlap in modes(args.offline_overlap):
             set_overlap(engine, overlap)
