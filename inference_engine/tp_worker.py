@@ -71,7 +71,8 @@ class TPWorkers:
 
     def send_batch(self, fb: ForwardBatch) -> None:
         """Send a step's ForwardBatch: its host lists with the command, its device tensors packed in one broadcast."""
-        self.command("forward", fb.extend_lens, fb.seq_lens_cpu.tolist(), fb.kv_indices.numel(), fb.same_pages)
+        self.command("forward", fb.extend_lens, fb.seq_lens_cpu.tolist(), fb.kv_indices.numel(), fb.same_pages,
+                     fb.prefix_keys, fb.prefix_lens)
         self.group.broadcast(torch.cat([fb.input_ids, fb.positions, fb.out_cache_loc, fb.qo_indptr, fb.kv_indptr,
                                         fb.kv_indices, fb.seq_lens]))
 
@@ -119,8 +120,10 @@ class TPWorkers:
 
 
 def receive_batch(group: TPGroup, runner: "ModelRunner", extend_lens: list[int], seq_lens: list[int],
-                  num_kv: int, same_pages: bool) -> ForwardBatch:
-    """The ForwardBatch rank 0 sent, on this rank's KV pool and attention backend."""
+                  num_kv: int, same_pages: bool, prefix_keys: list[int] | None = None,
+                  prefix_lens: list[int] | None = None) -> ForwardBatch:
+    """The ForwardBatch rank 0 sent, on this rank's KV pool and attention backend (with its shared-prefix groups:
+    every rank attends the same way)."""
     tokens, bs = sum(extend_lens), len(extend_lens)
     packed = group.broadcast(torch.empty(3 * tokens + 2 * (bs + 1) + num_kv + bs, dtype=torch.int64,
                                          device=runner.device))
@@ -129,7 +132,8 @@ def receive_batch(group: TPGroup, runner: "ModelRunner", extend_lens: list[int],
     return ForwardBatch(input_ids=input_ids, positions=positions, out_cache_loc=out_cache_loc, qo_indptr=qo_indptr,
                         kv_indptr=kv_indptr, kv_indices=kv_indices, seq_lens=seq_lens_d,
                         seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int64), extend_lens=list(extend_lens),
-                        same_pages=same_pages, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend)
+                        same_pages=same_pages, kv_pool=runner.kv_pool, attn_backend=runner.attn_backend,
+                        prefix_keys=prefix_keys, prefix_lens=prefix_lens)
 
 
 def receive_weights(group: TPGroup, metadata: dict) -> list[tuple[str, torch.Tensor]]:

@@ -210,6 +210,32 @@ def test_engine_decodes_the_same_tokens_with_shared_prefixes(qwen3_model, monkey
     assert max(formed) == 12  # a decode step had every request of the three groups of four in a chunk
 
 
+def test_tp2_workers_group_the_same_way(qwen3_model, monkeypatch):
+    """The groups travel with the batch to the tp worker (its own process: its chunks are not counted here), so both
+    ranks take the shared-prefix path; tp 2 with it on decodes what tp 1 without it does."""
+    options = dict(attention_backend="triton", page_size=4)
+    tokens_off, logprobs_off, _ = run_engine(qwen3_model, False, **options)
+    tokens_on, logprobs_on, formed = run_engine(qwen3_model, True, monkeypatch, tp_size=2, **options)
+    assert tokens_on == tokens_off and max(formed) == 12
+    for on, off in zip(logprobs_on, logprobs_off):
+        torch.testing.assert_close(torch.tensor([x[0] for x in on]), torch.tensor([x[0] for x in off]),
+                                   atol=1e-4, rtol=0)
+
+
+def test_worker_batches_carry_the_groups():
+    from inference_engine.tp_worker import receive_batch
+
+    class Group:  # stands in for the broadcast of the packed device tensors
+        def broadcast(self, t):
+            return t.zero_()
+
+    class Runner:
+        device, kv_pool, attn_backend = torch.device("cpu"), None, None
+
+    fb = receive_batch(Group(), Runner(), [1, 1], [40, 41], 81, False, [7, 7], [36, 36])
+    assert fb.prefix_keys == [7, 7] and fb.prefix_lens == [36, 36]
+
+
 def test_config_refuses_a_backend_without_it(qwen3_model):
     from inference_engine.config import EngineConfig
 
