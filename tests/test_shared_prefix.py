@@ -264,13 +264,16 @@ def head_dim_128_model(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+@pytest.mark.parametrize("backend", ["flashinfer", "flashinfer+triton", "triton"])
 @pytest.mark.parametrize("graphs", [True, False])
 def test_engine_cuda_decodes_the_same_tokens_with_shared_prefixes(head_dim_128_model, monkeypatch, backend, graphs):
+    """flashinfer+triton: the flashinfer backend's decode through the triton kernels (decode_attention="triton")."""
+    backend, _, decode = backend.partition("+")
     pytest.importorskip(backend)
     qwen3_model = head_dim_128_model
     options = dict(device="cuda", dtype="bfloat16", attention_backend=backend, page_size=16,
-                   disable_cuda_graph=not graphs, decode_attention="flashinfer" if backend == "flashinfer" else "auto")
+                   disable_cuda_graph=not graphs,
+                   decode_attention=(decode or "flashinfer") if backend == "flashinfer" else "auto")
     tokens_off, logprobs_off, _ = run_engine(qwen3_model, False, **options)
     tokens_on, logprobs_on, formed = run_engine(qwen3_model, True, monkeypatch, **options)
     assert max(formed) == 12  # the graph of 16 requests: 12 real ones in chunks, 4 padding ones in none
