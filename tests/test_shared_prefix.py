@@ -112,6 +112,7 @@ def test_prefix_chunks_group_by_node_and_cut_into_chunks():
     assert wide.members.tolist() == [[0, 2, 4, 5, 8, -1, -1, -1], [1, 6, -1, -1, -1, -1, -1, -1]]
     assert prefix_chunks([1, 2, 3], [64, 64, 64], members=8) is None  # nothing shared
     assert prefix_chunks([1, 1], [16, 16], members=8, min_tokens=32) is None  # too short to be worth it
+    assert prefix_chunks([1, 1], [64, 48], members=8) is None  # one node, two lengths: never grouped
     assert chunk_members(16, 8) == 8 and chunk_members(32, 8) == 8 and chunk_members(64, 4) == 4
 
 

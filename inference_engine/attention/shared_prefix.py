@@ -51,10 +51,10 @@ def prefix_chunks(keys: list[int], lens: list[int], members: int, min_tokens: in
                   ) -> PrefixChunks | None:
     """Chunks of the requests whose key (their prefix's tree node) two or more of them share, prefixes of at least
     min_tokens tokens; None when there are none. lens[i] is request i's prefix length (its node's depth)."""
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, (key, n) in enumerate(zip(keys, lens)):
-        if n >= min_tokens:
-            groups.setdefault(key, []).append(i)
+        if n >= min_tokens:  # keyed by the length too: a node's depth never changes (a split keeps the node object
+            groups.setdefault((key, n), []).append(i)  # as the lower part), but the grouping need not rely on it
     rows: list[list[int]] = []
     chunk_lens: list[int] = []
     skip = [0] * len(keys)
