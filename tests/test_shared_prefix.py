@@ -244,6 +244,14 @@ def test_config_refuses_a_backend_without_it(qwen3_model):
         EngineConfig(model_path=str(qwen3_model), shared_prefix_decode=True)
 
 
+def test_attention_benchmark_smoke():
+    """benchmarks/shared_prefix_attention.py's code path on CPU: its W1-shaped batch forms chunks, and the backend's
+    shared-prefix decode equals its whole-context decode on it."""
+    from benchmarks.shared_prefix_attention import main
+
+    assert main(["--smoke"]) == []  # no timing rows on CPU
+
+
 # ---- GPU: compiled kernels, flashinfer and graphs -----------------------------------------------------------------
 
 
