@@ -10,7 +10,9 @@
 # One seed per call by default (a device call is at most 600 s; the time per RL step at this size is not measured
 # yet): then SEEDS="0 1" and SEEDS="0 1 2" on the same warm machine; each reuses runs/medical/gpu/warm and the
 # arms and evaluations already done, trains the new seed, and writes the table of the seeds it names.
-# Knobs: SEEDS ("0"), STEPS (40), N_EVAL (300), WARM_ARGS; PY (default python3: the device's copy of the tree
+# The experiment runs under LIMIT_S (555 s): a run that does not finish in one call is interrupted before the device
+# tool's 600 s, so its logs and what it finished still come back; the next call on the warm machine goes on.
+# Knobs: SEEDS ("0"), STEPS (40), N_EVAL (300), LIMIT_S, WARM_ARGS; PY (default python3: the device's copy of the tree
 # has no .venv; on a machine of your own, PY=.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$RUN/gpus.csv"
 WARM_ARGS=${WARM_ARGS:---conditions all --n-dialogues 8000 --n-train 8000 --n-test 400 --steps 3000 \
 --patient-steps 2000 --batch-size 64 --hidden-size 384 --layers 6 --lr 1e-3 --vocab-size 4096 --device cuda}
 # shellcheck disable=SC2086
-"$PY" -m examples.medical_multiagent.experiment "$RUN" --config examples/medical_multiagent/config_gpu_rl.yaml \
+timeout -s INT -k 20 "${LIMIT_S:-555}" "$PY" -m examples.medical_multiagent.experiment "$RUN" --config examples/medical_multiagent/config_gpu_rl.yaml \
   --seeds ${SEEDS:-0} --steps "${STEPS:-40}" --n-eval "${N_EVAL:-300}" --device cuda \
   --warm-args "$WARM_ARGS" 2>&1 | tee "$RUN/experiment.log" || status=$?
 if [ -n "${OUT:-}" ]; then
