@@ -139,10 +139,10 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
 
-def timed_generate(engine, ids, max_new_tokens: int, **sampling) -> float:
+def timed_generate(engine, ids, max_new_tokens: int, return_logprob: bool = False, **sampling) -> float:
     sp = {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True, **sampling}
     start = time.perf_counter()
-    engine.generate(input_ids=ids, sampling_params=sp)
+    engine.generate(input_ids=ids, sampling_params=sp, return_logprob=return_logprob)
     return time.perf_counter() - start
 
 
@@ -281,6 +281,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--offline", default="512x1024x512", help="N x input_len x output_len ('' skips)")
     ap.add_argument("--grpo", default="64x8x512x256", help="prompts x n x input_len x output_len ('' skips)")
+    ap.add_argument("--grpo-logprobs", action="store_true",
+                    help="the GRPO row returns each output token's log-prob, as the RL rollout asks")
     ap.add_argument("--overlap", choices=["on", "off", "both"], default="both",
                     help="overlap scheduling for the Kiln-vs-HF and decode rows (both: off, then on)")
     ap.add_argument("--offline-overlap", choices=["on", "off", "both"], default="on",
@@ -504,11 +506,13 @@ def main() -> None:
             if args.grpo:
                 g, n_samples, g_in, g_out = (int(x) for x in args.grpo.split("x"))
                 before = engine.metrics()
-                elapsed = timed_generate(engine, prompts(g, g_in, vocab, seed=600), g_out, n=n_samples, temperature=1.0)
+                elapsed = timed_generate(engine, prompts(g, g_in, vocab, seed=600), g_out, n=n_samples, temperature=1.0,
+                                         return_logprob=args.grpo_logprobs)
                 after = engine.metrics()
                 prompt = after["prompt_tokens_total"] - before["prompt_tokens_total"]
                 cached = after["cached_tokens_total"] - before["cached_tokens_total"]
-                tagged_report(f"GRPO {g} prompts x n={n_samples} ({g_in} in, {g_out} out, T=1){tag}",
+                lp_tag = ", log-probs returned" if args.grpo_logprobs else ""
+                tagged_report(f"GRPO {g} prompts x n={n_samples} ({g_in} in, {g_out} out, T=1{lp_tag}){tag}",
                        f"{g * n_samples * g_out / elapsed:.0f} output tok/s, radix cache hit rate "
                        f"{cached / max(prompt, 1):.1%}, {elapsed:.1f} s")
         if args.mismatch:

@@ -5,7 +5,8 @@
 # 2026-12-06).
 #   run(kind="nvidia-h100-x1", carry=[".whl", ".fi_cache"], timeout_s=600, command="bash scripts/rl_step_ab.sh")
 # Then, with the time left (LIMIT_S, default 590), the engine alone on the rollout's batch (issue #17's "rollout phase
-# vs the engine alone" row): benchmarks/engine_throughput.py's GRPO row, 64 prompts x n=8, 256 in, 1024 out, T=1, on
+# vs the engine alone" row): benchmarks/engine_throughput.py's GRPO row, 64 prompts x n=8, 256 in, 1024 out, T=1,
+# each token's log-prob returned as the rollout asks (`--grpo-logprobs`, since 2026-12-06, third session), on
 # the same model folder, the engine sized from an empty GPU (the RL step's engine from what the trainer leaves).
 # SHAPE (qwen3-0.6b), STEPS (2 measured after one warm-up), T_RUN (timeout of each run, s; 300: the first run of a
 # fresh machine took 280 s to its last step on 2026-12-06, flashinfer JIT included), SKIP_ALONE=1.
@@ -51,7 +52,7 @@ left=$(( ${LIMIT_S:-590} - SECONDS - 10 ))
 if [ "${SKIP_ALONE:-0}" != 1 ] && [ "$left" -gt 90 ]; then
   echo "== engine alone, same batch =="
   timeout "$left" python3 -m benchmarks.engine_throughput --shape "$SHAPE" --model-dir "/tmp/kiln_models/$SHAPE" \
-    --decode-batches "" --hf-batches "" --offline "" --grpo 64x8x256x1024 --overlap on --offline-overlap on 2>&1 \
+    --decode-batches "" --hf-batches "" --offline "" --grpo 64x8x256x1024 --grpo-logprobs --overlap on --offline-overlap on 2>&1 \
     | grep -v -E "Writing model" | tail -8 | tee "$OUT/engine_alone.log"
 else
   echo "engine alone: not run ($left s left)"
