@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
+from benchmarks.engine_throughput import copy_bandwidth, event_ms
 from inference_engine.attention.shared_prefix import chunk_members
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kernels import shared_prefix_attention
@@ -67,26 +68,6 @@ def backends(args, device: torch.device, dtype: torch.dtype, shared: bool) -> di
 
         out["flashinfer"] = FlashInferAttentionBackend(args.heads, args.kv_heads, args.head_dim, device, **common)
     return out
-
-
-def event_ms(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ev[0].record()
-    for _ in range(iters):
-        fn()
-    ev[1].record()
-    torch.cuda.synchronize()
-    return ev[0].elapsed_time(ev[1]) / iters
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy (read + write), as engine_throughput measures it."""
-    x = torch.empty(2**28, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = event_ms(lambda: y.copy_(x), 20)
-    return 2 * x.numel() / (ms / 1e3)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
