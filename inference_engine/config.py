@@ -46,7 +46,8 @@ class EngineConfig:
     # bf16 / fp16 caches (SGLang also turns it on for GQA groups of 4 or more; not measured here)
     shared_prefix_decode: bool = False  # decode requests that share a cached prefix (GRPO's samples of one prompt)
     # read it once per chunk of up to 8 of them instead of once each (attention/shared_prefix.py; triton and
-    # flashinfer backends); off by default until measured on a GPU
+    # flashinfer backends); off by default: on an H100 it made W1's GRPO batch 5.9% faster in the engine alone and the
+    # RL step no faster (docs/benchmarks.md), not yet profiled
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (padded to a captured size)
     disable_cuda_graph: bool = False  # run every step eagerly (graphs are only ever used on CUDA)
     disable_memory_saver: bool = False  # CUDA: KV pool in ordinary allocations, decode graphs recaptured on resume

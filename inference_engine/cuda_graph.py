@@ -136,9 +136,9 @@ class CudaGraphRunner:
         static_fb = self.batches[bs]
         static_fb.seq_lens_cpu = torch.cat([fb.seq_lens_cpu, torch.ones(bs - b, dtype=torch.int64)])
         static_fb.same_pages = fb.same_pages
-        if fb.prefix_keys is not None:  # padding requests share no prefix
-            static_fb.prefix_keys = fb.prefix_keys + [-1] * (bs - b)
-            static_fb.prefix_lens = fb.prefix_lens + [0] * (bs - b)
+        shared = fb.prefix_keys is not None  # padding requests share no prefix
+        static_fb.prefix_keys = fb.prefix_keys + [-1] * (bs - b) if shared else None
+        static_fb.prefix_lens = fb.prefix_lens + [0] * (bs - b) if shared else None
         self.attn_backend.init_graph_metadata(static_fb, capture=False)
         if bs in self.graphs:
             self.graphs[bs].replay()
