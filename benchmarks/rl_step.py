@@ -224,7 +224,9 @@ class Probe:
         self.batches: dict[int, dict[str, float]] = {}
         self.kv_pool: dict[int, int | None] = {}
         self.engine_idle: dict[int, float] = {}   # seconds the engines waited with nothing to step on, per rollout
-        self._idle_at_launch = 0.0
+        self.cache_hit: dict[int, float | None] = {}   # the rollout's radix cache hit rate (cached / prompt tokens)
+        self.shared_prefix: dict[int, float | None] = {}   # its decode request-steps read through a shared prefix
+        self._at_launch: dict[str, float] = {}
 
     def engine_handles(self) -> list:
         return [h for hs in self.driver.engines.values() for h in hs]
@@ -235,11 +237,24 @@ class Probe:
     def step_of_phase(self) -> int:
         return self.step + 1 if self.phase == "rollout" else self.step  # a rollout belongs to the step it feeds
 
-    def _idle_seconds(self) -> float:
-        """The engines' idle_seconds_total, summed (Engine.metrics)."""
+    TOTALS = ("idle_seconds_total", "prompt_tokens_total", "cached_tokens_total",
+              "shared_prefix_decode_requests_total", "shared_prefix_grouped_requests_total")
+
+    def _engine_totals(self) -> dict[str, float]:
+        """The engines' counters of TOTALS, summed (Engine.metrics)."""
         import ray
 
-        return sum(m["idle_seconds_total"] for m in ray.get([h.metrics.remote() for h in self.engine_handles()]))
+        metrics = ray.get([h.metrics.remote() for h in self.engine_handles()])
+        return {key: sum(m.get(key, 0) for m in metrics) for key in self.TOTALS}
+
+    def _rollout_counters(self, step: int) -> None:
+        """What the engines counted over the rollout feeding `step`: idle seconds, cache hits, shared prefixes."""
+        now = self._engine_totals()
+        d = {key: now[key] - self._at_launch.get(key, 0) for key in self.TOTALS}
+        self.engine_idle[step] = d["idle_seconds_total"]
+        self.cache_hit[step] = d["cached_tokens_total"] / d["prompt_tokens_total"] if d["prompt_tokens_total"] else None
+        requests = d["shared_prefix_decode_requests_total"]
+        self.shared_prefix[step] = d["shared_prefix_grouped_requests_total"] / requests if requests else None
 
     def _peaks(self, handles: list) -> int | None:
         import ray
@@ -265,12 +280,12 @@ class Probe:
 
         def launch_rollout(step):
             self.enter("rollout")
-            self._idle_at_launch = self._idle_seconds()
+            self._at_launch = self._engine_totals()
             return launch(step)
 
         def wait_rollout(pending, step):
             batch = wait(pending, step)
-            self.engine_idle[self.step + 1] = self._idle_seconds() - self._idle_at_launch
+            self._rollout_counters(self.step + 1)
             samples = batch.samples
             self.batches[self.step + 1] = {
                 "samples": len(samples), "prompt_tokens": sum(s.prompt_length for s in samples),
@@ -347,7 +362,9 @@ def summarize(history: list[dict], probe: Probe, sampler: DeviceSampler, gpus: i
                      "peak_memory": memory, "kv_pool_tokens": probe.kv_pool.get(step),
                      "kv_usage_peak": sampler.kv_usage.get(step), "reward_mean": h.get("rollout/reward_mean"),
                      "train_loss": h.get("train/loss"), "grad_norm": h.get("train/grad_norm"),
-                     "train_split_s": train_split(h), "rollout_engine_idle_s": probe.engine_idle.get(step)})
+                     "train_split_s": train_split(h), "rollout_engine_idle_s": probe.engine_idle.get(step),
+                     "rollout_cache_hit_rate": probe.cache_hit.get(step),
+                     "rollout_shared_prefix_share": probe.shared_prefix.get(step)})
     return rows
 
 
@@ -371,8 +388,9 @@ def mean_row(rows: list[dict]) -> dict:
            "tokens_per_s_per_gpu": sum(r["tokens_per_s_per_gpu"] for r in measured) / n,
            "train_split_s": {k: sum(r["train_split_s"][k] for r in measured) / n
                              for k in measured[0].get("train_split_s", {})}}
-    idle = [r["rollout_engine_idle_s"] for r in measured if r.get("rollout_engine_idle_s") is not None]
-    out["rollout_engine_idle_s"] = sum(idle) / len(idle) if idle else None
+    for key in ("rollout_engine_idle_s", "rollout_cache_hit_rate", "rollout_shared_prefix_share"):
+        values = [r[key] for r in measured if r.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
     peaks = {}
     for phase in MEMORY_PHASES:
         peaks[phase] = {}
@@ -398,6 +416,11 @@ def table(result: dict) -> str:
         if name == "rollout":
             lines.append("| - of which the engines idle (no request to step on) s | " + " | ".join(
                 fmt(r.get("rollout_engine_idle_s")) for r in rows) + f" | {fmt(mean.get('rollout_engine_idle_s'))} |")
+            for key, what in (("rollout_cache_hit_rate", "radix cache hit rate (cached / prompt tokens)"),
+                              ("rollout_shared_prefix_share", "decode requests reading a shared prefix once")):
+                if mean.get(key) is not None:
+                    lines.append(f"| - {what} | " + " | ".join(fmt(r.get(key), ".1%") for r in rows)
+                                 + f" | {fmt(mean.get(key), '.1%')} |")
         if name == "train" and mean.get("train_split_s"):
             for part, what in TRAIN_SPLIT:
                 lines.append(f"| - of which {what} s | " + " | ".join(

@@ -609,6 +609,7 @@ class Engine:
         s = self.scheduler
         pool, store = self.runner.kv_pool, self.runner.param_store
         idle, since = self._idle
+        shared = getattr(self.runner.attn_backend, "shared", None)
         return {
             "num_running_requests": len(s.running),
             "num_queued_requests": len(s.waiting),
@@ -630,6 +631,10 @@ class Engine:
             "weight_sync_handles_opened_total": self._receiver.shared.opened_total,
             "weights_kept_releases_total": store.releases["kept"] if store else 0,   # weights to host memory
             "weights_discarded_releases_total": store.releases["discarded"] if store else 0,   # refilled by a push
+            # shared-prefix decode (EngineConfig.shared_prefix_decode): decode request-steps, and those whose prefix
+            # was read once for their group
+            "shared_prefix_decode_requests_total": shared.requests_total if shared else 0,
+            "shared_prefix_grouped_requests_total": shared.grouped_total if shared else 0,
             "paused": self._paused,
             "weight_update_phases_s": dict(self._update_phases),   # the last update call's seconds per phase
         }

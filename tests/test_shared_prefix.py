@@ -196,6 +196,16 @@ def run_engine(model, shared: bool, monkeypatch=None, graph_max_bs=None, **optio
             runner.graph_runner = CudaGraphRunner(runner.model, runner.attn_backend, runner.kv_pool, graph_max_bs,
                                                   runner.context_length, runner.device)
         outs = engine.generate(input_ids=grpo_prompts(), sampling_params=params, return_logprob=True)
+        metrics = engine.metrics()
+    if not shared:
+        assert metrics["shared_prefix_decode_requests_total"] == metrics["shared_prefix_grouped_requests_total"] == 0
+    elif monkeypatch is not None and options.get("tp_size", 1) == 1:  # counted where chunks were formed: rank 0
+        # 12 requests x at least 11 decode steps (the first token comes from the prefill; overlap scheduling adds a
+        # step a request turns out not to need), every chunked request counted (a flashinfer graph step that keeps its
+        # plan counts its chunks again without forming them)
+        assert 12 * 11 <= metrics["shared_prefix_decode_requests_total"] <= 12 * 12
+        assert sum(formed) <= metrics["shared_prefix_grouped_requests_total"] <= metrics[
+            "shared_prefix_decode_requests_total"]
     return [o["output_ids"] for o in outs], [o["meta_info"]["output_token_logprobs"] for o in outs], formed
 
 
@@ -235,6 +245,30 @@ def test_worker_batches_carry_the_groups():
 
     fb = receive_batch(Group(), Runner(), [1, 1], [40, 41], 81, False, [7, 7], [36, 36])
     assert fb.prefix_keys == [7, 7] and fb.prefix_lens == [36, 36]
+
+
+def test_the_rl_step_decodes_grpo_groups_through_shared_prefixes(tmp_path):
+    """benchmarks/rl_step.py on CPU (the real driver, engines in Ray actors, the triton backend's references) with
+    it on: the rollout's GRPO groups are grouped (the engine's counters, reported per rollout), and the prompt's
+    copies hit the radix cache."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "rl_step.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", RAY_AUTH_MODE="disabled",
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.rl_step", "--shape", "tiny", "--prompts", "4", "--samples",
+                           "4", "--prompt-len", "64", "--response-len", "16", "--warmup", "1", "--steps", "1",
+                           "--set", "attention-backend=triton", "--set", "shared-prefix-decode=true",
+                           "--out", str(out)], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    mean = json.loads(out.read_text())["mean"]
+    assert mean["rollout_cache_hit_rate"] == pytest.approx(3 / 4 * 63 / 64)  # 3 of 4 copies: all but the last token
+    assert mean["rollout_shared_prefix_share"] > 0.9
+    assert "| - decode requests reading a shared prefix once |" in proc.stdout
 
 
 def test_config_refuses_a_backend_without_it(qwen3_model):

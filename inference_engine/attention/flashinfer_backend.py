@@ -201,7 +201,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         elif fb.same_pages and self.graph_planned_bs == bs:  # same pages, each one token longer: keep the plan
             last = ((fb.seq_lens_cpu - 1) % self.page_size + 1).to(torch.int32)  # [bs]
             self.graph_last_page_len[bs].copy_(to_device(last, self.device))
-            return  # the same requests in the same order: the same shared-prefix chunks too
+            if self.shared is not None:  # the same requests in the same order: the same shared-prefix chunks too
+                self.shared.count_again()
+            return
         chunks = None if capture else self._chunks(fb)
         if self.shared is not None and not capture:
             self.shared.fill_graph(chunks, bs)

@@ -82,12 +82,24 @@ class SharedPrefixState:
         self.members = chunk_members(num_heads, num_kv_heads)
         self.device = device
         self.graph_members = self.graph_lens = self.graph_skip = None
+        # decode request-steps seen and those read through a chunk (Engine.metrics: how often it engaged)
+        self.requests_total = self.grouped_total = 0
+        self._last = (0, 0)
 
     def chunks(self, fb) -> PrefixChunks | None:
-        """The chunks of decode batch fb (None without prefix keys or sharing)."""
+        """The chunks of decode batch fb (None without prefix keys or sharing); counted."""
         if fb.prefix_keys is None:
             return None
-        return prefix_chunks(fb.prefix_keys, fb.prefix_lens, self.members)
+        chunks = prefix_chunks(fb.prefix_keys, fb.prefix_lens, self.members)
+        real = len(fb.prefix_keys) - fb.prefix_keys.count(-1)  # a graph's padding requests have key -1
+        self._last = (real, 0 if chunks is None else int((chunks.skip > 0).sum()))
+        self.count_again()
+        return chunks
+
+    def count_again(self) -> None:
+        """Count a step that reuses the last chunks (a graph replay that keeps its plan)."""
+        self.requests_total += self._last[0]
+        self.grouped_total += self._last[1]
 
     def metadata(self, chunks: PrefixChunks) -> PrefixMetadata:
         """An eager batch's metadata: its chunks copied to the device in one transfer."""
