@@ -2,6 +2,11 @@
 #   run(command="bash scripts/<check>.sh", carry=[".whl", ".fi_cache"])
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 source .whl/install.sh     # also keeps NVLink multicast off (NCCL_NVLS_ENABLE=0, ...)
-if [ -f .fi_cache/flashinfer_cache.tar.gz ]; then
-  mkdir -p ~/.cache && tar xzf .fi_cache/flashinfer_cache.tar.gz -C ~/.cache
-fi
+# .fi_cache_all/ (the whole cache, carried by calls with the smaller wheel sets) or .fi_cache/ (its head-dim-128 bf16
+# kernels, small enough to carry beside all of .whl/)
+for cache in .fi_cache_all .fi_cache; do
+  if [ -f $cache/flashinfer_cache.tar.gz ]; then
+    mkdir -p ~/.cache && tar xzf $cache/flashinfer_cache.tar.gz -C ~/.cache
+    break
+  fi
+done
