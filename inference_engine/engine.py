@@ -609,7 +609,7 @@ class Engine:
         s = self.scheduler
         pool, store = self.runner.kv_pool, self.runner.param_store
         idle, since = self._idle
-        shared = getattr(self.runner.attn_backend, "shared", None)
+        shared = self.runner.attn_backend.shared
         return {
             "num_running_requests": len(s.running),
             "num_queued_requests": len(s.waiting),

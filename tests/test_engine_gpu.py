@@ -55,7 +55,6 @@ class _TritonOnlyFlashInfer(FlashInferAttentionBackend):
 
     def __init__(self, *args, **kwargs):
         AttentionBackend.__init__(self, *args, **kwargs)  # skips the CUDA / flashinfer checks and wrappers
-        self.shared = None  # no shared-prefix decode
 
     def init_forward_metadata(self, fb):
         if fb.is_decode:

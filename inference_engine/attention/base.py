@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from inference_engine.attention.shared_prefix import PrefixChunks, SharedPrefixState
 if TYPE_CHECKING:
     from inference_engine.forward_batch import ForwardBatch
 
@@ -36,8 +37,14 @@ class AttentionBackend(ABC):
         self.triton_decode_max_bs = triton_decode_max_bs
         # the backend's own decode through its tensor-core kernels (EngineConfig.decode_tensor_cores; flashinfer)
         self.decode_tensor_cores = decode_tensor_cores
-        # decode requests sharing a cached prefix attend to it once per chunk (EngineConfig.shared_prefix_decode)
-        self.shared_prefix_decode = shared_prefix_decode
+        # decode requests sharing a cached prefix attend to it once per chunk (EngineConfig.shared_prefix_decode;
+        # the triton and flashinfer backends)
+        self.shared = SharedPrefixState(num_heads, num_kv_heads, torch.device(device)) if shared_prefix_decode else None
+
+    def decode_chunks(self, fb: "ForwardBatch") -> PrefixChunks | None:
+        """The shared-prefix chunks of decode batch fb, on the host (None: shared-prefix decode off, not a decode
+        batch, or nothing shared)."""
+        return self.shared.chunks(fb) if self.shared is not None and fb.is_decode else None
 
     @abstractmethod
     def init_forward_metadata(self, fb: "ForwardBatch") -> None:
@@ -51,6 +58,8 @@ class AttentionBackend(ABC):
 
     def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
         """Allocate the static buffers decode graphs of up to max_bs requests of up to max_context tokens need."""
+        if self.shared is not None:
+            self.shared.init_graph_state(max_bs)
 
     @abstractmethod
     def init_graph_metadata(self, fb: "ForwardBatch", capture: bool) -> None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from inference_engine.attention.base import AttentionBackend
-from inference_engine.attention.shared_prefix import PrefixChunks, PrefixMetadata, SharedPrefixState
+from inference_engine.attention.shared_prefix import PrefixChunks
 from inference_engine.attention.triton_backend import TritonMetadata, triton_attention, triton_metadata
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kernels import shared_prefix_attention
@@ -66,7 +66,7 @@ class FlashInferMetadata:
 
     kind: str  # "decode", "ragged" or "paged"
     wrapper: object
-    prefix: PrefixMetadata | None = None  # decode only: shared-prefix chunks
+    prefix: PrefixChunks | None = None  # decode only: shared-prefix chunks (on the device)
 
 
 def page_table(fb: ForwardBatch, page_size: int, skip: torch.Tensor | None = None) -> PageTable:
@@ -125,7 +125,6 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.graph_planned_bs: int | None = None  # the graph wrapper whose plan the shared index buffer holds
         self.sm_scale = head_dim ** -0.5
         self.planned = torch.cuda.Event()  # recorded after each plan's copies (see _plan)
-        self.shared = SharedPrefixState(num_heads, num_kv_heads, torch.device(device)) if shared_prefix_decode else None
 
     def _plan(self, wrapper, *args, **kwargs) -> None:
         """wrapper.plan(...), once the previous plan's copy out of its pinned buffer has run.
@@ -145,13 +144,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         """Whether a decode batch of batch_size requests (a graph's captured size) runs the triton split-KV kernel."""
         return batch_size <= self.triton_decode_max_bs
 
-    def _chunks(self, fb: ForwardBatch) -> PrefixChunks | None:
-        return self.shared.chunks(fb) if self.shared is not None else None
-
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         extend_lens = torch.tensor(fb.extend_lens, dtype=torch.int32)
-        chunks = self._chunks(fb) if fb.is_decode else None
-        prefix = None if chunks is None else self.shared.metadata(chunks)
+        chunks = self.decode_chunks(fb)
+        prefix = None if chunks is None else self.shared.on_device(chunks)
         if fb.is_decode and self.decodes_with_triton(fb.batch_size):
             fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device, prefix)
             return
@@ -178,17 +174,16 @@ class FlashInferAttentionBackend(AttentionBackend):
         # shared: one replay at a time
         self.graph_indices = torch.zeros(max_pages, dtype=torch.int32, device=self.device)
         self.graph_wrappers, self.graph_last_page_len, self.graph_planned_bs = {}, {}, None
-        if self.shared is not None:
-            self.shared.init_graph_state(max_bs)
+        super().init_cuda_graph_state(max_bs, max_context)
 
     def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:
         bs = fb.batch_size
-        prefix = self.shared.graph_metadata(bs) if self.shared is not None and capture else None
+        prefix = self.shared.graph_chunks(bs) if self.shared is not None and capture else None
         if self.decodes_with_triton(bs):  # fixed per batch size: the kernel reads the graph's kv_indptr / kv_indices
             if capture:
                 fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device, prefix)
             elif self.shared is not None:
-                self.shared.fill_graph(self._chunks(fb), bs)
+                self.shared.fill_graph(self.decode_chunks(fb), bs)
             return
         if capture:
             self.graph_last_page_len[bs] = torch.zeros(bs, dtype=torch.int32, device=self.device)
@@ -204,7 +199,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             if self.shared is not None:  # the same requests in the same order: the same shared-prefix chunks too
                 self.shared.count_again()
             return
-        chunks = None if capture else self._chunks(fb)
+        chunks = None if capture else self.decode_chunks(fb)
         if self.shared is not None and not capture:
             self.shared.fill_graph(chunks, bs)
         pages = page_table(fb, self.page_size, None if chunks is None else chunks.skip)

@@ -26,20 +26,12 @@ MIN_PREFIX_TOKENS = 32  # a shorter common prefix is left to the decode kernel
 
 @dataclass
 class PrefixChunks:
-    """A decode batch's shared-prefix chunks, on the host."""
+    """A decode batch's shared-prefix chunks: on the host from `prefix_chunks`, on the device for the kernels (fixed
+    buffers under a CUDA graph)."""
 
     members: torch.Tensor  # [C, M] int32 request indices in the batch, -1 padding
-    lens: torch.Tensor  # [C] int32 prefix tokens of each chunk
+    lens: torch.Tensor  # [C] int32 prefix tokens of each chunk (0: a padding chunk)
     skip: torch.Tensor  # [B] int32 each request's prefix tokens attended by its chunk (0: none)
-
-
-@dataclass
-class PrefixMetadata:
-    """The same on the device, what the kernels read (fixed buffers under a CUDA graph)."""
-
-    members: torch.Tensor  # [C, M] int32
-    lens: torch.Tensor  # [C] int32
-    skip: torch.Tensor  # [B] int32
 
 
 def chunk_members(num_heads: int, num_kv_heads: int) -> int:
@@ -81,7 +73,7 @@ class SharedPrefixState:
     def __init__(self, num_heads: int, num_kv_heads: int, device: torch.device):
         self.members = chunk_members(num_heads, num_kv_heads)
         self.device = device
-        self.graph_members = self.graph_lens = self.graph_skip = None
+        self.graph: PrefixChunks | None = None  # CUDA graphs' fixed buffers (init_graph_state)
         # decode request-steps seen and those read through a chunk (Engine.metrics: how often it engaged)
         self.requests_total = self.grouped_total = 0
         self._last = (0, 0)
@@ -101,39 +93,38 @@ class SharedPrefixState:
         self.requests_total += self._last[0]
         self.grouped_total += self._last[1]
 
-    def metadata(self, chunks: PrefixChunks) -> PrefixMetadata:
-        """An eager batch's metadata: its chunks copied to the device in one transfer."""
+    def on_device(self, chunks: PrefixChunks) -> PrefixChunks:
+        """Host chunks copied to the device in one transfer."""
         c, b = chunks.lens.numel(), chunks.skip.numel()
-        host = torch.cat([chunks.members.flatten(), chunks.lens, chunks.skip])
-        flat = to_device(host, self.device)
+        flat = to_device(torch.cat([chunks.members.flatten(), chunks.lens, chunks.skip]), self.device)
         members, lens, skip = flat.split([c * self.members, c, b])
-        return PrefixMetadata(members.view(c, self.members), lens, skip)
+        return PrefixChunks(members.view(c, self.members), lens, skip)
 
     def init_graph_state(self, max_bs: int) -> None:
         """Buffers for graphs of up to max_bs requests: at most max_bs // 2 chunks (two requests or more each)."""
-        max_chunks = max(1, max_bs // 2)
-        self.graph_members = torch.full((max_chunks, self.members), -1, dtype=torch.int32, device=self.device)
-        self.graph_lens = torch.zeros(max_chunks, dtype=torch.int32, device=self.device)
-        self.graph_skip = torch.zeros(max_bs, dtype=torch.int32, device=self.device)
+        self.graph = PrefixChunks(torch.full((_slots(max_bs), self.members), -1, dtype=torch.int32, device=self.device),
+                                  torch.zeros(_slots(max_bs), dtype=torch.int32, device=self.device),
+                                  torch.zeros(max_bs, dtype=torch.int32, device=self.device))
 
-    def graph_metadata(self, bs: int) -> PrefixMetadata:
+    def graph_chunks(self, bs: int) -> PrefixChunks:
         """The fixed buffers a graph of bs requests captures (every chunk slot a graph of bs could need)."""
         self.fill_graph(None, bs)  # no chunk left from another batch size while the capture warms up
-        return PrefixMetadata(self.graph_members[:max(1, bs // 2)], self.graph_lens[:max(1, bs // 2)],
-                              self.graph_skip[:bs])
+        return PrefixChunks(self.graph.members[:_slots(bs)], self.graph.lens[:_slots(bs)], self.graph.skip[:bs])
 
     def fill_graph(self, chunks: PrefixChunks | None, bs: int) -> None:
         """Write a replay's chunks into the buffers of the graph of bs requests (no chunk: all padding)."""
-        slots = max(1, bs // 2)
-        members = torch.full((slots, self.members), -1, dtype=torch.int32)
-        lens = torch.zeros(slots, dtype=torch.int32)
-        skip = torch.zeros(bs, dtype=torch.int32)
+        slots = _slots(bs)
+        padded = PrefixChunks(torch.full((slots, self.members), -1, dtype=torch.int32),
+                              torch.zeros(slots, dtype=torch.int32), torch.zeros(bs, dtype=torch.int32))
         if chunks is not None:
             c, b = chunks.lens.numel(), chunks.skip.numel()
-            members[:c], lens[:c], skip[:b] = chunks.members, chunks.lens, chunks.skip
-        host = torch.cat([members.flatten(), lens, skip])
-        flat = to_device(host, self.device)
-        m, n, s = flat.split([slots * self.members, slots, bs])
-        self.graph_members[:slots].copy_(m.view(slots, self.members))
-        self.graph_lens[:slots].copy_(n)
-        self.graph_skip[:bs].copy_(s)
+            padded.members[:c], padded.lens[:c], padded.skip[:b] = chunks.members, chunks.lens, chunks.skip
+        padded = self.on_device(padded)
+        for buffer, value in ((self.graph.members, padded.members), (self.graph.lens, padded.lens),
+                              (self.graph.skip, padded.skip)):
+            buffer[:len(value)].copy_(value)
+
+
+def _slots(bs: int) -> int:
+    """Chunk slots a decode batch of bs requests can need (each chunk has two requests or more)."""
+    return max(1, bs // 2)

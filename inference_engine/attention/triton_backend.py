@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from inference_engine.attention.base import AttentionBackend
-from inference_engine.attention.shared_prefix import PrefixMetadata, SharedPrefixState
+from inference_engine.attention.shared_prefix import PrefixChunks
 from inference_engine.forward_batch import ForwardBatch
 from inference_engine.kernels import decode_attention, default_num_kv_splits, extend_attention, shared_prefix_attention
 
@@ -30,11 +30,11 @@ class TritonMetadata:
     decode: bool
     num_kv_splits: int  # decode only
     max_q_len: int  # extend only
-    prefix: PrefixMetadata | None = None  # decode only: shared-prefix chunks
+    prefix: PrefixChunks | None = None  # decode only: shared-prefix chunks
 
 
 def triton_metadata(fb: ForwardBatch, num_kv_heads: int, device: torch.device,
-                    prefix: PrefixMetadata | None = None) -> TritonMetadata:
+                    prefix: PrefixChunks | None = None) -> TritonMetadata:
     """The kernels' metadata of batch fb; for decode it depends on the batch size only (and the shared-prefix chunks,
     held in fixed buffers under a graph), so a graph captures it."""
     if fb.is_decode:
@@ -65,26 +65,17 @@ class TritonAttentionBackend(AttentionBackend):
 
     supports_fp8_kv = True
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.shared = (SharedPrefixState(self.num_heads, self.num_kv_heads, torch.device(self.device))
-                       if self.shared_prefix_decode else None)
-
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
-        chunks = self.shared.chunks(fb) if self.shared is not None and fb.is_decode else None
+        chunks = self.decode_chunks(fb)
         fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device,
-                                           None if chunks is None else self.shared.metadata(chunks))
-
-    def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
-        if self.shared is not None:
-            self.shared.init_graph_state(max_bs)
+                                           None if chunks is None else self.shared.on_device(chunks))
 
     def init_graph_metadata(self, fb: ForwardBatch, capture: bool) -> None:
         if capture:  # the split count depends on the batch size only, so it is fixed per graph
-            prefix = self.shared.graph_metadata(fb.batch_size) if self.shared is not None else None
+            prefix = self.shared.graph_chunks(fb.batch_size) if self.shared is not None else None
             fb.attn_metadata = triton_metadata(fb, self.num_kv_heads, self.device, prefix)
         elif self.shared is not None:
-            self.shared.fill_graph(self.shared.chunks(fb), fb.batch_size)
+            self.shared.fill_graph(self.decode_chunks(fb), fb.batch_size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, fb: ForwardBatch) -> torch.Tensor:
         return triton_attention(q, layer, fb, fb.attn_metadata)
