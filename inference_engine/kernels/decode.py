@@ -29,6 +29,17 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def kv_head_scales(qk_scale, k_scale_ptr, v_scale_ptr, kv_head, KV_FP8: tl.constexpr):
+    """(logit scale, output scale) for kv head kv_head: an FP8 cache's K scale folds into the logit scale and its V
+    scale multiplies the normalised output (the kernels attend over `buffer * scale`); (qk_scale, 1) otherwise."""
+    v_scale = 1.0
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
+    return qk_scale, v_scale
+
+
+@triton.jit
 def attend_slots(q, k_ptr, v_ptr, slots_ptr, lo, hi, kv_head, qk_scale, stride_ks, stride_kh, stride_vs, stride_vh,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of the query rows q [R, BLOCK_D] over kv head kv_head's keys and values at the slots
@@ -125,10 +136,7 @@ def _decode_split_kernel(
         other=0.0,
     )  # [BLOCK_H, BLOCK_D]
 
-    v_scale = 1.0
-    if KV_FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
-        v_scale = tl.load(v_scale_ptr + kv_head)
+    qk_scale, v_scale = kv_head_scales(qk_scale, k_scale_ptr, v_scale_ptr, kv_head, KV_FP8)
 
     acc, l_i, m_i = attend_slots(q, k_ptr, v_ptr, kv_indices_ptr + kv_start, lo, hi, kv_head, qk_scale, stride_ks,
                                  stride_kh, stride_vs, stride_vh, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)

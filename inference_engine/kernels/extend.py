@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
+from inference_engine.kernels.decode import _LOG2E, kv_head_scales
 
 
 @triton.jit
@@ -107,10 +107,7 @@ def _extend_kernel(
     kv_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
     kv_len = tl.load(kv_indptr_ptr + b + 1).to(tl.int64) - kv_start
     prefix_len = kv_len - q_len
-    v_scale = 1.0
-    if KV_FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
-        v_scale = tl.load(v_scale_ptr + kv_head)
+    qk_scale, v_scale = kv_head_scales(qk_scale, k_scale_ptr, v_scale_ptr, kv_head, KV_FP8)
 
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the request
     offs_d = tl.arange(0, BLOCK_D)

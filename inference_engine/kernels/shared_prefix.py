@@ -22,9 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inference_engine.kernels.decode import attend_slots
-
-_LOG2E = 1.4426950408889634
+from inference_engine.kernels.decode import _LOG2E, attend_slots, kv_head_scales
 
 
 @triton.jit
@@ -77,10 +75,7 @@ def _shared_prefix_kernel(
         leader = tl.load(members_ptr + chunk * MEMBERS).to(tl.int64)
         kv_start = tl.load(kv_indptr_ptr + leader).to(tl.int64)
 
-        v_scale = 1.0
-        if KV_FP8:
-            qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
-            v_scale = tl.load(v_scale_ptr + kv_head)
+        qk_scale, v_scale = kv_head_scales(qk_scale, k_scale_ptr, v_scale_ptr, kv_head, KV_FP8)
 
         acc, l_i, m_i = attend_slots(q, k_ptr, v_ptr, kv_indices_ptr + kv_start, 0, prefix_len, kv_head, qk_scale,
                                      stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_N, BLOCK_D, HEAD_DIM, PRECISION)
