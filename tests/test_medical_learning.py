@@ -213,6 +213,39 @@ def test_token_exactness_of_a_co_trained_episode(warm):
         s.validate()
 
 
+def test_evaluation_engines_are_sized_for_the_evaluation(warm, monkeypatch):
+    """The evaluation's engines (experiment.evaluate's doctor and patient in one process, eval.py's) get a KV pool,
+    running requests and decode-graph batches sized for the consultations in flight, not the free memory's share
+    that left the second engine of an H100 no room for its graphs."""
+    import inference_engine
+    from examples.medical_multiagent import eval as medical_eval
+    from examples.medical_multiagent.experiment import evaluate
+
+    built = []
+
+    class Recording(inference_engine.Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append((self.config, self.context_length, self.runner.kv_pool.capacity))
+
+    monkeypatch.setattr(inference_engine, "Engine", Recording)
+    data = warm / "data" / "test.jsonl"
+    result = evaluate(warm / "sft-doctor", warm / "sft-patient", data, 4, max_turns=6, max_new_tokens=48,
+                      max_total_tokens=1024)
+    assert result.episodes == 4 and result.failed == 0, result.summary()
+    assert [c.model_path for c, _, _ in built] == [str(warm / "sft-doctor"), str(warm / "sft-patient")]
+    for config, context, capacity in built:  # 32 consultations in flight of at most 1024 tokens, and one more
+        assert config.max_running_requests == 32 and context == 1024
+        assert config.max_total_tokens == capacity == 33 * 1024
+    built.clear()
+    result = medical_eval.main(["--doctor", str(warm / "sft-doctor"), "--patient", "shared", "--data", str(data),
+                                "--n-cases", "2", "--concurrency", "4", "--max-total-tokens", "4096",
+                                "--max-new-tokens", "48"])
+    assert result.episodes == 2 and result.failed == 0, result.summary()
+    (config, context, capacity), = built  # both roles on the doctor's engine; the model's 1024 positions bound it
+    assert config.max_running_requests == 8 and context == 1024 and config.max_total_tokens == capacity == 9 * 1024
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 

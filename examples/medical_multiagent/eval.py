@@ -235,15 +235,31 @@ def load_samples(data: str | None, n_cases: int, seed: int) -> list[Sample]:
                    metadata=dict(r.get("metadata") or {})) for i, r in enumerate(rows)]
 
 
-def _client(target: str, device: str, stack: contextlib.ExitStack) -> tuple[EngineClient, str]:
-    """(client, tokenizer folder) of a model folder (in-process engine) or an engine server URL (its api key, if it
-    has one, from $KILN_API_KEY)."""
+def engine_options(model_dir: str | Path, conversations: int, max_total_tokens: int) -> dict[str, int]:
+    """`Engine` options of an in-process evaluation engine that serves at most `conversations` conversations at once
+    (one request in flight each: the roles take turns), each at most `max_total_tokens` tokens: that many running
+    requests (so decode graphs up to that batch size), a context of that budget (the model's, if shorter) and a KV
+    pool of one context more than they need at once (the admission's reserve page per request, some radix cache).
+
+    Left unset, an engine's pool takes a share of the GPU memory still free (mem_fraction_static), and the second
+    engine of a process (the patient's) finds almost none left for its decode graphs."""
+    positions = json.loads(Path(model_dir, "config.json").read_text())["max_position_embeddings"]
+    context = min(max_total_tokens, positions)
+    return {"max_running_requests": conversations, "context_length": context,
+            "max_total_tokens": (conversations + 1) * context}
+
+
+def _client(target: str, device: str, stack: contextlib.ExitStack, conversations: int,
+            max_total_tokens: int) -> tuple[EngineClient, str]:
+    """(client, tokenizer folder) of a model folder (in-process engine sized by `engine_options`) or an engine server
+    URL (its api key, if it has one, from $KILN_API_KEY)."""
     if target.startswith(("http://", "https://")):
         return HttpEngineClient(target, api_key=os.environ.get("KILN_API_KEY") or None), ""
     if not (Path(target) / "config.json").is_file():
         raise ValueError(f"{target!r} is neither an engine URL nor a local HF model folder (no config.json)")
     from inference_engine import Engine
-    engine = stack.enter_context(Engine(target, device=device))
+    engine = stack.enter_context(Engine(target, device=device,
+                                        **engine_options(target, conversations, max_total_tokens)))
     return LocalEngineClient(engine, name=Path(target).name), target
 
 
@@ -269,10 +285,11 @@ def main(argv: Sequence[str] | None = None) -> EvalReport:
 
     samples = load_samples(ns.data, ns.n_cases, ns.seed)
     with contextlib.ExitStack() as stack:
-        doctor, doctor_dir = _client(ns.doctor, ns.device, stack)
+        roles = 2 if ns.patient == SHARED else 1  # conversations per consultation on the doctor's engine
+        doctor, doctor_dir = _client(ns.doctor, ns.device, stack, roles * ns.concurrency, ns.max_total_tokens)
         clients = {DOCTOR: doctor}
         if ns.patient not in (RULE_BASED, SHARED):
-            clients[PATIENT] = _client(ns.patient, ns.device, stack)[0]
+            clients[PATIENT] = _client(ns.patient, ns.device, stack, ns.concurrency, ns.max_total_tokens)[0]
         tokenizer_dir = ns.tokenizer or doctor_dir
         if not tokenizer_dir:
             parser.error("--tokenizer is needed when --doctor is a URL")

@@ -31,7 +31,8 @@ from typing import Any
 
 from envs.generate import EnvConfig
 from examples.medical_multiagent.dialogue import DOCTOR, PATIENT
-from examples.medical_multiagent.eval import EvalReport, curves, eval_args, load_samples, report, run_cases
+from examples.medical_multiagent.eval import (EvalReport, curves, engine_options, eval_args, load_samples, report,
+                                              run_cases)
 
 REPO = Path(__file__).resolve().parents[2]
 ARMS = {
@@ -117,16 +118,17 @@ def evaluate(doctor: Path, patient: Path | None, data: Path, n_cases: int, *, ma
     from rollout.client import LocalEngineClient
 
     samples = load_samples(str(data), n_cases, seed=0)
+    concurrency = 32  # consultations in flight; each engine is sized for them, not from the free memory (two share it)
     with contextlib.ExitStack() as stack:
-        clients = {DOCTOR: LocalEngineClient(stack.enter_context(Engine(str(doctor), device=device)), name=DOCTOR)}
-        if patient is not None:
-            clients[PATIENT] = LocalEngineClient(stack.enter_context(Engine(str(patient), device=device)), name=PATIENT)
+        clients = {role: LocalEngineClient(stack.enter_context(Engine(
+            str(model), device=device, **engine_options(model, concurrency, max_total_tokens))), name=role)
+            for role, model in ((DOCTOR, doctor), (PATIENT, patient)) if model is not None}
         args = eval_args(clients, AutoTokenizer.from_pretrained(str(doctor)),
                          EnvConfig(env_max_turns=max_turns, env_max_total_tokens=max_total_tokens,
                                    env_kwargs={"brief_prompts": brief}))
         params = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
         episodes = asyncio.run(run_cases(args, samples, llm_patient=patient is not None, sampling_params=params,
-                                         concurrency=32))
+                                         concurrency=concurrency))
     return report(episodes, "rule" if patient is None else str(patient))
 
 
