@@ -7,6 +7,7 @@ so each rank computes the same batch on its own shard of the weights and of the 
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Iterable
 
@@ -85,6 +86,9 @@ class ModelRunner:
             raise
 
     def _build(self, config: EngineConfig) -> None:
+        if self.device.type == "cuda":  # an engine dropped before this one (its runner, pool and scheduler hold one
+            gc.collect()                # another in reference cycles) returns its memory before the weights load
+            torch.cuda.empty_cache()    # and the KV pool is sized from what is free
         with torch.device(self.device):
             self.model = CausalLM(self.spec, self.tp, config.ep_size)
         for p in self.model.parameters():  # buffers (RoPE tables) stay float32

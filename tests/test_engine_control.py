@@ -112,3 +112,22 @@ def test_engine_health_reflects_its_scheduler(qwen3_model):
     eng.shutdown()
     report = eng.health()
     assert report["ok"] is False and report["reason"] == "the engine is shut down"
+
+
+def test_a_shut_down_engine_is_freed_when_dropped(qwen3_model):
+    """A finished request (kept by the radix cache and the scheduler) no longer holds its caller's callback, so a
+    dropped engine is freed at once, not at some later garbage collection: an evaluation that builds its engines one
+    after another on one GPU needs the last one's memory back before the next one sizes its KV pool."""
+    import gc
+    import weakref
+
+    eng = Engine(model_path=str(qwen3_model), max_total_tokens=256, context_length=64)
+    eng.generate(input_ids=[[1, 2, 3]], sampling_params={"max_new_tokens": 4})
+    ref = weakref.ref(eng)
+    eng.shutdown()
+    gc.disable()
+    try:
+        del eng
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -235,8 +235,10 @@ class Scheduler:
                 child.weight_version = self.weight_version
                 if child.on_output is not None:
                     child.on_output(child, True)
+                    child.on_output = None
         if kind != "abort":
             self.waiting.extendleft(reversed(req.children))
         req.children = []
-        if req.on_output is not None:
-            req.on_output(req, True)
+        if req.on_output is not None:  # its last call: dropped, so that a finished request (kept for its cached
+            req.on_output(req, True)   # prefix or stats) does not hold the caller's closure, nor through it the Engine
+            req.on_output = None
