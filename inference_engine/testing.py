@@ -198,3 +198,27 @@ def run_under_triton_interpreter(argv: list[str], timeout: float = 600):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, *argv], env=env, cwd=repo, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def exact_e4m3_under_interpreter() -> None:
+    """Under TRITON_INTERPRET: convert to and from e4m3 with torch. The interpreter's own conversion (triton 3.x)
+    rounds ties away from zero and drops the carry of a mantissa that rounds up into the exponent (126.95 becomes
+    64, not 128), which no GPU does."""
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    torch_dtypes = {tl.float8e4nv: torch.float8_e4m3fn, tl.float32: torch.float32, tl.bfloat16: torch.bfloat16,
+                    tl.float16: torch.float16}
+    bits = {8: (torch.uint8, np.uint8), 16: (torch.int16, np.uint16), 32: (torch.int32, np.uint32)}
+    original = interpreter._convert_float
+
+    def convert(data, src, dst, rounding_mode):
+        if tl.float8e4nv not in (src, dst) or src not in torch_dtypes or dst not in torch_dtypes:
+            return original(data, src, dst, rounding_mode)
+        as_torch = torch.from_numpy(np.ascontiguousarray(data).copy()).view(torch_dtypes[src])
+        as_int, as_np = bits[dst.primitive_bitwidth]
+        return as_torch.to(torch_dtypes[dst]).view(as_int).numpy().view(as_np).reshape(data.shape)
+
+    interpreter._convert_float = convert

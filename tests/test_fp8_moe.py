@@ -387,29 +387,6 @@ KERNEL_CASES = [(1, 8, 2, 64, 32, 32, "SMALL"), (5, 8, 2, 64, 32, 16, "SMALL"), 
                 (37, 16, 4, 40, 32, 16, "SMALL"), (3, 4, 4, 64, 64, 64, "SMALL")]
 
 
-def _exact_e4m3_conversion() -> None:
-    """Under TRITON_INTERPRET: convert to and from e4m3 with torch. The interpreter's own conversion (triton 3.x)
-    rounds ties away from zero and drops the carry of a mantissa that rounds up into the exponent (126.95 becomes
-    64, not 128), which no GPU does."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    torch_dtypes = {tl.float8e4nv: torch.float8_e4m3fn, tl.float32: torch.float32, tl.bfloat16: torch.bfloat16,
-                    tl.float16: torch.float16}
-    bits = {8: (torch.uint8, np.uint8), 16: (torch.int16, np.uint16), 32: (torch.int32, np.uint32)}
-    original = interpreter._convert_float
-
-    def convert(data, src, dst, rounding_mode):
-        if tl.float8e4nv not in (src, dst) or src not in torch_dtypes or dst not in torch_dtypes:
-            return original(data, src, dst, rounding_mode)
-        as_torch = torch.from_numpy(np.ascontiguousarray(data).copy()).view(torch_dtypes[src])
-        as_int, as_np = bits[dst.primitive_bitwidth]
-        return as_torch.to(torch_dtypes[dst]).view(as_int).numpy().view(as_np).reshape(data.shape)
-
-    interpreter._convert_float = convert
-
-
 def _check_fp8_kernel(device: str, dtype: torch.dtype, atol: float, rtol: float) -> None:
     """The FP8 fused MoE (all experts, and a rank's experts [2, 6) under expert parallelism) against the torch
     specification on the CPU, on the same e4m3 weights, scales and activations."""
@@ -582,9 +559,10 @@ def test_fp8_moe_engine_graph_decode_equals_eager_and_tracks_the_cpu_engine(gpu_
 
 if __name__ == "__main__":  # the interpreter subprocess of test_fp8_fused_moe_kernel_under_the_triton_interpreter
     from inference_engine import ops
+    from inference_engine.testing import exact_e4m3_under_interpreter
 
     assert ops.runs_triton("cpu"), "TRITON_INTERPRET=1 was not in effect"
-    _exact_e4m3_conversion()
+    exact_e4m3_under_interpreter()
     _check_fp8_kernel("cpu", torch.float32, atol=1e-5, rtol=0)
     _check_fp8_layer("cpu", torch.float32, atol=1e-5, rtol=0)
     print("fp8 fused moe interpreter checks passed")

@@ -68,10 +68,47 @@ def _quantize(t: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torc
 
 def quantize_weight(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 [..., N, K], float32 scale_inv [..., ceil(N/B), ceil(K/B)]) of a weight [N, K] in `block x block`
-    blocks, or of each matrix of a stack [..., N, K] (experts) on its own."""
+    blocks, or of each matrix of a stack [..., N, K] (experts) on its own. On CUDA one triton pass
+    (`weight_sync.fp8_kernels`, bit for bit the torch form `quantize_weight_torch`)."""
     if w.dim() < 2:
         raise ValueError(f"quantize_weight takes a [..., N, K] weight, got shape {tuple(w.shape)}")
+    if _kernel_takes(w):
+        n, k = w.shape[-2:]
+        q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+        s = torch.empty(*w.shape[:-2], -(-n // block), -(-k // block), dtype=torch.float32, device=w.device)
+        quantize_weight_into(w, q, s, block)
+        return q, s
+    return quantize_weight_torch(w, block)
+
+
+def quantize_weight_torch(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_weight` in plain torch on any device: the specification the kernel is tested against."""
     return _quantize(w, block, block)
+
+
+def _kernel_takes(w: torch.Tensor) -> bool:
+    """Whether the triton kernel quantises w: a CUDA matrix or expert stack [E, N, K] of a float dtype, with triton."""
+    if not w.is_cuda or w.dim() > 3 or w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def quantize_weight_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int) -> None:
+    """Quantise w [..., N, K] into the e4m3 tensor q (its shape) and the float32 scale_inv
+    [..., ceil(N/B), ceil(K/B)] in place: views of an engine's FP8 parameter (their last dimension contiguous)
+    are written directly on CUDA, without a temporary."""
+    if _kernel_takes(w) and q.is_cuda and q.device == w.device and scale.device == w.device \
+            and q.stride(-1) == 1 and scale.stride(-1) == 1:
+        from weight_sync.fp8_kernels import quantize_weight_into as kernel
+        kernel(w, q, scale, block, FP8_MAX, TINY)
+        return
+    wq, ws = quantize_weight_torch(w.to(q.device), block)
+    q.copy_(wq)
+    scale.copy_(ws)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: int,

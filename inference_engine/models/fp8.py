@@ -25,7 +25,7 @@ from torch import nn
 
 from inference_engine import ops
 from weight_sync.fp8 import (FP8_DTYPE, Fp8Layout, dequantize_weight, fake_quantize_activation, quantize_weight,
-                             scale_name)
+                             quantize_weight_into, scale_name)
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +233,7 @@ def scale_dst(param: nn.Parameter, weight_dst: torch.Tensor) -> torch.Tensor:
 def quantize_into(src: torch.Tensor, weight_dst: torch.Tensor, scale: torch.Tensor, block: int) -> None:
     """Quantise the full-precision rows `src` [..., n, K] (a stack of expert matrices: each on its own) into the e4m3
     view `weight_dst` and its scale rows `scale`."""
-    q, s = quantize_weight(src.to(weight_dst.device), block)
-    weight_dst.copy_(q)
-    scale.copy_(s)
+    quantize_weight_into(src.to(weight_dst.device), weight_dst, scale, block)
 
 
 def scale_hf_name(hf_weight_name: str) -> str:
