@@ -12,6 +12,10 @@
 # a call of its own: SKIP_TESTS=1 SKIP_PUSH=1 SKIP_KV=1 OFFLINE=1000x1024x1024 BENCH_TIMEOUT=560 bash scripts/fp8_gpu.sh
 # The KV part's offline row (KV_OFFLINE, default 300x1024x1024: up to 256 requests of 2048 tokens at once, more than
 # a bf16 pool of the 8B shape holds on an 80 GB card) is where the doubled capacity should show.
+# TESTS (the GPU test files), MISMATCH (default 32x512; empty skips the teacher-forced mismatch), OFFLINE (empty
+# skips the offline row) and BACKEND (the engines' attention backend, default flashinfer; triton needs no flashinfer
+# JIT) trim a short call. The engines first, the push last. A short call for the decode rows and the push:
+#   TESTS=tests/test_fp8_quant_kernel.py OFFLINE= MISMATCH= BACKEND=triton SKIP_KV=1 BENCH_TIMEOUT=200 PUSH_TIMEOUT=100 bash scripts/fp8_gpu.sh
 set -u
 OUT=${OUT:-/tmp/kiln_fp8_gpu}
 mkdir -p "$OUT"
@@ -21,9 +25,17 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout -s INT -k 15 "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu tests/test_fp8_gpu.py -q -p no:cacheprovider -rs \
+  timeout -s INT -k 15 "${TEST_TIMEOUT:-150}" python3 -m pytest -m gpu ${TESTS:-tests/test_fp8_gpu.py tests/test_fp8_quant_kernel.py} -q -p no:cacheprovider -rs \
     --durations=5 2>&1 | tee "$OUT/pytest_fp8.log"
   tests_rc=${PIPESTATUS[0]}
+fi
+
+bench_rc=skipped
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  timeout "${BENCH_TIMEOUT:-290}" python3 -m benchmarks.engine_throughput --shape qwen3-8b --rollout-dtype bf16,fp8 \
+    --decode-batches 1,64,256 --decode-steps 64 --offline "${OFFLINE-300x1024x1024}" --grpo= --hf-batches= \
+    --overlap on --mismatch "${MISMATCH-32x512}" --backend "${BACKEND:-flashinfer}" 2>&1 | tee "$OUT/bench_fp8.log"
+  bench_rc=${PIPESTATUS[0]}
 fi
 
 push_rc=skipped
@@ -31,14 +43,6 @@ if [ "${SKIP_PUSH:-0}" != 1 ]; then
   timeout "${PUSH_TIMEOUT:-130}" python3 benchmarks/weight_push.py --models qwen3-8b --rollout-dtype bf16,fp8 \
     --repeats 2 2>&1 | tee "$OUT/push_fp8.log"
   push_rc=${PIPESTATUS[0]}
-fi
-
-bench_rc=skipped
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  timeout "${BENCH_TIMEOUT:-290}" python3 -m benchmarks.engine_throughput --shape qwen3-8b --rollout-dtype bf16,fp8 \
-    --decode-batches 1,64,256 --decode-steps 64 --offline "${OFFLINE:-300x1024x1024}" --grpo= --hf-batches= \
-    --overlap on --mismatch 32x512 2>&1 | tee "$OUT/bench_fp8.log"
-  bench_rc=${PIPESTATUS[0]}
 fi
 
 kv_tests_rc=skipped
@@ -57,11 +61,11 @@ fi
 tar czf "$OUT/flashinfer_cache.tar.gz" -C ~/.cache flashinfer 2>/dev/null   # keep as .fi_cache/ for next time
 echo
 echo "== $(cat "$OUT/device.txt" | tr '\n' ' ')"
-echo "== pytest -m gpu tests/test_fp8_gpu.py: rc=$tests_rc; $(tail -n 1 "$OUT/pytest_fp8.log" 2>/dev/null)"
-echo "== weight push (rc=$push_rc):"
-grep "^| " "$OUT/push_fp8.log" 2>/dev/null | head -n 12
+echo "== pytest -m gpu ${TESTS:-tests/test_fp8_gpu.py tests/test_fp8_quant_kernel.py}: rc=$tests_rc; $(tail -n 1 "$OUT/pytest_fp8.log" 2>/dev/null)"
 echo "== engine, bf16 vs fp8 (rc=$bench_rc):"
 grep "^| " "$OUT/bench_fp8.log" 2>/dev/null
+echo "== weight push (rc=$push_rc):"
+grep "^| " "$OUT/push_fp8.log" 2>/dev/null | head -n 12
 echo "== pytest -m gpu tests/test_fp8_kv_gpu.py: rc=$kv_tests_rc; $(tail -n 1 "$OUT/pytest_fp8_kv.log" 2>/dev/null)"
 echo "== engine, bf16 KV vs fp8_e4m3 KV (rc=$kv_bench_rc):"
 grep "^| " "$OUT/bench_fp8_kv.log" 2>/dev/null
