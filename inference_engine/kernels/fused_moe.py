@@ -223,9 +223,10 @@ def _fp8_dot(a, w, w_scale, acc, QBLOCK: tl.constexpr):
 def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_xt, stride_we,
                     stride_wn, stride_wse, stride_wsn, stride_ot, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
-                    IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+                    IEEE: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr):
     """out[pair, n] = silu(x[t] . w[e, n]) * (x[t] . w[e, N + n]) for the pairs of one block and BLOCK_N columns.
-    QBLOCK > 0: w is e4m3 with scales ws [E, 2N / QBLOCK, K / QBLOCK], x quantised on the fly (BLOCK_K == QBLOCK)."""
+    QBLOCK > 0: w is e4m3 with scales ws [E, 2N / QBLOCK, K / QBLOCK], x quantised on the fly (BLOCK_K == QBLOCK).
+    PAIR_BLOCKS: block b is pair b alone, of expert block_expert[b] (the ids themselves; no align)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if USE_PDL:
@@ -236,7 +237,10 @@ def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, 
         return
     dt: tl.constexpr = out_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pairs_ptr + offs_m).to(tl.int64)  # [BM]
+    if PAIR_BLOCKS:  # row 0 is the pair, the others padding
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
+    else:
+        pair = tl.load(pairs_ptr + offs_m).to(tl.int64)  # [BM]
     valid = pair < num_pairs
     token = tl.where(valid, pair // TOP_K, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -276,9 +280,10 @@ def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, 
 def _down_kernel(h_ptr, w_ptr, ws_ptr, weights_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_ht,
                  stride_we, stride_wn, stride_wse, stride_wsn, stride_ot, NUM_EXPERTS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
-                 IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+                 IEEE: tl.constexpr, PAIR_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr):
     """out[pair, n] = weight[pair] * (h[pair] . w[e, n]) for the pairs of one block and BLOCK_N columns.
-    QBLOCK > 0: w is e4m3 with scales ws [E, N / QBLOCK, K / QBLOCK], h quantised on the fly (BLOCK_K == QBLOCK)."""
+    QBLOCK > 0: w is e4m3 with scales ws [E, N / QBLOCK, K / QBLOCK], h quantised on the fly (BLOCK_K == QBLOCK).
+    PAIR_BLOCKS: as in _gate_up_kernel."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if USE_PDL:
@@ -289,7 +294,10 @@ def _down_kernel(h_ptr, w_ptr, ws_ptr, weights_ptr, out_ptr, pairs_ptr, block_ex
         return
     dt: tl.constexpr = out_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pairs_ptr + offs_m).to(tl.int64)
+    if PAIR_BLOCKS:  # row 0 is the pair, the others padding
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
+    else:
+        pair = tl.load(pairs_ptr + offs_m).to(tl.int64)
     valid = pair < num_pairs
     safe = tl.where(valid, pair, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -358,7 +366,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     w13, w2 = w13.contiguous(), w2.contiguous()
     pairs = tokens * top_k
     block_m, block_n, block_k, warps, stages = config or default_config(pairs, num_experts)
-    sorted_pairs, block_expert = align(ids, groups, block_m)
+    pair_blocks = tokens == 1  # one token's top-k experts are distinct: each pair is its expert's only row
+    if pair_blocks:  # block b = pair b, of expert ids[0, b]: no align launch (a decode step of batch 1)
+        block_expert = ids.reshape(-1)
+        sorted_pairs = block_expert  # not read
+    else:
+        sorted_pairs, block_expert = align(ids, groups, block_m)
     blocks = block_expert.numel()
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # silu(gate) * up by pair
     ieee = x.dtype == torch.float32  # float32 engines: no TF32 rounding of the inputs
@@ -367,12 +380,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         x, w13, s13, h, sorted_pairs, block_expert, pairs, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
         s13.stride(0) if fp8 else 0, s13.stride(1) if fp8 else 0, h.stride(0), TOP_K=top_k, NUM_EXPERTS=num_experts,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block if fp8 else min(block_k, triton.next_power_of_2(hidden)),
-        QBLOCK=block, IEEE=ieee, num_warps=warps, num_stages=stages, **pdl.launch(x.device))
+        QBLOCK=block, IEEE=ieee, PAIR_BLOCKS=pair_blocks, num_warps=warps, num_stages=stages, **pdl.launch(x.device))
     flat_out = out.view(pairs, hidden)
     _down_kernel[(blocks, triton.cdiv(hidden, block_n))](
         h, w2, s2, weights.contiguous().view(-1), flat_out, sorted_pairs, block_expert, pairs, hidden, inter,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if fp8 else 0, s2.stride(1) if fp8 else 0,
         flat_out.stride(0), NUM_EXPERTS=num_experts, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block if fp8 else min(block_k, max(16, triton.next_power_of_2(inter))), QBLOCK=block, IEEE=ieee,
-        num_warps=warps, num_stages=stages, **pdl.launch(x.device))
+        PAIR_BLOCKS=pair_blocks, num_warps=warps, num_stages=stages, **pdl.launch(x.device))
     return out.sum(1) if top_k > 1 else out.view(tokens, hidden)
