@@ -142,6 +142,9 @@ def moe_layer_rows(spec, batches: list[int], bandwidth: float, report, fp8_block
         for name, cfg in configs.items():
             times[name] = event_ms(graphed(lambda cfg=cfg: kernels.fused_moe(x, w13, w2, *routed(), config=cfg)
                                            ).replay, 100)
+        if bs == 1:  # the engine's one-token path (no align) against the aligned one, same config
+            times["small aligned"] = event_ms(graphed(lambda: kernels.fused_moe(
+                x, w13, w2, *routed(), config=kernels.SMALL, pair_blocks=False)).replay, 100)
         best = min(times, key=times.get)
         report(f"MoE layer batch {bs} ({used} experts, {need / 1e6:.0f} MB), graph",
                f"router + route {route_ms * 1e3:.0f} us, + align {align_ms * 1e3:.0f} us; whole layer "

@@ -326,7 +326,8 @@ def _down_kernel(h_ptr, w_ptr, ws_ptr, weights_ptr, out_ptr, pairs_ptr, block_ex
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
               config: tuple[int, int, int, int, int] | None = None, expert_offset: int | None = None,
-              scales: tuple[torch.Tensor, torch.Tensor] | None = None, block: int = 0) -> torch.Tensor:
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None, block: int = 0,
+              pair_blocks: bool | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j]: [T, hidden] of x [T, hidden],
     w13 [E, 2I, hidden] (gate rows, then up rows), w2 [E, hidden, I], weights [T, k] (x's dtype), ids [T, k].
 
@@ -336,7 +337,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 
     scales = (w13 scale_inv [E, 2I/B, ceil(hidden/B)], w2 scale_inv [E, ceil(hidden/B), I/B]), block B: FP8 experts
     (w13 / w2 e4m3, I a multiple of B), activations quantised per token and B group inside the GEMMs (module
-    docstring); config's BLOCK_K is B then."""
+    docstring); config's BLOCK_K is B then.
+
+    pair_blocks: each pair its own block, no align (only right where a token's experts are distinct); None: at one
+    token (False there keeps the align, for benchmarks that time both)."""
     tokens, top_k = ids.shape
     num_experts, two_i, hidden = w13.shape
     inter = two_i // 2
@@ -366,7 +370,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     w13, w2 = w13.contiguous(), w2.contiguous()
     pairs = tokens * top_k
     block_m, block_n, block_k, warps, stages = config or default_config(pairs, num_experts)
-    pair_blocks = tokens == 1  # one token's top-k experts are distinct: each pair is its expert's only row
+    if pair_blocks is None:
+        pair_blocks = tokens == 1  # one token's top-k experts are distinct: each pair is its expert's only row
     if pair_blocks:  # block b = pair b, of expert ids[0, b]: no align launch (a decode step of batch 1)
         block_expert = ids.reshape(-1)
         sorted_pairs = block_expert  # not read
