@@ -70,6 +70,36 @@ def test_triton_gemm_gemv_and_scaled_mm_agree(m, n, k):
         _close(fp8_gemm.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16, torch.bfloat16), want)
 
 
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_prequant_gemv_matches_gemv(n, k):
+    """quantize_activation + gemv_prequant (benchmarks/fp8_linear.py's candidate) against the engine's GEMV, which
+    quantises x inside every program, under its default and other configs, and against the dequantised product."""
+    from inference_engine.kernels import fp8_gemm
+
+    x, wq, ws = _operands(1, n, k, seed=3)
+    xq, xs = fp8_gemm.quantize_activation(x, 128)
+    want = _want(x, wq, ws)
+    for cfg in (None, (1, 8, 8, 4), (1, 16, 4, 8), (1, 2, 16, 2)):
+        fused = fp8_gemm.gemv(x, wq, ws, 128, None, torch.bfloat16, config=cfg)
+        got = fp8_gemm.gemv_prequant(xq, xs, wq, ws, 128, None, torch.bfloat16, torch.bfloat16, config=cfg)
+        _close(got, fused)
+        _close(got, want)
+
+
+def test_prequant_gemv_silu_mul_and_bias():
+    """The down projection's form: quantize_activation's SiLU-and-mul, a bias, float32 output."""
+    from inference_engine.kernels import fp8_gemm
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    gate_up = torch.randn(1, 2 * 1536, device="cuda", generator=gen).bfloat16()
+    wq, ws = quantize_weight((torch.randn(512, 1536, device="cuda", generator=gen) * 0.02).bfloat16(), 128)
+    bias = torch.randn(512, device="cuda", generator=gen).bfloat16()
+    xq, xs = fp8_gemm.quantize_activation(gate_up, 128, silu_mul=True)
+    got = fp8_gemm.gemv_prequant(xq, xs, wq, ws, 128, bias, torch.float32, torch.bfloat16)
+    assert got.dtype == torch.float32
+    _close(got, fp8_gemm.gemv(gate_up, wq, ws, 128, bias, torch.float32, silu_mul=True))
+
+
 def test_fused_silu_mul_and_bias():
     from inference_engine import ops
 
