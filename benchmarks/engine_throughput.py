@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import random
@@ -530,7 +529,6 @@ def main() -> None:
                                                   for o in outs], dtype=torch.float64)  # [n, n_out] response tokens
         engine.shutdown()
         del engine
-        gc.collect()  # the runner, pool and scheduler hold one another in cycles: the next engine needs their memory
         torch.cuda.empty_cache()
         return results
 

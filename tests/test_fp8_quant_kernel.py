@@ -1,14 +1,14 @@
 """The triton blockwise weight quantisation (`weight_sync.fp8_kernels`) against the torch specification
 (`weight_sync.fp8.quantize_weight_torch`), bit for bit: e4m3 bytes and float32 scales. On CPU under the triton
 interpreter (with torch's e4m3 conversion, as a GPU rounds); on a GPU (`-m gpu`) through `quantize_weight` and the
-engine's in-place `quantize_into`, on the Qwen3-8B shapes too."""
+engine's in-place `quantize_weight_into`, on the Qwen3-8B shapes too."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from weight_sync.fp8 import FP8_MAX, TINY, quantize_weight, quantize_weight_torch
+from weight_sync.fp8 import FP8_MAX, TINY, quantize_weight, quantize_weight_into, quantize_weight_torch
 
 # (shape, block, dtype): whole and partial blocks in both dimensions, an expert stack, every block size
 CASES = [((64, 96), 32, torch.float32), ((70, 50), 16, torch.bfloat16), ((3, 40, 72), 32, torch.bfloat16),
@@ -71,8 +71,6 @@ def test_cpu_quantise_weight_is_the_specification():
 
 @pytest.mark.gpu
 def test_weight_quantisation_kernel_on_gpu_is_bit_identical_to_torch():
-    from inference_engine.models import fp8 as engine_fp8
-
     _check_kernel("cuda")
     for i, (shape, block, dtype) in enumerate(CASES):  # quantize_weight's CUDA dispatch
         w = _weight(shape, dtype, seed=i).cuda()
@@ -83,7 +81,7 @@ def test_weight_quantisation_kernel_on_gpu_is_bit_identical_to_torch():
         # the engine's in-place path: a row range of an FP8 parameter and its scale rows
         q = torch.empty(n + 256, k, dtype=torch.float8_e4m3fn, device="cuda")
         s = torch.empty(n // 128 + 2, k // 128, device="cuda")
-        engine_fp8.quantize_into(w, q[128:128 + n], s[1:1 + n // 128], 128)
+        quantize_weight_into(w, q[128:128 + n], s[1:1 + n // 128], 128)
         _same((q[128:128 + n], s[1:1 + n // 128]), quantize_weight_torch(w, 128))
 
 

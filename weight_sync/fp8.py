@@ -97,16 +97,17 @@ def _kernel_takes(w: torch.Tensor) -> bool:
     return True
 
 
+@torch.no_grad()
 def quantize_weight_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block: int) -> None:
-    """Quantise w [..., N, K] into the e4m3 tensor q (its shape) and the float32 scale_inv
-    [..., ceil(N/B), ceil(K/B)] in place: views of an engine's FP8 parameter (their last dimension contiguous)
-    are written directly on CUDA, without a temporary."""
-    if _kernel_takes(w) and q.is_cuda and q.device == w.device and scale.device == w.device \
-            and q.stride(-1) == 1 and scale.stride(-1) == 1:
+    """Quantise w [..., N, K] (on any device: it moves to q's first) into the e4m3 tensor q (its shape) and the
+    float32 scale_inv [..., ceil(N/B), ceil(K/B)] in place: views of an engine's FP8 parameter (their last dimension
+    contiguous) are written directly on CUDA, without a temporary."""
+    w = w.to(q.device)
+    if _kernel_takes(w) and scale.device == q.device and q.stride(-1) == 1 and scale.stride(-1) == 1:
         from weight_sync.fp8_kernels import quantize_weight_into as kernel
         kernel(w, q, scale, block, FP8_MAX, TINY)
         return
-    wq, ws = quantize_weight_torch(w.to(q.device), block)
+    wq, ws = quantize_weight_torch(w, block)
     q.copy_(wq)
     scale.copy_(ws)
 

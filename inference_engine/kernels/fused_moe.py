@@ -220,6 +220,18 @@ def _fp8_dot(a, w, w_scale, acc, QBLOCK: tl.constexpr):
 
 
 @triton.jit
+def _block_pairs(pairs_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr, PAIR_BLOCKS: tl.constexpr):
+    """The pair index of each row of block pid_m [BM] (num_pairs: a padding row): the aligned list's, or with
+    PAIR_BLOCKS pair pid_m in row 0 and padding below."""
+    rows = tl.arange(0, BLOCK_M)
+    if PAIR_BLOCKS:
+        pair = tl.where(rows == 0, pid_m, num_pairs)
+    else:
+        pair = tl.load(pairs_ptr + pid_m * BLOCK_M + rows)
+    return pair.to(tl.int64)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, num_pairs, N, K, stride_xt, stride_we,
                     stride_wn, stride_wse, stride_wsn, stride_ot, TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
@@ -236,11 +248,7 @@ def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, pairs_ptr, block_expert_ptr, 
     if expert >= NUM_EXPERTS:
         return
     dt: tl.constexpr = out_ptr.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if PAIR_BLOCKS:  # row 0 is the pair, the others padding
-        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
-    else:
-        pair = tl.load(pairs_ptr + offs_m).to(tl.int64)  # [BM]
+    pair = _block_pairs(pairs_ptr, pid_m, num_pairs, BLOCK_M, PAIR_BLOCKS)  # [BM]
     valid = pair < num_pairs
     token = tl.where(valid, pair // TOP_K, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -293,11 +301,7 @@ def _down_kernel(h_ptr, w_ptr, ws_ptr, weights_ptr, out_ptr, pairs_ptr, block_ex
     if expert >= NUM_EXPERTS:
         return
     dt: tl.constexpr = out_ptr.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if PAIR_BLOCKS:  # row 0 is the pair, the others padding
-        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
-    else:
-        pair = tl.load(pairs_ptr + offs_m).to(tl.int64)
+    pair = _block_pairs(pairs_ptr, pid_m, num_pairs, BLOCK_M, PAIR_BLOCKS)  # [BM]
     valid = pair < num_pairs
     safe = tl.where(valid, pair, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -5,8 +5,8 @@
 [ceil(rows/B), ceil(cols/B)] beside it, with weight targets in block units so that the loader places HF
 `*_scale_inv` tensors the way it places weights (fused parts, tp shards). A mixture-of-experts layer's expert
 stacks get the same per expert matrix (`moe.Experts.make_fp8`). A full-precision HF weight loaded into an FP8
-weight is quantised on the way in (`quantize_into`); an e4m3 weight with its scale (a sender that quantised
-before the wire, an FP8 checkpoint) is copied as it is. Numerics: `weight_sync.fp8`.
+weight is quantised on the way in (`weight_sync.fp8.quantize_weight_into`); an e4m3 weight with its scale (a
+sender that quantised before the wire, an FP8 checkpoint) is copied as it is. Numerics: `weight_sync.fp8`.
 
 `linear` is the FP8 x @ W^T: the activations are quantised per row and `block` group on the fly. On CUDA
 the triton kernels run (`kernels/fp8_gemm.py`: the GEMV for decode rows, the blockwise GEMM or
@@ -25,7 +25,7 @@ from torch import nn
 
 from inference_engine import ops
 from weight_sync.fp8 import (FP8_DTYPE, Fp8Layout, dequantize_weight, fake_quantize_activation, quantize_weight,
-                             quantize_weight_into, scale_name)
+                             scale_name)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def convert(model: nn.Module, layout: Fp8Layout) -> int:
         scale.unshard = weight.unshard if not head else _scale_rows_unshard(-(-module.vocab_size // block))
         scale.fp8_block = block  # rows of the scale are blocks of the weight's rows (loader._local_hf_pieces)
         module.register_parameter(SCALE_SUFFIX, scale)
-        weight.fp8_module = module  # where quantize_into finds the scale of a full-precision weight
+        weight.fp8_module = module  # where the loader finds the scale of a full-precision weight
         module.fp8_block = block
         converted += 1
     device = next(model.parameters()).device
@@ -227,13 +227,6 @@ def scale_dst(param: nn.Parameter, weight_dst: torch.Tensor) -> torch.Tensor:
     scale = getattr(module, SCALE_SUFFIX)
     row0 = (weight_dst.storage_offset() - param.storage_offset()) // param.stride(0)
     return scale.data.narrow(0, row0 // block, -(-weight_dst.shape[0] // block))
-
-
-@torch.no_grad()
-def quantize_into(src: torch.Tensor, weight_dst: torch.Tensor, scale: torch.Tensor, block: int) -> None:
-    """Quantise the full-precision rows `src` [..., n, K] (a stack of expert matrices: each on its own) into the e4m3
-    view `weight_dst` and its scale rows `scale`."""
-    quantize_weight_into(src.to(weight_dst.device), weight_dst, scale, block)
 
 
 def scale_hf_name(hf_weight_name: str) -> str:

@@ -17,6 +17,7 @@ from inference_engine.models.moe import Experts, resolve_expert
 from inference_engine.models.transformer import CausalLM, ModelSpec
 from inference_engine.parallel import TPGroup
 from weight_sync.buckets import StableBucket, copy_tensors
+from weight_sync.fp8 import quantize_weight_into
 
 # HF projection name -> (fused engine parameter, part of it)
 PACKED = {
@@ -100,7 +101,7 @@ class WeightCopies:
         for dsts, srcs in self.groups:
             copy_tensors(dsts, srcs)
         for src, dst, scale, block in self.quantized:
-            fp8.quantize_into(src, dst, scale, block)
+            quantize_weight_into(src, dst, scale, block)
         return self.names
 
 
