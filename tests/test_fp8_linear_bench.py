@@ -20,8 +20,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (rows, n, k, block, silu_mul, bias, x dtype, out dtype, config or None for gemv_config): a ragged K group (not
-# EVEN_K), a partial N block, several rows, SiLU-and-mul, a bias, float32 output of a bf16 product, float32 x
+# (rows, n, k, block, silu_mul, bias, x dtype, out dtype, config or None for gemv_config): a ragged K group,
+# a partial N block, several rows, SiLU-and-mul, a bias, float32 output of a bf16 product, float32 x
 CASES = [(1, 200, 136, 32, False, False, torch.bfloat16, torch.bfloat16, None),
          (1, 256, 256, 128, False, True, torch.bfloat16, torch.float32, (1, 8, 2, 4)),
          (3, 130, 384, 64, True, False, torch.bfloat16, torch.bfloat16, (4, 4, 4, 2)),

@@ -143,10 +143,12 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_wsn, stride_ym,
-                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, QBLOCK: tl.constexpr, GROUPS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr):
-    # BLOCK_N divides QBLOCK: a program's output rows share one row of weight scales, so both scales fold into x
+def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xsm, stride_wn, stride_wsn,
+                 stride_ym, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, PREQUANT: tl.constexpr,
+                 QBLOCK: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ROUND_DT: tl.constexpr, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr):
+    # BLOCK_N divides QBLOCK: a program's output rows share one row of weight scales, so both scales fold into x.
+    # PREQUANT: x is already e4m3 with scales xs [M, K/QBLOCK] (quantize_activation), read instead of quantised here
     pid = tl.program_id(0)
     BLOCK_K: tl.constexpr = GROUPS * QBLOCK
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,24 +162,31 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_
     ws_ptrs = ws_ptr + ((pid * BLOCK_N) // QBLOCK).to(tl.int64) * stride_wsn + offs_g  # [G]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # each weight byte is read once; x stays cached and is quantised per program
+    for k0 in range(0, K, BLOCK_K):  # each weight byte is read once; x stays cached (and is quantised per program)
         k_mask = (k0 + offs_k) < K
+        g_mask = (k0 // QBLOCK + offs_g) * QBLOCK < K  # [G]
         w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-                    eviction_policy="evict_last").to(tl.float32)
-        if SILU_MUL:  # x is [gate | up] of width 2K: the input is silu(gate) * up, rounded as silu_and_mul rounds
-            up = tl.load(x_ptrs + K + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
-            act = (x / (1.0 + tl.exp(-x))).to(dt).to(tl.float32)
-            x = (act * up).to(dt).to(tl.float32)
-        xq, xs = _quant_group(tl.reshape(x, (BLOCK_M, GROUPS, QBLOCK)), FP8_MAX_C, TINY_C)  # [BM, G, B], [BM, G]
-        w_s = tl.load(ws_ptrs + k0 // QBLOCK, mask=(k0 // QBLOCK + offs_g) * QBLOCK < K, other=0.0)  # [G]
+        if PREQUANT:
+            xq = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_last")
+            xq = tl.reshape(xq, (BLOCK_M, GROUPS, QBLOCK))
+            xs = tl.load(xs_ptr + offs_m[:, None] * stride_xsm + (k0 // QBLOCK + offs_g)[None, :],
+                         mask=m_mask[:, None] & g_mask[None, :], other=0.0, eviction_policy="evict_last")  # [BM, G]
+        else:
+            x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            if SILU_MUL:  # x is [gate | up] of width 2K: the input is silu(gate) * up, rounded as silu_and_mul rounds
+                up = tl.load(x_ptrs + K + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                             eviction_policy="evict_last").to(tl.float32)
+                act = (x / (1.0 + tl.exp(-x))).to(dt).to(tl.float32)
+                x = (act * up).to(dt).to(tl.float32)
+            xq, xs = _quant_group(tl.reshape(x, (BLOCK_M, GROUPS, QBLOCK)), FP8_MAX_C, TINY_C)  # [BM, G, B], [BM, G]
+        w_s = tl.load(ws_ptrs + k0 // QBLOCK, mask=g_mask, other=0.0)  # [G]
         xe = xq.to(tl.float32) * (xs * w_s[None, :])[:, :, None]  # both scales on x: [BM, G, B]
         acc += tl.reshape(xe, (BLOCK_M, BLOCK_K))[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
     y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y.to(dt).to(y_ptr.dtype.element_ty)
+    y = y.to(ROUND_DT).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -192,12 +201,10 @@ def gemv_config(rows: int, n: int, k: int, block: int) -> tuple[int, int, int, i
     return block_m, 4 if n >= 6144 else 2, groups, 4
 
 
-def gemv(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, block: int, bias: torch.Tensor | None,
-         out_dtype: torch.dtype, silu_mul: bool = False,
-         config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (activation dtype; silu_mul: [M, 2K]) @ wq [N, K]^T e4m3 with x quantised per row and `block` group
-    inside the kernel: [M, N] in out_dtype, rounded to x's dtype first. For few rows M (decode)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
+def _gemv(x: torch.Tensor, xs: torch.Tensor | None, wq: torch.Tensor, ws: torch.Tensor, block: int,
+          bias: torch.Tensor | None, out_dtype: torch.dtype, round_dtype: torch.dtype, silu_mul: bool,
+          config: tuple[int, int, int, int] | None) -> torch.Tensor:
+    """The launch of `gemv` (xs None) and `gemv_prequant` (x e4m3 with its scales xs)."""
     rows, (n, k) = x.shape[0], wq.shape
     out = torch.empty(rows, n, dtype=out_dtype, device=x.device)
     block_m, block_n, groups, warps = config or gemv_config(rows, n, k, block)
@@ -205,50 +212,20 @@ def gemv(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, block: int, bias: 
         raise ValueError(f"fp8 GEMV: BLOCK_N {block_n} must divide the scale block {block}")
     if rows:
         _gemv_kernel[(triton.cdiv(n, block_n),)](
-            x, wq, ws, bias if bias is not None else ws, out, rows, n, k, x.stride(0), wq.stride(0), ws.stride(0),
-            out.stride(0), HAS_BIAS=bias is not None, SILU_MUL=silu_mul, QBLOCK=block, GROUPS=groups,
-            BLOCK_M=block_m, BLOCK_N=block_n, FP8_MAX_C=FP8_MAX, TINY_C=TINY, num_warps=warps)
+            x, ws if xs is None else xs, wq, ws, bias if bias is not None else ws, out, rows, n, k, x.stride(0),
+            0 if xs is None else xs.stride(0), wq.stride(0), ws.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+            SILU_MUL=silu_mul, PREQUANT=xs is not None, QBLOCK=block, GROUPS=groups, BLOCK_M=block_m,
+            BLOCK_N=block_n, ROUND_DT=_TL_DTYPES[round_dtype], FP8_MAX_C=FP8_MAX, TINY_C=TINY, num_warps=warps)
     return out
 
 
-@triton.jit
-def _gemv_q_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xsm, stride_wn, stride_wsn,
-                   stride_ym, HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, GROUPS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr, ROUND_DT: tl.constexpr):
-    # _gemv_kernel with x read already quantised (e4m3 and its scales): the same products, scales and sums
-    pid = tl.program_id(0)
-    BLOCK_K: tl.constexpr = GROUPS * QBLOCK
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_g = tl.arange(0, GROUPS)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BN, BK]
-    ws_ptrs = ws_ptr + ((pid * BLOCK_N) // QBLOCK).to(tl.int64) * stride_wsn + offs_g  # [G]
-    x_ptrs = xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    xs_ptrs = xs_ptr + offs_m[:, None] * stride_xsm + offs_g[None, :]  # [BM, G]
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # each weight byte is read once; x and its scales stay cached
-        g_mask = (k0 // QBLOCK + offs_g) * QBLOCK < K  # [G]
-        if EVEN_K:
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
-            xq = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0, eviction_policy="evict_last")
-        else:
-            k_mask = (k0 + offs_k) < K
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            xq = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_last")
-        x_s = tl.load(xs_ptrs + k0 // QBLOCK, mask=m_mask[:, None] & g_mask[None, :], other=0.0,
-                      eviction_policy="evict_last")  # [BM, G]
-        w_s = tl.load(ws_ptrs + k0 // QBLOCK, mask=g_mask, other=0.0)  # [G]
-        xe = tl.reshape(xq.to(tl.float32), (BLOCK_M, GROUPS, QBLOCK)) * (x_s * w_s[None, :])[:, :, None]  # [BM, G, B]
-        acc += tl.reshape(xe, (BLOCK_M, BLOCK_K))[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
-    y = tl.sum(acc, axis=2)  # [BM, BN]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y.to(ROUND_DT).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
+def gemv(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, block: int, bias: torch.Tensor | None,
+         out_dtype: torch.dtype, silu_mul: bool = False,
+         config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (activation dtype; silu_mul: [M, 2K]) @ wq [N, K]^T e4m3 with x quantised per row and `block` group
+    inside the kernel: [M, N] in out_dtype, rounded to x's dtype first. For few rows M (decode)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return _gemv(x, None, wq, ws, block, bias, out_dtype, x.dtype, silu_mul, config)
 
 
 def gemv_prequant(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, block: int,
@@ -257,18 +234,7 @@ def gemv_prequant(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torc
     """`gemv` of x already quantised by `quantize_activation`: xq [M, K] e4m3 (scales xs [M, K/B]) @ wq [N, K]^T e4m3
     (scales ws [N/B, K/B]) (+ bias), rounded to round_dtype, in out_dtype: [M, N]. The same numbers as `gemv` of that
     x under the same config; every program reads the quantised x instead of quantising its own copy."""
-    (rows, k), n = xq.shape, wq.shape[0]
-    out = torch.empty(rows, n, dtype=out_dtype, device=xq.device)
-    block_m, block_n, groups, warps = config or gemv_config(rows, n, k, block)
-    if block % block_n:
-        raise ValueError(f"fp8 GEMV: BLOCK_N {block_n} must divide the scale block {block}")
-    if rows:
-        _gemv_q_kernel[(triton.cdiv(n, block_n),)](
-            xq, xs, wq, ws, bias if bias is not None else ws, out, rows, n, k, xq.stride(0), xs.stride(0),
-            wq.stride(0), ws.stride(0), out.stride(0), HAS_BIAS=bias is not None, QBLOCK=block, GROUPS=groups,
-            BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=k % (groups * block) == 0, ROUND_DT=_TL_DTYPES[round_dtype],
-            num_warps=warps)
-    return out
+    return _gemv(xq, xs, wq, ws, block, bias, out_dtype, round_dtype, False, config)
 
 
 def scaled_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
