@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FP8 linears kernel by kernel (issue #22: FP8 decode slower than bf16): the pre-quantised GEMV's GPU tests, then
+# FP8 linears kernel by kernel (issue #22: FP8 decode slower than bf16): the GEMV and linear kernels' GPU tests, then
 # benchmarks/fp8_linear.py on the Qwen3-8B linears (rows 1: the engine's bf16 GEMV vs the FP8 GEMV over a config
 # sweep vs quantize_activation + gemv_prequant over the same sweep; rows 64 / 256: bf16 vs quantize_activation +
 # torch._scaled_mm vs + the triton GEMM over a config sweep); the tables last. Logs and fp8_linear.json go to $OUT.
@@ -19,7 +19,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout -s INT -k 15 "${TEST_TIMEOUT:-90}" python3 -m pytest -m gpu tests/test_fp8_gpu.py -k prequant -q \
+  timeout -s INT -k 15 "${TEST_TIMEOUT:-90}" python3 -m pytest -m gpu tests/test_fp8_gpu.py -k "prequant or gemv or linear or silu" -q \
     -p no:cacheprovider -rs --durations=5 2>&1 | tee "$OUT/pytest_fp8_linear.log"
   tests_rc=${PIPESTATUS[0]}
 fi
@@ -30,6 +30,6 @@ bench_rc=${PIPESTATUS[0]}
 
 echo
 echo "== $(cat "$OUT/device.txt" | tr '\n' ' ')"
-echo "== pytest -m gpu tests/test_fp8_gpu.py -k prequant: rc=$tests_rc; $(tail -n 1 "$OUT/pytest_fp8_linear.log" 2>/dev/null)"
+echo "== pytest -m gpu tests/test_fp8_gpu.py (the GEMV and linear kernels): rc=$tests_rc; $(tail -n 1 "$OUT/pytest_fp8_linear.log" 2>/dev/null)"
 echo "== benchmarks.fp8_linear (rc=$bench_rc):"
 grep -E "^(\| |#|fastest|\(predicted|!!)" "$OUT/bench_fp8_linear.log" 2>/dev/null
