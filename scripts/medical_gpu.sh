@@ -7,13 +7,16 @@
 # single-GPU device kind runs it. Models and runs go to runs/medical/gpu; the table, results.json, curves.png,
 # the logs and the GPU names are copied to $OUT (the device call's folder that comes back) when it is set.
 #   run(carry=[".whl", ".fi_cache"], timeout_s=600, command="bash scripts/medical_gpu.sh")
-# One seed per call by default (a device call is at most 600 s; the time per RL step at this size is not measured
-# yet): then SEEDS="0 1" and SEEDS="0 1 2" on the same warm machine; each reuses runs/medical/gpu/warm and the
-# arms and evaluations already done, trains the new seed, and writes the table of the seeds it names.
-# The experiment runs under LIMIT_S (555 s): a run that does not finish in one call is interrupted before the device
-# tool's 600 s, so its logs and what it finished still come back; the next call on the warm machine goes on.
-# Knobs: SEEDS ("0"), STEPS (40), N_EVAL (300), LIMIT_S, WARM_ARGS; PY (default python3: the device's copy of the tree
-# has no .venv; on a machine of your own, PY=.venv/bin/python).
+# The seeds train side by side on the one GPU (one process and local Ray each; the models are small, so one seed
+# alone leaves the GPU mostly idle; every engine's KV pool is sized for its consultations, not from free memory):
+# first the warm start and the SFT doctor's evaluations, then one experiment process per seed, then the table of all.
+# Everything runs under LIMIT_S (555 s): a call that does not finish is interrupted before the device tool's 600 s,
+# so its logs and what it finished still come back; a second call on the warm machine goes on: an arm whose export
+# exists and an evaluation already written are not redone, an arm cut off resumes from its newest checkpoint (one
+# every SAVE_INTERVAL steps). On 2026-12-06 (H100) the warm start took 186 s, the three seeds of arm (a) side by side
+# 335-454 s, of arm (b) 397-427 s: the whole experiment is about three calls on one warm machine.
+# Knobs: SEEDS ("0 1 2"), STEPS (40), N_EVAL (300), LIMIT_S, SAVE_INTERVAL (5), WARM_ARGS; PY (default python3: the device's copy of the
+# tree has no .venv; on a machine of your own, PY=.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .whl/install.sh ]; then source scripts/device_env.sh; fi   # a device call: the carried wheels
@@ -25,14 +28,31 @@ mkdir -p "$RUN"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$RUN/gpus.csv"
 WARM_ARGS=${WARM_ARGS:---conditions all --n-dialogues 8000 --n-train 8000 --n-test 400 --steps 3000 \
 --patient-steps 2000 --batch-size 64 --hidden-size 384 --layers 6 --lr 1e-3 --vocab-size 4096 --device cuda}
-# shellcheck disable=SC2086
-timeout -s INT -k 20 "${LIMIT_S:-555}" "$PY" -m examples.medical_multiagent.experiment "$RUN" --config examples/medical_multiagent/config_gpu_rl.yaml \
-  --seeds ${SEEDS:-0} --steps "${STEPS:-40}" --n-eval "${N_EVAL:-300}" --device cuda \
-  --warm-args "$WARM_ARGS" 2>&1 | tee "$RUN/experiment.log" || status=$?
+SEEDS=${SEEDS:-0 1 2}
+deadline=$(( SECONDS + ${LIMIT_S:-555} ))
+left() { echo $(( deadline - SECONDS > 1 ? deadline - SECONDS : 1 )); }
+experiment() {  # experiment.py with this run's settings; extra arguments last
+  # shellcheck disable=SC2086
+  timeout -s INT -k 20 "$(left)" "$PY" -m examples.medical_multiagent.experiment "$RUN" \
+    --config examples/medical_multiagent/config_gpu_rl.yaml --steps "${STEPS:-40}" --n-eval "${N_EVAL:-300}" \
+    --device cuda --save-interval "${SAVE_INTERVAL:-5}" --warm-args "$WARM_ARGS" "$@"
+}
+# the warm start and the SFT doctor's two evaluations, once (--eval-only trains nothing)
+experiment --seeds $SEEDS --eval-only 2>&1 | tee "$RUN/experiment.log" || status=$?
+if [ -z "${status:-}" ]; then
+  pids=()
+  for seed in $SEEDS; do  # one process (and local Ray) per seed, side by side
+    (OMP_NUM_THREADS=2 experiment --seeds "$seed" 2>&1 | tee "$RUN/experiment_s$seed.log" > /dev/null) &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}" || status=$?; done
+  grep -h -E "^\[" "$RUN"/experiment_s*.log | tee -a "$RUN/experiment.log" || true
+  experiment --seeds $SEEDS --eval-only 2>&1 | tee -a "$RUN/experiment.log" || status=${status:-$?}
+fi
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/medical_gpu"
-  cp "$RUN"/{gpus.csv,experiment.log,table.md,results.json,curves.png,warm/warm_start.json} "$OUT/medical_gpu/" 2>/dev/null || true
-  for log in "$RUN"/*/train.log; do cp "$log" "$OUT/medical_gpu/$(basename "$(dirname "$log")").train.log"; done
+  cp "$RUN"/{gpus.csv,experiment.log,experiment_s*.log,table.md,results.json,curves.png,warm/warm_start.json} "$OUT/medical_gpu/" 2>/dev/null || true
+  for log in "$RUN"/*/train.log; do cp "$log" "$OUT/medical_gpu/$(basename "$(dirname "$log")").train.log" || true; done
 fi
 echo "medical_gpu: ${SECONDS}s in all; table: $RUN/table.md"
 exit "${status:-0}"

@@ -299,9 +299,10 @@ def test_every_gpu_experiment_arm_takes_one_gpu(warm, tmp_path):
 
     config = REPO / "examples" / "medical_multiagent" / "config_gpu_rl.yaml"
     for arm, policies, frozen in (("fixed", 2, ["patient"]), ("cotrain", 2, []), ("rule", 1, [])):
-        cfg = parse_args(arm_flags(arm, warm, tmp_path, 0, 40, config))
+        cfg = parse_args(arm_flags(arm, warm, tmp_path, 0, 40, config, save_interval=5))  # as the script runs it
         run = cfg.run
         assert len(cfg.policies) == policies and run.colocate and run.policies_share_devices
+        assert run.save == run.load == str(tmp_path / "checkpoints") and run.save_interval == 5
         assert run.frozen_policies == frozen
         plan = plan_placement(list(cfg.policies), num_trainers=run.actor_num_nodes * run.actor_num_gpus_per_node,
                               num_engines=run.num_engines, colocate=run.colocate, use_gpu=True,
@@ -310,3 +311,47 @@ def test_every_gpu_experiment_arm_takes_one_gpu(warm, tmp_path):
         assert sum(b["GPU"] for b in plan.bundles) == 1.0, (arm, plan.bundles)
         slots = [s for p in plan.policies.values() for s in p.trainers + p.engines]
         assert len(slots) == 2 * policies - len(frozen) and sum(s.num_gpus for s in slots) <= 1.0
+
+
+def test_an_arm_cut_off_resumes_from_its_checkpoint(warm, tmp_path):
+    """experiment.py --save-interval: an arm (here arm (a), whose patient is frozen) that stopped after its
+    checkpoint goes on from it when run again: the second run trains only the steps after the checkpoint, each step
+    is in the curves once, and the doctor's export is the resumed run's."""
+    ray = pytest.importorskip("ray")
+    from examples.medical_multiagent.eval import curves
+    from examples.medical_multiagent.experiment import DOCTOR, train_arm
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text((REPO / "examples" / "medical_multiagent" / "config_cpu_rl.yaml").read_text()
+                      + "rollout_batch_size: 2\nn_samples_per_prompt: 2\nglobal_batch_size: 4\n")
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    run = tmp_path / "fixed-s0"
+    try:
+        train_arm("fixed", warm, run, 0, 1, config, save_interval=1)  # "cut off" after step 1's checkpoint
+        first = _weights(run / "hf" / DOCTOR)
+        (run / "hf" / DOCTOR / "config.json").unlink()  # no export: the arm counts as not trained
+        train_arm("fixed", warm, run, 0, 2, config, save_interval=1)
+    finally:
+        ray.shutdown()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the resumed run began after the checkpoint of step 1
+    assert [s for s, _ in curves(run / "metrics.jsonl")["doctor/loss"]] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["iter_0000001", "iter_0000002"]
+    second = _weights(run / "hf" / DOCTOR)
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # step 2 trained the doctor further
+
+
+def test_curves_count_a_step_logged_twice_once(tmp_path):
+    """A run resumed from a checkpoint logs the steps after it again: the curves keep the last record of each."""
+    from examples.medical_multiagent.eval import curves
+
+    rows = [{"step": 1, "train/doctor/loss": 0.5}, {"step": 2, "train/doctor/loss": 0.4},
+            {"step": 2, "train/doctor/loss": 0.3}, {"step": 3, "train/doctor/loss": 0.2}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert curves(path)["doctor/loss"] == [(1, 0.5), (2, 0.3), (3, 0.2)]

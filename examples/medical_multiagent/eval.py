@@ -201,12 +201,13 @@ def curves(metrics_file: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Per-step series of a run's metrics.jsonl for both roles: reward, loss, turns, response length.
 
     Keys are named by role (`doctor/reward`, `patient/loss`, ...) whether the run had two policies
-    (`rollout/doctor/reward_mean`, `train/doctor/loss`) or one (`rollout/reward_mean`, `train/loss`).
+    (`rollout/doctor/reward_mean`, `train/doctor/loss`) or one (`rollout/reward_mean`, `train/loss`). A step logged
+    twice (a run resumed from a checkpoint logs the steps after it again) counts once, as logged last.
     """
     wanted = {"reward": "rollout/{r}/reward_mean", "loss": "train/{r}/loss", "turns": "rollout/{r}/turns_mean",
               "response_len": "rollout/{r}/response_len_mean"}
     single = {"reward": "rollout/reward_mean", "loss": "train/loss"}
-    out: dict[str, list[tuple[int, float]]] = {}
+    by_step: dict[str, dict[int, float]] = {}
     for line in Path(metrics_file).read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -217,8 +218,8 @@ def curves(metrics_file: str | Path) -> dict[str, list[tuple[int, float]]]:
                 if key not in row and role == DOCTOR and name in single:  # a one-policy run: the doctor's
                     key = single[name]
                 if key in row and isinstance(row[key], (int, float)):
-                    out.setdefault(f"{role}/{name}", []).append((int(row["step"]), float(row[key])))
-    return out
+                    by_step.setdefault(f"{role}/{name}", {})[int(row["step"])] = float(row[key])
+    return {name: sorted(series.items()) for name, series in by_step.items()}
 
 
 def load_samples(data: str | None, n_cases: int, seed: int) -> list[Sample]:

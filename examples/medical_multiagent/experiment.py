@@ -44,13 +44,19 @@ ARM_TITLES = {"sft": "SFT doctor (before RL)", "fixed": "(a) vs fixed SFT patien
               "cotrain": "(b) co-trained with patient", "rule": "(c) vs rule-based patient"}
 
 
-def arm_flags(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config: Path) -> list[str]:
-    """train.py arguments of one arm and seed."""
+def arm_flags(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config: Path,
+              save_interval: int = 0) -> list[str]:
+    """train.py arguments of one arm and seed. save_interval > 0: a checkpoint every that many steps in
+    run_dir/checkpoints, and the run resumes from the newest one there (an arm cut off, e.g. by a device call's time
+    limit, goes on from its last checkpoint when run again instead of from step 0)."""
     policies = [f"doctor={warm / 'sft-doctor'}"]
     if arm != "rule":
         policies.append(f"patient={warm / 'sft-patient'}")
-    frozen = ["--frozen-policies", "patient"] if arm == "fixed" else []   # served, never trained: no trainer
-    return ["--config", str(config), "--policies", *policies, *frozen, "--custom-generate-function-path", ARMS[arm],
+    extra = ["--frozen-policies", "patient"] if arm == "fixed" else []   # served, never trained: no trainer
+    if save_interval > 0:
+        ckpt = str(run_dir / "checkpoints")
+        extra += ["--save", ckpt, "--save-interval", str(save_interval), "--load", ckpt]
+    return ["--config", str(config), "--policies", *policies, *extra, "--custom-generate-function-path", ARMS[arm],
             "--prompt-data", str(warm / "data" / "train.jsonl"), "--num-rollout", str(steps),
             "--seed", str(seed), "--rollout-seed", str(seed), "--sampling-seed", str(1000 * seed),
             "--metrics-file", str(run_dir / "metrics.jsonl"), "--save-hf", str(run_dir / "hf")]
@@ -79,9 +85,10 @@ def start_ray(num_cpus: int | None) -> None:
             time.sleep(10)
 
 
-def train_arm(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config: Path) -> float:
+def train_arm(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config: Path,
+              save_interval: int = 0) -> float:
     """Run train.py's driver in this process for one arm (its log lines also in run_dir/train.log); its wall
-    seconds. Skipped when its export exists."""
+    seconds. Skipped when its export exists; resumed from its newest checkpoint when save_interval > 0."""
     import logging
 
     from kiln_common.logs import setup_logging
@@ -93,12 +100,12 @@ def train_arm(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging()  # the console handler first (setup_logging adds none once the root logger has one)
     logging.getLogger().setLevel(logging.INFO)
-    handler = logging.FileHandler(run_dir / "train.log", mode="w")
+    handler = logging.FileHandler(run_dir / "train.log", mode="a" if save_interval > 0 else "w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     start = time.perf_counter()
     try:
-        train_main(arm_flags(arm, warm, run_dir, seed, steps, config))
+        train_main(arm_flags(arm, warm, run_dir, seed, steps, config, save_interval))
     except SystemExit as e:
         raise RuntimeError(f"train.py for arm {arm} seed {seed} exited {e.code}; see {run_dir / 'train.log'}") from None
     finally:
@@ -247,13 +254,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-turns", type=int, default=6, help="doctor turns per consultation in evaluation")
     parser.add_argument("--warm-args", default="", help="extra warm_start arguments, e.g. '--steps 600'")
     parser.add_argument("--device", default="cpu", help="device of the evaluation engines (cpu, cuda)")
+    parser.add_argument("--save-interval", type=int, default=0,
+                        help="checkpoint every N RL steps in <arm run>/checkpoints and resume an arm cut off from its "
+                             "newest one when run again (0: no checkpoints; an arm cut off starts over)")
     parser.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--eval-only", action="store_true",
                         help="train nothing: evaluate the runs already trained (e.g. by other runs of this script "
                              "into the same folder) and write the table")
     ns = parser.parse_args(argv)
-    if ns.steps < 1 or ns.n_eval < 1:
-        parser.error("--steps and --n-eval must be >= 1")
+    if ns.steps < 1 or ns.n_eval < 1 or ns.save_interval < 0:
+        parser.error("--steps and --n-eval must be >= 1, --save-interval >= 0")
     config = Path(ns.config)
     if not config.is_file():
         parser.error(f"--config {ns.config}: no such file")
@@ -300,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if ns.eval_only and not (run_dir / "hf" / DOCTOR / "config.json").is_file():
                 print(f"[{arm} seed {seed}] not trained: left out", flush=True)
                 continue
-            timing[f"train_{arm}_{seed}_s"] = train_arm(arm, warm, run_dir, seed, ns.steps, config)
+            timing[f"train_{arm}_{seed}_s"] = train_arm(arm, warm, run_dir, seed, ns.steps, config, ns.save_interval)
             results["curves"][f"{arm}-s{seed}"] = curves(run_dir / "metrics.jsonl")
             results_file.write_text(json.dumps(results, indent=1))
             record(arm, seed, "rule", run_dir / "hf" / DOCTOR, None)
