@@ -317,8 +317,11 @@ def main() -> None:
                                                                  "than this (longer contexts, e.g. 512 for W1's mean)")
     ap.add_argument("--rollout-dtype", default="bf16",
                     help="comma list of the engine's linear weights, each measured in turn on the same model: bf16, "
-                         "fp8 (EngineConfig.weight_dtype 'fp8', e4m3 with 128x128 block scales); with both, fp8 / "
-                         "bf16 ratios of every decode and offline row follow")
+                         "fp8 (EngineConfig.weight_dtype 'fp8', e4m3 with 128x128 block scales), fp8-tuned (fp8 with "
+                         "--fp8-kernel-configs); fp8 / bf16, fp8-tuned / bf16 and fp8-tuned / fp8 ratios of every "
+                         "decode and offline row follow")
+    ap.add_argument("--fp8-kernel-configs", default=None,
+                    help="the tuned FP8 kernels (benchmarks/fp8_linear.py --write-configs) of the fp8-tuned engine")
     ap.add_argument("--kv-cache-dtype", default="auto",
                     help="comma list of KV caches, each measured in turn (after --rollout-dtype, for each of its "
                          "values): auto (the model dtype), fp8_e4m3 (EngineConfig.kv_cache_dtype, e4m3 with per-head "
@@ -337,8 +340,10 @@ def main() -> None:
     ap.add_argument("--profile-name", default="profile", help="the profile's tables go to $OUT/<name>_bs<B>.txt")
     args = ap.parse_args()
     rollout_dtypes = args.rollout_dtype.split(",")
-    if not set(rollout_dtypes) <= {"bf16", "fp8"}:
-        ap.error(f"--rollout-dtype {args.rollout_dtype!r}: expected a comma list of bf16, fp8")
+    if not set(rollout_dtypes) <= {"bf16", "fp8", "fp8-tuned"}:
+        ap.error(f"--rollout-dtype {args.rollout_dtype!r}: expected a comma list of bf16, fp8, fp8-tuned")
+    if ("fp8-tuned" in rollout_dtypes) != bool(args.fp8_kernel_configs):
+        ap.error("--rollout-dtype fp8-tuned and --fp8-kernel-configs go together")
     kv_dtypes = args.kv_cache_dtype.split(",")
     if not set(kv_dtypes) <= {"auto", "fp8_e4m3"}:
         ap.error(f"--kv-cache-dtype {args.kv_cache_dtype!r}: expected a comma list of auto, fp8_e4m3")
@@ -424,7 +429,8 @@ def main() -> None:
         engine = Engine(model_path=str(folder), device="cuda", dtype="bfloat16", attention_backend=args.backend,
                         page_size=args.page_size, context_length=4096, max_running_requests=256,
                         chunked_prefill_size=8192, disable_cuda_graph=args.disable_cuda_graph,
-                        decode_attention=decode_modes[0], weight_dtype="fp8" if rollout == "fp8" else "auto",
+                        decode_attention=decode_modes[0], weight_dtype="fp8" if rollout.startswith("fp8") else "auto",
+                        fp8_kernel_configs=args.fp8_kernel_configs if rollout == "fp8-tuned" else None,
                         kv_cache_dtype=kv, decode_tensor_cores=args.decode_tensor_cores,
                         shared_prefix_decode=args.shared_prefix_decode == "on")
         tagged_report("engine start", f"{time.perf_counter() - start:.1f} s ({args.backend}, "
@@ -441,7 +447,7 @@ def main() -> None:
         weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
         if not spec.tie_word_embeddings:  # the embedding table is only gathered from, not read whole
             weight_bytes -= params["model.embed_tokens.weight"].numel() * 2
-        if rollout == "fp8":  # the FP8 linears' block scales are read too (counted above); so is nothing else new
+        if rollout.startswith("fp8"):  # the block scales are read too (counted above), nothing else new
             tagged_report("FP8 weights", f"{weight_bytes / 1e9:.2f} GB read per step (bf16: "
                                          f"{sum(p.numel() for p in params.values()) * 2 / 1e9:.2f} GB of parameters)")
         pool = engine.runner.kv_pool
@@ -534,8 +540,8 @@ def main() -> None:
 
     rates = {variant: engine_rows(*variant) for variant in engines}
     # ((measured, baseline), label): fp8 weights vs bf16 with each KV cache, fp8 KV vs auto with each weight dtype
-    pairs = ([((("fp8", kv), ("bf16", kv)), f"fp8 / bf16{f' [{kv} KV]' if len(kv_dtypes) > 1 else ''}")
-              for kv in kv_dtypes] +
+    pairs = ([(((fp8, kv), (base, kv)), f"{fp8} / {base}{f' [{kv} KV]' if len(kv_dtypes) > 1 else ''}")
+              for kv in kv_dtypes for fp8, base in (("fp8", "bf16"), ("fp8-tuned", "bf16"), ("fp8-tuned", "fp8"))] +
              [(((rollout, "fp8_e4m3"), (rollout, "auto")), f"fp8 KV / auto KV"
                f"{f' [{rollout}]' if len(rollout_dtypes) > 1 else ''}") for rollout in rollout_dtypes])
     for (measured, baseline), label in pairs:

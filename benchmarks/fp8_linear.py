@@ -56,7 +56,7 @@ class Shape:
 
 QWEN3_8B = {s.name: s for s in (Shape("qkv", 6144, 4096), Shape("o", 4096, 4096), Shape("gate_up", 24576, 4096),
                                 Shape("down", 4096, 12288, silu_mul=True))}
-SMOKE = {s.name: s for s in (Shape("qkv", 256, 128), Shape("o", 128, 128), Shape("gate_up", 256, 128),
+SMOKE = {s.name: s for s in (Shape("qkv", 256, 128), Shape("o", 128, 128), Shape("gate_up", 384, 128),
                              Shape("down", 128, 256, silu_mul=True))}
 GEMM_SWEEP = [(16, 64, 4, 4), (32, 64, 4, 4), (64, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3),
               (128, 64, 4, 4), (128, 128, 8, 3), (64, 256, 8, 3)]  # (BLOCK_M, BLOCK_N, warps, stages)
@@ -72,6 +72,8 @@ class Result:
     us: float | None = None
     weight_bytes: int = 0
     note: str = ""
+    kernel: str = ""  # an FP8 linear's kernel ("gemv", "prequant", "scaled_mm", "gemm"; "" for the others)
+    config: tuple[int, ...] | None = None  # its config (None: scaled_mm)
 
     def gbps(self) -> float | None:
         return self.weight_bytes / self.us / 1e3 if self.us and self.weight_bytes else None
@@ -165,9 +167,11 @@ class Bench:
         self.results: list[Result] = []
 
     def measure(self, case: Case, rows: int, variant: str, make: Callable[[int], Callable[[], torch.Tensor]],
-                weight_bytes: int, want: torch.Tensor | None, skip: str = "", note: str = "") -> Result:
+                weight_bytes: int, want: torch.Tensor | None, skip: str = "", note: str = "", kernel: str = "",
+                config: tuple[int, ...] | None = None) -> Result:
         """Check make(0)() against want (None: not checked), then time make(i) for every weight copy i."""
-        res = Result(case.shape.name, rows, variant, "skipped", weight_bytes=weight_bytes, note=skip or note)
+        res = Result(case.shape.name, rows, variant, "skipped", weight_bytes=weight_bytes, note=skip or note,
+                     kernel=kernel, config=config)
         if not skip:
             try:
                 if want is not None:
@@ -210,14 +214,18 @@ class Bench:
         self.check_reference(case, x, want)
         default = fp8_gemm.gemv_config(1, s.n, s.k, BLOCK)
         note = f"config {_cfg(default)}"
-        self.measure(case, 1, "fp8 gemv default", fused(None), case.fp8_bytes, want, note=note)
-        self.measure(case, 1, "fp8 quant + gemv_prequant default", prequant(None), case.fp8_bytes, want, note=note)
+        self.measure(case, 1, "fp8 gemv default", fused(None), case.fp8_bytes, want, note=note, kernel="gemv",
+                     config=default)
+        self.measure(case, 1, "fp8 quant + gemv_prequant default", prequant(None), case.fp8_bytes, want, note=note,
+                     kernel="prequant", config=default)
         self.measure(case, 1, "fp8 quantize_activation alone",
                      lambda i: lambda: fp8_gemm.quantize_activation(x, BLOCK, silu_mul=s.silu_mul), 0, None)
         for cfg in sweep:
             skip = _gemv_skip(cfg)
-            self.measure(case, 1, f"fp8 gemv {_cfg(cfg)}", fused(cfg), case.fp8_bytes, want, skip)
-            self.measure(case, 1, f"fp8 quant + gemv_prequant {_cfg(cfg)}", prequant(cfg), case.fp8_bytes, want, skip)
+            self.measure(case, 1, f"fp8 gemv {_cfg(cfg)}", fused(cfg), case.fp8_bytes, want, skip, kernel="gemv",
+                         config=cfg)
+            self.measure(case, 1, f"fp8 quant + gemv_prequant {_cfg(cfg)}", prequant(cfg), case.fp8_bytes, want, skip,
+                         kernel="prequant", config=cfg)
 
     def rows_many(self, case: Case, rows: int, sweep: list[tuple[int, int, int, int]]) -> None:
         """bf16 (cuBLAS) vs quantize_activation + scaled_mm / + triton gemm (default + sweep) at `rows` rows."""
@@ -246,15 +254,16 @@ class Bench:
         skip = "" if cuda and fp8_gemm.scaled_mm_works(x.device) else "torch._scaled_mm blockwise unavailable here"
         scaled = quant_then(lambda xq, xs, i: fp8_gemm.scaled_mm(xq, xs, case.wq[i], case.ws[i], None, torch.bfloat16,
                                                                  torch.bfloat16))
-        self.measure(case, rows, "fp8 quant + scaled_mm", scaled, case.fp8_bytes, want, skip)
+        self.measure(case, rows, "fp8 quant + scaled_mm", scaled, case.fp8_bytes, want, skip, kernel="scaled_mm")
         default = fp8_gemm.gemm_config(rows)
         self.measure(case, rows, "fp8 quant + gemm default", gemm(None), case.fp8_bytes, want,
-                     note=f"config {_cfg(default)}")
+                     note=f"config {_cfg(default)}", kernel="gemm", config=default)
         self.measure(case, rows, "fp8 quantize_activation alone",
                      lambda i: lambda: fp8_gemm.quantize_activation(x, BLOCK, silu_mul=s.silu_mul), 0, None)
         for cfg in sweep:
             if cfg != default:
-                self.measure(case, rows, f"fp8 quant + gemm {_cfg(cfg)}", gemm(cfg), case.fp8_bytes, want)
+                self.measure(case, rows, f"fp8 quant + gemm {_cfg(cfg)}", gemm(cfg), case.fp8_bytes, want,
+                             kernel="gemm", config=cfg)
 
     def check_reference(self, case: Case, x: torch.Tensor, got: torch.Tensor) -> None:
         """The default FP8 kernel against the dequantised float32 product (models.fp8.reference_linear): a result."""
@@ -418,6 +427,31 @@ def report(results: list[Result], bandwidth: float, bf16_step_ms: float, layers:
     return summary
 
 
+def kernel_configs(results: list[Result], shapes: dict[str, Shape], device: str) -> dict:
+    """The tuned-kernels table (EngineConfig.fp8_kernel_configs, models.fp8.KernelTable) of these results: per
+    shape, the fastest checked-and-timed GEMV at 1 row and the fastest GEMM kernel at each larger row count."""
+    linears = []
+    for name, shape in shapes.items():
+        def fastest(rows: int, kernels: tuple[str, ...]) -> Result | None:
+            return min((r for r in results if r.shape == name and r.rows == rows and r.status == "ok"
+                        and r.kernel in kernels), key=lambda r: r.us, default=None)
+
+        entry: dict = {"n": shape.n, "k": shape.k, "name": name}
+        if (best := fastest(1, ("gemv", "prequant"))) is not None:
+            entry["gemv"] = {"kernel": best.kernel, "config": list(best.config), "us": round(best.us, 2)}
+        gemm = []
+        for rows in sorted({r.rows for r in results if r.shape == name and r.rows > 1}):
+            if (best := fastest(rows, ("scaled_mm", "gemm"))) is not None:
+                gemm.append({"rows": rows, "kernel": best.kernel, "config": best.config and list(best.config),
+                             "us": round(best.us, 2)})
+        if gemm:
+            entry["gemm"] = gemm
+        if len(entry) > 3:
+            linears.append(entry)
+    return {"device": device, "block": BLOCK, "written_by": "benchmarks.fp8_linear",
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"), "linears": linears}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -435,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16-step-ms", type=float, default=BF16_STEP_MS,
                     help="measured bf16 batch-1 decode step the prediction starts from")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/fp8_linear.json when OUT is set)")
+    ap.add_argument("--write-configs", default=None,
+                    help="write the fastest correct kernel per shape and row count as a tuned-kernels JSON "
+                         "(EngineConfig.fp8_kernel_configs / --fp8-kernel-configs)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes, rows 1 and 16, two configs each, on the CPU under the triton interpreter")
     args = ap.parse_args(argv)
@@ -456,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not cuda:
         ap.error("needs a CUDA GPU (or --smoke)")
 
-    table, names = (SMOKE if args.smoke else QWEN3_8B), args.shapes
+    table_shapes, names = (SMOKE if args.smoke else QWEN3_8B), args.shapes
     rows_list = [1, 16] if args.smoke else args.rows
     if args.smoke:
         gemv_sweep = [(1, 4, 2, 4), (1, 32, 4, 2)]
@@ -479,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(Timer(cuda, args.replays), bandwidth)
     start = time.perf_counter()
     if args.compile_workers > 0:
-        jobs = compile_jobs([table[n] for n in names], rows_list, gemv_sweep, gemm_sweep)
+        jobs = compile_jobs([table_shapes[n] for n in names], rows_list, gemv_sweep, gemm_sweep)
         precompile(jobs, min(args.compile_workers, 2) if args.smoke else args.compile_workers, device.type,
                    *((128, 256) if args.smoke else (256, 2048)))
 
@@ -491,11 +528,17 @@ def main(argv: list[str] | None = None) -> int:
                 "device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "copy_bandwidth": bandwidth,
                 "smoke": args.smoke, "results": [vars(r) | {"gbps": r.gbps()} for r in bench.results],
                 "summary": summary}, indent=1))
+        if args.write_configs:
+            device_name = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
+            table = kernel_configs(bench.results, {n: table_shapes[n] for n in names}, device_name)
+            Path(args.write_configs).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.write_configs).write_text(json.dumps(table, indent=1))
+            print(f"tuned kernels of {len(table['linears'])} linears: {args.write_configs}", flush=True)
         return summary
 
     cases = {}
     for i, name in enumerate(names):
-        shape = table[name]
+        shape = table_shapes[name]
         fp8_bytes = shape.n * shape.k + math.ceil(shape.n / BLOCK) * math.ceil(shape.k / BLOCK) * 4
         cases[name] = Case(shape, device, copies_for(fp8_bytes, cuda), seed=i)
     failed = False

@@ -67,6 +67,8 @@ class EngineConfig:
     # activations quantised per token and fp8_block_size group (docs/engine.md "FP8 rollout"); CUDA sm_89+ or CPU
     fp8_block_size: int = 128  # weight blocks are this square, activation groups this wide (16, 32, 64 or 128)
     fp8_lm_head: bool = False  # with weight_dtype "fp8": the (untied) LM head in FP8 too; default: kept in `dtype`
+    fp8_kernel_configs: str | None = None  # with weight_dtype "fp8": a JSON of tuned FP8 kernels per linear shape
+    # (benchmarks/fp8_linear.py --write-configs), used on the GPU model it names; None: the built-in choices
     kv_cache_dtype: str = "auto"  # "auto": the KV cache in `dtype`; "fp8_e4m3": e4m3 with a float32 scale per
     # (layer, kv head) derived from the weights, ~2x the tokens in the same memory (docs/engine.md "FP8 KV cache");
     # CUDA sm_89+ or CPU
@@ -138,6 +140,12 @@ class EngineConfig:
             raise ValueError(f"fp8_block_size {self.fp8_block_size!r} is not supported; expected 16, 32, 64 or 128")
         if self.fp8_lm_head and self.weight_dtype != "fp8":
             raise ValueError("fp8_lm_head applies to weight_dtype 'fp8' (--rollout-dtype fp8) only")
+        if self.fp8_kernel_configs is not None:
+            if self.weight_dtype != "fp8":
+                raise ValueError("fp8_kernel_configs applies to weight_dtype 'fp8' (--rollout-dtype fp8) only")
+            from inference_engine.models.fp8 import KernelTable
+
+            KernelTable.load(self.fp8_kernel_configs)  # ValueError naming the file and what is wrong, before loading
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; expected one of "
                              f"{KV_CACHE_DTYPES}")

@@ -95,7 +95,8 @@ class ModelRunner:
             p.data = p.data.to(self.dtype)
         if config.fp8_layout is not None:
             fp8.check_device(self.device)
-            fp8.convert(self.model, config.fp8_layout)
+            kernels = fp8.KernelTable.load(config.fp8_kernel_configs) if config.fp8_kernel_configs else None
+            fp8.convert(self.model, config.fp8_layout, kernels)
         self.weight_plan = WeightPlan(self.model)  # name -> parameter slice, resolved once for every later load
         self._load_checkpoint(config.model_path)
         if config.fp8_layout is not None and self.device.type == "cuda":

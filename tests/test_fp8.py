@@ -1,6 +1,7 @@
 """FP8 rollout (CPU): the quantisation numerics against float64, the FP8-reference engine against a fake-quantised HF
 model, and weight pushes into an FP8 engine (weights and scales, checksums over what the engine holds)."""
 
+import json
 import math
 
 import pytest
@@ -271,3 +272,68 @@ def test_fp8_tensor_parallel_engine_holds_the_full_quantisation(tiny_models, oth
             assert torch.equal(held[name + "_scale_inv"], s), name
         else:
             assert torch.equal(held[name], tensor), name
+
+
+def _write_table(path, device="NVIDIA H100 80GB HBM3", block=128, linears=None):
+    path.write_text(json.dumps({"device": device, "block": block, "linears": linears if linears is not None else [
+        {"n": 6144, "k": 4096, "gemv": {"kernel": "prequant", "config": [1, 8, 8, 4]},
+         "gemm": [{"rows": 256, "kernel": "gemm", "config": [64, 128, 4, 3]}, {"rows": 64, "kernel": "scaled_mm",
+                                                                                "config": None}]},
+        {"n": 4096, "k": 4096, "gemv": {"kernel": "gemv", "config": [1, 4, 8, 4]}}]}))
+    return path
+
+
+def test_kernel_table_reads_choices_per_shape_and_rows(tmp_path):
+    table = engine_fp8.KernelTable.load(_write_table(tmp_path / "t.json"))
+    assert table.device == "NVIDIA H100 80GB HBM3" and table.block == 128
+    qkv = table.choices[(6144, 4096)]
+    assert qkv.gemv == (1, 8, 8, 4) and qkv.prequant
+    assert [qkv.for_rows(r) for r in (2, 64, 65, 256, 257)] == [
+        ("scaled_mm", None), ("scaled_mm", None), ("gemm", (64, 128, 4, 3)), ("gemm", (64, 128, 4, 3)), None]
+    o = table.choices[(4096, 4096)]
+    assert o.gemv == (1, 4, 8, 4) and not o.prequant and o.for_rows(8) is None
+
+
+@pytest.mark.parametrize("linears,match", [
+    ([{"n": 1, "k": 1, "gemv": {"kernel": "fast", "config": [1, 8, 8, 4]}}], r"linears\[0\]\.gemv: expected"),
+    ([{"n": 1, "k": 1, "gemv": {"kernel": "gemv", "config": [1, 8, 8]}}], "config must be 4 positive integers"),
+    ([{"n": 1, "k": 1, "gemv": {"kernel": "gemv", "config": [1, 48, 8, 4]}}], "BLOCK_N 48 must divide the block 128"),
+    ([{"n": 1, "k": 1, "gemm": [{"rows": 64, "kernel": "cublas"}]}], r"gemm\[0\]: expected"),
+    ([{"n": "1", "k": 1}], "integer 'n' and 'k'"),
+])
+def test_kernel_table_errors_name_the_file_and_the_entry(tmp_path, linears, match):
+    path = _write_table(tmp_path / "bad.json", linears=linears)
+    with pytest.raises(ValueError, match=f"fp8_kernel_configs {path}: .*{match}"):
+        engine_fp8.KernelTable.load(path)
+
+
+def test_kernel_configs_are_checked_before_the_engine_loads(qwen3_model, tmp_path):
+    table = _write_table(tmp_path / "t.json")
+    with pytest.raises(ValueError, match="fp8_kernel_configs applies to weight_dtype 'fp8'"):
+        EngineConfig(model_path=str(qwen3_model), fp8_kernel_configs=str(table))
+    with pytest.raises(ValueError, match="cannot be read as JSON"):
+        EngineConfig(model_path=str(qwen3_model), weight_dtype="fp8", fp8_kernel_configs=str(tmp_path / "none.json"))
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="expected an object with 'device'"):
+        EngineConfig(model_path=str(qwen3_model), weight_dtype="fp8", fp8_kernel_configs=str(tmp_path / "list.json"))
+    EngineConfig(model_path=str(qwen3_model), weight_dtype="fp8", fp8_kernel_configs=str(table))  # a good one
+
+
+def test_convert_gives_each_linear_its_shapes_choice(other_llama, tmp_path, monkeypatch):
+    """The linears whose (N, K) the table names get its choice, the others none; on the CPU (or another GPU model)
+    the table is not used at all."""
+    from inference_engine.model_runner import ModelRunner
+
+    rows = {"q": 64 + 2 * 32}  # the tiny llama's fused qkv: 64 query rows + 2 x 32 key/value rows, K 64
+    table = _write_table(tmp_path / "t.json", linears=[{"n": rows["q"], "k": 64, "gemv": {"kernel": "gemv",
+                                                                                           "config": [1, 4, 2, 4]}}])
+    cfg = EngineConfig(model_path=str(other_llama), weight_dtype="fp8", fp8_block_size=32,
+                       fp8_kernel_configs=str(table), max_total_tokens=256, context_length=256)
+    runner = ModelRunner(cfg)
+    assert all(getattr(m, "fp8_kernels", None) is None for m in runner.model.modules())  # CPU: not used
+    monkeypatch.setattr(engine_fp8, "_usable", lambda t, device, block: t)  # as on the GPU model it names
+    runner = ModelRunner(cfg)
+    chosen = {name: m.fp8_kernels for name, m in runner.model.named_modules() if getattr(m, "fp8_block", 0)}
+    qkv = [name for name in chosen if name.endswith("qkv_proj")]
+    assert qkv and all(chosen[name] == engine_fp8.KernelChoice(gemv=(1, 4, 2, 4)) for name in qkv)
+    assert all(chosen[name] is None for name in chosen if name not in qkv)

@@ -55,6 +55,20 @@ def test_fp8_linear_matches_dequantised_matmul(m, n, k):
     _close(engine_fp8.linear(x, wq, ws, 128), _want(x, wq, ws))
 
 
+TUNED = [engine_fp8.KernelChoice(gemv=(1, 8, 8, 4), prequant=True, gemm=((64, "gemm", (32, 64, 4, 4)),
+                                                                            (256, "scaled_mm", None))),
+         engine_fp8.KernelChoice(gemv=(1, 16, 4, 2), gemm=((8, "scaled_mm", None), (300, "gemm", (64, 128, 8, 3))))]
+
+
+@pytest.mark.parametrize("choice", TUNED, ids=["prequant+gemm64+scaled256", "gemv+scaled8+gemm300"])
+@pytest.mark.parametrize("m", [1, 8, 64, 256, 300, 1000])
+def test_tuned_kernel_choices_compute_the_same_linear(choice, m):
+    """Every tuned choice (EngineConfig.fp8_kernel_configs) is the same function: within one bf16 rounding of the
+    dequantised product at each row count (1000: past the table, the built-in choice)."""
+    x, wq, ws = _operands(m, 4096, 12288)
+    _close(engine_fp8.linear(x, wq, ws, 128, kernels=choice), _want(x, wq, ws))
+
+
 @pytest.mark.parametrize("n,k", SHAPES[:2])
 @pytest.mark.parametrize("m", [1, 8, 256])
 def test_triton_gemm_gemv_and_scaled_mm_agree(m, n, k):

@@ -64,8 +64,9 @@ def test_fp8_linear_benchmark_smoke(tmp_path):
     each variant checked (none wrong), the tables printed and the JSON written."""
     pytest.importorskip("triton")
     env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.fp8_linear", "--smoke"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    configs = tmp_path / "fp8_kernel_configs.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.fp8_linear", "--smoke", "--write-configs", str(configs)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "fp8_linear.json").read_text())
     results = report["results"]
@@ -77,6 +78,18 @@ def test_fp8_linear_benchmark_smoke(tmp_path):
                 (shape, 16, "fp8 quant + gemm default"), (shape, 16, "fp8 quant + gemm 32x64x4x2")} <= variants
     assert report["summary"]["layers"]["1"]["fp8 quant + gemv_prequant default"] > 0
     assert "| fp8 quant + gemv_prequant, best config per shape |" in proc.stdout
+    # the tuned-kernels table: per shape the fastest timed FP8 kernel at each row count, as the engine reads it
+    from inference_engine.models.fp8 import KernelTable
+
+    table = KernelTable.load(configs)
+    assert table.device == "cpu (smoke)" and table.block == 128 and len(table.choices) == 4
+    for entry in json.loads(configs.read_text())["linears"]:
+        choice = table.choices[(entry["n"], entry["k"])]
+        timed = [r for r in results if r["shape"] == entry["name"] and r["status"] == "ok" and r["kernel"]]
+        best1 = min((r for r in timed if r["rows"] == 1), key=lambda r: r["us"])
+        assert (choice.gemv, choice.prequant) == (tuple(best1["config"]), best1["kernel"] == "prequant")
+        best16 = min((r for r in timed if r["rows"] == 16), key=lambda r: r["us"])
+        assert choice.for_rows(16) == (best16["kernel"], best16["config"] and tuple(best16["config"]))
 
 
 if __name__ == "__main__":  # the interpreter subprocess of test_prequant_gemv_under_the_triton_interpreter

@@ -12,12 +12,23 @@ sender that quantised before the wire, an FP8 checkpoint) is copied as it is. Nu
 the triton kernels run (`kernels/fp8_gemm.py`: the GEMV for decode rows, the blockwise GEMM or
 torch._scaled_mm otherwise); elsewhere the torch reference dequantises both operands and multiplies in
 float32, which is the same function up to float32 summation order.
+
+Tuned kernels (`EngineConfig.fp8_kernel_configs`): a JSON that `benchmarks/fp8_linear.py --write-configs` writes on
+one GPU model names, per linear shape (N, K), the fastest correct kernel it timed: the GEMV's config and whether x
+is quantised once before it (`gemv_prequant`) or in every program, and per decode batch size (rows up to 64,
+up to 256, ...) torch._scaled_mm or the triton GEMM with a config. `convert` gives each linear of a shape in the
+table its `KernelChoice`; shapes not in it (other models, tp shards), a table of another GPU model or block size,
+and more rows than the table's largest keep the built-in choices. Every choice computes the same function as
+the default (the same quantisation; the products summed in another order).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +54,81 @@ def _use_scaled_mm(device: torch.device, block: int) -> bool:
     return block == 128 and _kernels().scaled_mm_works(device)
 
 
+Config = tuple[int, int, int, int]
+GEMM_KERNELS = ("scaled_mm", "gemm")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The CUDA kernels of one FP8 linear shape, as tuned (see the module docstring); None / () fields: built-in."""
+
+    gemv: Config | None = None  # (BLOCK_M, BLOCK_N, groups, warps) of the GEMV (rows <= GEMV_MAX_ROWS)
+    prequant: bool = False  # quantise x once (quantize_activation), then gemv_prequant, instead of in every program
+    gemm: tuple[tuple[int, str, Config | None], ...] = ()  # (up to rows, "scaled_mm" or "gemm", gemm config), rows up
+
+    def for_rows(self, rows: int) -> tuple[str, Config | None] | None:
+        """(kernel, config) for a GEMM of `rows` rows: the entry of the fewest rows >= rows; None past the last."""
+        return next(((kind, cfg) for limit, kind, cfg in self.gemm if rows <= limit), None)
+
+
+@dataclass(frozen=True)
+class KernelTable:
+    """A tuned-kernels JSON (benchmarks/fp8_linear.py --write-configs): the GPU model it was measured on, the scale
+    block, and a KernelChoice per (N, K)."""
+
+    device: str
+    block: int
+    choices: dict[tuple[int, int], KernelChoice]
+
+    @classmethod
+    def load(cls, path: str | Path) -> KernelTable:
+        """Read and check one; ValueError naming the file and what is wrong."""
+        def bad(what: str) -> ValueError:
+            return ValueError(f"fp8_kernel_configs {path}: {what}")
+
+        def config(value, where: str) -> Config:
+            if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) and v > 0 for v in value)):
+                raise bad(f"{where}: config must be 4 positive integers, got {value!r}")
+            return tuple(value)
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise bad(f"cannot be read as JSON ({type(e).__name__}: {e})") from None
+        fields = {"device": str, "block": int, "linears": list}
+        if not isinstance(data, dict) or not all(isinstance(data.get(f), t) for f, t in fields.items()):
+            raise bad("expected an object with 'device' (str), 'block' (int) and 'linears' (list)")
+        choices = {}
+        for i, entry in enumerate(data["linears"]):
+            where = f"linears[{i}]"
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(f), int) for f in ("n", "k")):
+                raise bad(f"{where}: expected an object with integer 'n' and 'k'")
+            gemv, prequant = None, False
+            if entry.get("gemv") is not None:
+                g = entry["gemv"]
+                if not isinstance(g, dict) or g.get("kernel") not in ("gemv", "prequant"):
+                    raise bad(f"{where}.gemv: expected {{'kernel': 'gemv' or 'prequant', 'config': [...]}}")
+                gemv, prequant = config(g.get("config"), f"{where}.gemv"), g["kernel"] == "prequant"
+                if data["block"] % gemv[1]:
+                    raise bad(f"{where}.gemv: BLOCK_N {gemv[1]} must divide the block {data['block']}")
+            gemm = []
+            for j, g in enumerate(entry.get("gemm") or []):
+                w = f"{where}.gemm[{j}]"
+                if not isinstance(g, dict) or not isinstance(g.get("rows"), int) or g.get("kernel") not in GEMM_KERNELS:
+                    raise bad(f"{w}: expected {{'rows': int, 'kernel': 'scaled_mm' or 'gemm', 'config': [...] "
+                              "or null}")
+                cfg = None if g.get("config") is None else config(g["config"], w)
+                gemm.append((g["rows"], g["kernel"], cfg))
+            choices[(entry["n"], entry["k"])] = KernelChoice(gemv, prequant, tuple(sorted(gemm)))
+        return cls(data["device"], data["block"], choices)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: int, bias: torch.Tensor | None = None,
-           silu_mul: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           silu_mul: bool = False, out_dtype: torch.dtype | None = None,
+           kernels: KernelChoice | None = None) -> torch.Tensor:
     """x [..., K] @ dequant(weight [N, K] e4m3, scale)^T (+ bias) with x quantised per row and `block` columns, in
-    out_dtype (default x's; rounded to x's dtype first). silu_mul: x is [..., 2K] and the input silu_and_mul(x)."""
+    out_dtype (default x's; rounded to x's dtype first). silu_mul: x is [..., 2K] and the input silu_and_mul(x).
+    kernels: this shape's tuned CUDA kernels (None: the built-in choices)."""
     shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     out_dtype = out_dtype or x.dtype
@@ -54,17 +136,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: in
     if x.device.type == "cuda":
         k = _kernels()
         if x2.shape[0] <= GEMV_MAX_ROWS:
-            out = k.gemv(x2, weight, scale, block, bias, out_dtype, silu_mul=silu_mul)
+            if kernels is not None and kernels.prequant:
+                xq, xs = k.quantize_activation(x2, block, silu_mul=silu_mul)
+                out = k.gemv_prequant(xq, xs, weight, scale, block, bias, out_dtype, x.dtype, config=kernels.gemv)
+            else:
+                out = k.gemv(x2, weight, scale, block, bias, out_dtype, silu_mul=silu_mul,
+                             config=kernels and kernels.gemv)
         else:
+            pick = kernels.for_rows(x2.shape[0]) if kernels is not None else None
             xq, xs = k.quantize_activation(x2, block, silu_mul=silu_mul)
             out = None
-            if _use_scaled_mm(x.device, block):
+            if (pick is None or pick[0] == "scaled_mm") and _use_scaled_mm(x.device, block):
                 try:
                     out = k.scaled_mm(xq, xs, weight, scale, bias, out_dtype, x.dtype)
                 except RuntimeError:  # a shape cuBLAS's blockwise kernels refuse (checked before any launch)
                     out = None
             if out is None:
-                out = k.gemm(xq, xs, weight, scale, block, bias, out_dtype, x.dtype)
+                out = k.gemm(xq, xs, weight, scale, block, bias, out_dtype, x.dtype,
+                             config=pick[1] if pick is not None and pick[0] == "gemm" else None)
         return out.view(*shape, n)
     return reference_linear(x2, weight, scale, block, bias, silu_mul, out_dtype).view(*shape, n)
 
@@ -159,14 +248,16 @@ class _ScaleTarget:
         self.weight_target(param, loaded.shape, shard_id).load(loaded)
 
 
-def convert(model: nn.Module, layout: Fp8Layout) -> int:
+def convert(model: nn.Module, layout: Fp8Layout, kernels: KernelTable | None = None) -> int:
     """Make the model's linears and expert stacks FP8 (see the module docstring); returns how many. Call before
-    loading weights."""
+    loading weights. kernels: tuned CUDA kernels, used where the table's GPU model and block are this model's."""
     from inference_engine.models.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear)
     from inference_engine.models.moe import Experts
 
     block = layout.block
-    converted = stacks = 0
+    converted = stacks = tuned = 0
+    device = next(model.parameters()).device
+    kernels = _usable(kernels, device, block)
     for name, module in model.named_modules():
         if isinstance(module, Experts):  # both stacks, per-expert block scales (the router stays as it is)
             module.make_fp8(block, name)
@@ -188,12 +279,15 @@ def convert(model: nn.Module, layout: Fp8Layout) -> int:
         module.register_parameter(SCALE_SUFFIX, scale)
         weight.fp8_module = module  # where the loader finds the scale of a full-precision weight
         module.fp8_block = block
+        module.fp8_kernels = kernels.choices.get((rows, cols)) if kernels is not None else None
+        tuned += module.fp8_kernels is not None
         converted += 1
-    device = next(model.parameters()).device
     gemm = "CPU reference (dequantised, float32)"
     if device.type == "cuda":  # probed now, eagerly, not inside a graph capture
         gemm = "torch._scaled_mm (blockwise)" if _use_scaled_mm(device, block) else "triton blockwise GEMM"
         gemm += f"; up to {GEMV_MAX_ROWS} row(s) the triton FP8 GEMV"
+        if kernels is not None:
+            gemm += f"; tuned kernels ({kernels.device}) for {tuned} of the {converted} linears"
     fp8_head = any(isinstance(m, ParallelLMHead) for m in model.modules()) and layout.lm_head
     head_note = "fp8" if fp8_head else ("tied to the embedding, kept in the model dtype" if layout.lm_head
                                         else "kept in the model dtype")
@@ -204,6 +298,18 @@ def convert(model: nn.Module, layout: Fp8Layout) -> int:
     log.info("fp8 weights: %d linears%s in e4m3 with %dx%d block scales (LM head %s); GEMM: %s", converted, experts,
              block, block, head_note, gemm)
     return converted + stacks
+
+
+def _usable(table: KernelTable | None, device: torch.device, block: int) -> KernelTable | None:
+    """The table if it was tuned on this GPU model for this block; else None, with a warning saying why."""
+    if table is None or device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if table.device != name or table.block != block:
+        log.warning("fp8 kernel configs tuned on %s for block %d; this is %s with block %d: built-in kernels",
+                    table.device, table.block, name, block)
+        return None
+    return table
 
 
 def is_fp8_weight(param: nn.Parameter) -> bool:

@@ -80,6 +80,7 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows split over tp ranks; this rank holds rows [rank*out/tp, (rank+1)*out/tp)."""
 
     fp8_block = 0  # > 0: e4m3 weight with weight_scale_inv per fp8_block x fp8_block block (models/fp8.py)
+    fp8_kernels = None  # models.fp8.KernelChoice: the tuned FP8 kernels of this shape (EngineConfig.fp8_kernel_configs)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup | None = None):
         super().__init__()
@@ -111,7 +112,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_block:
-            return fp8.linear(x, self.weight, self.weight_scale_inv, self.fp8_block, self.bias)
+            return fp8.linear(x, self.weight, self.weight_scale_inv, self.fp8_block, self.bias,
+                              kernels=self.fp8_kernels)
         return ops.linear(x, self.weight, self.bias)
 
 
@@ -171,6 +173,7 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split over tp ranks; the partial products are all-reduced."""
 
     fp8_block = 0  # > 0: FP8 weight (see ColumnParallelLinear)
+    fp8_kernels = None  # see ColumnParallelLinear
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup | None = None):
         super().__init__()
@@ -204,7 +207,8 @@ class RowParallelLinear(nn.Module):
         """x W^T (+ b), all-reduced; silu_mul: x is [T, 2 in] = [gate | up] and the input is silu(gate) * up."""
         bias = self.bias if self.tp_rank == 0 else None
         if self.fp8_block:
-            out = fp8.linear(x, self.weight, self.weight_scale_inv, self.fp8_block, bias, silu_mul=silu_mul)
+            out = fp8.linear(x, self.weight, self.weight_scale_inv, self.fp8_block, bias, silu_mul=silu_mul,
+                             kernels=self.fp8_kernels)
             return out if self.tp is None or self.tp_size == 1 else self.tp.all_reduce(out)
         out = ops.silu_and_mul_linear(x, self.weight, bias) if silu_mul else ops.linear(x, self.weight, bias)
         return out if self.tp is None or self.tp_size == 1 else self.tp.all_reduce(out)
@@ -217,6 +221,7 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     fp8_block = 0  # > 0: an FP8 LM head (see ColumnParallelLinear); never for an embedding that is looked up
+    fp8_kernels = None  # see ColumnParallelLinear
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup | None = None):
         super().__init__()
@@ -255,7 +260,8 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of hidden [N, hidden] against this table (tied LM head), gathered over ranks."""
         if self.fp8_block:
-            local = fp8.linear(hidden, self.weight, self.weight_scale_inv, self.fp8_block, out_dtype=torch.float32)
+            local = fp8.linear(hidden, self.weight, self.weight_scale_inv, self.fp8_block, out_dtype=torch.float32,
+                               kernels=self.fp8_kernels)
         else:
             local = ops.linear(hidden, self.weight, out_dtype=torch.float32)  # [N, rows]
         if self.tp_size == 1:
