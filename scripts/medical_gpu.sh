@@ -5,7 +5,7 @@
 #   -> table.md, results.json, curves.png.
 # One GPU: in arms (a) and (b) the two policies share it (config_gpu_rl.yaml: policies_share_devices), so any
 # single-GPU device kind runs it. Models and runs go to runs/medical/gpu; the table, results.json, curves.png,
-# the logs and the GPU names are copied to $OUT (the device call's folder that comes back) when it is set.
+# the logs, metrics and evaluations (runs.tar.gz, without models) go to $OUT (the device call's folder) when set.
 #   run(carry=[".whl", ".fi_cache"], timeout_s=600, command="bash scripts/medical_gpu.sh")
 # The seeds train side by side on the one GPU (one process and local Ray each; the models are small, so one seed
 # alone leaves the GPU mostly idle; every engine's KV pool is sized for its consultations, not from free memory):
@@ -49,10 +49,11 @@ if [ -z "${status:-}" ]; then
   grep -h -E "^\[" "$RUN"/experiment_s*.log | tee -a "$RUN/experiment.log" || true
   experiment --seeds $SEEDS --eval-only 2>&1 | tee -a "$RUN/experiment.log" || status=${status:-$?}
 fi
-if [ -n "${OUT:-}" ]; then
+if [ -n "${OUT:-}" ]; then  # a device call brings back 8 files at most: the summaries, and the rest in one archive
   mkdir -p "$OUT/medical_gpu"
-  cp "$RUN"/{gpus.csv,experiment.log,experiment_s*.log,table.md,results.json,curves.png,warm/warm_start.json} "$OUT/medical_gpu/" 2>/dev/null || true
-  for log in "$RUN"/*/train.log; do cp "$log" "$OUT/medical_gpu/$(basename "$(dirname "$log")").train.log" || true; done
+  cp "$RUN"/{experiment.log,table.md,results.json,curves.png} "$OUT/medical_gpu/" 2>/dev/null || true
+  (cd "$RUN" && tar czf "$OUT/medical_gpu/runs.tar.gz" --exclude='*/hf' --exclude='*/checkpoints' \
+    --exclude='warm/sft-*' --exclude='warm/tokenizer' --exclude='warm/data' .) || true  # logs, metrics, evaluations
 fi
 echo "medical_gpu: ${SECONDS}s in all; table: $RUN/table.md"
 exit "${status:-0}"
