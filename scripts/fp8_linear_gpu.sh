@@ -22,7 +22,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 tests_rc=skipped
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout -s INT -k 15 "${TEST_TIMEOUT:-90}" python3 -m pytest -m gpu tests/test_fp8_gpu.py -k "prequant or gemv or linear or silu" -q \
+  timeout -s INT -k 15 "${TEST_TIMEOUT:-90}" python3 -m pytest -m gpu tests/test_fp8_gpu.py -k "prequant or gemv or linear or silu or pdl" -q \
     -p no:cacheprovider -rs --durations=5 2>&1 | tee "$OUT/pytest_fp8_linear.log"
   tests_rc=${PIPESTATUS[0]}
 fi

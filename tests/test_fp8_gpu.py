@@ -156,6 +156,31 @@ def test_fp8_graph_decode_equals_eager(fp8_model, lm_head):
         assert lp_g == pytest.approx(lp_e, abs=1e-4)
 
 
+def test_fp8_pdl_launches_give_identical_outputs(fp8_model, monkeypatch):
+    """The FP8 GEMV and activation quantisation launch with PDL (ops/pdl.py) like the bf16 kernels: it changes when
+    they start, not what they compute. Batch 1 (every linear in the FP8 GEMV, the first weight tile read before
+    gdc_wait) and batch 3 (quantize_activation + GEMM), through graphs: the same tokens and bit-equal log-probs with
+    and without PDL; a kernel that read its input before gdc_wait would race and differ."""
+    from inference_engine.ops import pdl
+
+    if not pdl.enabled(torch.device("cuda")):
+        pytest.skip("PDL needs an sm90+ GPU and triton >= 3.4 (and KILN_PDL not 0)")
+    prompts = [[5, 17, 42, 99, 3, 7, 250, 11, 64], [8, 8, 300], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    sp = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+
+    def outputs():
+        with Engine(model_path=str(fp8_model), device="cuda", dtype="bfloat16", attention_backend="triton",
+                    page_size=16, max_total_tokens=4096, context_length=256, cuda_graph_max_bs=8,
+                    weight_dtype="fp8") as engine:
+            outs = [engine.generate(input_ids=prompts[0], sampling_params=sp, return_logprob=True)]
+            outs += engine.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)
+        return [(o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outs]
+
+    with_pdl = outputs()
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert outputs() == with_pdl
+
+
 def test_fp8_engine_agrees_with_the_cpu_reference_engine(fp8_model):
     """Teacher-forced: the GPU FP8 engine (bf16 activations) vs the CPU FP8 reference (float32) on the same tokens.
 

@@ -8,7 +8,8 @@ All compute what `weight_sync.fp8` specifies: activations quantised per row and 
 round-to-nearest-even after clamping), weights e4m3 with one
 float32 scale per `block x block` block, products of e4m3 values summed in float32 per k-block and scaled by
 both scales, the result rounded to the activation dtype. None reads tensor values on the host: all are safe
-inside CUDA graphs. `torch._scaled_mm` with blockwise scales (1x128 activations, 128x128 weights) is an
+inside CUDA graphs. The GEMV and the activation quantisation launch with programmatic dependent launch where
+`ops.pdl` allows (the contract in ops/pdl.py), as the bf16 GEMV does. `torch._scaled_mm` with blockwise scales (1x128 activations, 128x128 weights) is an
 alternative GEMM where this torch build and GPU take it (`scaled_mm_works` probes it once).
 """
 
@@ -19,6 +20,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from inference_engine.ops import pdl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # triton < 3.4: pdl.enabled() is False, so no kernel traces the calls
+    gdc_launch_dependents = gdc_wait = None
 
 FP8_MAX = 448.0
 TINY = 1e-30  # weight_sync.fp8.TINY
@@ -37,12 +45,16 @@ def _quant_group(x, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s, SILU_MUL: tl.constexpr,
-                      BLOCK: tl.constexpr, GROUPS: tl.constexpr, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr):
+                      BLOCK: tl.constexpr, GROUPS: tl.constexpr, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr,
+                      USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     g0 = tl.program_id(1) * GROUPS
     offs = g0 * BLOCK + tl.arange(0, GROUPS * BLOCK)
     mask = offs < K
     dt: tl.constexpr = x_ptr.dtype.element_ty
+    if USE_PDL:  # ops/pdl.py: x belongs to the previous kernel until it has completed
+        gdc_launch_dependents()
+        gdc_wait()
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if SILU_MUL:  # x is [gate | up] of width 2K; the input is silu(gate) * up rounded as ops.silu_and_mul rounds
         up = tl.load(x_ptr + row * stride_x + K + offs, mask=mask, other=0.0).to(tl.float32)
@@ -66,7 +78,8 @@ def quantize_activation(x: torch.Tensor, block: int, silu_mul: bool = False) -> 
     if rows:
         _act_quant_kernel[(rows, triton.cdiv(kb, groups))](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
                                                            SILU_MUL=silu_mul, BLOCK=block, GROUPS=groups,
-                                                           FP8_MAX_C=FP8_MAX, TINY_C=TINY, num_warps=4)
+                                                           FP8_MAX_C=FP8_MAX, TINY_C=TINY, num_warps=4,
+                                                           **pdl.launch(x.device))
     return q, s
 
 
@@ -143,10 +156,38 @@ def gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
 
 
 @triton.jit
+def _gemv_step(acc, w, k0, x_ptrs, xs_ptr, stride_xsm, ws_ptrs, offs_m, offs_k, offs_g, m_mask, K,
+               dt: tl.constexpr, SILU_MUL: tl.constexpr, PREQUANT: tl.constexpr, QBLOCK: tl.constexpr,
+               GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FP8_MAX_C: tl.constexpr,
+               TINY_C: tl.constexpr):
+    """acc [BM, BN, BK] + x's tile at column k0 (quantised here, or read quantised: PREQUANT) times the e4m3 weight
+    tile w [BN, BK], both scales folded into x."""
+    k_mask = (k0 + offs_k) < K
+    g_mask = (k0 // QBLOCK + offs_g) * QBLOCK < K  # [G]
+    if PREQUANT:
+        xq = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_last")
+        xq = tl.reshape(xq, (BLOCK_M, GROUPS, QBLOCK))
+        xs = tl.load(xs_ptr + offs_m[:, None] * stride_xsm + (k0 // QBLOCK + offs_g)[None, :],
+                     mask=m_mask[:, None] & g_mask[None, :], other=0.0, eviction_policy="evict_last")  # [BM, G]
+    else:
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                    eviction_policy="evict_last").to(tl.float32)
+        if SILU_MUL:  # x is [gate | up] of width 2K: the input is silu(gate) * up, rounded as silu_and_mul rounds
+            up = tl.load(x_ptrs + K + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+            act = (x / (1.0 + tl.exp(-x))).to(dt).to(tl.float32)
+            x = (act * up).to(dt).to(tl.float32)
+        xq, xs = _quant_group(tl.reshape(x, (BLOCK_M, GROUPS, QBLOCK)), FP8_MAX_C, TINY_C)  # [BM, G, B], [BM, G]
+    w_s = tl.load(ws_ptrs + k0 // QBLOCK, mask=g_mask, other=0.0)  # [G]
+    xe = xq.to(tl.float32) * (xs * w_s[None, :])[:, :, None]  # both scales on x: [BM, G, B]
+    return acc + tl.reshape(xe, (BLOCK_M, BLOCK_K))[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xsm, stride_wn, stride_wsn,
                  stride_ym, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, PREQUANT: tl.constexpr,
                  QBLOCK: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 ROUND_DT: tl.constexpr, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr):
+                 ROUND_DT: tl.constexpr, FP8_MAX_C: tl.constexpr, TINY_C: tl.constexpr, USE_PDL: tl.constexpr):
     # BLOCK_N divides QBLOCK: a program's output rows share one row of weight scales, so both scales fold into x.
     # PREQUANT: x is already e4m3 with scales xs [M, K/QBLOCK] (quantize_activation), read instead of quantised here
     pid = tl.program_id(0)
@@ -162,27 +203,19 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
     ws_ptrs = ws_ptr + ((pid * BLOCK_N) // QBLOCK).to(tl.int64) * stride_wsn + offs_g  # [G]
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # each weight byte is read once; x stays cached (and is quantised per program)
-        k_mask = (k0 + offs_k) < K
-        g_mask = (k0 // QBLOCK + offs_g) * QBLOCK < K  # [G]
-        w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
-        if PREQUANT:
-            xq = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_last")
-            xq = tl.reshape(xq, (BLOCK_M, GROUPS, QBLOCK))
-            xs = tl.load(xs_ptr + offs_m[:, None] * stride_xsm + (k0 // QBLOCK + offs_g)[None, :],
-                         mask=m_mask[:, None] & g_mask[None, :], other=0.0, eviction_policy="evict_last")  # [BM, G]
-        else:
-            x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-                        eviction_policy="evict_last").to(tl.float32)
-            if SILU_MUL:  # x is [gate | up] of width 2K: the input is silu(gate) * up, rounded as silu_and_mul rounds
-                up = tl.load(x_ptrs + K + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-                             eviction_policy="evict_last").to(tl.float32)
-                act = (x / (1.0 + tl.exp(-x))).to(dt).to(tl.float32)
-                x = (act * up).to(dt).to(tl.float32)
-            xq, xs = _quant_group(tl.reshape(x, (BLOCK_M, GROUPS, QBLOCK)), FP8_MAX_C, TINY_C)  # [BM, G, B], [BM, G]
-        w_s = tl.load(ws_ptrs + k0 // QBLOCK, mask=g_mask, other=0.0)  # [G]
-        xe = xq.to(tl.float32) * (xs * w_s[None, :])[:, :, None]  # both scales on x: [BM, G, B]
-        acc += tl.reshape(xe, (BLOCK_M, BLOCK_K))[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
+    k_start = 0
+    if USE_PDL:  # no earlier kernel writes the weights: stream the first tile in while the previous kernel ends
+        gdc_launch_dependents()
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
+        gdc_wait()  # x (and the output) belong to the previous kernel until it has completed
+        acc = _gemv_step(acc, w, 0, x_ptrs, xs_ptr, stride_xsm, ws_ptrs, offs_m, offs_k, offs_g, m_mask, K, dt,
+                         SILU_MUL, PREQUANT, QBLOCK, GROUPS, BLOCK_M, BLOCK_K, FP8_MAX_C, TINY_C)
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):  # each weight byte is read once; x stays cached
+        w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc = _gemv_step(acc, w, k0, x_ptrs, xs_ptr, stride_xsm, ws_ptrs, offs_m, offs_k, offs_g, m_mask, K, dt,
+                         SILU_MUL, PREQUANT, QBLOCK, GROUPS, BLOCK_M, BLOCK_K, FP8_MAX_C, TINY_C)
     y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -215,7 +248,8 @@ def _gemv(x: torch.Tensor, xs: torch.Tensor | None, wq: torch.Tensor, ws: torch.
             x, ws if xs is None else xs, wq, ws, bias if bias is not None else ws, out, rows, n, k, x.stride(0),
             0 if xs is None else xs.stride(0), wq.stride(0), ws.stride(0), out.stride(0), HAS_BIAS=bias is not None,
             SILU_MUL=silu_mul, PREQUANT=xs is not None, QBLOCK=block, GROUPS=groups, BLOCK_M=block_m,
-            BLOCK_N=block_n, ROUND_DT=_TL_DTYPES[round_dtype], FP8_MAX_C=FP8_MAX, TINY_C=TINY, num_warps=warps)
+            BLOCK_N=block_n, ROUND_DT=_TL_DTYPES[round_dtype], FP8_MAX_C=FP8_MAX, TINY_C=TINY, num_warps=warps,
+            **pdl.launch(x.device))
     return out
 
 
