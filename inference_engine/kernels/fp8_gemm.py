@@ -1,7 +1,7 @@
 """Triton kernels of the FP8 linears (CUDA, sm_89+): per-token activation quantisation, a blockwise-scaled FP8 GEMM
 (prefill and batched decode), an FP8 GEMV with the activation quantisation fused in (batch-1 decode), and the same
-GEMV of activations quantised beforehand (`gemv_prequant`: benchmarks/fp8_linear.py times it; the engine does not
-call it yet).
+GEMV of activations quantised beforehand (`gemv_prequant`: the engine runs it where a tuned-kernels table says so,
+models/fp8.py).
 
 All compute what `weight_sync.fp8` specifies: activations quantised per row and group of `block` columns
 (scale = amax / 448 and its reciprocal by IEEE division once per group, x times the reciprocal, e4m3 by
