@@ -250,18 +250,23 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_short_co_trained_run_updates_both_policies(warm, tmp_path):
-    """Two steps of train.py's driver with the SFT doctor and patient co-trained: both losses non-zero, both
-    policies' weights change (their exports differ from the SFT weights), the engines follow."""
-    ray = pytest.importorskip("ray")
-    from orchestrator.driver import Driver, resolve
-
+def _start_local_ray(ray) -> None:
+    """A fresh two-CPU local Ray whose workers import the repository and the tests."""
     if ray.is_initialized():
         ray.shutdown()
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+
+
+def test_short_co_trained_run_updates_both_policies(warm, tmp_path):
+    """Two steps of train.py's driver with the SFT doctor and patient co-trained: both losses non-zero, both
+    policies' weights change (their exports differ from the SFT weights), the engines follow."""
+    ray = pytest.importorskip("ray")
+    from orchestrator.driver import Driver, resolve
+
+    _start_local_ray(ray)
     driver = Driver(resolve({
         "policies": [f"doctor={warm / 'sft-doctor'}", f"patient={warm / 'sft-patient'}"],
         "prompt-data": str(warm / "data" / "train.jsonl"), "metadata-key": "metadata", "rollout-client": "ray",
@@ -324,12 +329,7 @@ def test_an_arm_cut_off_resumes_from_its_checkpoint(warm, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text((REPO / "examples" / "medical_multiagent" / "config_cpu_rl.yaml").read_text()
                       + "rollout_batch_size: 2\nn_samples_per_prompt: 2\nglobal_batch_size: 4\n")
-    if ray.is_initialized():
-        ray.shutdown()
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled"}
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    _start_local_ray(ray)
     run = tmp_path / "fixed-s0"
     try:
         train_arm("fixed", warm, run, 0, 1, config, save_interval=1)  # "cut off" after step 1's checkpoint
