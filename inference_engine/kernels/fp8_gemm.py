@@ -9,8 +9,9 @@ round-to-nearest-even after clamping), weights e4m3 with one
 float32 scale per `block x block` block, products of e4m3 values summed in float32 per k-block and scaled by
 both scales, the result rounded to the activation dtype. None reads tensor values on the host: all are safe
 inside CUDA graphs. The GEMV and the activation quantisation launch with programmatic dependent launch where
-`ops.pdl` allows (the contract in ops/pdl.py), as the bf16 GEMV does. `torch._scaled_mm` with blockwise scales (1x128 activations, 128x128 weights) is an
-alternative GEMM where this torch build and GPU take it (`scaled_mm_works` probes it once).
+`ops.pdl` allows (the contract in ops/pdl.py), as the bf16 GEMV does. `torch._scaled_mm` with blockwise scales
+(1x128 activations, 128x128 weights) is an alternative GEMM where this torch build and GPU take it
+(`scaled_mm_works` probes it once).
 """
 
 from __future__ import annotations
