@@ -150,6 +150,8 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
     if run.eval_interval is not None and not data.eval_prompt_data and not data.eval_config:
         raise ConfigError(f"--eval-interval {run.eval_interval} needs --eval-prompt-data or --eval-config")
     _check_opd_teacher(run, trainer)
+    if run.rollout_client == "http" and not run.debug_train_only:
+        _check_http_serving()
     ranks, split = run.actor_num_nodes * run.actor_num_gpus_per_node, (
         trainer.tensor_parallel_size * trainer.pipeline_parallel_size * trainer.context_parallel_size)
     if trainer.context_parallel_size > 1 and ranks % split:
@@ -161,6 +163,17 @@ def resolve(values: dict[str, Any]) -> DriverConfig:
     except EvalConfigError as e:
         raise ConfigError(str(e)) from None
     return DriverConfig(run, rollout, data, trainer, engine, env, policies)
+
+
+def _check_http_serving() -> None:
+    """--rollout-client http serves every engine over HTTP (FastAPI on uvicorn): ConfigError here, before Ray starts,
+    if this Python lacks them, instead of the engines failing as they start (one image serves the whole job)."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"--rollout-client http serves the engines over HTTP and needs {' and '.join(missing)}, not "
+                          f"installed here: install them (the project's dependencies) or pass --rollout-client ray")
 
 
 def _check_opd_teacher(run: RunConfig, trainer: TrainerConfig) -> None:

@@ -2,7 +2,8 @@
 # One device call for issue #19 (async share): fully asynchronous vs synchronous RL on two GPUs (trainer on one, engine
 # on the other; benchmarks/async_rl.py: the real driver, disaggregated, GRPO + TIS, random-weight Qwen3-0.6B shape,
 # long-tailed response lengths: LONG tokens with probability P_LONG, else <= SHORT), samples/s and reward side by side.
-#   run(kind="nvidia-h100-x2", timeout_s=600, command="source scripts/device_env.sh; bash scripts/async_rl_gpu.sh")
+#   bash scripts/device_wheels.sh http   # (here, once) its engines are served over HTTP: the image has no web server
+#   run(kind="nvidia-h100-x2", carry=[".whl", ".whl_http"], timeout_s=600, command="bash scripts/async_rl_gpu.sh")
 # Knobs: STEPS (6, the first a warm-up), PROMPTS (16), SAMPLES (8), SHORT (256), LONG (2048), P_LONG (0.1),
 # K (2, --max-staleness).
 # Check: both runs finish; the fully run's max lag <= K and no stale drops; speed-up = fully / sync samples/s;

@@ -17,7 +17,7 @@ WORK=/tmp/kiln_critic_opd_work
 mkdir -p "$WORK"
 python3 -m examples.quickstart.make_data "$WORK/data" --max-operand 19 >/dev/null
 python3 -m examples.quickstart.sft --data "$WORK/data/sft.jsonl" --out "$WORK/student" --steps 260 | tail -1
-COMMON=(--config examples/quickstart/config.yaml --prompt-data "$WORK/data/train.jsonl"
+COMMON=(--config examples/quickstart/config.yaml --rollout-client ray --prompt-data "$WORK/data/train.jsonl"
         --eval-prompt-data "$WORK/data/test.jsonl" --num-rollout "${STEPS:-40}" --lr-decay-steps "${STEPS:-40}")
 if [ "${SKIP_GAE:-0}" != 1 ]; then
   timeout 250 python3 train.py "${COMMON[@]}" --hf-checkpoint "$WORK/student" --advantage-estimator gae --lambd 0.95 \

@@ -28,6 +28,7 @@ _pf_record() {  # _pf_record KIND FIELD...: one NUL-separated record
 
 _pf_python() {  # _pf_python INTERPRETER ARG...: record the call; stdin kept for `python3 - ...` (a heredoc)
   local code="" a
+  if [ "${2:-}" = -m ] && [ "${3:-}" = pip ]; then return 0; fi   # `python3 -m pip ...` installs: a stand-in as pip
   for a in "${@:2}"; do
     if [ "$a" = - ]; then code=$(cat); break; fi
   done

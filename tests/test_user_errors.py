@@ -98,6 +98,25 @@ def test_missing_prompt_data_in_process_never_initialises_ray(tmp_path, model, c
     assert err[0] == f"train.py: error: --prompt-data '{tmp_path / 'none.jsonl'}' does not exist"
 
 
+def test_http_rollout_client_without_a_web_server_is_a_config_error(tmp_path, model, monkeypatch):
+    """--rollout-client http (the default) on a Python without uvicorn: one clear ConfigError before Ray starts (on
+    the GPU machine the engines used to die in their actors); --rollout-client ray needs neither."""
+    import importlib.util
+
+    from orchestrator.cli import ConfigError
+    from orchestrator.driver import resolve
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "hi", "label": "x"}\n')
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    flags = {"hf-checkpoint": str(model), "prompt-data": str(data)}
+    with pytest.raises(ConfigError, match="--rollout-client http serves the engines over HTTP and needs uvicorn, "
+                                          "not installed here: .* or pass --rollout-client ray"):
+        resolve(flags)
+    assert resolve({**flags, "rollout-client": "ray"}).run.rollout_client == "ray"
+
+
 def test_debug_shows_the_traceback(tmp_path):
     code, _, text = run(["--hf-checkpoint", "/nonexistent/model", "--prompt-data", "x.jsonl", "--debug"], tmp_path)
     assert code == 1 and "Traceback" in text and "InputError" in text
