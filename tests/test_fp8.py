@@ -297,7 +297,10 @@ def test_kernel_table_reads_choices_per_shape_and_rows(tmp_path):
 @pytest.mark.parametrize("linears,match", [
     ([{"n": 1, "k": 1, "gemv": {"kernel": "fast", "config": [1, 8, 8, 4]}}], r"linears\[0\]\.gemv: expected"),
     ([{"n": 1, "k": 1, "gemv": {"kernel": "gemv", "config": [1, 8, 8]}}], "config must be 4 positive integers"),
-    ([{"n": 1, "k": 1, "gemv": {"kernel": "gemv", "config": [1, 48, 8, 4]}}], "BLOCK_N 48 must divide the block 128"),
+    ([{"n": 1, "k": 1, "gemv": {"kernel": "gemv", "config": [1, 8, 3, 4]}}], "the first 4 powers of two"),
+    ([{"n": 1, "k": 1, "gemm": [{"rows": 64, "kernel": "gemm", "config": [64, 96, 4, 3]}]}],
+     "the first 3 powers of two"),
+    ([{"n": 1, "k": 1, "gemv": {"kernel": "gemv", "config": [1, 256, 8, 4]}}], "BLOCK_N 256 must divide the block 128"),
     ([{"n": 1, "k": 1, "gemm": [{"rows": 64, "kernel": "cublas"}]}], r"gemm\[0\]: expected"),
     ([{"n": "1", "k": 1}], "integer 'n' and 'k'"),
 ])

@@ -62,9 +62,10 @@ GEMM_KERNELS = ("scaled_mm", "gemm")
 class KernelChoice:
     """The CUDA kernels of one FP8 linear shape, as tuned (see the module docstring); None / () fields: built-in."""
 
-    gemv: Config | None = None  # (BLOCK_M, BLOCK_N, groups, warps) of the GEMV (rows <= GEMV_MAX_ROWS)
+    gemv: Config | None = None  # (BLOCK_M, BLOCK_N, groups of `block` columns per K tile, warps) of the GEMV
     prequant: bool = False  # quantise x once (quantize_activation), then gemv_prequant, instead of in every program
-    gemm: tuple[tuple[int, str, Config | None], ...] = ()  # (up to rows, "scaled_mm" or "gemm", gemm config), rows up
+    gemm: tuple[tuple[int, str, Config | None], ...] = ()  # (up to rows, "scaled_mm" or "gemm", (BLOCK_M, BLOCK_N,
+    # warps, stages) of the GEMM), by rows ascending
 
     def for_rows(self, rows: int) -> tuple[str, Config | None] | None:
         """(kernel, config) for a GEMM of `rows` rows: the entry of the fewest rows >= rows; None past the last."""
@@ -86,9 +87,11 @@ class KernelTable:
         def bad(what: str) -> ValueError:
             return ValueError(f"fp8_kernel_configs {path}: {what}")
 
-        def config(value, where: str) -> Config:
-            if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) and v > 0 for v in value)):
-                raise bad(f"{where}: config must be 4 positive integers, got {value!r}")
+        def config(value, where: str, pow2: int) -> Config:
+            """4 positive integers, the first pow2 of them powers of two (tile sizes and warps)."""
+            if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) and v > 0 for v in value)
+                    and all(v & (v - 1) == 0 for v in value[:pow2])):
+                raise bad(f"{where}: config must be 4 positive integers, the first {pow2} powers of two, got {value!r}")
             return tuple(value)
 
         try:
@@ -108,7 +111,7 @@ class KernelTable:
                 g = entry["gemv"]
                 if not isinstance(g, dict) or g.get("kernel") not in ("gemv", "prequant"):
                     raise bad(f"{where}.gemv: expected {{'kernel': 'gemv' or 'prequant', 'config': [...]}}")
-                gemv, prequant = config(g.get("config"), f"{where}.gemv"), g["kernel"] == "prequant"
+                gemv, prequant = config(g.get("config"), f"{where}.gemv", 4), g["kernel"] == "prequant"
                 if data["block"] % gemv[1]:
                     raise bad(f"{where}.gemv: BLOCK_N {gemv[1]} must divide the block {data['block']}")
             gemm = []
@@ -117,7 +120,7 @@ class KernelTable:
                 if not isinstance(g, dict) or not isinstance(g.get("rows"), int) or g.get("kernel") not in GEMM_KERNELS:
                     raise bad(f"{w}: expected {{'rows': int, 'kernel': 'scaled_mm' or 'gemm', 'config': [...] "
                               "or null}")
-                cfg = None if g.get("config") is None else config(g["config"], w)
+                cfg = None if g.get("config") is None else config(g["config"], w, 3)  # BLOCK_M, BLOCK_N, warps; stages
                 gemm.append((g["rows"], g["kernel"], cfg))
             choices[(entry["n"], entry["k"])] = KernelChoice(gemv, prequant, tuple(sorted(gemm)))
         return cls(data["device"], data["block"], choices)
