@@ -12,6 +12,9 @@
 # limit: it saves the model when it stops), LIMIT_S (590: train.py gets what is left of it less 25 s for the plot and
 # summary), MAX_OPERAND / NUM_PROBLEMS / TEST_FRACTION (999 / 100000 / 0.01: the task and its 1,000 held-out sums).
 # If the first call's steps take well under 2 s (summary.txt), a longer run: STEPS=250 bash scripts/quickstart_gpu.sh
+# FP8 rollout against bf16 on the same SFT model, one after the other in one call (issue #22: TIS keeps the final reward
+# within noise of bf16; the engine-vs-trainer log-prob gap of each step in summary.txt; metrics_bf16.jsonl,
+# metrics_fp8.jsonl, both curves, the logs in logs.tar.gz): ROLLOUT_DTYPES="bf16 fp8" STEPS=90 bash scripts/quickstart_gpu.sh
 # Three-digit sums are learnt in a jump, not gradually: on CPU (2026-12-05, fp32) a 3.3 M-param model of this recipe
 # (width 256, 4 layers, batch 64, lr 1e-3, 100 warm-up steps) answered 0-1% of 256 held-back sums exactly up to step
 # 700, then 11% at step 800 and 10% at 900 (loss 1.19 -> 0.81 by step 980); the 47 M model sees 4x the examples a
@@ -47,30 +50,35 @@ timeout 240 python3 -m examples.quickstart.sft --data "$WORK/data/sft.jsonl" --o
   --steps "${SFT_STEPS:-4000}" --target-accuracy "${SFT_TARGET:-0.3}" --check-every 50 --probe-size 512 \
   --time-limit "${SFT_LIMIT_S:-150}" 2>&1 | tee "$OUT/sft.log"
 echo "data + sft: ${SECONDS} s" | tee -a "$OUT/sft.log"
-left=$(( ${LIMIT_S:-590} - SECONDS - 25 ))
-timeout "$left" python3 train.py --config examples/quickstart/config_gpu.yaml --hf-checkpoint "$WORK/sft_model" \
-  --prompt-data "$WORK/data/train.jsonl" --eval-prompt-data "$WORK/data/test.jsonl" --num-rollout "$STEPS" \
-  --lr "${LR:-2e-4}" --min-lr "${MIN_LR:-2e-5}" --lr-decay-steps "$STEPS" --metrics-file "$OUT/metrics.jsonl" 2>&1 \
-  | tee "$OUT/train.log"
-ray stop --force >/dev/null 2>&1   # a run cut by its timeout leaves no Ray worker holding the GPU
-echo "train.py done at ${SECONDS} s" | tee -a "$OUT/train.log"
-python3 -m examples.quickstart.plot "$OUT/metrics.jsonl" "$OUT/reward_curve.png" \
-  --title "Kiln GPU quickstart: GRPO on a + b (operands 0-${MAX_OPERAND}), 47 M params" 2>&1 | tee "$OUT/plot.txt"
+DTYPES=(${ROLLOUT_DTYPES:-bf16})
+for i in "${!DTYPES[@]}"; do
+  dtype=${DTYPES[$i]}   # bf16: the linears in the model dtype (--rollout-dtype auto); fp8: e4m3 (TIS / MIS turn on)
+  tag=$([ ${#DTYPES[@]} -gt 1 ] && echo "_$dtype" || true)   # one run: metrics.jsonl and train.log, as before
+  left=$(( (${LIMIT_S:-590} - SECONDS - 25) / (${#DTYPES[@]} - i) ))   # what is left, shared by the runs to come
+  timeout "$left" python3 train.py --config examples/quickstart/config_gpu.yaml --hf-checkpoint "$WORK/sft_model" \
+    --prompt-data "$WORK/data/train.jsonl" --eval-prompt-data "$WORK/data/test.jsonl" --num-rollout "$STEPS" \
+    --lr "${LR:-2e-4}" --min-lr "${MIN_LR:-2e-5}" --lr-decay-steps "$STEPS" --rollout-dtype "${dtype/bf16/auto}" \
+    --metrics-file "$OUT/metrics$tag.jsonl" 2>&1 | tee "$OUT/train$tag.log"
+  ray stop --force >/dev/null 2>&1   # a run cut by its timeout leaves no Ray worker holding the GPU
+  echo "train.py ($dtype rollout) done at ${SECONDS} s" | tee -a "$OUT/train$tag.log"
+  python3 -m examples.quickstart.plot "$OUT/metrics$tag.jsonl" "$OUT/reward_curve$tag.png" \
+    --title "Kiln GPU quickstart: GRPO on a + b (operands 0-${MAX_OPERAND}), 47 M params, $dtype rollout" 2>&1 \
+    | tee -a "$OUT/plot.txt"
+done
 python3 - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 
-out = Path(sys.argv[1])
-print("card:", (out / "device.txt").read_text().strip())
-rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-    if (out / "metrics.jsonl").exists() else []
-steps = [r for r in rows if "rollout/reward_mean" in r]
-evals = [(r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
-print(f"GRPO steps logged: {len(steps)}")
-if evals:
-    print(f"eval (held-out sums, greedy): step {evals[0][0]} {evals[0][1]:.3f} -> step {evals[-1][0]} "
-          f"{evals[-1][1]:.3f}, best {max(v for _, v in evals):.3f}")
-if steps:
+
+def summarise(rows: list[dict]) -> None:
+    steps = [r for r in rows if "rollout/reward_mean" in r]
+    evals = [(r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r]
+    print(f"GRPO steps logged: {len(steps)}")
+    if evals:
+        print(f"eval (held-out sums, greedy): step {evals[0][0]} {evals[0][1]:.3f} -> step {evals[-1][0]} "
+              f"{evals[-1][1]:.3f}, best {max(v for _, v in evals):.3f}")
+    if not steps:
+        return
     k = min(5, len(steps))
     mean = lambda key, rs: sum(r.get(key, 0.0) for r in rs) / len(rs)  # noqa: E731
     print(f"rollout reward: first {k} {mean('rollout/reward_mean', steps[:k]):.3f} -> last {k} "
@@ -78,7 +86,20 @@ if steps:
     later = steps[1:] or steps   # the first step carries warm-up costs
     timing = sorted(key for key in later[-1] if key.startswith("timing/"))
     print("mean over steps 2..: " + ", ".join(f"{key[7:]} {mean(key, later):.3f}" for key in timing))
-    failed = sum(r.get("rollout/failed_samples", 0) for r in steps)
-    print(f"failed samples in all: {failed}")
+    mismatch = sorted(key for key in later[-1] if "train_rollout" in key)  # engine vs trainer log-probs
+    if mismatch:
+        print("engine vs trainer on the rollout tokens, mean over steps 2..: "
+              + ", ".join(f"{key} {mean(key, later):.4f}" for key in mismatch))
+    print(f"failed samples in all: {sum(r.get('rollout/failed_samples', 0) for r in steps)}")
+
+
+out = Path(sys.argv[1])
+print("card:", (out / "device.txt").read_text().strip())
+for metrics in sorted(out.glob("metrics*.jsonl")):
+    print(f"\n== {metrics.name}")
+    summarise([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()])
 EOF
+if [ ${#DTYPES[@]} -gt 1 ]; then   # a call brings back 8 files at most: the logs in one archive
+  (cd "$OUT" && tar czf logs.tar.gz data.log sft.log plot.txt train_*.log && rm -f data.log sft.log plot.txt train_*.log)
+fi
 echo "quickstart_gpu: ${SECONDS} s in all"
