@@ -8,7 +8,9 @@
 Weights: random bf16, quantised by weight_sync.fp8.quantize_weight (e4m3, 128 x 128 block scales).
 Rows 1 (batch-1 decode): the engine's bf16 GEMV (ops.linear; ops.silu_and_mul_linear for down); the FP8 `gemv`
 (activation quantised inside every program) with its default config and a sweep of (BLOCK_N, K tile in 128-wide
-groups, warps); `quantize_activation` once + `gemv_prequant` (a GEMV that reads the quantised x) over the same sweep.
+groups, warps); `quantize_activation` once + `gemv_prequant` (a GEMV that reads the quantised x) over the same sweep;
+and the tensor-core kernels with the row padded to a 16-row tile (`quantize_activation` + torch._scaled_mm, + the
+triton GEMM over --one-row-gemm-configs): e4m3 straight into the MMA, no per-element conversion on CUDA cores.
 Rows 64 / 256: the engine's bf16 path (cuBLAS; SiLU-and-mul its own kernel for down) vs `quantize_activation` +
 torch._scaled_mm (blockwise) vs `quantize_activation` + the triton `gemm`, its default config and a sweep.
 
@@ -58,6 +60,8 @@ QWEN3_8B = {s.name: s for s in (Shape("qkv", 6144, 4096), Shape("o", 4096, 4096)
                                 Shape("down", 4096, 12288, silu_mul=True))}
 SMOKE = {s.name: s for s in (Shape("qkv", 256, 128), Shape("o", 128, 128), Shape("gate_up", 384, 128),
                              Shape("down", 128, 256, silu_mul=True))}
+ONE_ROW_GEMM_SWEEP = [(16, 32, 4, 4), (16, 64, 4, 4), (16, 32, 2, 4), (16, 64, 4, 3), (16, 128, 4, 3),
+                      (16, 128, 8, 3)]  # 1 row on tensor cores: the row padded to a 16-row tile
 GEMM_SWEEP = [(16, 64, 4, 4), (32, 64, 4, 4), (64, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3),
               (128, 64, 4, 4), (128, 128, 8, 3), (64, 256, 8, 3)]  # (BLOCK_M, BLOCK_N, warps, stages)
 
@@ -159,6 +163,26 @@ def copies_for(fp8_bytes: int, cuda: bool) -> int:
     return max(2, math.ceil(L2_MULTIPLE * l2 / fp8_bytes))
 
 
+def _quant_then(case: Case, x: torch.Tensor, mm: Callable) -> Callable[[int], Callable[[], torch.Tensor]]:
+    """make(i): quantize_activation(x) (SiLU-and-mul first for the down shape), then mm(xq, xs, i) on weight copy i."""
+    from inference_engine.kernels import fp8_gemm
+
+    def call(i):
+        def run():
+            xq, xs = fp8_gemm.quantize_activation(x, BLOCK, silu_mul=case.shape.silu_mul)
+            return mm(xq, xs, i)
+        return run
+    return call
+
+
+def _gemm(case: Case, x: torch.Tensor, cfg: tuple[int, ...] | None) -> Callable[[int], Callable[[], torch.Tensor]]:
+    """quantize_activation + the triton blockwise GEMM with config cfg (None: gemm_config's)."""
+    from inference_engine.kernels import fp8_gemm
+
+    return _quant_then(case, x, lambda xq, xs, i: fp8_gemm.gemm(xq, xs, case.wq[i], case.ws[i], BLOCK, None,
+                                                               torch.bfloat16, torch.bfloat16, config=cfg))
+
+
 class Bench:
     """Checks and times the variants of each shape; keeps every Result."""
 
@@ -188,8 +212,10 @@ class Bench:
         self.results.append(res)
         return res
 
-    def rows_1(self, case: Case, sweep: list[tuple[int, int, int, int]]) -> None:
-        """bf16 GEMV, FP8 gemv (default + sweep), quantize_activation + gemv_prequant (default + sweep) at 1 row."""
+    def rows_1(self, case: Case, sweep: list[tuple[int, int, int, int]], gemm_sweep: list[tuple[int, ...]]) -> None:
+        """bf16 GEMV, FP8 gemv (default + sweep), quantize_activation + gemv_prequant (default + sweep), and the
+        tensor-core kernels with the one row padded to a 16-row tile (scaled_mm, the triton GEMM over gemm_sweep) at
+        1 row."""
         from inference_engine import ops as engine_ops
         from inference_engine.kernels import fp8_gemm
 
@@ -202,13 +228,8 @@ class Bench:
                                                    silu_mul=s.silu_mul, config=cfg)
 
         def prequant(cfg):
-            def call(i):
-                def run():
-                    xq, xs = fp8_gemm.quantize_activation(x, BLOCK, silu_mul=s.silu_mul)
-                    return fp8_gemm.gemv_prequant(xq, xs, case.wq[i], case.ws[i], BLOCK, None, torch.bfloat16,
-                                                  torch.bfloat16, config=cfg)
-                return run
-            return call
+            return _quant_then(case, x, lambda xq, xs, i: fp8_gemm.gemv_prequant(
+                xq, xs, case.wq[i], case.ws[i], BLOCK, None, torch.bfloat16, torch.bfloat16, config=cfg))
 
         want = fused(None)(0)()
         self.check_reference(case, x, want)
@@ -226,6 +247,7 @@ class Bench:
                          config=cfg)
             self.measure(case, 1, f"fp8 quant + gemv_prequant {_cfg(cfg)}", prequant(cfg), case.fp8_bytes, want, skip,
                          kernel="prequant", config=cfg)
+        self.tensor_core_variants(case, 1, x, want, gemm_sweep, default=None)
 
     def rows_many(self, case: Case, rows: int, sweep: list[tuple[int, int, int, int]]) -> None:
         """bf16 (cuBLAS) vs quantize_activation + scaled_mm / + triton gemm (default + sweep) at `rows` rows."""
@@ -235,34 +257,29 @@ class Bench:
         s, x = case.shape, case.x(rows)
         bf16 = engine_ops.silu_and_mul_linear if s.silu_mul else engine_ops.linear
         self.measure(case, rows, "bf16 (engine)", lambda i: lambda: bf16(x, case.w[i]), case.bf16_bytes, None)
-
-        def quant_then(mm):
-            def call(i):
-                def run():
-                    xq, xs = fp8_gemm.quantize_activation(x, BLOCK, silu_mul=s.silu_mul)
-                    return mm(xq, xs, i)
-                return run
-            return call
-
-        def gemm(cfg):
-            return quant_then(lambda xq, xs, i: fp8_gemm.gemm(xq, xs, case.wq[i], case.ws[i], BLOCK, None,
-                                                              torch.bfloat16, torch.bfloat16, config=cfg))
-
-        want = gemm(None)(0)()
+        want = _gemm(case, x, None)(0)()
         self.check_reference(case, x, want)
-        cuda = x.device.type == "cuda"
-        skip = "" if cuda and fp8_gemm.scaled_mm_works(x.device) else "torch._scaled_mm blockwise unavailable here"
-        scaled = quant_then(lambda xq, xs, i: fp8_gemm.scaled_mm(xq, xs, case.wq[i], case.ws[i], None, torch.bfloat16,
-                                                                 torch.bfloat16))
-        self.measure(case, rows, "fp8 quant + scaled_mm", scaled, case.fp8_bytes, want, skip, kernel="scaled_mm")
-        default = fp8_gemm.gemm_config(rows)
-        self.measure(case, rows, "fp8 quant + gemm default", gemm(None), case.fp8_bytes, want,
-                     note=f"config {_cfg(default)}", kernel="gemm", config=default)
         self.measure(case, rows, "fp8 quantize_activation alone",
                      lambda i: lambda: fp8_gemm.quantize_activation(x, BLOCK, silu_mul=s.silu_mul), 0, None)
+        self.tensor_core_variants(case, rows, x, want, sweep, default=fp8_gemm.gemm_config(rows))
+
+    def tensor_core_variants(self, case: Case, rows: int, x: torch.Tensor, want: torch.Tensor,
+                             sweep: list[tuple[int, ...]], default: tuple[int, ...] | None) -> None:
+        """quantize_activation + torch._scaled_mm, + the triton GEMM with its default config (unless None) and each
+        config of the sweep, checked against want."""
+        from inference_engine.kernels import fp8_gemm
+
+        cuda = x.device.type == "cuda"
+        skip = "" if cuda and fp8_gemm.scaled_mm_works(x.device) else "torch._scaled_mm blockwise unavailable here"
+        scaled = _quant_then(case, x, lambda xq, xs, i: fp8_gemm.scaled_mm(xq, xs, case.wq[i], case.ws[i], None,
+                                                                           torch.bfloat16, torch.bfloat16))
+        self.measure(case, rows, "fp8 quant + scaled_mm", scaled, case.fp8_bytes, want, skip, kernel="scaled_mm")
+        if default is not None:
+            self.measure(case, rows, "fp8 quant + gemm default", _gemm(case, x, None), case.fp8_bytes, want,
+                         note=f"config {_cfg(default)}", kernel="gemm", config=default)
         for cfg in sweep:
             if cfg != default:
-                self.measure(case, rows, f"fp8 quant + gemm {_cfg(cfg)}", gemm(cfg), case.fp8_bytes, want,
+                self.measure(case, rows, f"fp8 quant + gemm {_cfg(cfg)}", _gemm(case, x, cfg), case.fp8_bytes, want,
                              kernel="gemm", config=cfg)
 
     def check_reference(self, case: Case, x: torch.Tensor, got: torch.Tensor) -> None:
@@ -275,14 +292,12 @@ class Bench:
 
 
 def compile_jobs(shapes: list[Shape], rows_list: list[int], gemv_sweep: list, gemm_sweep: list) -> list[tuple]:
-    """(kernel, config, silu_mul) of every swept kernel the run will build."""
+    """(kernel, config, silu_mul) of every swept kernel the run will build (gemm_sweep: every GEMM config it times)."""
     jobs: list[tuple] = []
     if 1 in rows_list:
         for cfg in (c for c in gemv_sweep if not _gemv_skip(c)):
             jobs += [("gemv", cfg, silu) for silu in sorted({s.silu_mul for s in shapes})] + [("prequant", cfg, False)]
-    if any(rows > 1 for rows in rows_list):
-        jobs += [("gemm", cfg, False) for cfg in gemm_sweep]
-    return jobs
+    return jobs + [("gemm", cfg, False) for cfg in gemm_sweep]
 
 
 def build_kernels(jobs: list[tuple], device: str, n: int, k: int) -> tuple[int, int]:
@@ -359,6 +374,8 @@ FAMILIES = [
     ("fp8 gemv, best config per shape", False, lambda v: v.startswith("fp8 gemv ")),
     ("fp8 quant + gemv_prequant default", False, lambda v: v.startswith("fp8 quant + gemv_prequant default")),
     ("fp8 quant + gemv_prequant, best config per shape", False, lambda v: v.startswith("fp8 quant + gemv_prequant ")),
+    ("fp8 quant + scaled_mm (1 row padded)", False, lambda v: v == "fp8 quant + scaled_mm"),
+    ("fp8 quant + gemm (1 row padded), best config per shape", False, lambda v: v.startswith("fp8 quant + gemm ")),
     ("bf16 (engine)", True, lambda v: v == "bf16 (engine)"),
     ("fp8 quant + scaled_mm", True, lambda v: v == "fp8 quant + scaled_mm"),
     ("fp8 quant + gemm default", True, lambda v: v.startswith("fp8 quant + gemm default")),
@@ -429,7 +446,9 @@ def report(results: list[Result], bandwidth: float, bf16_step_ms: float, layers:
 
 def kernel_configs(results: list[Result], shapes: dict[str, Shape], device: str) -> dict:
     """The tuned-kernels table (EngineConfig.fp8_kernel_configs, models.fp8.KernelTable) of these results: per
-    shape, the fastest checked-and-timed GEMV at 1 row and the fastest GEMM kernel at each larger row count."""
+    shape and row count the fastest checked-and-timed kernel: at 1 row a GEMV (its config, x quantised in it or
+    before it) or, when a tensor-core kernel was faster, that GEMM as the 1-row entry of the GEMM list (the engine
+    then skips the GEMV); at more rows scaled_mm or the triton GEMM with its config."""
     linears = []
     for name, shape in shapes.items():
         def fastest(rows: int, kernels: tuple[str, ...]) -> Result | None:
@@ -437,9 +456,13 @@ def kernel_configs(results: list[Result], shapes: dict[str, Shape], device: str)
                         and r.kernel in kernels), key=lambda r: r.us, default=None)
 
         entry: dict = {"n": shape.n, "k": shape.k, "name": name}
-        if (best := fastest(1, ("gemv", "prequant"))) is not None:
-            entry["gemv"] = {"kernel": best.kernel, "config": list(best.config), "us": round(best.us, 2)}
         gemm = []
+        if (best := fastest(1, ("gemv", "prequant", "scaled_mm", "gemm"))) is not None:
+            if best.kernel in ("gemv", "prequant"):
+                entry["gemv"] = {"kernel": best.kernel, "config": list(best.config), "us": round(best.us, 2)}
+            else:
+                gemm.append({"rows": 1, "kernel": best.kernel, "config": best.config and list(best.config),
+                             "us": round(best.us, 2)})
         for rows in sorted({r.rows for r in results if r.shape == name and r.rows > 1}):
             if (best := fastest(rows, ("scaled_mm", "gemm"))) is not None:
                 gemm.append({"rows": rows, "kernel": best.kernel, "config": best.config and list(best.config),
@@ -463,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warps", type=_ints, default="2,4,8", help="GEMV sweep: warps per program")
     ap.add_argument("--gemm-configs", type=_gemm_configs, default=";".join(_cfg(c) for c in GEMM_SWEEP),
                     help="GEMM sweep at rows > 1: BLOCK_MxBLOCK_NxWARPSxSTAGES;... (empty: default config only)")
+    ap.add_argument("--one-row-gemm-configs", type=_gemm_configs, default=";".join(_cfg(c) for c in ONE_ROW_GEMM_SWEEP),
+                    help="the triton GEMM's configs tried at 1 row (the row padded to BLOCK_M; empty: none)")
     ap.add_argument("--compile-workers", type=int, default=8,
                     help="processes that build the swept kernels first (0: each is built when first timed)")
     ap.add_argument("--replays", type=int, default=10, help="graph replays per timing (the best of two timings)")
@@ -498,9 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         gemv_sweep = [(1, 4, 2, 4), (1, 32, 4, 2)]
         gemm_sweep = [(16, 32, 4, 2), (32, 64, 4, 2)]
+        one_row_gemm_sweep = [(16, 32, 4, 2)]
     else:
         gemv_sweep = [(1, bn, g, w) for bn in args.block_n for g in args.groups for w in args.warps]
         gemm_sweep = args.gemm_configs
+        one_row_gemm_sweep = args.one_row_gemm_configs
 
     out_path = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "fp8_linear.json"
                                                 if os.environ.get("OUT") else None)
@@ -516,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(Timer(cuda, args.replays), bandwidth)
     start = time.perf_counter()
     if args.compile_workers > 0:
-        jobs = compile_jobs([table_shapes[n] for n in names], rows_list, gemv_sweep, gemm_sweep)
+        gemms = (one_row_gemm_sweep if 1 in rows_list else []) + (gemm_sweep if max(rows_list) > 1 else [])
+        jobs = compile_jobs([table_shapes[n] for n in names], rows_list, gemv_sweep, list(dict.fromkeys(gemms)))
         precompile(jobs, min(args.compile_workers, 2) if args.smoke else args.compile_workers, device.type,
                    *((128, 256) if args.smoke else (256, 2048)))
 
@@ -547,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, case in cases.items():
                 try:
                     if rows == 1:
-                        bench.rows_1(case, gemv_sweep)
+                        bench.rows_1(case, gemv_sweep, one_row_gemm_sweep)
                     else:
                         bench.rows_many(case, rows, gemm_sweep)
                 except Exception:  # one shape's failure must not lose the rest of the device call

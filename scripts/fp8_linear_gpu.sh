@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # FP8 linears kernel by kernel, then the engine with the fastest ones (issue #22: FP8 decode slower than bf16), in one
 # device call: the GEMV and linear kernels' GPU tests; benchmarks/fp8_linear.py on the Qwen3-8B linears (rows 1: the
-# engine's bf16 GEMV vs the FP8 GEMV over a config sweep vs quantize_activation + gemv_prequant over the same sweep;
-# rows 64 / 256: bf16 vs quantize_activation + torch._scaled_mm vs + the triton GEMM over a config sweep), which
+# engine's bf16 GEMV vs the FP8 GEMV over a config sweep vs quantize_activation + gemv_prequant over the same sweep
+# vs the tensor-core kernels with the row padded to 16 (scaled_mm, the triton GEMM); rows 64 / 256: bf16 vs quantize_activation + torch._scaled_mm vs + the triton GEMM over a config sweep), which
 # writes the fastest correct kernel per shape and row count to $OUT/fp8_kernel_configs.json; then the 8B-shape
 # engine's decode (batch 1 / 64 / 256, triton attention, CUDA graphs) with bf16 weights, FP8 with the built-in
 # kernels and FP8 with those tuned kernels (--fp8-kernel-configs), side by side. Logs and JSON go to $OUT.

@@ -57,10 +57,11 @@ def test_fp8_linear_matches_dequantised_matmul(m, n, k):
 
 TUNED = [engine_fp8.KernelChoice(gemv=(1, 8, 8, 4), prequant=True, gemm=((64, "gemm", (32, 64, 4, 4)),
                                                                             (256, "scaled_mm", None))),
-         engine_fp8.KernelChoice(gemv=(1, 16, 4, 2), gemm=((8, "scaled_mm", None), (300, "gemm", (64, 128, 8, 3))))]
+         engine_fp8.KernelChoice(gemv=(1, 16, 4, 2), gemm=((8, "scaled_mm", None), (300, "gemm", (64, 128, 8, 3)))),
+         engine_fp8.KernelChoice(gemm=((1, "gemm", (16, 64, 4, 4)), (256, "gemm", (64, 64, 4, 4))))]
 
 
-@pytest.mark.parametrize("choice", TUNED, ids=["prequant+gemm64+scaled256", "gemv+scaled8+gemm300"])
+@pytest.mark.parametrize("choice", TUNED, ids=["prequant+gemm64+scaled256", "gemv+scaled8+gemm300", "gemm1+gemm256"])
 @pytest.mark.parametrize("m", [1, 8, 64, 256, 300, 1000])
 def test_tuned_kernel_choices_compute_the_same_linear(choice, m):
     """Every tuned choice (EngineConfig.fp8_kernel_configs) is the same function: within one bf16 rounding of the

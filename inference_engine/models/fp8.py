@@ -16,10 +16,12 @@ float32, which is the same function up to float32 summation order.
 Tuned kernels (`EngineConfig.fp8_kernel_configs`): a JSON that `benchmarks/fp8_linear.py --write-configs` writes on
 one GPU model names, per linear shape (N, K), the fastest correct kernel it timed: the GEMV's config and whether x
 is quantised once before it (`gemv_prequant`) or in every program, and per decode batch size (rows up to 64,
-up to 256, ...) torch._scaled_mm or the triton GEMM with a config. `convert` gives each linear of a shape in the
-table its `KernelChoice`; shapes not in it (other models, tp shards), a table of another GPU model or block size,
-and more rows than the table's largest keep the built-in choices. Every choice computes the same function as
-the default (the same quantisation; the products summed in another order).
+up to 256, ...) torch._scaled_mm or the triton GEMM with a config. Where a tensor-core kernel beat every GEMV at
+one row (the row padded to a 16-row tile), the table has no GEMV for that shape and a 1-row GEMM entry instead.
+`convert` gives each linear of a shape in the table its `KernelChoice`; shapes not in it (other models, tp shards),
+a table of another GPU model or block size, and more rows than the table's largest keep the built-in choices.
+Every choice computes the same function as the default (the same quantisation; the products summed in another
+order).
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: in
     n = weight.shape[0]
     if x.device.type == "cuda":
         k = _kernels()
-        if x2.shape[0] <= GEMV_MAX_ROWS:
+        tensor_cores = kernels is not None and kernels.gemv is None and kernels.for_rows(x2.shape[0]) is not None
+        if x2.shape[0] <= GEMV_MAX_ROWS and not tensor_cores:  # a table may send decode rows to the GEMM instead
             if kernels is not None and kernels.prequant:
                 xq, xs = k.quantize_activation(x2, block, silu_mul=silu_mul)
                 out = k.gemv_prequant(xq, xs, weight, scale, block, bias, out_dtype, x.dtype, config=kernels.gemv)
