@@ -140,8 +140,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: in
     n = weight.shape[0]
     if x.device.type == "cuda":
         k = _kernels()
-        tensor_cores = kernels is not None and kernels.gemv is None and kernels.for_rows(x2.shape[0]) is not None
-        if x2.shape[0] <= GEMV_MAX_ROWS and not tensor_cores:  # a table may send decode rows to the GEMM instead
+        pick = kernels.for_rows(x2.shape[0]) if kernels is not None else None  # a tuned GEMM for these rows
+        tensor_cores = pick is not None and kernels.gemv is None  # a table may send decode rows to the GEMM
+        if x2.shape[0] <= GEMV_MAX_ROWS and not tensor_cores:
             if kernels is not None and kernels.prequant:
                 xq, xs = k.quantize_activation(x2, block, silu_mul=silu_mul)
                 out = k.gemv_prequant(xq, xs, weight, scale, block, bias, out_dtype, x.dtype, config=kernels.gemv)
@@ -149,7 +150,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: in
                 out = k.gemv(x2, weight, scale, block, bias, out_dtype, silu_mul=silu_mul,
                              config=kernels and kernels.gemv)
         else:
-            pick = kernels.for_rows(x2.shape[0]) if kernels is not None else None
             xq, xs = k.quantize_activation(x2, block, silu_mul=silu_mul)
             out = None
             if (pick is None or pick[0] == "scaled_mm") and _use_scaled_mm(x.device, block):
