@@ -15,7 +15,7 @@
 # exists and an evaluation already written are not redone, an arm cut off resumes from its newest checkpoint (one
 # every SAVE_INTERVAL steps). On 2026-12-06 (H100) the warm start took 186 s, the three seeds of arm (a) side by side
 # 335-454 s, of arm (b) 397-427 s: the whole experiment is about three calls on one warm machine.
-# Knobs: SEEDS ("0 1 2"), STEPS (40), N_EVAL (300), LIMIT_S, SAVE_INTERVAL (5), WARM_ARGS; PY (default python3: the device's copy of the
+# Knobs: SEEDS ("0 1 2"), STEPS (40), N_EVAL (300), LIMIT_S, SAVE_INTERVAL (5), WARM_ARGS, PARALLEL (auto); PY (default python3: the device's copy of the
 # tree has no .venv; on a machine of your own, PY=.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$RUN/gpus.csv"
 WARM_ARGS=${WARM_ARGS:---conditions all --n-dialogues 8000 --n-train 8000 --n-test 400 --steps 3000 \
 --patient-steps 2000 --batch-size 64 --hidden-size 384 --layers 6 --lr 1e-3 --vocab-size 4096 --device cuda}
 SEEDS=${SEEDS:-0 1 2}
+# PARALLEL: "seeds" (one process per seed) or "arms" (one per seed and arm: 9 processes, ~15 KV pools of ~4.8 GB,
+# which an 80 GB card does not hold); auto: arms on a card of >= 120 GB (H200), else seeds
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+PARALLEL=${PARALLEL:-auto}
+if [ "$PARALLEL" = auto ]; then PARALLEL=$([ "${gpu_mib:-0}" -ge 120000 ] && echo arms || echo seeds); fi
+echo "medical_gpu: side by side per $PARALLEL (GPU memory ${gpu_mib} MiB)"
 deadline=$(( SECONDS + ${LIMIT_S:-555} ))
 left() { echo $(( deadline - SECONDS > 1 ? deadline - SECONDS : 1 )); }
 experiment() {  # experiment.py with this run's settings; extra arguments last
@@ -41,10 +47,18 @@ experiment() {  # experiment.py with this run's settings; extra arguments last
 experiment --seeds $SEEDS --eval-only 2>&1 | tee "$RUN/experiment.log" || status=$?
 if [ -z "${status:-}" ]; then
   pids=()
-  for seed in $SEEDS; do  # one process (and local Ray) per seed, side by side
-    (OMP_NUM_THREADS=2 experiment --seeds "$seed" 2>&1 | tee "$RUN/experiment_s$seed.log" > /dev/null) &
-    pids+=($!)
-  done
+  if [ "$PARALLEL" = arms ]; then  # one process (and local Ray) per seed and arm, side by side
+    for seed in $SEEDS; do for arm in fixed cotrain rule; do
+      (OMP_NUM_THREADS=1 experiment --seeds "$seed" --arms "$arm" 2>&1 \
+        | tee "$RUN/experiment_s${seed}_$arm.log" > /dev/null) &
+      pids+=($!)
+    done; done
+  else  # one process (and local Ray) per seed, side by side; its three arms in turn
+    for seed in $SEEDS; do
+      (OMP_NUM_THREADS=2 experiment --seeds "$seed" 2>&1 | tee "$RUN/experiment_s$seed.log" > /dev/null) &
+      pids+=($!)
+    done
+  fi
   for i in "${!pids[@]}"; do wait "${pids[$i]}" || status=$?; done
   grep -h -E "^\[" "$RUN"/experiment_s*.log | tee -a "$RUN/experiment.log" || true
   experiment --seeds $SEEDS --eval-only 2>&1 | tee -a "$RUN/experiment.log" || status=${status:-$?}
