@@ -36,10 +36,11 @@ PARALLEL=${PARALLEL:-auto}
 if [ "$PARALLEL" = auto ]; then PARALLEL=$([ "${gpu_mib:-0}" -ge 120000 ] && echo arms || echo seeds); fi
 echo "medical_gpu: side by side per $PARALLEL (GPU memory ${gpu_mib} MiB)"
 deadline=$(( SECONDS + ${LIMIT_S:-555} ))
-left() { echo $(( deadline - SECONDS > 1 ? deadline - SECONDS : 1 )); }
+KEEP=0  # seconds of the deadline kept back (for the table, after the training processes)
+left() { echo $(( deadline - KEEP - SECONDS > 1 ? deadline - KEEP - SECONDS : 1 )); }
 experiment() {  # experiment.py with this run's settings; extra arguments last
   # shellcheck disable=SC2086
-  timeout -s INT -k 20 "$(left)" "$PY" -m examples.medical_multiagent.experiment "$RUN" \
+  timeout -s INT -k 20 "${TIMEOUT:-$(left)}" "$PY" -m examples.medical_multiagent.experiment "$RUN" \
     --config examples/medical_multiagent/config_gpu_rl.yaml --steps "${STEPS:-40}" --n-eval "${N_EVAL:-300}" \
     --device cuda --save-interval "${SAVE_INTERVAL:-5}" --warm-args "$WARM_ARGS" "$@"
 }
@@ -47,6 +48,7 @@ experiment() {  # experiment.py with this run's settings; extra arguments last
 experiment --seeds $SEEDS --eval-only 2>&1 | tee "$RUN/experiment.log" || status=$?
 if [ -z "${status:-}" ]; then
   pids=()
+  KEEP=40  # the training stops 40 s before the deadline: the evaluations missing, then the table
   if [ "$PARALLEL" = arms ]; then  # one process (and local Ray) per seed and arm, side by side
     for seed in $SEEDS; do for arm in fixed cotrain rule; do
       (OMP_NUM_THREADS=1 experiment --seeds "$seed" --arms "$arm" 2>&1 \
@@ -61,7 +63,11 @@ if [ -z "${status:-}" ]; then
   fi
   for i in "${!pids[@]}"; do wait "${pids[$i]}" || status=$?; done
   grep -h -E "^\[" "$RUN"/experiment_s*.log | tee -a "$RUN/experiment.log" || true
-  experiment --seeds $SEEDS --eval-only 2>&1 | tee -a "$RUN/experiment.log" || status=${status:-$?}
+  KEEP=0
+  if ! experiment --seeds $SEEDS --eval-only 2>&1 | tee -a "$RUN/experiment.log"; then
+    status=${status:-1}  # cut off evaluating: the table of what is saved (no model loaded), past the deadline
+    TIMEOUT=40 experiment --seeds $SEEDS --saved-only 2>&1 | tee -a "$RUN/experiment.log" || true
+  fi
 fi
 if [ -n "${OUT:-}" ]; then  # a device call brings back 8 files at most: the summaries, and the rest in one archive
   mkdir -p "$OUT/medical_gpu"

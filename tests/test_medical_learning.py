@@ -355,3 +355,41 @@ def test_curves_count_a_step_logged_twice_once(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert curves(path)["doctor/loss"] == [(1, 0.5), (2, 0.3), (3, 0.2)]
+
+
+def test_saved_only_builds_the_table_from_saved_evaluations_without_models(tmp_path):
+    """experiment.py --saved-only (a device call's runs.tar.gz unpacked: evaluations and metrics, no models): the
+    table's means, spreads and per-seed differences are those of the saved reports; an arm cut off before its
+    evaluation (metrics but no eval_rule.json) is left out of the table and the curves."""
+    from examples.medical_multiagent.experiment import main
+
+    out = tmp_path / "run"
+    (out / "warm").mkdir(parents=True)
+    (out / "warm" / "warm_start.json").write_text(json.dumps({"brief_prompts": True}))
+
+    def save(folder: str, setting: str, accuracy: float) -> None:
+        (out / folder).mkdir(exist_ok=True)
+        report = {"accuracy": accuracy, "format_rate": 1.0, "avg_doctor_turns": 3.0, "patient_faithfulness": 1.0,
+                  "patient_leak_rate": 0.0}
+        (out / folder / f"eval_{setting}.json").write_text(
+            json.dumps({"n_cases": 7, "report": report, "seconds": 1.0}))
+
+    save("warm", "rule", 0.25)
+    save("warm", "llm", 0.5)  # the SFT doctor with the SFT patient
+    for seed, (fixed, cotrain) in enumerate([(0.75, 0.5), (1.0, 0.75)]):
+        for arm, acc in (("fixed", fixed), ("cotrain", cotrain)):
+            save(f"{arm}-s{seed}", "rule", acc)
+            save(f"{arm}-s{seed}", "llm", acc)
+            (out / f"{arm}-s{seed}" / "metrics.jsonl").write_text(
+                json.dumps({"step": 1, "rollout/doctor/reward": acc}) + "\n")
+    (out / "rule-s0").mkdir()
+    (out / "rule-s0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "rollout/doctor/reward": 0.1}) + "\n")
+    results = main([str(out), "--seeds", "0", "1", "--n-eval", "7", "--saved-only"])
+    table = (out / "table.md").read_text()
+    assert "| (a) vs fixed SFT patient | 2 | 0.875 ± 0.177 |" in table  # mean and sample sd of 0.75, 1.0
+    assert "| (b) co-trained with patient | 2 | 0.625 ± 0.177 |" in table
+    assert "(c) vs rule-based patient" not in table  # cut off: no evaluation
+    assert "Co-trained doctor - SFT doctor (accuracy, rule-based patient): 0.375 ± 0.177 over 2 seeds" in table
+    assert "per seed [-0.25, -0.25]" in table
+    assert set(results["curves"]) == {"fixed-s0", "fixed-s1", "cotrain-s0", "cotrain-s1"}
+    assert json.loads((out / "results.json").read_text())["evals"] == results["evals"]

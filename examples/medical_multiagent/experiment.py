@@ -218,7 +218,10 @@ def plot(results: dict[str, Any], out_png: Path) -> bool:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # e.g. the patient's reward when no co-trained arm is in the results
+            ax.text(0.5, 0.5, "no run", ha="center", va="center", transform=ax.transAxes, color="gray")
     ax = axes[3]
     arms = ["sft", "fixed", "cotrain", "rule"]
     for k, setting in enumerate(("rule", "llm")):
@@ -261,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-only", action="store_true",
                         help="train nothing: evaluate the runs already trained (e.g. by other runs of this script "
                              "into the same folder) and write the table")
+    parser.add_argument("--saved-only", action="store_true",
+                        help="train and evaluate nothing, need no model: the table and curves from the evaluations "
+                             "and metrics already written under OUT (e.g. a device call's runs.tar.gz unpacked); an "
+                             "arm without a saved evaluation is left out")
     ns = parser.parse_args(argv)
     if ns.steps < 1 or ns.n_eval < 1 or ns.save_interval < 0:
         parser.error("--steps and --n-eval must be >= 1, --save-interval >= 0")
@@ -271,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     warm = out / "warm"
     timing: dict[str, float] = {}
     start = time.perf_counter()
+    if ns.saved_only:
+        ns.eval_only = True
+        if not (warm / "warm_start.json").is_file():
+            parser.error(f"--saved-only: {warm / 'warm_start.json'} not found (not a run's folder?)")
     if not (warm / "warm_start.json").is_file():  # written last
         from examples.medical_multiagent.warm_start import main as warm_main
 
@@ -288,7 +299,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         """Evaluate once: the report is kept in <run>/eval_<setting>.json (the SFT doctor's in warm/), so runs of
         this script for other seeds into the same OUT (in parallel too) and reruns share the evaluations."""
         where = (warm if arm == "sft" else out / f"{arm}-s{seed}") / f"eval_{setting}.json"
-        if not where.is_file() or json.loads(where.read_text()).get("n_cases") != ns.n_eval:
+        fresh = not where.is_file() or json.loads(where.read_text()).get("n_cases") != ns.n_eval
+        if fresh and ns.saved_only:
+            print(f"[eval {arm} seed {seed} with {setting} patient] no saved evaluation of {ns.n_eval} cases: "
+                  "left out", flush=True)
+            return
+        if fresh:
             t = time.perf_counter()
             rep = evaluate(doctor, patient, data, ns.n_eval, **ev)
             seconds = time.perf_counter() - t
@@ -307,10 +323,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for seed in ns.seeds:
         for arm in ns.arms:
             run_dir = out / f"{arm}-s{seed}"
-            if ns.eval_only and not (run_dir / "hf" / DOCTOR / "config.json").is_file():
+            trained = (run_dir / "hf" / DOCTOR / "config.json").is_file()
+            if ns.saved_only:  # an arm counts once its evaluation is saved (a cut-off arm's curve is left out too)
+                if not (run_dir / "eval_rule.json").is_file():
+                    print(f"[{arm} seed {seed}] no saved evaluation: left out", flush=True)
+                    continue
+            elif ns.eval_only and not trained:
                 print(f"[{arm} seed {seed}] not trained: left out", flush=True)
                 continue
-            timing[f"train_{arm}_{seed}_s"] = train_arm(arm, warm, run_dir, seed, ns.steps, config, ns.save_interval)
+            else:
+                timing[f"train_{arm}_{seed}_s"] = train_arm(arm, warm, run_dir, seed, ns.steps, config,
+                                                            ns.save_interval)
             results["curves"][f"{arm}-s{seed}"] = curves(run_dir / "metrics.jsonl")
             results_file.write_text(json.dumps(results, indent=1))
             record(arm, seed, "rule", run_dir / "hf" / DOCTOR, None)
