@@ -15,7 +15,12 @@
 # exists and an evaluation already written are not redone, an arm cut off resumes from its newest checkpoint (one
 # every SAVE_INTERVAL steps). On 2026-12-06 (H100) the warm start took 186 s, the three seeds of arm (a) side by side
 # 335-454 s, of arm (b) 397-427 s: the whole experiment is about three calls on one warm machine.
-# Knobs: SEEDS ("0 1 2"), STEPS (40), N_EVAL (300), LIMIT_S, SAVE_INTERVAL (5), WARM_ARGS, PARALLEL (auto); PY (default python3: the device's copy of the
+# The warm start is deterministic on CUDA (warm_start.py --deterministic; its weights' sha256 in warm/warm_start.json and in
+# the table's first line), so the arms can be split over sessions: ARMS="fixed rule" in one, ARMS=cotrain in another,
+# then both runs.tar.gz unpacked into one folder and `experiment.py DIR --saved-only` (an arm evaluated from another
+# warm start is left out). On a fresh machine the script first runs the GPU test that two CUDA warm starts agree.
+# Knobs: SEEDS ("0 1 2"), ARMS ("fixed cotrain rule"), STEPS (40), N_EVAL (300), LIMIT_S, SAVE_INTERVAL (5), WARM_ARGS,
+# PARALLEL (auto), SKIP_DETERMINISM_TEST; PY (default python3: the device's copy of the
 # tree has no .venv; on a machine of your own, PY=.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,20 +49,26 @@ experiment() {  # experiment.py with this run's settings; extra arguments last
     --config examples/medical_multiagent/config_gpu_rl.yaml --steps "${STEPS:-40}" --n-eval "${N_EVAL:-300}" \
     --device cuda --save-interval "${SAVE_INTERVAL:-5}" --warm-args "$WARM_ARGS" "$@"
 }
+ARMS=${ARMS:-fixed cotrain rule}  # a subset trains only those (another session can train the rest from the same warm start)
+if [ ! -f "$RUN/warm/warm_start.json" ] && [ -z "${SKIP_DETERMINISM_TEST:-}" ]; then  # once per machine, ~30 s
+  "$PY" -m pytest -q -m gpu tests/test_medical_learning.py -k cuda_warm_start_is_deterministic -p no:cacheprovider \
+    2>&1 | tail -3 | tee "$RUN/determinism_test.log" || true
+fi
 # the warm start and the SFT doctor's two evaluations, once (--eval-only trains nothing)
 experiment --seeds $SEEDS --eval-only 2>&1 | tee "$RUN/experiment.log" || status=$?
 if [ -z "${status:-}" ]; then
   pids=()
   KEEP=40  # the training stops 40 s before the deadline: the evaluations missing, then the table
   if [ "$PARALLEL" = arms ]; then  # one process (and local Ray) per seed and arm, side by side
-    for seed in $SEEDS; do for arm in fixed cotrain rule; do
+    for seed in $SEEDS; do for arm in $ARMS; do
       (OMP_NUM_THREADS=1 experiment --seeds "$seed" --arms "$arm" 2>&1 \
         | tee "$RUN/experiment_s${seed}_$arm.log" > /dev/null) &
       pids+=($!)
     done; done
   else  # one process (and local Ray) per seed, side by side; its three arms in turn
     for seed in $SEEDS; do
-      (OMP_NUM_THREADS=2 experiment --seeds "$seed" 2>&1 | tee "$RUN/experiment_s$seed.log" > /dev/null) &
+      # shellcheck disable=SC2086
+      (OMP_NUM_THREADS=2 experiment --seeds "$seed" --arms $ARMS 2>&1 | tee "$RUN/experiment_s$seed.log" > /dev/null) &
       pids+=($!)
     done
   fi

@@ -4,6 +4,7 @@ token exactness of a whole co-trained episode played by the SFT models, the MTMe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -360,12 +361,14 @@ def test_curves_count_a_step_logged_twice_once(tmp_path):
 def test_saved_only_builds_the_table_from_saved_evaluations_without_models(tmp_path):
     """experiment.py --saved-only (a device call's runs.tar.gz unpacked: evaluations and metrics, no models): the
     table's means, spreads and per-seed differences are those of the saved reports; an arm cut off before its
-    evaluation (metrics but no eval_rule.json) is left out of the table and the curves."""
+    evaluation (metrics but no eval_rule.json) and one trained from another warm start (another session's, unpacked
+    into the same folder) are left out of the table and the curves."""
     from examples.medical_multiagent.experiment import main
 
     out = tmp_path / "run"
     (out / "warm").mkdir(parents=True)
-    (out / "warm" / "warm_start.json").write_text(json.dumps({"brief_prompts": True}))
+    (out / "warm" / "warm_start.json").write_text(json.dumps({"brief_prompts": True, "doctor_sha256": "ab" * 32,
+                                                              "patient_sha256": "cd" * 32, "device": "cpu"}))
 
     def save(folder: str, setting: str, accuracy: float) -> None:
         (out / folder).mkdir(exist_ok=True)
@@ -382,10 +385,15 @@ def test_saved_only_builds_the_table_from_saved_evaluations_without_models(tmp_p
             save(f"{arm}-s{seed}", "llm", acc)
             (out / f"{arm}-s{seed}" / "metrics.jsonl").write_text(
                 json.dumps({"step": 1, "rollout/doctor/reward": acc}) + "\n")
+    save("cotrain-s2", "rule", 0.0)  # an arm of another session's warm start, unpacked into the same folder
+    other = json.loads((out / "cotrain-s2" / "eval_rule.json").read_text())
+    other["warm_start"] = {"doctor_sha256": "ef" * 32}
+    (out / "cotrain-s2" / "eval_rule.json").write_text(json.dumps(other))
     (out / "rule-s0").mkdir()
     (out / "rule-s0" / "metrics.jsonl").write_text(json.dumps({"step": 1, "rollout/doctor/reward": 0.1}) + "\n")
-    results = main([str(out), "--seeds", "0", "1", "--n-eval", "7", "--saved-only"])
+    results = main([str(out), "--seeds", "0", "1", "2", "--n-eval", "7", "--saved-only"])
     table = (out / "table.md").read_text()
+    assert table.startswith("Warm start: SFT doctor sha256 " + "ab" * 8 + ", patient " + "cd" * 8 + " (cpu)")
     assert "| (a) vs fixed SFT patient | 2 | 0.875 ± 0.177 |" in table  # mean and sample sd of 0.75, 1.0
     assert "| (b) co-trained with patient | 2 | 0.625 ± 0.177 |" in table
     assert "(c) vs rule-based patient" not in table  # cut off: no evaluation
@@ -393,3 +401,40 @@ def test_saved_only_builds_the_table_from_saved_evaluations_without_models(tmp_p
     assert "per seed [-0.25, -0.25]" in table
     assert set(results["curves"]) == {"fixed-s0", "fixed-s1", "cotrain-s0", "cotrain-s1"}
     assert json.loads((out / "results.json").read_text())["evals"] == results["evals"]
+
+
+def _tiny_warm_start(out: Path, seed: int, device: str = "cpu") -> dict:
+    warm_start(out, n_dialogues=40, n_train=16, n_test=8, steps=12, patient_steps=8, lr=3e-3, batch_size=4,
+               patient_batch_size=4, hidden_size=32, layers=1, vocab_size=512, seed=seed, device=device)
+    return json.loads((out / "warm_start.json").read_text())
+
+
+def test_warm_start_records_its_weights_and_repeats_them_for_a_seed(tmp_path):
+    """warm_start.json carries each SFT model's sha256 (of its safetensors, as written); the same seed gives the
+    same weights again (what lets the experiment's arms be trained in separate sessions from one warm start), and
+    another seed other ones."""
+    from examples.medical_multiagent.warm_start import weights_sha256
+
+    torch.set_num_threads(2)
+    first = _tiny_warm_start(tmp_path / "a", seed=0)
+    for role in ("doctor", "patient"):
+        files = sorted((tmp_path / "a" / f"sft-{role}").glob("*.safetensors"))
+        assert files and first[f"{role}_sha256"] == hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+        assert weights_sha256(tmp_path / "a" / f"sft-{role}") == first[f"{role}_sha256"]
+    again = _tiny_warm_start(tmp_path / "b", seed=0)
+    other = _tiny_warm_start(tmp_path / "c", seed=1)
+    assert (again["doctor_sha256"], again["patient_sha256"]) == (first["doctor_sha256"], first["patient_sha256"])
+    assert other["doctor_sha256"] != first["doctor_sha256"] and other["patient_sha256"] != first["patient_sha256"]
+    assert first["device"] == "cpu" and first["deterministic"] is True
+
+
+@pytest.mark.gpu
+def test_cuda_warm_start_is_deterministic(tmp_path):
+    """On CUDA (bf16 autocast, eager attention, deterministic algorithms) two warm starts of one seed write the same
+    weights, bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    first = _tiny_warm_start(tmp_path / "a", seed=0, device="cuda")
+    again = _tiny_warm_start(tmp_path / "b", seed=0, device="cuda")
+    assert (again["doctor_sha256"], again["patient_sha256"]) == (first["doctor_sha256"], first["patient_sha256"])
+    assert first["deterministic"] is True and first["device"] != "cpu"

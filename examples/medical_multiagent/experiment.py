@@ -171,7 +171,11 @@ def tables(results: dict[str, Any]) -> str:
                 out.append(f"| {ARM_TITLES[arm]} | {len(runs)} | " + " | ".join(cells) + " |")
         return out
 
-    lines = [f"Held-out cases: {results['n_cases']} (hash split), greedy; seeds {results['seeds']}; "
+    warm = results.get("warm_start", {})
+    origin = (f"Warm start: SFT doctor sha256 {warm['doctor_sha256'][:16]}, patient {warm['patient_sha256'][:16]} "
+              f"({warm.get('device', '?')}); arms that share these trained from the same models.\n"
+              if "doctor_sha256" in warm else "")
+    lines = [f"{origin}Held-out cases: {results['n_cases']} (hash split), greedy; seeds {results['seeds']}; "
              f"{results['steps']} RL steps per arm.", "",
              "Doctor with the rule-based patient (the same yardstick for every arm):", "",
              *rows("rule", ["sft", "fixed", "cotrain", "rule"], DOCTOR_COLUMNS), "",
@@ -288,11 +292,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         warm_main([str(warm), *ns.warm_args.split()])
     timing["warm_start_s"] = time.perf_counter() - start
     data = warm / "data" / "test.jsonl"
-    brief = json.loads((warm / "warm_start.json").read_text()).get("brief_prompts", True)
+    warm_stats = json.loads((warm / "warm_start.json").read_text())
+    brief = warm_stats.get("brief_prompts", True)
     ev = {"max_turns": ns.max_turns, "max_new_tokens": ns.max_new_tokens, "max_total_tokens": 1024,
           "device": ns.device, "brief": brief}
     results: dict[str, Any] = {"seeds": ns.seeds, "steps": ns.steps, "n_cases": ns.n_eval, "evals": [],
-                               "curves": {}, "timing": timing}
+                               "curves": {}, "timing": timing,
+               "warm_start": {k: warm_stats[k] for k in ("doctor_sha256", "patient_sha256", "device", "deterministic")
+                              if k in warm_stats}}
     results_file = out / "results.json"
 
     def record(arm: str, seed: int | None, setting: str, doctor: Path, patient: Path | None) -> None:
@@ -308,11 +315,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             t = time.perf_counter()
             rep = evaluate(doctor, patient, data, ns.n_eval, **ev)
             seconds = time.perf_counter() - t
-            where.write_text(json.dumps({"n_cases": ns.n_eval, "report": rep.row(), "seconds": seconds}))
+            where.write_text(json.dumps({"n_cases": ns.n_eval, "report": rep.row(), "seconds": seconds,
+                                         "warm_start": results["warm_start"]}))
             print(f"[eval {arm} seed {seed} with {setting} patient] accuracy {rep.accuracy:.3f} format "
                   f"{rep.format_rate:.3f} turns {rep.avg_doctor_turns:.2f} faithful {rep.patient_faithfulness:.3f} "
                   f"leak {rep.patient_leak_rate:.3f} ({time.perf_counter() - t:.0f}s)", flush=True)
         saved = json.loads(where.read_text())
+        origin = saved.get("warm_start", {}).get("doctor_sha256")
+        if origin and origin != results["warm_start"].get("doctor_sha256", origin):
+            # e.g. runs of two sessions unpacked into one folder, whose warm starts differ: not the same experiment
+            print(f"[eval {arm} seed {seed} with {setting} patient] trained from another warm start (SFT doctor "
+                  f"{origin[:16]}): left out", flush=True)
+            return
         timing[f"eval_{arm}_{seed}_{setting}_s"] = saved["seconds"]
         results["evals"].append({"arm": arm, "seed": seed, "setting": setting, "report": saved["report"]})
 
@@ -327,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if ns.saved_only:  # an arm counts once its evaluation is saved (a cut-off arm's curve is left out too)
                 if not (run_dir / "eval_rule.json").is_file():
                     print(f"[{arm} seed {seed}] no saved evaluation: left out", flush=True)
+                    continue
+                origin = json.loads((run_dir / "eval_rule.json").read_text()).get("warm_start", {})
+                if origin.get("doctor_sha256", "") not in ("", results["warm_start"].get("doctor_sha256", "")):
+                    print(f"[{arm} seed {seed}] trained from another warm start: left out", flush=True)
                     continue
             elif ns.eval_only and not trained:
                 print(f"[{arm} seed {seed}] not trained: left out", flush=True)

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -224,14 +227,47 @@ def sft_examples(samples: Sequence[Sample]) -> list[tuple[list[int], list[int]]]
     return out
 
 
+@contextlib.contextmanager
+def deterministic_cuda(enabled: bool = True):
+    """Deterministic CUDA training inside: torch's deterministic algorithms (sort-based instead of atomic
+    accumulation where torch has one; a warning names any op that has none) and a fixed cuBLAS workspace. The
+    workspace size is read when cuBLAS first runs in the process: set here before the first CUDA matmul (warm_start
+    is the first CUDA work of experiment.py), else the environment must already carry it."""
+    if not enabled:
+        yield
+        return
+    set_here = "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+        if set_here:  # not inherited by the processes started later (Ray's workers, the engines)
+            del os.environ["CUBLAS_WORKSPACE_CONFIG"]
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 of a model folder's safetensors files (in name order): equal exactly when the weights are."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
 def sft(model_dir: str | Path, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
-        batch_size: int, seed: int, log_every: int = 100, name: str = "sft", device: str = "cpu") -> list[float]:
+        batch_size: int, seed: int, log_every: int = 100, name: str = "sft", device: str = "cpu",
+        deterministic: bool = True) -> list[float]:
     """Train the HF model in `model_dir` in place on the examples (AdamW, cosine to lr/10); the losses per step.
 
     The examples are padded once into tensors on the device and every step's batch (drawn up front) is gathered from
     them, cut to its longest sequence; the losses are read back once per log_every steps, so a GPU runs the steps
     without waiting on the host. On CUDA the forward runs under bf16 autocast; on CPU in float32 as it always did
-    (the same batches and arithmetic as the per-step padding this replaced: the same losses to the last digit)."""
+    (the same batches and arithmetic as the per-step padding this replaced: the same losses to the last digit).
+    deterministic (CUDA): eager attention (no fused attention backward) and `deterministic_cuda`, so that a warm start
+    repeated on another machine of the same GPU model and software gives the same weights, and the experiment's arms
+    can be trained in separate sessions from one warm start (`warm_start.json` records the weights' sha256)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -248,29 +284,31 @@ def sft(model_dir: str | Path, examples: list[tuple[list[int], list[int]]], *, s
     all_mask = (torch.arange(all_ids.shape[1]) < torch.tensor(lengths)[:, None]).long()  # [N, L]
     all_ids, all_labels, all_mask = all_ids.to(device), all_labels.to(device), all_mask.to(device)
     rows = torch.tensor(picks, dtype=torch.long).reshape(steps, k).to(device)  # [steps, B]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    cuda = torch.device(device).type == "cuda"
+    attention = {"attn_implementation": "eager"} if deterministic and cuda else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **attention).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / max(steps, 1))).item()))
-    cuda = torch.device(device).type == "cuda"
     model.train()
     losses, pending = [], []
-    for step in range(steps):
-        batch, width = rows[step], max(lengths[i] for i in picks[step])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=all_ids[batch, :width], attention_mask=all_mask[batch, :width],
-                         labels=all_labels[batch, :width]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        pending.append(loss.detach())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            losses += torch.stack(pending).tolist()  # one device sync per log line
-            pending.clear()
-            print(f"{name} step {step + 1}/{steps}: loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}",
-                  flush=True)
+    with deterministic_cuda(deterministic and cuda):
+        for step in range(steps):
+            batch, width = rows[step], max(lengths[i] for i in picks[step])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss = model(input_ids=all_ids[batch, :width], attention_mask=all_mask[batch, :width],
+                             labels=all_labels[batch, :width]).loss
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            pending.append(loss.detach())
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                losses += torch.stack(pending).tolist()  # one device sync per log line
+                pending.clear()
+                print(f"{name} step {step + 1}/{steps}: loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}",
+                      flush=True)
     model.cpu().save_pretrained(model_dir, safe_serialization=True)
     return losses
 
@@ -280,7 +318,7 @@ def warm_start(out_dir: str | Path, *, conditions: str | Sequence[str] = "cpu", 
                lr: float = 3e-3, batch_size: int = 16, patient_batch_size: int | None = 8, hidden_size: int = 128,
                layers: int = 2,
                vocab_size: int = 2048, seed: int = 0, case_seed: int = 0, brief: bool = True,
-               opening: str = "typical", device: str = "cpu") -> dict[str, Path]:
+               opening: str = "typical", device: str = "cpu", deterministic: bool = True) -> dict[str, Path]:
     """Write data, tokenizer and the SFT doctor and patient under `out_dir`; their paths by name."""
     from inference_engine.testing import make_tiny_model
 
@@ -316,9 +354,12 @@ def warm_start(out_dir: str | Path, *, conditions: str | Sequence[str] = "cpu", 
         role_steps = steps if role == DOCTOR or patient_steps is None else patient_steps
         role_batch = batch_size if role == DOCTOR or patient_batch_size is None else patient_batch_size
         losses = sft(model_dir, sft_examples(by_role[role]), steps=role_steps, lr=lr, batch_size=role_batch,
-                     seed=seed + k, name=f"sft {role}", device=device)
+                     seed=seed + k, name=f"sft {role}", device=device, deterministic=deterministic)
         stats[f"{role}_final_loss"] = sum(losses[-20:]) / max(len(losses[-20:]), 1)
+        stats[f"{role}_sha256"] = weights_sha256(model_dir)
         paths[role] = model_dir
+    stats["device"] = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    stats["deterministic"] = deterministic
     stats["seconds"] = time.perf_counter() - start
     (out / "warm_start.json").write_text(json.dumps(stats, indent=1))
     print(f"warm start done in {stats['seconds']:.0f}s: {json.dumps(stats)}", flush=True)
@@ -348,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--full-prompts", action="store_true",
                         help="the full system prompts (tool schema, patient rules) instead of the brief ones; "
                              "RL and eval then need env_kwargs brief_prompts false")
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                        help="CUDA SFT with deterministic algorithms and eager attention: the same weights on another "
+                             "machine of the same GPU model and software (default on; CPU is deterministic anyway)")
     ns = parser.parse_args(argv)
     for name in ("n_dialogues", "steps", "batch_size", "hidden_size", "layers"):
         if getattr(ns, name) < 1:
@@ -360,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                n_test=ns.n_test, steps=ns.steps, patient_steps=ns.patient_steps, lr=ns.lr, batch_size=ns.batch_size,
                patient_batch_size=ns.patient_batch_size,
                hidden_size=ns.hidden_size, layers=ns.layers, vocab_size=ns.vocab_size, seed=ns.seed,
-               brief=not ns.full_prompts, opening=ns.opening, device=ns.device)
+               brief=not ns.full_prompts, opening=ns.opening, device=ns.device, deterministic=ns.deterministic)
 
 
 if __name__ == "__main__":
