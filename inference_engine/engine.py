@@ -253,13 +253,14 @@ class Engine:
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
     def _validate_ids(self, ids, index: int) -> None:
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        """Checked with C-level passes (type set, min, max): a multi-turn request re-sends its whole conversation."""
+        if not isinstance(ids, list) or not set(map(type, ids)) <= {int}:  # ints only: bool, float, numpy ints refused
             raise ValueError(f"prompt {index}: input_ids must be a list of ints")
         if not ids:
             raise ValueError(f"prompt {index} is empty; give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {index}: token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})")
+        if min(ids) < 0 or max(ids) >= self.spec.vocab_size:
+            bad = next(t for t in ids if not 0 <= t < self.spec.vocab_size)
+            raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
         if len(ids) >= self.context_length:
             raise ValueError(f"prompt {index} has {len(ids)} tokens; the context_length is {self.context_length} "
                              "(prompt plus at least one generated token must fit)")

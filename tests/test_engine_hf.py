@@ -106,6 +106,10 @@ def engine(qwen3_model):
     ({"input_ids": []}, "empty"),
     ({"input_ids": [1, 2, 10**6]}, "outside the vocabulary"),
     ({"input_ids": [-1]}, "outside the vocabulary"),
+    ({"input_ids": [1, 5, -3, 10**6]}, "token id -3 is outside"),  # the first bad id is named
+    ({"input_ids": [1, True]}, "list of ints"),
+    ({"input_ids": [1, 2.0]}, "list of ints"),
+    ({"input_ids": [[1, 2], [3, "4"]]}, "prompt 1: input_ids must be a list of ints"),
     ({"input_ids": list(range(1, 70))}, "context_length"),
     ({}, "exactly one of prompt"),
 ])
