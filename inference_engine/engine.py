@@ -624,6 +624,9 @@ class Engine:
             "generated_tokens_total": s.stats.generated_tokens,
             "finished_requests_total": s.stats.finished_requests,
             "retractions_total": s.stats.num_retractions,
+            "steps_total": s.stats.num_steps,   # forward steps; with step_requests_total the mean batch
+            "step_requests_total": s.stats.step_requests,
+            "step_seconds_total": s.stats.step_seconds,   # wall time of the steps with work (per step: host + device)
             "weight_update_requeues_total": s.stats.weight_update_requeues,
             "idle_seconds_total": idle + (time.perf_counter() - since if since is not None else 0.0),   # waits
             # with nothing to step on (no request, paused or released): a rollout's wall time minus it is the engine's

@@ -337,6 +337,7 @@ class Driver:
         self.history: list[dict[str, Any]] = []
         self.run_id = uuid.uuid4().hex[:8]   # in the engine actors' names (`engine_name`)
         self.engine_restarts = 0   # over the whole run, all policies
+        self._engine_counts: dict[tuple[str, int], dict[str, float]] = {}   # step counters at the last rollout
         self._plan: Any = None
         self._turns: list[list[str]] = [list(config.policies)]   # set by setup()
         self._engine_options: dict[str, Any] = {}   # device, serve_http, token: how engines are started
@@ -617,6 +618,52 @@ class Driver:
         self._log_engine_events(step)
         self._handle_engine_faults(step, self._engine_faults())
 
+    ENGINE_COUNTERS = ("steps_total", "step_requests_total", "step_seconds_total")
+
+    def _engine_counters(self) -> dict[tuple[str, int], dict[str, float]]:
+        """Every engine's step counters (Engine.metrics), by (policy, index); an engine that does not answer within
+        --engine-health-timeout is left out (the fault check deals with it)."""
+        import ray
+
+        refs = {(policy, i): h.metrics.remote() for policy, handles in self.engines.items()
+                for i, h in enumerate(handles)}
+        counts = {}
+        for key, ref in refs.items():
+            try:
+                report = ray.get(ref, timeout=self.cfg.run.engine_health_timeout)
+            except Exception:  # noqa: BLE001 - a missing figure, not a failure
+                continue
+            counts[key] = {name: float(report.get(name, 0)) for name in self.ENGINE_COUNTERS}
+        return counts
+
+    def _engine_step_metrics(self, rollout_s: float | None) -> dict[str, float]:
+        """What the engines did since the previous rollout (that rollout's, and an evaluation's if one ran), per
+        policy when there are several: forward steps, the mean step's wall time (scheduling, launch and the wait for
+        its result: host- or device-bound, the engine's pace), the mean batch (requests per step), and the share of
+        the rollout's wall time the engines were stepping (busy_frac, over all of the policy's engines). A restarted
+        engine counts from zero."""
+        now, before = self._engine_counters(), self._engine_counts
+        self._engine_counts = now
+        totals: dict[str, dict[str, float]] = {}
+        for (policy, i), counts in now.items():
+            prev = before.get((policy, i))
+            if prev is None or counts["steps_total"] < prev["steps_total"]:  # new, or restarted: counts from zero
+                prev = dict.fromkeys(self.ENGINE_COUNTERS, 0.0)
+            acc = totals.setdefault(policy, {**dict.fromkeys(self.ENGINE_COUNTERS, 0.0), "engines": 0})
+            for name in self.ENGINE_COUNTERS:
+                acc[name] += counts[name] - prev[name]
+            acc["engines"] += 1
+        metrics = {}
+        for policy, d in totals.items():
+            prefix = "rollout/engine/" if len(self.engines) == 1 else f"rollout/engine/{policy}/"
+            metrics[prefix + "steps"] = d["steps_total"]
+            if d["steps_total"]:
+                metrics[prefix + "step_ms"] = 1000 * d["step_seconds_total"] / d["steps_total"]
+                metrics[prefix + "requests_per_step"] = d["step_requests_total"] / d["steps_total"]
+            if rollout_s:
+                metrics[prefix + "busy_frac"] = d["step_seconds_total"] / (d["engines"] * rollout_s)
+        return metrics
+
     def _log_engine_events(self, step: int) -> None:
         """Log the routers' rotation changes (an engine left the rotation and why, or came back) in this log."""
         import ray
@@ -768,6 +815,8 @@ class Driver:
                 metrics = {**self._evaluate(), "timing/eval_s": time.perf_counter() - start}
                 log.log(0, metrics)
                 logger.info("step 0 | eval reward %s (before training)", eval_rewards(metrics))
+            if self.engines:
+                self._engine_counts = self._engine_counters()
             pending = self._launch_rollout(self.start_step)
             for step in range(self.start_step, run.num_rollout):
                 t_step = time.perf_counter()
@@ -783,13 +832,16 @@ class Driver:
                 if self.engines:
                     start = time.perf_counter()
                     self._check_engines(step)
+                    engine_steps = self._engine_step_metrics(batch.metrics.get("rollout/time_s"))
                     timing["timing/engine_check_s"] = time.perf_counter() - start
+                else:
+                    engine_steps = {}
                 state_before_next = None
                 if run.async_rollout and step + 1 < run.num_rollout:
                     if self._saves_at(step):  # the data position before the next rollout starts
                         state_before_next = ray.get(self.manager.state_dict.remote())
                     pending = self._launch_rollout(step + 1)
-                metrics = {**batch.metrics, **env_metrics(batch.samples)}
+                metrics = {**batch.metrics, **env_metrics(batch.samples), **engine_steps}
                 if self.teacher is not None:
                     metrics.update(self._score_teacher(batch))
                 if self.trainers:
@@ -924,6 +976,12 @@ class Driver:
         if seconds > 0:
             tokens = sum(s.response_length for s in batch.samples)
             line += f" | {len(batch.samples) / seconds:.1f} samples/s {tokens / seconds:.0f} tok/s"
+        paces = [f"{p + ' ' if len(self.engines) > 1 else ''}{int(m[k + 'steps'])} steps x "
+                 f"{m[k + 'step_ms']:.1f} ms ({m[k + 'requests_per_step']:.0f} req)"
+                 for p in self.engines for k in [f"rollout/engine/{p + '/' if len(self.engines) > 1 else ''}"]
+                 if k + "step_ms" in m]
+        if paces:  # the engines' pace over the rollout: how many steps, how long each, how full
+            line += " | engine " + ", ".join(paces)
         step_times = [h["timing/step_s"] for h in self.history if "timing/step_s" in h] + [seconds]
         line += f" | eta {eta(step_times, self.cfg.run.num_rollout - (step + 1))}"
         logger.info(line)

@@ -130,3 +130,21 @@ def test_unknown_engine_option_is_rejected(qwen3_model):
         Engine(model_path=str(qwen3_model), page_sise=4)
     with pytest.raises(ValueError, match="attention_backend"):
         Engine(model_path=str(qwen3_model), attention_backend="nope")
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_step_counters_count_the_batches(qwen3_model, overlap):
+    """metrics(): steps_total, step_requests_total (their ratio the mean batch) and step_seconds_total. Four
+    prompts prefilled in one step, then decoded together: k new tokens each take k steps of 4 requests, with the
+    overlap schedule or without (its last launched step is read, never a step more)."""
+    k = 5
+    with Engine(model_path=str(qwen3_model), context_length=64, max_total_tokens=512,
+                disable_overlap_schedule=not overlap) as eng:
+        before = eng.metrics()
+        outs = eng.generate(input_ids=[[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]],
+                            sampling_params={"max_new_tokens": k, "ignore_eos": True, "temperature": 0})
+        after = eng.metrics()
+    assert all(len(o["output_ids"]) == k for o in outs)
+    assert after["steps_total"] - before["steps_total"] == k
+    assert after["step_requests_total"] - before["step_requests_total"] == 4 * k
+    assert after["step_seconds_total"] > before["step_seconds_total"]

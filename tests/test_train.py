@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # and the engine's float rounding under different batch compositions (rollout log-probs)
 UNSTABLE = ("timing/", "train/time_", "rollout/time_s", "rollout/tokens_per_s", "push/gb_per_s",
             "train/train_rollout_logp_absdiff", "train/train_rollout_kl", "rollout/cache_hit_rate",
-            "rollout/engine_slow_probes", "rollout/engine_request_timeouts")
+            "rollout/engine_slow_probes", "rollout/engine_request_timeouts", "rollout/engine/")
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,12 @@ def test_colocated_two_steps_push_the_trained_weights(local_ray, qwen3_model, da
         assert engine_metrics["weights_discarded_releases_total"] == 2
         assert engine_metrics["weights_kept_releases_total"] == 0
         assert lines[-1]["weight_version/engine"] == 2
+        # the engine's steps of each rollout: counted in the engine, logged per step (their sum: all it stepped
+        # since the run began, warm-up excluded)
+        assert all(line["rollout/engine/steps"] > 0 and line["rollout/engine/step_ms"] > 0 for line in lines)
+        assert all(1 <= line["rollout/engine/requests_per_step"] <= 8 and line["rollout/engine/busy_frac"] > 0
+                   for line in lines)
+        assert sum(line["rollout/engine/steps"] for line in lines) <= engine_metrics["steps_total"]
         engine = engine_tensors(driver)
         initial = load_file(qwen3_model / "model.safetensors")
         assert any(not torch.equal(engine[n], t) for n, t in initial.items())  # training moved the weights
@@ -234,6 +240,7 @@ def test_two_policies_each_get_their_weights(local_ray, tiny_models, data_dir, t
         last = history[-1]
         assert last["weight_version/speaker/engine"] == 2 and last["weight_version/listener/engine"] == 2
         assert last["train/speaker/num_samples"] == 8 and last["train/listener/num_samples"] == 8
+        assert last["rollout/engine/speaker/steps"] > 0 and last["rollout/engine/listener/steps"] > 0
         for policy in ("speaker", "listener"):
             assert ray.get(driver.engines[policy][0].weight_version.remote()) == 2
             assert_same_weights(engine_tensors(driver, policy), trainer_tensors(driver, tmp_path / policy, policy))

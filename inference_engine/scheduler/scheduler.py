@@ -55,6 +55,8 @@ class SchedulerStats:
     finished_requests: int = 0
     failed_batches: int = 0
     weight_update_requeues: int = 0  # running requests whose KV a weight update dropped (re-prefilled)
+    step_requests: int = 0  # requests in the steps' batches (summed): divided by num_steps, the mean batch
+    step_seconds: float = 0.0  # wall time of the steps that had work (scheduling, launch, waiting for the result)
 
 
 class Scheduler:
@@ -139,10 +141,12 @@ class Scheduler:
     def step(self) -> None:
         """Schedule and launch one forward pass with its sampling; read the tokens of the previous one (overlap) or
         of this one."""
+        start = time.perf_counter()
         batch = self.admission.next_batch()
         launched = None
         if batch:
             self.stats.num_steps += 1
+            self.stats.step_requests += len(batch)
             try:
                 launched = self._launch(batch)
             except Exception as exc:  # a bad batch must not kill the loop: its requests end with the error
@@ -153,6 +157,8 @@ class Scheduler:
             self._resolve(launched)
         for req, _ in batch:
             req.lookahead = False  # its input token is known now: the KV of this step stays
+        if batch or launched is not None:
+            self.stats.step_seconds += time.perf_counter() - start
 
     def _launch(self, batch: list[tuple[Req, int]]) -> LaunchedStep | None:
         """Queue the forward pass and sampling of batch on the device; the sampled tokens come back with the
