@@ -40,6 +40,11 @@ gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | he
 PARALLEL=${PARALLEL:-auto}
 if [ "$PARALLEL" = auto ]; then PARALLEL=$([ "${gpu_mib:-0}" -ge 120000 ] && echo arms || echo seeds); fi
 echo "medical_gpu: side by side per $PARALLEL (GPU memory ${gpu_mib} MiB)"
+# the GPU's memory in use every 5 s (its peak tells whether PARALLEL=arms would fit a smaller card)
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -l 5 2>/dev/null \
+  | tee -a "$RUN/gpu_memory_mib.log" > /dev/null &
+sampler=$!  # tee's: nvidia-smi ends at its next write once tee is gone
+trap 'kill $sampler 2>/dev/null || true' EXIT
 deadline=$(( SECONDS + ${LIMIT_S:-555} ))
 KEEP=0  # seconds of the deadline kept back (for the table, after the training processes)
 left() { echo $(( deadline - KEEP - SECONDS > 1 ? deadline - KEEP - SECONDS : 1 )); }
@@ -86,5 +91,6 @@ if [ -n "${OUT:-}" ]; then  # a device call brings back 8 files at most: the sum
   (cd "$RUN" && tar czf "$OUT/medical_gpu/runs.tar.gz" --exclude='*/hf' --exclude='*/checkpoints' \
     --exclude='warm/sft-*' --exclude='warm/tokenizer' --exclude='warm/data' .) || true  # logs, metrics, evaluations
 fi
-echo "medical_gpu: ${SECONDS}s in all; table: $RUN/table.md"
+peak=$(sort -n "$RUN/gpu_memory_mib.log" 2>/dev/null | tail -1)
+echo "medical_gpu: ${SECONDS}s in all; GPU memory peak ${peak:-?} MiB of ${gpu_mib} (sampled every 5 s, all calls on this machine); table: $RUN/table.md"
 exit "${status:-0}"
