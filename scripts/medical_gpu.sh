@@ -20,7 +20,7 @@
 # then both runs.tar.gz unpacked into one folder and `experiment.py DIR --saved-only` (an arm evaluated from another
 # warm start is left out). On a fresh machine the script first runs the GPU test that two CUDA warm starts agree.
 # Knobs: SEEDS ("0 1 2"), ARMS ("fixed cotrain rule"), STEPS (40), N_EVAL (300), LIMIT_S, SAVE_INTERVAL (5), WARM_ARGS,
-# PARALLEL (auto), SKIP_DETERMINISM_TEST; PY (default python3: the device's copy of the
+# PARALLEL (auto), SKIP_DETERMINISM_TEST, TRAIN_FLAGS (extra train.py flags for every arm); PY (default python3: the device's copy of the
 # tree has no .venv; on a machine of your own, PY=.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,12 +52,27 @@ experiment() {  # experiment.py with this run's settings; extra arguments last
   # shellcheck disable=SC2086
   timeout -s INT -k 20 "${TIMEOUT:-$(left)}" "$PY" -m examples.medical_multiagent.experiment "$RUN" \
     --config examples/medical_multiagent/config_gpu_rl.yaml --steps "${STEPS:-40}" --n-eval "${N_EVAL:-300}" \
-    --device cuda --save-interval "${SAVE_INTERVAL:-5}" --warm-args "$WARM_ARGS" "$@"
+    --device cuda --save-interval "${SAVE_INTERVAL:-5}" --warm-args "$WARM_ARGS" --train-flags="$TRAIN_FLAGS" "$@"
 }
 ARMS=${ARMS:-fixed cotrain rule}  # a subset trains only those (another session can train the rest from the same warm start)
 if [ ! -f "$RUN/warm/warm_start.json" ] && [ -z "${SKIP_DETERMINISM_TEST:-}" ]; then  # once per machine, ~30 s
   "$PY" -m pytest -q -m gpu tests/test_medical_learning.py -k cuda_warm_start_is_deterministic -p no:cacheprovider \
     2>&1 | tail -3 | tee "$RUN/determinism_test.log" || true
+fi
+# the engines' attention (config_gpu_rl.yaml: triton, float32): checked once per machine by its GPU tests (~1 min),
+# the torch backend (as runs 1 and 2) if they fail; the choice is kept for the next calls on this machine
+if [ ! -f "$RUN/attention_backend.txt" ]; then
+  if timeout -s INT -k 15 240 "$PY" -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_triton_kernels.py \
+      -k float32 -p no:cacheprovider 2>&1 | tail -3 | tee "$RUN/attention_check.log"; then
+    echo triton | tee "$RUN/attention_backend.txt"
+  else
+    echo "medical_gpu: the float32 triton attention GPU tests failed (above): the torch backend instead"
+    echo torch | tee "$RUN/attention_backend.txt"
+  fi
+fi
+TRAIN_FLAGS=${TRAIN_FLAGS:-}
+if [ "$(cat "$RUN/attention_backend.txt" 2>/dev/null || echo triton)" = torch ]; then
+  TRAIN_FLAGS="$TRAIN_FLAGS --attention-backend torch"
 fi
 # the warm start and the SFT doctor's two evaluations, once (--eval-only trains nothing)
 experiment --seeds $SEEDS --eval-only 2>&1 | tee "$RUN/experiment.log" || status=$?

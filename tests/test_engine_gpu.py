@@ -155,6 +155,18 @@ def test_backend_matches_torch_on_gpu(gpu_models, family, backend, graphs, page_
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_float32_triton_backend_matches_torch_on_gpu(gpu_models, graphs):
+    """A float32 engine (small models, e.g. the medical example's) on the triton backend: its kernels take tl.dot's
+    ieee precision, so greedy tokens equal the torch backend's and log-probs agree to 1e-3 (float32 order only)."""
+    options = dict(device="cuda", dtype="float32", page_size=16)
+    ref = _run(gpu_models["qwen3"], attention_backend="torch", disable_cuda_graph=True, **options)
+    outs = _run(gpu_models["qwen3"], attention_backend="triton", disable_cuda_graph=not graphs, cuda_graph_max_bs=8,
+                **options)
+    _assert_close(outs, ref, atol=1e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "flashinfer", "hybrid"])
 def test_cuda_graph_decode_matches_eager(gpu_models, backend):
     options = dict(BACKENDS.get(backend, dict(attention_backend=backend)), page_size=16, cuda_graph_max_bs=8, **GPU)

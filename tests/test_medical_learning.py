@@ -307,6 +307,10 @@ def test_every_gpu_experiment_arm_takes_one_gpu(warm, tmp_path):
     for arm, policies, frozen in (("fixed", 2, ["patient"]), ("cotrain", 2, []), ("rule", 1, [])):
         cfg = parse_args(arm_flags(arm, warm, tmp_path, 0, 40, config, save_interval=5))  # as the script runs it
         run = cfg.run
+        assert cfg.engine.attention_backend == "triton" and cfg.engine.max_total_tokens == 262144
+        # medical_gpu.sh's fallback when the float32 triton GPU test fails: the flag wins over the config
+        fallback = parse_args(arm_flags(arm, warm, tmp_path, 0, 40, config, 5, ["--attention-backend", "torch"]))
+        assert fallback.engine.attention_backend == "torch"
         assert len(cfg.policies) == policies and run.colocate and run.policies_share_devices
         assert run.save == run.load == str(tmp_path / "checkpoints") and run.save_interval == 5
         assert run.frozen_policies == frozen

@@ -225,6 +225,29 @@ def test_decode_kernel_cuda_bf16_matches_naive(name, splits):
     torch.testing.assert_close(out, naive_attention(case), atol=2e-2, rtol=0)
 
 
+# ---- GPU: the compiled kernels in float32 (the engine's dtype for small models, e.g. the medical example's) ----
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", EXTEND_CASES)
+def test_extend_kernel_cuda_float32_matches_naive(name):
+    """float32 q/k/v take tl.dot's "ieee" precision (no tf32): within 1e-4 of the float64 reference."""
+    case = make_case(*EXTEND_CASES[name], dtype=torch.float32, device="cuda")
+    out = run_kernel("extend", case).double().cpu()
+    torch.testing.assert_close(out, naive_attention(case), atol=1e-4, rtol=0)
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", DECODE_SPLITS + (None,))
+@pytest.mark.parametrize("name", DECODE_CASES)
+def test_decode_kernel_cuda_float32_matches_naive(name, splits):
+    case = make_case(*DECODE_CASES[name], dtype=torch.float32, device="cuda")
+    out = run_kernel("decode", case, num_kv_splits=splits).double().cpu()
+    torch.testing.assert_close(out, naive_attention(case), atol=1e-4, rtol=0)
+
+
 def _load_batch(static, case):
     """Copy a batch into the captured tensors in place (same batch size, within their capacity)."""
     for name in ("k_buffer", "v_buffer", "qo_indptr", "kv_indptr"):

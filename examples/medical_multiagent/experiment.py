@@ -45,10 +45,11 @@ ARM_TITLES = {"sft": "SFT doctor (before RL)", "fixed": "(a) vs fixed SFT patien
 
 
 def arm_flags(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config: Path,
-              save_interval: int = 0) -> list[str]:
+              save_interval: int = 0, train_flags: Sequence[str] = ()) -> list[str]:
     """train.py arguments of one arm and seed. save_interval > 0: a checkpoint every that many steps in
     run_dir/checkpoints, and the run resumes from the newest one there (an arm cut off, e.g. by a device call's time
-    limit, goes on from its last checkpoint when run again instead of from step 0)."""
+    limit, goes on from its last checkpoint when run again instead of from step 0). train_flags come last (over the
+    config's values), the same for every arm."""
     policies = [f"doctor={warm / 'sft-doctor'}"]
     if arm != "rule":
         policies.append(f"patient={warm / 'sft-patient'}")
@@ -59,7 +60,7 @@ def arm_flags(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config
     return ["--config", str(config), "--policies", *policies, *extra, "--custom-generate-function-path", ARMS[arm],
             "--prompt-data", str(warm / "data" / "train.jsonl"), "--num-rollout", str(steps),
             "--seed", str(seed), "--rollout-seed", str(seed), "--sampling-seed", str(1000 * seed),
-            "--metrics-file", str(run_dir / "metrics.jsonl"), "--save-hf", str(run_dir / "hf")]
+            "--metrics-file", str(run_dir / "metrics.jsonl"), "--save-hf", str(run_dir / "hf"), *train_flags]
 
 
 def start_ray(num_cpus: int | None) -> None:
@@ -86,7 +87,7 @@ def start_ray(num_cpus: int | None) -> None:
 
 
 def train_arm(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config: Path,
-              save_interval: int = 0) -> float:
+              save_interval: int = 0, train_flags: Sequence[str] = ()) -> float:
     """Run train.py's driver in this process for one arm (its log lines also in run_dir/train.log); its wall
     seconds. Skipped when its export exists; resumed from its newest checkpoint when save_interval > 0."""
     import logging
@@ -105,7 +106,7 @@ def train_arm(arm: str, warm: Path, run_dir: Path, seed: int, steps: int, config
     logging.getLogger().addHandler(handler)
     start = time.perf_counter()
     try:
-        train_main(arm_flags(arm, warm, run_dir, seed, steps, config, save_interval))
+        train_main(arm_flags(arm, warm, run_dir, seed, steps, config, save_interval, train_flags))
     except SystemExit as e:
         raise RuntimeError(f"train.py for arm {arm} seed {seed} exited {e.code}; see {run_dir / 'train.log'}") from None
     finally:
@@ -264,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--save-interval", type=int, default=0,
                         help="checkpoint every N RL steps in <arm run>/checkpoints and resume an arm cut off from its "
                              "newest one when run again (0: no checkpoints; an arm cut off starts over)")
+    parser.add_argument("--train-flags", default="",
+                        help="extra train.py flags for every arm, over the config's values (e.g. "
+                             "'--attention-backend torch'); recorded in results.json")
     parser.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--eval-only", action="store_true",
                         help="train nothing: evaluate the runs already trained (e.g. by other runs of this script "
@@ -296,10 +300,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     brief = warm_stats.get("brief_prompts", True)
     ev = {"max_turns": ns.max_turns, "max_new_tokens": ns.max_new_tokens, "max_total_tokens": 1024,
           "device": ns.device, "brief": brief}
+    warm_record = {k: warm_stats[k] for k in ("doctor_sha256", "patient_sha256", "device", "deterministic")
+                   if k in warm_stats}
     results: dict[str, Any] = {"seeds": ns.seeds, "steps": ns.steps, "n_cases": ns.n_eval, "evals": [],
-                               "curves": {}, "timing": timing,
-               "warm_start": {k: warm_stats[k] for k in ("doctor_sha256", "patient_sha256", "device", "deterministic")
-                              if k in warm_stats}}
+                               "curves": {}, "timing": timing, "warm_start": warm_record,
+                               "config": str(config), "train_flags": ns.train_flags}
     results_file = out / "results.json"
 
     def record(arm: str, seed: int | None, setting: str, doctor: Path, patient: Path | None) -> None:
@@ -351,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 continue
             else:
                 timing[f"train_{arm}_{seed}_s"] = train_arm(arm, warm, run_dir, seed, ns.steps, config,
-                                                            ns.save_interval)
+                                                            ns.save_interval, ns.train_flags.split())
             results["curves"][f"{arm}-s{seed}"] = curves(run_dir / "metrics.jsonl")
             results_file.write_text(json.dumps(results, indent=1))
             record(arm, seed, "rule", run_dir / "hf" / DOCTOR, None)
