@@ -75,6 +75,7 @@ class Engine:
         self._idle: tuple[float, float | None] = (0.0, None)
         self._closed = False
         self._last_progress = time.monotonic()   # the last step, or the last moment without runnable work (health)
+        self._start_time = time.time()   # metrics' start_time_seconds: a reader of the counters sees a restart
         device = self.runner.device
         if device.type == "cuda" and device.index is None:  # "cuda": the device current while the runner was built
             device = torch.device("cuda", torch.cuda.current_device())
@@ -624,6 +625,7 @@ class Engine:
             "generated_tokens_total": s.stats.generated_tokens,
             "finished_requests_total": s.stats.finished_requests,
             "retractions_total": s.stats.num_retractions,
+            "start_time_seconds": self._start_time,   # when this engine started (its counters count from then)
             "steps_total": s.stats.num_steps,   # forward steps; with step_requests_total the mean batch
             "step_requests_total": s.stats.step_requests,
             "step_seconds_total": s.stats.step_seconds,   # wall time of the steps with work (per step: host + device)

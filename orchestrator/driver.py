@@ -618,7 +618,7 @@ class Driver:
         self._log_engine_events(step)
         self._handle_engine_faults(step, self._engine_faults())
 
-    ENGINE_COUNTERS = ("steps_total", "step_requests_total", "step_seconds_total")
+    ENGINE_COUNTERS = ("start_time_seconds", "steps_total", "step_requests_total", "step_seconds_total")
 
     def _engine_counters(self) -> dict[tuple[str, int], dict[str, float]]:
         """Every engine's step counters (Engine.metrics), by (policy, index); an engine that does not answer within
@@ -641,16 +641,17 @@ class Driver:
         policy when there are several: forward steps, the mean step's wall time (scheduling, launch and the wait for
         its result: host- or device-bound, the engine's pace), the mean batch (requests per step), and the share of
         the rollout's wall time the engines were stepping (busy_frac, over all of the policy's engines). A restarted
-        engine counts from zero."""
+        engine (another start time) counts from zero."""
         now, before = self._engine_counters(), self._engine_counts
         self._engine_counts = now
+        counters = self.ENGINE_COUNTERS[1:]
         totals: dict[str, dict[str, float]] = {}
         for (policy, i), counts in now.items():
             prev = before.get((policy, i))
-            if prev is None or counts["steps_total"] < prev["steps_total"]:  # new, or restarted: counts from zero
-                prev = dict.fromkeys(self.ENGINE_COUNTERS, 0.0)
-            acc = totals.setdefault(policy, {**dict.fromkeys(self.ENGINE_COUNTERS, 0.0), "engines": 0})
-            for name in self.ENGINE_COUNTERS:
+            if prev is None or prev["start_time_seconds"] != counts["start_time_seconds"]:  # new or restarted
+                prev = dict.fromkeys(counters, 0.0)
+            acc = totals.setdefault(policy, {**dict.fromkeys(counters, 0.0), "engines": 0})
+            for name in counters:
                 acc[name] += counts[name] - prev[name]
             acc["engines"] += 1
         metrics = {}

@@ -209,6 +209,8 @@ def test_a_killed_engine_is_restarted_and_the_run_loses_no_sample(local_ray, qwe
         for h in history:  # no sample lost: every one of the 2 x 4 completed, none failed
             assert h["rollout/num_samples"] + h["rollout/failed_samples"] == 2 * 4
             assert h["rollout/failed_samples"] == 0 and h["train/num_samples"] == 8
+            # the engines' pace: the restarted engine (another start time) counts from zero, never a negative step
+            assert h["rollout/engine/steps"] > 0 and h["rollout/engine/requests_per_step"] >= 1
         name = driver.engine_name("default", 1)
         restarted = ray.get_actor(name)
         assert restarted._actor_id == driver.engines["default"][1]._actor_id
