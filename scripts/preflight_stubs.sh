@@ -19,11 +19,14 @@ _pf_where() {  # "FILE<TAB>LINE": the device script's command that reached the s
   printf '?\t0'
 }
 
-_pf_record() {  # _pf_record KIND FIELD...: one NUL-separated record
-  local where
+_pf_record() {  # _pf_record KIND FIELD...: one NUL-separated record, whole: calls run in the background (`&`)
+  local where  # write their records at once, and two printfs of one record must not interleave with another's
   where=$(_pf_where)
-  { printf '\001%s\0%s\0%s\0%s\0' "$1" "${where%%$'\t'*}" "${where#*$'\t'}" "$PWD"; shift; printf '%s\0' "$#" "$@"; } \
-    >> "$KILN_PREFLIGHT_LOG"
+  {
+    if command -v flock > /dev/null; then flock 9; fi
+    { printf '\001%s\0%s\0%s\0%s\0' "$1" "${where%%$'\t'*}" "${where#*$'\t'}" "$PWD"; shift; printf '%s\0' "$#" "$@"; } \
+      >> "$KILN_PREFLIGHT_LOG"
+  } 9>> "$KILN_PREFLIGHT_LOG.lock"
 }
 
 _pf_python() {  # _pf_python INTERPRETER ARG...: record the call; stdin kept for `python3 - ...` (a heredoc)

@@ -130,3 +130,20 @@ def test_parse_command_and_documented_runs(tmp_path):
     Run = preflight.Run
     assert preflight.documented_runs(script) == [Run(script), Run(script, (), (("LIMIT_S", "590"),)),
                                                  Run(script, ("--cpu",))]
+
+
+def test_python_calls_in_the_background_are_recorded_whole(tmp_path):
+    """Device scripts start python processes side by side (`&`, e.g. medical_gpu.sh's seeds and arms); each stub
+    call writes its record under a lock, so none interleaves with another's (before the lock, a record could be cut
+    into another and the dry run failed to parse, about one run in three of medical_gpu.sh with PARALLEL=arms)."""
+    script = REPO / "scripts" / f"_background_probe_{tmp_path.name}_gpu.sh"
+    long = "x" * 6000  # long enough that a record takes more than one write
+    script.write_text("#!/usr/bin/env bash\n" + "".join(
+        f"python3 -c 'print({i})' {long} {i} &\n" for i in range(64)) + "wait\n")
+    try:
+        calls, found = preflight.dry_run(preflight.Run(script), tmp_path / "run")
+    finally:
+        script.unlink()
+    assert found == []
+    assert sorted(int(args[-1]) for *_, args in calls) == list(range(64))
+    assert all(args[-2] == long for *_, args in calls)
