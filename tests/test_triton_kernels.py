@@ -198,54 +198,32 @@ def test_bad_arguments_raise_clear_errors():
         decode_attention(**{**decode_args, "q": case["q"][:2]})
 
 
-# ---- GPU: the compiled kernels in bf16 ------------------------------------------------------
+# ---- GPU: the compiled kernels in bf16, and in float32 (the engine's dtype for small models, e.g. the medical
+# example's: tl.dot's "ieee" precision, no tf32) --------------------------------------------------------------------
 
-
-def _cuda_case(spec):
-    return make_case(*spec, dtype=torch.bfloat16, device="cuda")
+CUDA_TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}  # against the float64 reference
 
 
 @needs_triton
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", CUDA_TOLERANCE, ids=["bf16", "float32"])
 @pytest.mark.parametrize("name", EXTEND_CASES)
-def test_extend_kernel_cuda_bf16_matches_naive(name):
-    case = _cuda_case(EXTEND_CASES[name])
+def test_extend_kernel_cuda_matches_naive(name, dtype):
+    case = make_case(*EXTEND_CASES[name], dtype=dtype, device="cuda")
     assert runs_triton(case["q"].device)
     out = run_kernel("extend", case).double().cpu()
-    torch.testing.assert_close(out, naive_attention(case), atol=2e-2, rtol=0)
+    torch.testing.assert_close(out, naive_attention(case), atol=CUDA_TOLERANCE[dtype], rtol=0)
 
 
 @needs_triton
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", CUDA_TOLERANCE, ids=["bf16", "float32"])
 @pytest.mark.parametrize("splits", DECODE_SPLITS + (None,))
 @pytest.mark.parametrize("name", DECODE_CASES)
-def test_decode_kernel_cuda_bf16_matches_naive(name, splits):
-    case = _cuda_case(DECODE_CASES[name])
+def test_decode_kernel_cuda_matches_naive(name, splits, dtype):
+    case = make_case(*DECODE_CASES[name], dtype=dtype, device="cuda")
     out = run_kernel("decode", case, num_kv_splits=splits).double().cpu()
-    torch.testing.assert_close(out, naive_attention(case), atol=2e-2, rtol=0)
-
-
-# ---- GPU: the compiled kernels in float32 (the engine's dtype for small models, e.g. the medical example's) ----
-
-
-@needs_triton
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", EXTEND_CASES)
-def test_extend_kernel_cuda_float32_matches_naive(name):
-    """float32 q/k/v take tl.dot's "ieee" precision (no tf32): within 1e-4 of the float64 reference."""
-    case = make_case(*EXTEND_CASES[name], dtype=torch.float32, device="cuda")
-    out = run_kernel("extend", case).double().cpu()
-    torch.testing.assert_close(out, naive_attention(case), atol=1e-4, rtol=0)
-
-
-@needs_triton
-@pytest.mark.gpu
-@pytest.mark.parametrize("splits", DECODE_SPLITS + (None,))
-@pytest.mark.parametrize("name", DECODE_CASES)
-def test_decode_kernel_cuda_float32_matches_naive(name, splits):
-    case = make_case(*DECODE_CASES[name], dtype=torch.float32, device="cuda")
-    out = run_kernel("decode", case, num_kv_splits=splits).double().cpu()
-    torch.testing.assert_close(out, naive_attention(case), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, naive_attention(case), atol=CUDA_TOLERANCE[dtype], rtol=0)
 
 
 def _load_batch(static, case):
