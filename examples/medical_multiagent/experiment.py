@@ -307,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                "config": str(config), "train_flags": ns.train_flags}
     results_file = out / "results.json"
 
+    def other_warm_start(saved: dict[str, Any]) -> str | None:
+        """The SFT doctor's sha256 a saved evaluation was made from, if it is not this run's warm start's."""
+        origin = saved.get("warm_start", {}).get("doctor_sha256")
+        return origin if origin and origin != results["warm_start"].get("doctor_sha256", origin) else None
+
     def record(arm: str, seed: int | None, setting: str, doctor: Path, patient: Path | None) -> None:
         """Evaluate once: the report is kept in <run>/eval_<setting>.json (the SFT doctor's in warm/), so runs of
         this script for other seeds into the same OUT (in parallel too) and reruns share the evaluations."""
@@ -326,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"{rep.format_rate:.3f} turns {rep.avg_doctor_turns:.2f} faithful {rep.patient_faithfulness:.3f} "
                   f"leak {rep.patient_leak_rate:.3f} ({time.perf_counter() - t:.0f}s)", flush=True)
         saved = json.loads(where.read_text())
-        origin = saved.get("warm_start", {}).get("doctor_sha256")
-        if origin and origin != results["warm_start"].get("doctor_sha256", origin):
+        origin = other_warm_start(saved)
+        if origin:
             # e.g. runs of two sessions unpacked into one folder, whose warm starts differ: not the same experiment
             print(f"[eval {arm} seed {seed} with {setting} patient] trained from another warm start (SFT doctor "
                   f"{origin[:16]}): left out", flush=True)
@@ -347,8 +352,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if not (run_dir / "eval_rule.json").is_file():
                     print(f"[{arm} seed {seed}] no saved evaluation: left out", flush=True)
                     continue
-                origin = json.loads((run_dir / "eval_rule.json").read_text()).get("warm_start", {})
-                if origin.get("doctor_sha256", "") not in ("", results["warm_start"].get("doctor_sha256", "")):
+                if other_warm_start(json.loads((run_dir / "eval_rule.json").read_text())):
                     print(f"[{arm} seed {seed}] trained from another warm start: left out", flush=True)
                     continue
             elif ns.eval_only and not trained:
